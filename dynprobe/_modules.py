@@ -1,0 +1,83 @@
+"""Small helpers on ``nn.Module`` state shared by the probe, the eNTK engine, the barrier and the ghosts.
+
+Everything here obeys one rule: whatever the user's model looked like before a call (parameters, buffers,
+per-module train/eval flags, RNG streams), it looks exactly the same afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "device_of",
+    "eval_mode",
+    "float_buffers",
+    "preserved_rng",
+    "rng_devices",
+    "trainable_parameters",
+]
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (or buffer); CPU for a module without tensors."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter with ``requires_grad``, in ``named_parameters()`` order.
+
+    This is the θ of the paper's eq. (1): the vector whose trajectory the probe records.
+    """
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def float_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Floating-point buffers (e.g. BatchNorm running statistics), in ``named_buffers()`` order."""
+    return [(name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point()]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode for the duration of the block, then restore each flag exactly.
+
+    ``module.train(previous)`` would not do: a user may keep, say, a frozen BatchNorm in eval mode inside a
+    model that is training, and that per-module choice must survive.
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def rng_devices(*tensors_or_modules: nn.Module | torch.Tensor | Mapping) -> list[int]:
+    """CUDA device indices whose RNG state a computation on these objects may touch."""
+    indices: set[int] = set()
+    for obj in tensors_or_modules:
+        if isinstance(obj, nn.Module):
+            tensors = list(obj.parameters()) + list(obj.buffers())
+        elif isinstance(obj, Mapping):
+            tensors = [t for t in obj.values() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = [obj]
+        indices.update(t.device.index or 0 for t in tensors if t.device.type == "cuda")
+    return sorted(indices)
+
+
+@contextlib.contextmanager
+def preserved_rng(devices: list[int] | None = None) -> Iterator[None]:
+    """Run the block and put the CPU (and the given CUDA devices') RNG state back as it was.
+
+    A thin wrapper of ``torch.random.fork_rng`` that never warns about device lists.
+    """
+    with torch.random.fork_rng(devices=devices or [], enabled=True):
+        yield

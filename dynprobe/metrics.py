@@ -1,0 +1,119 @@
+"""Interval metrics of the two-phase paper as pure functions on tensors.
+
+Every function here is stateless and works on plain tensors (or anything ``torch.as_tensor`` accepts, such as
+numpy arrays); the online state objects in :mod:`dynprobe.interval` call them. Reductions are accumulated in
+float64: between nearby checkpoints the quantities of interest are ~1e-4 to 1e-8, below float32's resolution
+for sums over many coordinates.
+
+Conventions (the paper's §3):
+
+* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors.
+* S, eq. (4): ``S(H_i, H_j) = 1 − ⟨H_i, H_j⟩_F / (‖H_i‖_F ‖H_j‖_F)`` on eNTK matrices of any (equal) shape.
+* D, eq. (6): ``D = mean_x 1[argmax f(x; θ_i) ≠ argmax f(x; θ_j)]`` on stored predicted labels.
+
+The loss barrier B, eq. (5), needs the model and data; it lives in :mod:`dynprobe.barrier`.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "cosine_dissimilarity",
+    "cosine_dissimilarity_to_many",
+    "disagreement",
+    "disagreement_to_many",
+    "kernel_distance",
+    "kernel_distance_to_many",
+    "l2_distance",
+    "l2_distance_to_many",
+]
+
+
+def _as_float64(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to(torch.float64)
+
+
+def _flat64(x) -> torch.Tensor:
+    return _as_float64(x).reshape(-1)
+
+
+def _rows64(xs, like: torch.Tensor) -> torch.Tensor:
+    rows = torch.as_tensor(xs).detach()
+    return rows.reshape(rows.shape[0], -1).to(device=like.device, dtype=torch.float64)
+
+
+def _one_minus_cosine(dots: torch.Tensor, norm_x: torch.Tensor, norms_y: torch.Tensor) -> torch.Tensor:
+    # 0/0 (a zero vector) gives NaN on purpose: the cosine is undefined there, and NaN says "not computed".
+    return 1.0 - dots / (norm_x * norms_y)
+
+
+def cosine_dissimilarity(a, b) -> float:
+    """Parameter cosine dissimilarity, eq. (1) of the two-phase paper.
+
+    ``C(a, b) = 1 − ⟨vec a, vec b⟩ / (‖vec a‖₂ ‖vec b‖₂)``, accumulated in float64. Inputs of any shape are
+    flattened. Returns NaN when either vector is zero.
+    """
+    x, y = _flat64(a), _flat64(b).to(_flat64(a).device)
+    if x.numel() != y.numel():
+        raise ValueError(f"cosine_dissimilarity needs vectors of equal size; got {x.numel()} and {y.numel()}")
+    return float(_one_minus_cosine(torch.dot(x, y), x.norm(), y.norm()))
+
+
+def cosine_dissimilarity_to_many(x, ys) -> torch.Tensor:
+    """Eq. (1) between one vector ``x`` (any shape, p elements) and each row of ``ys`` (k × p); float64 (k,)."""
+    x64 = _flat64(x)
+    rows = _rows64(ys, x64)
+    return _one_minus_cosine(rows @ x64, x64.norm(), rows.norm(dim=1))
+
+
+def l2_distance(a, b) -> float:
+    """Euclidean distance ``‖vec a − vec b‖₂``, accumulated in float64."""
+    x = _flat64(a)
+    return float((x - _flat64(b).to(x.device)).norm())
+
+
+def l2_distance_to_many(x, ys) -> torch.Tensor:
+    """``‖x − y_k‖₂`` for each row ``y_k`` of ``ys``; float64 (k,)."""
+    x64 = _flat64(x)
+    return (_rows64(ys, x64) - x64).norm(dim=1)
+
+
+def kernel_distance(h1, h2) -> float:
+    """Kernel distance, eq. (4) of the two-phase paper (Fort et al. 2020).
+
+    ``S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F)``, accumulated in float64. Scale invariant:
+    ``kernel_distance(H, c·H) == 0`` for c > 0, so it does not see whether a kernel was summed or averaged over
+    logits. Returns NaN when either kernel is zero.
+    """
+    x, y = _flat64(h1), _flat64(h2)
+    if x.numel() != y.numel():
+        raise ValueError(
+            f"kernel_distance needs kernels of equal shape; got {tuple(torch.as_tensor(h1).shape)} "
+            f"and {tuple(torch.as_tensor(h2).shape)}"
+        )
+    return float(_one_minus_cosine(torch.dot(x, y.to(x.device)), x.norm(), y.norm()))
+
+
+def kernel_distance_to_many(h, hs) -> torch.Tensor:
+    """Eq. (4) between one kernel ``h`` and each kernel in the stack ``hs`` (k × ...); float64 (k,)."""
+    return cosine_dissimilarity_to_many(h, hs)
+
+
+def disagreement(preds_a, preds_b) -> float:
+    """Disagreement rate, eq. (6): the fraction of examples whose predicted labels differ.
+
+    ``preds_a`` and ``preds_b`` are integer label vectors (argmax of the logits) of equal length.
+    """
+    a, b = torch.as_tensor(preds_a).reshape(-1), torch.as_tensor(preds_b).reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"disagreement needs prediction vectors of equal length; got {a.numel()} and {b.numel()}")
+    if a.numel() == 0:
+        return float("nan")
+    return float((a != b.to(a.device)).to(torch.float64).mean())
+
+
+def disagreement_to_many(preds, many_preds) -> torch.Tensor:
+    """Eq. (6) between one prediction vector (n,) and each row of ``many_preds`` (k × n); float64 (k,)."""
+    a = torch.as_tensor(preds).reshape(1, -1)
+    rows = torch.as_tensor(many_preds).reshape(-1, a.shape[1]).to(a.device)
+    return (rows != a).to(torch.float64).mean(dim=1)

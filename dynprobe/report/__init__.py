@@ -1,0 +1,1 @@
+"""Run reports: figures, HTML assembly, terminal summaries."""
