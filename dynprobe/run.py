@@ -1,0 +1,197 @@
+"""``load_run``: a read-only, numpy view of a run directory (while it is written, or after).
+
+>>> run = dynprobe.load_run("runs/resnet20")
+>>> run.steps, run.C, run.D, run.eval_accuracy       # (T,), (T, T), (T, T), (T,)
+
+Only committed snapshots are visible: a run killed mid-snapshot loads with every snapshot before it. Nothing is
+unpickled (arrays are ``.npy``/``.npz`` loaded with ``allow_pickle=False``; everything else is JSON).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .store import (
+    EVENTS,
+    METRICS,
+    SNAPSHOTS,
+    RunFormatError,
+    TriangularRows,
+    load_npy,
+    load_npz,
+    read_jsonl,
+    read_manifest,
+    snapshot_dirname,
+)
+
+__all__ = ["Run", "RunFormatError", "load_run"]
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open the run directory at ``path`` for reading.
+
+    Raises :class:`dynprobe.RunFormatError` (a ``ValueError``) when ``path`` is not a run, its manifest is
+    truncated, or it was written by a newer dynprobe.
+    """
+    return Run(path)
+
+
+class Run:
+    """A read-only view of a run directory; arrays are numpy, indexed by snapshot (``run.steps[i]``)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        self.events: list[dict[str, Any]] = read_jsonl(self.path / EVENTS)
+        snapshots = [e for e in self.events if e.get("event") == "snapshot"]
+        for i, record in enumerate(snapshots):
+            if record.get("index") != i or "step" not in record:
+                raise RunFormatError(f"{self.path / EVENTS}: snapshot record {i} is malformed or out of order")
+        self.snapshots: list[dict[str, Any]] = snapshots
+
+    # ------------------------------------------------------------------------------------------ metadata
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest.get("config", {})
+
+    @property
+    def conventions(self) -> dict[str, str]:
+        """How every stored number was computed (formulas, precision, modes)."""
+        return self.manifest.get("conventions", {})
+
+    @property
+    def status(self) -> str:
+        """``running``, ``closed``, ``failed``, ``probe_failed`` — or ``interrupted`` when the manifest says
+        running but the writing process (on this host) no longer exists."""
+        status = self.manifest.get("status", "unknown")
+        writer = self.manifest.get("writer", {})
+        if status == "running" and writer.get("host") == socket.gethostname() and not _pid_alive(writer.get("pid")):
+            return "interrupted"
+        return status
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    def __repr__(self) -> str:
+        last = f", last step {self.snapshots[-1]['step']}" if self.snapshots else ""
+        return f"Run({str(self.path)!r}, {len(self)} snapshots{last}, status={self.status!r})"
+
+    # ------------------------------------------------------------------------------------------ per snapshot
+
+    @functools.cached_property
+    def steps(self) -> np.ndarray:
+        """Step of each snapshot (optimizer steps taken; 0 = initialization), int64 (T,)."""
+        return np.array([s["step"] for s in self.snapshots], dtype=np.int64)
+
+    def _column(self, key: str) -> np.ndarray:
+        return np.array([np.nan if s.get(key) is None else s[key] for s in self.snapshots], dtype=np.float64)
+
+    @functools.cached_property
+    def eval_loss(self) -> np.ndarray:
+        """Mean cross-entropy on the eval set at each snapshot (eval mode), float64 (T,)."""
+        return self._column("eval_loss")
+
+    @functools.cached_property
+    def eval_accuracy(self) -> np.ndarray:
+        """Accuracy on the eval set at each snapshot, float64 (T,)."""
+        return self._column("eval_accuracy")
+
+    @functools.cached_property
+    def train_loss(self) -> np.ndarray:
+        """Mean watched training loss over the steps since the previous snapshot (NaN if not watched)."""
+        return self._column("train_loss")
+
+    @functools.cached_property
+    def lr(self) -> np.ndarray:
+        """Learning rate of the first param group at each snapshot (NaN if unknown)."""
+        return np.array([(s.get("lr") or [np.nan])[0] for s in self.snapshots], dtype=np.float64)
+
+    def index_of(self, step: int) -> int:
+        """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""
+        matches = np.flatnonzero(self.steps == step)
+        if matches.size == 0:
+            below, above = self.steps[self.steps < step], self.steps[self.steps > step]
+            nearest = ([int(below.max())] if below.size else []) + ([int(above.min())] if above.size else [])
+            raise KeyError(f"step {step} was not recorded; nearest recorded steps: {nearest}")
+        return int(matches[0])
+
+    def _snapshot_file(self, index: int, name: str) -> Path:
+        return self.path / SNAPSHOTS / snapshot_dirname(self.snapshots[index]["step"]) / name
+
+    def params(self, index: int, *, mmap: bool = True) -> np.ndarray:
+        """Flat ``vec(θ)`` of snapshot ``index`` (memory-mapped by default)."""
+        return load_npy(self._snapshot_file(index, "params.npy"), mmap=mmap)
+
+    def buffers(self, index: int) -> dict[str, np.ndarray]:
+        """The model's buffers at snapshot ``index`` by name (BatchNorm statistics, ...)."""
+        return load_npz(self._snapshot_file(index, "buffers.npz"))
+
+    def predictions(self, index: int) -> np.ndarray:
+        """Predicted labels (argmax) on the eval set at snapshot ``index``."""
+        return load_npy(self._snapshot_file(index, "preds.npy"))
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        """Parameters (unflattened, by name) and buffers of snapshot ``index`` as torch tensors, ready for
+        ``model.load_state_dict(..., strict=False)`` (only trainable parameters are stored)."""
+        import torch
+
+        flat = np.asarray(self.params(index, mmap=False))
+        state: dict[str, Any] = {}
+        for spec in self.manifest["model"]["parameters"]:
+            chunk = flat[spec["offset"] : spec["offset"] + spec["numel"]].reshape(spec["shape"])
+            state[spec["name"]] = torch.from_numpy(chunk.copy()).to(getattr(torch, spec["dtype"]))
+        for name, array in self.buffers(index).items():
+            state[name] = torch.from_numpy(array.copy())
+        return state
+
+    @property
+    def eval_indices(self) -> np.ndarray:
+        """Indices into the user's eval data of the examples the run evaluates on."""
+        return load_npy(self.path / "eval_indices.npy")
+
+    # ------------------------------------------------------------------------------------------ matrices
+
+    def _matrix(self, name: str) -> np.ndarray:
+        return TriangularRows(self.path / METRICS / f"{name}.rows").read(len(self))
+
+    @functools.cached_property
+    def C(self) -> np.ndarray:  # noqa: N802 - the paper's symbol
+        """Parameter cosine dissimilarity between snapshots, eq. (1); float64 (T, T), NaN where not computed."""
+        return self._matrix("C")
+
+    @functools.cached_property
+    def D(self) -> np.ndarray:  # noqa: N802
+        """Disagreement rate between snapshots on the eval set, eq. (6); float64 (T, T)."""
+        return self._matrix("D")
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers (used by ``dynprobe show``)."""
+        out: dict[str, Any] = {"snapshots": len(self), "status": self.status}
+        if len(self):
+            out.update(first_step=int(self.steps[0]), last_step=int(self.steps[-1]),
+                       final_eval_loss=float(self.eval_loss[-1]), final_eval_accuracy=float(self.eval_accuracy[-1]))
+        return out
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

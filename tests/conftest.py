@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny models, generated data and a training loop that draws batches from the global RNG.
+
+The loop samples batch indices with ``torch.randint`` from the *global* generator on purpose: any RNG
+disturbance caused by the probe then changes the data order as well, so bitwise comparisons catch it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def make_data(shape: tuple[int, ...] = (20,), *, n_train: int = 256, n_test: int = 96, classes: int = 5,
+              seed: int = 0) -> Data:
+    """A learnable random classification problem (labels from a random linear teacher)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, *shape, generator=generator)
+    teacher = torch.randn(x[0].numel(), classes, generator=generator)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 20, width: int = 32, classes: int = 5, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(width, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + dropout on 3×8×8 images."""
+
+    def __init__(self, classes: int = 5, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, stride=2), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Dropout(0.1),
+        )
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def mlp_setup(seed: int = 0):
+    """MLP + dropout, SGD with momentum and weight decay (no scheduler)."""
+    torch.manual_seed(seed)
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return model, optimizer, None, make_data((20,), seed=seed)
+
+
+def cnn_setup(seed: int = 0):
+    """CNN + BatchNorm, Adam, StepLR."""
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    return model, optimizer, scheduler, make_data((3, 8, 8), seed=seed)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data, steps: int, *,
+          criterion: Callable | None = None, batch_size: int = 32,
+          after_step: Callable[[int], None] | None = None) -> list[bool]:
+    """The user's loop: returns the model's ``training`` flag observed after each step."""
+    criterion = criterion or nn.CrossEntropyLoss()
+    flags = []
+    model.train()
+    for step in range(steps):
+        index = torch.randint(0, data.x_train.shape[0], (batch_size,))
+        loss = criterion(model(data.x_train[index]), data.y_train[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        flags.append(all(m.training for m in model.modules()))
+        if after_step is not None:
+            after_step(step + 1)
+    return flags
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs (max abs diff {(a[key].double() - b[key].double()).abs().max()})"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    """Same thread count in both runs of a bitwise comparison; restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)

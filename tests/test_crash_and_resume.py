@@ -1,0 +1,216 @@
+"""Crash safety (SIGKILL mid-snapshot, in a subprocess) and resuming a run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import dynprobe
+from dynprobe import schedule
+
+from .conftest import mlp_setup, train
+
+# A training script that kills itself (SIGKILL: no cleanup, no atexit) at a chosen point inside a snapshot.
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np, torch
+    sys.path.insert(0, {tests_parent!r})
+    from tests.conftest import mlp_setup, train
+    import dynprobe
+    from dynprobe import store, writer
+
+    where, kill_step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    state = {{"step": -1}}
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "before_commit":          # files and metric rows written, event line not yet
+        original = writer.RunWriter.commit_snapshot
+        def commit(self, record):
+            if record["step"] == kill_step:
+                die()
+            return original(self, record)
+        writer.RunWriter.commit_snapshot = commit
+    elif where == "torn_row":             # half of a metric row written
+        original_append = store.TriangularRows.append
+        def append(self, row, index):
+            if state["step"] == kill_step and self.path.name == "D.rows":
+                with open(self.path, "ab") as handle:
+                    handle.write(np.asarray(row, dtype="<f8")[: max(1, len(row) // 2)].tobytes())
+                die()
+            return original_append(self, row, index)
+        store.TriangularRows.append = append
+    elif where == "torn_event":           # half of the commit line written
+        original_append_jsonl = store.append_jsonl
+        def append_jsonl(path, record):
+            if record.get("event") == "snapshot" and record["step"] == kill_step:
+                with open(path, "a") as handle:
+                    handle.write('{{"event":"snapshot","index":')
+                die()
+            return original_append_jsonl(path, record)
+        store.append_jsonl = append_jsonl
+        writer.append_jsonl = append_jsonl
+    elif where == "mid_params":           # inside the atomic write of params.npy
+        original_save = store.atomic_save_npy
+        def save(path, array):
+            if state["step"] == kill_step and path.name == "params.npy":
+                with open(str(path) + ".partial", "wb") as handle:
+                    handle.write(b"garbage")
+                die()
+            return original_save(path, array)
+        writer.atomic_save_npy = save
+
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, schedule=2,
+                           errors="raise")
+    def note(step):
+        state["step"] = step + 1  # the snapshot taken inside the next optimizer step
+    train(model, optimizer, scheduler, data, 30, after_step=note, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
+    state["step"] = 30
+    probe.close()
+    """
+)
+
+
+def _run_script(tmp_path, where, kill_step):
+    script = tmp_path / "train.py"
+    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(SCRIPT.format(tests_parent=tests_parent))
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(script), where, str(kill_step), str(out)], capture_output=True,
+                            text=True, timeout=300)
+    return result, out
+
+
+@pytest.mark.parametrize("where", ["before_commit", "torn_row", "torn_event", "mid_params"])
+def test_sigkill_mid_snapshot_keeps_every_earlier_snapshot(tmp_path, where):
+    result, out = _run_script(tmp_path, where, kill_step=14)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    run = dynprobe.load_run(out)
+    np.testing.assert_array_equal(run.steps, np.arange(0, 14, 2))  # 0, 2, ..., 12 survive; 14 never committed
+    assert run.status == "interrupted"
+    assert np.isfinite(run.C).all() and np.isfinite(run.D).all()
+    assert run.C.shape == (7, 7)
+    for i in range(len(run)):
+        assert run.params(i).shape == run.params(0).shape
+    # and the killed run can be continued
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, resume=True,
+                           schedule=2, errors="raise")
+    assert probe.global_step == 12
+    probe.close()
+
+
+def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
+    script = tmp_path / "train.py"
+    tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(SCRIPT.format(tests_parent=tests_parent))
+    rng = np.random.default_rng(0)
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        process = subprocess.Popen([sys.executable, str(script), "none", "-1", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (out / "events.jsonl").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if not (out / "run.json").exists():
+            continue
+        run = dynprobe.load_run(out)
+        assert run.C.shape == (len(run), len(run)) and np.isfinite(run.C).all()
+        for i in range(len(run)):
+            run.params(i)
+            run.predictions(i)
+
+
+def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
+    # reference: one uninterrupted run of 16 steps
+    model, optimizer, scheduler, data = mlp_setup()
+    torch.manual_seed(7)
+    with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "ref", schedule=2):
+        train(model, optimizer, scheduler, data, 16)
+
+    # interrupted: train to 10 with a checkpoint (model, optimizer, RNG) at step 6, then "crash"
+    model, optimizer, scheduler, data = mlp_setup()
+    torch.manual_seed(7)
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run", schedule=2)
+    checkpoint = {}
+
+    def save(step):
+        if step == 6:
+            checkpoint.update(model=_copy(model.state_dict()), optimizer=_copy(optimizer.state_dict()),
+                              rng=torch.get_rng_state())
+
+    train(model, optimizer, scheduler, data, 10, after_step=save)
+    probe._closed = True  # simulate a crash: no close(), hooks die with the process
+    for handle in probe._handles:
+        handle.remove()
+
+    # restart from the step-6 checkpoint
+    model, optimizer, scheduler, data = mlp_setup()
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    with pytest.warns(UserWarning, match="discarding 2 snapshots"):
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
+                               schedule=2, resume=True, resume_step=6)
+    train(model, optimizer, scheduler, data, 10)
+    probe.close()
+
+    ref, run = dynprobe.load_run(tmp_path / "ref"), dynprobe.load_run(tmp_path / "run")
+    np.testing.assert_array_equal(run.steps, ref.steps)
+    np.testing.assert_array_equal(run.C, ref.C)
+    np.testing.assert_array_equal(run.D, ref.D)
+    np.testing.assert_array_equal(run.eval_loss, ref.eval_loss)
+    assert run.manifest["resumes"][0]["step"] == 6
+    assert run.status == "closed"
+
+
+def test_resume_with_a_different_model_is_rejected(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r").close()
+    other = torch.nn.Sequential(torch.nn.Linear(20, 5))
+    with pytest.raises(ValueError, match="cannot resume"):
+        dynprobe.Probe(other, torch.optim.SGD(other.parameters(), lr=0.1), eval_data=(data.x_test, data.y_test),
+                       out=tmp_path / "r", resume=True)
+
+
+def test_resume_with_different_eval_data_is_rejected(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r").close()
+    with pytest.raises(ValueError, match="eval_data differs"):
+        dynprobe.Probe(model, optimizer, eval_data=(data.x_test[:50], data.y_test[:50]), out=tmp_path / "r",
+                       resume=True)
+
+
+def test_resume_true_on_a_new_directory_starts_a_run(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "new", resume=True)
+    probe.close()
+    assert len(dynprobe.load_run(tmp_path / "new")) == 1
+
+
+def test_run_is_readable_while_training_runs(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.every(2))
+    train(model, optimizer, scheduler, data, 6)
+    live = dynprobe.load_run(tmp_path / "r")
+    assert live.status == "running" and list(live.steps) == [0, 2, 4, 6]
+    probe.close()
+
+
+def _copy(state):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy(v) if isinstance(v, dict) else v)
+            for k, v in state.items()}

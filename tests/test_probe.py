@@ -1,0 +1,354 @@
+"""Probe: two-line attach, schedule, non-intrusiveness (bitwise), explicit stepping, lifecycle, bad input."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dynprobe
+from dynprobe import schedule
+
+from .conftest import assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
+
+
+def _run(setup, steps, *, probe_kwargs=None, tmp_path=None, criterion=None):
+    model, optimizer, scheduler, data = setup(seed=3)
+    torch.manual_seed(1234)
+    probe = None
+    criterion = criterion or nn.CrossEntropyLoss()
+    if probe_kwargs is not None:
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
+                               errors="raise", **probe_kwargs)
+        criterion = probe.watch(criterion)
+    flags = train(model, optimizer, scheduler, data, steps, criterion=criterion)
+    rng = torch.get_rng_state()
+    if probe is not None:
+        probe.close()
+    return model, flags, rng
+
+
+@pytest.mark.parametrize("setup", [mlp_setup, cnn_setup], ids=["mlp-dropout-sgd-momentum-wd", "cnn-bn-adam-steplr"])
+def test_probe_leaves_training_bitwise_identical(setup, tmp_path):
+    reference, flags_ref, rng_ref = _run(setup, 40)
+    probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2])},
+                              tmp_path=tmp_path)
+    assert_bitwise_equal(state_of(reference), state_of(probed))
+    assert torch.equal(rng_ref, rng), "the global RNG stream changed"
+    assert flags == flags_ref and all(flags), "the model's train/eval mode changed"
+    assert len(dynprobe.load_run(tmp_path / "run")) == 2 + 14 + 1  # steps 1, 2, every 3 from 0 to 39, final 40
+
+
+def test_probe_preserves_per_module_training_flags(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    model.net[2].eval()  # a user may freeze one submodule's mode on purpose
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=1)
+    before = [m.training for m in model.modules()]
+    loss = nn.functional.cross_entropy(model(data.x_train[:8]), data.y_train[:8])
+    loss.backward()
+    optimizer.step()
+    assert [m.training for m in model.modules()] == before
+    probe.close()
+
+
+def test_snapshot_steps_follow_the_schedule_and_include_initialization(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.at([0, 5, 7]), snapshot_on_close=False)
+    train(model, optimizer, scheduler, data, 10)
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.steps, [0, 5, 7])
+    assert run.status == "closed"
+
+
+def test_final_step_is_snapshotted_on_close(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                        schedule=schedule.at([0, 5])):
+        train(model, optimizer, scheduler, data, 9)
+    np.testing.assert_array_equal(dynprobe.load_run(tmp_path / "r").steps, [0, 5, 9])
+
+
+def test_recorded_C_and_D_match_numpy_on_what_the_test_records(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    steps = [0, 2, 5, 9, 14]
+    recorded_params, recorded_preds = {}, {}
+
+    def record(step):
+        if step in steps:
+            recorded_params[step] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
+            twin = copy.deepcopy(model).eval()
+            with torch.no_grad():
+                recorded_preds[step] = twin(data.x_test).argmax(1).numpy()
+
+    record(0)
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.at(steps))
+    criterion = probe.watch(nn.CrossEntropyLoss())
+    train(model, optimizer, scheduler, data, 14, criterion=criterion, after_step=record)
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.steps, steps)
+    P = np.stack([recorded_params[s] for s in steps])
+    norms = np.linalg.norm(P, axis=1)
+    expected_C = 1 - (P @ P.T) / np.outer(norms, norms)
+    np.fill_diagonal(expected_C, 0.0)
+    np.testing.assert_allclose(run.C, expected_C, rtol=1e-9, atol=1e-12)
+    preds = np.stack([recorded_preds[s] for s in steps])
+    expected_D = (preds[:, None, :] != preds[None, :, :]).mean(axis=2)
+    np.testing.assert_array_equal(run.D, expected_D)
+    accuracy = np.array([(recorded_preds[s] == data.y_test.numpy()).mean() for s in steps])
+    np.testing.assert_allclose(run.eval_accuracy, accuracy)
+    assert np.isnan(run.train_loss[0]) and np.all(np.isfinite(run.train_loss[1:]))
+
+
+def test_eval_loss_is_cross_entropy_in_eval_mode(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    expected = nn.functional.cross_entropy(copy.deepcopy(model).eval()(data.x_test), data.y_test).item()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r")
+    probe.close()
+    assert dynprobe.load_run(tmp_path / "r").eval_loss[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_eval_data_is_subsampled_with_a_seed(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "a", eval_max=40)
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "a")
+    assert run.predictions(0).shape == (40,) and len(set(run.eval_indices.tolist())) == 40
+    other = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "b", eval_max=40)
+    other.close()
+    np.testing.assert_array_equal(run.eval_indices, dynprobe.load_run(tmp_path / "b").eval_indices)
+
+
+def test_eval_data_from_a_shuffling_dataloader_leaves_rng_alone(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_test, data.y_test), batch_size=16,
+                                         shuffle=True)
+    rng = torch.get_rng_state()
+    probe = dynprobe.Probe(model, optimizer, eval_data=loader, out=tmp_path / "r", eval_max=50)
+    assert torch.equal(rng, torch.get_rng_state())
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.predictions(0).shape == (50,)
+
+
+def test_dict_inputs_and_output_fn(tmp_path):
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(20, 5)
+
+        def forward(self, features, scale):
+            return {"logits": self.linear(features) * scale}
+
+    data = make_data()
+    model = DictModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = {"features": data.x_test, "scale": torch.ones(data.x_test.shape[0], 1)}
+    probe = dynprobe.Probe(model, optimizer, eval_data=(inputs, data.y_test), out=tmp_path / "r")
+    probe.close()
+    assert dynprobe.load_run(tmp_path / "r").eval_accuracy.shape == (1,)
+
+
+def test_explicit_step_api_counts_steps_and_leaves_training_identical(tmp_path):
+    reference, _, rng_ref = _run(mlp_setup, 12)
+    model, optimizer, _, data = mlp_setup(seed=3)
+    torch.manual_seed(1234)
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.every(4), errors="raise")
+    criterion = nn.CrossEntropyLoss()
+    for _ in range(12):
+        index = torch.randint(0, data.x_train.shape[0], (32,))
+        probe.step(data.x_train[index], data.y_train[index])
+        loss = criterion(model(data.x_train[index]), data.y_train[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(rng_ref, torch.get_rng_state())
+    probe.close()
+    assert_bitwise_equal(state_of(reference), state_of(model))
+    run = dynprobe.load_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.steps, [0, 4, 8, 12])
+    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_array_equal(run.params(3), expected)
+
+
+def test_explicit_step_after_hook_steps_is_an_error(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r")
+    train(model, optimizer, scheduler, data, 1)
+    with pytest.raises(RuntimeError, match="top of the loop"):
+        probe.step(data.x_train[:4], data.y_train[:4])
+    probe.close()
+
+
+def test_close_is_idempotent_and_detaches_hooks(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=1)
+    train(model, optimizer, scheduler, data, 3)
+    probe.close()
+    probe.close()
+    train(model, optimizer, scheduler, data, 3)
+    assert len(dynprobe.load_run(tmp_path / "r")) == 4
+
+
+def test_context_manager_marks_failed_runs(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    with pytest.raises(ZeroDivisionError):
+        with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r"):
+            train(model, optimizer, scheduler, data, 2)
+            raise ZeroDivisionError
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.status == "failed" and run.manifest["status_reason"].startswith("ZeroDivisionError")
+
+
+def test_watched_loss_is_transparent():
+    model, optimizer, _, data = mlp_setup()
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=f"{tmp}/r")
+        watched = probe.watch(criterion)
+        out = model(data.x_train[:8])
+        assert torch.equal(watched(out, data.y_train[:8]), criterion(out, data.y_train[:8]))
+        assert watched.label_smoothing == 0.1
+        with pytest.raises(ValueError, match="already watched"):
+            probe.watch(watched)
+        probe.close()
+
+
+def test_internal_failure_is_recorded_warned_and_detached_by_default(tmp_path, monkeypatch):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2)
+
+    def broken(step):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(probe._recorder, "measure", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, optimizer, scheduler, data, 4)
+    assert any("detached itself" in str(w.message) for w in caught)
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.status == "probe_failed" and len(run) == 1
+    assert any(e["event"] == "probe_error" and "disk full" in e["error"] for e in run.events)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _probe(tmp_path, **overrides):
+    model, optimizer, _, data = mlp_setup()
+    kwargs = {"eval_data": (data.x_test, data.y_test), "out": tmp_path / "r"}
+    kwargs.update(overrides)
+    model = kwargs.pop("model", model)
+    optimizer = kwargs.pop("optimizer", optimizer)
+    return dynprobe.Probe(model, optimizer, **kwargs)
+
+
+def test_model_without_trainable_parameters_is_rejected(tmp_path):
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _probe(tmp_path, model=model, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1))
+
+
+def test_optimizer_of_another_model_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="does not own any of the model's trainable parameters"):
+        _probe(tmp_path, optimizer=torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1))
+
+
+def test_non_optimizer_is_rejected(tmp_path):
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        _probe(tmp_path, optimizer="sgd")
+
+
+def test_eval_data_with_mismatched_lengths_is_rejected(tmp_path):
+    data = make_data()
+    with pytest.raises(ValueError, match="same first dimension; got 96 inputs and 95 targets"):
+        _probe(tmp_path, eval_data=(data.x_test, data.y_test[:-1]))
+
+
+def test_eval_data_with_float_targets_is_rejected(tmp_path):
+    data = make_data()
+    with pytest.raises(ValueError, match="integer class labels"):
+        _probe(tmp_path, eval_data=(data.x_test, data.y_test.float()))
+
+
+def test_non_classification_output_is_rejected(tmp_path):
+    model = nn.Linear(20, 1)
+    data = make_data()
+    with pytest.raises(ValueError, match=r"\(N, num_classes\) logits"):
+        _probe(tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+               eval_data=(data.x_test, data.y_test))
+
+
+def test_targets_outside_the_class_range_are_rejected(tmp_path):
+    data = make_data()
+    with pytest.raises(ValueError, match="class indices"):
+        _probe(tmp_path, eval_data=(data.x_test, data.y_test + 10))
+
+
+@pytest.mark.parametrize("bad, match", [([3, 1], "unsorted"), ([1, 1], "duplicated"), ([-1, 2], ">= 0"),
+                                        (0, "k >= 1"), ("often", "Schedule")])
+def test_bad_schedules_are_rejected(tmp_path, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _probe(tmp_path, schedule=bad)
+
+
+def test_out_pointing_to_a_file_is_rejected(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        _probe(tmp_path, out=tmp_path / "file")
+
+
+def test_out_in_an_unwritable_place_is_rejected(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if _can_write(locked):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(PermissionError, match="not writable"):
+            _probe(tmp_path, out=locked / "run")
+    finally:
+        locked.chmod(0o700)
+
+
+def _can_write(path):
+    try:
+        (path / ".x").write_text("")
+        (path / ".x").unlink()
+        return True
+    except OSError:
+        return False
+
+
+def test_out_unwritable_because_a_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        _probe(tmp_path, out=tmp_path / "file" / "run")
+
+
+def test_existing_run_without_resume_is_rejected_with_instructions(tmp_path):
+    _probe(tmp_path).close()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        _probe(tmp_path)
+
+
+def test_existing_non_run_directory_is_rejected(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a dynprobe run"):
+        _probe(tmp_path)
+
+
+@pytest.mark.parametrize("argument, value", [("eval_max", 0), ("eval_batch_size", -1), ("errors", "ignore")])
+def test_bad_options_are_rejected(tmp_path, argument, value):
+    with pytest.raises(ValueError, match=argument):
+        _probe(tmp_path, **{argument: value})
