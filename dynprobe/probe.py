@@ -110,7 +110,7 @@ class Probe:
         resume: bool = False,
         resume_step: int | None = None,
         eval_max: int = 2000,
-        eval_batch_size: int = 512,
+        eval_batch_size: int = 256,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
         history_memory: int = 512 * 2**20,
