@@ -2,23 +2,30 @@
 
 Attach a :class:`Probe` to an unmodified training loop (two lines), and it records the parameter trajectory
 and the interval metrics of the two-phase paper — parameter cosine dissimilarity C (eq. 1), eNTK kernel
-distance S (eq. 4), loss barrier B (eq. 5), disagreement D (eq. 6) — into a crash-safe run directory that
-:func:`load_run` reads back as numpy arrays and ``dynprobe report`` turns into an HTML report.
+distance S (eq. 4), loss barrier B (eq. 5), disagreement D (eq. 6) — and, with :class:`Ghosts`, the chaos
+experiment, into a crash-safe run directory that :func:`load_run` reads back as numpy arrays.
 """
 from . import schedule
 from ._version import __version__
-from .probe import Probe, ProbeError, WatchedLoss
+from .barrier import BarrierResult, loss_barrier
+from .config import Ghosts, KernelConfig
+from .perturb import Perturbation, PerturbationReport
+from .probe import Probe, WatchedLoss
 from .run import Run, load_run
 from .store import RunFormatError
 
-
 __all__ = [
+    "BarrierResult",
+    "Ghosts",
+    "KernelConfig",
+    "Perturbation",
+    "PerturbationReport",
     "Probe",
-    "ProbeError",
     "Run",
     "RunFormatError",
     "WatchedLoss",
     "__version__",
     "load_run",
+    "loss_barrier",
     "schedule",
 ]

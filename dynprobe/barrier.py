@@ -24,10 +24,13 @@ Conventions (paper-methods §3, "B"), all recorded in :attr:`BarrierResult.conve
   collapse) and little for twins.
 
 Implementation: the α points are evaluated one after the other, each over the data in batches of
-``batch_size`` examples. Evaluating several α at once with ``torch.func.vmap`` over stacked interpolated states
-was measured and not adopted: on 2 CPU cores (torch 2.14.1, 2,000 examples, 30 α) it was 1.5-2× *slower* than
-this loop for the demo's Conv1dNet and for 100- and 512-wide MLPs, and only ~1 ms faster on a 32-wide MLP with
-500 examples.
+``batch_size`` examples; the data are moved to the model's device once, and the per-α sums stay on the device
+until the end of the call (no synchronization per α). Evaluating several α at once with ``torch.func.vmap``
+over stacked interpolated states was measured and not adopted (``tests/benchmarks/bench_barrier.py``, 2 CPU
+cores, torch 2.14.1, 30 α in chunks of 10): 3.9× and 5.7× slower (two runs) than this loop on the demo's
+Conv1dNet (2,000 examples), equal on a 100-wide MLP, and faster only where the whole call takes ~6 ms (a
+32-wide MLP on 500 examples, 0.64×).
+The user's forward hooks fire during these forwards, as for any call of the model (eval mode, ``no_grad``).
 """
 from __future__ import annotations
 
@@ -181,24 +184,7 @@ def loss_barrier(
     peak = int(np.argmax(curve))
     for array in (alpha_grid, curve):
         array.setflags(write=False)
-    conventions = {
-        "formula": "B = max_alpha L(alpha*theta_a + (1-alpha)*theta_b) - (L(theta_a) + L(theta_b))/2; "
-        "alpha=1 is params_a, alpha=0 is params_b (eq. 5 of the two-phase paper)",
-        "metric": "mean cross-entropy of the logits" if metric == "loss" else "error = 1 - accuracy (argmax)",
-        "alphas": grid_description,
-        "endpoint_reference": "mean of L(theta_a) and L(theta_b)",
-        "interpolated": "floating-point parameters and floating-point buffers (BatchNorm running stats), "
-        "torch.lerp in each tensor's dtype; integer buffers copied from params_a",
-        "batchnorm": (
-            f"running stats re-estimated at every alpha on {sum(_count(b) for b in reset_batches)} examples in "
-            f"{len(reset_batches)} batches (reset, cumulative average momentum=None, only norm layers in train "
-            "mode, no_grad)"
-            if norm_layers
-            else "interpolated running stats, no re-estimation"
-        ),
-        "mode": "eval mode, no_grad, autocast off, torch.func.functional_call",
-        "num_examples": num_examples,
-    }
+    conventions = _conventions(metric, grid_description, reset_batches if norm_layers else None, num_examples)
     return BarrierResult(
         value=float(curve[peak] - 0.5 * (endpoint_a + endpoint_b)),
         alphas=alpha_grid,
@@ -210,6 +196,33 @@ def loss_barrier(
         num_examples=num_examples,
         conventions=conventions,
     )
+
+
+
+def _conventions(
+    metric: str, grid_description: str, reset_batches: list[Inputs] | None, num_examples: int
+) -> dict[str, Any]:
+    """What produced the number, in plain JSON-serializable strings (stored with every barrier)."""
+    if reset_batches is None:
+        batchnorm = "interpolated running stats, no re-estimation"
+    else:
+        batchnorm = (
+            f"running stats re-estimated at every alpha on {sum(_count(b) for b in reset_batches)} examples in "
+            f"{len(reset_batches)} batches (reset, cumulative average momentum=None, only norm layers in train "
+            "mode, no_grad)"
+        )
+    return {
+        "formula": "B = max_alpha L(alpha*theta_a + (1-alpha)*theta_b) - (L(theta_a) + L(theta_b))/2; "
+        "alpha=1 is params_a, alpha=0 is params_b (eq. 5 of the two-phase paper)",
+        "metric": "mean cross-entropy of the logits" if metric == "loss" else "error = 1 - accuracy (argmax)",
+        "alphas": grid_description,
+        "endpoint_reference": "mean of L(theta_a) and L(theta_b)",
+        "interpolated": "floating-point parameters and floating-point buffers (BatchNorm running stats), "
+        "torch.lerp in each tensor's dtype; integer buffers copied from params_a",
+        "batchnorm": batchnorm,
+        "mode": "eval mode, no_grad, autocast off, torch.func.functional_call",
+        "num_examples": num_examples,
+    }
 
 
 # --------------------------------------------------------------------------------------------- the α grid
@@ -268,14 +281,16 @@ class _Path:
         buffers = {canonical_name[name] for name, _ in model.named_buffers(remove_duplicate=False)}
         interpolated = []
         for name, tensor in own.items():
-            if not (tensor.is_floating_point() or tensor.is_complex()):
-                b[name] = a[name]  # integer buffers (num_batches_tracked) are copied from params_a
-            elif a[name] is not b[name]:
+            floating = tensor.is_floating_point() or tensor.is_complex()
+            if floating and a[name] is not b[name]:
                 interpolated.append(name)
             if name in buffers:
                 # Buffers are tiny: private copies guarantee that nothing a forward does reaches the caller's.
                 a[name] = a[name].clone()
-                b[name] = b[name].clone() if name in interpolated else a[name]
+            if name not in interpolated:
+                b[name] = a[name]  # integer buffers (num_batches_tracked) are copied from params_a
+            elif name in buffers:
+                b[name] = b[name].clone()
         return cls(a, b, interpolated, canonical_name)
 
     def at(self, alpha: float) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ for sums over many coordinates.
 
 Conventions (the paper's §3):
 
-* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors.
+* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors, computed as
+  ``½‖θ_i/‖θ_i‖ − θ_j/‖θ_j‖‖²`` (equal, without cancellation).
 * S, eq. (4): ``S(H_i, H_j) = 1 − ⟨H_i, H_j⟩_F / (‖H_i‖_F ‖H_j‖_F)`` on eNTK matrices of any (equal) shape.
 * D, eq. (6): ``D = mean_x 1[argmax f(x; θ_i) ≠ argmax f(x; θ_j)]`` on stored predicted labels.
 
@@ -37,33 +38,52 @@ def _flat64(x) -> torch.Tensor:
     return _as_float64(x).reshape(-1)
 
 
-def _rows64(xs, like: torch.Tensor) -> torch.Tensor:
+def _rows64(xs, like: torch.Tensor) -> torch.Tensor:  # small row stacks only (L2 distances)
     rows = torch.as_tensor(xs).detach()
     return rows.reshape(rows.shape[0], -1).to(device=like.device, dtype=torch.float64)
 
 
-def _one_minus_cosine(dots: torch.Tensor, norm_x: torch.Tensor, norms_y: torch.Tensor) -> torch.Tensor:
-    # 0/0 (a zero vector) gives NaN on purpose: the cosine is undefined there, and NaN says "not computed".
-    return 1.0 - dots / (norm_x * norms_y)
+_BLOCK_ELEMENTS = 2**22  # float64 temporaries of the *_to_many functions stay around 32 MB
+
+
+def _unit(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    norm = x.norm() if dim is None else x.norm(dim=dim, keepdim=True)
+    return x / norm  # a zero vector gives NaN on purpose: the cosine is undefined there
+
+
+def _half_squared_distance_of_units(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x - y).square().sum(dim=-1)
 
 
 def cosine_dissimilarity(a, b) -> float:
     """Parameter cosine dissimilarity, eq. (1) of the two-phase paper.
 
-    ``C(a, b) = 1 − ⟨vec a, vec b⟩ / (‖vec a‖₂ ‖vec b‖₂)``, accumulated in float64. Inputs of any shape are
-    flattened. Returns NaN when either vector is zero.
+    ``C(a, b) = 1 − ⟨vec a, vec b⟩ / (‖vec a‖₂ ‖vec b‖₂)``, evaluated in float64 as the algebraically equal
+    ``½ ‖a/‖a‖ − b/‖b‖‖²``: unlike ``1 − cos`` it has no cancellation, so it is exactly 0 for identical vectors
+    (an ε = 0 control ghost) and keeps full relative precision for the tiny values between a ghost and the main
+    run late in training. Inputs of any shape are flattened. Returns NaN when either vector is zero.
     """
-    x, y = _flat64(a), _flat64(b).to(_flat64(a).device)
+    x = _flat64(a)
+    y = _flat64(b).to(x.device)
     if x.numel() != y.numel():
         raise ValueError(f"cosine_dissimilarity needs vectors of equal size; got {x.numel()} and {y.numel()}")
-    return float(_one_minus_cosine(torch.dot(x, y), x.norm(), y.norm()))
+    return float(_half_squared_distance_of_units(_unit(x), _unit(y)))
 
 
 def cosine_dissimilarity_to_many(x, ys) -> torch.Tensor:
-    """Eq. (1) between one vector ``x`` (any shape, p elements) and each row of ``ys`` (k × p); float64 (k,)."""
-    x64 = _flat64(x)
-    rows = _rows64(ys, x64)
-    return _one_minus_cosine(rows @ x64, x64.norm(), rows.norm(dim=1))
+    """Eq. (1) between one vector ``x`` (any shape, p elements) and each row of ``ys`` (k × p); float64 (k,).
+
+    Rows are processed in blocks so that float64 temporaries stay small whatever k·p is.
+    """
+    x_unit = _unit(_flat64(x))
+    rows = torch.as_tensor(ys).detach()
+    rows = rows.reshape(rows.shape[0], -1)
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x_unit.device)
+    block = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], block):
+        chunk = rows[start : start + block].to(device=x_unit.device, dtype=torch.float64)
+        out[start : start + block] = _half_squared_distance_of_units(_unit(chunk, dim=1), x_unit)
+    return out
 
 
 def l2_distance(a, b) -> float:
@@ -81,7 +101,8 @@ def l2_distance_to_many(x, ys) -> torch.Tensor:
 def kernel_distance(h1, h2) -> float:
     """Kernel distance, eq. (4) of the two-phase paper (Fort et al. 2020).
 
-    ``S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F)``, accumulated in float64. Scale invariant:
+    ``S(H₁, H₂) = 1 − ⟨H₁, H₂⟩_F / (‖H₁‖_F ‖H₂‖_F)``, in float64 and in the cancellation-free form of
+    :func:`cosine_dissimilarity` (the cosine dissimilarity of the flattened kernels). Scale invariant:
     ``kernel_distance(H, c·H) == 0`` for c > 0, so it does not see whether a kernel was summed or averaged over
     logits. Returns NaN when either kernel is zero.
     """
@@ -91,7 +112,7 @@ def kernel_distance(h1, h2) -> float:
             f"kernel_distance needs kernels of equal shape; got {tuple(torch.as_tensor(h1).shape)} "
             f"and {tuple(torch.as_tensor(h2).shape)}"
         )
-    return float(_one_minus_cosine(torch.dot(x, y.to(x.device)), x.norm(), y.norm()))
+    return float(_half_squared_distance_of_units(_unit(x), _unit(y.to(x.device))))
 
 
 def kernel_distance_to_many(h, hs) -> torch.Tensor:

@@ -40,7 +40,7 @@ class Perturbation:
     * ``"ulp"``: every coordinate moves by exactly ``norm`` units in the last place of its own dtype, each with
       a random sign (``torch.nextafter`` applied ``norm`` times; zeros move to ±``norm`` smallest subnormals).
       ``norm`` must be a whole number. This is the smallest dense perturbation that survives float rounding
-      everywhere, and its size is known exactly (in float32, 1 ulp per coordinate of a ResNet-20 is ‖δ‖ ≈ 4.5e-6).
+      everywhere, and its size is known exactly (in float32, 1 ulp per coordinate of a ResNet-20 is ‖δ‖ ≈ 4e-6).
     * ``"single_coord"``: ``norm`` is added to one coordinate chosen uniformly at random among all perturbed
       coordinates (cf. Summers & Dinneen 2021, one-bit changes to one weight).
 
@@ -79,7 +79,8 @@ class PerturbationReport:
       k-ulp step, so nominal = realized).
     * ``realized_norm``: ‖δ‖₂ with δ = θ' − θ computed in float64 after the add (exact: θ' and θ are floats of
       the tensor's dtype within a factor 2 of each other, so their float64 difference has no rounding error).
-    * ``changed`` of ``total`` coordinates have a different value after the add.
+    * ``changed`` of ``total`` coordinates have a different value after the add (a −0.0 that became +0.0
+      does not count).
     * ``direction_cosine``: cos(δ, ε) in float64 (1 for ``"ulp"``; ~0.3 for a 1e-7 ``"l2"`` perturbation of
       a float32 ResNet-20); NaN when nothing survived.
     * ``share_on_zeros``: share of ‖δ‖² carried by coordinates that were exactly 0 before the add (BN shifts
@@ -112,9 +113,9 @@ class PerturbationReport:
     def warning(self, min_fraction: float = 0.9) -> str | None:
         """A message when nothing, or less than ``min_fraction`` of the nominal norm, survived; else None.
 
-        The ε = 0 control never warns. The caller decides whether to emit it (e.g. ``warnings.warn``).
+        The ε = 0 control (``norm=0``) never warns. The caller decides whether to emit it (``warnings.warn``).
         """
-        if self.nominal_norm == 0:
+        if self.perturbation.norm == 0:
             return None
         if not self.survived:
             return (
@@ -142,9 +143,10 @@ def perturb_(tensors: Iterable[torch.Tensor], perturbation: Perturbation) -> Per
     """Add ε to ``tensors`` in place (under ``no_grad``) and report the realized perturbation.
 
     ``tensors``: distinct floating-point tensors (any devices, dtypes and shapes), e.g. a ghost's trainable
-    parameters; ε is drawn over their concatenation, in the given order, from a CPU generator seeded with
-    ``perturbation.seed``. Gaussian kinds draw ε in float64, form θ + ε in float64 and round it to the tensor's
-    dtype. Peak extra memory is a few float64 copies of the largest tensor.
+    parameters. ε is drawn over their concatenation (the tensors in the given order, each in row-major order
+    whatever its memory layout) from a CPU generator seeded with ``perturbation.seed``. Gaussian kinds draw ε
+    in float64, form θ + ε in float64 and round it to the tensor's dtype. Peak extra memory is a few float64
+    copies of the largest tensor.
     """
     if not isinstance(perturbation, Perturbation):
         raise TypeError(f"perturbation must be a dynprobe.Perturbation; got {type(perturbation).__name__}")

@@ -1,4 +1,4 @@
-"""``Probe``: attaches to an unmodified training loop through public PyTorch hooks and orchestrates snapshots.
+"""``Probe``: attaches to an unmodified training loop through public PyTorch hooks and orchestrates the work.
 
 Two added lines::
 
@@ -6,49 +6,48 @@ Two added lines::
     criterion = probe.watch(criterion)
 
 The probe counts optimizer steps with ``Optimizer.register_step_post_hook`` (step t = t updates taken; step 0 =
-the initialization, recorded when the probe attaches), and at each scheduled step it measures the model in a
-side-effect-free way and appends one row to every interval matrix. This module holds no math: see
-:mod:`dynprobe.snapshot` (measuring and committing), :mod:`dynprobe.metrics` (formulas), :mod:`dynprobe.writer`
-(files).
+the initialization, recorded when the probe attaches). After each step it advances the ghosts (if any), spawns
+those due, and at scheduled steps measures the model side-effect-free and appends one row to every interval
+matrix. This module holds no math: see :mod:`dynprobe.snapshot` (measuring, committing), :mod:`dynprobe.ghosts`
+(replicas), :mod:`dynprobe.capture` and :mod:`dynprobe.hooks` (what a step consumed), :mod:`dynprobe.metrics`
+(formulas), :mod:`dynprobe.writer` (files).
 """
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
-import platform
-import sys
 import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._version import __version__
 from ._modules import device_of, eval_mode, preserved_rng, rng_devices, trainable_parameters
+from .capture import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, StepCapture
+from .checks import check_int, check_model, check_optimizer
+from .config import Ghosts
 from .evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
+from .ghosts import GhostSet
+from .hooks import CaptureHooks, GradEditDetector
+from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
 from .schedule import Schedule, as_schedule
-from .snapshot import SnapshotData, SnapshotRecorder
-from .writer import RunWriter, json_safe
+from .snapshot import SnapshotRecorder
+from .writer import RunWriter
 
-__all__ = ["Probe", "ProbeError", "WatchedLoss"]
+__all__ = ["Probe", "WatchedLoss"]
 
 _OPEN_PROBES: weakref.WeakSet[Probe] = weakref.WeakSet()
-
-
-class ProbeError(RuntimeError):
-    """An error inside the probe while the user's training ran (raised only with ``errors="raise"``)."""
 
 
 class WatchedLoss:
     """The user's loss function, unchanged in value and gradient, seen by the probe (``probe.watch``).
 
-    Calls pass straight through; for training-mode calls (grad enabled) the probe notes the loss value (the
-    run's ``train_loss``). Attribute access is forwarded, so ``criterion.weight`` still works.
+    Calls pass straight through. For training-mode calls (grad enabled) the probe notes the loss value (the
+    run's ``train_loss``) and, when ghosts are on, records the call so ghosts can replay it with their own
+    output. Attribute access is forwarded, so ``criterion.weight`` still works.
     """
 
     def __init__(self, probe: Probe, loss_fn: Callable[..., torch.Tensor]) -> None:
@@ -60,7 +59,7 @@ class WatchedLoss:
         loss = self.loss_fn(*args, **kwargs)
         probe = self._probe
         if not probe._busy and torch.is_grad_enabled() and isinstance(loss, torch.Tensor) and loss.requires_grad:
-            probe._on_training_loss(loss)
+            probe._on_training_loss(loss, args, kwargs)
         return loss
 
     def __getattr__(self, name: str) -> Any:
@@ -68,6 +67,15 @@ class WatchedLoss:
 
     def __repr__(self) -> str:
         return f"WatchedLoss({self.loss_fn!r})"
+
+
+def _output_loss(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_from_output=True needs outputs with a .loss tensor; got {type(output).__name__}")
+    return loss
 
 
 class Probe:
@@ -82,13 +90,19 @@ class Probe:
         out: the run directory. It must not exist yet, be empty, or (with ``resume=True``) hold a dynprobe run.
         schedule: when to snapshot: a :class:`dynprobe.schedule.Schedule`, an int k (every k steps) or a list
             of steps. Default: ``log_spaced(until=1000) | every(250)``.
+        ghosts: a :class:`dynprobe.Ghosts` to run the chaos experiment (off by default).
+        loss_from_output: for models that compute their own loss (Hugging Face style), instead of ``watch``:
+            ``True`` (``output.loss``) or a function output → loss tensor. Needed by ghosts only.
+        total_steps: the number of optimizer steps you plan (optional): ghost spawn steps beyond it are an
+            error at construction instead of ghosts that silently never spawn.
         resume: continue the run in ``out`` (after restoring your own checkpoint). ``resume_step`` says which
             step your training restarts from (default: the run's last snapshot); later snapshots are discarded.
+            Ghosts alive at the interruption cannot be continued; spawns scheduled later still happen.
         eval_max: at most this many eval examples (default 2,000).
         eval_batch_size: batch size of snapshot evaluations.
         output_fn: selects the ``(N, num_classes)`` logits from the model's output (default: the output itself,
             ``output.logits`` or ``output["logits"]``).
-        seed: seeds the eval subsample (and, through configs, the eNTK probe set); never the global RNG.
+        seed: seeds the eval subsample; never the global RNG.
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out``.
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
@@ -96,7 +110,8 @@ class Probe:
             and the probe detaches itself so the user's training goes on; ``"raise"``: re-raise it.
 
     The probe never changes training: it reads parameters, evaluates in eval mode under ``no_grad`` with the
-    RNG state and every module's train/eval flag restored, and writes only to ``out``.
+    RNG state and every module's train/eval flag restored, runs ghosts under a forked RNG, and writes only to
+    ``out``.
     """
 
     def __init__(
@@ -107,6 +122,9 @@ class Probe:
         eval_data: Any,
         out: str | os.PathLike,
         schedule: Schedule | int | Iterable[int] | None = None,
+        ghosts: Ghosts | None = None,
+        loss_from_output: bool | Callable[[Any], torch.Tensor] | None = None,
+        total_steps: int | None = None,
         resume: bool = False,
         resume_step: int | None = None,
         eval_max: int = 2000,
@@ -120,22 +138,34 @@ class Probe:
         self._busy = True  # hooks ignore everything until the probe is fully attached
         self._closed = False
         self._handles: list[Any] = []
-        self.model = _check_model(model)
-        self.optimizer = _check_optimizer(optimizer, model)
+        self.model = check_model(model)
+        self.optimizer = check_optimizer(optimizer, model)
         self.schedule = as_schedule(schedule)
-        _check_positive_int("eval_max", eval_max)
-        _check_positive_int("eval_batch_size", eval_batch_size)
-        _check_positive_int("history_memory", history_memory, minimum=0)
+        check_int("eval_max", eval_max)
+        check_int("eval_batch_size", eval_batch_size)
+        check_int("history_memory", history_memory, minimum=0)
         if errors not in ("warn", "raise"):
             raise ValueError(f"errors must be 'warn' or 'raise'; got {errors!r}")
         if resume_step is not None:
-            _check_positive_int("resume_step", resume_step, minimum=0)
+            check_int("resume_step", resume_step, minimum=0)
+        if total_steps is not None:
+            check_int("total_steps", total_steps)
+            late = [t for t in getattr(getattr(ghosts, "at", None), "values", ()) if t > total_steps]
+            if late:
+                raise ValueError(f"Ghosts(at=...) has spawn steps beyond total_steps={total_steps}: {late}; they "
+                                 "would never spawn. Remove them or raise total_steps")
+        self.total_steps = total_steps
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable (output -> logits); got {type(output_fn).__name__}")
+        if ghosts is not None and not isinstance(ghosts, Ghosts):
+            raise TypeError(f"ghosts must be a dynprobe.Ghosts(...) configuration; got {type(ghosts).__name__}")
+        if loss_from_output is not None and loss_from_output is not True and not callable(loss_from_output):
+            raise TypeError("loss_from_output must be True (use output.loss) or a function output -> loss tensor")
         self.errors = errors
         self.output_fn = output_fn or default_output_fn
         self.snapshot_on_close = bool(snapshot_on_close)
         self.device = device_of(model)
+        self._cuda_devices = rng_devices(model)
         self._named_params = trainable_parameters(model)
         self._params = [p for _, p in self._named_params]
         self.storage_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
@@ -143,8 +173,16 @@ class Probe:
         self.eval_set = EvalSet.from_user(eval_data, max_examples=eval_max, seed=seed)
         self.num_classes = self._check_model_output()
 
-        self.writer = RunWriter(out, self._manifest(seed, eval_max, eval_batch_size), resume=resume,
-                                resume_step=resume_step)
+        config = {"schedule": self.schedule.to_config(), "eval_max": eval_max, "eval_batch_size": eval_batch_size,
+                  "total_steps": total_steps,
+                  "seed": seed, "snapshot_on_close": self.snapshot_on_close,
+                  "ghosts": ghosts.to_config() if ghosts is not None else None}
+        conventions = {**CONVENTIONS, **(GHOST_CONVENTIONS if ghosts is not None else {})}
+        manifest = build_manifest(model=model, named_params=self._named_params, optimizer=optimizer,
+                                  eval_set=self.eval_set, num_classes=self.num_classes,
+                                  storage_dtype=self.storage_dtype, device=self.device, config=config,
+                                  conventions=conventions)
+        self.writer = RunWriter(out, manifest, resume=resume, resume_step=resume_step)
         self.out = self.writer.root
         self.step_count = self.writer.resume_from_step(resume_step) if self.writer.resumed else 0
         if not self.writer.resumed:
@@ -156,12 +194,34 @@ class Probe:
         self._recent_losses: list[torch.Tensor] = []
         self._explicit = False
         self._hook_steps = 0
-
+        self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._ghosts: GhostSet | None = None
+        self._capture: StepCapture | None = None
+        if ghosts is not None:
+            self._attach_ghosts(ghosts, loss_from_output)
         _OPEN_PROBES.add(self)
         self._busy = False
         if not self.writer.resumed:
-            self._run_guarded(self._snapshot)
+            self._run_guarded(self._advance_to_current_step)
+
+    def _attach_ghosts(self, config: Ghosts, loss_from_output: bool | Callable | None) -> None:
+        self._ghosts = GhostSet(
+            config, self.model, self.optimizer, self.writer, main_params=self._params, eval_set=self.eval_set,
+            output_fn=self.output_fn, eval_batch_size=self._recorder.eval_batch_size, device=self.device,
+            storage_dtype=self.storage_dtype, cuda_devices=self._cuda_devices, no_copy=[self],
+            raise_errors=self.errors == "raise",
+        )
+        from_output = _output_loss if loss_from_output is True else loss_from_output
+        self._ghosts.loss_from_output = from_output
+        scale_fn = config.scaler.get_scale if config.scaler is not None else None
+        self._capture = StepCapture(self._cuda_devices, scale_fn=scale_fn)
+        capture_hooks = CaptureHooks(self.model, self._capture, lambda: self._busy, loss_from_output=from_output)
+        detector = GradEditDetector(self._params, self.optimizer, lambda: self._ghosts.note_grad_edit(self.step_count))
+        self._handles += [capture_hooks, detector]
+        if self.writer.resumed:
+            warnings.warn("resuming a run with ghosts: ghosts alive at the interruption cannot be continued; ghosts "
+                          "spawned at later steps will be", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -176,18 +236,35 @@ class Probe:
             raise ValueError("this loss function is already watched by a probe; pass the original loss function")
         if not callable(loss_fn):
             raise TypeError(f"watch() needs the loss function (callable); got {type(loss_fn).__name__}")
+        self._loss_fn = loss_fn
+        if self._ghosts is not None and self._ghosts.config.loss_fn is None:
+            self._ghosts.loss_fn = loss_fn
         return WatchedLoss(self, loss_fn)
 
     def step(self, inputs: Any = None, targets: Any = None) -> None:
         """Explicit alternative to the hooks: call ``probe.step(x, y)`` at the top of every iteration, *before*
         the forward pass, with the batch that the coming optimizer step trains on.
 
-        The first call detaches the optimizer hook; from then on these calls are the probe's clock (step t's
-        snapshot is taken at the call that starts iteration t + 1, or at ``close()``). Mixing both styles is an
-        error. Explicit calls cannot see skipped steps (``GradScaler``) or gradient accumulation: count one call
-        per optimizer step.
+        The first call detaches the probe's hooks; from then on these calls are the probe's clock (step t's
+        snapshot is taken at the call that starts iteration t + 1, or at ``close()``). Ghosts train on
+        ``model(inputs)`` (``model(**inputs)`` for a dict) and the watched loss (or ``Ghosts(loss_fn=...)``)
+        applied to ``(output, targets)``, with the RNG state of this call. Mixing both styles is an error.
+        Explicit calls cannot see skipped steps (``GradScaler``), accumulation or clipping.
         """
-        self._explicit_step(inputs, targets)
+        if self._closed:
+            raise RuntimeError("probe.step() called after probe.close()")
+        if self._hook_steps:
+            raise RuntimeError(
+                "probe.step(x, y) was called after the optimizer already stepped under the probe's hooks. Call "
+                "probe.step(x, y) at the top of the loop, before the forward pass, in every iteration (and do not "
+                "mix it with hook-driven stepping)"
+            )
+        if not self._explicit:
+            self._explicit = True
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+        self._run_guarded(lambda: self._explicit_step(inputs, targets))
 
     def close(self) -> None:
         """Finish the run: final snapshot (if ``snapshot_on_close``), full matrices, status. Idempotent; also
@@ -206,36 +283,51 @@ class Probe:
     def __repr__(self) -> str:
         return f"Probe(out={str(self.out)!r}, step={self.step_count}, snapshots={len(self.writer.snapshots)})"
 
-    # ------------------------------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------------------------------ the clock
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._busy or self._closed:
             return
         self._hook_steps += 1
         self.step_count += 1
-        if self.step_count in self.schedule:
-            self._run_guarded(self._snapshot)
+        self._run_guarded(self._after_step_work)
+
+    def _after_step_work(self) -> None:
+        if self._ghosts is not None and self._capture is not None:
+            self._ghosts.train_step(self._capture.take(), self.step_count)
+        self._advance_to_current_step()
+
+    def _advance_to_current_step(self) -> None:
+        """Spawn the ghosts due now, then snapshot if the schedule says so."""
+        if self._ghosts is not None:
+            self._ghosts.spawn_due(self.step_count)
+        if self.step_count in self.schedule and not self._snapshotted(self.step_count):
+            self._snapshot()
 
     def _explicit_step(self, inputs: Any, targets: Any) -> None:
-        if self._closed:
-            raise RuntimeError("probe.step() called after probe.close()")
-        if self._hook_steps:
-            raise RuntimeError(
-                "probe.step(x, y) was called after the optimizer already stepped under the probe's hooks. Call "
-                "probe.step(x, y) at the top of the loop, before the forward pass, in every iteration (and do not "
-                "mix it with hook-driven stepping)"
-            )
-        if not self._explicit:
-            self._explicit = True
-            self._handles[0].remove()  # from now on the explicit calls are the clock
-        if self.step_count > 0 and self.step_count in self.schedule and not self._snapshotted(self.step_count):
-            self._run_guarded(self._snapshot)
+        if self.step_count > 0:
+            self._advance_to_current_step()
+        if self._ghosts is not None and self._ghosts.live:
+            self._ghosts.train_step([self._explicit_micro_batch(inputs, targets)], self.step_count + 1)
         self.step_count += 1
 
-    def _on_training_loss(self, loss: torch.Tensor) -> None:
+    def _explicit_micro_batch(self, inputs: Any, targets: Any) -> MicroBatch:
+        args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+        call = ForwardCall(args, kwargs, RngState.capture(self._cuda_devices), AutocastState.capture(), ())
+        if self._ghosts.loss_from_output is not None:
+            return MicroBatch(call, None)
+        if self._ghosts.loss_fn is None:
+            raise ValueError("ghosts with explicit probe.step(x, y) need the loss: call "
+                             "criterion = probe.watch(criterion) or pass Ghosts(loss_fn=...)")
+        loss = LossCall((None, targets), {}, call, (((("index", 0),), ()),), AutocastState.capture())
+        return MicroBatch(call, loss)
+
+    def _on_training_loss(self, loss: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._recent_losses.append(loss.detach())
         if len(self._recent_losses) >= 4096:  # bound memory on long stretches without snapshots
             self._recent_losses = self._recent_losses[::2]
+        if self._capture is not None and not self._explicit:
+            self._capture.on_loss(loss, args, kwargs)
 
     # ------------------------------------------------------------------------------------------ snapshots
 
@@ -244,9 +336,10 @@ class Probe:
 
     def _snapshot(self) -> None:
         data = self._recorder.measure(self.step_count)
-        self._commit(data)
-
-    def _commit(self, data: SnapshotData) -> None:
+        if self._ghosts is not None:
+            main_state = {name: t.detach() for name, t in
+                          list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
+            self._ghosts.compare(data, None, main_state, len(self.writer.snapshots))
         record = {
             "train_loss": self._pop_train_loss(),
             "lr": [group.get("lr") for group in self.optimizer.param_groups],
@@ -294,6 +387,12 @@ class Probe:
         self._handles.clear()
         _OPEN_PROBES.discard(self)
         try:
+            if self._ghosts is not None:
+                self._ghosts.finish(self.step_count)
+                unreached = [t for t in getattr(self._ghosts.config.at, "values", ()) if t > self.step_count]
+                if unreached and status == "closed":
+                    warnings.warn(f"dynprobe: ghost spawn steps {unreached} were never reached (the run ended at "
+                                  f"step {self.step_count})", RuntimeWarning, stacklevel=3)
             self._recorder.materialize()
         finally:
             fields: dict[str, Any] = {"status": status, "final_step": self.step_count}
@@ -302,12 +401,10 @@ class Probe:
             self.writer.update_manifest(**fields)
             self.writer.event("close", step=self.step_count, status=status, reason=reason)
 
-    # ------------------------------------------------------------------------------------------ attach checks
-
     def _check_model_output(self) -> int:
         sample = inputs_to(index_inputs(self.eval_set.inputs, slice(0, 2)), self.device)
         targets = self.eval_set.targets[:2].to(self.device)
-        with torch.no_grad(), eval_mode(self.model), preserved_rng(rng_devices(self.model)):
+        with torch.no_grad(), eval_mode(self.model), preserved_rng(self._cuda_devices):
             try:
                 output = forward(self.model, sample)
             except Exception as error:
@@ -324,101 +421,6 @@ class Probe:
         check_logits(torch.empty(self.eval_set.n, num_classes), self.eval_set.targets)
         return num_classes
 
-    def _manifest(self, seed: int, eval_max: int, eval_batch_size: int) -> dict[str, Any]:
-        offset = 0
-        parameters = []
-        for name, p in self._named_params:
-            parameters.append({"name": name, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
-                               "offset": offset, "numel": p.numel()})
-            offset += p.numel()
-        buffers = [{"name": n, "shape": list(b.shape), "dtype": str(b.dtype).replace("torch.", "")}
-                   for n, b in self.model.named_buffers() if b is not None]
-        return {
-            "dynprobe_version": __version__,
-            "torch_version": torch.__version__,
-            "numpy_version": np.__version__,
-            "python_version": platform.python_version(),
-            "command": " ".join(sys.argv),
-            "config": {
-                "schedule": self.schedule.to_config(),
-                "eval_max": eval_max,
-                "eval_batch_size": eval_batch_size,
-                "seed": seed,
-                "snapshot_on_close": self.snapshot_on_close,
-            },
-            "model": {
-                "class": type(self.model).__name__,
-                "num_parameters": offset,
-                "storage_dtype": str(self.storage_dtype).replace("torch.", ""),
-                "device": str(self.device),
-                "parameters": parameters,
-                "buffers": buffers,
-            },
-            "optimizer": {"class": type(self.optimizer).__name__, "defaults": json_safe(self.optimizer.defaults)},
-            "eval": {"n": self.eval_set.n, "num_classes": self.num_classes, "fingerprint": self._eval_fingerprint()},
-            "conventions": CONVENTIONS,
-        }
-
-    def _eval_fingerprint(self) -> str:
-        digest = hashlib.sha1()
-        digest.update(self.eval_set.targets.numpy().tobytes())
-        inputs = self.eval_set.inputs
-        tensors = [inputs] if isinstance(inputs, torch.Tensor) else [inputs[k] for k in sorted(inputs)]
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor):
-                digest.update(str(tuple(tensor.shape)).encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
-
-CONVENTIONS: dict[str, str] = {
-    "step": "optimizer steps taken so far; step 0 is the initialization",
-    "theta": "trainable parameters (requires_grad) in named_parameters() order, flattened",
-    "C": "eq. (1): 1 - <θ_i, θ_j> / (‖θ_i‖‖θ_j‖), float64 accumulation",
-    "D": "eq. (6): fraction of eval examples whose argmax prediction differs",
-    "eval_loss": "mean cross-entropy of the logits on the eval set, model in eval mode",
-    "train_loss": "mean of the watched training loss over the steps since the previous snapshot",
-}
-
-
-def _check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(
-            "model has no trainable parameters (none with requires_grad=True): there is no trajectory to probe. "
-            "Attach the probe to the module you train"
-        )
-    return model
-
-
-def _check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    mine = {id(p) for p in model.parameters() if p.requires_grad}
-    if not owned & mine:
-        raise ValueError(
-            "optimizer does not own any of the model's trainable parameters: pass the optimizer that trains this "
-            f"model (e.g. torch.optim.SGD(model.parameters(), ...)); the model has {len(trainable)} trainable tensors"
-        )
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
-    if missing:
-        warnings.warn(
-            f"{len(missing)} trainable parameters of the model are not in the optimizer (e.g. {missing[0]!r}); they "
-            "are still part of vec(θ) for C. Set requires_grad=False on parameters you do not train",
-            stacklevel=3,
-        )
-    return optimizer
-
-
-def _check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-
 
 @atexit.register
 def _close_open_probes() -> None:
@@ -427,4 +429,3 @@ def _close_open_probes() -> None:
             probe.close()
         except Exception:  # noqa: BLE001 - interpreter exit: report, never raise
             traceback.print_exc()
-

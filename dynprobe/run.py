@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,27 @@ from .store import (
     snapshot_dirname,
 )
 
-__all__ = ["Run", "RunFormatError", "load_run"]
+__all__ = ["GhostInfo", "Run", "RunFormatError", "load_run"]
+
+CHAOS_METRICS = ("C", "L2", "D", "S", "B", "eval_loss", "eval_accuracy")
+
+
+@dataclass(frozen=True)
+class GhostInfo:
+    """One ghost replica of a run (row ``index`` of every ``run.chaos`` map)."""
+
+    index: int
+    spawn_step: int
+    control: bool
+    kind: str
+    seed: int
+    nominal_norm: float
+    realized_norm: float
+    changed: int
+    total: int
+    status: str  # alive / diverged / failed / finished
+    status_step: int | None = None
+    reason: str | None = None
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -173,6 +194,54 @@ class Run:
     def D(self) -> np.ndarray:  # noqa: N802
         """Disagreement rate between snapshots on the eval set, eq. (6); float64 (T, T)."""
         return self._matrix("D")
+
+    # ------------------------------------------------------------------------------------------ ghosts
+
+    @functools.cached_property
+    def ghosts(self) -> list[GhostInfo]:
+        """Every ghost spawned by the time of the last committed snapshot, in spawn order."""
+        last = int(self.steps[-1]) if len(self) else -1
+        infos: dict[int, dict[str, Any]] = {}
+        for event in self.events:
+            kind = event.get("event")
+            if kind == "ghost_spawn" and event["step"] <= last:
+                infos[event["ghost"]] = {
+                    "index": event["ghost"], "spawn_step": event["spawn_step"], "control": event["control"],
+                    "kind": event["kind"], "seed": event["seed"], "nominal_norm": event["nominal_norm"],
+                    "realized_norm": event["realized_norm"], "changed": event["changed"], "total": event["total"],
+                    "status": "alive",
+                }
+            elif kind == "ghost_status" and event["ghost"] in infos:
+                infos[event["ghost"]].update(status=event["status"], status_step=event["step"],
+                                             reason=event.get("reason"))
+        return [GhostInfo(**infos[i]) for i in sorted(infos)]
+
+    @functools.cached_property
+    def chaos(self) -> dict[str, np.ndarray]:
+        """Ghost × snapshot maps (G, T) of main-vs-ghost metrics: ``"C"`` (1 − cos), ``"L2"``, ``"D"``, ``"S"``,
+        ``"B"``, and the ghost's ``"eval_loss"`` / ``"eval_accuracy"``. Row i is ``run.ghosts[i]``; columns are
+        ``run.steps``; NaN where the snapshot precedes the spawn, after the ghost stopped, or where the metric
+        was not computed."""
+        ghosts = self.ghosts
+        column = {int(step): i for i, step in enumerate(self.steps)}
+        row = {g.index: r for r, g in enumerate(ghosts)}
+        maps = {name: np.full((len(ghosts), len(self)), np.nan) for name in CHAOS_METRICS}
+        for event in self.events:
+            if event.get("event") != "ghost_compare" or event["ghost"] not in row or event["step"] not in column:
+                continue
+            for name in CHAOS_METRICS:
+                value = event.get(name)
+                if value is not None:
+                    maps[name][row[event["ghost"]], column[event["step"]]] = value
+        return maps
+
+    def ghost_predictions(self, ghost: int, index: int) -> np.ndarray:
+        """Eval predictions of ghost ``ghost`` at snapshot ``index``."""
+        return load_npy(self._snapshot_file(index, f"ghost_{ghost:03d}.preds.npy"))
+
+    def ghost_params(self, ghost: int, index: int) -> np.ndarray:
+        """Flat parameters of ghost ``ghost`` at snapshot ``index`` (runs with ``Ghosts(save_params=True)``)."""
+        return load_npy(self._snapshot_file(index, f"ghost_{ghost:03d}.params.npy"), mmap=True)
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""

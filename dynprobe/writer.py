@@ -155,9 +155,9 @@ class RunWriter:
 
     # ----------------------------------------------------------------------------------------- writing
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Append one event line (``{"event": kind, "time": ..., **fields}``)."""
-        append_jsonl(self.root / EVENTS, {"event": kind, "time": now(), **json_safe(fields)})
+    def event(self, event: str, /, **fields: Any) -> None:
+        """Append one event line (``{"event": event, "time": ..., **fields}``)."""
+        append_jsonl(self.root / EVENTS, {"event": event, "time": now(), **json_safe(fields)})
 
     def snapshot_path(self, step: int) -> Path:
         path = self.root / SNAPSHOTS / snapshot_dirname(step)

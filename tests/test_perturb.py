@@ -87,7 +87,8 @@ def test_gaussian_kinds_add_the_documented_seeded_float64_draw(kind):
     eps_flat = torch.cat([e.reshape(-1) for e in eps])
     delta = realized_delta(before, tensors)
     assert report.nominal_norm == pytest.approx(float(eps_flat.norm()), rel=1e-12)
-    assert report.direction_cosine == pytest.approx(float(delta @ eps_flat / (delta.norm() * eps_flat.norm())), rel=1e-9)
+    cosine = float(delta @ eps_flat / (delta.norm() * eps_flat.norm()))
+    assert report.direction_cosine == pytest.approx(cosine, rel=1e-9)
 
 
 def test_l2_nominal_norm_equals_the_requested_norm():
@@ -233,6 +234,12 @@ def test_a_perturbation_absorbed_by_rounding_is_reported_as_lost():
     report = perturb_(tensors, Perturbation(1e-7, "l2", seed=0))
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
     assert not report.survived and report.changed == 0 and math.isnan(report.direction_cosine)
+    assert "did not survive" in report.warning()
+
+
+def test_relative_perturbation_of_all_zero_weights_is_reported_as_lost():
+    report = perturb_([torch.zeros(5)], Perturbation(1e-3, "relative"))
+    assert report.nominal_norm == 0.0 and not report.survived
     assert "did not survive" in report.warning()
 
 

@@ -1,0 +1,49 @@
+"""Validation of the probe's inputs: every mistake fails at ``Probe(...)``, naming the argument and the fix."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["check_int", "check_model", "check_optimizer"]
+
+
+def check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "model has no trainable parameters (none with requires_grad=True): there is no trajectory to probe. "
+            "Attach the probe to the module you train"
+        )
+    return model
+
+
+def check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not owned & {id(p) for _, p in trainable}:
+        raise ValueError(
+            "optimizer does not own any of the model's trainable parameters: pass the optimizer that trains this "
+            f"model (e.g. torch.optim.SGD(model.parameters(), ...)); the model has {len(trainable)} trainable tensors"
+        )
+    missing = [name for name, p in trainable if id(p) not in owned]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} trainable parameters of the model are not in the optimizer (e.g. {missing[0]!r}); they "
+            "are still part of vec(θ) for C. Set requires_grad=False on parameters you do not train",
+            stacklevel=3,
+        )
+    return optimizer
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value

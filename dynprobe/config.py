@@ -1,0 +1,152 @@
+"""User-facing configuration objects of the probe, validated when they are built.
+
+* :class:`Ghosts` — perturbed replicas trained in lock-step (the chaos experiment, the paper's §4).
+* :class:`KernelConfig` — the eNTK on a fixed probe set and the kernel distance S (the paper's §5).
+
+Both are frozen dataclasses: the probe stores their ``to_config()`` in the run manifest.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .perturb import Perturbation
+from .schedule import Schedule, as_schedule
+
+__all__ = ["Ghosts", "KernelConfig"]
+
+
+@dataclass(frozen=True)
+class Ghosts:
+    """Ghost replicas: at each spawn step t0, a copy of the model and optimizer perturbed by ε (θ' = θ + ε),
+    then trained on exactly the main run's batches, randomness, autocast state and hyper-parameters.
+
+    Args:
+        at: spawn steps: a list, or a :class:`dynprobe.schedule.Schedule`. One perturbed ghost per step.
+        perturbation: ε; ghost *i* (in spawn order) uses ``seed = perturbation.seed + i``.
+        control: also spawn an ε = 0 ghost at the first spawn step. It must stay bit-identical to the main run;
+            the probe checks it against the main model after every step and records any drift (a canary for
+            training logic the ghosts cannot see).
+        clip_grad_norm, clip_grad_value: gradient clipping your loop applies between ``backward()`` and
+            ``step()``; the ghosts apply the same. Undeclared gradient edits are detected and warned about.
+        scaler: the ``torch.amp.GradScaler`` your loop uses; each ghost gets its own copy of its state.
+        loss_fn: the loss for ghosts when the probe cannot see it through ``probe.watch`` (explicit
+            ``probe.step`` calls without a watched loss).
+        barrier: compute the loss barrier B (eq. 5) between main and ghost at snapshots (every
+            ``barrier_every``-th snapshot after the spawn), on the probe's eval set with ``barrier_alphas``
+            points on [0, 1].
+        lifetime: a ghost stops (status ``finished``) this many steps after its spawn; None: until the end.
+        save_params: also store each ghost's flat parameters at every snapshot.
+        divergence_ratio: a ghost whose ‖θ'‖ exceeds this multiple of the main ‖θ‖ (or whose loss or
+            parameters become non-finite) is marked ``diverged`` and stops.
+    """
+
+    at: Any = (0, 100, 1000)
+    perturbation: Perturbation = field(default_factory=Perturbation)
+    control: bool = True
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    scaler: Any = None
+    loss_fn: Callable[..., Any] | None = None
+    barrier: bool = True
+    barrier_alphas: int = 30
+    barrier_every: int = 1
+    lifetime: int | None = None
+    save_params: bool = False
+    divergence_ratio: float = 1e3
+
+    def __post_init__(self) -> None:
+        at = self.at
+        if isinstance(at, (int, float)) and not isinstance(at, bool):
+            at = [int(at)]
+        if not isinstance(at, Schedule):
+            if isinstance(at, (str, bytes)) or not isinstance(at, Iterable):
+                raise TypeError(f"Ghosts(at=) must be a list of spawn steps or a Schedule; got {at!r}")
+            at = as_schedule(list(at), argument="Ghosts(at=)")
+        object.__setattr__(self, "at", at)
+        if not isinstance(self.perturbation, Perturbation):
+            raise TypeError("Ghosts(perturbation=) must be a dynprobe.Perturbation, e.g. "
+                            "Perturbation(norm=1e-7, kind='l2')")
+        for name in ("clip_grad_norm", "clip_grad_value"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0 or math.isinf(value)):
+                raise ValueError(f"Ghosts({name}=) must be a positive number or None; got {value!r}")
+        if self.scaler is not None and not all(hasattr(self.scaler, a) for a in ("get_scale", "state_dict")):
+            raise TypeError("Ghosts(scaler=) must be the torch.amp.GradScaler your loop uses")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError("Ghosts(loss_fn=) must be callable")
+        if isinstance(self.barrier_alphas, bool) or not isinstance(self.barrier_alphas, int) or self.barrier_alphas < 2:
+            raise ValueError(f"Ghosts(barrier_alphas=) must be an int >= 2; got {self.barrier_alphas!r}")
+        if isinstance(self.barrier_every, bool) or not isinstance(self.barrier_every, int) or self.barrier_every < 1:
+            raise ValueError(f"Ghosts(barrier_every=) must be an int >= 1; got {self.barrier_every!r}")
+        if self.lifetime is not None and (not isinstance(self.lifetime, int) or self.lifetime < 1):
+            raise ValueError(f"Ghosts(lifetime=) must be a positive int or None; got {self.lifetime!r}")
+        if not self.divergence_ratio > 1:
+            raise ValueError(f"Ghosts(divergence_ratio=) must be > 1; got {self.divergence_ratio!r}")
+
+    def spawn_steps(self, until: int) -> list[int]:
+        return self.at.steps(until)
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "at": self.at.to_config(),
+            "perturbation": {"norm": self.perturbation.norm, "kind": self.perturbation.kind,
+                             "seed": self.perturbation.seed},
+            "control": self.control,
+            "clip_grad_norm": self.clip_grad_norm,
+            "clip_grad_value": self.clip_grad_value,
+            "scaler": self.scaler is not None,
+            "barrier": self.barrier,
+            "barrier_alphas": self.barrier_alphas,
+            "barrier_every": self.barrier_every,
+            "lifetime": self.lifetime,
+            "save_params": self.save_params,
+            "divergence_ratio": self.divergence_ratio,
+        }
+
+
+KERNEL_MODES = ("trace", "logit_sum", "full", "single", "true_class")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The empirical NTK H(θ_t) on a fixed probe set, and the kernel distance S (eq. 4) between snapshots.
+
+    Args:
+        n: probe-set size, drawn (seeded, class-balanced) from the eval set; identical at every snapshot.
+        mode: output reduction (``"trace"``: Σ_k J_k J_kᵀ, the default; ``"logit_sum"``; ``"full"``;
+            ``"single"`` with ``class_index``; ``"true_class"``). See :func:`dynprobe.empirical_ntk`.
+        seed: seeds the probe-set draw.
+        every: measure H at every ``every``-th snapshot (S is NaN in between).
+        bn: ``"eval"`` (running statistics; per-sample Jacobians need it) or ``"recalibrated"``.
+        max_memory: bytes of extra memory the eNTK computation may use (None: the engine's default, ~1 GB).
+        class_index: the logit for ``mode="single"``.
+    """
+
+    n: int = 128
+    mode: str = "trace"
+    seed: int = 0
+    every: int = 1
+    bn: str = "eval"
+    max_memory: int | None = None
+    class_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ValueError(f"KernelConfig(n=) must be an int >= 2; got {self.n!r}")
+        if self.mode not in KERNEL_MODES:
+            raise ValueError(f"KernelConfig(mode=) must be one of {KERNEL_MODES}; got {self.mode!r}")
+        if self.mode == "single" and self.class_index is None:
+            raise ValueError("KernelConfig(mode='single') needs class_index= (the logit to differentiate)")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"KernelConfig(every=) must be an int >= 1; got {self.every!r}")
+        if self.bn not in ("eval", "recalibrated"):
+            raise ValueError(f"KernelConfig(bn=) must be 'eval' or 'recalibrated'; got {self.bn!r}")
+        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory <= 0):
+            raise ValueError(f"KernelConfig(max_memory=) must be a positive number of bytes; got {self.max_memory!r}")
+
+    def to_config(self) -> dict[str, Any]:
+        return {"n": self.n, "mode": self.mode, "seed": self.seed, "every": self.every, "bn": self.bn,
+                "max_memory": self.max_memory, "class_index": self.class_index}
