@@ -41,6 +41,10 @@ class Ghosts:
         save_params: also store each ghost's flat parameters at every snapshot.
         divergence_ratio: a ghost whose ‖θ'‖ exceeds this multiple of the main ‖θ‖ (or whose loss or
             parameters become non-finite) is marked ``diverged`` and stops.
+        vectorize: ``False``: sequential deep copies, compared with the main model itself (bit-exact
+            reference). ``True``: the ghosts train as one ``torch.func.vmap`` stack that also holds an ε = 0
+            shadow of the main run, and are compared with that shadow (vmapped kernels can differ from plain ones
+            in the last bits). ``"auto"`` (default): vectorize only when it is measured to be faster.
     """
 
     at: Any = (0, 100, 1000)
@@ -56,6 +60,7 @@ class Ghosts:
     lifetime: int | None = None
     save_params: bool = False
     divergence_ratio: float = 1e3
+    vectorize: bool | str = "auto"
 
     def __post_init__(self) -> None:
         at = self.at
@@ -85,6 +90,8 @@ class Ghosts:
             raise ValueError(f"Ghosts(lifetime=) must be a positive int or None; got {self.lifetime!r}")
         if not self.divergence_ratio > 1:
             raise ValueError(f"Ghosts(divergence_ratio=) must be > 1; got {self.divergence_ratio!r}")
+        if self.vectorize not in (True, False, "auto"):
+            raise ValueError(f"Ghosts(vectorize=) must be True, False or 'auto'; got {self.vectorize!r}")
 
     def spawn_steps(self, until: int) -> list[int]:
         return self.at.steps(until)
@@ -104,6 +111,7 @@ class Ghosts:
             "lifetime": self.lifetime,
             "save_params": self.save_params,
             "divergence_ratio": self.divergence_ratio,
+            "vectorize": self.vectorize,
         }
 
 
