@@ -13,6 +13,7 @@ from .perturb import Perturbation, PerturbationReport
 from .probe import Probe, WatchedLoss
 from .run import Run, load_run
 from .store import RunFormatError
+from .trajectory import fill_barriers
 
 __all__ = [
     "BarrierResult",
@@ -25,6 +26,7 @@ __all__ = [
     "RunFormatError",
     "WatchedLoss",
     "__version__",
+    "fill_barriers",
     "load_run",
     "loss_barrier",
     "schedule",

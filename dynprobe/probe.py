@@ -35,6 +35,7 @@ from .hooks import CaptureHooks, GradEditDetector
 from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
 from .schedule import Schedule, as_schedule
 from .snapshot import SnapshotRecorder
+from .trajectory import TrajectoryBarriers
 from .writer import RunWriter
 
 __all__ = ["Probe", "WatchedLoss"]
@@ -103,6 +104,10 @@ class Probe:
         output_fn: selects the ``(N, num_classes)`` logits from the model's output (default: the output itself,
             ``output.logits`` or ``output["logits"]``).
         seed: seeds the eval subsample; never the global RNG.
+        trajectory_barriers: after each snapshot, compute the loss barrier B (eq. 5) to this many preceding
+            snapshots (0: none; 1: consecutive pairs). Each costs ``barrier_alphas`` evaluations of the eval set;
+            :func:`dynprobe.fill_barriers` computes other pairs afterwards.
+        barrier_alphas: α grid size on [0, 1] for trajectory barriers.
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out``.
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
@@ -131,6 +136,8 @@ class Probe:
         eval_batch_size: int = 256,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
+        trajectory_barriers: int = 0,
+        barrier_alphas: int = 30,
         history_memory: int = 512 * 2**20,
         snapshot_on_close: bool = True,
         errors: str = "warn",
@@ -144,6 +151,8 @@ class Probe:
         check_int("eval_max", eval_max)
         check_int("eval_batch_size", eval_batch_size)
         check_int("history_memory", history_memory, minimum=0)
+        check_int("trajectory_barriers", trajectory_barriers, minimum=0)
+        check_int("barrier_alphas", barrier_alphas, minimum=2)
         if errors not in ("warn", "raise"):
             raise ValueError(f"errors must be 'warn' or 'raise'; got {errors!r}")
         if resume_step is not None:
@@ -174,7 +183,8 @@ class Probe:
         self.num_classes = self._check_model_output()
 
         config = {"schedule": self.schedule.to_config(), "eval_max": eval_max, "eval_batch_size": eval_batch_size,
-                  "total_steps": total_steps,
+                  "total_steps": total_steps, "trajectory_barriers": trajectory_barriers,
+                  "barrier_alphas": barrier_alphas,
                   "seed": seed, "snapshot_on_close": self.snapshot_on_close,
                   "ghosts": ghosts.to_config() if ghosts is not None else None}
         conventions = {**CONVENTIONS, **(GHOST_CONVENTIONS if ghosts is not None else {})}
@@ -191,6 +201,11 @@ class Probe:
             self.writer, model, self._params, self.eval_set, device=self.device, storage_dtype=self.storage_dtype,
             output_fn=self.output_fn, eval_batch_size=eval_batch_size, history_memory=history_memory,
         )
+        self._barriers = None
+        if trajectory_barriers:
+            self._barriers = TrajectoryBarriers(self.out, self.writer.manifest, model, self.eval_set,
+                                                per_snapshot=trajectory_barriers, alphas=barrier_alphas,
+                                                output_fn=self.output_fn, batch_size=max(eval_batch_size, 256))
         self._recent_losses: list[torch.Tensor] = []
         self._explicit = False
         self._hook_steps = 0
@@ -336,15 +351,17 @@ class Probe:
 
     def _snapshot(self) -> None:
         data = self._recorder.measure(self.step_count)
+        main_state = {name: t.detach() for name, t in
+                      list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
         if self._ghosts is not None:
-            main_state = {name: t.detach() for name, t in
-                          list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
             self._ghosts.compare(data, None, main_state, len(self.writer.snapshots))
         record = {
             "train_loss": self._pop_train_loss(),
             "lr": [group.get("lr") for group in self.optimizer.param_groups],
         }
         self._recorder.commit(data, record)
+        if self._barriers is not None:
+            self._barriers.after_commit([s["step"] for s in self.writer.snapshots], main_state)
 
     def _pop_train_loss(self) -> float | None:
         if not self._recent_losses:

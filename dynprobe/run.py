@@ -25,6 +25,7 @@ from .store import (
     TriangularRows,
     load_npy,
     load_npz,
+    load_snapshot_state,
     read_jsonl,
     read_manifest,
     snapshot_dirname,
@@ -164,16 +165,7 @@ class Run:
     def state_dict(self, index: int) -> dict[str, Any]:
         """Parameters (unflattened, by name) and buffers of snapshot ``index`` as torch tensors, ready for
         ``model.load_state_dict(..., strict=False)`` (only trainable parameters are stored)."""
-        import torch
-
-        flat = np.asarray(self.params(index, mmap=False))
-        state: dict[str, Any] = {}
-        for spec in self.manifest["model"]["parameters"]:
-            chunk = flat[spec["offset"] : spec["offset"] + spec["numel"]].reshape(spec["shape"])
-            state[spec["name"]] = torch.from_numpy(chunk.copy()).to(getattr(torch, spec["dtype"]))
-        for name, array in self.buffers(index).items():
-            state[name] = torch.from_numpy(array.copy())
-        return state
+        return load_snapshot_state(self.path, self.manifest, int(self.snapshots[index]["step"]))
 
     @property
     def eval_indices(self) -> np.ndarray:
@@ -242,6 +234,21 @@ class Run:
     def ghost_params(self, ghost: int, index: int) -> np.ndarray:
         """Flat parameters of ghost ``ghost`` at snapshot ``index`` (runs with ``Ghosts(save_params=True)``)."""
         return load_npy(self._snapshot_file(index, f"ghost_{ghost:03d}.params.npy"), mmap=True)
+
+    @functools.cached_property
+    def B(self) -> np.ndarray:  # noqa: N802
+        """Loss barrier between snapshots, eq. (5); float64 (T, T), NaN where not computed (see
+        ``Probe(trajectory_barriers=k)`` and :func:`dynprobe.fill_barriers`); diagonal 0."""
+        from .trajectory import read_barrier_pairs
+
+        index = {int(step): i for i, step in enumerate(self.steps)}
+        matrix = np.full((len(self), len(self)), np.nan)
+        np.fill_diagonal(matrix, 0.0)
+        for record in read_barrier_pairs(self.path):
+            i, j = index.get(record["i"]), index.get(record["j"])
+            if i is not None and j is not None:
+                matrix[i, j] = matrix[j, i] = record["value"]
+        return matrix
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""

@@ -253,6 +253,24 @@ class TriangularRows:
         return matrix
 
 
+def load_snapshot_state(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """Parameters (unflattened, by name, in their recorded dtypes) and buffers of the snapshot at ``step``, as
+    torch tensors on the CPU, ready for ``model.load_state_dict(state, strict=False)``."""
+    import torch
+
+    folder = Path(root) / SNAPSHOTS / snapshot_dirname(step)
+    flat = np.asarray(load_npy(folder / "params.npy"))
+    state: dict[str, Any] = {}
+    for spec in manifest["model"]["parameters"]:
+        chunk = flat[spec["offset"] : spec["offset"] + spec["numel"]].reshape(spec["shape"])
+        state[spec["name"]] = torch.from_numpy(chunk.copy()).to(getattr(torch, spec["dtype"]))
+    dtypes = {spec["name"]: spec["dtype"] for spec in manifest["model"].get("buffers", [])}
+    for name, array in load_npz(folder / "buffers.npz").items():
+        tensor = torch.from_numpy(array.copy())
+        state[name] = tensor.to(getattr(torch, dtypes[name])) if name in dtypes else tensor
+    return state
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree if it exists (a snapshot a resumed run rewound)."""
     shutil.rmtree(path, ignore_errors=True)
