@@ -21,6 +21,7 @@ from .store import (
     EVENTS,
     METRICS,
     SNAPSHOTS,
+    SWITCHING,
     RunFormatError,
     TriangularRows,
     load_npy,
@@ -236,6 +237,56 @@ class Run:
         return load_npy(self._snapshot_file(index, f"ghost_{ghost:03d}.params.npy"), mmap=True)
 
     @functools.cached_property
+    def S(self) -> np.ndarray:  # noqa: N802
+        """eNTK kernel distance between snapshots, eq. (4); float64 (T, T), NaN where a kernel was not measured
+        (all NaN for runs without ``Probe(kernel=...)``)."""
+        return self._matrix("S")
+
+    @property
+    def has_kernels(self) -> bool:
+        """Whether any snapshot has an eNTK (runs with ``Probe(kernel=KernelConfig(...))``)."""
+        return any(s.get("kernel") for s in self.snapshots)
+
+    @functools.cached_property
+    def kernel_steps(self) -> np.ndarray:
+        """Steps of the snapshots that have a kernel (int64)."""
+        return np.array([s["step"] for s in self.snapshots if s.get("kernel")], dtype=np.int64)
+
+    def kernel(self, index: int) -> np.ndarray | None:
+        """H(θ_t) on the probe set at snapshot ``index`` (float64), or None if not measured there."""
+        if not self.snapshots[index].get("kernel"):
+            return None
+        return load_npy(self._snapshot_file(index, "kernel.npy"))
+
+    def kernel_distance_to(self, tau: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cone curve S(θ_t, θ_τ) of the paper's Fig. 5a: ``(steps t, values)`` over the snapshots with a
+        kernel. ``tau`` is a recorded step that has a kernel."""
+        j = self.index_of(tau)
+        if not self.snapshots[j].get("kernel"):
+            raise KeyError(f"step {tau} has no kernel; steps with kernels: {self.kernel_steps.tolist()[:10]}...")
+        have = np.array([bool(s.get("kernel")) for s in self.snapshots])
+        return self.steps[have], self.S[have, j]
+
+    def kernel_velocity(self, dt: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel velocity v(t) = S(θ_t, θ_{t+dt}) / dt (Fort et al. 2020; the paper's Fig. 5b without the /dt).
+
+        With ``dt``: over every pair of kernel snapshots exactly ``dt`` steps apart, returns ``(t, v)``. Without:
+        over consecutive kernel snapshots, ``(t, S(t_k, t_{k+1}) / (t_{k+1} − t_k))``.
+        """
+        have = np.flatnonzero([bool(s.get("kernel")) for s in self.snapshots])
+        steps, S = self.steps, self.S
+        if dt is None:
+            pairs = list(zip(have[:-1], have[1:]))
+        else:
+            if dt <= 0:
+                raise ValueError(f"dt must be a positive number of steps; got {dt}")
+            position = {int(steps[i]): i for i in have}
+            pairs = [(i, position[int(steps[i]) + dt]) for i in have if int(steps[i]) + dt in position]
+        t = np.array([steps[i] for i, _ in pairs], dtype=np.int64)
+        v = np.array([S[i, j] / (steps[j] - steps[i]) for i, j in pairs], dtype=np.float64)
+        return t, v
+
+    @functools.cached_property
     def B(self) -> np.ndarray:  # noqa: N802
         """Loss barrier between snapshots, eq. (5); float64 (T, T), NaN where not computed (see
         ``Probe(trajectory_barriers=k)`` and :func:`dynprobe.fill_barriers`); diagonal 0."""
@@ -249,6 +300,22 @@ class Run:
             if i is not None and j is not None:
                 matrix[i, j] = matrix[j, i] = record["value"]
         return matrix
+
+    @functools.cached_property
+    def switching(self) -> dict[str, np.ndarray] | None:
+        """Results of :func:`dynprobe.switching_experiment` (the paper's Fig. 6), or None if not run:
+        ``{"switch_step", "total_steps", "eval_loss", "eval_accuracy"}`` arrays sorted by switch step (the
+        latest record wins for a repeated switch step)."""
+        records = {r["switch_step"]: r for r in read_jsonl(self.path / SWITCHING / "results.jsonl")}
+        if not records:
+            return None
+        rows = [records[k] for k in sorted(records)]
+        return {
+            "switch_step": np.array([r["switch_step"] for r in rows], dtype=np.int64),
+            "total_steps": np.array([r["total_steps"] for r in rows], dtype=np.int64),
+            "eval_loss": np.array([r["eval_loss"] for r in rows], dtype=np.float64),
+            "eval_accuracy": np.array([r["eval_accuracy"] for r in rows], dtype=np.float64),
+        }
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""

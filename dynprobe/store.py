@@ -47,7 +47,7 @@ MANIFEST = "run.json"
 EVENTS = "events.jsonl"
 SNAPSHOTS = "snapshots"
 METRICS = "metrics"
-GHOSTS = "ghosts"
+SWITCHING = "switching"
 
 
 class RunFormatError(ValueError):
