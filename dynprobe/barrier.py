@@ -34,10 +34,9 @@ The user's forward hooks fire during these forwards, as for any call of the mode
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -47,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._modules import device_of, eval_mode, preserved_rng, rng_devices
+from .evaluation import default_output_fn, forward, index_inputs, inputs_to, no_autocast
+from .evaluation import num_examples as count_examples
 
 __all__ = ["BarrierResult", "loss_barrier"]
 
@@ -153,7 +154,7 @@ def loss_barrier(
         raise ValueError(f"reset_bn_batches must be a positive integer or None; got {reset_bn_batches!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    output_fn = output_fn or _default_logits
+    output_fn = output_fn or default_output_fn
     device = device_of(model)
 
     path = _Path.between(model, params_a, params_b)
@@ -170,7 +171,7 @@ def loss_barrier(
         num_examples = sum(int(targets.shape[0]) for _, targets in batches)
         evaluated = np.unique(np.concatenate([alpha_grid, [0.0, 1.0]]))
         sums = []
-        with torch.no_grad(), eval_mode(model), _autocast_off(device):
+        with torch.no_grad(), eval_mode(model), no_autocast(device):
             for alpha in evaluated.tolist():
                 state = path.at(alpha)
                 if norm_layers:
@@ -207,7 +208,7 @@ def _conventions(
         batchnorm = "interpolated running stats, no re-estimation"
     else:
         batchnorm = (
-            f"running stats re-estimated at every alpha on {sum(_count(b) for b in reset_batches)} examples in "
+            f"running stats re-estimated at every alpha on {sum(count_examples(b) for b in reset_batches)} examples in "
             f"{len(reset_batches)} batches (reset, cumulative average momentum=None, only norm layers in train "
             "mode, no_grad)"
         )
@@ -407,7 +408,7 @@ def _reestimate_running_stats(
             module.momentum = None  # cumulative average: every batch weighs the same
             module.training = True
         for inputs in batches:
-            _call(model, state, inputs)
+            forward(model, inputs, state)
     finally:
         for module, momentum, training in saved:
             module.momentum = momentum
@@ -428,7 +429,7 @@ def _metric_sum(
     """Σ over examples of the cross-entropy (or of the 0/1 error), float64, left on the device (no sync)."""
     total = None
     for inputs, targets in batches:
-        logits = output_fn(_call(model, state, inputs))
+        logits = output_fn(forward(model, inputs, state))
         _check_logits(logits, targets, targets_range)
         if metric == "loss":
             compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: CE in float32
@@ -438,26 +439,6 @@ def _metric_sum(
         total = part if total is None else total + part
     assert total is not None  # _labelled_batches rejects empty data
     return total
-
-
-def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Inputs) -> Any:
-    if isinstance(inputs, Mapping):
-        return torch.func.functional_call(model, state, (), dict(inputs))
-    return torch.func.functional_call(model, state, (inputs,))
-
-
-def _default_logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(
-        f"the model returned a {type(output).__name__}, not a tensor of logits (nor an object with .logits or "
-        "['logits']); pass output_fn= to select the (N, num_classes) logits, e.g. output_fn=lambda out: out[0]"
-    )
 
 
 def _check_logits(logits: Any, targets: torch.Tensor, targets_range: tuple[int, int]) -> None:
@@ -487,9 +468,9 @@ def _labelled_batches(
 ) -> tuple[list[tuple[Inputs, torch.Tensor]], tuple[int, int]]:
     if _is_labelled_pair(data):
         inputs, targets = data
-        _check_targets(targets, _count(inputs), "data")
+        _check_targets(targets, count_examples(inputs), "data")
         starts = range(0, targets.shape[0], batch_size)
-        pairs = [(_rows(inputs, s, batch_size), targets[s : s + batch_size]) for s in starts]
+        pairs = [(index_inputs(inputs, slice(s, s + batch_size)), targets[s : s + batch_size]) for s in starts]
     elif isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
         raise TypeError(
             "data must be (inputs, targets) — inputs a tensor or a mapping of tensors, targets (N,) class labels — "
@@ -504,21 +485,22 @@ def _labelled_batches(
                     f"each batch of data must be (inputs, targets, ...); batch {index} is a {type(batch).__name__}"
                 )
             targets = torch.as_tensor(batch[1])
-            _check_targets(targets, _count(batch[0]), f"data batch {index}")
+            _check_targets(targets, count_examples(batch[0]), f"data batch {index}")
             pairs.append((batch[0], targets))
     pairs = [(inputs, targets) for inputs, targets in pairs if targets.shape[0] > 0]
     if not pairs:
         raise ValueError("data is empty: the barrier needs at least one labelled example")
     all_targets = torch.cat([targets.reshape(-1).cpu() for _, targets in pairs])
     targets_range = (int(all_targets.min()), int(all_targets.max()))
-    return [(_to(inputs, device), targets.to(device).long()) for inputs, targets in pairs], targets_range
+    return [(inputs_to(inputs, device), targets.to(device).long()) for inputs, targets in pairs], targets_range
 
 
 def _input_batches(reset_bn: Any, batch_size: int, device: torch.device, limit: int | None) -> list[Inputs]:
-    if _is_labelled_pair(reset_bn) and reset_bn[1].dim() == 1 and reset_bn[1].shape[0] == _count(reset_bn[0]):
+    if _is_labelled_pair(reset_bn) and reset_bn[1].dim() == 1 and reset_bn[1].shape[0] == count_examples(reset_bn[0]):
         reset_bn = reset_bn[0]  # an (inputs, targets) pair: the targets play no part
     if isinstance(reset_bn, (torch.Tensor, Mapping)):
-        batches: Iterable = (_rows(reset_bn, s, batch_size) for s in range(0, _count(reset_bn), batch_size))
+        starts = range(0, count_examples(reset_bn), batch_size)
+        batches: Iterable = (index_inputs(reset_bn, slice(s, s + batch_size)) for s in starts)
     elif isinstance(reset_bn, Iterable):
         batches = reset_bn
     else:
@@ -535,8 +517,8 @@ def _input_batches(reset_bn: Any, batch_size: int, device: torch.device, limit: 
                 f"each reset_bn batch must be inputs or (inputs, targets, ...); batch {index} is a "
                 f"{type(batch).__name__}"
             )
-        if _count(batch) > 0:
-            chosen.append(_to(batch, device))
+        if count_examples(batch) > 0:
+            chosen.append(inputs_to(batch, device))
     if not chosen:
         raise ValueError("reset_bn holds no examples: give at least one batch of inputs")
     return chosen
@@ -550,39 +532,3 @@ def _check_targets(targets: Any, num_inputs: int, where: str) -> None:
         raise ValueError(f"{where}: targets must be integer class labels; got dtype {targets.dtype}")
     if targets.shape[0] != num_inputs:
         raise ValueError(f"{where}: {num_inputs} inputs but {targets.shape[0]} targets; they must match")
-
-
-def _count(inputs: Inputs) -> int:
-    """The number of examples: the first dimension (common to every batched tensor of a mapping)."""
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() == 0:
-            raise ValueError("inputs must have a batch dimension; got a 0-d tensor")
-        return int(inputs.shape[0])
-    sizes = {int(t.shape[0]) for t in inputs.values() if isinstance(t, torch.Tensor) and t.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"a mapping of inputs must hold batched tensors that agree on the number of examples; got sizes {sizes}"
-        )
-    return sizes.pop()
-
-
-def _rows(inputs: Inputs, start: int, size: int) -> Inputs:
-    if isinstance(inputs, torch.Tensor):
-        return inputs[start : start + size]
-    return {k: v[start : start + size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
-
-
-def _to(inputs: Inputs, device: torch.device) -> Inputs:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-@contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
-    # A barrier computed inside the user's autocast region must not depend on it.
-    if device.type in ("cpu", "cuda"):
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield
-    else:
-        yield

@@ -18,7 +18,10 @@ from torch import nn
 
 from ._modules import eval_mode, preserved_rng, rng_devices
 
-__all__ = ["EvalResult", "EvalSet", "Inputs", "default_output_fn", "evaluate", "forward", "index_inputs"]
+__all__ = [
+    "EvalResult", "EvalSet", "Inputs", "default_output_fn", "evaluate", "forward", "index_inputs", "inputs_to",
+    "no_autocast", "num_examples",
+]
 
 Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 OutputFn = Callable[[Any], torch.Tensor]
@@ -223,7 +226,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     num_classes = -1
-    with torch.no_grad(), eval_mode(model), preserved_rng(rng_devices(model)), _no_autocast(device):
+    with torch.no_grad(), eval_mode(model), preserved_rng(rng_devices(model)), no_autocast(device):
         for start in range(0, eval_set.n, batch_size):
             batch = inputs_to(index_inputs(eval_set.inputs, slice(start, start + batch_size)), device)
             targets = eval_set.targets[start : start + batch_size].to(device, non_blocking=True)
@@ -258,7 +261,9 @@ def check_logits(logits: Any, targets: torch.Tensor) -> None:
         )
 
 
-class _no_autocast:
+class no_autocast:
+    """Disable autocast on ``device``'s type for the block (evaluations run in the model's own dtypes)."""
+
     def __init__(self, device: torch.device) -> None:
         self.context = torch.autocast(device_type=device.type, enabled=False) if device.type in ("cpu", "cuda") else None
 
