@@ -9,6 +9,7 @@ from . import schedule
 from ._version import __version__
 from .barrier import BarrierResult, loss_barrier
 from .config import Ghosts, KernelConfig
+from .linear import LinearizedModel, linearize
 from .perturb import Perturbation, PerturbationReport
 from .probe import Probe, WatchedLoss
 from .run import Run, load_run
@@ -19,6 +20,7 @@ __all__ = [
     "BarrierResult",
     "Ghosts",
     "KernelConfig",
+    "LinearizedModel",
     "Perturbation",
     "PerturbationReport",
     "Probe",
@@ -27,6 +29,7 @@ __all__ = [
     "WatchedLoss",
     "__version__",
     "fill_barriers",
+    "linearize",
     "load_run",
     "loss_barrier",
     "schedule",
