@@ -28,15 +28,16 @@ from torch import nn
 from ._modules import device_of, eval_mode, preserved_rng, rng_devices, trainable_parameters
 from .capture import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, StepCapture
 from .checks import check_int, check_model, check_optimizer
-from .config import Ghosts
+from .config import Ghosts, KernelConfig
 from .evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
 from .ghosts import GhostSet
 from .hooks import CaptureHooks, GradEditDetector
+from .kernel_snapshots import KernelMeasure
 from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
 from .schedule import Schedule, as_schedule
 from .snapshot import SnapshotRecorder
 from .trajectory import TrajectoryBarriers
-from .writer import RunWriter
+from .writer import RunWriter, json_safe
 
 __all__ = ["Probe", "WatchedLoss"]
 
@@ -91,6 +92,8 @@ class Probe:
         out: the run directory. It must not exist yet, be empty, or (with ``resume=True``) hold a dynprobe run.
         schedule: when to snapshot: a :class:`dynprobe.schedule.Schedule`, an int k (every k steps) or a list
             of steps. Default: ``log_spaced(until=1000) | every(250)``.
+        kernel: a :class:`dynprobe.KernelConfig` to measure the eNTK H(θ_t) on a fixed probe set at snapshots
+            and the kernel distance S (eq. 4) between them (off by default).
         ghosts: a :class:`dynprobe.Ghosts` to run the chaos experiment (off by default).
         loss_from_output: for models that compute their own loss (Hugging Face style), instead of ``watch``:
             ``True`` (``output.loss``) or a function output → loss tensor. Needed by ghosts only.
@@ -127,6 +130,7 @@ class Probe:
         eval_data: Any,
         out: str | os.PathLike,
         schedule: Schedule | int | Iterable[int] | None = None,
+        kernel: KernelConfig | None = None,
         ghosts: Ghosts | None = None,
         loss_from_output: bool | Callable[[Any], torch.Tensor] | None = None,
         total_steps: int | None = None,
@@ -166,6 +170,8 @@ class Probe:
         self.total_steps = total_steps
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable (output -> logits); got {type(output_fn).__name__}")
+        if kernel is not None and not isinstance(kernel, KernelConfig):
+            raise TypeError(f"kernel must be a dynprobe.KernelConfig(...); got {type(kernel).__name__}")
         if ghosts is not None and not isinstance(ghosts, Ghosts):
             raise TypeError(f"ghosts must be a dynprobe.Ghosts(...) configuration; got {type(ghosts).__name__}")
         if loss_from_output is not None and loss_from_output is not True and not callable(loss_from_output):
@@ -181,13 +187,20 @@ class Probe:
 
         self.eval_set = EvalSet.from_user(eval_data, max_examples=eval_max, seed=seed)
         self.num_classes = self._check_model_output()
+        self._kernel = None
+        if kernel is not None:
+            self._kernel = KernelMeasure(kernel, model, self.eval_set, output_fn=self.output_fn, device=self.device)
 
         config = {"schedule": self.schedule.to_config(), "eval_max": eval_max, "eval_batch_size": eval_batch_size,
                   "total_steps": total_steps, "trajectory_barriers": trajectory_barriers,
                   "barrier_alphas": barrier_alphas,
                   "seed": seed, "snapshot_on_close": self.snapshot_on_close,
+                  "kernel": kernel.to_config() if kernel is not None else None,
                   "ghosts": ghosts.to_config() if ghosts is not None else None}
         conventions = {**CONVENTIONS, **(GHOST_CONVENTIONS if ghosts is not None else {})}
+        if self._kernel is not None:
+            conventions["S"] = "eq. (4): 1 - <H_i, H_j>_F / (‖H_i‖_F ‖H_j‖_F), float64"
+            conventions["kernel"] = json_safe(self._kernel.convention())
         manifest = build_manifest(model=model, named_params=self._named_params, optimizer=optimizer,
                                   eval_set=self.eval_set, num_classes=self.num_classes,
                                   storage_dtype=self.storage_dtype, device=self.device, config=config,
@@ -197,9 +210,12 @@ class Probe:
         self.step_count = self.writer.resume_from_step(resume_step) if self.writer.resumed else 0
         if not self.writer.resumed:
             self.writer.save_run_array("eval_indices", self.eval_set.indices.numpy())
+            if self._kernel is not None:
+                self.writer.save_run_array("kernel_probe_indices", self._kernel.indices.numpy())
         self._recorder = SnapshotRecorder(
             self.writer, model, self._params, self.eval_set, device=self.device, storage_dtype=self.storage_dtype,
             output_fn=self.output_fn, eval_batch_size=eval_batch_size, history_memory=history_memory,
+            kernel_fn=self._kernel_at if self._kernel is not None else None,
         )
         self._barriers = None
         if trajectory_barriers:
@@ -354,7 +370,8 @@ class Probe:
         main_state = {name: t.detach() for name, t in
                       list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
         if self._ghosts is not None:
-            self._ghosts.compare(data, None, main_state, len(self.writer.snapshots))
+            kernel_of = self._kernel.measure if self._kernel is not None else None
+            self._ghosts.compare(data, kernel_of, main_state, len(self.writer.snapshots))
         record = {
             "train_loss": self._pop_train_loss(),
             "lr": [group.get("lr") for group in self.optimizer.param_groups],
@@ -362,6 +379,10 @@ class Probe:
         self._recorder.commit(data, record)
         if self._barriers is not None:
             self._barriers.after_commit([s["step"] for s in self.writer.snapshots], main_state)
+
+    def _kernel_at(self, snapshot_index: int) -> torch.Tensor | None:
+        assert self._kernel is not None
+        return self._kernel.measure() if self._kernel.due(snapshot_index) else None
 
     def _pop_train_loss(self) -> float | None:
         if not self._recent_losses:

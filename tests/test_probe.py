@@ -34,7 +34,9 @@ def _run(setup, steps, *, probe_kwargs=None, tmp_path=None, criterion=None):
 @pytest.mark.parametrize("setup", [mlp_setup, cnn_setup], ids=["mlp-dropout-sgd-momentum-wd", "cnn-bn-adam-steplr"])
 def test_probe_leaves_training_bitwise_identical(setup, tmp_path):
     reference, flags_ref, rng_ref = _run(setup, 40)
-    probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2])},
+    probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2]),
+                                                       "kernel": dynprobe.KernelConfig(n=16),
+                                                       "trajectory_barriers": 1, "barrier_alphas": 3},
                               tmp_path=tmp_path)
     assert_bitwise_equal(state_of(reference), state_of(probed))
     assert torch.equal(rng_ref, rng), "the global RNG stream changed"
