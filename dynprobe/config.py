@@ -34,9 +34,10 @@ class Ghosts:
         scaler: the ``torch.amp.GradScaler`` your loop uses; each ghost gets its own copy of its state.
         loss_fn: the loss for ghosts when the probe cannot see it through ``probe.watch`` (explicit
             ``probe.step`` calls without a watched loss).
-        barrier: compute the loss barrier B (eq. 5) between main and ghost at snapshots (every
-            ``barrier_every``-th snapshot after the spawn), on the probe's eval set with ``barrier_alphas``
-            points on [0, 1].
+        barrier: compute the loss barrier B (eq. 5) between main and ghost, on the probe's eval set with
+            ``barrier_alphas`` points on [0, 1].
+        costly_every: the costly comparisons — B, and S when the probe measures kernels — are made at every
+            ``costly_every``-th snapshot of a ghost (its first included); C, L2 and D at every snapshot.
         lifetime: a ghost stops (status ``finished``) this many steps after its spawn; None: until the end.
         save_params: also store each ghost's flat parameters at every snapshot.
         divergence_ratio: a ghost whose ‖θ'‖ exceeds this multiple of the main ‖θ‖ (or whose loss or
@@ -56,7 +57,7 @@ class Ghosts:
     loss_fn: Callable[..., Any] | None = None
     barrier: bool = True
     barrier_alphas: int = 30
-    barrier_every: int = 1
+    costly_every: int = 1
     lifetime: int | None = None
     save_params: bool = False
     divergence_ratio: float = 1e3
@@ -84,8 +85,8 @@ class Ghosts:
             raise TypeError("Ghosts(loss_fn=) must be callable")
         if isinstance(self.barrier_alphas, bool) or not isinstance(self.barrier_alphas, int) or self.barrier_alphas < 2:
             raise ValueError(f"Ghosts(barrier_alphas=) must be an int >= 2; got {self.barrier_alphas!r}")
-        if isinstance(self.barrier_every, bool) or not isinstance(self.barrier_every, int) or self.barrier_every < 1:
-            raise ValueError(f"Ghosts(barrier_every=) must be an int >= 1; got {self.barrier_every!r}")
+        if isinstance(self.costly_every, bool) or not isinstance(self.costly_every, int) or self.costly_every < 1:
+            raise ValueError(f"Ghosts(costly_every=) must be an int >= 1; got {self.costly_every!r}")
         if self.lifetime is not None and (not isinstance(self.lifetime, int) or self.lifetime < 1):
             raise ValueError(f"Ghosts(lifetime=) must be a positive int or None; got {self.lifetime!r}")
         if not self.divergence_ratio > 1:
@@ -107,7 +108,7 @@ class Ghosts:
             "scaler": self.scaler is not None,
             "barrier": self.barrier,
             "barrier_alphas": self.barrier_alphas,
-            "barrier_every": self.barrier_every,
+            "costly_every": self.costly_every,
             "lifetime": self.lifetime,
             "save_params": self.save_params,
             "divergence_ratio": self.divergence_ratio,

@@ -324,10 +324,11 @@ class GhostSet:
             "eval_loss": evaluation.loss,
             "eval_accuracy": evaluation.accuracy,
         }
-        if kernel_of is not None and data.kernel is not None:
+        costly = ghost.comparisons % self.config.costly_every == 0
+        if costly and kernel_of is not None and data.kernel is not None:
             ghost_kernel = kernel_of(_state_of(ghost.model))
             record["S"] = metrics.kernel_distance(data.kernel, ghost_kernel)
-        if self.config.barrier and ghost.comparisons % self.config.barrier_every == 0:
+        if costly and self.config.barrier:
             from .barrier import loss_barrier
 
             result = loss_barrier(ghost.model, dict(main_state), _state_of(ghost.model),

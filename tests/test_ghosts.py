@@ -239,7 +239,7 @@ def test_a_diverging_ghost_is_marked_and_never_raises(tmp_path):
 
 
 def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
-    ghosts = Ghosts(at=[0, 6], perturbation=Perturbation(norm=1e-4), barrier_alphas=4, barrier_every=2)
+    ghosts = Ghosts(at=[0, 6], perturbation=Perturbation(norm=1e-4), barrier_alphas=4, costly_every=2)
     _, _, run, _ = _ghost_run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 3, 6, 9, 12]))
     assert [(g.spawn_step, g.control) for g in run.ghosts] == [(0, True), (0, False), (6, False)]
     assert all(g.status == "finished" for g in run.ghosts)
