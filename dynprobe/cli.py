@@ -47,8 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
     show = commands.add_parser("show", help="print a run's summary in the terminal",
-                               description="Print a run's summary: status, snapshots, losses, C/D extremes.")
+                               description="Print a run's summary: status, snapshots, losses, C/D extremes, the "
+                                           "phase-transition estimates and the cone numbers.")
     show.add_argument("run", type=Path, help="run directory")
+
+    report = commands.add_parser("report", help="write a self-contained HTML report of a run",
+                                 description="Write one self-contained HTML file (figures embedded, no network "
+                                             "needed) with the paper's figures for a run, and print its summary.")
+    report.add_argument("run", type=Path, help="run directory")
+    report.add_argument("-o", "--output", type=Path, default=None,
+                        help="output file (default: RUN/report.html)")
+    report.add_argument("--open", action="store_true", help="open the report in a web browser")
+    report.add_argument("--log-steps", action="store_true", help="log-scale step axes (default: linear)")
+
+    compare = commands.add_parser("compare", help="write a side-by-side HTML report of two runs",
+                                  description="Write one HTML file comparing two runs side by side (e.g. two "
+                                              "architectures or learning rates), and print a comparison table.")
+    compare.add_argument("run_a", type=Path, help="first run directory")
+    compare.add_argument("run_b", type=Path, help="second run directory")
+    compare.add_argument("-o", "--output", type=Path, default=None,
+                         help="output file (default: compare-A-vs-B.html in the current directory)")
+    compare.add_argument("--open", action="store_true", help="open the report in a web browser")
+    compare.add_argument("--log-steps", action="store_true", help="log-scale step axes (default: linear)")
     return parser
 
 
@@ -62,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args, console)
         if args.command == "show":
             return _show(args, console)
+        if args.command == "report":
+            return _report(args, console, errors)
+        if args.command == "compare":
+            return _compare(args, console, errors)
     except RunFormatError as error:
         errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
         return EXIT_BAD_RUN
@@ -93,6 +117,81 @@ def _show(args: argparse.Namespace, console: Console) -> int:
 
     render_summary(load_run(args.run), console)
     return EXIT_OK
+
+
+class _LazyProgress:
+    """A rich progress bar on stderr that appears only once the work has taken more than ``delay`` seconds."""
+
+    def __init__(self, errors: Console, total: int, delay: float = 1.0) -> None:
+        import time
+
+        self._clock, self._started = time.perf_counter, time.perf_counter()
+        self.errors, self.total, self.delay = errors, total, delay
+        self.progress = None
+        self.task = None
+        self.done = 0
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if self.progress is None and self._clock() - self._started > self.delay:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("report: {task.description:<20}"), BarColumn(), TimeElapsedColumn(),
+                                     console=self.errors, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(label, total=self.total)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(self.done, self.total), description=label)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _write_report(build, output: Path, args: argparse.Namespace, console: Console, errors: Console,
+                  steps: int) -> int:
+    from .report.html import check_writable, write_html
+
+    check_writable(output)
+    progress = _LazyProgress(errors, total=steps)
+    try:
+        text = build(progress)
+    finally:
+        progress.close()
+    path = write_html(output, text)
+    console.print(f"Report written to [bold]{path}[/bold] ({len(text) / 1e6:.1f} MB)", highlight=False)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from .analysis import analyze
+    from .report.html import build_report
+    from .report.summary import render_summary
+    from .run import load_run
+
+    run = load_run(args.run)
+    result = analyze(run)  # validates the run's arrays before anything is written
+    render_summary(run, console, result)
+    output = args.output if args.output is not None else run.path / "report.html"
+    return _write_report(lambda tick: build_report(run, log_steps=args.log_steps, tick=tick, result=result), output,
+                         args, console, errors, steps=17)
+
+
+def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from .analysis import analyze
+    from .report.html import build_comparison
+    from .report.summary import comparison_table
+    from .run import load_run
+
+    runs = [load_run(args.run_a), load_run(args.run_b)]
+    console.print(comparison_table(runs, [analyze(run) for run in runs]))
+    output = args.output if args.output is not None else Path(f"compare-{runs[0].name}-vs-{runs[1].name}.html")
+    return _write_report(lambda tick: build_comparison(*runs, log_steps=args.log_steps, tick=tick), output, args,
+                         console, errors, steps=30)
 
 
 if __name__ == "__main__":  # pragma: no cover
