@@ -15,11 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from .config import Ghosts, KernelConfig
+from .perturb import Perturbation
 from .probe import Probe
 from .recipes.mnist1d import Conv1dNet, load_mnist1d
-from .schedule import Schedule, log_spaced, every
+from .schedule import Schedule, every, log_spaced
 
-__all__ = ["DemoConfig", "demo_schedule", "run_demo", "unused_run_dir"]
+__all__ = ["DemoConfig", "demo_ghost_steps", "demo_schedule", "run_demo", "unused_run_dir"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,35 @@ class DemoConfig:
     momentum: float = 0.9
     batch_size: int = 128
     num_samples: int = 5000
+    ghosts: int = 5
+    kernel_n: int = 96
     threads: int | None = None
 
 
 def demo_schedule(steps: int) -> Schedule:
-    """Dense log-spaced snapshots for the first 300 steps, then every 50 (≈ 50 snapshots for 1,500 steps)."""
-    return log_spaced(min(300, steps), per_decade=12) | every(50)
+    """Dense log-spaced snapshots for the first 300 steps, then every 100 (35 snapshots for 1,500 steps)."""
+    return log_spaced(min(300, steps), per_decade=8) | every(100)
+
+
+def demo_ghost_steps(steps: int, count: int) -> list[int]:
+    """``count`` spawn steps: 0, then log-spaced from 25 to about half the run, rounded to round numbers —
+    0, 25, 80, 250, 800 for the defaults (1,500 steps, 5 ghosts): both sides of the transition."""
+    if count <= 0:
+        return []
+    if count == 1:
+        return [0]
+    last = max(25.0, 0.53 * steps)
+    raw = [25 * (last / 25) ** (i / max(1, count - 2)) for i in range(count - 1)]
+    return sorted({0} | {min(_round_number(t), steps) for t in raw})
+
+
+def _round_number(value: float) -> int:
+    """The closest of 1, 2, 2.5, 3, 4, 5, 6, 8 × 10^k (in log distance)."""
+    import math
+
+    exponent = math.floor(math.log10(value))
+    candidates = [m * 10**e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 2, 2.5, 3, 4, 5, 6, 8)]
+    return int(round(min(candidates, key=lambda c: abs(math.log(c / value)))))
 
 
 def unused_run_dir(base: Path) -> Path:
@@ -71,8 +96,13 @@ def run_demo(config: DemoConfig = DemoConfig(), console: Console | None = None) 
     )
 
     # The two lines a user adds to their own loop:
+    ghost_steps = demo_ghost_steps(config.steps, config.ghosts)
+    ghosts = Ghosts(at=ghost_steps, perturbation=Perturbation(norm=1e-7, kind="l2"), control=True,
+                    barrier_alphas=11, costly_every=4) if ghost_steps else None
+    kernel = KernelConfig(n=config.kernel_n, seed=config.seed) if config.kernel_n else None
     probe = Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out,
-                  schedule=demo_schedule(config.steps), seed=config.seed)
+                  schedule=demo_schedule(config.steps), seed=config.seed, kernel=kernel, ghosts=ghosts,
+                  total_steps=config.steps)
     criterion = probe.watch(criterion)
 
     generator = torch.Generator().manual_seed(config.seed)

@@ -28,7 +28,9 @@ from torch import nn
 from ._modules import device_of, eval_mode, preserved_rng, rng_devices, trainable_parameters
 from .capture import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, StepCapture
 from .checks import check_int, check_model, check_optimizer
+from ._estimate import TransitionEstimate
 from .config import Ghosts, KernelConfig
+from .detector import TransitionDetector
 from .evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
 from .ghosts import GhostSet
 from .hooks import CaptureHooks, GradEditDetector
@@ -114,6 +116,11 @@ class Probe:
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out``.
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
+        on_transition: called once, with a :class:`dynprobe.analysis.TransitionEstimate`, when the online
+            estimate of the chaotic-to-stable transition becomes confident (kernel velocity and parameter
+            direction-change rate have dropped and stayed low; see :class:`dynprobe.detector.TransitionDetector`)
+            — e.g. to start weight averaging. The estimate is recorded in the run's events either way. The
+            callback runs after the optimizer step, outside the probe's error guard: its exceptions are yours.
         errors: ``"warn"`` (default): an internal error during training is recorded in the run, warned about,
             and the probe detaches itself so the user's training goes on; ``"raise"``: re-raise it.
 
@@ -144,6 +151,7 @@ class Probe:
         barrier_alphas: int = 30,
         history_memory: int = 512 * 2**20,
         snapshot_on_close: bool = True,
+        on_transition: Callable[[TransitionEstimate], None] | None = None,
         errors: str = "warn",
     ) -> None:
         self._busy = True  # hooks ignore everything until the probe is fully attached
@@ -152,6 +160,9 @@ class Probe:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer, model)
         self.schedule = as_schedule(schedule)
+        if ghosts is not None and isinstance(ghosts, Ghosts):
+            # A ghost is compared with the main run from its spawn on: snapshot at every spawn step too.
+            self.schedule = self.schedule | ghosts.at
         check_int("eval_max", eval_max)
         check_int("eval_batch_size", eval_batch_size)
         check_int("history_memory", history_memory, minimum=0)
@@ -170,6 +181,8 @@ class Probe:
         self.total_steps = total_steps
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable (output -> logits); got {type(output_fn).__name__}")
+        if on_transition is not None and not callable(on_transition):
+            raise TypeError(f"on_transition must be callable (estimate -> None); got {type(on_transition).__name__}")
         if kernel is not None and not isinstance(kernel, KernelConfig):
             raise TypeError(f"kernel must be a dynprobe.KernelConfig(...); got {type(kernel).__name__}")
         if ghosts is not None and not isinstance(ghosts, Ghosts):
@@ -222,6 +235,12 @@ class Probe:
             self._barriers = TrajectoryBarriers(self.out, self.writer.manifest, model, self.eval_set,
                                                 per_snapshot=trajectory_barriers, alphas=barrier_alphas,
                                                 output_fn=self.output_fn, batch_size=max(eval_batch_size, 256))
+        self.on_transition = on_transition
+        self._detector = TransitionDetector()
+        self._transition: TransitionEstimate | None = None
+        self._transition_pending = False
+        if self.writer.resumed:
+            self._replay_detector()
         self._recent_losses: list[torch.Tensor] = []
         self._explicit = False
         self._hook_steps = 0
@@ -296,6 +315,7 @@ class Probe:
                 handle.remove()
             self._handles.clear()
         self._run_guarded(lambda: self._explicit_step(inputs, targets))
+        self._notify_transition()
 
     def close(self) -> None:
         """Finish the run: final snapshot (if ``snapshot_on_close``), full matrices, status. Idempotent; also
@@ -322,6 +342,7 @@ class Probe:
         self._hook_steps += 1
         self.step_count += 1
         self._run_guarded(self._after_step_work)
+        self._notify_transition()
 
     def _after_step_work(self) -> None:
         if self._ghosts is not None and self._capture is not None:
@@ -377,8 +398,48 @@ class Probe:
             "lr": [group.get("lr") for group in self.optimizer.param_groups],
         }
         self._recorder.commit(data, record)
+        self._update_detector(data.step)
         if self._barriers is not None:
             self._barriers.after_commit([s["step"] for s in self.writer.snapshots], main_state)
+
+    def _update_detector(self, step: int) -> None:
+        rows = self._recorder.last_rows
+        estimate = self._detector.update(step, rows["C"], rows.get("S"))
+        if estimate is not None:
+            self._announce(estimate)
+
+    def _announce(self, estimate: TransitionEstimate) -> None:
+        if self._transition is None:
+            self._transition = estimate
+            self._transition_pending = True
+            self.writer.event("transition", step=estimate.step, estimate=estimate.to_dict())
+
+    def _replay_detector(self) -> None:
+        """A resumed run: feed the committed rows to the detector again; announce only what was not announced."""
+        from .run import load_run
+
+        run = load_run(self.out)
+        C, S = run.C, run.S if run.has_kernels else None
+        for k, step in enumerate(run.steps):
+            self._detector.update(int(step), C[k, : k + 1], None if S is None else S[k, : k + 1])
+        announced = [e for e in run.events if e.get("event") == "transition"]
+        if announced:  # the callback already ran in the interrupted process: never again
+            recorded = dict(announced[-1]["estimate"])
+            recorded["interval"] = tuple(recorded["interval"]) if recorded.get("interval") else None
+            self._transition = self._detector.estimate or TransitionEstimate(**recorded)
+        elif self._detector.estimate is not None:
+            self._announce(self._detector.estimate)
+
+    def _notify_transition(self) -> None:
+        if self._transition_pending and self._transition is not None:
+            self._transition_pending = False
+            if self.on_transition is not None:
+                self.on_transition(self._transition)
+
+    @property
+    def transition(self) -> TransitionEstimate | None:
+        """The online transition estimate, once the detector is confident (None before)."""
+        return self._transition
 
     def _kernel_at(self, snapshot_index: int) -> torch.Tensor | None:
         assert self._kernel is not None

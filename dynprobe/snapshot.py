@@ -92,6 +92,7 @@ class SnapshotRecorder:
         if kernel_fn is not None:
             specs.append(("S", metrics.kernel_distance_to_many))
         self.matrices: dict[str, PairwiseMatrix] = {}
+        self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit
         for name, row_function in specs:
             path = writer.metrics_path(f"{name}.rows")
             if writer.resumed:
@@ -135,6 +136,7 @@ class SnapshotRecorder:
         }
         if "S" in self.matrices:
             rows["S"] = self.matrices["S"].update(None if data.kernel is None else data.kernel.reshape(-1))
+        self.last_rows = rows
         full = {
             "step": step,
             "eval_loss": data.evaluation.loss,

@@ -128,9 +128,19 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line and flush it to the OS (survives a kill of this process)."""
-    line = json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
+    """Append one JSON line and flush it to the OS (survives a kill of this process).
+
+    A torn last line left by an earlier kill is cut first, so it never ends up in the middle of the file.
+    """
+    line = (json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n").encode()
+    with open(path, "a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                handle.close()
+                truncate_torn_tail(path)
+                return append_jsonl(path, record)
         handle.write(line)
         handle.flush()
 
@@ -153,6 +163,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise RunFormatError(f"{path}: line {number + 1} is not valid JSON ({error})") from error
     return records
+
+
+def truncate_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file after its last complete line (a resuming writer must not append after a torn one)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
 
 
 def rewrite_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:

@@ -115,6 +115,7 @@ class RunWriter:
         old = read_manifest(self.root)
         _check_same_model(old, manifest, self.root)
         self.resumed = True
+        store.truncate_torn_tail(self.root / EVENTS)
         events = read_jsonl(self.root / EVENTS)
         snapshots = _committed_snapshots(events, self.root)
         if resume_step is not None and snapshots and snapshots[-1]["step"] > resume_step:

@@ -108,6 +108,8 @@ def test_sigkill_mid_snapshot_keeps_every_earlier_snapshot(tmp_path, where):
                            schedule=2, errors="raise")
     assert probe.global_step == 12
     probe.close()
+    resumed = dynprobe.load_run(out)  # every line readable again after the resume appended to the log
+    assert list(resumed.steps) == list(range(0, 14, 2)) and resumed.status == "closed"
 
 
 def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):

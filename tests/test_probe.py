@@ -354,3 +354,34 @@ def test_existing_non_run_directory_is_rejected(tmp_path):
 def test_bad_options_are_rejected(tmp_path, argument, value):
     with pytest.raises(ValueError, match=argument):
         _probe(tmp_path, **{argument: value})
+
+
+def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_path):
+    from dynprobe.recipes.mnist1d import Conv1dNet, load_mnist1d
+
+    data = load_mnist1d(1200)
+    torch.manual_seed(0)
+    model = Conv1dNet(width=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.log_spaced(100, per_decade=6) | schedule.every(20),
+                           on_transition=calls.append, errors="raise")
+    criterion = probe.watch(nn.CrossEntropyLoss())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        index = torch.randint(0, data.x_train.shape[0], (64,), generator=generator)
+        loss = criterion(model(data.x_train[index]), data.y_train[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    probe.close()
+    events = [e for e in dynprobe.load_run(tmp_path / "r").events if e["event"] == "transition"]
+    assert len(calls) == 1 and len(events) == 1
+    assert calls[0].step == events[0]["estimate"]["step"] == probe.transition.step
+    assert 0 < calls[0].step < 300
+
+
+def test_on_transition_must_be_callable(tmp_path):
+    with pytest.raises(TypeError, match="on_transition"):
+        _probe(tmp_path, on_transition="later")

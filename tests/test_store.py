@@ -84,3 +84,12 @@ def test_read_manifest_errors(tmp_path):
     (tmp_path / "run.json").write_text('{"something": "else"}')
     with pytest.raises(RunFormatError, match="not a dynprobe run manifest"):
         store.read_manifest(tmp_path)
+
+
+def test_appending_after_a_torn_line_cuts_it_first(tmp_path):
+    path = tmp_path / "e.jsonl"
+    store.append_jsonl(path, {"a": 1})
+    with open(path, "a") as handle:
+        handle.write('{"torn": ')
+    store.append_jsonl(path, {"b": 2})
+    assert store.read_jsonl(path) == [{"a": 1}, {"b": 2}]
