@@ -37,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    demo = commands.add_parser("demo", help="train a small CNN on MNIST-1D with a probe attached (CPU, minutes)",
-                               description="Train a 1-D CNN on MNIST-1D (generated offline) with a probe attached, "
-                                           "then print the run's summary.")
+    demo = commands.add_parser("demo", help="the chaos and cone effects on MNIST-1D in about two minutes (CPU)",
+                               description="Train a 1-D CNN with BatchNorm on MNIST-1D (generated offline) with a "
+                                           "probe attached — ghosts spawned at log-spaced steps plus an ε=0 "
+                                           "control, the eNTK on a probe subset, loss barriers — then print the "
+                                           "summary and write RUN/report.html.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="run directory (default: runs/demo, or runs/demo-2, … if taken)")
     demo.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps (default: 1500)")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default: 0)")
+    demo.add_argument("--ghosts", type=int, default=5,
+                      help="perturbed ghosts, spawned log-spaced from step 0 (default: 5; 0 turns ghosts off)")
+    demo.add_argument("--kernel-n", type=int, default=96,
+                      help="eNTK probe-set size (default: 96; 0 turns the eNTK off)")
+    demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    demo.add_argument("--open", action="store_true", help="open the HTML report in a web browser")
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
     show = commands.add_parser("show", help="print a run's summary in the terminal",
@@ -79,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True, soft_wrap=True)
     try:
         if args.command == "demo":
-            return _demo(args, console)
+            return _demo(args, console, errors)
         if args.command == "show":
             return _show(args, console)
         if args.command == "report":
@@ -96,18 +104,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _demo(args: argparse.Namespace, console: Console) -> int:
+def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    import time
+
+    from .analysis import analyze
     from .demo import DemoConfig, run_demo
+    from .report.html import build_report
     from .report.summary import render_summary
     from .run import load_run
 
+    started = time.perf_counter()
+    config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts, kernel_n=args.kernel_n,
+                        threads=args.threads)
     try:
-        out = run_demo(DemoConfig(out=args.out, steps=args.steps, seed=args.seed, threads=args.threads), console)
+        out = run_demo(config, console)
     except ImportError as error:
-        console.print(f"[red]error:[/red] {error}")
+        errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
         return EXIT_ERROR
-    render_summary(load_run(out), console)
-    console.print(f"\nRun directory: [bold]{out}[/bold] — load it with dynprobe.load_run({str(out)!r})")
+    run = load_run(out)
+    result = analyze(run)
+    render_summary(run, console, result)
+    if not args.no_report:
+        _write_report(lambda tick: build_report(run, tick=tick, result=result), run.path / "report.html", args,
+                      console, errors, steps=17)
+    console.print(f"\nRun directory: [bold]{out}[/bold] — load it with dynprobe.load_run({str(out)!r}); "
+                  f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
     return EXIT_OK
 
 

@@ -47,14 +47,17 @@ def test_help_works_for_every_command():
 
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     threads = torch.get_num_threads()
-    assert main(["demo", "--steps", "30", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--steps", "40", "--ghosts", "2", "--kernel-n", "16", "--out", str(tmp_path / "demo")]) == 0
     torch.set_num_threads(threads)
     run = dynprobe.load_run(tmp_path / "demo")
-    assert run.steps[-1] == 30 and run.status == "closed"
+    assert run.steps[-1] == 40 and run.status == "closed"
+    assert [g.spawn_step for g in run.ghosts] == [0, 0, 25] and run.has_kernels
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000
     assert "Run directory" in capsys.readouterr().out
 
 
 def test_demo_never_overwrites_an_existing_run(tmp_path):
-    assert main(["demo", "--steps", "5", "--out", str(tmp_path / "demo")]) == 0
-    assert main(["demo", "--steps", "5", "--out", str(tmp_path / "demo")]) == 0
+    quick = ["demo", "--steps", "5", "--ghosts", "0", "--kernel-n", "0", "--no-report", "--out", str(tmp_path / "demo")]
+    assert main(quick) == 0
+    assert main(quick) == 0
     assert dynprobe.load_run(tmp_path / "demo-2").steps[-1] == 5
