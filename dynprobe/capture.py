@@ -30,6 +30,7 @@ __all__ = [
     "OutputPath",
     "RngState",
     "StepCapture",
+    "micro_batch_loss",
     "replay_micro_batch",
 ]
 
@@ -292,6 +293,34 @@ def ghost_loss_arguments(loss: LossCall, ghost_output: Any) -> tuple[tuple[Any, 
     return args, kwargs
 
 
+def micro_batch_loss(
+    run_model: Callable[..., Any],
+    micro: MicroBatch,
+    *,
+    loss_fn: Callable[..., torch.Tensor] | None,
+    loss_from_output: Callable[[Any], torch.Tensor] | None,
+) -> torch.Tensor:
+    """The loss of one captured micro-batch for a replica: ``run_model(*args, **kwargs)`` under the recorded
+    autocast state, then the watched loss (under its own recorded autocast state) with the replica's output in
+    place of the main one, or ``loss_from_output(output)``. Does not touch the RNG and does not backpropagate.
+
+    Shared by the sequential ghosts (``run_model`` is the ghost module) and the vectorized stack (``run_model``
+    is a ``functional_call`` inside ``vmap``, where every tensor here is one replica's slice).
+    """
+    forward = micro.forward
+    with forward.autocast.entered():
+        output = run_model(*forward.args, **forward.kwargs)
+    if micro.loss is not None:
+        if loss_fn is None:
+            raise ValueError("a captured micro-batch needs the watched loss function to be replayed")
+        args, kwargs = ghost_loss_arguments(micro.loss, output)
+        with micro.loss.autocast.entered():
+            return loss_fn(*args, **kwargs)
+    if loss_from_output is None:
+        raise ValueError("a micro-batch captured from the output's loss needs loss_from_output to be replayed")
+    return loss_from_output(output)
+
+
 def replay_micro_batch(
     model: nn.Module,
     micro: MicroBatch,
@@ -302,21 +331,12 @@ def replay_micro_batch(
 ) -> torch.Tensor:
     """Forward and backward one captured micro-batch on ``model`` (a ghost); returns the detached loss.
 
+    Sets the recorded RNG state, computes :func:`micro_batch_loss` and backpropagates the recorded dL/dloss.
     With ``scale_loss`` (a ghost's own ``GradScaler.scale``), the main scale is divided out of the recorded
     dL/dloss and the ghost's scale applied instead; scales are powers of two, so this is exact.
     """
-    forward = micro.forward
-    forward.rng.restore()
-    with forward.autocast.entered():
-        output = model(*forward.args, **forward.kwargs)
-    if micro.loss is not None:
-        assert loss_fn is not None
-        args, kwargs = ghost_loss_arguments(micro.loss, output)
-        with micro.loss.autocast.entered():
-            loss = loss_fn(*args, **kwargs)
-    else:
-        assert loss_from_output is not None
-        loss = loss_from_output(output)
+    micro.forward.rng.restore()
+    loss = micro_batch_loss(model, micro, loss_fn=loss_fn, loss_from_output=loss_from_output)
     grad = micro.grad
     if scale_loss is not None and micro.scale:
         scale_loss(loss).backward(grad / micro.scale)

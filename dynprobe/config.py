@@ -45,7 +45,11 @@ class Ghosts:
         vectorize: ``False``: sequential deep copies, compared with the main model itself (bit-exact
             reference). ``True``: the ghosts train as one ``torch.func.vmap`` stack that also holds an ε = 0
             shadow of the main run, and are compared with that shadow (vmapped kernels can differ from plain ones
-            in the last bits). ``"auto"`` (default): vectorize only when it is measured to be faster.
+            in the last bits); a model that cannot run under vmap, or a ``scaler``, is an error here.
+            ``"auto"`` (default): sequential unless a timed trial step of both paths shows the stack clearly
+            faster (measured at the first step with ghosts, and again whenever twice as many are live); GradScaler,
+            undeclared gradient edits and non-elementwise optimizers stay sequential. The choice is recorded
+            (``ghost_mode`` events and manifest entry).
     """
 
     at: Any = (0, 100, 1000)

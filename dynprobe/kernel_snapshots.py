@@ -23,7 +23,7 @@ class KernelMeasure:
     """``measure(params=None) -> H`` on the run's probe set; ``due(index)`` says whether snapshot ``index`` has one."""
 
     def __init__(self, config: KernelConfig, model: nn.Module, eval_set: EvalSet, *,
-                 output_fn: Callable[[Any], torch.Tensor], device: torch.device) -> None:
+                 output_fn: Callable[[Any], torch.Tensor], device: torch.device, distributed: Any = None) -> None:
         if config.n > eval_set.n:
             raise ValueError(
                 f"KernelConfig(n={config.n}) asks for more probe examples than the eval set holds ({eval_set.n}); "
@@ -38,11 +38,22 @@ class KernelMeasure:
             # Held-out, un-augmented eval inputs: deterministic, and the same at every snapshot.
             bn_batches = [inputs_to(index_inputs(eval_set.inputs, slice(s, s + 256)), device)
                           for s in range(0, eval_set.n, 256)]
-        self.engine = NTKEngine(
-            model, inputs, mode=config.mode, class_index=config.class_index,
-            targets=targets if config.mode == "true_class" else None, bn=config.bn, bn_batches=bn_batches,
-            output_fn=output_fn, max_memory=config.max_memory,
-        )
+
+        def make_engine(wrt: list[str] | None = None) -> NTKEngine:
+            return NTKEngine(
+                model, inputs, mode=config.mode, class_index=config.class_index,
+                targets=targets if config.mode == "true_class" else None, bn=config.bn, bn_batches=bn_batches,
+                output_fn=output_fn, max_memory=config.max_memory, wrt=wrt,
+            )
+
+        # Under torch.distributed (a dynprobe.distributed.DistributedRun), each rank differentiates a share of the
+        # parameters and the partial kernels are summed across ranks (dynprobe.distributed.ShardedKernel).
+        if distributed is None:
+            self.engine = make_engine()
+        else:
+            from .distributed import ShardedKernel
+
+            self.engine = ShardedKernel(distributed, model, make_engine)
 
     def due(self, snapshot_index: int) -> bool:
         return snapshot_index % self.config.every == 0

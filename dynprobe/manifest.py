@@ -14,7 +14,7 @@ from ._version import __version__
 from .evaluation import EvalSet
 from .writer import json_safe
 
-__all__ = ["CONVENTIONS", "build_manifest", "eval_fingerprint"]
+__all__ = ["CONVENTIONS", "GHOST_CONVENTIONS", "GHOST_MODE_CONVENTIONS", "build_manifest", "eval_fingerprint"]
 
 CONVENTIONS: dict[str, str] = {
     "step": "optimizer steps taken so far; step 0 is the initialization",
@@ -26,7 +26,8 @@ CONVENTIONS: dict[str, str] = {
 }
 
 GHOST_CONVENTIONS: dict[str, str] = {
-    "ghosts": "sequential deep copies compared with the main model itself (not a vmapped shadow)",
+    "ghosts": "reference of the chaos maps: set by the ghosts' mode (manifest ghost_mode, ghost_mode event), "
+              "decided when the ghosts first train; until then 'sequential': compared with the main model itself",
     "chaos_C": "1 - cos(θ_main(t1), θ_ghost(t1)), float64, parameters only",
     "chaos_L2": "‖θ_main(t1) - θ_ghost(t1)‖₂, float64",
     "chaos_D": "disagreement of eval predictions, main vs ghost, eval mode",
@@ -35,6 +36,20 @@ GHOST_CONVENTIONS: dict[str, str] = {
                "from θ_main; eval mode, no BN reset",
     "perturbation": "ghost i: θ' = θ + ε with seed = perturbation.seed + (index among perturbed ghosts); "
                     "realized_norm = ‖θ' - θ‖₂ after the float add",
+}
+
+# conventions["ghosts"] once the ghosts' mode is known (Ghosts(vectorize=...); see dynprobe._vectorized_ghosts).
+GHOST_MODE_CONVENTIONS: dict[str, str] = {
+    "sequential": "sequential deep copies, each compared with the main model itself (bit-exact reference: the ε=0 "
+                  "control stays bitwise equal to the main run)",
+    "vectorized": "one torch.func.vmap stack (randomness='same') that also holds an ε=0 shadow of the main run, "
+                  "copied from the main model when the stack is built (at a spawn step: see the ghost_mode events; "
+                  "before it, ghosts were sequential and compared with the main model itself, which the shadow "
+                  "then equals); every ghost spawned later is the shadow's state at its t0 plus ε, and every ghost "
+                  "is compared with the shadow, not with the main model "
+                  "(vmapped BatchNorm/LayerNorm/matmul kernels differ from plain ones in the last bits, so the "
+                  "shadow drifts from the main run: see the shadow_drift events); the ε=0 control is a second ε=0 "
+                  "row of the stack, bitwise equal to the shadow",
 }
 
 

@@ -31,6 +31,7 @@ from .checks import check_int, check_model, check_optimizer
 from ._estimate import TransitionEstimate
 from .config import Ghosts, KernelConfig
 from .detector import TransitionDetector
+from .distributed import DistributedRun, check_supported, open_run_writer, unwrap_model, warn_comm_hook
 from .evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
 from .ghosts import GhostSet
 from .hooks import CaptureHooks, GradEditDetector
@@ -39,7 +40,7 @@ from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
 from .schedule import Schedule, as_schedule
 from .snapshot import SnapshotRecorder
 from .trajectory import TrajectoryBarriers
-from .writer import RunWriter, json_safe
+from .writer import json_safe
 
 __all__ = ["Probe", "WatchedLoss"]
 
@@ -121,8 +122,17 @@ class Probe:
             direction-change rate have dropped and stayed low; see :class:`dynprobe.detector.TransitionDetector`)
             — e.g. to start weight averaging. The estimate is recorded in the run's events either way. The
             callback runs after the optimizer step, outside the probe's error guard: its exceptions are yours.
+        on_snapshot: called after each committed snapshot (step 0 included) with a dict: the snapshot's record
+            (``step``, ``eval_loss``, ``eval_accuracy``, ``train_loss``, ``lr``, ``C_prev``, ``D_prev``, ``S_prev``,
+            ...), ``rows`` (the new row M[k, 0..k] of each interval matrix, numpy), ``steps`` (every snapshot's
+            step), ``transition`` (the online estimate or None) and ``out``. For scalar exporters
+            (:mod:`dynprobe.exporters`); it runs inside the probe's error guard.
         errors: ``"warn"`` (default): an internal error during training is recorded in the run, warned about,
             and the probe detaches itself so the user's training goes on; ``"raise"``: re-raise it.
+
+    Under ``torch.distributed`` (DDP) build the probe on every rank with the ``DistributedDataParallel`` wrapper:
+    rank 0 writes ``out``, ghosts average their gradients across ranks, the eNTK is split over the ranks (see
+    :mod:`dynprobe.distributed`).
 
     The probe never changes training: it reads parameters, evaluates in eval mode under ``no_grad`` with the
     RNG state and every module's train/eval flag restored, runs ghosts under a forked RNG, and writes only to
@@ -152,11 +162,16 @@ class Probe:
         history_memory: int = 512 * 2**20,
         snapshot_on_close: bool = True,
         on_transition: Callable[[TransitionEstimate], None] | None = None,
+        on_snapshot: Callable[[dict[str, Any]], None] | None = None,
         errors: str = "warn",
     ) -> None:
         self._busy = True  # hooks ignore everything until the probe is fully attached
         self._closed = False
         self._handles: list[Any] = []
+        # torch.distributed (DDP): hooks on what the loop calls (the wrapper), everything else on the inner module.
+        self._dist = DistributedRun.detect(model)
+        self._hooked_model = model
+        model = unwrap_model(model)
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer, model)
         self.schedule = as_schedule(schedule)
@@ -183,6 +198,9 @@ class Probe:
             raise TypeError(f"output_fn must be callable (output -> logits); got {type(output_fn).__name__}")
         if on_transition is not None and not callable(on_transition):
             raise TypeError(f"on_transition must be callable (estimate -> None); got {type(on_transition).__name__}")
+        if on_snapshot is not None and not callable(on_snapshot):
+            raise TypeError(f"on_snapshot must be callable (dict -> None); got {type(on_snapshot).__name__}")
+        self.on_snapshot = on_snapshot
         if kernel is not None and not isinstance(kernel, KernelConfig):
             raise TypeError(f"kernel must be a dynprobe.KernelConfig(...); got {type(kernel).__name__}")
         if ghosts is not None and not isinstance(ghosts, Ghosts):
@@ -202,7 +220,8 @@ class Probe:
         self.num_classes = self._check_model_output()
         self._kernel = None
         if kernel is not None:
-            self._kernel = KernelMeasure(kernel, model, self.eval_set, output_fn=self.output_fn, device=self.device)
+            self._kernel = KernelMeasure(kernel, model, self.eval_set, output_fn=self.output_fn, device=self.device,
+                                         distributed=self._dist)
 
         config = {"schedule": self.schedule.to_config(), "eval_max": eval_max, "eval_batch_size": eval_batch_size,
                   "total_steps": total_steps, "trajectory_barriers": trajectory_barriers,
@@ -218,7 +237,8 @@ class Probe:
                                   eval_set=self.eval_set, num_classes=self.num_classes,
                                   storage_dtype=self.storage_dtype, device=self.device, config=config,
                                   conventions=conventions)
-        self.writer = RunWriter(out, manifest, resume=resume, resume_step=resume_step)
+        self.writer = open_run_writer(self._dist, out, manifest, params=self._params, resume=resume,
+                                      resume_step=resume_step, problems=check_supported(ghosts))
         self.out = self.writer.root
         self.step_count = self.writer.resume_from_step(resume_step) if self.writer.resumed else 0
         if not self.writer.resumed:
@@ -231,7 +251,7 @@ class Probe:
             kernel_fn=self._kernel_at if self._kernel is not None else None,
         )
         self._barriers = None
-        if trajectory_barriers:
+        if trajectory_barriers and (self._dist is None or self._dist.is_writer):
             self._barriers = TrajectoryBarriers(self.out, self.writer.manifest, model, self.eval_set,
                                                 per_snapshot=trajectory_barriers, alphas=barrier_alphas,
                                                 output_fn=self.output_fn, batch_size=max(eval_batch_size, 256))
@@ -260,15 +280,20 @@ class Probe:
             config, self.model, self.optimizer, self.writer, main_params=self._params, eval_set=self.eval_set,
             output_fn=self.output_fn, eval_batch_size=self._recorder.eval_batch_size, device=self.device,
             storage_dtype=self.storage_dtype, cuda_devices=self._cuda_devices, no_copy=[self],
-            raise_errors=self.errors == "raise",
+            raise_errors=self.errors == "raise", distributed=self._dist,
         )
         from_output = _output_loss if loss_from_output is True else loss_from_output
         self._ghosts.loss_from_output = from_output
         scale_fn = config.scaler.get_scale if config.scaler is not None else None
         self._capture = StepCapture(self._cuda_devices, scale_fn=scale_fn)
-        capture_hooks = CaptureHooks(self.model, self._capture, lambda: self._busy, loss_from_output=from_output)
-        detector = GradEditDetector(self._params, self.optimizer, lambda: self._ghosts.note_grad_edit(self.step_count))
-        self._handles += [capture_hooks, detector]
+        capture_hooks = CaptureHooks(self._hooked_model, self._capture, lambda: self._busy,
+                                     loss_from_output=from_output)
+        self._handles.append(capture_hooks)
+        if self._dist is None:  # DDP writes the averaged gradients back after backward: every step would look edited
+            detector = GradEditDetector(self._params, self.optimizer,
+                                        lambda: self._ghosts.note_grad_edit(self.step_count))
+            self._handles.append(detector)
+        warn_comm_hook(self._dist)
         if self.writer.resumed:
             warnings.warn("resuming a run with ghosts: ghosts alive at the interruption cannot be continued; ghosts "
                           "spawned at later steps will be", stacklevel=3)
@@ -387,6 +412,9 @@ class Probe:
         return bool(self.writer.snapshots) and self.writer.snapshots[-1]["step"] == step
 
     def _snapshot(self) -> None:
+        if self._dist is not None and not self._dist.is_writer:  # DDP: rank 0 records; this rank keeps in step
+            self._dist.follow_snapshot(self)
+            return
         data = self._recorder.measure(self.step_count)
         main_state = {name: t.detach() for name, t in
                       list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
@@ -397,8 +425,11 @@ class Probe:
             "train_loss": self._pop_train_loss(),
             "lr": [group.get("lr") for group in self.optimizer.param_groups],
         }
-        self._recorder.commit(data, record)
+        committed = self._recorder.commit(data, record)
         self._update_detector(data.step)
+        if self.on_snapshot is not None:
+            self.on_snapshot({**committed, "rows": self._recorder.last_rows, "out": self.out, "transition":
+                              self._transition, "steps": [s["step"] for s in self.writer.snapshots]})
         if self._barriers is not None:
             self._barriers.after_commit([s["step"] for s in self.writer.snapshots], main_state)
 
@@ -492,7 +523,8 @@ class Probe:
                 if unreached and status == "closed":
                     warnings.warn(f"dynprobe: ghost spawn steps {unreached} were never reached (the run ended at "
                                   f"step {self.step_count})", RuntimeWarning, stacklevel=3)
-            self._recorder.materialize()
+            if self._dist is None or self._dist.is_writer:
+                self._recorder.materialize()
         finally:
             fields: dict[str, Any] = {"status": status, "final_step": self.step_count}
             if reason:

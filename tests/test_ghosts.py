@@ -43,11 +43,18 @@ def _ghost_run(setup, steps, tmp_path, *, ghosts, criterion=None, train_kwargs=N
     return model, rng, dynprobe.load_run(tmp_path / "run"), probe
 
 
+@pytest.mark.parametrize("vectorize", [False, "auto"])
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_control_ghost_stays_bitwise_identical_for_200_steps(name, tmp_path):
-    ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True, barrier_alphas=5)
+def test_control_ghost_stays_bitwise_identical_for_200_steps(name, vectorize, tmp_path):
+    """Sequential: the control equals the main run. "auto" may choose either path; when it vectorizes, the
+    chaos maps' reference is the in-stack shadow, which the control must equal bitwise (test_ghost_stack.py)."""
+    ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True, barrier_alphas=5,
+                    vectorize=vectorize)
     model, rng, run, probe = _ghost_run(SETUPS[name], 200, tmp_path, ghosts=ghosts,
                                         schedule=schedule.at([0, 60, 100, 200]))
+    mode = [e for e in run.events if e["event"] == "ghost_mode"][-1]
+    assert mode["mode"] in (["sequential"] if vectorize is False else ["sequential", "vectorized"])
+    assert run.manifest["ghost_mode"]["mode"] == mode["mode"]
     control = [g for g in run.ghosts if g.control]
     assert len(control) == 1 and control[0].spawn_step == 0 and control[0].realized_norm == 0
     row = run.ghosts.index(control[0])
@@ -81,7 +88,7 @@ def test_ghost_equals_an_independent_rerun_from_the_perturbed_state(tmp_path):
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.at([steps]), errors="raise",
                            ghosts=Ghosts(at=[spawn], perturbation=perturbation, control=False, save_params=True,
-                                         barrier=False))
+                                         barrier=False, vectorize=False))
     criterion = probe.watch(nn.CrossEntropyLoss())
     batches, twin = [], {}
 
@@ -127,7 +134,8 @@ def test_gradient_accumulation_is_replayed(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=4)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(10), errors="raise",
-                           ghosts=Ghosts(at=[0], perturbation=Perturbation(norm=1e-6), barrier=False))
+                           ghosts=Ghosts(at=[0], perturbation=Perturbation(norm=1e-6), barrier=False,
+                                         vectorize=False))
     criterion = probe.watch(nn.CrossEntropyLoss())
     for _ in range(30):
         optimizer.zero_grad()
@@ -145,7 +153,8 @@ def test_bf16_autocast_is_replayed(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=5)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(10), errors="raise",
-                           ghosts=Ghosts(at=[0], perturbation=Perturbation(norm=1e-6), barrier=False))
+                           ghosts=Ghosts(at=[0], perturbation=Perturbation(norm=1e-6), barrier=False,
+                                         vectorize=False))
     criterion = probe.watch(nn.CrossEntropyLoss())
     for _ in range(20):
         index = torch.randint(0, data.x_train.shape[0], (16,))
@@ -174,7 +183,7 @@ def test_declared_clipping_keeps_the_control_exact(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=6)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(10), errors="raise",
-                           ghosts=Ghosts(at=[0], clip_grad_norm=0.05, barrier=False))
+                           ghosts=Ghosts(at=[0], clip_grad_norm=0.05, barrier=False, vectorize=False))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _clipping_loop(probe, model, optimizer, data, 20, clip=0.05)
@@ -186,7 +195,7 @@ def test_declared_clipping_keeps_the_control_exact(tmp_path):
 def test_undeclared_clipping_is_detected_and_the_control_drift_recorded(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=6)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
-                           schedule=schedule.every(10), ghosts=Ghosts(at=[0], barrier=False))
+                           schedule=schedule.every(10), ghosts=Ghosts(at=[0], barrier=False, vectorize=False))
     with pytest.warns(RuntimeWarning) as caught:
         _clipping_loop(probe, model, optimizer, data, 20, clip=0.05)
         probe.close()
@@ -206,7 +215,7 @@ def test_grad_scaler_ghosts_follow_skipped_steps(tmp_path):
     scaler = scaler_cls("cpu", init_scale=2.0**40, growth_interval=3)  # huge initial scale: early steps overflow
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5), errors="raise",
-                           ghosts=Ghosts(at=[0], scaler=scaler, barrier=False))
+                           ghosts=Ghosts(at=[0], scaler=scaler, barrier=False, vectorize=False))
     criterion = probe.watch(nn.CrossEntropyLoss())
     main_steps = 0
     for _ in range(40):
@@ -256,7 +265,7 @@ def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
 
 def test_ghost_metrics_match_an_independent_computation(tmp_path):
     ghosts = Ghosts(at=[2], control=False, perturbation=Perturbation(norm=1e-2), save_params=True,
-                    barrier_alphas=7)
+                    barrier_alphas=7, vectorize=False)
     model, _, run, _ = _ghost_run(cnn_setup, 10, tmp_path, ghosts=ghosts, schedule=schedule.at([2, 10]))
     last = run.index_of(10)
     main, ghost = run.params(last).astype(np.float64), run.ghost_params(0, last).astype(np.float64)
@@ -271,7 +280,7 @@ def test_explicit_step_api_trains_ghosts_too(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=9)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5), errors="raise",
-                           ghosts=Ghosts(at=[0], barrier=False, loss_fn=nn.CrossEntropyLoss()))
+                           ghosts=Ghosts(at=[0], barrier=False, loss_fn=nn.CrossEntropyLoss(), vectorize=False))
     criterion = nn.CrossEntropyLoss()
     for _ in range(15):
         index = torch.randint(0, data.x_train.shape[0], (16,))
@@ -302,7 +311,7 @@ def test_models_computing_their_own_loss(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5), errors="raise", loss_from_output=True,
-                           ghosts=Ghosts(at=[0], barrier=False))
+                           ghosts=Ghosts(at=[0], barrier=False, vectorize=False))
     for _ in range(10):
         index = torch.randint(0, data.x_train.shape[0], (16,))
         out = model(data.x_train[index], labels=data.y_train[index])
