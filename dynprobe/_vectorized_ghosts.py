@@ -335,7 +335,8 @@ class VectorizedGhosts:
             shadow_state = {name: t.detach().clone() for name, t in
                             list(shadow.named_parameters()) + list(shadow.named_buffers()) if t is not None}
             kernel = None
-            costly = any(g.comparisons % owner.config.costly_every == 0 for g in ghosts)
+            costly = data.step == owner.final_step or any(g.comparisons % owner.config.costly_every == 0
+                                                              for g in ghosts)
             if kernel_of is not None and data.kernel is not None and costly:
                 kernel = kernel_of(shadow_state)
             self._record_shadow_drift(data, shadow_flat, shadow_eval.preds, shadow_state, main_state)

@@ -37,7 +37,8 @@ class Ghosts:
         barrier: compute the loss barrier B (eq. 5) between main and ghost, on the probe's eval set with
             ``barrier_alphas`` points on [0, 1].
         costly_every: the costly comparisons — B, and S when the probe measures kernels — are made at every
-            ``costly_every``-th snapshot of a ghost (its first included); C, L2 and D at every snapshot.
+            ``costly_every``-th snapshot of a ghost (its first included) and at the probe's ``total_steps`` when
+            given (so the chaos maps' last column is complete); C, L2 and D at every snapshot.
         lifetime: a ghost stops (status ``finished``) this many steps after its spawn; None: until the end.
         save_params: also store each ghost's flat parameters at every snapshot.
         divergence_ratio: a ghost whose ‖θ'‖ exceeds this multiple of the main ‖θ‖ (or whose loss or

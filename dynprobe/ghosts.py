@@ -130,6 +130,9 @@ class GhostSet:
         self._warned: set[str] = set()
         self._first_spawn = None
         self.grad_edit_detected = False
+        # The run's planned last step (Probe(total_steps=)): costly comparisons are made there whatever the
+        # costly_every cadence, so the chaos maps' final column is complete.
+        self.final_step: int | None = None
         clone_for_ghost(model, optimizer, self._memo)  # fail at construction if the model/optimizer can't be cloned
         # Ghosts(vectorize=True/"auto"): the vectorized mode lives in dynprobe._vectorized_ghosts; the branches
         # below marked "vectorized" hand over to it, and everything else here is the sequential path.
@@ -364,7 +367,7 @@ class GhostSet:
             "eval_loss": evaluation.loss,
             "eval_accuracy": evaluation.accuracy,
         }
-        costly = ghost.comparisons % self.config.costly_every == 0
+        costly = ghost.comparisons % self.config.costly_every == 0 or data.step == self.final_step
         if costly and kernel_of is not None and data.kernel is not None:
             ghost_kernel = kernel_of(_state_of(ghost.model))
             record["S"] = metrics.kernel_distance(data.kernel, ghost_kernel)

@@ -282,6 +282,7 @@ class Probe:
             storage_dtype=self.storage_dtype, cuda_devices=self._cuda_devices, no_copy=[self],
             raise_errors=self.errors == "raise", distributed=self._dist,
         )
+        self._ghosts.final_step = self.total_steps  # B and S are always measured at the last step
         from_output = _output_loss if loss_from_output is True else loss_from_output
         self._ghosts.loss_from_output = from_output
         scale_fn = config.scaler.get_scale if config.scaler is not None else None

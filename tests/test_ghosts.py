@@ -263,6 +263,15 @@ def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
     assert run.ghost_predictions(1, 4).shape == (96,)
 
 
+def test_costly_comparisons_are_always_made_at_total_steps(tmp_path):
+    # costly_every=3 would skip the 4th comparison (step 9); total_steps=9 makes the final column complete.
+    ghosts = Ghosts(at=[0], perturbation=Perturbation(norm=1e-4), barrier_alphas=4, costly_every=3, vectorize=False)
+    _, _, run, _ = _ghost_run(mlp_setup, 9, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 3, 6, 9]),
+                              total_steps=9)
+    b = run.chaos["B"][1]
+    assert np.isfinite(b[[0, 3]]).all() and np.isnan(b[[1, 2]]).all()
+
+
 def test_ghost_metrics_match_an_independent_computation(tmp_path):
     ghosts = Ghosts(at=[2], control=False, perturbation=Perturbation(norm=1e-2), save_params=True,
                     barrier_alphas=7, vectorize=False)
