@@ -7,6 +7,7 @@ package), with a :class:`dynprobe.Probe` attached by the two documented lines. T
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class DemoConfig:
     steps: int = 1500
     seed: int = 0
     width: int = 32
+    # lr 0.1 shows the transition inside the run for seeds 0 and 1 (ghost spawned at 800 ends at 1 − cos 9e-7 and
+    # 6e-5, those at 0 and 25 at 2e-2 to 1e-1); seed 2 is still chaotic at step 1,000. lr 0.05 and 2,000 steps were
+    # tried and were not more robust (tests/test_science.py, the issue-7 note).
     lr: float = 0.1
     momentum: float = 0.9
     batch_size: int = 128
@@ -107,7 +111,10 @@ def run_demo(config: DemoConfig = DemoConfig(), console: Console | None = None) 
 
     generator = torch.Generator().manual_seed(config.seed)
     n = data.x_train.shape[0]
-    with _progress(console) as progress:
+    with _progress(console) as progress, warnings.catch_warnings():
+        # A 1e-7 perturbation only partly survives float32 rounding; the run records the realized norm and the
+        # report shows it, so the demo does not interrupt its progress bar with that warning.
+        warnings.filterwarnings("ignore", message=r"dynprobe ghost \d+ .*survived float rounding")
         task = progress.add_task("training", total=config.steps, loss=float("nan"))
         step = 0
         while step < config.steps:

@@ -20,6 +20,7 @@ def _example():
     return module
 
 
+@pytest.mark.slow  # ResNet-20 with eNTK, ghosts and barriers on the CPU: ~1–2 minutes
 def test_paper_recipe_runs_on_fake_data_and_writes_a_loadable_run_and_report(tmp_path):
     out = _example().main(["--fake-size", "64", "--max-iterations", "6", "--kernel-n", "8", "--device", "cpu",
                            "--num-workers", "0", "--out", str(tmp_path / "run")])
@@ -27,7 +28,9 @@ def test_paper_recipe_runs_on_fake_data_and_writes_a_loadable_run_and_report(tmp
     assert run.status == "closed"
     assert run.steps[0] == 0 and run.steps[-1] == 6
     assert np.isfinite(np.diag(run.C)).all() and (np.diag(run.C) == 0).all()
-    assert run.has_kernels and [g.spawn_step for g in run.ghosts] == [0]  # spawn steps ≤ 6 of the defaults
+    # of the recipe's spawn steps only 0 is ≤ 6: the ε=0 control and one perturbed ghost
+    assert run.has_kernels and [(g.spawn_step, g.control) for g in run.ghosts] == [(0, True), (0, False)]
+    assert run.chaos["C"][0, -1] == 0.0
     assert (Path(out) / "report.html").stat().st_size > 10_000
 
 
