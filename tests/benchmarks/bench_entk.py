@@ -21,7 +21,7 @@ got. Baselines:
 dynprobe is timed as ``engine(params)`` on a reused :class:`~dynprobe.kernels.NTKEngine` (the Probe's use: one
 engine, a call per snapshot); its construction (planning) time is printed separately.
 
-Peak memory: the resident-set high-water mark (``ru_maxrss``) of a fresh subprocess that builds the model and
+Peak memory: the resident-set high-water mark (``VmHWM``; ``ru_maxrss`` survives fork + exec) of a fresh subprocess that builds the model and
 inputs, records its RSS, then runs one computation; "extra" = peak − that RSS. (tracemalloc does not see
 torch's CPU allocations; the RSS counts everything the process touched, including the allocator's and
 oneDNN's own buffers.)
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -209,9 +208,12 @@ def memory_child(spec: dict) -> None:
     torch.set_num_threads(THREADS)
     model, x = MODELS[spec["model"]](spec["n"])
 
+    def status(field: str) -> int:
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
+
     def rss() -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+        return status("VmRSS:")
 
     base = rss()
     options = mode_options(spec["mode"], spec["n"])
@@ -225,7 +227,9 @@ def memory_child(spec: dict) -> None:
     else:
         naive_ntk(model, x)
         estimate = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child of a large parent
+    # (this script, after the timing sections) reported the parent's RSS (7.1 GB) as its own peak.
+    peak = status("VmHWM:")
     print(json.dumps({"extra": peak - base, "estimate": estimate}))
 
 
