@@ -4,7 +4,7 @@ Trains with the paper's recipe (SGD momentum 0.9, weight decay 1e-4, lr 0.1 ÷10
 random crop + flip; :mod:`dynprobe.recipes.cifar10`), with ghosts spawned around the architecture's transition
 (ResNet-20: 0…5000, VGG-16: 0…7500), the eNTK on 128 test images, and then writes ``RUN/report.html``.
 
-Examples::
+Needs torchvision (`pip install -e ".[cifar]"`). Examples::
 
     # the paper's first 10^4 iterations on a GPU (CIFAR-10 already in ./data, or add --download)
     python examples/cifar10_paper.py --model resnet20 --data ./data --max-iterations 10000
