@@ -133,6 +133,10 @@ class GhostSet:
         # The run's planned last step (Probe(total_steps=)): costly comparisons are made there whatever the
         # costly_every cadence, so the chaos maps' final column is complete.
         self.final_step: int | None = None
+        # A resumed run's earlier ghosts (see resume): indices and perturbation seeds continue after them.
+        self._index_offset = 0
+        self._perturbed_offset = 0
+        self._spawned_steps: set[int] = set()
         clone_for_ghost(model, optimizer, self._memo)  # fail at construction if the model/optimizer can't be cloned
         # Ghosts(vectorize=True/"auto"): the vectorized mode lives in dynprobe._vectorized_ghosts; the branches
         # below marked "vectorized" hand over to it, and everything else here is the sequential path.
@@ -160,21 +164,36 @@ class GhostSet:
     def live(self) -> list[Ghost]:
         return [g for g in self.ghosts if g.alive]
 
+    def resume(self, events: list[dict[str, Any]], step: int) -> None:
+        """Continue a resumed run's ghosts: numbering, control and perturbation seeds go on from its
+        ``ghost_spawn`` events, spawn steps already taken are not repeated, and ghosts that were alive at the
+        interruption end as ``finished`` at ``step`` (a ghost's state is not saved, so it cannot be continued)."""
+        spawned = [e for e in events if e.get("event") == "ghost_spawn"]
+        ended = {e["ghost"] for e in events if e.get("event") == "ghost_status"}
+        self._index_offset = len(spawned)
+        self._perturbed_offset = sum(1 for e in spawned if not e["control"])
+        self._spawned_control = self._spawned_control or any(e["control"] for e in spawned)
+        self._spawned_steps = {int(e["spawn_step"]) for e in spawned}
+        for event in spawned:
+            if event["ghost"] not in ended:
+                self.writer.event("ghost_status", ghost=event["ghost"], step=step, status="finished",
+                                  reason=f"the run was resumed at step {step}; a ghost's state is not saved")
+
     def spawn_due(self, step: int) -> None:
         """Spawn the ghosts scheduled at ``step`` (and the control at the first spawn step)."""
-        if step not in self.config.at:
+        if step not in self.config.at or step in self._spawned_steps:
             return
         if self.config.control and not self._spawned_control:
             self._spawn(step, Perturbation(norm=0.0, kind=self.config.perturbation.kind, seed=0), control=True)
             self._spawned_control = True
         base = self.config.perturbation
-        perturbed = sum(1 for g in self.ghosts if not g.control)
+        perturbed = self._perturbed_offset + sum(1 for g in self.ghosts if not g.control)
         self._spawn(step, Perturbation(norm=base.norm, kind=base.kind, seed=base.seed + perturbed), control=False)
 
     def _spawn(self, step: int, perturbation: Perturbation, *, control: bool) -> None:
         if self._vector is not None and self._vector.has_stack:  # vectorized: a new row from the shadow + ε
-            report = self._vector.spawn_in_stack(len(self.ghosts), perturbation)
-            ghost = Ghost(len(self.ghosts), step, control, None, None, None, [], report)  # type: ignore[arg-type]
+            report = self._vector.spawn_in_stack(self._index_offset + len(self.ghosts), perturbation)
+            ghost = Ghost(self._index_offset + len(self.ghosts), step, control, None, None, None, [], report)  # type: ignore[arg-type]
         else:
             model, optimizer = clone_for_ghost(self.model, self.optimizer, self._memo)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -182,7 +201,7 @@ class GhostSet:
             scaler = None
             if self.config.scaler is not None:
                 scaler = copy.deepcopy(self.config.scaler)
-            ghost = Ghost(len(self.ghosts), step, control, model, optimizer, scaler, params, report)
+            ghost = Ghost(self._index_offset + len(self.ghosts), step, control, model, optimizer, scaler, params, report)
         self.ghosts.append(ghost)
         if self._vector is not None and ghost.model is not None:  # a clone while a stack may come: its shadow
             self._vector.note_clone_spawn()

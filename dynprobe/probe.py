@@ -39,6 +39,7 @@ from .kernel_snapshots import KernelMeasure
 from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
 from .schedule import Schedule, as_schedule
 from .snapshot import SnapshotRecorder
+from .store import EVENTS, read_jsonl
 from .trajectory import TrajectoryBarriers
 from .writer import json_safe
 
@@ -296,8 +297,9 @@ class Probe:
             self._handles.append(detector)
         warn_comm_hook(self._dist)
         if self.writer.resumed:
-            warnings.warn("resuming a run with ghosts: ghosts alive at the interruption cannot be continued; ghosts "
-                          "spawned at later steps will be", stacklevel=3)
+            self._ghosts.resume(read_jsonl(self.writer.root / EVENTS), self.step_count)
+            warnings.warn("resuming a run with ghosts: ghosts alive at the interruption cannot be continued (they "
+                          "end as finished); ghosts spawned at later steps will be", stacklevel=3)
 
     # ------------------------------------------------------------------------------------------ public API
 

@@ -216,3 +216,34 @@ def test_run_is_readable_while_training_runs(tmp_path):
 def _copy(state):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy(v) if isinstance(v, dict) else v)
             for k, v in state.items()}
+
+
+def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_interrupted_ones(tmp_path):
+    ghosts = dynprobe.Ghosts(at=[0, 4, 12], perturbation=dynprobe.Perturbation(norm=1e-3), barrier=False,
+                             vectorize=False)
+    model, optimizer, scheduler, data = mlp_setup()
+    torch.manual_seed(7)
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
+                           schedule=2, ghosts=ghosts)
+    train(model, optimizer, scheduler, data, 8, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
+    probe._closed = True  # simulate a crash: no close(), hooks die with the process
+    for handle in probe._handles:
+        handle.remove()
+
+    with pytest.warns(UserWarning, match="ghosts alive at the interruption"):
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
+                               schedule=2, ghosts=ghosts, resume=True)
+    train(model, optimizer, scheduler, data, 8, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
+    probe.close()
+
+    run = dynprobe.load_run(tmp_path / "run")
+    assert [(g.index, g.spawn_step, g.control) for g in run.ghosts] == [
+        (0, 0, True), (1, 0, False), (2, 4, False), (3, 12, False)]  # one control, no index reused
+    assert [g.status for g in run.ghosts] == ["finished"] * 4
+    spawns = [e for e in run.events if e["event"] == "ghost_spawn"]
+    assert [e["seed"] for e in spawns if not e["control"]] == [0, 1, 2]
+    ended = [e for e in run.events if e["event"] == "ghost_status" and e["step"] == 8]
+    assert sorted(e["ghost"] for e in ended) == [0, 1, 2]
+    late = run.chaos["C"][3]
+    assert np.isnan(late[run.steps < 12]).all() and np.isfinite(late[run.steps >= 12]).all()
+    assert np.isnan(run.chaos["C"][1][run.steps > 8]).all()  # the interrupted ghost has no numbers after 8
