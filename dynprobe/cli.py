@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ._version import __version__
-from .store import RunFormatError
+from dynprobe._version import __version__
+from dynprobe.store.files import RunFormatError
 
 __all__ = ["main"]
 
@@ -107,11 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
     import time
 
-    from .analysis import analyze
-    from .demo import DemoConfig, run_demo
-    from .report.html import build_report
-    from .report.summary import render_summary
-    from .run import load_run
+    from dynprobe.analysis.run_analysis import analyze
+    from dynprobe.demo import DemoConfig, run_demo
+    from dynprobe.report.html import build_report
+    from dynprobe.report.summary import render_summary
+    from dynprobe.store.run import load_run
 
     started = time.perf_counter()
     config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts, kernel_n=args.kernel_n,
@@ -133,8 +133,8 @@ def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _show(args: argparse.Namespace, console: Console) -> int:
-    from .report.summary import render_summary
-    from .run import load_run
+    from dynprobe.report.summary import render_summary
+    from dynprobe.store.run import load_run
 
     render_summary(load_run(args.run), console)
     return EXIT_OK
@@ -171,7 +171,7 @@ class _LazyProgress:
 
 def _write_report(build, output: Path, args: argparse.Namespace, console: Console, errors: Console,
                   steps: int) -> int:
-    from .report.html import check_writable, write_html
+    from dynprobe.report.html import check_writable, write_html
 
     check_writable(output)
     progress = _LazyProgress(errors, total=steps)
@@ -189,10 +189,10 @@ def _write_report(build, output: Path, args: argparse.Namespace, console: Consol
 
 
 def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from .analysis import analyze
-    from .report.html import build_report
-    from .report.summary import render_summary
-    from .run import load_run
+    from dynprobe.analysis.run_analysis import analyze
+    from dynprobe.report.html import build_report
+    from dynprobe.report.summary import render_summary
+    from dynprobe.store.run import load_run
 
     run = load_run(args.run)
     result = analyze(run)  # validates the run's arrays before anything is written
@@ -203,10 +203,10 @@ def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from .analysis import analyze
-    from .report.html import build_comparison
-    from .report.summary import comparison_table
-    from .run import load_run
+    from dynprobe.analysis.run_analysis import analyze
+    from dynprobe.report.html import build_comparison
+    from dynprobe.report.summary import comparison_table
+    from dynprobe.store.run import load_run
 
     runs = [load_run(args.run_a), load_run(args.run_b)]
     console.print(comparison_table(runs, [analyze(run) for run in runs]))

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from .config import Ghosts, KernelConfig
-from .perturb import Perturbation
-from .probe import Probe
-from .recipes.mnist1d import Conv1dNet, load_mnist1d
-from .schedule import Schedule, every, log_spaced
+from dynprobe.config import Ghosts, KernelConfig
+from dynprobe.ghosts.perturbation import Perturbation
+from dynprobe.probe import Probe
+from dynprobe.recipes.mnist1d import Conv1dNet, load_mnist1d
+from dynprobe.schedule import Schedule, every, log_spaced
 
 __all__ = ["DemoConfig", "demo_ghost_steps", "demo_schedule", "run_demo", "unused_run_dir"]
 

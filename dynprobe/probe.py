@@ -25,54 +25,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modules import device_of, eval_mode, preserved_rng, rng_devices, trainable_parameters
-from .capture import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, StepCapture
-from .checks import check_int, check_model, check_optimizer
-from ._estimate import TransitionEstimate
-from .config import Ghosts, KernelConfig
-from .detector import TransitionDetector
-from .distributed import DistributedRun, check_supported, open_run_writer, unwrap_model, warn_comm_hook
-from .evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
-from .ghosts import GhostSet
-from .hooks import CaptureHooks, GradEditDetector
-from .kernel_snapshots import KernelMeasure
-from .manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
-from .schedule import Schedule, as_schedule
-from .snapshot import SnapshotRecorder
-from .store import EVENTS, read_jsonl
-from .trajectory import TrajectoryBarriers
-from .writer import json_safe
+from dynprobe._util.checks import check_int, check_model, check_optimizer
+from dynprobe._util.evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
+from dynprobe._util.modules import device_of, eval_mode, preserved_rng, rng_devices, trainable_parameters
+from dynprobe.analysis.detector import TransitionDetector
+from dynprobe.analysis.estimate import TransitionEstimate
+from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
+from dynprobe.capture.step import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, StepCapture
+from dynprobe.capture.watched import WatchedLoss
+from dynprobe.config import Ghosts, KernelConfig
+from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer, unwrap_model, warn_comm_hook
+from dynprobe.ghosts.ghost_set import GhostSet
+from dynprobe.recording.barriers import TrajectoryBarriers
+from dynprobe.recording.kernel_probe import KernelMeasure
+from dynprobe.recording.snapshot import SnapshotRecorder
+from dynprobe.schedule import Schedule, as_schedule
+from dynprobe.store.files import read_jsonl
+from dynprobe.store.layout import EVENTS
+from dynprobe.store.manifest import CONVENTIONS, GHOST_CONVENTIONS, build_manifest
+from dynprobe.store.run import load_run
+from dynprobe.store.writer import json_safe
 
-__all__ = ["Probe", "WatchedLoss"]
+__all__ = ["Probe"]
 
 _OPEN_PROBES: weakref.WeakSet[Probe] = weakref.WeakSet()
-
-
-class WatchedLoss:
-    """The user's loss function, unchanged in value and gradient, seen by the probe (``probe.watch``).
-
-    Calls pass straight through. For training-mode calls (grad enabled) the probe notes the loss value (the
-    run's ``train_loss``) and, when ghosts are on, records the call so ghosts can replay it with their own
-    output. Attribute access is forwarded, so ``criterion.weight`` still works.
-    """
-
-    def __init__(self, probe: Probe, loss_fn: Callable[..., torch.Tensor]) -> None:
-        self._probe = probe
-        self.loss_fn = loss_fn
-        self.__wrapped__ = loss_fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        loss = self.loss_fn(*args, **kwargs)
-        probe = self._probe
-        if not probe._busy and torch.is_grad_enabled() and isinstance(loss, torch.Tensor) and loss.requires_grad:
-            probe._on_training_loss(loss, args, kwargs)
-        return loss
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["loss_fn"], name)
-
-    def __repr__(self) -> str:
-        return f"WatchedLoss({self.loss_fn!r})"
 
 
 def _output_loss(output: Any) -> torch.Tensor:
@@ -317,7 +293,7 @@ class Probe:
         self._loss_fn = loss_fn
         if self._ghosts is not None and self._ghosts.config.loss_fn is None:
             self._ghosts.loss_fn = loss_fn
-        return WatchedLoss(self, loss_fn)
+        return WatchedLoss(loss_fn, on_loss=self._on_training_loss, muted=lambda: self._busy)
 
     def step(self, inputs: Any = None, targets: Any = None) -> None:
         """Explicit alternative to the hooks: call ``probe.step(x, y)`` at the top of every iteration, *before*
@@ -450,8 +426,6 @@ class Probe:
 
     def _replay_detector(self) -> None:
         """A resumed run: feed the committed rows to the detector again; announce only what was not announced."""
-        from .run import load_run
-
         run = load_run(self.out)
         C, S = run.C, run.S if run.has_kernels else None
         for k, step in enumerate(run.steps):

@@ -17,7 +17,7 @@ import dynprobe  # noqa: E402
 
 
 def draw(run: dynprobe.Run, out: Path) -> Path:
-    transition = dynprobe.estimate_transition(run).get("trajectory_C").step
+    transition = dynprobe.analysis.estimate_transition(run).get("trajectory_C").step
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90, constrained_layout=True)
     steps = run.steps
     for i, ghost in enumerate(run.ghosts):

@@ -2,7 +2,7 @@
 
 ::
 
-    from dynprobe.integrations.huggingface import DynprobeCallback
+    from .huggingface import DynprobeCallback
 
     callback = DynprobeCallback(eval_data=(eval_inputs, eval_labels), ghosts=dynprobe.Ghosts(at=[0, 50]))
     Trainer(model=model, args=args, train_dataset=train, callbacks=[callback]).train()
@@ -42,8 +42,16 @@ except ImportError as _error:  # pragma: no cover
 import dynprobe
 from dynprobe.exporters import check_exporters
 
-from ._common import (ProbeOptions, check_version, close_exporters, declared_clipping, default_out, open_probe,
-                      resolved_exporters, sequential_ghosts)
+from ._common import (
+    ProbeOptions,
+    check_version,
+    close_exporters,
+    declared_clipping,
+    default_out,
+    open_probe,
+    resolved_exporters,
+    sequential_ghosts,
+)
 
 __all__ = ["DynprobeCallback", "output_loss"]
 
@@ -151,7 +159,7 @@ def _drop_grad_edit_detector(probe: dynprobe.Probe) -> None:
     ``clip_grad_norm_(params, inf)``, which multiplies every gradient by exactly 1.0 in place: a no-op on the values
     that the probe's gradient-edit detector (version counters) would report as an edit at every step. The ε = 0
     control ghost still checks the replay bit for bit."""
-    from dynprobe.hooks import GradEditDetector
+    from dynprobe.capture.hooks import GradEditDetector
 
     for handle in [h for h in probe._handles if isinstance(h, GradEditDetector)]:
         handle.remove()

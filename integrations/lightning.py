@@ -2,7 +2,7 @@
 
 ::
 
-    from dynprobe.integrations.lightning import DynprobeCallback
+    from .lightning import DynprobeCallback
 
     trainer = lightning.Trainer(max_steps=2000, callbacks=[DynprobeCallback(ghosts=dynprobe.Ghosts(at=[0, 100]))])
     trainer.fit(module, datamodule)        # the run is written to <trainer.log_dir>/dynprobe
@@ -39,12 +39,19 @@ import torch
 from torch import nn
 
 import dynprobe
-from dynprobe._modules import preserved_rng
-
+from dynprobe._util.modules import preserved_rng
 from dynprobe.exporters import check_exporters
 
-from ._common import (ProbeOptions, check_version, close_exporters, declared_clipping, default_out, open_probe,
-                      resolved_exporters, sequential_ghosts)
+from ._common import (
+    ProbeOptions,
+    check_version,
+    close_exporters,
+    declared_clipping,
+    default_out,
+    open_probe,
+    resolved_exporters,
+    sequential_ghosts,
+)
 
 try:  # the `lightning` package; `pytorch_lightning` is the same code under another name
     import lightning.pytorch as _pl

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dynprobe.store import SWITCHING, TriangularRows, append_jsonl
-from dynprobe.writer import RunWriter
+from dynprobe.store.files import append_jsonl
+from dynprobe.store.layout import SWITCHING
+from dynprobe.store.rows import TriangularRows
+from dynprobe.store.writer import RunWriter
 
 __all__ = ["SyntheticTruth", "log_linear_steps", "uniform_steps", "write_synthetic_run"]
 

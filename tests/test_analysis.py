@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import dynprobe
-from dynprobe import analysis, cone
-from dynprobe._changepoint import log_time, two_segment_fit, weighted_quantile
-from dynprobe.analysis import GhostOutcome, TransitionEstimate
-from dynprobe.detector import TransitionDetector
-from dynprobe.store import RunFormatError
+from dynprobe.analysis import cone
+from dynprobe.analysis import run_analysis as analysis
+from dynprobe.analysis.changepoint import log_time, two_segment_fit, weighted_quantile
+from dynprobe.analysis.detector import TransitionDetector
+from dynprobe.analysis.run_analysis import GhostOutcome, TransitionEstimate
+from dynprobe.store.files import RunFormatError
 
 from .conftest import mlp_setup, train
 from .synthetic_runs import log_linear_steps, uniform_steps, write_synthetic_run
@@ -311,7 +312,7 @@ def test_damaged_metric_rows_raise_run_format_error_naming_the_file(tmp_path):
 
 def test_the_online_estimate_recorded_in_events_is_read_back(tmp_path):
     truth = write_synthetic_run(tmp_path / "run", transition=300, ghosts=(), status="running")
-    from dynprobe.store import append_jsonl
+    from dynprobe.store.files import append_jsonl
 
     detected = TransitionEstimate("online", 350, (300, 350), "high", "fired", {"signal": "kernel_velocity"})
     append_jsonl(truth.root / "events.jsonl", {"event": "transition", "step": 400, "estimate": detected.to_dict()})

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynprobe.barrier import BarrierResult, loss_barrier
+from dynprobe.metrics.barrier import BarrierResult, loss_barrier
 from dynprobe.recipes.mnist1d import Conv1dNet
 
 

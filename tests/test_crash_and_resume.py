@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests_parent!r})
     from tests.conftest import mlp_setup, train
     import dynprobe
-    from dynprobe import store, writer
+    from dynprobe.store import files as store
+    from dynprobe.store import rows, writer
 
     where, kill_step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     state = {{"step": -1}}
@@ -41,14 +42,14 @@ SCRIPT = textwrap.dedent(
             return original(self, record)
         writer.RunWriter.commit_snapshot = commit
     elif where == "torn_row":             # half of a metric row written
-        original_append = store.TriangularRows.append
+        original_append = rows.TriangularRows.append
         def append(self, row, index):
             if state["step"] == kill_step and self.path.name == "D.rows":
                 with open(self.path, "ab") as handle:
                     handle.write(np.asarray(row, dtype="<f8")[: max(1, len(row) // 2)].tobytes())
                 die()
             return original_append(self, row, index)
-        store.TriangularRows.append = append
+        rows.TriangularRows.append = append
     elif where == "torn_event":           # half of the commit line written
         original_append_jsonl = store.append_jsonl
         def append_jsonl(path, record):

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
-from dynprobe.distributed import NullWriter, partition_modules
+from dynprobe.distributed.runtime import NullWriter, partition_modules
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -13,12 +13,12 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
-from dynprobe import _vectorized_ghosts
-from dynprobe._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
-from dynprobe._vectorized_ghosts import SHADOW
-from dynprobe.capture import AutocastState, ForwardCall, LossCall, MicroBatch, RngState
-from dynprobe.ghost_stack import GhostStack, ReplicaState
-from dynprobe.manifest import GHOST_MODE_CONVENTIONS
+from dynprobe.capture.step import AutocastState, ForwardCall, LossCall, MicroBatch, RngState
+from dynprobe.ghosts import vectorized as _vectorized_ghosts
+from dynprobe.ghosts._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
+from dynprobe.ghosts.stack import GhostStack, ReplicaState
+from dynprobe.ghosts.vectorized import SHADOW
+from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 
 from .conftest import MLP, SmallCNN, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
 from .test_ghosts import mlp_onecycle_setup

@@ -12,7 +12,7 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
-from dynprobe.perturb import perturb_
+from dynprobe.ghosts.perturbation import perturb_
 
 from .conftest import MLP, SmallCNN, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynprobe import metrics
-from dynprobe._kernel_structured import Convolution
-from dynprobe.kernels import NTKEngine, empirical_ntk
+from dynprobe.kernels._structured import Convolution
+from dynprobe.kernels.engine import NTKEngine, empirical_ntk
+from dynprobe.metrics import functions as metrics
 
 MODES = ["trace", "logit_sum", "full", "single", "true_class"]
 

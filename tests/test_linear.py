@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from dynprobe.linear import LinearizedModel, linearize
+from dynprobe.experiments.linear import LinearizedModel, linearize
 from dynprobe.recipes.mnist1d import Conv1dNet
 
 from .conftest import MLP, SmallCNN, assert_bitwise_equal, state_of
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 

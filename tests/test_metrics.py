@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynprobe import metrics
+from dynprobe.metrics import functions as metrics
 
 
 def _cos_dissim(a, b):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynprobe.perturb import KINDS, Perturbation, PerturbationReport, perturb_
+from dynprobe.ghosts.perturbation import KINDS, Perturbation, PerturbationReport, perturb_
 
 NORMS = {"l2": 1e-3, "per_coord": 1e-4, "relative": 1e-3, "ulp": 2, "single_coord": 1e-2}
 

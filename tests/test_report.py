@@ -14,8 +14,8 @@ from rich.console import Console
 import dynprobe
 from dynprobe.cli import _LazyProgress, main
 from dynprobe.report.html import build_report, write_html
-from dynprobe.store import RunFormatError
-from dynprobe.writer import RunWriter
+from dynprobe.store.files import RunFormatError
+from dynprobe.store.writer import RunWriter
 
 from .synthetic_runs import uniform_steps, write_synthetic_run
 
@@ -128,7 +128,7 @@ def test_report_of_a_run_with_no_snapshot_yet(tmp_path):
 def test_hostile_strings_are_escaped(tmp_path):
     root = tmp_path / f"run {HOSTILE}"
     write_synthetic_run(root, steps=uniform_steps(500, 12), model_class=HOSTILE, ghosts=(0, 300), kernels=False)
-    from dynprobe.store import append_jsonl
+    from dynprobe.store.files import append_jsonl
 
     append_jsonl(root / "events.jsonl", {"event": "probe_error", "step": 3, "error": f"boom {HOSTILE}"})
     output = tmp_path / "out.html"

@@ -42,7 +42,7 @@ def measure(run: dynprobe.Run) -> dict:
     spawn = {i: ghosts[i].spawn_step for i in perturbed}
     diverging = [spawn[i] for i in perturbed if final["C"][i] > DIVERGED_C]
     stable = [spawn[i] for i in perturbed if final["C"][i] <= DIVERGED_C]
-    report = dynprobe.estimate_transition(run)
+    report = dynprobe.analysis.estimate_transition(run)
     transition = report.get("trajectory_C").step if report.get("trajectory_C").informative else report.step
     # Cone: S(t, τ) for the first kernel step τ at or after the transition.
     kernel_steps = run.kernel_steps

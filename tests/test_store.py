@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from dynprobe import store
-from dynprobe.store import RunFormatError, TriangularRows
+from dynprobe.store import files as store
+from dynprobe.store.files import RunFormatError
+from dynprobe.store.rows import TriangularRows
 
 
 def test_triangular_rows_round_trip_to_a_symmetric_matrix(tmp_path):

@@ -22,6 +22,7 @@ from torch.func import functional_call, jacrev
 
 import dynprobe
 from dynprobe import schedule
+from dynprobe.store.records import read_switching_results
 
 from .conftest import MLP, SmallCNN, make_data
 
@@ -193,7 +194,7 @@ def test_one_result_per_switch_step_in_the_run_directory_with_conventions(mlp_ru
     assert switching["switch_step"].tolist() == [0, 4, 8, 12]
     np.testing.assert_array_equal(switching["eval_loss"], result["eval_loss"])
     np.testing.assert_array_equal(switching["eval_accuracy"], result["eval_accuracy"])
-    records = dynprobe.switching.read_switching_results(mlp_run.run)
+    records = read_switching_results(mlp_run.run)
     assert [r["anchor"] for r in records] == ["lazy", None, None, "standard"]
     first = records[0]
     assert first["config"]["weight_decay_on"] == "theta" and first["config"]["optimizer"]["class"] == "SGD"
@@ -287,7 +288,7 @@ def test_restored_optimizer_state_continues_the_momentum(mlp_run):
     assert result["eval_loss"][0] == pytest.approx(loss, rel=1e-5)
     fresh_loss, _ = reference_switch(mlp_run, 4)
     assert result["eval_loss"][0] != pytest.approx(fresh_loss, rel=1e-5)
-    assert dynprobe.switching.read_switching_results(mlp_run.run)[0]["config"]["optimizer_state"].startswith("restored")
+    assert read_switching_results(mlp_run.run)[0]["config"]["optimizer_state"].startswith("restored")
 
 
 # ---------------------------------------------------------------------------------------------- resuming
@@ -310,7 +311,7 @@ def test_resumed_call_computes_only_the_missing_switch_steps(mlp_run):
     first = mlp_run.switch([0, 8])
     second = mlp_run.switch([0, 2, 8, 12])
     assert second["computed"] == [2, 12]
-    assert len(dynprobe.switching.read_switching_results(mlp_run.run)) == 4
+    assert len(read_switching_results(mlp_run.run)) == 4
     np.testing.assert_array_equal(second["eval_loss"][[0, 2]], first["eval_loss"])
 
 
@@ -321,7 +322,7 @@ def test_record_torn_by_a_kill_is_recomputed(mlp_run):
         handle.write('{"switch_step": 4, "total_st')  # the process was killed mid-append
     result = mlp_run.switch([0, 4, 8])
     assert result["computed"] == [4]
-    assert [r["switch_step"] for r in dynprobe.switching.read_switching_results(mlp_run.run)] == [0, 8, 4]
+    assert [r["switch_step"] for r in read_switching_results(mlp_run.run)] == [0, 8, 4]
 
 
 def test_another_configuration_is_computed_again(mlp_run):
@@ -329,8 +330,8 @@ def test_another_configuration_is_computed_again(mlp_run):
     delta = mlp_run.switch([4], weight_decay_on="delta",
                            optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1, momentum=MOMENTUM, weight_decay=0.1))
     assert delta["computed"] == [4] and delta["config_id"] != theta["config_id"]
-    assert len(dynprobe.switching.read_switching_results(mlp_run.run)) == 2
-    assert len(dynprobe.switching.read_switching_results(mlp_run.run, config_id=theta["config_id"])) == 1
+    assert len(read_switching_results(mlp_run.run)) == 2
+    assert len(read_switching_results(mlp_run.run, config_id=theta["config_id"])) == 1
 
 
 def test_run_files_before_the_experiment_stay_byte_identical(mlp_run):
@@ -396,7 +397,7 @@ def test_divergence_is_recorded_with_a_warning(mlp_run):
         result = mlp_run.switch([0], loss_fn=squared_logits,
                                 optimizer_factory=lambda p: torch.optim.SGD(p, lr=1e6, momentum=MOMENTUM), lr_at=None)
     assert result["diverged"].tolist() == [True]
-    record = dynprobe.switching.read_switching_results(mlp_run.run)[0]
+    record = read_switching_results(mlp_run.run)[0]
     assert record["status"] == "diverged" and 1 <= record["diverged_at"] <= STEPS
 
 

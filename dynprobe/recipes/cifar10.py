@@ -23,7 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..schedule import Schedule, every
+from dynprobe.config import Ghosts, KernelConfig, Perturbation
+from dynprobe.probe import Probe
+from dynprobe.schedule import Schedule, every
+
+from .models import resnet20, vgg16_bn
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "PaperRecipe", "cifar10_loaders", "make_deterministic", "paper_model",
            "paper_optimizer", "paper_schedule"]
@@ -50,8 +54,6 @@ def make_deterministic(seed: int) -> None:
 
 def paper_model(name: str, num_classes: int = 10) -> nn.Module:
     """``"resnet20"`` (He et al. 2016, option-A shortcuts) or ``"vgg16_bn"`` (the author's VGG-16 with BatchNorm)."""
-    from .models import resnet20, vgg16_bn
-
     builders = {"resnet20": resnet20, "vgg16_bn": vgg16_bn}
     if name not in builders:
         raise ValueError(f"model must be one of {sorted(builders)}; got {name!r}")
@@ -138,8 +140,6 @@ class PaperRecipe:
 
     def run(self) -> Path:
         """Train with the probe attached; returns the run directory."""
-        from .. import Ghosts, KernelConfig, Perturbation, Probe
-
         make_deterministic(self.seed)
         loader, test = cifar10_loaders(self.data, batch_size=self.batch_size, seed=self.seed,
                                        num_workers=self.num_workers, download=self.download,

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import RunAnalysis, TransitionEstimate
-from ..cone import kernel_embedding, lag_curve
-from ..run import Run
-from . import figures
+from dynprobe.analysis.cone import kernel_embedding, lag_curve
+from dynprobe.analysis.run_analysis import RunAnalysis, TransitionEstimate
+from dynprobe.report import figures
+from dynprobe.store.run import Run
 
 __all__ = ["RunSections", "esc", "fmt", "img", "table"]
 

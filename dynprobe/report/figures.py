@@ -17,7 +17,7 @@ from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from .._changepoint import log_time
+from dynprobe.analysis.changepoint import log_time
 
 __all__ = [
     "chaos_maps_figure", "cone_curves_figure", "curves_figure", "embedding_figure", "heatmap_figure",

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import analysis as _analysis
-from ..analysis import RunAnalysis, analyze
-from ..run import Run
-from . import figures
+from dynprobe.analysis import run_analysis as _analysis
+from dynprobe.analysis.run_analysis import RunAnalysis, analyze
+from dynprobe.report import figures
+from dynprobe.store.run import Run
+
 from ._sections import RunSections, Tick, esc, fmt, img, table
 
 __all__ = ["build_comparison", "build_report", "check_writable", "write_html"]

@@ -12,8 +12,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 
-from ..analysis import RunAnalysis, analyze
-from ..run import Run
+from dynprobe.analysis.run_analysis import RunAnalysis, analyze
+from dynprobe.store.run import Run
 
 __all__ = ["comparison_table", "render_summary", "summary_renderables"]
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dynprobe.barrier import loss_barrier
+from dynprobe.metrics.barrier import loss_barrier
 from dynprobe.recipes.mnist1d import Conv1dNet
 
 

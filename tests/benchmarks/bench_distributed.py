@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
-from dynprobe import distributed as dp
+from dynprobe.distributed import runtime as dp
 
 
 def model_of(width: int) -> nn.Module:

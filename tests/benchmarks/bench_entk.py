@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from dynprobe.kernels import NTKEngine
+from dynprobe.kernels.engine import NTKEngine
 from dynprobe.recipes.models import resnet20
 
 THREADS = 2

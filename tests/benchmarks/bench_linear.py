@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dynprobe.linear import linearize
+from dynprobe.experiments.linear import linearize
 from dynprobe.recipes.mnist1d import Conv1dNet
 
 

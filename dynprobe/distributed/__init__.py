@@ -1,0 +1,1 @@
+"""torch.distributed (DDP): implementations of the probe's interfaces for several ranks."""
