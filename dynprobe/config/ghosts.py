@@ -1,68 +1,17 @@
-"""User-facing configuration objects of the probe, validated when they are built.
-
-* :class:`Ghosts` — perturbed replicas trained in lock-step (the chaos experiment, the paper's §4).
-* :class:`KernelConfig` — the eNTK on a fixed probe set and the kernel distance S (the paper's §5).
-
-Both are frozen dataclasses: the probe stores their ``to_config()`` in the run manifest.
-"""
+"""``Ghosts``: perturbed replicas trained in lock-step with the main run (the chaos experiment, §4 of the two-phase
+paper)."""
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dynprobe.schedule import Schedule, as_schedule
 
-__all__ = ["KINDS", "Ghosts", "KernelConfig", "Perturbation"]
+from .perturbation import Perturbation
 
-KINDS = ("l2", "per_coord", "relative", "ulp", "single_coord")
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """How to perturb a ghost at its spawn step: θ' = θ + ε over all perturbed tensors.
-
-    ``norm`` means, per ``kind``:
-
-    * ``"l2"`` (default; the paper's reading, used for reproductions): ε = norm · z / ‖z‖₂ with z standard
-      Gaussian over all perturbed coordinates, so ‖ε‖₂ = norm.
-    * ``"per_coord"``: ε_i = norm · z_i, i.e. the per-coordinate standard deviation (‖ε‖₂ ≈ norm · √P).
-    * ``"relative"``: a Gaussian direction scaled to ‖ε‖₂ = norm · ‖θ‖₂ (θ over all perturbed tensors).
-    * ``"ulp"``: every coordinate moves by exactly ``norm`` units in the last place of its own dtype, each with
-      a random sign (``torch.nextafter`` applied ``norm`` times; zeros move to ±``norm`` smallest subnormals).
-      ``norm`` must be a whole number. This is the smallest dense perturbation that survives float rounding
-      everywhere, and its size is known exactly (in float32, 1 ulp per coordinate of a ResNet-20 is ‖δ‖ ≈ 4e-6).
-    * ``"single_coord"``: ``norm`` is added to one coordinate chosen uniformly at random among all perturbed
-      coordinates (cf. Summers & Dinneen 2021, one-bit changes to one weight).
-
-    ``norm=0`` is the ε = 0 control for every kind: the tensors are left bitwise unchanged. ``seed`` seeds the
-    private generator that draws the direction, signs or coordinate.
-    """
-
-    norm: float = 1e-7
-    kind: str = "l2"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        norm, kind, seed = self.norm, self.kind, self.seed
-        if kind not in KINDS:
-            raise ValueError(f"Perturbation kind must be one of {KINDS!r}; got {kind!r}")
-        if isinstance(norm, bool) or not isinstance(norm, numbers.Real):
-            raise TypeError(f"Perturbation norm must be a real number; got {norm!r}")
-        if math.isnan(norm) or math.isinf(norm) or norm < 0:
-            raise ValueError(f"Perturbation norm must be finite and >= 0 (0 is the control ghost); got {norm!r}")
-        if kind == "ulp" and not float(norm).is_integer():
-            raise ValueError(
-                f"Perturbation kind='ulp' takes norm as a whole number of units in the last place (1, 2, ...); "
-                f"got {norm!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-            raise ValueError(f"Perturbation seed must be an integer in [0, 2**64); got {seed!r}")
-        object.__setattr__(self, "norm", float(norm))
-        object.__setattr__(self, "seed", int(seed))
-
+__all__ = ["Ghosts"]
 
 
 @dataclass(frozen=True)
@@ -166,48 +115,3 @@ class Ghosts:
             "divergence_ratio": self.divergence_ratio,
             "vectorize": self.vectorize,
         }
-
-
-KERNEL_MODES = ("trace", "logit_sum", "full", "single", "true_class")
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """The empirical NTK H(θ_t) on a fixed probe set, and the kernel distance S (eq. 4) between snapshots.
-
-    Args:
-        n: probe-set size, drawn (seeded, class-balanced) from the eval set; identical at every snapshot.
-        mode: output reduction (``"trace"``: Σ_k J_k J_kᵀ, the default; ``"logit_sum"``; ``"full"``;
-            ``"single"`` with ``class_index``; ``"true_class"``). See :func:`dynprobe.empirical_ntk`.
-        seed: seeds the probe-set draw.
-        every: measure H at every ``every``-th snapshot (S is NaN in between).
-        bn: ``"eval"`` (running statistics; per-sample Jacobians need it) or ``"recalibrated"``.
-        max_memory: bytes of extra memory the eNTK computation may use (None: the engine's default, ~1 GB).
-        class_index: the logit for ``mode="single"``.
-    """
-
-    n: int = 128
-    mode: str = "trace"
-    seed: int = 0
-    every: int = 1
-    bn: str = "eval"
-    max_memory: int | None = None
-    class_index: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
-            raise ValueError(f"KernelConfig(n=) must be an int >= 2; got {self.n!r}")
-        if self.mode not in KERNEL_MODES:
-            raise ValueError(f"KernelConfig(mode=) must be one of {KERNEL_MODES}; got {self.mode!r}")
-        if self.mode == "single" and self.class_index is None:
-            raise ValueError("KernelConfig(mode='single') needs class_index= (the logit to differentiate)")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"KernelConfig(every=) must be an int >= 1; got {self.every!r}")
-        if self.bn not in ("eval", "recalibrated"):
-            raise ValueError(f"KernelConfig(bn=) must be 'eval' or 'recalibrated'; got {self.bn!r}")
-        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory <= 0):
-            raise ValueError(f"KernelConfig(max_memory=) must be a positive number of bytes; got {self.max_memory!r}")
-
-    def to_config(self) -> dict[str, Any]:
-        return {"n": self.n, "mode": self.mode, "seed": self.seed, "every": self.every, "bn": self.bn,
-                "max_memory": self.max_memory, "class_index": self.class_index}
