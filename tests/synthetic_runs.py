@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dynprobe.store.files import append_jsonl
-from dynprobe.store.layout import SWITCHING
+from dynprobe.store.layout import SWITCHING, barriers_path, separation_path
 from dynprobe.store.rows import TriangularRows
 from dynprobe.store.writer import RunWriter
 
@@ -56,6 +56,7 @@ class SyntheticTruth:
     kernels: np.ndarray | None  # (T, m) flattened kernels, or None
     spawn_steps: list[int] = field(default_factory=list)
     diverging: list[bool] = field(default_factory=list)
+    separation: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ghost → (steps, l2)
 
 
 def _cosine_dissimilarity(vectors: np.ndarray) -> np.ndarray:
@@ -93,6 +94,24 @@ def _manifest(model_class: str, eval_n: int, kernels: bool, ghosts: list[int], c
     }
 
 
+def _separation_model(spawn: int, until: int, transition: int, *, chaos_rate: float, late_rate: float,
+                      realized: float, saturation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """l2(t) of a perturbed ghost after every step from its spawn to ``until``: ε grows at ``chaos_rate`` per
+    step before the transition and at ``late_rate`` after it, saturating at ``saturation``, with a small
+    multiplicative noise. A pure function of its arguments, so a run cut earlier holds a prefix of the same curve."""
+    steps = np.arange(spawn, until + 1, dtype=np.int64)
+    rate = np.where(steps[:-1] < transition, chaos_rate, late_rate)
+    log_growth = np.concatenate([[0.0], np.cumsum(rate)])
+    noise = np.random.default_rng([seed, spawn]).normal(0, 0.05, steps.size)
+    noise[0] = 0.0
+    log_l2 = np.log(realized) + log_growth + noise
+    # Saturation: two replicas that have forgotten ε are as far apart as the distance the run travels in its
+    # chaotic phase, which grows until the transition (so main-vs-ghost C levels off there, as in Fig. 3a).
+    ceiling = saturation * (0.1 + 0.9 * np.minimum(steps, transition) / max(transition, 1))
+    log_l2 = -np.logaddexp(-4 * log_l2, -4 * np.log(ceiling)) / 4  # nearly hard
+    return steps, np.exp(log_l2)
+
+
 def write_synthetic_run(
     root: str | os.PathLike,
     *,
@@ -110,13 +129,37 @@ def write_synthetic_run(
     eval_n: int = 1000,
     kernel_every: int = 1,
     seed: int = 0,
+    horizon: int | None = None,
+    keep: np.ndarray | None = None,
+    kernel_lag: int | None = None,
+    separation: bool = True,
+    chaos_rate: float = 0.12,
+    late_rate: float = 0.002,
+    control_drift: float = 0.0,
+    last_spike: float = 0.0,
 ) -> SyntheticTruth:
     """Write a run directory at ``root`` (see the module docstring); ``status``: ``"closed"``, ``"running"`` (the
-    writer is this live process) or ``"interrupted"`` (the writer's pid is a finished process)."""
+    writer is this live process) or ``"interrupted"`` (the writer's pid is a finished process).
+
+    The dynamics are simulated on ``steps`` (plus, with ``kernel_lag``, a companion snapshot ``kernel_lag`` steps
+    after each kernel snapshot) and then written for the snapshots at or before ``horizon`` that are in ``keep``
+    (default: all): the same seed gives the same trajectory, so a run cut at an earlier horizon or thinned is a
+    subset of the full one. Separation curves (``ghosts/ghost_NNN.separation``): l2 after every step from each
+    ghost's spawn to the horizon (:func:`_separation_model`, ``chaos_rate``/``late_rate`` per step; the control
+    holds ``control_drift`` · step, exactly 0 by default). ``last_spike`` multiplies the last written C row's
+    distances to earlier snapshots by (1 + last_spike) (a spike at the last snapshot).
+    """
     rng = np.random.default_rng(seed)
     steps = log_linear_steps(2000) if steps is None else np.asarray(steps, dtype=np.int64)
+    base_kernel = np.zeros(steps.size, dtype=bool)
+    base_kernel[::kernel_every] = True
+    base_kernel[-1] = True
+    if kernel_lag is not None:
+        companions = steps[base_kernel] + kernel_lag
+        kernel_steps = np.union1d(steps[base_kernel], companions)
+        steps = np.union1d(steps, companions)
+        base_kernel = np.isin(steps, kernel_steps)
     T = steps.size
-    before = steps <= transition
 
     # Parameters: the direction of θ rotates at a constant angular speed until the transition and then stops
     # ("plateau") or turns slightly back ("peak"), plus a small random walk in every coordinate.
@@ -130,12 +173,9 @@ def write_synthetic_run(
         raise ValueError(f"c_shape must be 'plateau' or 'peak'; got {c_shape!r}")
     noise = np.cumsum(0.004 * np.sqrt(np.diff(steps, prepend=0))[:, None] * rng.normal(size=(T, p)), axis=0)
     theta = 8.0 * (np.cos(angle)[:, None] * u + np.sin(angle)[:, None] * w) + noise
-    C = _cosine_dissimilarity(theta)
 
     # Kernels: fast walk, then an Ornstein–Uhlenbeck process around h(transition) (the cone).
     kernel_vectors = None
-    S = np.full((T, T), np.nan)
-    has_kernel = np.zeros(T, dtype=bool)
     if kernels:
         m = 96
         h = np.empty((T, m))
@@ -151,38 +191,49 @@ def write_synthetic_run(
                     anchor = h[k - 1].copy()
                 rho = 0.995 ** dt
                 h[k] = anchor + rho * (h[k - 1] - anchor) + 0.02 * np.sqrt(1 - rho**2) * rng.normal(size=m)
-        has_kernel[::kernel_every] = True
-        has_kernel[-1] = True
         kernel_vectors = h
-        Sk = _cosine_dissimilarity(h[has_kernel])
-        S[np.ix_(has_kernel, has_kernel)] = Sk
 
     # Main-run curves.
     progress = 1 - np.exp(-steps / max(transition, 1))
     accuracy = np.clip(0.1 + 0.8 * progress + rng.normal(0, 0.005, T), 0, 1)
     eval_loss = 2.3 * np.exp(-2.5 * progress) + 0.25 + rng.normal(0, 0.005, T)
     # Predictions on the eval set drift with the parameters: a share of labels flips between snapshots.
+    full_C = _cosine_dissimilarity(theta)
     preds_rng = np.random.default_rng(seed + 1)
     labels = np.empty((T, eval_n), dtype=np.int16)
     labels[0] = preds_rng.integers(0, 10, eval_n)
-    consecutive = np.array([C[k, k - 1] for k in range(1, T)])
+    consecutive = np.array([full_C[k, k - 1] for k in range(1, T)])
     for k in range(1, T):
         share = 0.3 * np.sqrt(consecutive[k - 1] / max(consecutive.max(), 1e-300))
         labels[k] = labels[k - 1]
         flip = preds_rng.random(eval_n) < share
         labels[k, flip] = preds_rng.integers(0, 10, int(flip.sum()))
-    D = np.stack([np.mean(labels != labels[k], axis=1) for k in range(T)])
+
+    # The snapshots that are written: at or before the horizon, and in ``keep``.
+    horizon = int(steps[-1]) if horizon is None else int(horizon)
+    written = (steps <= horizon) & (np.isin(steps, keep) if keep is not None else True)
+    idx = np.flatnonzero(written)
+    steps_w, theta_w = steps[idx], theta[idx]
+    C = _cosine_dissimilarity(theta_w)
+    if last_spike:
+        C[-1, :-1] *= 1 + last_spike
+        C[:-1, -1] = C[-1, :-1]
+    D = np.stack([np.mean(labels[idx] != labels[k], axis=1) for k in idx])
     np.fill_diagonal(D, 0.0)
+    has_kernel = base_kernel[idx] if kernels else np.zeros(idx.size, dtype=bool)
+    S = np.full((idx.size, idx.size), np.nan)
+    if kernels:
+        S[np.ix_(has_kernel, has_kernel)] = _cosine_dissimilarity(kernel_vectors[idx][has_kernel])
 
     root = Path(root)
     writer = RunWriter(root, _manifest(model_class, eval_n, kernels, list(ghosts), f"synthetic {root}"),
                        resume=False)
     for name, matrix in (("C", C), ("D", D)) + ((("S", S),) if kernels else ()):
         rows = TriangularRows(writer.metrics_path(f"{name}.rows"))
-        for k in range(T):
+        for k in range(idx.size):
             rows.append(matrix[k, : k + 1], k)
 
-    truth = SyntheticTruth(root, steps, transition, theta, kernel_vectors)
+    truth = SyntheticTruth(root, steps_w, transition, theta_w, kernel_vectors[idx] if kernels else None)
     spawn_rows = []
     if ghosts:
         index = 0
@@ -194,39 +245,64 @@ def write_synthetic_run(
             truth.spawn_steps.append(int(spawn))
             truth.diverging.append(spawn < transition)
             index += 1
+    realized = 6e-8
+    curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for ghost, spawn, is_control in spawn_rows:
+        if spawn > horizon:
+            continue
+        if is_control:
+            sep_steps = np.arange(spawn, horizon + 1, dtype=np.int64)
+            curves[ghost] = (sep_steps, control_drift * (sep_steps - spawn).astype(np.float64))
+        else:
+            curves[ghost] = _separation_model(spawn, horizon, transition, chaos_rate=chaos_rate,
+                                              late_rate=late_rate, realized=realized, saturation=1.0, seed=seed)
+    truth.separation = curves
     spawned: set[int] = set()
-    for k, step in enumerate(steps):
+    for k, step in zip(idx, steps_w):
         for ghost, spawn, is_control in spawn_rows:
-            if spawn == step and ghost not in spawned:
+            if spawn <= step and ghost not in spawned:
                 spawned.add(ghost)
-                writer.event("ghost_spawn", ghost=ghost, step=int(step), spawn_step=spawn, control=is_control,
+                writer.event("ghost_spawn", ghost=ghost, step=int(spawn), spawn_step=spawn, control=is_control,
                              kind="l2", seed=ghost, nominal_norm=0.0 if is_control else 1e-7,
-                             realized_norm=0.0 if is_control else 6e-8, changed=0 if is_control else 1000,
+                             realized_norm=0.0 if is_control else realized, changed=0 if is_control else 1000,
                              total=64, direction_cosine=1.0, share_on_zeros=0.0)
             if ghost in spawned:
-                writer.event("ghost_compare", **_ghost_compare(ghost, spawn, is_control, int(step), transition,
-                                                               accuracy[k], eval_loss[k], steps[-1], rng))
+                sep_steps, l2 = curves[ghost]
+                compare = _ghost_compare(ghost, spawn, is_control, int(step), transition, accuracy[k], eval_loss[k],
+                                         float(l2[int(step) - spawn]), seed)
+                writer.event("ghost_compare", **compare)
+                writer.event("ghost_barrier", ghost=ghost, step=int(step), B=compare["B"],
+                             B_linear=compare["B_linear"], argmax_alpha=0.5, alphas=11)
         record = {"step": int(step), "eval_loss": float(eval_loss[k]), "eval_accuracy": float(accuracy[k]),
-                  "kernel": bool(has_kernel[k]), "train_loss": float(eval_loss[k] * 0.9) if k else None,
-                  "lr": [0.1], "C_prev": float(C[k, k - 1]) if k else None}
+                  "kernel": bool(base_kernel[k]) if kernels else False,
+                  "train_loss": float(eval_loss[k] * 0.9) if step != steps_w[0] else None,
+                  "lr": [0.1], "C_prev": None}
         writer.commit_snapshot(record)
+    if separation:
+        for ghost, (sep_steps, l2) in curves.items():
+            path = separation_path(root, ghost)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.stack([sep_steps.astype("<f8"), l2.astype("<f8")], axis=1).astype("<f8").tofile(path)
     if barriers:
-        for k in range(1, T):
-            append_jsonl(root / "metrics" / "B.jsonl", {"i": int(steps[k]), "j": int(steps[k - 1]),
-                                                       "value": float(0.05 * C[k, k - 1] / max(C.max(), 1e-12)),
-                                                       "argmax_alpha": 0.5, "alphas": 30, "metric": "loss"})
+        for k in range(1, idx.size):
+            value = float(0.05 * C[k, k - 1] / max(C.max(), 1e-12))
+            append_jsonl(barriers_path(root), {"i": int(steps_w[k]), "j": int(steps_w[k - 1]), "value": value,
+                                               "B": value, "B_linear": 0.5 * value, "argmax_alpha": 0.5,
+                                               "alphas": 30, "metric": "loss"})
     if switching:
         (root / SWITCHING).mkdir(exist_ok=True)
-        for switch in np.linspace(0, steps[-1], 6).astype(int):
+        for switch in np.linspace(0, steps_w[-1], 6).astype(int):
             append_jsonl(root / SWITCHING / "results.jsonl", {
-                "switch_step": int(switch), "total_steps": int(steps[-1]),
+                "switch_step": int(switch), "total_steps": int(steps_w[-1]),
                 "eval_accuracy": float(0.5 + 0.4 * (1 - np.exp(-switch / max(transition, 1)))),
                 "eval_loss": float(1.5 * np.exp(-switch / max(transition, 1)) + 0.3)})
     if status == "closed":
         for ghost, _, _ in spawn_rows:
-            writer.event("ghost_status", ghost=ghost, step=int(steps[-1]), status="finished", reason="run closed")
-        writer.update_manifest(status="closed", final_step=int(steps[-1]))
-        writer.event("close", step=int(steps[-1]), status="closed", reason=None)
+            if ghost in spawned:
+                writer.event("ghost_status", ghost=ghost, step=int(steps_w[-1]), status="finished",
+                             reason="run closed")
+        writer.update_manifest(status="closed", final_step=int(steps_w[-1]))
+        writer.event("close", step=int(steps_w[-1]), status="closed", reason=None)
     elif status == "interrupted":
         finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                                   text=True, check=True)
@@ -237,25 +313,19 @@ def write_synthetic_run(
 
 
 def _ghost_compare(ghost: int, spawn: int, control: bool, step: int, transition: int, accuracy: float, loss: float,
-                   last: int, rng: np.random.Generator) -> dict:
-    """Main-vs-ghost metrics at ``step`` for a ghost spawned at ``spawn``."""
+                   l2: float, seed: int) -> dict:
+    """Main-vs-ghost metrics at ``step`` for a ghost spawned at ``spawn`` whose separation is ``l2``
+    (‖θ‖ ≈ 8, so C ≈ ½ (l2 / 8)²); D and the barriers grow with the share of the saturation reached."""
     if control:
-        return {"ghost": ghost, "step": step, "C": 0.0, "L2": 0.0, "D": 0.0, "B": 0.0, "eval_loss": loss,
-                "eval_accuracy": accuracy}
-    age = step - spawn
+        return {"ghost": ghost, "step": step, "C": 0.5 * (l2 / 8.0) ** 2, "L2": l2, "D": 0.0, "B": 0.0,
+                "B_linear": 0.0, "eval_loss": loss, "eval_accuracy": accuracy}
+    rng = np.random.default_rng([seed, ghost, step])
     error = 1 - accuracy
-    if spawn < transition:
-        # ε amplified exponentially until the transition, peaking there, then a slow decline (Fig. 3a shape).
-        growth = min(1.0, age / max(transition - spawn, 1)) if step <= transition else 1.0
-        peak = 1e-2 * (1 - 0.3 * spawn / transition)
-        log_c = np.log10(1e-14) + growth * (np.log10(peak) - np.log10(1e-14))
-        c = 10**log_c if step <= transition else peak * (1 - 0.3 * (step - transition) / max(last - transition, 1))
-        d = error * 0.8 * growth * (1 + 0.05 * rng.normal())
-        b = 0.3 * loss * growth
-    else:
-        c = 1e-12 * (1 + age / 100)
-        d = min(error * 0.03, 0.001 * (1 + rng.random()))
-        b = 1e-4 * loss
-    d = float(np.clip(d, 0, 1))
-    return {"ghost": ghost, "step": step, "C": float(c), "L2": float(np.sqrt(2 * c) * 8.0), "D": d, "B": float(b),
-            "eval_loss": loss + b, "eval_accuracy": accuracy - d / 4}
+    reached = float(np.clip(np.log(l2 / 6e-8) / np.log(1.0 / 6e-8), 0, 1)) ** 4  # ~1 once saturated
+    c = 0.5 * (l2 / 8.0) ** 2
+    d = float(np.clip(error * 0.8 * reached * (1 + 0.05 * rng.normal()), 0, 1)) if reached > 1e-3 else float(
+        min(error * 0.03, 0.001 * (1 + rng.random())))
+    b_linear = 0.3 * loss * reached + 1e-5 * loss
+    b = b_linear + 0.01 * loss  # eq. 5 adds about half the endpoint loss gap
+    return {"ghost": ghost, "step": step, "C": float(c), "L2": float(l2), "D": d, "B": float(b),
+            "B_linear": float(b_linear), "eval_loss": loss + b, "eval_accuracy": accuracy - d / 4}

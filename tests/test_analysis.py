@@ -12,10 +12,10 @@ import torch
 
 import dynprobe
 from dynprobe.analysis import cone
-from dynprobe.analysis import run_analysis as analysis
+from dynprobe import analysis
 from dynprobe.analysis.changepoint import log_time, two_segment_fit, weighted_quantile
 from dynprobe.analysis.detector import TransitionDetector
-from dynprobe.analysis.run_analysis import GhostOutcome, TransitionEstimate
+from dynprobe.analysis.run_analysis import TransitionEstimate
 from dynprobe.store.files import RunFormatError
 
 from .conftest import mlp_setup, train
@@ -81,31 +81,68 @@ def test_log_time_is_log1p_in_units_of_the_smallest_positive_step():
 # --------------------------------------------------------------------------------------------- Finding I
 
 
-def brute_force_plateau_onset_estimate(steps: np.ndarray, C: np.ndarray, fraction: float = 0.95) -> int:
-    """The documented rule, written out with loops: per row, first t1 reaching `fraction` of the rise; rows
-    weighted by their rise; rows whose plateau is < 1/4 of their rise left out; lower weighted median."""
-    onsets, weights, rising = [], [], []
+def brute_force_level_off(steps, values, fraction=0.1, per_efold=4, patience=2):
+    """The documented level-off rule with loops: resample on log1p(t) at 4 points per e-fold, rate per e-fold,
+    first grid point from which the rate stays ≤ fraction × running max for `patience` points, last recorded step
+    at or before it. Returns (step or None, rise)."""
+    points = [(int(t), float(v)) for t, v in zip(steps, values) if math.isfinite(v)]
+    if len(points) < 4:
+        return None, 0.0
+    xs = [math.log1p(t) for t, _ in points]
+    n = int(math.floor((xs[-1] - xs[0]) * per_efold + 1e-9)) + 1
+    grid = [xs[0] + i / per_efold for i in range(n)]
+    first, rise_to_end = points[0][1], max(v for _, v in points) - points[0][1]
+    if len(grid) < patience + 3:
+        return None, rise_to_end
+
+    def at(x):
+        for k in range(len(xs) - 1):
+            if xs[k] <= x <= xs[k + 1]:
+                w = (x - xs[k]) / (xs[k + 1] - xs[k])
+                return (1 - w) * points[k][1] + w * points[k + 1][1]
+        return points[-1][1]
+
+    rates = [(at(grid[i + 1]) - at(grid[i])) * per_efold for i in range(len(grid) - 1)]
+    running, best = [], -math.inf
+    for r in rates:
+        best = max(best, r)
+        running.append(best)
+    for i in range(1, len(rates) - patience + 1):
+        if all(running[j] > 0 and rates[j] <= fraction * running[j] for j in range(i, i + patience)):
+            crossing = math.expm1(grid[i])
+            t, v = [(t, v) for t, v in points if t <= crossing + 1e-9][-1]
+            return t, v - first
+    return None, rise_to_end
+
+
+def brute_force_level_off_estimate(steps: np.ndarray, C: np.ndarray) -> int | None:
+    """Rows C(t0, t0:), level-off per row, rows weighted by their rise, still-rising rows left out (a bound when
+    they carry half the weight), lower weighted median."""
+    onsets, weights = [], []
     for i in range(len(steps) - 3):
-        row = [(int(steps[j]), float(C[i, j])) for j in range(i, len(steps)) if np.isfinite(C[i, j])]
-        if len(row) < 4:
-            continue
-        rise = max(v for _, v in row) - row[0][1]
-        if rise <= 0:
-            continue
-        onset_column = next(k for k, (_, v) in enumerate(row) if v - row[0][1] >= fraction * rise)
-        onsets.append(row[onset_column][0])
-        weights.append(rise)
-        rising.append(row[-1][0] - row[onset_column][0] < 0.25 * (row[onset_column][0] - row[0][0]))
-    if sum(w for w, r in zip(weights, rising) if r) < 0.5 * sum(weights):  # still-rising rows do not vote
-        onsets = [o for o, r in zip(onsets, rising) if not r]
-        weights = [w for w, r in zip(weights, rising) if not r]
-    order = sorted(range(len(onsets)), key=lambda k: onsets[k])
-    total, running = sum(weights), 0.0
-    for k in order:
-        running += weights[k]
+        onset, rise = brute_force_level_off(steps[i:], C[i, i:])
+        if rise > 0:
+            onsets.append(onset)
+            weights.append(rise)
+    settled = [(o, w) for o, w in zip(onsets, weights) if o is not None]
+    if sum(w for _, w in settled) <= 0.5 * sum(weights):
+        return None
+    settled.sort()
+    total, running = sum(w for _, w in settled), 0.0
+    for o, w in settled:
+        running += w
         if running >= 0.5 * total * (1 - 1e-12):
-            return onsets[k]
+            return o
     raise AssertionError("no rows")
+
+
+def test_level_off_step_follows_the_documented_rule():
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        steps = np.unique(rng.integers(0, 3000, 40))
+        knee = int(rng.integers(50, 1500))
+        values = np.minimum(steps, knee) ** rng.uniform(0.5, 2) + rng.uniform(0, 3) * steps * 1e-3
+        assert analysis.level_off_step(steps, values) == pytest.approx(brute_force_level_off(steps, values))
 
 
 def test_trajectory_C_estimate_follows_the_documented_rule_on_a_piecewise_linear_map():
@@ -113,8 +150,8 @@ def test_trajectory_C_estimate_follows_the_documented_rule_on_a_piecewise_linear
     position = np.minimum(steps, 300) + 0.01 * steps  # rises until 300, then almost flat
     C = np.abs(position[:, None] - position[None, :]) / position.max()
     estimate = analysis.transition_from_trajectory_C(steps, C)
-    assert estimate.step == brute_force_plateau_onset_estimate(steps, C)
-    assert estimate.quality == "high" and within(estimate.step, 300, 1.1)
+    assert estimate.step == brute_force_level_off_estimate(steps, C)
+    assert estimate.quality == "high" and within(estimate.step, 300, 1.15)
 
 
 @pytest.mark.parametrize("shape", ["plateau", "peak"])
@@ -129,7 +166,29 @@ def test_trajectory_C_estimate_lands_near_the_planted_transition(tmp_path, shape
     estimate = analysis.transition_from_trajectory_C(run.steps, run.C)
     assert estimate.quality in ("high", "medium"), estimate.summary
     assert within(estimate.step, planted), (estimate.step, planted)
-    assert estimate.step == brute_force_plateau_onset_estimate(run.steps, run.C)
+    assert estimate.step == brute_force_level_off_estimate(run.steps, run.C)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trajectory_C_estimate_does_not_move_with_the_horizon_or_a_spike_at_the_last_snapshot(tmp_path, seed):
+    # The same simulated run cut at 800, 1,000 and 1,500 steps (the horizons of the report that found 400 → 500 →
+    # 600), and with a spike in C at its last snapshot.
+    estimates, last_C = [], {}
+    for horizon in (800, 1000, 1500):
+        truth = write_synthetic_run(tmp_path / f"h{horizon}", transition=300, kernels=False, ghosts=(), seed=seed,
+                                    horizon=horizon)
+        run = dynprobe.load_run(truth.root)
+        last_C[horizon] = run.C[-1, 0]
+        estimates.append(analysis.transition_from_trajectory_C(run.steps, run.C))
+    steps = [e.step for e in estimates]
+    assert all(e.quality == "high" for e in estimates), [e.summary for e in estimates]
+    assert max(steps) / min(steps) <= 1.5 and within(steps[0], 300), steps
+    spiked = write_synthetic_run(tmp_path / "spike", transition=300, kernels=False, ghosts=(), seed=seed,
+                                 horizon=1000, last_spike=0.5)
+    run = dynprobe.load_run(spiked.root)
+    assert run.C[-1, 0] == pytest.approx(1.5 * last_C[1000])  # the spike is there
+    spike = analysis.transition_from_trajectory_C(run.steps, run.C)
+    assert (spike.step, spike.quality) == (estimates[1].step, estimates[1].quality)
 
 
 def test_trajectory_C_without_a_transition_is_a_bound_not_an_estimate():
@@ -152,90 +211,77 @@ def test_trajectory_C_degrades_gracefully_and_rejects_bad_input():
         analysis.transition_from_trajectory_C(np.array([0, 2, 1, 3, 4, 5]), np.zeros((6, 6)))
 
 
-def test_ghost_C_estimate_finds_the_peak_of_the_main_vs_ghost_map(tmp_path):
+def test_ghost_C_estimate_finds_where_the_main_vs_ghost_map_levels_off(tmp_path):
     truth = write_synthetic_run(tmp_path / "run", transition=300)
     run = dynprobe.load_run(truth.root)
     perturbed = [i for i, g in enumerate(run.ghosts) if not g.control]
     estimate = analysis.transition_from_ghost_C(run.steps, run.chaos["C"][perturbed],
                                                 row_ids=[run.ghosts[i].index for i in perturbed])
-    # Independently: the column of each diverging ghost's maximum.
-    peaks = [int(run.steps[np.nanargmax(run.chaos["C"][i])]) for i in perturbed
-             if run.ghosts[i].spawn_step < 300]
-    assert set(peaks) == {300} and estimate.step == 300 and estimate.quality == "high"
+    # Independently: each diverging ghost's row levels off (brute force) near the planted step.
+    onsets = [brute_force_level_off(run.steps[np.isfinite(run.chaos["C"][i])],
+                                    run.chaos["C"][i][np.isfinite(run.chaos["C"][i])])[0]
+              for i in perturbed if run.ghosts[i].spawn_step < 300]
+    assert all(within(o, 300) for o in onsets), onsets
+    assert estimate.step in onsets and estimate.quality == "high", estimate.summary
     assert analysis.transition_from_ghost_C(run.steps, np.zeros((0, len(run)))).quality == "unavailable"
-
-
-# --------------------------------------------------------------------------------------------- chaos
-
-
-def outcome(spawn: int, D: float, *, error: float = 0.1, B: float | None = None, C: float | None = None,
-            loss: float | None = 1.0, stopped: bool = False) -> GhostOutcome:
-    return GhostOutcome(spawn_step=spawn, final_step=1000, D=D, error=error, B=B, loss=loss, C=C, L2=None,
-                        realized_norm=1e-7, stopped_diverged=stopped)
-
-
-def test_chaos_estimate_brackets_the_planted_transition_on_a_synthetic_run(tmp_path):
-    truth = write_synthetic_run(tmp_path / "run", transition=300, ghosts=(0, 50, 150, 600, 1200))
-    run = dynprobe.load_run(truth.root)
-    outcomes = analysis.ghost_outcomes(run)
-    assert [o.spawn_step for o in outcomes] == [0, 50, 150, 600, 1200]  # control excluded
-    for o, ghost in zip(outcomes, [g for g in run.ghosts if not g.control]):
-        row = run.ghosts.index(ghost)
-        assert o.D == run.chaos["D"][row, -1] and o.B == run.chaos["B"][row, -1]
-        assert o.error == pytest.approx(1 - run.eval_accuracy[-1])
-    estimate = analysis.transition_from_chaos(outcomes, eval_size=1000)
-    assert estimate.interval == (150, 600) and estimate.step == 600 and estimate.quality == "high"
-    assert [g["diverged"] for g in estimate.evidence["ghosts"]] == truth.diverging
-
-
-def test_chaos_thresholds_are_relative_to_the_independent_run_ceiling():
-    # d_fraction 0.25 of error 0.1 -> 0.025; 1.5 examples of 1000 -> 0.0015 floor.
-    estimate = analysis.transition_from_chaos([outcome(0, 0.0251), outcome(100, 0.0249)], eval_size=1000)
-    assert estimate.interval == (0, 100)
-    floor = analysis.transition_from_chaos([outcome(0, 0.004, error=0.0), outcome(100, 0.001, error=0.0)],
-                                           eval_size=1000)
-    assert floor.interval == (0, 100)
-    by_barrier = analysis.transition_from_chaos([outcome(0, 0.0, B=0.2), outcome(100, 0.0, B=0.05)])
-    assert by_barrier.interval == (0, 100)
-    stopped = analysis.transition_from_chaos([outcome(0, math.nan, stopped=True), outcome(100, 0.0)])
-    assert stopped.interval == (0, 100)
-
-
-def test_chaos_quality_and_bounds():
-    separated = [outcome(0, 0.09, C=1e-2), outcome(100, 0.0, C=1e-9)]
-    assert analysis.transition_from_chaos(separated).quality == "high"
-    close_C = [outcome(0, 0.09, C=1e-2), outcome(100, 0.0, C=1e-3)]
-    assert analysis.transition_from_chaos(close_C).quality == "medium"
-    non_monotone = [outcome(0, 0.0), outcome(50, 0.09), outcome(100, 0.0)]
-    estimate = analysis.transition_from_chaos(non_monotone)
-    assert estimate.quality == "low" and estimate.interval == (50, 100)
-    all_diverged = analysis.transition_from_chaos([outcome(0, 0.09), outcome(600, 0.05)])
-    assert all_diverged.quality == "bound" and all_diverged.interval == (600, None) and all_diverged.step is None
-    all_close = analysis.transition_from_chaos([outcome(100, 0.0), outcome(600, 0.0)])
-    assert all_close.quality == "bound" and all_close.interval == (None, 100)
-    assert analysis.transition_from_chaos([]).quality == "unavailable"
-    with pytest.raises(ValueError, match="d_fraction"):
-        analysis.transition_from_chaos(separated, d_fraction=1.5)
 
 
 # --------------------------------------------------------------------------------------------- velocity
 
 
+def brute_force_lag_series(steps, kernel_vectors, has_kernel, lag):
+    """S(t, t+lag) between kernel snapshots exactly `lag` apart, from the simulated kernels (loops)."""
+    out = []
+    for i, t in enumerate(steps):
+        for j, u in enumerate(steps):
+            if u - t == lag and has_kernel[i] and has_kernel[j]:
+                a, b = kernel_vectors[i], kernel_vectors[j]
+                out.append((int(t), 1 - float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return out
+
+
 @pytest.mark.parametrize("velocity", ["step", "power"])
-@pytest.mark.parametrize("planted,schedule", [(80, "log_linear"), (300, "log_linear"), (900, "log_linear"),
-                                              (300, "uniform"), (900, "uniform")])
-def test_kernel_velocity_change_point_lands_near_the_planted_transition(tmp_path, velocity, planted, schedule):
-    steps = log_linear_steps(2000) if schedule == "log_linear" else uniform_steps(2000, 61)
+@pytest.mark.parametrize("planted,schedule", [(300, "uniform"), (900, "uniform"), (80, "log_companions"),
+                                              (300, "log_companions"), (900, "log_companions")])
+def test_kernel_velocity_drop_lands_near_the_planted_transition(tmp_path, velocity, planted, schedule):
+    steps = uniform_steps(2000, 81) if schedule == "uniform" else log_linear_steps(2000)
+    lag = None if schedule == "uniform" else 10
     truth = write_synthetic_run(tmp_path / "run", steps=steps, transition=planted, velocity=velocity, ghosts=(),
-                                seed=planted + 7)
+                                seed=planted + 7, kernel_lag=lag)
     run = dynprobe.load_run(truth.root)
-    estimate = analysis.transition_from_kernel_velocity(run.steps, run.S)
+    estimate = analysis.transition_from_kernel_velocity(run.steps, run.S, lag=lag)
     assert estimate.quality == "high", estimate.summary
     assert within(estimate.step, planted), (estimate.step, planted)
-    # The velocities it fitted, recomputed from the simulated kernels.
-    distances = cosine_distance_matrix(truth.kernels)
-    expected = [distances[k, k - 1] / (steps[k] - steps[k - 1]) for k in range(1, steps.size)]
-    np.testing.assert_allclose(estimate.evidence["v"], expected, rtol=1e-6)
+    expected = brute_force_lag_series(run.steps, truth.kernels, np.isfinite(np.diag(run.S)), lag or 25)
+    assert estimate.evidence["lag"] == (lag or 25)
+    np.testing.assert_allclose(estimate.evidence["t"], [t for t, _ in expected])
+    np.testing.assert_allclose(estimate.evidence["S"], [v for _, v in expected], rtol=1e-6)
+
+
+def kernel_estimate(path, **kwargs):
+    truth = write_synthetic_run(path, ghosts=(0, 50, 150, 600, 1200), **kwargs)
+    run = dynprobe.load_run(truth.root)
+    return analysis.estimate_transition(run).get("kernel_velocity")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernel_velocity_moves_at_most_1_5x_when_snapshots_are_thinned_or_a_spawn_snapshot_dropped(tmp_path, seed):
+    # Uniform grid: thinning ×2 doubles the lag (25 → 50).
+    steps = uniform_steps(2000, 81)
+    full = kernel_estimate(tmp_path / "full", steps=steps, seed=seed)
+    thinned = kernel_estimate(tmp_path / "thin", steps=steps, seed=seed, keep=steps[::2])
+    dropped = kernel_estimate(tmp_path / "drop", steps=steps, seed=seed, keep=steps[steps != 150])
+    # Log-spaced kernel snapshots with companions 10 steps later (KernelConfig(lag_steps=10)): thinning keeps every
+    # other base snapshot with its companion.
+    base = log_linear_steps(2000)
+    companion = kernel_estimate(tmp_path / "lag", steps=base, seed=seed, kernel_lag=10)
+    kept = np.union1d(base[::2], base[::2] + 10)
+    companion_thin = kernel_estimate(tmp_path / "lag_thin", steps=base, seed=seed, kernel_lag=10, keep=kept)
+    for a, b in ((full, thinned), (full, dropped), (companion, companion_thin)):
+        assert a.step is not None and b.step is not None, (a.summary, b.summary)
+        assert max(a.step, b.step) / min(a.step, b.step) <= 1.5, (a.step, b.step)
+    assert thinned.evidence["lag"] == 2 * full.evidence["lag"] and companion.evidence["lag"] == 10
+    assert all(within(e.step, 300) for e in (full, thinned, dropped, companion, companion_thin))
 
 
 def test_kernel_velocity_uses_only_snapshots_with_kernels(tmp_path):
@@ -248,35 +294,69 @@ def test_kernel_velocity_uses_only_snapshots_with_kernels(tmp_path):
     assert within(estimate.step, 300)
 
 
-def test_kernel_velocity_is_unavailable_without_kernels():
+def test_kernel_velocity_is_unavailable_without_kernels_or_lag_pairs():
     steps = np.arange(10)
     no_kernels = analysis.transition_from_kernel_velocity(steps, np.full((10, 10), np.nan))
     assert no_kernels.quality == "unavailable" and "KernelConfig" in no_kernels.summary
     few = np.full((10, 10), np.nan)
     few[:3, :3] = 0.1 * (1 - np.eye(3))
     assert analysis.transition_from_kernel_velocity(steps, few).quality == "unavailable"
+    log_grid = np.array([0, 1, 3, 7, 15, 31, 63, 127, 255])  # no two gaps alike: no lag pairs beyond one
+    unpaired = analysis.transition_from_kernel_velocity(log_grid, 0.1 * (1 - np.eye(9)))
+    assert unpaired.quality == "unavailable" and "lag_steps" in unpaired.summary
 
 
-# --------------------------------------------------------------------------------------------- agreement
+def test_kernel_velocity_without_a_drop_says_so():
+    rng = np.random.default_rng(8)
+    steps = np.arange(0, 2001, 25)
+    kernels = 3.0 + np.cumsum(rng.normal(0, 0.02, (steps.size, 60)), axis=0)  # a steady walk: S(t, t+25) flat
+    estimate = analysis.transition_from_kernel_velocity(steps, cosine_distance_matrix(kernels))
+    assert estimate.step is None and estimate.quality == "none" and "no drop" in estimate.summary
 
 
-def estimate(method: str, step: int | None, interval) -> TransitionEstimate:
-    return TransitionEstimate(method, step, interval, "high" if step is not None else "bound", "")
+# --------------------------------------------------------------------------------------------- consensus
 
 
-def test_estimates_agree_when_their_widened_brackets_share_a_step():
-    report = analysis.combine_estimates([estimate("a", 300, (250, 350)), estimate("b", 600, (500, 700)),
-                                         estimate("c", None, (200, None))], tolerance=2.0)
-    assert report.agree is True
-    assert report.common == (pytest.approx(250), pytest.approx(700))
-    assert report.step == round(math.exp(np.median(np.log([300, 600]))))
-    apart = analysis.combine_estimates([estimate("a", 100, (90, 110)), estimate("b", 1000, (900, 1100))])
-    assert apart.agree is False and "disagree" in apart.summary
-    bound_conflict = analysis.combine_estimates([estimate("a", 100, (90, 110)), estimate("b", None, (600, None))])
-    assert bound_conflict.agree is False
-    single = analysis.combine_estimates([estimate("a", 100, (90, 110)),
-                                         TransitionEstimate("b", None, None, "unavailable", "no data")])
-    assert single.agree is None and single.step == 100
+def estimate(method: str, step: int | None, interval, quality: str | None = None) -> TransitionEstimate:
+    return TransitionEstimate(method, step, interval, quality or ("high" if step is not None else "bound"), "")
+
+
+def test_consensus_is_a_step_one_estimator_produced_never_a_clipped_number():
+    # The report's case: estimators said 1,000, 1,200 and 1,300; the old rule clipped the consensus to 800.
+    report = analysis.combine_estimates([estimate("chaos", 1000, (900, 1000)),
+                                         estimate("kernel_velocity", 1200, (1100, 1200)),
+                                         estimate("trajectory_C", 1300, (1250, 1350)),
+                                         estimate("ghost_C", None, (400, None))])
+    assert report.agree is True and report.step == 1200 and report.method == "kernel_velocity"
+    assert report.interval == (1100, 1200) and report.common == (1000.0, 1300.0)
+    assert "1200" in report.headline and "between steps 1100 and 1200" in report.headline
+
+
+def test_estimates_that_disagree_give_no_step_and_list_each_one():
+    apart = analysis.combine_estimates([estimate("chaos", 100, (90, 110)), estimate("trajectory_C", 1000,
+                                                                                    (900, 1100))])
+    assert apart.agree is False and apart.step is None and apart.interval is None
+    assert "disagree" in apart.summary and "chaos 100" in apart.summary and "trajectory_C 1000" in apart.summary
+    assert apart.headline.startswith("Transition undetermined, because the estimates disagree")
+    bound_conflict = analysis.combine_estimates([estimate("chaos", 100, (90, 110)),
+                                                 estimate("kernel_velocity", None, (600, None))])
+    assert bound_conflict.agree is False and bound_conflict.step is None
+
+
+def test_consensus_ties_brackets_and_voters():
+    # Brackets decide agreement, not points at exactly the tolerance ratio.
+    touching = analysis.combine_estimates([estimate("chaos", 600, (150, 600)),
+                                           estimate("kernel_velocity", 300, (250, 300))])
+    assert touching.agree is True and touching.step in (300, 600)
+    single = analysis.combine_estimates([estimate("trajectory_C", 100, (90, 110)),
+                                         TransitionEstimate("chaos", None, None, "unavailable", "no data")])
+    assert single.agree is None and single.step == 100 and "only estimate" in single.headline
+    online_only = analysis.combine_estimates([estimate("online", 5000, (4000, 5000)),
+                                              estimate("trajectory_C", 100, (90, 110))])
+    assert online_only.agree is None and online_only.step == 100  # the online detector never votes
+    nothing = analysis.combine_estimates([TransitionEstimate("chaos", None, None, "undetermined",
+                                                             "undetermined: later ghosts have not run long enough")])
+    assert nothing.step is None and "later ghosts" in nothing.headline
     with pytest.raises(ValueError, match="tolerance"):
         analysis.combine_estimates([], tolerance=0.5)
 
@@ -284,9 +364,10 @@ def test_estimates_agree_when_their_widened_brackets_share_a_step():
 def test_estimate_transition_on_a_synthetic_run_agrees_on_the_planted_step(tmp_path):
     truth = write_synthetic_run(tmp_path / "run", transition=300)
     report = analysis.estimate_transition(dynprobe.load_run(truth.root))
-    assert [e.method for e in report.estimates] == ["trajectory_C", "ghost_C", "chaos", "kernel_velocity"]
-    assert all(e.quality == "high" for e in report.estimates)
-    assert report.agree is True and within(report.step, 300)
+    assert [e.method for e in report.estimates] == ["chaos", "kernel_velocity", "trajectory_C", "ghost_C"]
+    assert all(e.quality in ("high", "medium") for e in report.estimates), [e.summary for e in report.estimates]
+    assert report.agree is True and within(report.step, 300, 2.0)
+    assert report.step == report.get(report.method).step
 
 
 def test_analysis_of_a_run_without_kernels_or_ghosts_says_what_is_missing(tmp_path):
@@ -421,26 +502,62 @@ def stream(run: dynprobe.Run, with_kernels: bool = True):
         yield int(step), run.C[k, : k + 1], (run.S[k, : k + 1] if with_kernels else None)
 
 
+def fire(run: dynprobe.Run, with_kernels: bool = True, **kwargs):
+    detector = TransitionDetector(**kwargs)
+    fired = [(step, e) for step, c, s in stream(run, with_kernels) if (e := detector.update(step, c, s)) is not None]
+    return detector, fired
+
+
 def test_detector_fires_once_near_the_planted_transition(tmp_path):
-    truth = write_synthetic_run(tmp_path / "run", transition=300, ghosts=())
-    run = dynprobe.load_run(truth.root)
-    detector = TransitionDetector()
-    fired = [(step, e) for step, c, s in stream(run) if (e := detector.update(step, c, s)) is not None]
+    truth = write_synthetic_run(tmp_path / "run", steps=uniform_steps(2000, 81), transition=300, ghosts=())
+    detector, fired = fire(dynprobe.load_run(truth.root))
     assert len(fired) == 1
     at_step, estimate = fired[0]
     assert estimate.method == "online" and estimate.quality == "high" and within(estimate.step, 300, 1.25)
     assert at_step > estimate.step and detector.fired and detector.estimate is estimate
-    assert estimate.evidence["signal"] == "kernel_velocity"
+    assert estimate.evidence["signal"] == "S(t, t+lag)" and estimate.evidence["lag"] == 25
     assert len(estimate.evidence["low_steps"]) >= 3
 
 
-def test_detector_falls_back_to_the_parameter_direction_rate_without_kernels(tmp_path):
-    truth = write_synthetic_run(tmp_path / "run", transition=300, kernels=False, ghosts=())
+def test_detector_pairs_are_exactly_lag_apart_and_equal_the_stored_distances(tmp_path):
+    truth = write_synthetic_run(tmp_path / "run", steps=log_linear_steps(2000), transition=300, ghosts=(),
+                                kernel_lag=10)
     run = dynprobe.load_run(truth.root)
-    detector = TransitionDetector()
-    fired = [e for step, c, s in stream(run, with_kernels=False) if (e := detector.update(step, c, s))]
-    assert len(fired) == 1 and fired[0].quality == "low" and within(fired[0].step, 300, 1.25)
-    assert fired[0].evidence["signal"] == "C_rate"
+    detector, fired = fire(run, lag_steps=10)
+    expected = brute_force_lag_series(run.steps, truth.kernels, np.isfinite(np.diag(run.S)), 10)
+    velocity, c_lag = detector._pairs[10]
+    assert [t for t, _ in velocity] == [t for t, _ in expected]
+    np.testing.assert_allclose([v for _, v in velocity], [v for _, v in expected], rtol=1e-6)
+    index = {int(t): k for k, t in enumerate(run.steps)}
+    assert c_lag == [(t, run.C[index[t + 10], index[t]]) for t, _ in c_lag]
+    assert len(fired) == 1 and within(fired[0][1].step, 300)
+
+
+def test_detector_falls_back_to_the_parameter_direction_change_without_kernels(tmp_path):
+    truth = write_synthetic_run(tmp_path / "run", steps=uniform_steps(2000, 81), transition=300, kernels=False,
+                                ghosts=())
+    _, fired = fire(dynprobe.load_run(truth.root), with_kernels=False)
+    assert len(fired) == 1 and fired[0][1].quality == "low" and within(fired[0][1].step, 300, 1.25)
+    assert fired[0][1].evidence["signal"] == "C(t, t+lag)"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detector_moves_at_most_1_5x_when_snapshots_are_thinned_or_a_spawn_snapshot_dropped(tmp_path, seed):
+    steps = uniform_steps(2000, 81)
+    runs = {name: dynprobe.load_run(write_synthetic_run(tmp_path / name, steps=steps, seed=seed,
+                                                        keep=keep).root)
+            for name, keep in (("full", None), ("thin", steps[::2]), ("drop", steps[steps != 150]))}
+    base = log_linear_steps(2000)
+    kept = np.union1d(base[::2], base[::2] + 10)
+    for name, keep in (("lag", None), ("lag_thin", kept)):
+        runs[name] = dynprobe.load_run(write_synthetic_run(tmp_path / name, steps=base, seed=seed, kernel_lag=10,
+                                                           keep=keep).root)
+    found = {name: fire(run, lag_steps=10 if name.startswith("lag") else None)[1] for name, run in runs.items()}
+    assert all(len(f) == 1 for f in found.values()), {n: len(f) for n, f in found.items()}
+    step = {name: f[0][1].step for name, f in found.items()}
+    for a, b in (("full", "thin"), ("full", "drop"), ("lag", "lag_thin")):
+        assert max(step[a], step[b]) / min(step[a], step[b]) <= 1.5, step
+    assert all(within(s, 300) for s in step.values()), step
 
 
 def test_detector_never_fires_on_a_steady_random_walk():
@@ -452,7 +569,7 @@ def test_detector_never_fires_on_a_steady_random_walk():
     C, S = cosine_distance_matrix(theta), cosine_distance_matrix(kernels)
     detector = TransitionDetector()
     assert all(detector.update(int(t), C[k, : k + 1], S[k, : k + 1]) is None for k, t in enumerate(steps))
-    assert not detector.fired
+    assert not detector.fired and detector.lag == 50  # the regular late spacing, not the dense start
 
 
 def test_detector_rejects_bad_input():
@@ -464,7 +581,8 @@ def test_detector_rejects_bad_input():
         detector.update(0, [0.1, 0.0])
     with pytest.raises(TypeError, match="step must be an int"):
         detector.update(1.5, [0.1, 0.0])
-    for bad in ({"drop_factor": 1.0}, {"patience": 0}, {"c_drop_factor": "3"}, {"min_snapshots": 2.5}):
+    for bad in ({"drop_factor": 1.0}, {"patience": 0}, {"c_drop_factor": "3"}, {"min_snapshots": 2.5},
+                {"lag_steps": 0}, {"lag_steps": 2.5}):
         with pytest.raises(ValueError):
             TransitionDetector(**bad)
 
@@ -474,17 +592,14 @@ def test_detector_rejects_bad_input():
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """A short real run: MLP, SGD momentum, ghosts at 0, 10, 40 with barriers, a snapshot every 4 steps."""
+    """A short real run: MLP, SGD momentum, eNTK on 16 examples, ghosts at 0, 10, 40, a snapshot every 4 steps."""
     root = tmp_path_factory.mktemp("real") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model, optimizer, scheduler, data = mlp_setup()
-        kwargs = {}
-        if "kernel" in inspect.signature(dynprobe.Probe).parameters:
-            kwargs["kernel"] = dynprobe.KernelConfig(n=16)
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=root, schedule=4,
-                               ghosts=dynprobe.Ghosts(at=[0, 10, 40], costly_every=4), **kwargs)
+                               ghosts=dynprobe.Ghosts(at=[0, 10, 40]), kernel=dynprobe.KernelConfig(n=16))
         criterion = probe.watch(torch.nn.CrossEntropyLoss())
         train(model, optimizer, scheduler, data, 80, criterion=criterion)
         probe.close()
@@ -498,41 +613,47 @@ def test_analysis_of_a_real_run_matches_brute_force_on_its_arrays(real_run):
     report = analysis.estimate_transition(run)
     trajectory = report.get("trajectory_C")
     assert trajectory.available
-    if trajectory.step is not None:
-        assert trajectory.step == brute_force_plateau_onset_estimate(run.steps, run.C)
+    assert trajectory.step == brute_force_level_off_estimate(run.steps, run.C)
     outcomes = analysis.ghost_outcomes(run)
     perturbed = [g for g in run.ghosts if not g.control]
     assert [o.spawn_step for o in outcomes] == [g.spawn_step for g in perturbed] == [0, 10, 40]
     for o, ghost in zip(outcomes, perturbed):
         row = run.ghosts.index(ghost)
         assert o.D == run.chaos["D"][row, -1] and o.final_step == run.steps[-1]
-        assert o.realized_norm == ghost.realized_norm
-    chaos = report.get("chaos")
-    assert chaos.available and chaos.informative
-    verdicts = [g["diverged"] for g in chaos.evidence["ghosts"]]
-    for verdict, row in zip(verdicts, chaos.evidence["ghosts"]):
-        assert verdict == (row["D"] > row["D_threshold"] or (row["B"] is not None and row["B_threshold"] is not None
-                                                             and row["B"] > row["B_threshold"]))
-    if run.has_kernels:  # the probe measured the eNTK (Probe(kernel=...))
-        kernel_steps = run.kernel_steps
-        rows = [run.index_of(int(t)) for t in kernel_steps]
-        expected = np.array([run.S[rows[k], rows[k - 1]] / (kernel_steps[k] - kernel_steps[k - 1])
-                             for k in range(1, len(rows))])
-        velocity = report.get("kernel_velocity")
-        assert velocity.available
-        if "v" in velocity.evidence:
-            np.testing.assert_allclose(velocity.evidence["v"], expected[expected > 0], rtol=1e-12)
-        result = analysis.analyze(run)
-        assert result.cone.available and result.cone.cones
-        for numbers in result.cone.cones:
-            t, values = run.kernel_distance_to(numbers.tau)
-            assert numbers.max_distance == pytest.approx(values[t > numbers.tau].max(), rel=1e-12)
+        assert o.realized_norm == ghost.realized_norm and o.C_scale == run.C[-1, -2]
+    for verdict in analysis.ghost_verdicts(run):
+        above = [c["value"] > c["threshold"] for c in verdict.checks.values() if c["threshold"] is not None]
+        assert (verdict.verdict == "diverged") == any(above)
+    # The kernel velocity: S between kernel snapshots exactly 4 steps apart, read from the stored matrix.
+    kernel_steps = run.kernel_steps
+    rows = {int(t): run.index_of(int(t)) for t in kernel_steps}
+    expected = [(t, run.S[rows[t], rows[t + 4]]) for t in rows if t + 4 in rows and run.S[rows[t], rows[t + 4]] > 0]
+    velocity = report.get("kernel_velocity")
+    assert velocity.evidence["lag"] == 4
+    assert list(zip(velocity.evidence["t"], velocity.evidence["S"])) == expected
+    result = analysis.analyze(run)
+    assert result.cone.available and result.cone.cones
+    for numbers in result.cone.cones:
+        t, values = run.kernel_distance_to(numbers.tau)
+        assert numbers.max_distance == pytest.approx(values[t > numbers.tau].max(), rel=1e-12)
 
 
-def test_detector_runs_on_a_real_stream_with_o1_reads(real_run):
-    detector = TransitionDetector(patience=2, min_snapshots=3)
-    for k, step in enumerate(real_run.steps):
-        detector.update(int(step), real_run.C[k, : k + 1], real_run.S[k, : k + 1])
-    assert detector.steps == real_run.steps.tolist()
-    if detector.fired:
-        assert detector.estimate.step in real_run.steps
+def test_detector_reads_only_the_lag_pair_entries_of_each_new_row(real_run):
+    """Entries other than the diagonal and the pair Δ steps back are poisoned with NaN: nothing changes."""
+    run = real_run
+    plain, poisoned = TransitionDetector(patience=2, min_snapshots=3), TransitionDetector(patience=2, min_snapshots=3)
+    index = {int(t): k for k, t in enumerate(run.steps)}
+    for k, step in enumerate(run.steps):
+        c_row, s_row = run.C[k, : k + 1].copy(), run.S[k, : k + 1].copy()
+        plain.update(int(step), c_row, s_row)
+        keep = [k] + [index[int(step) - lag] for lag in set(poisoned._gaps) | {int(step) - int(run.steps[k - 1])}
+                      if k and int(step) - lag in index]
+        mask = np.ones(k + 1, dtype=bool)
+        mask[keep] = False
+        c_row[mask], s_row[mask] = np.nan, np.nan
+        poisoned.update(int(step), c_row, s_row)
+    assert plain.steps == poisoned.steps == run.steps.tolist()
+    assert plain._pairs == poisoned._pairs and len(plain._pairs[4][0]) == len(run.kernel_steps) - 1
+    assert (plain.estimate is None) == (poisoned.estimate is None)
+    if plain.estimate is not None:
+        assert plain.estimate.to_dict() == poisoned.estimate.to_dict()

@@ -203,7 +203,6 @@ KNOWN_VIOLATIONS: list[str] = [
     "import cycle: dynprobe.distributed.runtime",
     "dynprobe.experiments.switching has",
     "dynprobe.metrics.barrier has",
-    "dynprobe.probe has",
 ]
 
 

@@ -438,7 +438,9 @@ def test_bad_endpoints_and_data_fail_with_clear_errors():
     with pytest.raises(TypeError, match=r"data must be \(inputs, targets\)"):
         loss_barrier(model, state_a, state_b, x)
     with pytest.raises(ValueError, match="integer class labels"):
-        loss_barrier(model, state_a, state_b, (x, y.float()))
+        loss_barrier(model, state_a, state_b, (x, y.float()), task="classification")
+    with pytest.raises(ValueError, match="for regression the model's output must have the targets' shape"):
+        loss_barrier(model, state_a, state_b, (x, y.float()))  # real targets: a regression barrier
     with pytest.raises(ValueError, match="10 inputs but 9 targets"):
         loss_barrier(model, state_a, state_b, (x, y[:9]))
     with pytest.raises(ValueError, match=r"class indices in \[0, 2\]"):

@@ -103,8 +103,9 @@ def test_sigkill_mid_snapshot_keeps_every_earlier_snapshot(tmp_path, where):
     assert run.C.shape == (7, 7)
     for i in range(len(run)):
         assert run.params(i).shape == run.params(0).shape
-    # and the killed run can be continued
+    # and the killed run can be continued from its last snapshot (the model restored to it, as from a checkpoint)
     model, optimizer, scheduler, data = mlp_setup()
+    model.load_state_dict(run.state_dict(len(run) - 1), strict=False)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, resume=True,
                            schedule=2, errors="raise")
     assert probe.global_step == 12
@@ -156,9 +157,7 @@ def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp
                               rng=torch.get_rng_state())
 
     train(model, optimizer, scheduler, data, 10, after_step=save)
-    probe._closed = True  # simulate a crash: no close(), hooks die with the process
-    for handle in probe._handles:
-        handle.remove()
+    _simulate_crash(probe)
 
     # restart from the step-6 checkpoint
     model, optimizer, scheduler, data = mlp_setup()
@@ -214,6 +213,14 @@ def test_run_is_readable_while_training_runs(tmp_path):
     probe.close()
 
 
+def _simulate_crash(probe):
+    """What a killed process leaves: no close(); its hooks and its lock on the run die with it."""
+    probe._closed = True
+    for handle in probe._handles:
+        handle.remove()
+    probe.writer.close()
+
+
 def _copy(state):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else _copy(v) if isinstance(v, dict) else v)
             for k, v in state.items()}
@@ -227,9 +234,7 @@ def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_inter
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=2, ghosts=ghosts)
     train(model, optimizer, scheduler, data, 8, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
-    probe._closed = True  # simulate a crash: no close(), hooks die with the process
-    for handle in probe._handles:
-        handle.remove()
+    _simulate_crash(probe)
 
     with pytest.warns(UserWarning, match="ghosts alive at the interruption"):
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",

@@ -62,7 +62,7 @@ def test_atomic_npy_leaves_no_temporary_files_and_refuses_objects(tmp_path):
 
 def test_load_npy_never_unpickles(tmp_path):
     np.save(tmp_path / "evil.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(RunFormatError, match="damaged or unreadable"):
+    with pytest.raises(RunFormatError, match="Python objects"):
         store.load_npy(tmp_path / "evil.npy")
 
 

@@ -18,6 +18,13 @@ def check_model(model: Any) -> nn.Module:
             "model has no trainable parameters (none with requires_grad=True): there is no trajectory to probe. "
             "Attach the probe to the module you train"
         )
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if meta:
+        raise ValueError(
+            f"model has {len(meta)} tensors on the meta device (shapes without values, e.g. {meta[0]!r}); "
+            "materialize the model (model.to_empty(device=...) and load or initialize its weights) before "
+            "attaching the probe"
+        )
     return model
 
 

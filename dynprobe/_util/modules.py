@@ -14,7 +14,7 @@ from torch import nn
 __all__ = [
     "device_of",
     "eval_mode",
-    "float_buffers",
+    "flatten_parameters",
     "preserved_rng",
     "rng_devices",
     "trainable_parameters",
@@ -38,9 +38,9 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
 
-def float_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Floating-point buffers (e.g. BatchNorm running statistics), in ``named_buffers()`` order."""
-    return [(name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point()]
+def flatten_parameters(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``vec(θ)``: the parameters concatenated in order, as one detached vector of ``dtype`` on their device."""
+    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
 
 
 @contextlib.contextmanager

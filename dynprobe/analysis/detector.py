@@ -2,19 +2,24 @@
 
 Used by ``Probe(..., on_transition=callback)``; usable on its own::
 
-    detector = TransitionDetector()
+    detector = TransitionDetector(lag_steps=50)
     for step, c_row, s_row in snapshots:              # rows of the online C and S matrices, as they are appended
         estimate = detector.update(step, c_row, s_row)
         if estimate is not None:                      # returned exactly once
             start_weight_averaging()
 
-Signal (Fort et al. 2020; the two-phase paper's Fig. 5b): the kernel velocity v(t_k) = S(t_k, t_p)/(t_k − t_p)
-between consecutive kernel snapshots p < k is large in the chaotic phase and drops to a low floor after the
-transition. The detector fires when v has stayed at or below ``peak / drop_factor`` for ``patience`` consecutive
-kernel snapshots, and the parameter direction-change rate r(t_k) = C(t_k, t_k−1)/(t_k − t_k−1) (eq. 1) has
-dropped too — its median over that stretch is at most ``peak r / c_drop_factor`` — so that one noisy kernel cannot
-trigger it alone. The estimate is the first step of the low stretch. Runs without kernels fall back to r alone
-(quality ``"low"``). Each update reads two entries of the new rows and re-scans the velocity history: O(T).
+Signal (the two-phase paper's Fig. 5b, on a lag Δ fixed in optimizer steps): s(t) = S(θ_t, θ_t+Δ) (eq. 4), known
+once the snapshot at t + Δ arrives, is large in the chaotic phase and drops to a low floor after the transition.
+The detector fires when the running median of three of s has stayed at or below ``peak / drop_factor`` for
+``patience`` consecutive pairs, and the direction change of θ over the same lag, c(t) = C(θ_t, θ_t+Δ) (eq. 1),
+has dropped too — its median over that stretch is at most ``peak c / c_drop_factor`` — so one quiet kernel pair
+cannot trigger it alone. The estimate is the first t of the low stretch (the pairs come from
+:func:`dynprobe._util.steps.lag_pairs`, the one definition shared with the offline estimate). Runs without kernels
+fall back to c alone (quality ``"low"``).
+
+The lag is ``lag_steps`` when given (a probe with ``KernelConfig(lag_steps=Δ)`` places a companion snapshot Δ
+steps after each kernel snapshot); otherwise the most common gap between consecutive snapshots so far (so the
+regular part of a schedule, once it dominates, fixes it; pairs at every gap seen are kept, a few per snapshot).
 """
 from __future__ import annotations
 
@@ -32,26 +37,33 @@ class TransitionDetector:
     """Online estimate of the transition step (see the module docstring).
 
     Args:
-        drop_factor: v (or r, without kernels) must fall to ``1/drop_factor`` of its running peak.
-        patience: for this many consecutive kernel snapshots (snapshots, without kernels).
-        c_drop_factor: the median r over that stretch must be at most ``1/c_drop_factor`` of r's peak.
-        min_snapshots: no decision before this many velocity values (the peak must have been seen).
+        drop_factor: s (or c, without kernels) must fall to ``1/drop_factor`` of its running peak.
+        patience: for this many consecutive lag pairs.
+        c_drop_factor: the median c over that stretch must be at most ``1/c_drop_factor`` of c's peak.
+        min_snapshots: no decision before this many pairs (the peak must have been seen).
+        lag_steps: the lag Δ in optimizer steps (None: chosen from the snapshot gaps, see the module docstring).
     """
 
-    def __init__(self, *, drop_factor: float = 10.0, patience: int = 3, c_drop_factor: float = 3.0,
-                 min_snapshots: int = 5) -> None:
+    def __init__(self, *, drop_factor: float = 5.0, patience: int = 3, c_drop_factor: float = 3.0,
+                 min_snapshots: int = 5, lag_steps: int | None = None) -> None:
         for name, value in (("drop_factor", drop_factor), ("c_drop_factor", c_drop_factor)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
                 raise ValueError(f"{name} must be a number > 1; got {value!r}")
         for name, value in (("patience", patience), ("min_snapshots", min_snapshots)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if lag_steps is not None and (isinstance(lag_steps, bool) or not isinstance(lag_steps, int)
+                                      or lag_steps < 1):
+            raise ValueError(f"lag_steps must be a positive int or None; got {lag_steps!r}")
         self.drop_factor, self.patience = float(drop_factor), patience
         self.c_drop_factor, self.min_snapshots = float(c_drop_factor), min_snapshots
+        self.lag_steps = lag_steps
         self.steps: list[int] = []
-        self._kernel_index: int | None = None  # index of the previous snapshot with a kernel
-        self._velocity: list[tuple[int, float]] = []  # (step, v)
-        self._c_rate: list[tuple[int, float]] = []  # (step, r)
+        self._index: dict[int, int] = {}
+        self._kernel: set[int] = set()  # indices of snapshots with a kernel
+        self._gaps: dict[int, int] = {}  # gap between consecutive snapshots → count
+        # lag → ([(t, S(t, t+lag))], [(t, C(t, t+lag))]) for the lags that can be chosen
+        self._pairs: dict[int, tuple[list[tuple[int, float]], list[tuple[int, float]]]] = {}
         self.estimate: TransitionEstimate | None = None
 
     @property
@@ -69,17 +81,36 @@ class TransitionDetector:
         c_row = self._row("c_row", c_row, k)
         s_row = None if s_row is None else self._row("s_row", s_row, k)
         self.steps.append(step)
-        if k >= 1 and math.isfinite(c_row[k - 1]):
-            self._c_rate.append((step, float(c_row[k - 1]) / (step - self.steps[k - 1])))
+        self._index[step] = k
         if s_row is not None and math.isfinite(s_row[k]):
-            p = self._kernel_index
-            if p is not None and math.isfinite(s_row[p]):
-                self._velocity.append((step, float(s_row[p]) / (step - self.steps[p])))
-            self._kernel_index = k
+            self._kernel.add(k)
+        if k >= 1:
+            gap = step - self.steps[k - 1]
+            self._gaps[gap] = self._gaps.get(gap, 0) + 1
+        lags = {self.lag_steps} if self.lag_steps is not None else set(self._gaps)
+        for lag in lags:
+            p = self._index.get(step - lag)
+            if p is None:
+                continue
+            pairs = self._pairs.setdefault(lag, ([], []))
+            if math.isfinite(c_row[p]):
+                pairs[1].append((self.steps[p], float(c_row[p])))
+            if s_row is not None and k in self._kernel and p in self._kernel and math.isfinite(s_row[p]):
+                pairs[0].append((self.steps[p], float(s_row[p])))
         if self.estimate is not None:
             return None
         self.estimate = self._decide(step)
         return self.estimate
+
+    @property
+    def lag(self) -> int | None:
+        """The lag in use: ``lag_steps``, else the most common gap between consecutive snapshots so far (the
+        larger on a tie: a schedule's regular late spacing outlasts its dense start)."""
+        if self.lag_steps is not None:
+            return self.lag_steps
+        if not self._gaps:
+            return None
+        return max(self._gaps, key=lambda g: (self._gaps[g], g))
 
     @staticmethod
     def _row(name: str, row: Any, k: int) -> np.ndarray:
@@ -90,11 +121,14 @@ class TransitionDetector:
         return row
 
     def _decide(self, step: int) -> TransitionEstimate | None:
-        kernel_mode = bool(self._velocity)
-        series = self._velocity if kernel_mode else self._c_rate
+        lag = self.lag
+        velocity, c_lag = self._pairs.get(lag, ([], [])) if lag is not None else ([], [])
+        kernel_mode = bool(velocity)
+        series = velocity if kernel_mode else c_lag
         if len(series) < self.min_snapshots:
             return None
-        values = np.array([v for _, v in series])
+        raw = np.array([v for _, v in series])
+        values = np.array([np.median(raw[max(i - 1, 0):i + 2]) for i in range(raw.size)])
         peak_index = int(np.argmax(values))
         threshold = values[peak_index] / self.drop_factor
         low = values <= threshold
@@ -106,28 +140,26 @@ class TransitionDetector:
         first = low.size - run
         start_step = series[first][0]
         evidence: dict[str, Any] = {
-            "signal": "kernel_velocity" if kernel_mode else "C_rate",
+            "signal": "S(t, t+lag)" if kernel_mode else "C(t, t+lag)", "lag": lag,
             "peak_step": series[peak_index][0], "peak": float(values[peak_index]), "threshold": float(threshold),
             "low_steps": [s for s, _ in series[first:]], "low_values": values[first:].tolist(),
             "drop_factor": self.drop_factor, "patience": self.patience, "fired_at_step": step,
         }
         quality = "low"
         if kernel_mode:
-            rates = [(s, r) for s, r in self._c_rate]
-            if rates:
-                peak_rate = max(r for _, r in rates)
-                stretch = [r for s, r in rates if s >= start_step]
-                median_rate = float(np.median(stretch)) if stretch else math.nan
-                evidence.update(c_rate_peak=peak_rate, c_rate_median_after=median_rate,
-                                c_drop_factor=self.c_drop_factor)
-                if not median_rate <= peak_rate / self.c_drop_factor:
+            if c_lag:
+                peak_c = max(c for _, c in c_lag)
+                stretch = [c for t, c in c_lag if t >= start_step]
+                median_c = float(np.median(stretch)) if stretch else math.nan
+                evidence.update(c_peak=peak_c, c_median_after=median_c, c_drop_factor=self.c_drop_factor)
+                if not median_c <= peak_c / self.c_drop_factor:
                     return None  # the parameters still turn as fast as ever: wait
                 quality = "high"
             else:
                 quality = "medium"
         previous = series[first - 1][0]
-        signal = "kernel velocity" if kernel_mode else "parameter direction-change rate (no kernels)"
+        signal = f"S(t, t+{lag})" if kernel_mode else f"the direction change C(t, t+{lag}) (no kernels)"
         return TransitionEstimate(
             "online", start_step, (previous, start_step), quality,
             f"{signal} fell below 1/{self.drop_factor:g} of its peak (step {series[peak_index][0]}) at step "
-            f"{start_step} and stayed there for {run} snapshots", evidence)
+            f"{start_step} and stayed there for {run} pairs", evidence)

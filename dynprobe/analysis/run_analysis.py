@@ -1,20 +1,22 @@
 """When did the network leave the chaotic phase? Transition estimates from a run, each with its evidence.
 
-Four independent readings of the two-phase paper's transition (§4–5), each a pure function of plain arrays (so it
-is testable without files) with a run-level wrapper in :func:`estimate_transition`:
+Independent readings of the two-phase paper's transition (Zhou, Yang, Sugiyama & Yan, *New Evidence of the
+Two-Phase Learning Dynamics of Neural Networks*, §4–5), each a pure function of plain arrays (so it is testable
+without files) with a run-level wrapper in :func:`estimate_transition`:
 
-* ``trajectory_C`` — Finding I on the single-run map C(θ_t0, θ_t1) (eq. 1): the step t1 at which C(t0, ·) reaches
-  its peak (or plateau) for most t0. See :func:`transition_from_trajectory_C`.
+* ``chaos`` — the chaos effect (Finding II / Conjecture I) read as sensitivity: the first spawn step from which
+  ghosts amplify their perturbation much less over a fixed window of steps
+  (:func:`dynprobe.analysis.sensitivity.transition_from_sensitivity`, on ``run.separation``).
+* ``kernel_velocity`` — where S(θ_t, θ_t+Δ) (eq. 4) at a lag Δ fixed in steps drops (Fig. 5b).
+* ``trajectory_C`` — Finding I on the single-run map C(θ_t0, θ_t1) (eq. 1): where its rows stop rising.
 * ``ghost_C`` — Finding I on the main-vs-ghost map 1 − cos(θ_t1, θ'_t1) (the other reading of Fig. 3a).
-* ``chaos`` — Finding II / Conjecture I: the first spawn step t0 whose ghost stays close to the main run (final
-  D and B below thresholds) after the last one that diverges. See :func:`transition_from_chaos`.
-* ``kernel_velocity`` — the change point of the eNTK velocity v(t) = S(t_k, t_k+1)/(t_k+1 − t_k) in log-time
-  (Fort et al. 2020; §5). See :func:`transition_from_kernel_velocity`.
 
 Every estimate is a :class:`TransitionEstimate` (step, bracket, quality flag, evidence, one-line summary) and
 degrades to ``quality="unavailable"`` with the reason when the run lacks what it needs. :func:`combine_estimates`
-says whether they agree. Cone numbers and the kernel embedding are in :mod:`dynprobe.cone`; the online detector
-for ``Probe(on_transition=...)`` in :mod:`dynprobe.detector`; :func:`analyze` bundles everything the report needs.
+gives the consensus (a step one estimator produced, or "the estimates disagree"). Each ghost's verdict at its
+last comparison (:func:`ghost_verdicts`) is shown next to them but is not an estimate: it depends on the
+horizon. Cone numbers are in :mod:`dynprobe.analysis.cone`; the online detector for ``Probe(on_transition=...)``
+in :mod:`dynprobe.analysis.detector`; :func:`analyze` bundles everything the report needs.
 """
 from __future__ import annotations
 
@@ -30,17 +32,18 @@ from dynprobe.store.run import Run
 from .cone import ConeSummary, cone_summary
 from .estimate import METHOD_LABELS, TransitionEstimate, TransitionReport, combine_estimates, unavailable
 from .estimators import (
-    GhostOutcome,
     kernel_subset,
-    transition_from_chaos,
     transition_from_ghost_C,
     transition_from_kernel_velocity,
     transition_from_trajectory_C,
 )
+from .sensitivity import SeparationCurve, transition_from_sensitivity
+from .verdicts import GhostOutcome, GhostVerdict, ghost_verdict, transition_from_chaos
 
 __all__ = [
     "METHOD_LABELS",
     "GhostOutcome",
+    "GhostVerdict",
     "RunAnalysis",
     "TransitionEstimate",
     "TransitionReport",
@@ -49,10 +52,14 @@ __all__ = [
     "combine_estimates",
     "estimate_transition",
     "ghost_outcomes",
+    "ghost_verdicts",
+    "kernel_lag",
     "kernel_subset",
+    "separation_curves",
     "transition_from_chaos",
     "transition_from_ghost_C",
     "transition_from_kernel_velocity",
+    "transition_from_sensitivity",
     "transition_from_trajectory_C",
 ]
 
@@ -83,31 +90,81 @@ def checked_matrix(name: str, matrix: np.ndarray, steps: np.ndarray, source: str
     return matrix
 
 
+def _last_finite(row: np.ndarray) -> int | None:
+    finite = np.flatnonzero(np.isfinite(row))
+    return int(finite[-1]) if finite.size else None
+
+
+def _chaos_map(run: Run, name: str) -> np.ndarray:
+    chaos = run.chaos
+    return chaos[name] if name in chaos else np.full((len(run.ghosts), len(run)), np.nan)
+
+
 def ghost_outcomes(run: Run) -> list[GhostOutcome]:
-    """The final comparison of every perturbed ghost of ``run`` (control and failed ghosts excluded)."""
-    chaos, steps = run.chaos, run.steps
+    """The last comparison of every perturbed ghost of ``run`` (control and failed ghosts excluded), with the
+    scales its verdict is measured against (see :class:`dynprobe.analysis.verdicts.GhostOutcome`)."""
+    steps = run.steps
     error = 1.0 - run.eval_accuracy
+    D, C, L2 = _chaos_map(run, "D"), _chaos_map(run, "C"), _chaos_map(run, "L2")
+    B, B_linear = _chaos_map(run, "B"), _chaos_map(run, "B_linear")
+    control_row = next((r for r, g in enumerate(run.ghosts) if g.control and g.status != "failed"), None)
+    trajectory_linear = getattr(run, "B_linear", None)
+    b_scale = None
+    if isinstance(trajectory_linear, np.ndarray) and trajectory_linear.shape == (len(run), len(run)) and len(run) > 1:
+        consecutive = np.diag(trajectory_linear, k=-1)
+        consecutive = consecutive[np.isfinite(consecutive)]
+        b_scale = float(np.median(consecutive[-max(consecutive.size // 4, 1):])) if consecutive.size else None
     outcomes = []
     for row, ghost in enumerate(run.ghosts):
         if ghost.control or ghost.status == "failed":
             continue
-        compared = np.flatnonzero(np.isfinite(chaos["D"][row]))
+        j = _last_finite(D[row])
         stopped = ghost.status == "diverged"
-        if compared.size == 0 and not stopped:
+        if j is None and not stopped:
             continue
-        j = int(compared[-1]) if compared.size else max(int(np.searchsorted(steps, ghost.spawn_step)), 0)
-        j = min(j, len(steps) - 1)
-        with_b = np.flatnonzero(np.isfinite(chaos["B"][row]))
-        jb = int(with_b[-1]) if with_b.size else None
+        if j is None:
+            j = min(max(int(np.searchsorted(steps, ghost.spawn_step)), 0), len(steps) - 1)
+        jb = _last_finite(B_linear[row])
+        jb = jb if jb is not None else _last_finite(B[row])
+
+        def at(matrix: np.ndarray, r: int | None, k: int | None) -> float | None:
+            return None if r is None or k is None or not math.isfinite(matrix[r, k]) else float(matrix[r, k])
+
         outcomes.append(GhostOutcome(
-            spawn_step=ghost.spawn_step, final_step=int(steps[j]),
-            D=float(chaos["D"][row, j]) if compared.size else math.nan, error=float(error[j]),
-            B=float(chaos["B"][row, jb]) if jb is not None else None,
-            loss=float(run.eval_loss[jb]) if jb is not None else None,
-            C=float(chaos["C"][row, j]) if compared.size else None,
-            L2=float(chaos["L2"][row, j]) if compared.size else None,
-            realized_norm=ghost.realized_norm, stopped_diverged=stopped))
+            spawn_step=ghost.spawn_step, final_step=int(steps[j]), D=at(D, row, j) if at(D, row, j) is not None
+            else math.nan, error=float(error[j]), B=at(B, row, jb), loss=float(run.eval_loss[jb]) if jb is not None
+            else None, C=at(C, row, j), L2=at(L2, row, j), realized_norm=ghost.realized_norm, stopped_diverged=stopped,
+            B_linear=at(B_linear, row, jb), C_scale=float(run.C[j, j - 1]) if j >= 1 else None, B_scale=b_scale,
+            control_D=at(D, control_row, j), control_C=at(C, control_row, j),
+            control_B_linear=at(B_linear, control_row, jb), ghost=ghost.index))
     return outcomes
+
+
+def ghost_verdicts(run: Run, *, d_fraction: float = 0.25, b_fraction: float = 0.1) -> list[GhostVerdict]:
+    """Each perturbed ghost's verdict at its last comparison (:func:`dynprobe.analysis.verdicts.ghost_verdict`)."""
+    eval_size = run.manifest.get("eval", {}).get("n")
+    return [ghost_verdict(o, d_fraction=d_fraction, b_fraction=b_fraction, eval_size=eval_size)
+            for o in ghost_outcomes(run)]
+
+
+def separation_curves(run: Run) -> list[SeparationCurve]:
+    """Every ghost's separation curve (``run.separation``) with its spawn step, realized ‖ε‖ and status."""
+    reader = getattr(run, "separation", None)
+    if reader is None:
+        return []
+    curves = []
+    for ghost in run.ghosts:
+        steps, l2 = reader(ghost.index)
+        curves.append(SeparationCurve(ghost.index, ghost.spawn_step, float(ghost.realized_norm), steps, l2,
+                                      control=ghost.control, status=ghost.status))
+    return curves
+
+
+def kernel_lag(run: Run) -> int | None:
+    """The lag of the run's companion kernel snapshots (``KernelConfig(lag_steps=)``), if it placed them."""
+    kernel = run.config.get("kernel")
+    lag = kernel.get("lag_steps") if isinstance(kernel, dict) else None
+    return int(lag) if isinstance(lag, int) and not isinstance(lag, bool) and lag > 0 else None
 
 
 def _online_estimate(run: Run) -> TransitionEstimate | None:
@@ -123,23 +180,29 @@ def _online_estimate(run: Run) -> TransitionEstimate | None:
                               {**data.get("evidence", {}), "fired_at_step": record.get("step")})
 
 
-def estimate_transition(run: Run, *, tolerance: float = 2.0, d_fraction: float = 0.25, b_fraction: float = 0.1,
-                        plateau_fraction: float = 0.95) -> TransitionReport:
-    """Every transition estimate of ``run`` (see the module docstring) and their agreement."""
+def estimate_transition(run: Run, *, tolerance: float = 2.0) -> TransitionReport:
+    """Every transition estimate of ``run`` (see the module docstring) and their consensus."""
     steps = run.steps
     C = checked_matrix("C", run.C, steps, f"{run.path}/metrics/C.rows")
     S = checked_matrix("S", run.S, steps, f"{run.path}/metrics/S.rows")
-    estimates = [transition_from_trajectory_C(steps, C, plateau_fraction=plateau_fraction)]
+    curves = separation_curves(run)
+    if any(not c.control for c in curves):
+        chaos = transition_from_sensitivity(curves)
+    elif any(not g.control for g in run.ghosts):
+        chaos = unavailable("chaos", "the ghosts have no separation curves (a run recorded by an older dynprobe): "
+                                     "the sensitivity estimate needs them — record the run again")
+    else:
+        chaos = unavailable("chaos", "no perturbed ghosts in this run: pass "
+                                     "Probe(..., ghosts=dynprobe.Ghosts(at=[...])) and watch the loss")
+    estimates = [chaos, transition_from_kernel_velocity(steps, S, lag=kernel_lag(run)),
+                 transition_from_trajectory_C(steps, C)]
     perturbed = [i for i, g in enumerate(run.ghosts) if not g.control and g.status != "failed"]
     if perturbed:
-        estimates.append(transition_from_ghost_C(steps, run.chaos["C"][perturbed], plateau_fraction=plateau_fraction,
+        estimates.append(transition_from_ghost_C(steps, run.chaos["C"][perturbed],
                                                  row_ids=[run.ghosts[i].index for i in perturbed]))
     else:
         estimates.append(unavailable("ghost_C", "no perturbed ghosts in this run: pass "
                                                 "Probe(..., ghosts=dynprobe.Ghosts(at=[...]))"))
-    estimates.append(transition_from_chaos(ghost_outcomes(run), d_fraction=d_fraction, b_fraction=b_fraction,
-                                           eval_size=run.manifest.get("eval", {}).get("n")))
-    estimates.append(transition_from_kernel_velocity(steps, S))
     online = _online_estimate(run)
     if online is not None:
         estimates.append(online)
@@ -148,12 +211,14 @@ def estimate_transition(run: Run, *, tolerance: float = 2.0, d_fraction: float =
 
 @dataclass(frozen=True)
 class RunAnalysis:
-    """Everything :mod:`dynprobe.report` shows about a run: transition estimates, cone numbers, and notes on what
-    is missing (each a sentence saying how to get it)."""
+    """Everything :mod:`dynprobe.report` shows about a run: transition estimates, cone numbers, notes on what is
+    missing (each a sentence saying how to get it), each ghost's verdict and separation curve."""
 
     transition: TransitionReport
     cone: ConeSummary
     missing: tuple[str, ...]
+    verdicts: tuple[GhostVerdict, ...] = ()
+    separation: tuple[SeparationCurve, ...] = ()
 
 
 def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2.0) -> RunAnalysis:
@@ -175,4 +240,4 @@ def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2
                        "criterion = probe.watch(criterion)")
     if run.status in ("running", "interrupted"):
         missing.append(f"the run is {run.status}: this analysis covers the {len(run)} snapshots committed so far")
-    return RunAnalysis(transition, cone, tuple(missing))
+    return RunAnalysis(transition, cone, tuple(missing), tuple(ghost_verdicts(run)), tuple(separation_curves(run)))

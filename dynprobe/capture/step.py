@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "explicit_micro_batch",
     "AutocastState",
     "ForwardCall",
     "LossCall",
@@ -343,3 +344,15 @@ def replay_micro_batch(
     else:
         loss.backward(grad)  # None: an explicit probe.step(x, y), whose loss is backpropagated as is
     return loss.detach()
+
+
+def explicit_micro_batch(inputs: Any, targets: Any, cuda_devices: list[int], *, with_loss: bool) -> MicroBatch:
+    """What an explicit ``probe.step(inputs, targets)`` call hands the ghosts: ``model(inputs)`` (``model(**inputs)``
+    for a dict) with the RNG and autocast state of this call, and — ``with_loss`` — the watched loss applied to
+    ``(output, targets)``; without, the loss comes from the output (``loss_from_output``)."""
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+    call = ForwardCall(args, kwargs, RngState.capture(cuda_devices), AutocastState.capture(), ())
+    if not with_loss:
+        return MicroBatch(call, None)
+    loss = LossCall((None, targets), {}, call, (((("index", 0),), ()),), AutocastState.capture())
+    return MicroBatch(call, loss)

@@ -3,15 +3,21 @@ paper)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynprobe.schedule import Schedule, as_schedule
+from dynprobe.schedule import Schedule, Steps, as_schedule
 
 from .perturbation import Perturbation
 
 __all__ = ["Ghosts"]
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Ghosts({name}=) must be a positive int; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,23 +36,25 @@ class Ghosts:
         scaler: the ``torch.amp.GradScaler`` your loop uses; each ghost gets its own copy of its state.
         loss_fn: the loss for ghosts when the probe cannot see it through ``probe.watch`` (explicit
             ``probe.step`` calls without a watched loss).
-        barrier: compute the loss barrier B (eq. 5) between main and ghost, on the probe's eval set with
-            ``barrier_alphas`` points on [0, 1].
-        costly_every: the costly comparisons — B, and S when the probe measures kernels — are made at every
-            ``costly_every``-th snapshot of a ghost (its first included) and at the probe's ``total_steps`` when
-            given (so the chaos maps' last column is complete); C, L2 and D at every snapshot.
-        lifetime: a ghost stops (status ``finished``) this many steps after its spawn; None: until the end.
+        lifetime_steps: a ghost stops (status ``finished``) this many optimizer steps after its spawn; None: until
+            the end.
+        kernel_every_snapshots: when the probe measures kernels, S between a ghost and its reference is measured at
+            every ``kernel_every_snapshots``-th snapshot of that ghost (its first included) and at the probe's
+            ``total_steps`` when given; C, L2, D at every snapshot. Loss barriers between ghosts and the main run
+            are configured with :class:`dynprobe.Barriers` (``ghosts=``, ``alphas=``, ``every_snapshots=``).
         save_params: also store each ghost's flat parameters at every snapshot.
         divergence_ratio: a ghost whose ‖θ'‖ exceeds this multiple of the main ‖θ‖ (or whose loss or
             parameters become non-finite) is marked ``diverged`` and stops.
-        vectorize: ``False``: sequential deep copies, compared with the main model itself (bit-exact
-            reference). ``True``: the ghosts train as one ``torch.func.vmap`` stack that also holds an ε = 0
-            shadow of the main run, and are compared with that shadow (vmapped kernels can differ from plain ones
-            in the last bits); a model that cannot run under vmap, or a ``scaler``, is an error here.
-            ``"auto"`` (default): sequential unless a timed trial step of both paths shows the stack clearly
-            faster (measured at the first step with ghosts, and again whenever twice as many are live); GradScaler,
-            undeclared gradient edits and non-elementwise optimizers stay sequential. The choice is recorded
-            (``ghost_mode`` events and manifest entry).
+        vectorize: ``False`` (default): sequential deep copies, compared with the main model itself (bit-exact
+            reference: the ε = 0 control checks your training step). ``True``: the ghosts train as one
+            ``torch.func.vmap`` stack that also holds an ε = 0 shadow of the main run, and are compared with that
+            shadow (vmapped kernels differ from plain ones in the last bits, so the shadow drifts from your run; the
+            drift is recorded next to the ghost signal, with a warning when it exceeds the smallest ghost
+            separation); faster on a GPU with several ghosts. A model that cannot run under vmap, or a ``scaler``,
+            is an error here. ``"auto"``: the stack only when a timed trial step shows it clearly faster.
+
+    Deprecated: ``lifetime=`` (write ``lifetime_steps=``), ``costly_every=`` (``kernel_every_snapshots=`` here and
+    ``Barriers(every_snapshots=)``), ``barrier=`` and ``barrier_alphas=`` (``Barriers(ghosts=, alphas=)``).
     """
 
     at: Any = (0, 100, 1000)
@@ -56,13 +64,15 @@ class Ghosts:
     clip_grad_value: float | None = None
     scaler: Any = None
     loss_fn: Callable[..., Any] | None = None
-    barrier: bool = True
-    barrier_alphas: int = 30
-    costly_every: int = 1
+    barrier: bool | None = None
+    barrier_alphas: int | None = None
+    costly_every: int | None = None
     lifetime: int | None = None
     save_params: bool = False
     divergence_ratio: float = 1e3
-    vectorize: bool | str = "auto"
+    vectorize: bool | str = False
+    lifetime_steps: int | None = None
+    kernel_every_snapshots: int = 1
 
     def __post_init__(self) -> None:
         at = self.at
@@ -72,6 +82,9 @@ class Ghosts:
             if isinstance(at, (str, bytes)) or not isinstance(at, Iterable):
                 raise TypeError(f"Ghosts(at=) must be a list of spawn steps or a Schedule; got {at!r}")
             at = as_schedule(list(at), argument="Ghosts(at=)")
+        if isinstance(at, Steps) and not at.values:
+            raise ValueError("Ghosts(at=[]) spawns no ghost: give the spawn steps (e.g. at=[0, 100, 1000]), or pass "
+                             "ghosts=None to run without ghosts")
         object.__setattr__(self, "at", at)
         if not isinstance(self.perturbation, Perturbation):
             raise TypeError("Ghosts(perturbation=) must be a dynprobe.Perturbation, e.g. "
@@ -84,22 +97,58 @@ class Ghosts:
             raise TypeError("Ghosts(scaler=) must be the torch.amp.GradScaler your loop uses")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError("Ghosts(loss_fn=) must be callable")
-        if isinstance(self.barrier_alphas, bool) or not isinstance(self.barrier_alphas, int) or self.barrier_alphas < 2:
-            raise ValueError(f"Ghosts(barrier_alphas=) must be an int >= 2; got {self.barrier_alphas!r}")
-        if isinstance(self.costly_every, bool) or not isinstance(self.costly_every, int) or self.costly_every < 1:
-            raise ValueError(f"Ghosts(costly_every=) must be an int >= 1; got {self.costly_every!r}")
-        if self.lifetime is not None and (not isinstance(self.lifetime, int) or self.lifetime < 1):
-            raise ValueError(f"Ghosts(lifetime=) must be a positive int or None; got {self.lifetime!r}")
+        self._deprecated_names()
+        if self.lifetime_steps is not None:
+            _positive_int("lifetime_steps", self.lifetime_steps)
+        _positive_int("kernel_every_snapshots", self.kernel_every_snapshots)
         if not self.divergence_ratio > 1:
             raise ValueError(f"Ghosts(divergence_ratio=) must be > 1; got {self.divergence_ratio!r}")
         if self.vectorize not in (True, False, "auto"):
             raise ValueError(f"Ghosts(vectorize=) must be True, False or 'auto'; got {self.vectorize!r}")
 
-    def spawn_steps(self, until: int) -> list[int]:
-        return self.at.steps(until)
+    def _deprecated_names(self) -> None:
+        """Map the old spellings onto the new fields, each with a DeprecationWarning at the user's line."""
+        def deprecated(old: str, new: str) -> None:
+            warnings.warn(f"Ghosts({old}=) is deprecated: write {new}", DeprecationWarning, stacklevel=5)
+
+        if self.lifetime is not None:
+            deprecated("lifetime", "Ghosts(lifetime_steps=)")
+            _positive_int("lifetime", self.lifetime)
+            if self.lifetime_steps is not None and self.lifetime_steps != self.lifetime:
+                raise ValueError(f"Ghosts(lifetime={self.lifetime}) and Ghosts(lifetime_steps={self.lifetime_steps}) "
+                                 "disagree; write lifetime_steps= only")
+            object.__setattr__(self, "lifetime_steps", self.lifetime)
+        if self.costly_every is not None:
+            deprecated("costly_every", "Ghosts(kernel_every_snapshots=) for the ghosts' kernel distance S and "
+                       "dynprobe.Barriers(every_snapshots=) for their loss barriers")
+            _positive_int("costly_every", self.costly_every)
+            if self.kernel_every_snapshots not in (1, self.costly_every):
+                raise ValueError(f"Ghosts(costly_every={self.costly_every}) and Ghosts(kernel_every_snapshots="
+                                 f"{self.kernel_every_snapshots}) disagree; write kernel_every_snapshots= only")
+            object.__setattr__(self, "kernel_every_snapshots", self.costly_every)
+        if self.barrier is not None:
+            deprecated("barrier", "dynprobe.Barriers(ghosts=...)")
+        if self.barrier_alphas is not None:
+            deprecated("barrier_alphas", "dynprobe.Barriers(alphas=...)")
+            if isinstance(self.barrier_alphas, bool) or not isinstance(self.barrier_alphas, int) or \
+                    self.barrier_alphas < 2:
+                raise ValueError(f"Ghosts(barrier_alphas=) must be an int >= 2; got {self.barrier_alphas!r}")
+
+    def deprecated_barrier_options(self) -> dict[str, Any]:
+        """The deprecated barrier options given here, as :class:`dynprobe.Barriers` keyword arguments
+        (``barrier`` → ``ghosts``, ``barrier_alphas`` → ``alphas``, ``costly_every`` → ``every_snapshots``); empty
+        when none was given."""
+        options: dict[str, Any] = {}
+        if self.barrier is not None:
+            options["ghosts"] = bool(self.barrier)
+        if self.barrier_alphas is not None:
+            options["alphas"] = self.barrier_alphas
+        if self.costly_every is not None:
+            options["every_snapshots"] = self.costly_every
+        return options
 
     def to_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "at": self.at.to_config(),
             "perturbation": {"norm": self.perturbation.norm, "kind": self.perturbation.kind,
                              "seed": self.perturbation.seed},
@@ -107,11 +156,11 @@ class Ghosts:
             "clip_grad_norm": self.clip_grad_norm,
             "clip_grad_value": self.clip_grad_value,
             "scaler": self.scaler is not None,
-            "barrier": self.barrier,
-            "barrier_alphas": self.barrier_alphas,
-            "costly_every": self.costly_every,
-            "lifetime": self.lifetime,
+            "lifetime_steps": self.lifetime_steps,
+            "kernel_every_snapshots": self.kernel_every_snapshots,
             "save_params": self.save_params,
             "divergence_ratio": self.divergence_ratio,
             "vectorize": self.vectorize,
         }
+        config.update({f"deprecated_{k}": v for k, v in self.deprecated_barrier_options().items()})
+        return config

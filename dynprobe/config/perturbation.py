@@ -5,9 +5,10 @@ import math
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "Perturbation"]
+__all__ = ["KINDS", "MAX_ULPS", "Perturbation"]
 
 KINDS = ("l2", "per_coord", "relative", "ulp", "single_coord")
+MAX_ULPS = 2**52  # kind="ulp": norms stay exact integers, and the closed-form move cannot overflow int64 keys
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,10 @@ class Perturbation:
     * ``"per_coord"``: ε_i = norm · z_i, i.e. the per-coordinate standard deviation (‖ε‖₂ ≈ norm · √P).
     * ``"relative"``: a Gaussian direction scaled to ‖ε‖₂ = norm · ‖θ‖₂ (θ over all perturbed tensors).
     * ``"ulp"``: every coordinate moves by exactly ``norm`` units in the last place of its own dtype, each with
-      a random sign (``torch.nextafter`` applied ``norm`` times; zeros move to ±``norm`` smallest subnormals).
-      ``norm`` must be a whole number. This is the smallest dense perturbation that survives float rounding
-      everywhere, and its size is known exactly (in float32, 1 ulp per coordinate of a ResNet-20 is ‖δ‖ ≈ 4e-6).
+      a random sign (what ``torch.nextafter`` applied ``norm`` times gives, computed in closed form; zeros move to
+      ±``norm`` smallest subnormals; saturating at ±inf). ``norm`` must be a whole number up to ``2**52``.
+      This is the smallest dense perturbation that survives float rounding everywhere, and its size is known
+      exactly (in float32, 1 ulp per coordinate of a ResNet-20 is ‖δ‖ ≈ 4e-6).
     * ``"single_coord"``: ``norm`` is added to one coordinate chosen uniformly at random among all perturbed
       coordinates (cf. Summers & Dinneen 2021, one-bit changes to one weight).
 
@@ -47,6 +49,11 @@ class Perturbation:
             raise ValueError(
                 f"Perturbation kind='ulp' takes norm as a whole number of units in the last place (1, 2, ...); "
                 f"got {norm!r}"
+            )
+        if kind == "ulp" and norm > MAX_ULPS:
+            raise ValueError(
+                f"Perturbation kind='ulp' takes at most 2**52 units in the last place; got {norm!r}. A perturbation "
+                "that large spans many binades: use kind='relative' (‖ε‖ = norm·‖θ‖) instead"
             )
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
             raise ValueError(f"Perturbation seed must be an integer in [0, 2**64); got {seed!r}")

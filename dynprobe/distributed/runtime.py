@@ -1,61 +1,41 @@
 """The probe under ``torch.distributed`` data parallelism (DDP): who writes, what is exchanged, and when.
 
-Every rank runs the probe's hooks on its own shard of the batch. The model is replicated (DDP keeps the
-parameters equal on every rank), so everything measured from the parameters is measured once, on rank 0, which
-alone writes the run directory; the other ranks get a :class:`NullWriter` that keeps the few records the
-schedule needs in memory and touches no file. Three things are exchanged, each a single flat collective:
+Every rank runs the probe's hooks on its own shard of the batch and the same recording code. The model is
+replicated (DDP keeps the parameters equal on every rank), so everything measured from the parameters is measured
+alike on every rank and written once, by rank 0; the other ranks record into a :class:`~dynprobe.distributed.sink.
+NullSink`. The DDP variants of the probe's parts implement the same interfaces as the single-process ones:
 
-* **attach** — ``all_gather_object`` of what each rank attached to (the DDP wrapper or a plain module) and a hash
-  of the probe's configuration, model layout, parameter values and eval set: a rank that disagrees fails every
-  rank with the same clear error; then rank 0 opens the run directory and broadcasts whether that worked.
-* **ghost gradients** — one ``all_reduce`` per training step for all live ghosts together (one per dtype): each
-  rank replays the captured micro-batches of its shard (with the replayed RNG) on each ghost, and the flat
-  buffer holds every ghost's gradients pre-multiplied by ``1/world_size`` exactly as DDP's reducer does without
-  a comm hook (``bucket = grad · (1/W)``, then a SUM all-reduce), the ghosts' float buffers (rank 0's values,
-  zeros elsewhere: DDP's ``broadcast_buffers``) and two failure counters per ghost (an exception, a non-finite
-  loss). A ghost that fails on one rank is marked failed on every rank; no rank ever skips the collective, so
-  none waits forever. With 2 ranks the sum of two values is order independent and ·½ is exact, so the ε = 0
-  control ghost stays bitwise equal to the main model; with more ranks the ring order of the sum can differ from
-  DDP's buckets in the last bit.
-* **eNTK** — H = Σ_p J_p J_pᵀ is a sum over parameters, so each rank computes the kernel restricted to its share
-  of the parameters (whole modules, balanced by size, each rank under the full ``max_memory``) and one SUM
-  ``all_reduce`` of the n×n partial kernels (plus a failure flag) assembles H on every rank. The costly part —
-  per-sample gradients and their float64 contraction, O(n²·P) — is divided among the ranks; the forward and
-  the backward passes through the network are not.
-
-Everything else (evaluations, ghost comparisons, barriers) is replicated arithmetic on replicated state: rank 0
-records it; ranks that take part in eNTK or ghost collectives run the same snapshot code to stay in lock-step,
-and other ranks skip snapshots entirely.
+* attach — :meth:`DistributedRun.check_agreement`: ``all_gather_object`` of what each rank attached to (the DDP
+  wrapper or a plain module) and a hash of the probe's configuration, model layout, parameter values and eval set:
+  a rank that disagrees fails every rank with the same clear error; then rank 0 opens the run directory and
+  broadcasts whether that worked (:func:`open_run_writer`);
+* ghosts — :class:`~dynprobe.distributed.ghost_trainer.DistributedGhostTrainer`, a ``GhostTrainer`` whose replicas
+  average their gradients across ranks with one collective per step;
+* eNTK — :class:`~dynprobe.distributed.kernel.ShardedKernel`, each rank differentiating a share of the parameters,
+  the partial kernels summed with one collective.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from dynprobe.capture.step import MicroBatch, replay_micro_batch
+from dynprobe.ghosts.trainer import TrainerContext
 from dynprobe.store.writer import RunWriter, json_safe
 
-if TYPE_CHECKING:
-    from dynprobe.ghosts.ghost_set import GhostSet
-    from dynprobe.kernels.engine import NTKEngine
-    from dynprobe.probe import Probe
+from .ghost_trainer import DistributedGhostTrainer
+from .kernel import ShardedKernel, partition_modules
+from .sink import NullSink
 
-__all__ = ["DistributedRun", "NullWriter", "ShardedKernel", "open_run_writer", "partition_modules", "unwrap_model"]
-
-SEQUENTIAL_REASON = ("torch.distributed (DDP): sequential ghosts, whose local gradients are averaged across ranks "
-                     "with one collective per step")
+__all__ = ["DistributedRun", "NullSink", "ShardedKernel", "check_supported", "is_ddp", "open_run_writer",
+           "partition_modules", "unwrap_model", "warn_comm_hook"]
 
 
 def _dist() -> Any:
@@ -136,13 +116,13 @@ class DistributedRun:
             )
 
     def open_writer(self, out: str | os.PathLike, manifest: dict[str, Any], *, resume: bool,
-                    resume_step: int | None) -> RunWriter | NullWriter:
+                    resume_step: int | None) -> RunWriter | NullSink:
         """Rank 0 opens the run directory; its success (or error) is broadcast, so every rank fails together."""
         manifest = {**manifest, "distributed": {"world_size": self.world_size,
                                                 "backend": str(_dist().get_backend()),
                                                 "attached_to": "DistributedDataParallel" if self.wrapper is not None
                                                 else "module", "writer_rank": 0}}
-        writer: RunWriter | NullWriter | None = None
+        writer: RunWriter | NullSink | None = None
         outcome: list[Any] = [None]
         if self.is_writer:
             try:
@@ -156,7 +136,7 @@ class DistributedRun:
             if self.is_writer:
                 raise outcome[0]["exception"]
             raise RuntimeError(f"dynprobe: rank 0 could not open the run directory: {payload[0]['error']}")
-        return writer if writer is not None else NullWriter(out, manifest)
+        return writer if writer is not None else NullSink(out, manifest)
 
     # ------------------------------------------------------------------------------------------ collectives
 
@@ -190,114 +170,19 @@ class DistributedRun:
                 offset += b.numel()
         return result
 
-    # ------------------------------------------------------------------------------------------ ghosts
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """SUM ``tensor`` over the ranks, in place."""
+        _dist().all_reduce(tensor)
 
-    def train_ghosts(self, owner: GhostSet, live: list[Any], micro_batches: list[MicroBatch], step: int) -> None:
-        """One lock-step update of every live ghost: local gradients on this rank's shard, one collective, step.
+    def ghost_trainer(self, context: TrainerContext) -> DistributedGhostTrainer:
+        """The ghosts' trainer of this run (``GhostSet(trainer_factory=run.ghost_trainer)``)."""
+        return DistributedGhostTrainer(self, context)
 
-        Mirrors :meth:`GhostSet.train_step`'s sequential path; the averaging replicates DDP's reducer (see the
-        module docstring). Failures are agreed on in the same collective: every rank sets the same status.
-        """
-        errors: list[str | None] = []
-        nonfinite: list[bool] = []
-        raised: BaseException | None = None
-        for ghost in live:
-            try:
-                owner._sync_hyperparameters(ghost)
-                ghost.optimizer.zero_grad(set_to_none=True)
-                losses = [float(replay_micro_batch(ghost.model, micro, loss_fn=owner.loss_fn,
-                                                   loss_from_output=owner.loss_from_output).float())
-                          for micro in micro_batches]
-                owner._match_grad_presence(ghost)
-                errors.append(None)
-                nonfinite.append(not all(math.isfinite(v) for v in losses))
-            except Exception as error:  # noqa: BLE001 - agreed on below, never left one rank behind
-                errors.append(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-                nonfinite.append(False)
-                raised = raised or error
-        exceptions, nonfinite_counts = self._all_reduce_ghosts(owner, live, errors, nonfinite)
-        for k, ghost in enumerate(live):
-            if exceptions[k]:
-                local = errors[k]
-                reason = (local.split("\n", 1)[0] if local else "an exception on another rank") + \
-                    f" (on {exceptions[k]} of {self.world_size} ranks)"
-                owner._set_status(ghost, "failed", step, reason,
-                                  **({"traceback": local.split("\n", 1)[1]} if local else {}))
-            elif nonfinite_counts[k]:
-                owner._set_status(ghost, "diverged", step,
-                                  f"non-finite loss (on {nonfinite_counts[k]} of {self.world_size} ranks)")
-            else:
-                owner._step_optimizer(ghost)
-                lifetime = owner.config.lifetime
-                if lifetime is not None and step - ghost.spawn_step >= lifetime:
-                    owner._set_status(ghost, "finished", step, f"lifetime of {lifetime} steps reached")
-        if self.is_writer:  # other ranks' buffers wait for DDP's next broadcast: only rank 0 can be compared
-            owner._check_control(step)
-        if raised is not None and owner.raise_errors:
-            raise raised
-
-    def _all_reduce_ghosts(self, owner: GhostSet, live: list[Any], errors: list[str | None],
-                           nonfinite: list[bool]) -> tuple[list[int], list[int]]:
-        """The one collective (one per dtype): gradients ·1/W, rank 0's float buffers, failure counters."""
-        main_params = [p for p in owner.model.parameters() if p.requires_grad]
-        segments: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-        for k, ghost in enumerate(live):
-            failed = errors[k] is not None
-            for main_p, ghost_p in zip(main_params, ghost.params):
-                segments.append(("grad", ghost_p, None if failed else ghost_p.grad, main_p))
-            if self.syncs_buffers:  # the layout never depends on failures: every rank builds the same buffer
-                for buffer in ghost.model.buffers():
-                    if buffer is not None and buffer.is_floating_point():
-                        segments.append(("buffer", buffer, None if failed else buffer, None))
-        device = main_params[0].device
-        flags_dtype = segments[0][1].dtype if segments else torch.float32
-        groups = _by_dtype(segments, key=lambda s: s[1].dtype)
-        if flags_dtype not in groups:
-            groups[flags_dtype] = []
-        flags = torch.tensor([float(e is not None) for e in errors] + [float(f) for f in nonfinite],
-                             dtype=flags_dtype, device=device)
-        reduced_flags = flags
-        scale = 1.0 / self.world_size
-        for dtype, group in groups.items():
-            total = sum(s[1].numel() for s in group)
-            tail = flags.numel() if dtype == flags_dtype else 0
-            flat = torch.empty(total + tail, dtype=dtype, device=device)
-            offset = 0
-            for kind, target, value, _ in group:
-                view = flat[offset:offset + target.numel()]
-                if value is None or (kind == "buffer" and not self.is_writer):
-                    view.zero_()
-                elif kind == "grad":
-                    torch.mul(value.detach().reshape(-1), scale, out=view)  # DDP: bucket = grad · (1/W)
-                else:
-                    view.copy_(value.detach().reshape(-1))
-                offset += target.numel()
-            if tail:
-                flat[offset:].copy_(flags)
-            _dist().all_reduce(flat)
-            offset = 0
-            for kind, target, value, main_p in group:
-                view = flat[offset:offset + target.numel()].view_as(target)
-                offset += target.numel()
-                if kind == "buffer":
-                    if value is not None:
-                        target.data.copy_(view)
-                elif value is not None:
-                    if main_p is not None and main_p.grad is None:
-                        target.grad = None  # mirror the main model: no gradient where it has none
-                    elif target.grad is not None:
-                        target.grad.copy_(view)
-            if tail:
-                reduced_flags = flat[offset:].clone()
-        counts = [int(round(float(v))) for v in reduced_flags.tolist()]
-        return counts[:len(live)], counts[len(live):]
-
-    # ------------------------------------------------------------------------------------------ snapshots
-
-    def follow_snapshot(self, probe: Probe) -> None:
-        """A non-writing rank's part of a snapshot: the same measuring and ghost comparisons as rank 0 when they
-        contain collectives (eNTK partial sums) or decide ghost statuses; nothing is written."""
-        probe._recent_losses.clear()
+    def follow_snapshot(self, probe: Any) -> None:
+        """Transitional (until the probe runs its normal snapshot into the null sink on every rank): a non-writing
+        rank's part of a snapshot — the same measuring and ghost comparisons as rank 0, which contain collectives
+        (eNTK partial sums) and decide ghost statuses; nothing is written."""
+        probe._train_loss.pop_mean()
         step = probe.step_count
         kernel = None
         if probe._kernel is not None or probe._ghosts is not None:
@@ -308,83 +193,17 @@ class DistributedRun:
                               list(probe.model.named_parameters()) + list(probe.model.named_buffers())
                               if t is not None}
                 kernel_of = probe._kernel.measure if probe._kernel is not None else None
-                probe._ghosts.compare(data, kernel_of, main_state, len(probe.writer.snapshots))
+                probe._ghosts.compare(data, kernel_of, main_state)
         probe.writer.commit_snapshot({"step": step, "kernel": kernel is not None})
-
-
-# ---------------------------------------------------------------------------------------------- eNTK
-
-
-def partition_modules(named_params: list[tuple[str, torch.Tensor]], parts: int) -> list[list[str]]:
-    """Split parameter names into ``parts`` shares of whole modules, balanced by parameter count (largest module
-    first to the least-loaded share; ties to the lowest index). Deterministic: every rank computes the same."""
-    modules: dict[str, list[tuple[str, int]]] = {}
-    for name, p in named_params:
-        modules.setdefault(name.rpartition(".")[0], []).append((name, p.numel()))
-    order = sorted(modules.items(), key=lambda item: -sum(n for _, n in item[1]))
-    shares: list[list[str]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for _, members in order:
-        target = loads.index(min(loads))
-        shares[target] += [name for name, _ in members]
-        loads[target] += sum(n for _, n in members)
-    position = {name: i for i, (name, _) in enumerate(named_params)}
-    return [sorted(share, key=position.__getitem__) for share in shares]
-
-
-class ShardedKernel:
-    """An eNTK engine whose parameters are shared out among the ranks: ``kernel(params) -> H`` on every rank.
-
-    Rank r builds an :class:`NTKEngine` differentiating only its share of the trainable parameters
-    (``wrt=``); H = Σ_r H_r (eq. 3 is a sum over parameters), assembled by :meth:`DistributedRun.
-    sum_partial_kernels`. Each engine plans for the full ``max_memory``: the per-rank budget equals a single
-    process's. A rank with no share (fewer modules than ranks) contributes zeros.
-    """
-
-    def __init__(self, run: DistributedRun, model: nn.Module, make_engine: Callable[[list[str] | None], NTKEngine]
-                 ) -> None:
-        self.run, self.model = run, model
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
-        self.shares = partition_modules(trainable, run.world_size)
-        share = self.shares[run.rank]
-        self._engine = make_engine(share) if share else None
-        self._reference = self._engine if self._engine is not None else make_engine(None)  # shapes only
-        self.n = self._reference.n
-        full = self._reference.mode == "full"
-        self.size = self.n * (self._reference.num_outputs if full else 1)
-        self.total_parameters = len(trainable)
-
-    @property
-    def convention(self) -> dict[str, Any]:
-        return {**self._reference.convention, "parameters": self.total_parameters,
-                "distributed": f"parameters shared out over {self.run.world_size} ranks by whole modules; the "
-                               "partial kernels summed with one all_reduce (float64)"}
-
-    def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.run.syncs_buffers:
-            # Rank 0's buffers, as DDP broadcasts them before the next forward: another rank's main model (and a
-            # ghost on the step it was cloned) still holds its own running statistics.
-            names = [name for name, b in self.model.named_buffers() if b is not None and b.is_floating_point()]
-            state = dict(self.model.named_buffers()) if params is None else params
-            buffers = [(name, state[name]) for name in names if name in state]
-            params = {**(params or {}), **self.run.rank0_values(buffers)}
-        partial, error = None, None
-        try:
-            if self._engine is not None:
-                partial = self._engine(params)
-        except Exception as failure:  # noqa: BLE001 - every rank must reach the all_reduce
-            error = f"{type(failure).__name__}: {failure}"
-        return self.run.sum_partial_kernels(partial, self.size, self._reference.device, error)
-
 
 # ---------------------------------------------------------------------------------------------- writing
 
 
 def open_run_writer(run: DistributedRun | None, out: str | os.PathLike, manifest: dict[str, Any], *,
                     params: list[torch.Tensor], resume: bool, resume_step: int | None,
-                    problems: list[str] | None = None) -> RunWriter | NullWriter:
-    """The probe's writer: a :class:`RunWriter` outside torch.distributed and on rank 0 (after the attach checks),
-    a :class:`NullWriter` on the other ranks."""
+                    problems: list[str] | None = None) -> RunWriter | NullSink:
+    """The probe's sink: a :class:`RunWriter` outside torch.distributed and on rank 0 (after the attach checks), a
+    :class:`NullSink` on the other ranks."""
     if run is None:
         return RunWriter(out, manifest, resume=resume, resume_step=resume_step)
     problems = list(problems or [])
@@ -392,51 +211,6 @@ def open_run_writer(run: DistributedRun | None, out: str | os.PathLike, manifest
         problems.append("resume=True is not supported under torch.distributed yet; start a new out= directory")
     run.check_agreement(manifest, params, problems)
     return run.open_writer(out, manifest, resume=resume, resume_step=resume_step)
-
-
-class NullWriter:
-    """The writer of a rank other than 0: the same interface as :class:`RunWriter`, no file ever touched.
-
-    It keeps the snapshot records (step, whether a kernel was measured) in memory, because the schedule and the
-    eNTK cadence are decided from them, identically on every rank.
-    """
-
-    resumed = False
-
-    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]) -> None:
-        self.root = Path(root)
-        self.manifest = dict(manifest)
-        self.snapshots: list[dict[str, Any]] = []
-
-    def resume_from_step(self, resume_step: int | None) -> int:
-        return 0 if resume_step is None else int(resume_step)
-
-    def event(self, event: str, /, **fields: Any) -> None:
-        pass
-
-    def snapshot_path(self, step: int) -> Path:
-        raise RuntimeError("only rank 0 writes the run directory")
-
-    def save_array(self, step: int, name: str, array: np.ndarray) -> None:
-        pass
-
-    def save_arrays(self, step: int, name: str, arrays: Mapping[str, np.ndarray]) -> None:
-        pass
-
-    def save_run_array(self, name: str, array: np.ndarray) -> None:
-        pass
-
-    def commit_snapshot(self, record: dict[str, Any]) -> None:
-        self.snapshots.append(json_safe({"index": len(self.snapshots), **record}))
-
-    def update_manifest(self, **fields: Any) -> None:
-        self.manifest.update(json_safe(fields))
-
-    def metrics_path(self, name: str) -> Path:
-        return self.root / "metrics" / name  # a name only: SnapshotRecorder never commits on this rank
-
-    def load_params(self, index: int) -> np.ndarray:
-        raise RuntimeError("only rank 0 keeps the run directory")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

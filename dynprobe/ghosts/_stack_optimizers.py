@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .replica import sync_hyperparameters
+
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "AliasOptimizers", "StackedOptimizer", "RowSource", "is_elementwise"]
 
 # Optimizer classes whose step is elementwise, with the state keys that are per-parameter scalars (shared by all
@@ -64,14 +66,6 @@ def copy_without_state(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -
     shallow = copy.copy(optimizer)
     shallow.state = defaultdict(dict)
     return copy.deepcopy(shallow, memo)
-
-
-def sync_hyperparameters(main: torch.optim.Optimizer, replica: torch.optim.Optimizer) -> None:
-    """Copy every non-parameter entry of each main param group (lr, momentum, betas: whatever a scheduler set)."""
-    for main_group, group in zip(main.param_groups, replica.param_groups):
-        for key, value in main_group.items():
-            if key != "params":
-                group[key] = value
 
 
 def _bind_groups(optimizer: torch.optim.Optimizer, tensors: Sequence[torch.Tensor]) -> None:

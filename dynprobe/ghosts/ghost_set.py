@@ -1,102 +1,78 @@
-"""Ghost replicas: perturbed copies of the model trained in lock-step with the main run (the paper's §4).
+"""Ghost replicas: perturbed copies of the model trained in lock-step with the main run (the two-phase paper's §4).
 
-A ghost is spawned at step t0 as a deep copy of the model (parameters *and* buffers) and of the optimizer
-(``deepcopy(optimizer, memo={id(p_main): p_ghost})``: the user's optimizer class, its hyper-parameters and a
-copy of its state — rebuilding it from ``type(opt)(groups, **defaults)`` fails for AdamW), then θ' = θ + ε.
-After every main optimizer step, each live ghost replays the captured micro-batches (:mod:`dynprobe.capture`)
-and steps with the main optimizer's *current* per-group hyper-parameters (learning rate, momentum, betas —
-whatever a scheduler changed). The main RNG stream is restored afterwards, so the user's run is unchanged.
+A ghost is spawned at step t0 as a copy of the model (parameters *and* buffers) and of the optimizer, then
+θ' = θ + ε. After every main optimizer step, each live ghost replays the captured micro-batches
+(:mod:`dynprobe.capture`) with the main optimizer's current hyper-parameters; the main RNG stream is restored
+afterwards, so the user's run is unchanged. How the replicas are held and trained is a :class:`GhostTrainer`'s
+business (:func:`choose_trainer`); this set owns the ghosts' identities, spawn schedule, statuses and records.
 
-An ε = 0 control ghost is the canary: it is compared with the main model after every step, and any drift is
-recorded with its likely causes (training logic the ghosts cannot see). Ghost faults (non-finite loss or
-parameters, exploding norm, an exception) mark the ghost and stop it; they never reach the user's loop.
+An ε = 0 control ghost is the canary: it is compared with its reference after every step, and any drift is recorded
+with its likely causes (training logic the ghosts cannot see). Ghost faults (non-finite loss or parameters, an
+exploding norm, an exception) stop the ghost and are recorded; they never reach the user's loop. After every step
+each ghost's separation from its reference is appended to its separation curve (:mod:`.separation`).
 """
 from __future__ import annotations
 
-import copy
 import math
-import traceback
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dynprobe._util.evaluation import EvalSet, evaluate
+from dynprobe._util.evaluation import EvalSet, evaluate, index_inputs, inputs_to
 from dynprobe._util.modules import preserved_rng
-from dynprobe.capture.step import MicroBatch, replay_micro_batch
+from dynprobe._util.user_warnings import warn_user
+from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
-from dynprobe.metrics import functions as metrics
-from dynprobe.metrics.barrier import loss_barrier
-from dynprobe.recording.snapshot import SnapshotData, flatten_parameters
-from dynprobe.store.writer import RunWriter
+from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 
-from .perturbation import Perturbation, PerturbationReport, perturb_
-from .vectorized import VectorizedGhosts, record_ghost_mode
+from .comparison import compare_ghost, layer_slices_of
+from .perturbation import Perturbation, PerturbationReport
+from .replica import (
+    LossReplay,
+    Replica,
+    check_optimizer_for_ghosts,
+    is_compiled,
+    lifetime_reached,
+    likely_drift_causes,
+)
+from .separation import SeparationLog
+from .sequential import SequentialTrainer
+from .trainer import Ghost, GhostTrainer, MainSnapshot, TrainerContext
+from .vectorized import VectorizedTrainer
 
-__all__ = ["Ghost", "GhostSet", "clone_for_ghost"]
+__all__ = ["Ghost", "GhostSet", "MainSnapshot", "choose_trainer"]
 
 KernelOf = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+TrainerFactory = Callable[[TrainerContext], GhostTrainer]
+# Below this share of coordinates that differ after rounding to the autocast compute dtype, a perturbation is
+# reported as below that dtype's resolution.
+VISIBLE_SHARE = 0.01
 
 
-def clone_for_ghost(model: nn.Module, optimizer: torch.optim.Optimizer, memo_extra: dict[int, Any]
-                    ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Deep copies of ``model`` (parameters, buffers, submodule flags) and ``optimizer`` bound to the copy.
-
-    ``memo_extra`` maps ids of objects that must *not* be copied (the probe and its hooks' owners) to
-    themselves. The optimizer copy keeps the user's optimizer class, its param-group hyper-parameters and a
-    deep copy of its state (momentum buffers, Adam moments, step counts); ``Optimizer.__getstate__`` drops
-    its hooks, so the copy never fires the probe's hooks.
-    """
-    memo = dict(memo_extra)
-    ghost_model = copy.deepcopy(model, memo)
-    mapping = {id(p): g for p, g in zip(model.parameters(), ghost_model.parameters())}
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
-    outside = [p for p in owned if id(p) not in mapping]
-    if outside:
-        raise ValueError(
-            f"ghosts need an optimizer over the model's parameters only; this optimizer also holds "
-            f"{len(outside)} tensors that are not parameters of the model (e.g. a learnable loss parameter)"
-        )
-    optimizer_memo = {**memo_extra, **mapping}
-    ghost_optimizer = copy.deepcopy(optimizer, optimizer_memo)
-    return ghost_model, ghost_optimizer
-
-
-@dataclass
-class Ghost:
-    """One live (or stopped) ghost replica."""
-
-    index: int
-    spawn_step: int
-    control: bool
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Any
-    params: list[torch.Tensor]
-    report: PerturbationReport
-    status: str = "alive"
-    comparisons: int = 0
-
-    @property
-    def alive(self) -> bool:
-        return self.status == "alive"
+def choose_trainer(context: TrainerContext) -> GhostTrainer:
+    """The one place the ghosts' training path is chosen: ``Ghosts(vectorize=False)`` (the default, exact) trains
+    deep copies; ``True`` and ``"auto"`` a vmap stack (``"auto"`` only when measured faster)."""
+    if context.config.vectorize is False:
+        return SequentialTrainer(context)
+    return VectorizedTrainer(context)
 
 
 class GhostSet:
-    """All ghosts of a run: spawning, lock-step training, the control canary, and comparisons at snapshots.
+    """All ghosts of a run: spawning, lock-step training through a :class:`GhostTrainer`, the control canary,
+    separation curves, and comparisons at snapshots.
 
     Args:
         config: the user's :class:`dynprobe.Ghosts`.
         model, optimizer: the main run's.
-        writer: the run directory (events ``ghost_spawn``, ``ghost_compare``, ``ghost_status``, …).
+        writer: the run's sink (events ``ghost_spawn``, ``ghost_compare``, ``ghost_status``, ``ghost_mode``, …).
         main_params: the main model's trainable parameters, in ``vec(θ)`` order.
-        eval_set, output_fn, eval_batch_size: as the probe's, for the ghosts' predictions and barriers.
+        eval_set, output_fn, eval_batch_size, device: as the probe's, for the ghosts' predictions.
         storage_dtype: dtype of flat parameter vectors.
         no_copy: objects a deep copy of the model must share, not copy (the probe).
+        trainer_factory: builds the trainer (the DDP trainer under torch.distributed); default :func:`choose_trainer`.
     """
 
     def __init__(
@@ -104,7 +80,7 @@ class GhostSet:
         config: Ghosts,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        writer: RunWriter,
+        writer: Any,
         *,
         main_params: list[torch.Tensor],
         eval_set: EvalSet,
@@ -115,107 +91,159 @@ class GhostSet:
         cuda_devices: list[int],
         no_copy: list[Any],
         raise_errors: bool,
+        trainer_factory: TrainerFactory | None = None,
         distributed: Any = None,
     ) -> None:
-        self.config = config
-        self.model, self.optimizer, self.writer = model, optimizer, writer
-        self.main_params = main_params
-        self.eval_set, self.output_fn, self.eval_batch_size = eval_set, output_fn, eval_batch_size
-        self.device, self.storage_dtype, self.cuda_devices = device, storage_dtype, cuda_devices
-        self.raise_errors = raise_errors
-        self._memo = {id(obj): obj for obj in no_copy}
-        self.ghosts: list[Ghost] = []
-        self.loss_fn: Callable[..., torch.Tensor] | None = config.loss_fn
-        self.loss_from_output: Callable[[Any], torch.Tensor] | None = None
-        self._spawned_control = False
-        self._control_drifted = False
-        self._warned: set[str] = set()
-        self._first_spawn = None
-        self.grad_edit_detected = False
-        # The run's planned last step (Probe(total_steps=)): costly comparisons are made there whatever the
-        # costly_every cadence, so the chaos maps' final column is complete.
-        self.final_step: int | None = None
-        # A resumed run's earlier ghosts (see resume): indices and perturbation seeds continue after them.
-        self._index_offset = 0
-        self._perturbed_offset = 0
-        self._spawned_steps: set[int] = set()
-        clone_for_ghost(model, optimizer, self._memo)  # fail at construction if the model/optimizer can't be cloned
-        # Ghosts(vectorize=True/"auto"): the vectorized mode lives in dynprobe._vectorized_ghosts; the branches
-        # below marked "vectorized" hand over to it, and everything else here is the sequential path.
-        self._vector: VectorizedGhosts | None = None
-        # torch.distributed: a dynprobe.distributed.DistributedRun averages the ghosts' gradients across ranks.
-        self.distributed = distributed
-        if distributed is not None:
-            from dynprobe.distributed.runtime import SEQUENTIAL_REASON
+        self.config, self.model, self.optimizer, self.writer = config, model, optimizer, writer
+        self.cuda_devices, self.raise_errors = cuda_devices, raise_errors
+        self.eval_set = eval_set
+        check_optimizer_for_ghosts(optimizer)
+        no_copy_map = {id(obj): obj for obj in no_copy}
+        Replica.clone(model, optimizer, no_copy_map)  # fail at construction if the model/optimizer can't be cloned
+        self._compiled = is_compiled(model)
+        if self._compiled:
+            warn_user("dynprobe: the model is compiled (torch.compile). Ghosts replay your training step on eager "
+                      "deep copies: fused kernels round differently and compiled dropout draws its own random "
+                      "numbers, so the ε=0 control ghost will drift from your run and the chaos maps mix ε with that "
+                      "difference. For exact ghosts attach the probe to the uncompiled module and train it eagerly")
 
-            record_ghost_mode(writer, "sequential", step=0, requested=config.vectorize, reason=SEQUENTIAL_REASON)
-        elif config.vectorize is False:
-            record_ghost_mode(writer, "sequential", step=0, requested=False,
-                              reason="requested: Ghosts(vectorize=False)")
-        else:
-            self._vector = VectorizedGhosts(self)  # vectorize=True: raises here if the model cannot be vmapped
+        def evaluate_model(module: nn.Module) -> Any:
+            return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
+
+        def sample_inputs() -> Any:
+            return inputs_to(index_inputs(eval_set.inputs, slice(0, min(8, eval_set.n))), device)
+
+        self.context = TrainerContext(
+            config=config, model=model, optimizer=optimizer, main_params=main_params, no_copy=no_copy_map,
+            replay=LossReplay(config.loss_fn, None), device=device, storage_dtype=storage_dtype,
+            raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
+            on_mode=self._record_mode)
+        self.ghosts: list[Ghost] = []
+        self.final_step: int | None = None  # Probe(total_steps=): S is always measured there
+        self._layers = layer_slices_of([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self._parameter_ids = tuple(id(p) for p in model.parameters())
+        self._warned: set[str] = set()
+        self._control_drifted = False
+        self._precision_pending: list[Ghost] = []
+        # Identity bookkeeping (a resumed run continues after the earlier ghosts; see resume).
+        self._next_index = 0
+        self._perturbed = 0
+        self._spawned_control = False
+        self._done_steps: set[int] = set()
+        # resume: the spawns the interrupted process recorded at the resume step, by (index, control)
+        self._recorded: dict[tuple[int, bool], dict[str, Any]] = {}
+        if distributed is not None and trainer_factory is None:  # the DDP run builds its own trainer
+            trainer_factory = distributed.ghost_trainer
+        self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
+        self.separation = SeparationLog(writer)
+
+    # ------------------------------------------------------------------------------------------ properties
 
     @property
     def mode(self) -> str | None:
         """``"sequential"`` or ``"vectorized"``; None while ``vectorize="auto"`` has not decided yet."""
-        return "sequential" if self._vector is None else self._vector.mode
-
-    # ------------------------------------------------------------------------------------------ spawning
+        return self.trainer.mode
 
     @property
     def live(self) -> list[Ghost]:
         return [g for g in self.ghosts if g.alive]
 
+    @property
+    def loss_fn(self) -> Callable[..., torch.Tensor] | None:
+        return self.context.replay.loss_fn
+
+    @loss_fn.setter
+    def loss_fn(self, value: Callable[..., torch.Tensor] | None) -> None:
+        self.context.replay.loss_fn = value
+
+    @property
+    def loss_from_output(self) -> Callable[[Any], torch.Tensor] | None:
+        return self.context.replay.loss_from_output
+
+    @loss_from_output.setter
+    def loss_from_output(self, value: Callable[[Any], torch.Tensor] | None) -> None:
+        self.context.replay.loss_from_output = value
+
+    @property
+    def grad_edit_detected(self) -> bool:
+        return self.context.grad_edit_detected
+
+    # ------------------------------------------------------------------------------------------ spawning
+
     def resume(self, events: list[dict[str, Any]], step: int) -> None:
-        """Continue a resumed run's ghosts: numbering, control and perturbation seeds go on from its
-        ``ghost_spawn`` events, spawn steps already taken are not repeated, and ghosts that were alive at the
-        interruption end as ``finished`` at ``step`` (a ghost's state is not saved, so it cannot be continued)."""
-        spawned = [e for e in events if e.get("event") == "ghost_spawn"]
-        ended = {e["ghost"] for e in events if e.get("event") == "ghost_status"}
-        self._index_offset = len(spawned)
-        self._perturbed_offset = sum(1 for e in spawned if not e["control"])
-        self._spawned_control = self._spawned_control or any(e["control"] for e in spawned)
-        self._spawned_steps = {int(e["spawn_step"]) for e in spawned}
-        for event in spawned:
-            if event["ghost"] not in ended:
-                self.writer.event("ghost_status", ghost=event["ghost"], step=step, status="finished",
-                                  reason=f"the run was resumed at step {step}; a ghost's state is not saved")
+        """Continue a resumed run's ghosts from its event log (rewound to ``step``, the step training restarts from).
+
+        Ghosts keep their identities: numbering, the control and perturbation seeds go on after the earlier ghosts.
+        Ghosts spawned before ``step`` and alive then end as ``interrupted`` at ``step`` (a ghost's state is not
+        saved), their separation curves ending there too. Spawns due at ``step`` or later happen exactly once: one
+        the interrupted process already recorded at ``step`` is re-created (same index, seed and realized norm: θ_t
+        and ε are known) without a second record, and is then continued as in an uninterrupted run.
+        """
+        spawned = [e for e in events if e.get("event") == "ghost_spawn" and int(e["spawn_step"]) <= step]
+        ended = {e["ghost"] for e in events if e.get("event") == "ghost_status" and int(e["step"]) <= step}
+        earlier = [e for e in spawned if int(e["spawn_step"]) < step]
+        self._next_index = len(earlier)
+        self._perturbed = sum(1 for e in earlier if not e["control"])
+        self._spawned_control = any(e["control"] for e in earlier)
+        self._done_steps = {int(e["spawn_step"]) for e in earlier}
+        self._recorded = {(int(e["ghost"]), bool(e["control"])): {**e, "ended": e["ghost"] in ended}
+                          for e in spawned if int(e["spawn_step"]) == step}
+        interrupted = [e["ghost"] for e in earlier if e["ghost"] not in ended]
+        for index in interrupted:
+            self.writer.event("ghost_status", ghost=index, step=step, status="interrupted",
+                              reason=f"the run was resumed at step {step}; a ghost's state is not saved")
+        if interrupted:
+            warn_user(f"dynprobe: resuming at step {step}: ghosts {interrupted} alive at the interruption cannot be "
+                      f"continued (a ghost's state is not saved); they end as 'interrupted' at step {step}. Ghosts "
+                      "due at this step and later are spawned as scheduled", UserWarning)
+        self.spawn_due(step)
 
     def spawn_due(self, step: int) -> None:
-        """Spawn the ghosts scheduled at ``step`` (and the control at the first spawn step)."""
-        if step not in self.config.at or step in self._spawned_steps:
+        """Spawn the ghosts scheduled at ``step`` (and the control at the first spawn step), once."""
+        if step not in self.config.at or step in self._done_steps:
             return
+        self._done_steps.add(step)
+        spawned: list[Ghost] = []
         if self.config.control and not self._spawned_control:
-            self._spawn(step, Perturbation(norm=0.0, kind=self.config.perturbation.kind, seed=0), control=True)
             self._spawned_control = True
+            spawned += self._spawn(step, Perturbation(norm=0.0, kind=self.config.perturbation.kind, seed=0),
+                                   control=True)
         base = self.config.perturbation
-        perturbed = self._perturbed_offset + sum(1 for g in self.ghosts if not g.control)
-        self._spawn(step, Perturbation(norm=base.norm, kind=base.kind, seed=base.seed + perturbed), control=False)
+        spawned += self._spawn(step, Perturbation(norm=base.norm, kind=base.kind, seed=base.seed + self._perturbed),
+                               control=False)
+        self._perturbed += 1
+        self.separation.flush()
+        self._warn_realized_norms([g for g in spawned if not g.control], step)
 
-    def _spawn(self, step: int, perturbation: Perturbation, *, control: bool) -> None:
-        if self._vector is not None and self._vector.has_stack:  # vectorized: a new row from the shadow + ε
-            report = self._vector.spawn_in_stack(self._index_offset + len(self.ghosts), perturbation)
-            ghost = Ghost(self._index_offset + len(self.ghosts), step, control, None, None, None, [], report)  # type: ignore[arg-type]
-        else:
-            model, optimizer = clone_for_ghost(self.model, self.optimizer, self._memo)
-            params = [p for p in model.parameters() if p.requires_grad]
-            report = perturb_(params, perturbation)
-            scaler = None
-            if self.config.scaler is not None:
-                scaler = copy.deepcopy(self.config.scaler)
-            ghost = Ghost(self._index_offset + len(self.ghosts), step, control, model, optimizer, scaler, params, report)
+    def _spawn(self, step: int, perturbation: Perturbation, *, control: bool) -> list[Ghost]:
+        index = self._next_index
+        self._next_index += 1
+        recorded = self._recorded.pop((index, control), None)
+        if recorded is not None and recorded["ended"]:  # it stopped at its spawn snapshot: nothing to continue
+            return []
+        ghost = Ghost(index, step, control, report=None)  # type: ignore[arg-type]
+        ghost.report = self.trainer.spawn(ghost, perturbation)
+        if recorded is not None and not _same_spawn(recorded, ghost.report):
+            self.trainer.release(ghost)
+            self.writer.event("ghost_status", ghost=index, step=step, status="interrupted",
+                              reason="the run was resumed at its spawn step, but re-creating it gave another "
+                                     f"perturbation (realized norm {ghost.report.realized_norm:.6g} instead of "
+                                     f"{recorded['realized_norm']:.6g}): the model is not at its state of step {step}")
+            return []
         self.ghosts.append(ghost)
-        if self._vector is not None and ghost.model is not None:  # a clone while a stack may come: its shadow
-            self._vector.note_clone_spawn()
-        self.writer.event(
-            "ghost_spawn", ghost=ghost.index, step=step, spawn_step=step, control=control,
-            kind=perturbation.kind, seed=perturbation.seed, nominal_norm=report.nominal_norm,
-            realized_norm=report.realized_norm, changed=report.changed, total=report.total,
-            direction_cosine=report.direction_cosine, share_on_zeros=report.share_on_zeros,
-        )
-        message = report.warning()
-        if message:
-            self._warn_once(f"perturb-{ghost.index}", f"dynprobe ghost {ghost.index} (spawned at step {step}): {message}")
+        if recorded is None:  # a re-created ghost's spawn record and first separation pair exist already
+            report = ghost.report
+            self.writer.event(
+                "ghost_spawn", ghost=index, step=step, spawn_step=step, control=control, kind=perturbation.kind,
+                seed=perturbation.seed, nominal_norm=report.nominal_norm, realized_norm=report.realized_norm,
+                changed=report.changed, total=report.total, direction_cosine=report.direction_cosine,
+                share_on_zeros=report.share_on_zeros, changed_at=report.changed_at)
+            separations = self.trainer.separations([ghost])
+            if index in separations:
+                self.separation.note(index, step, separations[index])
+        if not control:
+            self._precision_pending.append(ghost)
+        return [ghost]
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -228,227 +256,235 @@ class GhostSet:
         if not live:
             return
         if not micro_batches:
-            self._warn_once(
-                "no-capture",
-                "dynprobe: the optimizer stepped but the ghosts saw no (forward, loss, backward) to replay. Wrap "
-                "the loss with criterion = probe.watch(criterion), pass loss_from_output= for models that "
-                "compute their own loss, or call probe.step(x, y) explicitly",
-            )
-            for ghost in live:
-                self._set_status(ghost, "failed", step, "no captured batch to replay")
+            self._warn_once("no-capture", "dynprobe: the optimizer stepped but the ghosts saw no (forward, loss, "
+                            "backward) to replay. Wrap the loss with criterion = probe.watch(criterion), pass "
+                            "loss_from_output= for models that compute their own loss, or call probe.step(x, y) "
+                            "explicitly")
+            self._stop_all(live, "failed", step, "no captured batch to replay")
             return
-        groups = _group_by_scale(micro_batches) if self.config.scaler is not None else [micro_batches]
+        if tuple(id(p) for p in self.model.parameters()) != self._parameter_ids:
+            self._model_changed(live, step)
+            return
+        if self._precision_pending:
+            self._check_precision(micro_batches[0].forward.autocast.regions)
         with preserved_rng(self.cuda_devices):
-            if self.distributed is not None:  # DDP: local gradients, one all-reduce for every ghost, then step
-                self.distributed.train_ghosts(self, live, micro_batches, step)
-                return
-            if self._vector is not None:  # vectorized (or deciding): the stack trains, or hands back to us
-                if self._vector.train_step(micro_batches, step):
-                    return
-                if self._vector.mode == "sequential" and self._vector.revisit_at is None:
-                    self._vector = None  # final: the sequential path from now on
-            for ghost in live:
-                try:
-                    losses = self._train_ghost(ghost, groups)
-                except Exception as error:  # noqa: BLE001 - a ghost fault never reaches the user's loop
-                    self._set_status(ghost, "failed", step, f"{type(error).__name__}: {error}",
-                                     traceback=traceback.format_exc())
-                    if self.raise_errors:
-                        raise
-                    continue
-                if not all(math.isfinite(value) for value in losses):
-                    self._set_status(ghost, "diverged", step, "non-finite loss")
-                elif self.config.lifetime is not None and step - ghost.spawn_step >= self.config.lifetime:
-                    self._set_status(ghost, "finished", step, f"lifetime of {self.config.lifetime} steps reached")
+            faults = self.trainer.train_step(live, micro_batches, step)
+        raised = None
+        for ghost in live:
+            fault = faults.get(ghost.index)
+            if fault is not None:
+                self._set_status(ghost, fault.status, step, fault.reason,
+                                 **({"traceback": fault.traceback} if fault.traceback else {}))
+                raised = raised or fault.error
+            elif lifetime_reached(ghost.spawn_step, step, self.config.lifetime_steps):
+                self._note_separation([ghost], step)
+                self._set_status(ghost, "finished", step, f"lifetime of {self.config.lifetime_steps} steps reached")
+        self._note_separation(self.live, step)
         self._check_control(step)
+        if raised is not None and self.raise_errors:
+            raise raised
 
-    def _train_ghost(self, ghost: Ghost, groups: list[list[MicroBatch]]) -> list[float]:
-        self._sync_hyperparameters(ghost)
-        losses: list[float] = []
-        for group in groups:
-            ghost.optimizer.zero_grad(set_to_none=True)
-            scale_loss = ghost.scaler.scale if ghost.scaler is not None else None
-            for micro in group:
-                loss = replay_micro_batch(ghost.model, micro, loss_fn=self.loss_fn,
-                                          loss_from_output=self.loss_from_output, scale_loss=scale_loss)
-                losses.append(float(loss.float()))
-            self._match_grad_presence(ghost)
-            self._step_optimizer(ghost)
-        return losses
-
-    def _sync_hyperparameters(self, ghost: Ghost) -> None:
-        # Schedulers (StepLR, cosine, OneCycleLR's momentum cycling, ...) edit the main param groups; copying
-        # every non-parameter entry makes the ghost follow any of them without knowing which.
-        for main_group, ghost_group in zip(self.optimizer.param_groups, ghost.optimizer.param_groups):
-            for key, value in main_group.items():
-                if key != "params":
-                    ghost_group[key] = value
-
-    def _match_grad_presence(self, ghost: Ghost) -> None:
-        # zero_grad(set_to_none=False) leaves zero gradients on parameters the loss does not reach; optimizers
-        # treat a zero gradient (weight decay, momentum) differently from None, so the ghost mirrors the main.
-        # (main_params and ghost.params are both the trainable parameters in the model's order; walking the
-        # module tree here instead cost ~0.1 ms per ghost and step on small models.)
-        for main_p, ghost_p in zip(self.main_params, ghost.params):
-            if main_p.grad is not None and ghost_p.grad is None:
-                ghost_p.grad = torch.zeros_like(ghost_p)
-
-    def _step_optimizer(self, ghost: Ghost) -> None:
-        config = self.config
-        if ghost.scaler is not None and (config.clip_grad_norm or config.clip_grad_value):
-            ghost.scaler.unscale_(ghost.optimizer)
-        if config.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(ghost.params, config.clip_grad_norm)
-        if config.clip_grad_value:
-            torch.nn.utils.clip_grad_value_(ghost.params, config.clip_grad_value)
-        if ghost.scaler is not None:
-            ghost.scaler.step(ghost.optimizer)
-            ghost.scaler.update()
-        else:
-            ghost.optimizer.step()
-
-    # ------------------------------------------------------------------------------------------ canary
+    def _note_separation(self, ghosts: list[Ghost], step: int) -> None:
+        for index, value in self.trainer.separations(ghosts).items():
+            self.separation.note(index, step, value)
 
     def _check_control(self, step: int) -> None:
         control = next((g for g in self.ghosts if g.control and g.alive), None)
         if control is None or self._control_drifted:
             return
-        main_state, ghost_state = _named_tensors(self.model), _named_tensors(control.model)
-        drifted = [name for name, value in main_state.items() if not torch.equal(value, ghost_state[name])]
-        if not drifted:
+        result = self.trainer.control_drift(control)
+        if not result or not result[1]:
             return
+        reference, drifted = result
         self._control_drifted = True
-        diff = max(float((main_state[n].double() - ghost_state[n].double()).abs().max()) for n in drifted)
-        causes = []
-        if self.grad_edit_detected:
-            causes.append("gradients edited between backward() and step() (declare Ghosts(clip_grad_norm=...))")
-        causes += ["a loss term outside the watched loss", "randomness the probe cannot replay (a global "
-                   "torch.Generator, numpy/python RNG in forward)", "parameter edits outside the optimizer",
-                   "several models or optimizers"]
-        self.writer.event("control_drift", step=step, ghost=control.index, tensors=drifted[:10], max_abs_diff=diff,
-                          likely_causes=causes)
-        self._warn_once(
-            "control-drift",
-            f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(drifted)} tensors, "
-            f"max |Δ| {diff:.3g}, e.g. {drifted[0]!r}): the ghosts do not reproduce your training step exactly, "
-            f"so chaos maps mix ε with that difference. Likely causes: {'; '.join(causes)}",
-        )
+        diff = max(drifted.values())
+        names = list(drifted)
+        if reference == "shadow":
+            causes = ["nondeterministic kernels (run with torch.use_deterministic_algorithms)"]
+            message = (f"dynprobe: the ε=0 control ghost drifted from the ε=0 shadow of its vectorized stack at step "
+                       f"{step} (max |Δ| {diff:.3g}): rows of one stack should be computed identically. Use "
+                       "Ghosts(vectorize=False) for a bit-exact reference")
+        else:
+            causes = likely_drift_causes(grad_edit_detected=self.grad_edit_detected, compiled=self._compiled)
+            message = (f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(names)} "
+                       f"tensors, max |Δ| {diff:.3g}, e.g. {names[0]!r}): the ghosts do not reproduce your training "
+                       f"step exactly, so chaos maps mix ε with that difference. Likely causes: {'; '.join(causes)}")
+        self.writer.event("control_drift", step=step, ghost=control.index, reference=reference, tensors=names[:10],
+                          max_abs_diff=diff, likely_causes=causes)
+        self._warn_once("control-drift", message)
 
     def note_grad_edit(self, step: int) -> None:
-        """The main gradients changed between backward and step (see :class:`dynprobe.probe.Probe`)."""
+        """The main gradients changed between backward and step (see :mod:`dynprobe.capture.hooks`)."""
         if self.config.clip_grad_norm or self.config.clip_grad_value or self.config.scaler is not None:
             return
-        self.grad_edit_detected = True
+        self.context.grad_edit_detected = True
         if "grad-edit" not in self._warned:
             self.writer.event("grad_edit_detected", step=step)
-        self._warn_once(
-            "grad-edit",
-            "dynprobe: gradients were modified between backward() and optimizer.step() (e.g. clip_grad_norm_). "
-            "Ghosts do not see that: declare it with Ghosts(clip_grad_norm=...) or Ghosts(clip_grad_value=...)",
-        )
+        self._warn_once("grad-edit", "dynprobe: gradients were modified between backward() and optimizer.step() "
+                        "(e.g. clip_grad_norm_). Ghosts do not see that: declare it with Ghosts(clip_grad_norm=...) "
+                        "or Ghosts(clip_grad_value=...)")
+
+    def _model_changed(self, live: list[Ghost], step: int) -> None:
+        before = set(self._parameter_ids)
+        now = dict((id(p), n) for n, p in self.model.named_parameters())
+        added = [name for key, name in now.items() if key not in before]
+        reason = (f"the model's parameters changed after the probe attached ({len(now)} parameter tensors now, "
+                  f"{len(before)} at attach{'; new: ' + ', '.join(repr(a) for a in added[:3]) if added else ''}): "
+                  "ghosts copy the model as it was and θ covers the parameters present at attach. Build the whole "
+                  "model (and its optimizer) before attaching the probe")
+        self.writer.event("model_changed", step=step, added=added[:20], parameters=len(now), attached=len(before))
+        self._warn_once("model-changed", f"dynprobe: {reason}; the ghosts stop")
+        self._stop_all(live, "failed", step, reason)
+
+    def _check_precision(self, regions: tuple[tuple[str, torch.dtype], ...]) -> None:
+        """Warn (once) when perturbations are below the resolution of the autocast compute dtype of the step."""
+        pending, self._precision_pending = self._precision_pending, []
+        low = [dtype for _, dtype in regions if dtype in (torch.bfloat16, torch.float16)]
+        if not low:
+            return
+        dtype = low[0]
+        name = str(dtype).removeprefix("torch.")
+        hidden = [g for g in pending if g.report.changed_at.get(name, g.report.total) < VISIBLE_SHARE * g.report.total]
+        if not hidden:
+            return
+        ulps = {torch.bfloat16: 2 ** 16, torch.float16: 2 ** 13}[dtype]
+        eps = torch.finfo(dtype).eps
+        shares = ", ".join(f"ghost {g.index}: {g.report.changed_at.get(name, 0)} of {g.report.total}" for g in hidden)
+        self.writer.event("perturbation_below_precision", ghosts=[g.index for g in hidden], dtype=name,
+                          step=hidden[0].spawn_step)
+        self._warn_once("precision", f"dynprobe: the ghosts' perturbation is below the resolution of {name}, the "
+                        f"autocast compute dtype of your training step: only {shares} coordinates round to a "
+                        f"different {name} value, so the forward pass sees (almost) the unperturbed weights and the "
+                        "ghosts measure rounding rather than the chaos effect. Use a perturbation that survives "
+                        f"{name}: Perturbation(norm={ulps}, kind='ulp') (one {name} ulp per coordinate) or "
+                        f"Perturbation(norm={eps:.2g}, kind='relative')")
 
     # ------------------------------------------------------------------------------------------ snapshots
 
-    def compare(self, data: SnapshotData, kernel_of: KernelOf | None, main_state: Mapping[str, torch.Tensor],
-                snapshot_index: int) -> None:
-        """Compare every live ghost with the main snapshot ``data``; writes ``ghost_compare`` events and stores
-        the ghost's predictions (and parameters) with the snapshot."""
-        if self._vector is not None and self._vector.has_stack:  # vectorized: compared with the shadow
-            self._vector.compare(data, kernel_of, main_state)
-            return
-        main_flat = data.params
-        for ghost in self.live:
+    def compare(self, data: Any, kernel_of: KernelOf | None, main_state: Mapping[str, torch.Tensor],
+                snapshot_index: int | None = None) -> None:
+        """Compare with a snapshot measured by :class:`dynprobe.recording.snapshot.SnapshotRecorder` (``data``): the
+        ghosts' arrays go into ``data.extra_arrays``. See :meth:`compare_with`."""
+        main = MainSnapshot(data.step, data.params, data.evaluation.preds, data.kernel, main_state)
+        data.extra_arrays.update(self.compare_with(main, kernel_of))
+
+    def compare_with(self, main: MainSnapshot, kernel_of: KernelOf | None) -> dict[str, np.ndarray]:
+        """Compare every live ghost with its reference at the snapshot ``main``: writes ``ghost_compare`` events (and
+        ``shadow_drift`` for vectorized ghosts); returns the arrays to store with the snapshot (ghost predictions,
+        and parameters with ``Ghosts(save_params=True)``). S is measured for a ghost at every
+        ``kernel_every_snapshots``-th of its comparisons (its first included) and at ``final_step``."""
+        live = self.live
+        self.separation.flush()
+        if not live:
+            return {}
+        every = self.config.kernel_every_snapshots
+        due = {g.index: g.comparisons % every == 0 or main.step == self.final_step for g in live}
+        needs_kernel = kernel_of is not None and main.kernel is not None and any(due.values())
+        try:
+            reference = self.trainer.reference(main, kernel_of=kernel_of if needs_kernel else None)
+        except Exception as error:  # noqa: BLE001 - without its reference no ghost can be compared
+            self._stop_all(live, "failed", main.step, f"the reference could not be evaluated "
+                                                      f"({type(error).__name__}: {error})")
+            if self.raise_errors:
+                raise
+            return {}
+        arrays: dict[str, np.ndarray] = {}
+        records = []
+        task = self.eval_set.task
+        for ghost in live:
             try:
-                self._compare_one(ghost, data, main_flat, kernel_of, main_state)
+                module, params = self.trainer.module_of(ghost)
+                result = compare_ghost(
+                    ghost.index, module, params, reference, step=main.step, storage_dtype=self.context.storage_dtype,
+                    divergence_ratio=self.config.divergence_ratio, evaluate=self.context.evaluate,
+                    disagreement=task.disagreement, preds_dtype=task.storage_dtype, layers=self._layers,
+                    kernel_of=kernel_of if needs_kernel and due[ghost.index] else None,
+                    state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params)
             except Exception as error:  # noqa: BLE001
-                self._set_status(ghost, "failed", data.step, f"{type(error).__name__}: {error}",
-                                 traceback=traceback.format_exc())
+                self._set_status(ghost, "failed", main.step, f"{type(error).__name__}: {error}")
                 if self.raise_errors:
                     raise
+                continue
+            if result.stop is not None:
+                self._set_status(ghost, "diverged", main.step, result.stop)
+                continue
+            ghost.comparisons += 1
+            self.writer.event("ghost_compare", **result.record)
+            records.append((ghost, result.record))
+            arrays.update(result.arrays)
+        if reference.drift is not None:
+            self._record_reference_drift(main.step, reference.drift, records)
+        return arrays
 
-    def _compare_one(self, ghost: Ghost, data: SnapshotData, main_flat: torch.Tensor, kernel_of: KernelOf | None,
-                     main_state: Mapping[str, torch.Tensor]) -> None:
-        flat = flatten_parameters(ghost.params, self.storage_dtype)
-        if not bool(torch.isfinite(flat).all()):
-            self._set_status(ghost, "diverged", data.step, "non-finite parameters")
-            return
-        main_norm, ghost_norm = float(main_flat.double().norm()), float(flat.double().norm())
-        if ghost_norm > self.config.divergence_ratio * main_norm:
-            self._set_status(ghost, "diverged", data.step,
-                             f"‖θ'‖ = {ghost_norm:.3g} exceeds {self.config.divergence_ratio:g}·‖θ‖ = {main_norm:.3g}")
-            return
-        evaluation = evaluate(ghost.model, self.eval_set, output_fn=self.output_fn,
-                              batch_size=self.eval_batch_size, device=self.device)
-        record: dict[str, Any] = {
-            "ghost": ghost.index,
-            "step": data.step,
-            "C": metrics.cosine_dissimilarity(main_flat, flat),
-            "L2": metrics.l2_distance(main_flat, flat),
-            "D": metrics.disagreement(data.evaluation.preds, evaluation.preds),
-            "eval_loss": evaluation.loss,
-            "eval_accuracy": evaluation.accuracy,
-        }
-        costly = ghost.comparisons % self.config.costly_every == 0 or data.step == self.final_step
-        if costly and kernel_of is not None and data.kernel is not None:
-            ghost_kernel = kernel_of(_state_of(ghost.model))
-            record["S"] = metrics.kernel_distance(data.kernel, ghost_kernel)
-        if costly and self.config.barrier:
-            result = loss_barrier(ghost.model, dict(main_state), _state_of(ghost.model),
-                                  (self.eval_set.inputs, self.eval_set.targets), alphas=self.config.barrier_alphas,
-                                  output_fn=self.output_fn, batch_size=max(self.eval_batch_size, 256))
-            record["B"] = float(result)
-            record["B_argmax_alpha"] = float(result.argmax_alpha)
-        ghost.comparisons += 1
-        self.writer.event("ghost_compare", **record)
-        data.extra_arrays[f"ghost_{ghost.index:03d}.preds"] = evaluation.preds.cpu().numpy().astype(np.int32)
-        if self.config.save_params:
-            data.extra_arrays[f"ghost_{ghost.index:03d}.params"] = flat.cpu().numpy()
+    def _record_reference_drift(self, step: int, drift: dict[str, Any], records: list[tuple[Ghost, dict]]) -> None:
+        separations = [record["L2"] for ghost, record in records if not ghost.control]
+        smallest = min(separations, default=math.nan)
+        exceeds = bool(separations) and drift["L2"] > smallest
+        self.writer.event("shadow_drift", step=step, **drift, smallest_ghost_L2=smallest, exceeds_ghost_signal=exceeds)
+        if exceeds:
+            self._warn_once("shadow-drift", f"dynprobe: at step {step} the ε=0 shadow that vectorized ghosts are "
+                            f"compared with is L2 {drift['L2']:.3g} away from your run, more than the smallest ghost "
+                            f"separation ({smallest:.3g}): the chaos maps measure the vectorized kernels' rounding as "
+                            "much as ε. Use Ghosts(vectorize=False) (the default) for an exact reference")
+
+    def comparison_states(self) -> list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """``(ghost index, reference state, ghost state)`` for every live ghost, for barriers between a ghost and its
+        reference (parameters and buffers by name). Call it after the snapshot's :meth:`compare_with`: the states
+        are the ghosts' and reference's now, valid until the next training step."""
+        live = self.live
+        if not live:
+            return []
+        reference = self.trainer.reference_state()
+        return [(g.index, reference, self.trainer.state_of(g)) for g in live]
 
     # ------------------------------------------------------------------------------------------ status
 
     def finish(self, step: int) -> None:
+        self.separation.flush()
         for ghost in self.live:
             self._set_status(ghost, "finished", step, "run closed")
+
+    def _stop_all(self, ghosts: list[Ghost], status: str, step: int, reason: str) -> None:
+        for ghost in ghosts:
+            if ghost.alive:
+                self._set_status(ghost, status, step, reason)
 
     def _set_status(self, ghost: Ghost, status: str, step: int, reason: str, **extra: Any) -> None:
         ghost.status = status
         self.writer.event("ghost_status", ghost=ghost.index, step=step, status=status, reason=reason, **extra)
         if status in ("diverged", "failed"):
-            self._warn_once(f"status-{ghost.index}",
-                            f"dynprobe: ghost {ghost.index} (spawned at step {ghost.spawn_step}) {status} at step "
-                            f"{step}: {reason}. It is recorded in the run; your training is unaffected")
-        if self._vector is not None:  # vectorized: drop the ghost's row of the stack
-            self._vector.release(ghost)
-        # Free the replica's memory once it stops.
-        ghost.model, ghost.optimizer, ghost.params = None, None, []  # type: ignore[assignment]
+            self._warn_once(f"status-{status}", f"dynprobe: ghost {ghost.index} (spawned at step {ghost.spawn_step}) "
+                            f"{status} at step {step}: {reason}. It is recorded in the run (as are any later ghost "
+                            "faults, without another warning); your training is unaffected")
+        self.trainer.release(ghost)
+
+    def _record_mode(self, mode: str, step: int, reason: str, *, warn: bool = False, **fields: Any) -> None:
+        """A trainer decided its mode: a ``ghost_mode`` event, the manifest's ``ghost_mode`` and convention."""
+        reference = "main" if mode == "sequential" else "shadow"
+        self.writer.event("ghost_mode", step=step, mode=mode, reference=reference, reason=reason, **fields)
+        conventions = {**self.writer.manifest.get("conventions", {}), "ghosts": GHOST_MODE_CONVENTIONS[mode]}
+        self.writer.update_manifest(ghost_mode={"mode": mode, "reference": reference, "step": step},
+                                    conventions=conventions)
+        if warn:
+            self._warn_once("ghost-mode", f"dynprobe: ghosts fall back to the sequential path: {reason}")
+
+    def _warn_realized_norms(self, spawned: list[Ghost], step: int) -> None:
+        messages = [(g, g.report.warning()) for g in spawned]
+        messages = [(g, m) for g, m in messages if m]
+        if not messages or "realized-norm" in self._warned:
+            return
+        ghosts = ", ".join(str(g.index) for g, _ in messages)
+        self._warn_once("realized-norm", f"dynprobe: ghost{'s' if len(messages) > 1 else ''} {ghosts} (spawned at "
+                        f"step {step}): {messages[0][1]}. Every ghost's realized norm is in its ghost_spawn record; "
+                        "later spawns are not warned about again")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn_user(message)
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by name (what ``state_dict()`` holds, without its hooks and detach overhead)."""
-    return dict(list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b is not None])
-
-
-def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach() for name, tensor in
-            list(model.named_parameters()) + list(model.named_buffers()) if tensor is not None}
-
-
-def _group_by_scale(micro_batches: list[MicroBatch]) -> list[list[MicroBatch]]:
-    """Split a step's micro-batches into main iterations by GradScaler scale.
-
-    A skipped iteration (inf/NaN gradients) fires no optimizer hook, so its micro-batches arrive together
-    with the next step's; GradScaler backs its scale off after every skip, so consecutive groups of equal
-    scale are the iterations. The ghosts replay each with their own scaler, which decides for itself.
-    """
-    groups: list[list[MicroBatch]] = []
-    for micro in micro_batches:
-        if groups and groups[-1][0].scale == micro.scale:
-            groups[-1].append(micro)
-        else:
-            groups.append([micro])
-    return groups
+def _same_spawn(recorded: Mapping[str, Any], report: PerturbationReport) -> bool:
+    """Whether a re-created ghost's perturbation is the recorded one (bitwise: the same θ_t and ε)."""
+    return (recorded.get("realized_norm") == report.realized_norm and recorded.get("changed") == report.changed
+            and recorded.get("kind") == report.kind)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,10 @@ import torch
 
 from dynprobe.config import KINDS, Perturbation
 
-__all__ = ["KINDS", "Perturbation", "PerturbationReport", "perturb_"]
+__all__ = ["KINDS", "Perturbation", "PerturbationReport", "add_ulps", "perturb_"]
+
+# Lower-precision compute dtypes an autocast forward may use (see PerturbationReport.changed_at).
+_LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass(frozen=True)
 class PerturbationReport:
@@ -39,6 +42,9 @@ class PerturbationReport:
       a float32 ResNet-20); NaN when nothing survived.
     * ``share_on_zeros``: share of ‖δ‖² carried by coordinates that were exactly 0 before the add (BN shifts
       and biases at init take a tiny ε exactly); NaN when nothing survived.
+    * ``changed_at``: per lower-precision compute dtype (``"bfloat16"``, ``"float16"``; for tensors wider than
+      it), how many coordinates round to a different value of that dtype after the add: what an autocast forward
+      in that dtype can see of the perturbation.
     """
 
     kind: str
@@ -49,6 +55,7 @@ class PerturbationReport:
     direction_cosine: float
     share_on_zeros: float
     perturbation: Perturbation
+    changed_at: dict[str, int] = field(default_factory=dict)
 
     @property
     def survived(self) -> bool:
@@ -175,15 +182,42 @@ def _gaussian_eps(
 def _add_ulps(tensors: list[torch.Tensor], steps: int, generator: torch.Generator, tally: _Tally) -> None:
     for tensor in tensors:
         upward = torch.randint(0, 2, tensor.shape, generator=generator, dtype=torch.bool).to(tensor.device)
-        infinity = torch.tensor(math.inf, dtype=tensor.dtype, device=tensor.device)
-        toward = torch.where(upward, infinity, -infinity)
-        moved = tensor.detach().clone()
-        for _ in range(steps):
-            moved = torch.nextafter(moved, toward)
+        moved = add_ulps(tensor.detach(), steps, upward)
         before = tensor.detach().to(torch.float64, copy=True)
         intended = moved.to(torch.float64) - before
         tensor.copy_(moved)
         tally.add(tensor, before, intended)
+
+
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def add_ulps(values: torch.Tensor, steps: int, upward: torch.Tensor) -> torch.Tensor:
+    """``values`` moved by ``steps`` units in the last place, toward +inf where ``upward`` else toward −inf: bitwise
+    ``torch.nextafter`` applied ``steps`` times, in closed form (O(n) whatever ``steps``).
+
+    Finite floats of one sign are ordered like their bit patterns read as integers, so with the key
+    k(x) = ±(bit pattern without the sign bit) (the sign of x; k(±0) = 0) one step of ``nextafter`` is k ± 1. The
+    result is clamped at ±inf (where ``nextafter`` stays); NaN stays NaN; a result of 0 reached from below is
+    −0.0, from above +0.0, as ``nextafter`` gives.
+    """
+    if values.dtype not in _INT_OF:
+        raise TypeError(f"units in the last place need a floating dtype among {list(_INT_OF)}; got {values.dtype}")
+    if steps == 0:
+        return values.clone()
+    integer = _INT_OF[values.dtype]
+    width = torch.iinfo(integer).bits
+    sign_bit = 1 << (width - 1)
+    infinity_key = int(torch.tensor(math.inf, dtype=values.dtype).view(integer))
+    raw = values.contiguous().view(integer).to(torch.int64)
+    magnitude = raw & (sign_bit - 1)
+    key = torch.where(raw < 0, -magnitude, magnitude)
+    moved = (key + torch.where(upward, steps, -steps)).clamp(-infinity_key, infinity_key)
+    negative = (moved < 0) | ((moved == 0) & upward)  # zero reached from below is -0.0
+    result = torch.where(negative, moved.abs() - sign_bit, moved.abs())
+    result = result.to(integer).view(values.dtype)
+    return torch.where(torch.isnan(values), values, result).reshape(values.shape)
 
 
 def _add_to_one_coordinate(
@@ -211,15 +245,20 @@ class _Tally:
     def __init__(self) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64)
         self.changed = 0
+        self.changed_at = dict.fromkeys(_LOW_PRECISION, 0)
 
     def add(self, tensor: torch.Tensor, before: torch.Tensor, eps: torch.Tensor) -> None:
-        delta = tensor.detach().to(torch.float64) - before
+        after = tensor.detach()
+        delta = after.to(torch.float64) - before
         delta_sq = delta.square()
         parts = torch.stack(
             [eps.square().sum(), delta_sq.sum(), (delta * eps).sum(), delta_sq[before == 0].sum()]
         )
         self.sums += parts.cpu()
         self.changed += int((delta != 0).sum())
+        for name, dtype in _LOW_PRECISION.items():
+            if torch.finfo(after.dtype).bits > torch.finfo(dtype).bits:  # before holds the old values exactly
+                self.changed_at[name] += int((after.to(dtype) != before.to(dtype)).sum())
 
     def report(self, perturbation: Perturbation, total: int) -> PerturbationReport:
         nominal_sq, realized_sq, dot, on_zeros = self.sums.tolist()
@@ -234,4 +273,5 @@ class _Tally:
             direction_cosine=dot / (nominal * realized) if survived and nominal > 0 else math.nan,
             share_on_zeros=on_zeros / realized_sq if survived else math.nan,
             perturbation=perturbation,
+            changed_at=dict(self.changed_at),
         )

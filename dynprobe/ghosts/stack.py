@@ -19,7 +19,9 @@ an ε = 0 *shadow* row of the same stack, never with the main model (see :mod:`d
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +30,25 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dynprobe._util.modules import preserved_rng, rng_devices
+from dynprobe._util.modules import flatten_parameters, preserved_rng, rng_devices
 from dynprobe.capture.step import MicroBatch, micro_batch_loss
 
 from ._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
+from .replica import match_grad_presence
 
-__all__ = ["GhostStack", "ReplicaState", "check_vmappable"]
+__all__ = ["GhostStack", "ReplicaState", "check_vmappable", "flatten"]
+
+flatten = flatten_parameters
+
+
+@contextlib.contextmanager
+def _without_vmap_fallback_warnings() -> Any:
+    """PyTorch warns when an operator has no batching rule (e.g. attention) and vmap falls back to a loop: expected
+    here, and about the probe's internals rather than the user's code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented the "
+                                                  "batching rule")
+        yield
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -155,6 +170,27 @@ class GhostStack:
                 target.copy_(stacked[row])
         return self.base
 
+    def row_state(self, key: Hashable) -> dict[str, torch.Tensor]:
+        """Row ``key``'s parameters and buffers by name: detached views into the stack (no copy; valid until the
+        next training step or row change)."""
+        row = self.row(key)
+        return {**{n: p.detach()[row] for n, p in zip(self.param_names, self.params)},
+                **{n: b[row] for n, b in zip(self.buffer_names, self.buffers)}}
+
+    def separations(self, reference: Hashable, keys: Sequence[Hashable]) -> dict[Hashable, float]:
+        """‖row − row ``reference``‖₂ over the trainable parameters for each of ``keys`` (differences in the
+        parameters' dtype, squares summed in float64), one pass over the stack."""
+        if not keys:
+            return {}
+        ref, rows = self.row(reference), torch.tensor([self.row(k) for k in keys], dtype=torch.long)
+        total = None
+        for p in self.params:
+            data = p.detach()
+            picked = data[rows.to(data.device)] - data[ref]
+            squares = torch.linalg.vector_norm(picked.reshape(len(keys), -1), dim=1, dtype=torch.float64).square()
+            total = squares if total is None else total + squares.to(total.device)
+        return dict(zip(keys, total.sqrt().tolist()))
+
     def differences(self, a: Hashable, b: Hashable) -> dict[str, float]:
         """max |row a − row b| (float64) for every parameter and buffer whose rows are not bitwise equal."""
         ra, rb = self.row(a), self.row(b)
@@ -198,7 +234,7 @@ class GhostStack:
         self._optim.sync(main_optimizer)
         self.zero_grad()
         losses = self.forward_backward(micro_batches, loss_fn=loss_fn, loss_from_output=loss_from_output)
-        self._match_grad_presence()
+        match_grad_presence([p for p in self.main.parameters() if p.requires_grad], self.params)
         self._clip()
         self._optim.step()
         finite = torch.isfinite(losses.reshape(len(micro_batches), len(self.keys), -1)).all(2).all(0).tolist()
@@ -229,24 +265,18 @@ class GhostStack:
                 return micro_batch_loss(run_model, micro, loss_fn=loss_fn, loss_from_output=loss_from_output)
 
             micro.forward.rng.restore()  # the main's RNG state at its forward: randomness="same" → its masks
-            loss = vmap(replica_loss, randomness="same")(tuple(self.params), tuple(self.buffers))
-            grad = micro.grad
-            # The recorded dL/dloss (None for an explicit probe.step: backpropagate the loss as is), for every row.
-            seed = torch.ones_like(loss) if grad is None else grad.to(loss.dtype).expand_as(loss)
-            loss.backward(seed)
+            with _without_vmap_fallback_warnings():
+                loss = vmap(replica_loss, randomness="same")(tuple(self.params), tuple(self.buffers))
+                grad = micro.grad
+                # The recorded dL/dloss (None for an explicit probe.step: backpropagate the loss as is), every row.
+                seed = torch.ones_like(loss) if grad is None else grad.to(loss.dtype).expand_as(loss)
+                loss.backward(seed)
             losses.append(loss.detach())
         return torch.stack(losses)
 
     def _follow_module_flags(self) -> None:
         for main, base in zip(self.main.modules(), self.base.modules()):
             base.training = main.training
-
-    def _match_grad_presence(self) -> None:
-        # As the sequential ghosts: a zero gradient (weight decay, momentum) differs from None for optimizers,
-        # so parameters the main optimizer sees with a gradient get one here too.
-        for main, stacked in zip((p for p in self.main.parameters() if p.requires_grad), self.params):
-            if main.grad is not None and stacked.grad is None:
-                stacked.grad = torch.zeros_like(stacked)
 
     def _clip(self) -> None:
         if self.clip_grad_norm:
@@ -285,7 +315,7 @@ def check_vmappable(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
         return output_fn(output).float().sum()
 
     try:
-        with preserved_rng(rng_devices(model)):
+        with preserved_rng(rng_devices(model)), _without_vmap_fallback_warnings():
             vmap(replica_output, randomness="same")(params, buffers).sum().backward()
     except Exception as error:  # noqa: BLE001 - any failure means: not vmappable
         raise ValueError(

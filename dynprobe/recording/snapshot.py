@@ -82,14 +82,14 @@ class SnapshotRecorder:
 
         def history(name: str) -> VectorHistory:
             # C and S rows are dot products accumulated in float64, so their history is kept in float64 (no
-            # per-snapshot cast); predicted labels are small integers.
-            dtype = torch.int32 if name == "D" else torch.float64
+            # per-snapshot cast); predictions are the eval task's (labels: small integers; regression: floats).
+            dtype = eval_set.task.history_dtype if name == "D" else torch.float64
             budget = max(history_memory, 64 * 2**20) if name == "D" else history_memory
             return VectorHistory(device, dtype=dtype, memory_budget=budget, load=lambda i: self._load(i, name))
 
         specs: list[tuple[str, Callable]] = [
             ("C", metrics.cosine_dissimilarity_to_many),
-            ("D", metrics.disagreement_to_many),
+            ("D", eval_set.task.disagreement_to_many),  # eq. (6), or the task's D (tokens, regression)
         ]
         if kernel_fn is not None:
             specs.append(("S", metrics.kernel_distance_to_many))
@@ -127,7 +127,8 @@ class SnapshotRecorder:
         self.writer.save_array(step, "params", _to_numpy(data.params))
         self.writer.save_arrays(step, "buffers", data.buffers)
         preds = data.evaluation.preds
-        self.writer.save_array(step, "preds", preds.cpu().numpy().astype(_label_dtype(data.evaluation.num_classes)))
+        storage = self.eval_set.task.storage_dtype(data.evaluation.num_classes)
+        self.writer.save_array(step, "preds", preds.cpu().numpy().astype(storage))
         if data.kernel is not None:
             self.writer.save_array(step, "kernel", data.kernel.cpu().numpy())
         for name, array in data.extra_arrays.items():
@@ -174,10 +175,6 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """numpy has no bfloat16: such tensors are stored as float32 (exact)."""
     tensor = tensor.detach()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).cpu().numpy()
-
-
-def _label_dtype(num_classes: int) -> type:
-    return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
 
 
 def _previous(row: np.ndarray) -> float | None:

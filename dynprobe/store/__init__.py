@@ -1,5 +1,11 @@
-"""The run directory: its format, the writer, and the read-only :class:`Run` (``load_run``)."""
-from .files import RunFormatError
+"""The run directory: its format (:mod:`.layout`), the writer (:class:`RunWriter`, a :class:`RunSink`), and the
+read-only :class:`Run` (``load_run``)."""
+from .disk import DiskUsage, projected_run_bytes
+from .files import RunFormatError, RunFormatWarning
+from .lock import RunInUseError
 from .run import GhostInfo, Run, load_run
+from .sink import RunSink
+from .writer import RunWriter
 
-__all__ = ["GhostInfo", "Run", "RunFormatError", "load_run"]
+__all__ = ["DiskUsage", "GhostInfo", "Run", "RunFormatError", "RunFormatWarning", "RunInUseError", "RunSink",
+           "RunWriter", "load_run", "projected_run_bytes"]

@@ -1,183 +1,384 @@
 """Crash-safe file primitives of the run directory: atomic whole files, append-only JSON lines, safe loading.
 
 Crash safety rests on two rules. (1) Whole files are written to a temporary name and ``os.replace``d, so a file
-is either absent or complete. (2) Append-only files (events, rows) may end with a partial record after a
-kill; readers take only what the committed "snapshot" events vouch for, and a resuming writer truncates the
+is either absent or complete. (2) Append-only files (events, rows, pair logs) may end with a partial record after
+a kill; readers take only what the committed "snapshot" events vouch for, and a resuming writer truncates the
 rest. A snapshot's files and metric rows are written *before* its event line, so a run killed at any moment
-loads with every snapshot whose event line is complete. Nothing is ever unpickled.
+loads with every snapshot whose event line is complete.
+
+Durability against power loss (not only a killed process) needs ``fsync``: with ``durable=True`` a whole file is
+fsynced before its rename and its folder after it, and an appended line is fsynced before the call returns.
+
+Safety: nothing is ever unpickled; array headers are checked against the file's size (and the caller's expected
+shape) before anything is allocated; writers open files with ``O_NOFOLLOW`` and :func:`check_no_links` refuses a
+run directory holding symbolic links, so nothing outside the run is ever written, truncated or deleted.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .layout import (
-    BUFFERS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
-    PARAMS,
-    snapshot_file,
+from .layout import BUFFERS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARAMS, TEMPORARY_SUFFIX, snapshot_file
+from .safety import (
+    RunFormatError,
+    RunFormatWarning,
+    check_no_links,
+    fsync_dir,
+    fsync_file,
+    link_message,
+    open_for_writing,
 )
 
 __all__ = [
     "RunFormatError",
+    "RunFormatWarning",
+    "append_bytes",
     "append_jsonl",
     "atomic_save_npy",
     "atomic_save_npz",
+    "atomic_write",
     "atomic_write_json",
+    "check_no_links",
+    "fsync_dir",
+    "fsync_file",
     "load_npy",
     "load_npz",
     "load_snapshot_state",
+    "open_for_writing",
     "read_jsonl",
+    "read_jsonl_from",
+    "read_jsonl_prefix",
     "read_manifest",
     "remove_tree",
     "rewrite_jsonl",
+    "truncate_file",
     "truncate_torn_tail",
 ]
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032×: a larger declared size is a damaged archive
 
 
-class RunFormatError(ValueError):
-    """A directory is not a readable dynprobe run (not a run, truncated manifest, newer format, bad arrays)."""
+def remove_tree(path: Path) -> None:
+    """Remove a folder the writer created (a snapshot a resumed run rewound); never follows a link."""
+    path = Path(path)
+    if path.is_symlink():
+        raise RunFormatError(link_message(path))
+    if path.exists():
+        shutil.rmtree(path)
 
 
 # --------------------------------------------------------------------------------------------- whole files
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None], *, durable: bool = False,
+                 mode: int | None = None) -> None:
+    """Write a whole file atomically: to ``.NAME.XXXXXXXX.tmp`` in the same folder, then ``os.replace``.
+
+    Args:
+        path: the file (a link at ``path`` is replaced by the file, never followed).
+        data: the bytes, or a function writing them to a binary handle.
+        durable: fsync the file before the rename and its folder after it (survives a power loss).
+        mode: file permissions (``mkstemp`` creates 0600).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                handle.write(data)
+            else:
+                data(handle)
             handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_os_error():
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        return kind is not None and issubclass(kind, OSError)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any, *, durable: bool = False) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode()
-    _atomic_write(path, lambda handle: handle.write(data))
+    atomic_write(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode(), durable=durable)
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def atomic_save_npy(path: Path, array: np.ndarray, *, durable: bool = False) -> None:
     """``np.save`` to a temporary file, then rename (never pickles: object arrays are refused)."""
     array = np.asarray(array)
-    if array.dtype == object:
+    if array.dtype.hasobject:
         raise TypeError(f"refusing to store an object array in {path}")
-    _atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False), durable=durable)
 
 
-def atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """``np.savez`` of named arrays (loaded back with ``allow_pickle=False``), atomically."""
+def atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray], *, durable: bool = False) -> None:
+    """``np.savez`` of named arrays (loaded back without unpickling), atomically."""
     clean = {name: np.asarray(a) for name, a in arrays.items()}
     for name, a in clean.items():
-        if a.dtype == object:
+        if a.dtype.hasobject:
             raise TypeError(f"refusing to store object array {name!r} in {path}")
-    _atomic_write(path, lambda handle: np.savez(handle, **clean))
+    atomic_write(path, lambda handle: np.savez(handle, **clean), durable=durable)
 
 
-def load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
-    """Load an array without ever unpickling; a damaged file raises :class:`RunFormatError`."""
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError, EOFError) as error:
-        raise RunFormatError(f"{path} is damaged or unreadable: {error}") from error
+# --------------------------------------------------------------------------------------------- arrays
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` file without unpickling."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError) as error:
-        raise RunFormatError(f"{path} is damaged or unreadable: {error}") from error
+def _check_header(path: Path, handle: BinaryIO, available: int, shape: tuple[Any, ...] | None
+                  ) -> tuple[tuple[int, ...], np.dtype]:
+    """Parse a ``.npy`` header and check it against the bytes that follow (and the expected shape)."""
+    head = handle.read(len(_NPY_MAGIC) + 2)
+    if head[:4] == _ZIP_MAGIC:
+        raise RunFormatError(f"{path} is a zip archive (an .npz), not a .npy array: the file is damaged or replaced")
+    if head[: len(_NPY_MAGIC)] != _NPY_MAGIC or len(head) < len(_NPY_MAGIC) + 2:
+        raise RunFormatError(f"{path} is not a .npy array (no NUMPY header): damaged or replaced")
+    version = (head[-2], head[-1])
+    if version == (1, 0):
+        declared, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version in ((2, 0), (3, 0)):
+        declared, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        raise RunFormatError(f"{path} uses .npy format version {version}, which dynprobe does not read")
+    if dtype.hasobject:
+        raise RunFormatError(f"{path} holds Python objects (reading it would unpickle them): refused")
+    needed = math.prod(declared) * dtype.itemsize
+    if needed > available - handle.tell():
+        raise RunFormatError(f"{path}: its header declares shape {tuple(declared)} of {dtype} ({needed} bytes) but "
+                             f"only {max(available - handle.tell(), 0)} bytes follow: the file is truncated or damaged")
+    if shape is not None and not _shape_matches(tuple(declared), tuple(shape)):
+        raise RunFormatError(f"{path} holds shape {tuple(declared)}; the run's manifest says {tuple(shape)}: the file "
+                             "does not belong to this run or is damaged")
+    return tuple(declared), dtype
 
 
-# --------------------------------------------------------------------------------------------- JSON lines
+def _shape_matches(declared: tuple[int, ...], expected: tuple[Any, ...]) -> bool:
+    """``expected`` is a shape, or a leading part of one followed by ``...``."""
+    if expected and expected[-1] is Ellipsis:
+        return declared[: len(expected) - 1] == expected[:-1] and len(declared) >= len(expected) - 1
+    return declared == expected
 
 
-def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line and flush it to the OS (survives a kill of this process).
+def load_npy(path: Path, *, mmap: bool = False, shape: tuple[Any, ...] | None = None) -> np.ndarray:
+    """Load an array without ever unpickling; a missing, damaged or mis-shaped file raises :class:`RunFormatError`.
 
-    A torn last line left by an earlier kill is cut first, so it never ends up in the middle of the file.
+    The header is checked before anything is allocated: the data it declares must fit in the file, and match
+    ``shape`` when given (the size the manifest records; a trailing ``...`` accepts any further dimensions).
     """
-    line = (json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n").encode()
-    with open(path, "a+b") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size:
-            handle.seek(size - 1)
-            if handle.read(1) != b"\n":
-                handle.close()
-                truncate_torn_tail(path)
-                return append_jsonl(path, record)
-        handle.write(line)
-        handle.flush()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``path``; a torn last line (a kill mid-write) is ignored."""
-    records: list[dict[str, Any]] = []
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            _check_header(path, handle, os.fstat(handle.fileno()).st_size, shape)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except RunFormatError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError) as error:
+        raise RunFormatError(f"{path} is missing, damaged or unreadable: {error}") from error
+    if not isinstance(array, np.ndarray):  # pragma: no cover - the header check above rules this out
+        raise RunFormatError(f"{path} is not a .npy array")
+    return array
+
+
+def load_npz(path: Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, without unpickling; each member's header is checked against its size in
+    the archive (and ``shapes[name]`` when given) before it is read."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise RunFormatError(f"{path}: member {info.filename!r} is not a .npy array")
+                if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * max(
+                        info.compress_size, 1):
+                    raise RunFormatError(f"{path}: member {info.filename!r} declares an impossible size")
+                if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+                    raise RunFormatError(f"{path}: member {info.filename!r} has inconsistent sizes")
+                name = info.filename[: -len(".npy")]
+                expected = None if shapes is None else shapes.get(name)
+                with archive.open(info) as member:
+                    _check_header(path, member, info.file_size, expected)
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except RunFormatError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError, zipfile.BadZipFile,
+            KeyError, NotImplementedError) as error:
+        raise RunFormatError(f"{path} is missing, damaged or unreadable: {error}") from error
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------- append-only files
+
+
+def append_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Append ``data`` to ``path`` (created if needed, never through a link), fsynced when ``durable``."""
+    fd = open_for_writing(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def truncate_file(path: Path, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes if it is longer (never through a link; a missing file stays missing)."""
+    try:
+        fd = open_for_writing(path, os.O_WRONLY)
     except FileNotFoundError:
-        return records
-    lines = text.split("\n")
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines) - 1:  # no trailing newline: the write was torn by a kill
-                break
-            raise RunFormatError(f"{path}: line {number + 1} is not valid JSON ({error})") from error
-    return records
+        return
+    try:
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _complete_length(fd: int) -> int:
+    """Bytes up to and including the last newline of the file behind ``fd``."""
+    end = os.fstat(fd).st_size
+    position = end
+    while position > 0:
+        chunk = min(65536, position)
+        position -= chunk
+        block = os.pread(fd, chunk, position)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+    return 0
 
 
 def truncate_torn_tail(path: Path) -> None:
-    """Cut a JSON-lines file after its last complete line (a resuming writer must not append after a torn one)."""
-    path = Path(path)
-    if not path.exists():
+    """Cut a JSON-lines file after its last complete line (a writer must not append after a torn one)."""
+    try:
+        fd = open_for_writing(path, os.O_RDWR)
+    except FileNotFoundError:
         return
-    data = path.read_bytes()
+    try:
+        keep = _complete_length(fd)
+        if keep != os.fstat(fd).st_size:
+            os.ftruncate(fd, keep)
+    finally:
+        os.close(fd)
+
+
+def _line(record: Mapping[str, Any]) -> bytes:
+    return (json.dumps(record, allow_nan=True, separators=(",", ":")) + "\n").encode()
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any], *, durable: bool = False) -> None:
+    """Append one JSON line (flushed to the OS: it survives a kill of this process; fsynced when ``durable``).
+
+    A torn last line left by an earlier kill is cut first, so it never ends up in the middle of the file.
+    """
+    fd = open_for_writing(path, os.O_RDWR | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            size = _complete_length(fd)
+            os.ftruncate(fd, size)
+        view = memoryview(_line(record))
+        while view:
+            written = os.pwrite(fd, view, size)
+            size += written
+            view = view[written:]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_jsonl(path: Path, records: Iterable[Mapping[str, Any]], *, durable: bool = False) -> None:
+    """Replace a JSON-lines file atomically (a resumed run that rewinds)."""
+    atomic_write(path, b"".join(_line(r) for r in records), durable=durable)
+
+
+def _parse_lines(path: Path, data: bytes, *, strict: bool, first_line: int = 1
+                 ) -> tuple[list[dict[str, Any]], str | None]:
+    records: list[dict[str, Any]] = []
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines[:-1], start=first_line):  # the last piece has no newline: torn or empty
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as error:
+            problem = f"{path}: line {number} is not valid JSON ({error})"
+        else:
+            if isinstance(record, dict):
+                records.append(record)
+                continue
+            problem = f"{path}: line {number} is not a JSON object"
+        if strict:
+            raise RunFormatError(problem)
+        return records, problem
+    return records, None
+
+
+def read_jsonl(path: Path, *, strict: bool = True) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path`` (a missing file has none; a torn last line — a kill mid-write — is
+    ignored). A damaged line elsewhere raises :class:`RunFormatError` naming it, or with ``strict=False`` ends
+    the read (the records before it are returned: the file's intact prefix)."""
+    return read_jsonl_prefix(path, strict=strict)[0]
+
+
+def read_jsonl_prefix(path: Path, *, strict: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+    """``(records, problem)``: the JSON objects up to the first damaged line, and what is wrong with it (None
+    when the whole file is intact)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], None
+    except OSError as error:
+        raise RunFormatError(f"{path} cannot be read: {error}") from error
+    return _parse_lines(Path(path), data, strict=strict)
+
+
+def read_jsonl_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The complete JSON lines appended to ``path`` since byte ``offset`` and the offset to continue from (a torn
+    last line is read by the next call); a damaged line is skipped."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], offset
     end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-
-
-def rewrite_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Replace a JSON-lines file atomically (used only when a resumed run rewinds)."""
-    data = "".join(json.dumps(r, allow_nan=True, separators=(",", ":")) + "\n" for r in records).encode()
-    _atomic_write(path, lambda handle: handle.write(data))
+    records = []
+    for line in data[:end].split(b"\n"):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, offset + end
 
 
 # --------------------------------------------------------------------------------------------- manifest
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The validated manifest of the run at ``root``; :class:`RunFormatError` says what is wrong."""
+    """The manifest of the run at ``root`` (format and version checked); :class:`RunFormatError` says what is
+    wrong. The fields :class:`dynprobe.store.Run` reads are validated by :mod:`dynprobe.store.validate`."""
     root = Path(root)
     if not root.exists():
         raise RunFormatError(f"{root} does not exist")
@@ -187,13 +388,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.exists():
         raise RunFormatError(f"{root} is not a dynprobe run: it has no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
         raise RunFormatError(f"{path} is truncated or not JSON ({error}); the run's manifest is damaged") from error
+    except OSError as error:
+        raise RunFormatError(f"{path} cannot be read: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise RunFormatError(f"{path} is not a dynprobe run manifest (no 'format': '{FORMAT_NAME}')")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if isinstance(version, bool) or not isinstance(version, int):
         raise RunFormatError(f"{path} has no integer format_version")
     if version > FORMAT_VERSION:
         raise RunFormatError(
@@ -205,21 +408,24 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def load_snapshot_state(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, Any]:
     """Parameters (unflattened, by name, in their recorded dtypes) and buffers of the snapshot at ``step``, as
-    torch tensors on the CPU, ready for ``model.load_state_dict(state, strict=False)``."""
+    torch tensors on the CPU, ready for ``model.load_state_dict(state, strict=False)``.
+
+    ``manifest`` is a validated one (:func:`dynprobe.store.validate.validate_manifest`): the parameter offsets
+    tile ``vec(θ)`` and every dtype names a torch dtype.
+    """
     import torch
 
-    flat = np.asarray(load_npy(snapshot_file(root, step, PARAMS)))
+    model = manifest["model"]
+    specs = model.get("parameters", [])
+    numel = sum(spec["numel"] for spec in specs)
+    flat = np.asarray(load_npy(snapshot_file(root, step, PARAMS), mmap=True, shape=(numel,)))
     state: dict[str, Any] = {}
-    for spec in manifest["model"]["parameters"]:
-        chunk = flat[spec["offset"] : spec["offset"] + spec["numel"]].reshape(spec["shape"])
-        state[spec["name"]] = torch.from_numpy(chunk.copy()).to(getattr(torch, spec["dtype"]))
-    dtypes = {spec["name"]: spec["dtype"] for spec in manifest["model"].get("buffers", [])}
-    for name, array in load_npz(snapshot_file(root, step, BUFFERS)).items():
-        tensor = torch.from_numpy(array.copy())
-        state[name] = tensor.to(getattr(torch, dtypes[name])) if name in dtypes else tensor
+    for spec in specs:
+        chunk = np.array(flat[spec["offset"]: spec["offset"] + spec["numel"]]).reshape(spec["shape"])
+        state[spec["name"]] = torch.from_numpy(chunk).to(getattr(torch, spec["dtype"]))
+    buffer_specs = {spec["name"]: spec for spec in model.get("buffers", [])}
+    shapes = {name: tuple(spec["shape"]) for name, spec in buffer_specs.items()}
+    for name, array in load_npz(snapshot_file(root, step, BUFFERS), shapes=shapes).items():
+        tensor = torch.from_numpy(np.array(array))
+        state[name] = tensor.to(getattr(torch, buffer_specs[name]["dtype"])) if name in buffer_specs else tensor
     return state
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree if it exists (a snapshot a resumed run rewound)."""
-    shutil.rmtree(path, ignore_errors=True)

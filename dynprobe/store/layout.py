@@ -13,6 +13,11 @@ Format version 1 (the README's "Run directory" section describes it for users)::
       metrics/C.npy, D.npy …    full T×T matrices, materialized when the probe closes (for other tools)
       metrics/B.jsonl           loss barriers between snapshots, one JSON line per pair
       switching/results.jsonl   switching-experiment results, one JSON line per switch step
+      train_loss.f8             the watched training loss of every call: little-endian float64 (step, loss) pairs
+      ghosts/ghost_001.separation  a ghost's separation curve: little-endian float64 (step, ‖θ' − θ_ref‖₂) pairs
+      writer.lock               the writer's exclusive lock (flock; pid and host of the writer inside)
+
+A temporary file of an atomic write is named ``.NAME.XXXXXXXX.tmp`` in the folder of ``NAME``.
 
 Every other module builds paths through these names and functions; none spells a file name itself.
 """
@@ -25,6 +30,8 @@ __all__ = [
     "BUFFERS",
     "EVAL_INDICES",
     "EVENTS",
+    "GHOSTS",
+    "LOCK",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KERNEL",
@@ -33,17 +40,27 @@ __all__ = [
     "METRICS",
     "PARAMS",
     "PREDS",
+    "SEPARATION",
+    "damaged_copy_path",
     "SNAPSHOTS",
     "SWITCHING",
     "SWITCHING_RESULTS",
     "barriers_path",
+    "is_temporary",
+    "matrix_files",
     "ghost_array",
     "matrix_path",
     "rows_path",
+    "rows_files",
+    "run_array_path",
+    "separation_files",
+    "separation_path",
     "snapshot_dir",
     "snapshot_dirname",
+    "snapshot_archive",
     "snapshot_file",
     "switching_results_path",
+    "train_loss_path",
 ]
 
 FORMAT_VERSION = 1
@@ -58,6 +75,13 @@ METRICS = "metrics"
 SWITCHING = "switching"
 BARRIERS = "B.jsonl"
 SWITCHING_RESULTS = "results.jsonl"
+TRAIN_LOSS = "train_loss.f8"
+GHOSTS = "ghosts"
+SEPARATION = "separation"
+LOCK = "writer.lock"
+TEMPORARY_SUFFIX = ".tmp"
+ROWS_SUFFIX = ".rows"
+MATRIX_SUFFIX = ".npy"
 
 # Array names inside a snapshot folder (``NAME.npy``; buffers are ``buffers.npz``).
 PARAMS = "params"
@@ -82,6 +106,11 @@ def snapshot_file(root: Path, step: int, name: str) -> Path:
     return snapshot_dir(root, step) / f"{name}{suffix}"
 
 
+def snapshot_archive(root: Path, step: int, name: str) -> Path:
+    """The ``.npz`` archive ``name`` of the snapshot at ``step`` (``buffers.npz``)."""
+    return snapshot_dir(root, step) / f"{name}.npz"
+
+
 def ghost_array(ghost: int, what: str) -> str:
     """Name of a ghost's array in a snapshot folder: ``ghost_001.preds`` or ``ghost_001.params``."""
     return f"ghost_{int(ghost):03d}.{what}"
@@ -89,12 +118,12 @@ def ghost_array(ghost: int, what: str) -> str:
 
 def rows_path(root: Path, metric: str) -> Path:
     """``metrics/C.rows``: the append-only lower-triangular rows of an interval matrix."""
-    return Path(root) / METRICS / f"{metric}.rows"
+    return Path(root) / METRICS / f"{metric}{ROWS_SUFFIX}"
 
 
 def matrix_path(root: Path, metric: str) -> Path:
     """``metrics/C.npy``: the full matrix, materialized at close."""
-    return Path(root) / METRICS / f"{metric}.npy"
+    return Path(root) / METRICS / f"{metric}{MATRIX_SUFFIX}"
 
 
 def barriers_path(root: Path) -> Path:
@@ -105,3 +134,51 @@ def barriers_path(root: Path) -> Path:
 def switching_results_path(root: Path) -> Path:
     """``switching/results.jsonl``: switching-experiment results."""
     return Path(root) / SWITCHING / SWITCHING_RESULTS
+
+
+def train_loss_path(root: Path) -> Path:
+    """``train_loss.f8``: (step, loss) float64 pairs, one per watched training-loss call."""
+    return Path(root) / TRAIN_LOSS
+
+
+def run_array_path(root: Path, name: str) -> Path:
+    """A run-level array: ``root/eval_indices.npy`` for ``EVAL_INDICES`` (``name`` with or without ``.npy``)."""
+    return Path(root) / f"{name.removesuffix('.npy')}.npy"
+
+
+def separation_path(root: Path, ghost: int) -> Path:
+    """``ghosts/ghost_001.separation``: the ghost's (step, l2) float64 pairs, appended after every step it takes."""
+    return Path(root) / GHOSTS / ghost_array(ghost, SEPARATION)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is the temporary file of an atomic write (``.NAME.XXXXXXXX.tmp``)."""
+    return name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+
+
+def rows_files(root: Path) -> dict[str, Path]:
+    """Every interval matrix's row file of the run, by metric name (``{"C": metrics/C.rows, ...}``)."""
+    folder = Path(root) / METRICS
+    return {p.name.removesuffix(ROWS_SUFFIX): p for p in sorted(folder.glob(f"*{ROWS_SUFFIX}"))}
+
+
+def matrix_files(root: Path) -> dict[str, Path]:
+    """Every materialized matrix of the run, by metric name (``{"C": metrics/C.npy, ...}``)."""
+    folder = Path(root) / METRICS
+    return {p.name.removesuffix(MATRIX_SUFFIX): p for p in sorted(folder.glob(f"*{MATRIX_SUFFIX}"))
+            if not is_temporary(p.name)}
+
+
+def separation_files(root: Path) -> dict[int, Path]:
+    """Every ghost's separation log, by ghost index."""
+    found = {}
+    for path in sorted((Path(root) / GHOSTS).glob(f"ghost_*.{SEPARATION}")):
+        number = path.name[len("ghost_"): -len(f".{SEPARATION}")]
+        if number.isdigit():
+            found[int(number)] = path
+    return found
+
+
+def damaged_copy_path(path: Path, stamp: str) -> Path:
+    """Where a resumed run keeps a damaged file it replaced by its valid prefix: ``events.jsonl.damaged-STAMP``."""
+    return Path(path).with_name(f"{Path(path).name}.damaged-{stamp}")

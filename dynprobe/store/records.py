@@ -1,39 +1,108 @@
 """Records appended to a run after (or beside) its snapshots: loss barriers between snapshots and
-switching-experiment results. Their writers (:mod:`dynprobe.recording.barriers`,
-:mod:`dynprobe.experiments`) and the reader (:class:`dynprobe.store.Run`) go through these functions only."""
+switching-experiment results. Their writers (:mod:`dynprobe.recording.barriers`, :mod:`dynprobe.experiments`)
+and the reader (:class:`dynprobe.store.Run`) go through these functions only.
+
+Switching results are keyed by their configuration: every record carries the ``config_id`` (a hash of the
+experiment's configuration) it was computed under, and results of different configurations are never mixed —
+:func:`group_switching_results` separates them.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .files import append_jsonl, read_jsonl
 from .layout import barriers_path, switching_results_path
+from .validate import validate_records
 
-__all__ = ["append_barrier", "append_switching_result", "read_barriers", "read_switching_results"]
+__all__ = ["LEGACY_CONFIG_ID", "append_barrier", "append_switching_result", "group_switching_results",
+           "read_barriers", "read_switching_results", "switching_configs", "switching_table"]
+
+LEGACY_CONFIG_ID = "unversioned"  # switching records written before configurations had ids
 
 
 def read_barriers(root: Path) -> list[dict[str, Any]]:
-    """Every barrier record of a run (``{"i": step_i, "j": step_j, "value": B, ...}``), in file order."""
-    return read_jsonl(barriers_path(root))
+    """Every barrier record of a run (``{"i": step_i, "j": step_j, "value": B, "B_linear": ..., ...}``), in file
+    order; a damaged record raises :class:`dynprobe.RunFormatError` naming it."""
+    path = barriers_path(root)
+    records = read_jsonl(path)
+    validate_records(records, "barrier", path)
+    return records
 
 
 def append_barrier(root: Path, step_i: int, step_j: int, result: Any) -> None:
-    """Append B(θ_{step_i}, θ_{step_j}) (a :class:`dynprobe.metrics.BarrierResult`) to ``metrics/B.jsonl``."""
+    """Append B(θ_{step_i}, θ_{step_j}) (a :class:`dynprobe.metrics.BarrierResult`) to ``metrics/B.jsonl``:
+    ``value`` is the barrier against the mean of the endpoint losses (eq. 5 of the two-phase paper) and, when the
+    result carries it, ``B_linear`` the barrier against the linear interpolation of the endpoint losses."""
     record = {"i": int(step_i), "j": int(step_j), "value": float(result),
               "argmax_alpha": float(result.argmax_alpha), "alphas": len(result.alphas), "metric": result.metric}
+    linear = getattr(result, "linear", None)
+    if linear is not None:
+        record["B_linear"] = float(linear)
     append_jsonl(barriers_path(root), record)
 
 
 def read_switching_results(run: Any, *, config_id: str | None = None) -> list[dict[str, Any]]:
     """Every switching-experiment record of ``run`` (a :class:`Run` or its directory) in file order, of one
-    configuration if ``config_id`` is given."""
-    records = read_jsonl(switching_results_path(Path(getattr(run, "path", run))))
-    return [r for r in records if config_id is None or r.get("config_id") == config_id]
+    configuration if ``config_id`` is given; a damaged record raises :class:`dynprobe.RunFormatError`."""
+    path = switching_results_path(Path(getattr(run, "path", run)))
+    records = read_jsonl(path)
+    validate_records(records, "switching", path)
+    return [r for r in records if config_id is None or _config_id(r) == config_id]
+
+
+def group_switching_results(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records by configuration id, configurations in the order of their latest record (the last one is the
+    configuration computed most recently)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        key = _config_id(record)
+        groups[key] = [*groups.pop(key, []), record]  # re-inserted: the dict ends with the latest configuration
+    return groups
+
+
+def switching_configs(records: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """``{config_id: config}`` of the records, ordered by each configuration's latest record."""
+    return {key: group[-1].get("config") for key, group in group_switching_results(records).items()}
+
+
+def switching_table(records: list[dict[str, Any]], config_id: str | None, path: Path) -> dict[str, Any] | None:
+    """The results of one configuration as arrays sorted by switch step (the latest record wins for a repeated
+    step), with ``"config_id"`` and ``"config"``; None without records. ``config_id=None`` means the only
+    configuration: with several it is an error naming them."""
+    groups = group_switching_results(records)
+    if not groups:
+        return None
+    if config_id is None:
+        if len(groups) > 1:
+            raise ValueError(f"{path} holds switching results of {len(groups)} configurations ({', '.join(groups)}); "
+                             "pass config_id= (see run.switching_configs)")
+        config_id = next(iter(groups))
+    if config_id not in groups:
+        raise KeyError(f"no switching results with config_id={config_id!r}; the run has {list(groups)}")
+    latest = {r["switch_step"]: r for r in groups[config_id]}
+    rows = [latest[k] for k in sorted(latest)]
+
+    def column(key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
+
+    return {
+        "switch_step": np.array([r["switch_step"] for r in rows], dtype=np.int64),
+        "total_steps": np.array([r["total_steps"] for r in rows], dtype=np.int64),
+        "eval_loss": column("eval_loss"), "eval_accuracy": column("eval_accuracy"), "train_loss": column("train_loss"),
+        "config_id": config_id, "config": rows[-1].get("config"),
+    }
+
+
+def _config_id(record: Mapping[str, Any]) -> str:
+    return record.get("config_id") or LEGACY_CONFIG_ID
 
 
 def append_switching_result(root: Path, record: Mapping[str, Any]) -> None:
-    """Append one switch point's result (JSON-safe) to ``switching/results.jsonl``."""
+    """Append one switch point's result (JSON-safe, with its ``config_id``) to ``switching/results.jsonl``."""
     path = switching_results_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(path, record)

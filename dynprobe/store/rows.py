@@ -1,19 +1,23 @@
-"""Append-only lower-triangular rows of an interval matrix (``metrics/NAME.rows``): O(T) bytes per snapshot."""
+"""Append-only binary logs of a run: lower-triangular matrix rows (``metrics/NAME.rows``) and (step, value) pairs
+(``train_loss.f8``, ``ghosts/ghost_NNN.separation``). Both are little-endian float64; the file size says how many
+records are complete, so a record torn by a kill is simply not counted, and a writer cuts it before appending."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TriangularRows"]
+from .files import append_bytes, truncate_file
+
+__all__ = ["PairLog", "TriangularRows"]
 
 
 class TriangularRows:
     """An append-only file of the lower triangle of a T×T float64 matrix: row k holds ``M[k, 0..k]``.
 
-    Appending a row costs O(k) bytes (the online metrics' O(T) per snapshot); the file size says how many rows
-    are complete, so a torn final row is simply not counted. Values are little-endian float64; NaN marks
-    entries that were not computed.
+    Appending a row costs O(k) bytes (the online metrics' O(T) per snapshot). Values are little-endian float64;
+    NaN marks entries that were not computed.
     """
 
     itemsize = 8
@@ -25,43 +29,97 @@ class TriangularRows:
     def bytes_for(rows: int) -> int:
         return rows * (rows + 1) // 2 * TriangularRows.itemsize
 
-    def complete_rows(self) -> int:
-        size = self.path.stat().st_size if self.path.exists() else 0
-        rows = int((np.sqrt(8 * size / self.itemsize + 1) - 1) // 2)
-        while self.bytes_for(rows + 1) <= size:
+    @classmethod
+    def rows_in(cls, size: int) -> int:
+        """How many complete rows ``size`` bytes hold."""
+        rows = int((np.sqrt(8 * size / cls.itemsize + 1) - 1) // 2)
+        while cls.bytes_for(rows + 1) <= size:
             rows += 1
-        while rows and self.bytes_for(rows) > size:
+        while rows and cls.bytes_for(rows) > size:
             rows -= 1
         return rows
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def complete_rows(self) -> int:
+        return self.rows_in(self._size())
 
     def append(self, row: np.ndarray, index: int) -> None:
         row = np.ascontiguousarray(row, dtype="<f8").reshape(-1)
         if row.size != index + 1:
             raise ValueError(f"row {index} of {self.path.name} must have {index + 1} entries; got {row.size}")
-        size = self.path.stat().st_size if self.path.exists() else 0
+        size = self._size()
         if size != self.bytes_for(index):
             if size < self.bytes_for(index):
                 raise ValueError(f"{self.path} holds {self.complete_rows()} complete rows; cannot append row {index}")
             self.truncate(index)  # a torn row, or rows of snapshots that were never committed
-        with open(self.path, "ab") as handle:
-            handle.write(row.tobytes())
-            handle.flush()
+        append_bytes(self.path, row.tobytes())
 
     def truncate(self, rows: int) -> None:
         """Keep the first ``rows`` rows (drops a torn row, or rows of snapshots a resumed run rewound)."""
-        if self.path.exists():
-            with open(self.path, "r+b") as handle:
-                handle.truncate(self.bytes_for(rows))
+        truncate_file(self.path, self.bytes_for(rows))
 
     def read(self, rows: int) -> np.ndarray:
-        """The symmetric ``rows × rows`` matrix (NaN where not computed or where the file is short)."""
+        """The symmetric ``rows × rows`` matrix (NaN where not computed or where the file is short).
+
+        The caller bounds ``rows`` (a :class:`dynprobe.store.Run` never asks for more rows than the file holds), so
+        the matrix is never larger than about twice the file.
+        """
         matrix = np.full((rows, rows), np.nan)
-        if rows == 0 or not self.path.exists():
-            return matrix
         available = min(rows, self.complete_rows())
+        if available == 0:
+            return matrix
         flat = np.fromfile(self.path, dtype="<f8", count=self.bytes_for(available) // self.itemsize)
         lower = np.tril_indices(available)
         # np.tril_indices walks row by row, left to right: the file's order.
         matrix[lower] = flat
         matrix[(lower[1], lower[0])] = flat
         return matrix
+
+
+_PAIR = np.dtype([("step", "<f8"), ("value", "<f8")])
+
+
+class PairLog:
+    """An append-only log of (step, value) float64 pairs, in step order (the watched training loss of every call,
+    a ghost's separation after every step it takes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, steps: np.ndarray, values: np.ndarray, *, durable: bool = False) -> None:
+        """Append pairs; a torn pair left by a kill is cut first."""
+        steps, values = np.asarray(steps, dtype="<f8").reshape(-1), np.asarray(values, dtype="<f8").reshape(-1)
+        if steps.shape != values.shape:
+            raise ValueError(f"{self.path.name}: {steps.size} steps but {values.size} values")
+        pairs = np.empty(steps.size, dtype=_PAIR)
+        pairs["step"], pairs["value"] = steps, values
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size % _PAIR.itemsize:
+            truncate_file(self.path, size - size % _PAIR.itemsize)
+        append_bytes(self.path, pairs.tobytes(), durable=durable)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps int64, values float64)`` of every complete pair (a torn last pair is ignored)."""
+        try:
+            with open(self.path, "rb") as handle:
+                count = os.fstat(handle.fileno()).st_size // _PAIR.itemsize
+                pairs = np.fromfile(handle, dtype=_PAIR, count=count)
+        except FileNotFoundError:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        return pairs["step"].astype(np.int64), pairs["value"].astype(np.float64)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the pairs recorded after ``step`` (a resumed run that restarts from ``step``), and a torn pair."""
+        steps, _ = self.read()
+        later = np.flatnonzero(steps > step)
+        keep = int(later[0]) if later.size else steps.size
+        truncate_file(self.path, keep * _PAIR.itemsize)
+
+    def remove(self) -> None:
+        """Delete the log (a ghost whose spawn a resumed run discarded); never follows a link."""
+        self.path.unlink(missing_ok=True)  # unlinking a link removes the link, never its target

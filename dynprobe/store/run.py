@@ -2,22 +2,38 @@
 
 >>> run = dynprobe.load_run("runs/resnet20")
 >>> run.steps, run.C, run.D, run.eval_accuracy       # (T,), (T, T), (T, T), (T,)
+>>> run.params(step=500), run.predictions(index=-1)  # one snapshot, by step or by position
 
-Only committed snapshots are visible: a run killed mid-snapshot loads with every snapshot before it. Nothing is
-unpickled (arrays are ``.npy``/``.npz`` loaded with ``allow_pickle=False``; everything else is JSON).
+Only committed snapshots are visible: a run killed mid-snapshot loads with every snapshot before it. A damaged
+event log is read up to its first damaged record, with a :class:`RunFormatWarning`; every other damaged file
+raises :class:`RunFormatError` from the accessor that reads it. Nothing is unpickled, and nothing is allocated
+from an unchecked size: the manifest and events are validated (:mod:`dynprobe.store.validate`), array headers are
+checked against the manifest and the file size, and the T×T matrices are bounded by the row files.
 """
 from __future__ import annotations
 
 import functools
 import os
 import socket
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .files import RunFormatError, load_npy, load_npz, load_snapshot_state, read_jsonl, read_manifest
+from dynprobe._util.steps import lag_pairs, most_common_gap
+
+from .disk import DiskUsage, disk_usage
+from .files import (
+    RunFormatError,
+    RunFormatWarning,
+    load_npy,
+    load_npz,
+    load_snapshot_state,
+    read_jsonl_prefix,
+    read_manifest,
+)
+from .ghost_records import CHAOS_METRICS, GhostInfo, chaos_maps, ghost_infos
 from .layout import (
     BUFFERS,
     EVAL_INDICES,
@@ -27,66 +43,62 @@ from .layout import (
     PREDS,
     ghost_array,
     rows_path,
+    run_array_path,
+    separation_path,
     snapshot_file,
 )
-from .records import read_barriers, read_switching_results
-from .rows import TriangularRows
+from .records import read_barriers, read_switching_results, switching_configs, switching_table
+from .rows import PairLog, TriangularRows
+from .validate import backed_snapshots, valid_event_prefix, validate_manifest
 
-__all__ = ["GhostInfo", "Run", "RunFormatError", "load_run"]
-
-CHAOS_METRICS = ("C", "L2", "D", "S", "B", "eval_loss", "eval_accuracy")
-
-
-@dataclass(frozen=True)
-class GhostInfo:
-    """One ghost replica of a run (row ``index`` of every ``run.chaos`` map)."""
-
-    index: int
-    spawn_step: int
-    control: bool
-    kind: str
-    seed: int
-    nominal_norm: float
-    realized_norm: float
-    changed: int
-    total: int
-    status: str  # alive / diverged / failed / finished
-    status_step: int | None = None
-    reason: str | None = None
+__all__ = ["CHAOS_METRICS", "GhostInfo", "Run", "RunFormatError", "RunFormatWarning", "load_run"]
 
 
 def load_run(path: str | os.PathLike) -> Run:
     """Open the run directory at ``path`` for reading.
 
     Raises :class:`dynprobe.RunFormatError` (a ``ValueError``) when ``path`` is not a run, its manifest is
-    truncated, or it was written by a newer dynprobe.
+    truncated or damaged, or it was written by a newer dynprobe; warns (:class:`RunFormatWarning`) and keeps the
+    intact prefix when its event log is damaged.
     """
     return Run(path)
 
 
 class Run:
-    """A read-only view of a run directory; arrays are numpy, indexed by snapshot (``run.steps[i]``)."""
+    """A read-only view of a run directory; arrays are numpy, indexed by snapshot (``run.steps[i]``).
+
+    Attributes:
+        path: the run directory. manifest: ``run.json``. events: the valid events, in order.
+        snapshots: the committed snapshot records. damage: what was found damaged (empty for an intact run).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
+        if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a run directory (str or os.PathLike); got {type(path).__name__}")
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
-        self.events: list[dict[str, Any]] = read_jsonl(self.path / EVENTS)
-        snapshots = [e for e in self.events if e.get("event") == "snapshot"]
-        for i, record in enumerate(snapshots):
-            if record.get("index") != i or "step" not in record:
-                raise RunFormatError(f"{self.path / EVENTS}: snapshot record {i} is malformed or out of order")
+        validate_manifest(self.manifest, self.path)
+        events, parse_problem = read_jsonl_prefix(self.path / EVENTS)
+        events, problem = valid_event_prefix(events, self.path)
+        snapshots = [e for e in events if e["event"] == "snapshot"]
+        snapshots, unbacked = backed_snapshots(self.path, snapshots)
+        self.damage: list[str] = [p for p in (parse_problem, problem, unbacked) if p]
+        if self.damage:
+            warnings.warn("; ".join(self.damage) + f". Reading the intact prefix: {len(snapshots)} snapshots",
+                          RunFormatWarning, stacklevel=3 if type(self) is Run else 2)
+        self.events: list[dict[str, Any]] = events
         self.snapshots: list[dict[str, Any]] = snapshots
 
     # ------------------------------------------------------------------------------------------ metadata
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.manifest.get("config", {})
+        return self.manifest.get("config") or {}
 
     @property
     def conventions(self) -> dict[str, str]:
         """How every stored number was computed (formulas, precision, modes)."""
-        return self.manifest.get("conventions", {})
+        return self.manifest.get("conventions") or {}
 
     @property
     def status(self) -> str:
@@ -109,6 +121,25 @@ class Run:
         last = f", last step {self.snapshots[-1]['step']}" if self.snapshots else ""
         return f"Run({str(self.path)!r}, {len(self)} snapshots{last}, status={self.status!r})"
 
+    @property
+    def disk_usage(self) -> DiskUsage:
+        """Bytes the run directory holds: ``.total_bytes``, ``.snapshot_bytes``, ``.bytes_per_snapshot``."""
+        return disk_usage(self.path, len(self))
+
+    @property
+    def num_parameters(self) -> int | None:
+        """P, the entries of ``vec(θ)`` (None if the manifest does not say)."""
+        model = self.manifest.get("model") or {}
+        if isinstance(model.get("num_parameters"), int):
+            return model["num_parameters"]
+        specs = model.get("parameters")
+        return sum(spec["numel"] for spec in specs) if specs else None
+
+    @property
+    def eval_n(self) -> int | None:
+        """Examples in the fixed eval set (None if the manifest does not say)."""
+        return (self.manifest.get("eval") or {}).get("n")
+
     # ------------------------------------------------------------------------------------------ per snapshot
 
     @functools.cached_property
@@ -121,7 +152,7 @@ class Run:
 
     @functools.cached_property
     def eval_loss(self) -> np.ndarray:
-        """Mean cross-entropy on the eval set at each snapshot (eval mode), float64 (T,)."""
+        """Mean loss on the eval set at each snapshot (eval mode), float64 (T,)."""
         return self._column("eval_loss")
 
     @functools.cached_property
@@ -137,10 +168,13 @@ class Run:
     @functools.cached_property
     def lr(self) -> np.ndarray:
         """Learning rate of the first param group at each snapshot (NaN if unknown)."""
-        return np.array([(s.get("lr") or [np.nan])[0] for s in self.snapshots], dtype=np.float64)
+        return np.array([np.nan if not s.get("lr") or s["lr"][0] is None else s["lr"][0] for s in self.snapshots],
+                        dtype=np.float64)
 
     def index_of(self, step: int) -> int:
         """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"step must be an integer optimizer step; got {type(step).__name__} {step!r}")
         matches = np.flatnonzero(self.steps == step)
         if matches.size == 0:
             below, above = self.steps[self.steps < step], self.steps[self.steps > step]
@@ -148,34 +182,70 @@ class Run:
             raise KeyError(f"step {step} was not recorded; nearest recorded steps: {nearest}")
         return int(matches[0])
 
-    def _snapshot_file(self, index: int, name: str) -> Path:
+    def _index(self, what: str, args: tuple[Any, ...], step: int | None, index: int | None) -> int:
+        """The snapshot index an accessor call names: ``step=`` or ``index=`` (a positional index is the old,
+        deprecated spelling)."""
+        if len(args) > 1:
+            raise TypeError(f"run.{what}() takes one snapshot: step= or index=")
+        if args:
+            if index is not None or step is not None:
+                raise TypeError(f"run.{what}() got a positional snapshot index and step=/index=; pass one")
+            warnings.warn(f"run.{what}({args[0]!r}): a positional snapshot index is deprecated; write "
+                          f"run.{what}(index={args[0]!r}) or run.{what}(step=...)", DeprecationWarning, stacklevel=3)
+            index = args[0]
+        if (step is None) == (index is None):
+            raise TypeError(f"run.{what}() takes exactly one of step= (an optimizer step) or index= (a snapshot "
+                            "position)")
+        if step is not None:
+            return self.index_of(step)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"index must be an integer snapshot position; got {type(index).__name__} {index!r}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"snapshot index {index} is out of range: the run has {len(self)} snapshots")
+        return int(index) % len(self)
+
+    def _file(self, index: int, name: str) -> Path:
         return snapshot_file(self.path, self.snapshots[index]["step"], name)
 
-    def params(self, index: int, *, mmap: bool = True) -> np.ndarray:
-        """Flat ``vec(θ)`` of snapshot ``index`` (memory-mapped by default)."""
-        return load_npy(self._snapshot_file(index, PARAMS), mmap=mmap)
+    def _param_shape(self) -> tuple[int, ...] | None:
+        return None if self.num_parameters is None else (self.num_parameters,)
 
-    def buffers(self, index: int) -> dict[str, np.ndarray]:
-        """The model's buffers at snapshot ``index`` by name (BatchNorm statistics, ...)."""
-        return load_npz(self._snapshot_file(index, BUFFERS))
+    def _label_shape(self) -> tuple[Any, ...] | None:
+        return None if self.eval_n is None else (self.eval_n, ...)
 
-    def predictions(self, index: int) -> np.ndarray:
-        """Predicted labels (argmax) on the eval set at snapshot ``index``."""
-        return load_npy(self._snapshot_file(index, PREDS))
+    def params(self, *args: Any, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
+        """Flat ``vec(θ)`` of one snapshot (``step=`` or ``index=``; memory-mapped by default)."""
+        i = self._index("params", args, step, index)
+        return load_npy(self._file(i, PARAMS), mmap=mmap, shape=self._param_shape())
 
-    def state_dict(self, index: int) -> dict[str, Any]:
-        """Parameters (unflattened, by name) and buffers of snapshot ``index`` as torch tensors, ready for
+    def buffers(self, *args: Any, step: int | None = None, index: int | None = None) -> dict[str, np.ndarray]:
+        """The model's buffers of one snapshot by name (BatchNorm statistics, ...)."""
+        i = self._index("buffers", args, step, index)
+        specs = (self.manifest.get("model") or {}).get("buffers", [])
+        return load_npz(self._file(i, BUFFERS), shapes={spec["name"]: tuple(spec["shape"]) for spec in specs})
+
+    def predictions(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray:
+        """Predicted labels (argmax) on the eval set at one snapshot."""
+        i = self._index("predictions", args, step, index)
+        return load_npy(self._file(i, PREDS), shape=self._label_shape())
+
+    def state_dict(self, *args: Any, step: int | None = None, index: int | None = None) -> dict[str, Any]:
+        """Parameters (unflattened, by name) and buffers of one snapshot as torch tensors, ready for
         ``model.load_state_dict(..., strict=False)`` (only trainable parameters are stored)."""
-        return load_snapshot_state(self.path, self.manifest, int(self.snapshots[index]["step"]))
+        i = self._index("state_dict", args, step, index)
+        if not isinstance(self.manifest.get("model"), dict):
+            raise RunFormatError(f"{self.path}: the manifest has no model layout; cannot rebuild a state dict")
+        return load_snapshot_state(self.path, self.manifest, int(self.snapshots[i]["step"]))
 
     @property
     def eval_indices(self) -> np.ndarray:
         """Indices into the user's eval data of the examples the run evaluates on."""
-        return load_npy(self.path / EVAL_INDICES)
+        return load_npy(run_array_path(self.path, EVAL_INDICES), shape=None if self.eval_n is None else (self.eval_n,))
 
     # ------------------------------------------------------------------------------------------ matrices
 
     def _matrix(self, name: str) -> np.ndarray:
+        # len(self) never exceeds the rows of C and D (validate.backed_snapshots): bounded by the file sizes.
         return TriangularRows(rows_path(self.path, name)).read(len(self))
 
     @functools.cached_property
@@ -188,59 +258,35 @@ class Run:
         """Disagreement rate between snapshots on the eval set, eq. (6); float64 (T, T)."""
         return self._matrix("D")
 
-    # ------------------------------------------------------------------------------------------ ghosts
-
-    @functools.cached_property
-    def ghosts(self) -> list[GhostInfo]:
-        """Every ghost spawned by the time of the last committed snapshot, in spawn order."""
-        last = int(self.steps[-1]) if len(self) else -1
-        infos: dict[int, dict[str, Any]] = {}
-        for event in self.events:
-            kind = event.get("event")
-            if kind == "ghost_spawn" and event["step"] <= last:
-                infos[event["ghost"]] = {
-                    "index": event["ghost"], "spawn_step": event["spawn_step"], "control": event["control"],
-                    "kind": event["kind"], "seed": event["seed"], "nominal_norm": event["nominal_norm"],
-                    "realized_norm": event["realized_norm"], "changed": event["changed"], "total": event["total"],
-                    "status": "alive",
-                }
-            elif kind == "ghost_status" and event["ghost"] in infos:
-                infos[event["ghost"]].update(status=event["status"], status_step=event["step"],
-                                             reason=event.get("reason"))
-        return [GhostInfo(**infos[i]) for i in sorted(infos)]
-
-    @functools.cached_property
-    def chaos(self) -> dict[str, np.ndarray]:
-        """Ghost × snapshot maps (G, T) of main-vs-ghost metrics: ``"C"`` (1 − cos), ``"L2"``, ``"D"``, ``"S"``,
-        ``"B"``, and the ghost's ``"eval_loss"`` / ``"eval_accuracy"``. Row i is ``run.ghosts[i]``; columns are
-        ``run.steps``; NaN where the snapshot precedes the spawn, after the ghost stopped, or where the metric
-        was not computed."""
-        ghosts = self.ghosts
-        column = {int(step): i for i, step in enumerate(self.steps)}
-        row = {g.index: r for r, g in enumerate(ghosts)}
-        maps = {name: np.full((len(ghosts), len(self)), np.nan) for name in CHAOS_METRICS}
-        for event in self.events:
-            if event.get("event") != "ghost_compare" or event["ghost"] not in row or event["step"] not in column:
-                continue
-            for name in CHAOS_METRICS:
-                value = event.get(name)
-                if value is not None:
-                    maps[name][row[event["ghost"]], column[event["step"]]] = value
-        return maps
-
-    def ghost_predictions(self, ghost: int, index: int) -> np.ndarray:
-        """Eval predictions of ghost ``ghost`` at snapshot ``index``."""
-        return load_npy(self._snapshot_file(index, ghost_array(ghost, PREDS)))
-
-    def ghost_params(self, ghost: int, index: int) -> np.ndarray:
-        """Flat parameters of ghost ``ghost`` at snapshot ``index`` (runs with ``Ghosts(save_params=True)``)."""
-        return load_npy(self._snapshot_file(index, ghost_array(ghost, PARAMS)), mmap=True)
-
     @functools.cached_property
     def S(self) -> np.ndarray:  # noqa: N802
         """eNTK kernel distance between snapshots, eq. (4); float64 (T, T), NaN where a kernel was not measured
         (all NaN for runs without ``Probe(kernel=...)``)."""
         return self._matrix("S")
+
+    def _barrier_matrix(self, field: str) -> np.ndarray:
+        index = {int(step): i for i, step in enumerate(self.steps)}
+        matrix = np.full((len(self), len(self)), np.nan)
+        np.fill_diagonal(matrix, 0.0)
+        for record in read_barriers(self.path):
+            i, j, value = index.get(record["i"]), index.get(record["j"]), record.get(field)
+            if i is not None and j is not None and value is not None:
+                matrix[i, j] = matrix[j, i] = value
+        return matrix
+
+    @functools.cached_property
+    def B(self) -> np.ndarray:  # noqa: N802
+        """Loss barrier between snapshots against the mean endpoint loss, eq. (5); float64 (T, T), NaN where not
+        computed (trajectory barriers, :func:`dynprobe.fill_barriers`); diagonal 0."""
+        return self._barrier_matrix("value")
+
+    @functools.cached_property
+    def B_linear(self) -> np.ndarray:  # noqa: N802
+        """Loss barrier between snapshots against the linear interpolation of the endpoint losses (linear mode
+        connectivity, Frankle et al. 2020); float64 (T, T), NaN where not computed; diagonal 0."""
+        return self._barrier_matrix("B_linear")
+
+    # ------------------------------------------------------------------------------------------ kernels
 
     @property
     def has_kernels(self) -> bool:
@@ -252,68 +298,129 @@ class Run:
         """Steps of the snapshots that have a kernel (int64)."""
         return np.array([s["step"] for s in self.snapshots if s.get("kernel")], dtype=np.int64)
 
-    def kernel(self, index: int) -> np.ndarray | None:
-        """H(θ_t) on the probe set at snapshot ``index`` (float64), or None if not measured there."""
-        if not self.snapshots[index].get("kernel"):
+    def kernel(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+        """H(θ_t) on the probe set at one snapshot (float64), or None if not measured there."""
+        i = self._index("kernel", args, step, index)
+        if not self.snapshots[i].get("kernel"):
             return None
-        return load_npy(self._snapshot_file(index, KERNEL))
+        return load_npy(self._file(i, KERNEL))
 
     def kernel_distance_to(self, tau: int) -> tuple[np.ndarray, np.ndarray]:
-        """The cone curve S(θ_t, θ_τ) of the paper's Fig. 5a: ``(steps t, values)`` over the snapshots with a
-        kernel. ``tau`` is a recorded step that has a kernel."""
+        """The cone curve S(θ_t, θ_τ) of the two-phase paper's Fig. 5a: ``(steps t, values)`` over the snapshots
+        with a kernel. ``tau`` is a recorded step that has a kernel."""
         j = self.index_of(tau)
         if not self.snapshots[j].get("kernel"):
             raise KeyError(f"step {tau} has no kernel; steps with kernels: {self.kernel_steps.tolist()[:10]}...")
-        have = np.array([bool(s.get("kernel")) for s in self.snapshots])
+        have = np.array([bool(s.get("kernel")) for s in self.snapshots], dtype=bool)
         return self.steps[have], self.S[have, j]
 
-    def kernel_velocity(self, dt: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Kernel velocity v(t) = S(θ_t, θ_{t+dt}) / dt (Fort et al. 2020; the paper's Fig. 5b without the /dt).
+    @property
+    def kernel_lag_steps(self) -> int | None:
+        """The lag Δ of the kernel velocity: ``KernelConfig(lag_steps=Δ)`` of the run, else the most common gap
+        between consecutive kernel snapshots (None with fewer than two)."""
+        configured = (self.config.get("kernel") or {}).get("lag_steps")
+        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+            return configured
+        return most_common_gap(self.kernel_steps)
 
-        With ``dt``: over every pair of kernel snapshots exactly ``dt`` steps apart, returns ``(t, v)``. Without:
-        over consecutive kernel snapshots, ``(t, S(t_k, t_{k+1}) / (t_{k+1} − t_k))``.
+    def kernel_velocity(self, lag_steps: int | None = None, *, dt: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Kernel velocity at a fixed lag Δ: ``(t, S(θ_t, θ_{t+Δ}))`` over every pair of kernel snapshots exactly
+        Δ steps apart (the two-phase paper's Fig. 5b; Fort et al. 2020). Pairs at other gaps are not used — S
+        between nearby snapshots hardly depends on the gap, so no pair is rescaled by its own gap.
+
+        Args:
+            lag_steps: Δ in optimizer steps; default :attr:`kernel_lag_steps`.
+            dt: deprecated spelling of ``lag_steps``.
         """
+        if dt is not None:
+            warnings.warn("run.kernel_velocity(dt=...) is deprecated; write lag_steps=... (S at that lag, no longer "
+                          "divided by it)", DeprecationWarning, stacklevel=2)
+            lag_steps = dt if lag_steps is None else lag_steps
+        lag = self.kernel_lag_steps if lag_steps is None else lag_steps
         have = np.flatnonzero([bool(s.get("kernel")) for s in self.snapshots])
-        steps, S = self.steps, self.S
-        if dt is None:
-            pairs = list(zip(have[:-1], have[1:]))
-        else:
-            if dt <= 0:
-                raise ValueError(f"dt must be a positive number of steps; got {dt}")
-            position = {int(steps[i]): i for i in have}
-            pairs = [(i, position[int(steps[i]) + dt]) for i in have if int(steps[i]) + dt in position]
-        t = np.array([steps[i] for i, _ in pairs], dtype=np.int64)
-        v = np.array([S[i, j] / (steps[j] - steps[i]) for i, j in pairs], dtype=np.float64)
-        return t, v
+        if lag is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        earlier, later = lag_pairs(self.steps[have], lag)
+        return self.steps[have[earlier]], self.S[have[earlier], have[later]]
+
+    # ------------------------------------------------------------------------------------------ ghosts
 
     @functools.cached_property
-    def B(self) -> np.ndarray:  # noqa: N802
-        """Loss barrier between snapshots, eq. (5); float64 (T, T), NaN where not computed (see
-        ``Probe(trajectory_barriers=k)`` and :func:`dynprobe.fill_barriers`); diagonal 0."""
-        index = {int(step): i for i, step in enumerate(self.steps)}
-        matrix = np.full((len(self), len(self)), np.nan)
-        np.fill_diagonal(matrix, 0.0)
-        for record in read_barriers(self.path):
-            i, j = index.get(record["i"]), index.get(record["j"])
-            if i is not None and j is not None:
-                matrix[i, j] = matrix[j, i] = record["value"]
-        return matrix
+    def ghosts(self) -> list[GhostInfo]:
+        """Every ghost spawned by the time of the last committed snapshot, in spawn order."""
+        return ghost_infos(self.events, int(self.steps[-1]) if len(self) else -1)
 
     @functools.cached_property
-    def switching(self) -> dict[str, np.ndarray] | None:
-        """Results of :func:`dynprobe.switching_experiment` (the paper's Fig. 6), or None if not run:
-        ``{"switch_step", "total_steps", "eval_loss", "eval_accuracy"}`` arrays sorted by switch step (the
-        latest record wins for a repeated switch step)."""
-        records = {r["switch_step"]: r for r in read_switching_results(self.path)}
-        if not records:
+    def chaos(self) -> dict[str, np.ndarray]:
+        """Ghost × snapshot maps (G, T) of main-vs-ghost metrics: ``"C"`` (1 − cos), ``"L2"``, ``"D"``, ``"S"``,
+        ``"B"`` (eq. 5), ``"B_linear"``, and the ghost's ``"eval_loss"`` / ``"eval_accuracy"``. Row i is
+        ``run.ghosts[i]``; columns are ``run.steps``; NaN where the snapshot precedes the spawn, after the ghost
+        stopped, or where the metric was not computed."""
+        return chaos_maps(self.events, self.ghosts, self.steps)
+
+    def _ghost_index(self, ghost: int) -> int:
+        if isinstance(ghost, bool) or not isinstance(ghost, (int, np.integer)):
+            raise TypeError(f"ghost must be a ghost index (an integer, see run.ghosts); got {ghost!r}")
+        return int(ghost)
+
+    def ghost_predictions(self, ghost: int, *args: Any, step: int | None = None, index: int | None = None
+                          ) -> np.ndarray:
+        """Eval predictions of ghost ``ghost`` at one snapshot (``step=`` or ``index=``)."""
+        i = self._index("ghost_predictions", args, step, index)
+        return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PREDS)), shape=self._label_shape())
+
+    def ghost_params(self, ghost: int, *args: Any, step: int | None = None, index: int | None = None
+                     ) -> np.ndarray:
+        """Flat parameters of ghost ``ghost`` at one snapshot (runs with ``Ghosts(save_params=True)``)."""
+        i = self._index("ghost_params", args, step, index)
+        return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PARAMS)), mmap=True,
+                        shape=self._param_shape())
+
+    def separation(self, ghost: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ghost's separation curve ``(steps int64, l2 float64)``: l2(t) = ‖θ'_t − θ_ref,t‖₂ after every
+        step the ghost took (and at its spawn), up to the last committed snapshot. Empty for runs that did not
+        record it."""
+        ghost = self._ghost_index(ghost)
+        steps, values = PairLog(separation_path(self.path, ghost)).read()
+        if steps.size and np.any(np.diff(steps) < 0):
+            raise RunFormatError(f"{separation_path(self.path, ghost)}: steps go back; the file is damaged")
+        keep = steps <= (int(self.steps[-1]) if len(self) else -1)
+        return steps[keep], values[keep]
+
+    # ------------------------------------------------------------------------------------------ experiments
+
+    @functools.cached_property
+    def switching_configs(self) -> dict[str, dict[str, Any] | None]:
+        """The switching-experiment configurations of the run: ``{config_id: config}``, ordered by their latest
+        record (the last one was computed most recently)."""
+        return switching_configs(read_switching_results(self.path))
+
+    def switching_results(self, config_id: str | None = None) -> dict[str, Any] | None:
+        """Results of :func:`dynprobe.switching_experiment` (the two-phase paper's Fig. 6) under one
+        configuration, or None if the run has none: ``{"switch_step", "total_steps", "eval_loss",
+        "eval_accuracy", "train_loss"}`` arrays sorted by switch step (the latest record wins for a repeated step),
+        plus ``"config_id"`` and ``"config"``.
+
+        Args:
+            config_id: which configuration (see :attr:`switching_configs`); required when the run has several,
+                else the only one.
+        """
+        return switching_table(read_switching_results(self.path), config_id, self.path)
+
+    @functools.cached_property
+    def switching(self) -> dict[str, Any] | None:
+        """The switching results of the run's configuration (:meth:`switching_results`), or None if not run.
+        With several configurations it is the most recently computed one, with a warning naming the others."""
+        configs = list(self.switching_configs)
+        if not configs:
             return None
-        rows = [records[k] for k in sorted(records)]
-        return {
-            "switch_step": np.array([r["switch_step"] for r in rows], dtype=np.int64),
-            "total_steps": np.array([r["total_steps"] for r in rows], dtype=np.int64),
-            "eval_loss": np.array([r["eval_loss"] for r in rows], dtype=np.float64),
-            "eval_accuracy": np.array([r["eval_accuracy"] for r in rows], dtype=np.float64),
-        }
+        if len(configs) > 1:
+            warnings.warn(f"{self.path} holds switching results of {len(configs)} configurations; run.switching "
+                          f"shows the latest, config_id={configs[-1]!r}. Choose one with "
+                          "run.switching_results(config_id=...) (ids: run.switching_configs)", UserWarning,
+                          stacklevel=2)
+        return self.switching_results(configs[-1])
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""
@@ -325,14 +432,14 @@ class Run:
 
 
 def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return True
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: do not claim the writer died
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, OSError):
         return True
     return True

@@ -1,0 +1,159 @@
+"""Where each ghost stands at its last comparison: diverged, close, or too near a threshold to say.
+
+A verdict describes one ghost at one step t1 (its last comparison); it is not a transition estimate, because a
+still-chaotic ghost that looks close at t1 can diverge later (the ``"chaos"`` estimate in :mod:`.sensitivity`
+reads sensitivity over fixed windows instead). Each metric is compared with a threshold taken from a measured
+scale where one exists, and every threshold travels with the value it was compared with:
+
+* ``D`` (eq. 6): ``d_fraction`` (¼) of the main run's eval error — the disagreement of two independently trained
+  networks (Jiang et al. 2022) — and at least two eval examples and the ε = 0 control's D;
+* ``B_linear``, the loss barrier with the linear reference of linear mode connectivity (Frankle et al. 2020),
+  max_α [L(θ_α) − (α L_a + (1 − α) L_b)]: ``b_fraction`` (10 %) of the main eval loss, and at least the barrier
+  that SGD itself makes between consecutive snapshots of the main run and the control's. Eq. 5's barrier (mean
+  reference) is never used: it is at least ½|L_a − L_b|, the endpoint loss gap, even with no barrier on the path;
+* ``C`` (eq. 1): the main run's own direction change over its last snapshot interval (the SGD scale), at least
+  the control's C.
+
+A ghost *diverged* when a metric exceeds its threshold (or it stopped with non-finite values), is *close* when
+every measured metric is at most half its threshold, and is *borderline* otherwise — no verdict hangs on a value
+that sits at a threshold by accident.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .estimate import TransitionEstimate, unavailable
+
+__all__ = ["GhostOutcome", "GhostVerdict", "ghost_verdict", "transition_from_chaos"]
+
+
+@dataclass(frozen=True)
+class GhostOutcome:
+    """Where one perturbed ghost ended up relative to the main run (inputs of :func:`ghost_verdict`).
+
+    ``D``, ``C``, ``L2`` and ``error`` (the main run's eval error) at ``final_step``, the ghost's last comparison;
+    ``B`` (eq. 5), ``B_linear`` and ``loss`` (main eval loss) at the last step with a barrier. Scales measured on
+    the run: ``C_scale`` (main-run C between its last two snapshots), ``B_scale`` (main-run B_linear between
+    consecutive snapshots), ``control_D``/``control_C``/``control_B_linear`` (the ε = 0 control at the same step;
+    0 for an exact control). ``stopped_diverged``: the ghost stopped with non-finite values or an exploding norm.
+    """
+
+    spawn_step: int
+    final_step: int
+    D: float
+    error: float
+    B: float | None = None
+    loss: float | None = None
+    C: float | None = None
+    L2: float | None = None
+    realized_norm: float | None = None
+    stopped_diverged: bool = False
+    B_linear: float | None = None
+    C_scale: float | None = None
+    B_scale: float | None = None
+    control_D: float | None = None
+    control_C: float | None = None
+    control_B_linear: float | None = None
+    ghost: int | None = None
+
+
+@dataclass(frozen=True)
+class GhostVerdict:
+    """``verdict`` (``"diverged"``, ``"close"``, ``"borderline"``) and, per metric, the value, its threshold and
+    how the threshold was set (``checks``: name → {value, threshold, source, above})."""
+
+    spawn_step: int
+    final_step: int
+    verdict: str
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ghost: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ghost": self.ghost, "spawn_step": self.spawn_step, "final_step": self.final_step,
+                "verdict": self.verdict, "checks": self.checks}
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _largest(*candidates: tuple[float | None, str]) -> tuple[float, str]:
+    usable = [(float(v), s) for v, s in candidates if _finite(v)]
+    return max(usable, key=lambda c: c[0]) if usable else (math.nan, "no scale measured")
+
+
+def ghost_verdict(outcome: GhostOutcome, *, d_fraction: float = 0.25, b_fraction: float = 0.1,
+                  eval_size: int | None = None) -> GhostVerdict:
+    """The verdict on one ghost (see the module docstring)."""
+    if not 0 < d_fraction < 1 or not b_fraction > 0:
+        raise ValueError(f"d_fraction must be in (0, 1) and b_fraction > 0; got {d_fraction}, {b_fraction}")
+    g = outcome
+    thresholds = {
+        "D": (g.D, _largest((d_fraction * g.error if _finite(g.error) else None,
+                             f"{d_fraction:g} × main eval error"),
+                            (2.0 / eval_size if eval_size else None, "two eval examples"),
+                            (g.control_D, "the ε = 0 control's D"))),
+        "B_linear": (g.B_linear, _largest((b_fraction * g.loss if _finite(g.loss) and g.loss > 0 else None,
+                                           f"{b_fraction:g} × main eval loss"),
+                                          (g.B_scale, "B_linear between consecutive main-run snapshots"),
+                                          (g.control_B_linear, "the ε = 0 control's B_linear"))),
+        "C": (g.C, _largest((g.C_scale, "main-run C over its last snapshot interval"),
+                            (g.control_C, "the ε = 0 control's C"))),
+    }
+    checks: dict[str, dict[str, Any]] = {}
+    above_any, all_low = False, True
+    for name, (value, (threshold, source)) in thresholds.items():
+        if not _finite(value) or not math.isfinite(threshold):
+            continue
+        above = bool(value > threshold)
+        low = bool(value <= threshold / 2)
+        checks[name] = {"value": float(value), "threshold": threshold, "source": source, "above": above}
+        above_any |= above
+        all_low &= low
+    if g.stopped_diverged:
+        verdict = "diverged"
+        checks["stopped"] = {"value": None, "threshold": None, "source": "non-finite values or exploding norm",
+                             "above": True}
+    elif not checks:
+        verdict = "borderline"
+    else:
+        verdict = "diverged" if above_any else "close" if all_low else "borderline"
+    return GhostVerdict(g.spawn_step, g.final_step, verdict, checks, g.ghost)
+
+
+def transition_from_chaos(outcomes: Sequence[GhostOutcome], *, d_fraction: float = 0.25, b_fraction: float = 0.1,
+                          eval_size: int | None = None) -> TransitionEstimate:
+    """Deprecated: the first spawn from which every ghost is *close* at its last comparison.
+
+    Final values depend on when the run stops (a still-chaotic ghost looks close until it has had time to
+    diverge), so :func:`dynprobe.analysis.analyze` no longer uses this rule: its ``"chaos"`` estimate is
+    :func:`dynprobe.analysis.transition_from_sensitivity` on the ghosts' separation curves. Kept for one release,
+    with the verdicts of :func:`ghost_verdict` (never the endpoint loss gap).
+    """
+    warnings.warn("transition_from_chaos compares final values, which depend on the run's horizon; use "
+                  "dynprobe.analysis.transition_from_sensitivity on run separation curves (analyze(run) does)",
+                  DeprecationWarning, stacklevel=2)
+    ghosts = sorted(outcomes, key=lambda g: g.spawn_step)
+    if not ghosts:
+        return unavailable("chaos", "no perturbed ghost was compared with the main run: pass "
+                                    "Probe(..., ghosts=dynprobe.Ghosts(at=[...])) and watch the loss")
+    verdicts = [ghost_verdict(g, d_fraction=d_fraction, b_fraction=b_fraction, eval_size=eval_size) for g in ghosts]
+    evidence: dict[str, Any] = {"ghosts": [v.to_dict() for v in verdicts]}
+    spawns = [g.spawn_step for g in ghosts]
+    close = [v.verdict == "close" for v in verdicts]
+    first_close = next(k for k in range(len(ghosts) + 1) if all(close[k:]))
+    if first_close == len(ghosts):
+        return TransitionEstimate("chaos", None, (spawns[-1], None), "bound",
+                                  f"no ghost is close at the end, the last spawned at step {spawns[-1]}", evidence)
+    if first_close == 0:
+        return TransitionEstimate("chaos", None, (None, spawns[0]), "bound",
+                                  f"every ghost is close at the end, the first spawned at step {spawns[0]}", evidence)
+    monotone = all(v.verdict == "diverged" for v in verdicts[:first_close])
+    low, high = spawns[first_close - 1], spawns[first_close]
+    return TransitionEstimate("chaos", high, (low, high), "medium" if monotone else "low",
+                              f"ghosts spawned at step ≤ {low} are not close at the end, from step {high} on they are",
+                              evidence)

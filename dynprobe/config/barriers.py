@@ -1,0 +1,118 @@
+"""``Barriers``: which loss barriers (eq. (5) of the two-phase paper, and the linear-reference barrier) the probe
+measures while training runs, and how much time they may take."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = ["AUTO_BUDGET_FRACTION", "Barriers", "resolve_barriers"]
+
+#: ``time_budget=None``: barriers may take this fraction of the time the rest of the snapshots take.
+AUTO_BUDGET_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Barriers:
+    """Online loss barriers, within a time budget shared by all of them.
+
+    A barrier costs one evaluation of the eval set per α, so it is by far the most expensive thing a snapshot
+    can do; the probe therefore computes barriers only while a budget allows and leaves the rest to
+    :func:`dynprobe.fill_barriers` (trajectory pairs; ghost barriers need the ghosts and are online only).
+    Each barrier stores both B_mean (eq. 5, ``run.B``, ``run.chaos["B"]``) and B_linear (the height above the
+    chord between the endpoint losses, ``run.B_linear``, ``run.chaos["B_linear"]``).
+
+    Args:
+        alphas: points of the α grid on [0, 1], endpoints included (≥ 2). The default 11 resolves a barrier's
+            peak to 0.1 in α at a third of the cost of the paper author's 30.
+        ghosts: measure B between each live ghost and its reference (the main run) at its snapshots.
+        previous_snapshots: after each snapshot, the barrier to this many preceding snapshots of the main run
+            (``metrics/B.jsonl``; 0: none, 1: consecutive pairs).
+        every_snapshots: barriers are due at every ``every_snapshots``-th snapshot (of a ghost, counted from its
+            spawn; of the run, for trajectory barriers). Ghost barriers are always due at the run's final step
+            (``total_steps``, or the snapshot taken at ``close()``) and computed there whatever the budget, so
+            the chaos maps' last column is complete.
+        time_budget: seconds per snapshot that barriers may use, shared by all of them; unspent time carries
+            over to later snapshots, and a barrier that does not fit is skipped (counted in the run's
+            ``barrier_budget`` event). ``None`` (default): barriers may take ``AUTO_BUDGET_FRACTION`` (one half)
+            of the time the rest of the snapshots took, so the probe's cost grows by at most that factor;
+            ``math.inf``: every due barrier, whatever it costs; ``0``: only the final ghost barriers.
+    """
+
+    alphas: int = 11
+    ghosts: bool = True
+    previous_snapshots: int = 0
+    every_snapshots: int = 1
+    time_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alphas, bool) or not isinstance(self.alphas, int) or self.alphas < 2:
+            raise ValueError(f"Barriers(alphas=) must be an int >= 2 (points on [0, 1], endpoints included); got "
+                             f"{self.alphas!r}")
+        if not isinstance(self.ghosts, bool):
+            raise TypeError(f"Barriers(ghosts=) must be True or False; got {self.ghosts!r}")
+        for name, minimum in (("previous_snapshots", 0), ("every_snapshots", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"Barriers({name}=) must be an int >= {minimum}; got {value!r}")
+        budget = self.time_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget < 0:
+                raise ValueError("Barriers(time_budget=) must be None (automatic), a number of seconds >= 0, or "
+                                 f"math.inf (no limit); got {budget!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any barrier is requested at all."""
+        return self.ghosts or self.previous_snapshots > 0
+
+    def to_config(self) -> dict[str, Any]:
+        budget = self.time_budget
+        return {"alphas": self.alphas, "ghosts": self.ghosts, "previous_snapshots": self.previous_snapshots,
+                "every_snapshots": self.every_snapshots,
+                "time_budget": "auto" if budget is None else ("inf" if math.isinf(budget) else float(budget)),
+                "auto_budget_fraction": AUTO_BUDGET_FRACTION}
+
+
+def resolve_barriers(barriers: Barriers | None, *, trajectory_barriers: int | None = None,
+                     barrier_alphas: int | None = None, ghost_barrier: bool | None = None,
+                     ghost_barrier_alphas: int | None = None, costly_every: int | None = None
+                     ) -> tuple[Barriers, list[str]]:
+    """The :class:`Barriers` a probe uses, from ``Probe(barriers=...)`` and the deprecated spellings, with one
+    deprecation message per deprecated spelling given (the caller warns, at the user's line).
+
+    ``Probe(trajectory_barriers=k)`` → ``Barriers(previous_snapshots=k)``; ``Probe(barrier_alphas=a)`` and
+    ``Ghosts(barrier_alphas=a)`` → ``Barriers(alphas=a)``; ``Ghosts(barrier=False)`` → ``Barriers(ghosts=False)``;
+    ``Ghosts(costly_every=k)`` → ``Barriers(every_snapshots=k)`` (and ``KernelConfig``'s own cadence for ghost
+    S). ``None`` means "not given". Given alone, deprecated spellings keep their old meaning — every due barrier
+    is computed (``time_budget=math.inf``). With an explicit ``barriers`` as well, a deprecated value that
+    disagrees with it is an error.
+    """
+    if barriers is not None and not isinstance(barriers, Barriers):
+        raise TypeError(f"barriers must be a dynprobe.Barriers(...) configuration; got {type(barriers).__name__}")
+    given = {
+        "previous_snapshots": ("Probe(trajectory_barriers=)", trajectory_barriers),
+        "alphas": ("Probe(barrier_alphas=)", barrier_alphas),
+        "ghosts": ("Ghosts(barrier=)", ghost_barrier),
+        "every_snapshots": ("Ghosts(costly_every=)", costly_every),
+    }
+    if ghost_barrier_alphas is not None:
+        if barrier_alphas is not None and barrier_alphas != ghost_barrier_alphas:
+            raise ValueError(f"Probe(barrier_alphas={barrier_alphas}) and Ghosts(barrier_alphas="
+                             f"{ghost_barrier_alphas}) disagree; write Barriers(alphas=...) once")
+        given["alphas"] = ("Ghosts(barrier_alphas=)", ghost_barrier_alphas)
+    changes: dict[str, Any] = {"time_budget": math.inf}  # the deprecated options computed every barrier
+    messages = []
+    for field_name, (spelling, value) in given.items():
+        if value is None:
+            continue
+        messages.append(f"{spelling} is deprecated; write Probe(barriers=dynprobe.Barriers({field_name}="
+                        f"{value!r}, time_budget=math.inf)) for the same behaviour, every due barrier computed (it "
+                        "will be removed in the next release)")
+        if barriers is not None and getattr(barriers, field_name) != value:
+            raise ValueError(f"{spelling}={value!r} disagrees with barriers=Barriers({field_name}="
+                             f"{getattr(barriers, field_name)!r}); drop the deprecated spelling")
+        changes[field_name] = value
+    if barriers is not None or not messages:
+        return barriers if barriers is not None else Barriers(), messages
+    return replace(Barriers(), **changes), messages

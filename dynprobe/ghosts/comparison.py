@@ -1,0 +1,106 @@
+"""One ghost compared with its reference at a snapshot: the chaos maps' entries (the two-phase paper's §4).
+
+For a ghost with flat parameters θ' and its reference θ (the main run, or the ε = 0 shadow of a vectorized stack):
+C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, per layer L2 over each layer's slice of vec θ (a layer is the module
+owning a parameter tensor, in first-appearance order), D = the task's disagreement of eval predictions (eq. 6), the
+ghost's eval loss and accuracy, and — at the snapshots where the kernel is due — S = the kernel distance (eq. 4)
+between H(θ) and H(θ'). Loss barriers between ghost and reference are not computed here: they are scheduled with
+the probe's other barriers (:meth:`dynprobe.ghosts.GhostSet.comparison_states`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynprobe._util.modules import flatten_parameters
+from dynprobe.metrics import functions as metrics
+from dynprobe.store.layout import PARAMS, PREDS, ghost_array
+
+from .trainer import Reference
+
+__all__ = ["Comparison", "compare_ghost", "layer_slices_of", "per_layer_l2"]
+
+
+@dataclass
+class Comparison:
+    """A ghost's ``ghost_compare`` record and arrays for the snapshot; or ``stop``, why it must stop (diverged)."""
+
+    record: dict[str, Any] | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    stop: str | None = None
+
+
+def layer_slices_of(named_params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, slice]]:
+    """``(layer, slice of vec θ)`` per layer: the parameter name without its last component (``""`` for the root
+    module's own parameters), in first-appearance order; a layer's parameters need not be adjacent in vec θ, so a
+    layer may own several slices (they are listed under its name in order)."""
+    slices: list[tuple[str, slice]] = []
+    offset = 0
+    for name, tensor in named_params:
+        slices.append((name.rpartition(".")[0], slice(offset, offset + tensor.numel())))
+        offset += tensor.numel()
+    return slices
+
+
+def per_layer_l2(a: torch.Tensor, b: torch.Tensor, slices: list[tuple[str, slice]]) -> list[float]:
+    """‖a − b‖₂ per layer (float64), in first-appearance order of the layers in ``slices``."""
+    squares: dict[str, torch.Tensor] = {}
+    for layer, part in slices:
+        value = torch.linalg.vector_norm(a[part].double() - b[part].double()).square()
+        squares[layer] = squares[layer] + value if layer in squares else value
+    return [float(v.sqrt()) for v in squares.values()]
+
+
+def compare_ghost(
+    index: int,
+    module: nn.Module,
+    params: list[torch.Tensor],
+    reference: Reference,
+    *,
+    step: int,
+    storage_dtype: torch.dtype,
+    divergence_ratio: float,
+    evaluate: Callable[[nn.Module], Any],
+    disagreement: Callable[[Any, Any], float],
+    preds_dtype: Callable[[int], Any],
+    layers: list[tuple[str, slice]],
+    kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None,
+    state: Callable[[], Mapping[str, torch.Tensor]],
+    save_params: bool,
+) -> Comparison:
+    """Compare ghost ``index`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
+
+    ``kernel_of`` is given when S is due for this ghost at this snapshot (and the reference has a kernel); ``state``
+    returns the ghost's parameters and buffers by name for it.
+    """
+    flat = flatten_parameters(params, storage_dtype)
+    if not bool(torch.isfinite(flat).all()):
+        return Comparison(stop="non-finite parameters")
+    reference_norm, ghost_norm = float(reference.params.double().norm()), float(flat.double().norm())
+    if ghost_norm > divergence_ratio * reference_norm:
+        return Comparison(stop=f"‖θ'‖ = {ghost_norm:.3g} exceeds {divergence_ratio:g}·‖θ‖ = {reference_norm:.3g}")
+    evaluation = evaluate(module)
+    record: dict[str, Any] = {
+        "ghost": index,
+        "step": step,
+        "reference": reference.name,
+        "C": metrics.cosine_dissimilarity(reference.params, flat),
+        "L2": metrics.l2_distance(reference.params, flat),
+        "L2_layers": per_layer_l2(reference.params, flat, layers),
+        "D": disagreement(reference.preds, evaluation.preds),
+        "eval_loss": evaluation.loss,
+        "eval_accuracy": evaluation.accuracy,
+    }
+    if reference.drift is not None:  # the shadow's own distance from the main run, next to the ghost signal
+        record["reference_L2"] = reference.drift["L2"]
+    if kernel_of is not None and reference.kernel is not None:
+        record["S"] = metrics.kernel_distance(reference.kernel, kernel_of(state()))
+    arrays = {ghost_array(index, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
+    if save_params:
+        arrays[ghost_array(index, PARAMS)] = flat.cpu().numpy()
+    return Comparison(record, arrays)

@@ -1,0 +1,137 @@
+"""The :class:`GhostTrainer` interface: how ghost replicas are held, trained in lock-step and compared.
+
+:class:`dynprobe.ghosts.GhostSet` owns the ghosts' identities, spawn schedule, statuses and records; a trainer owns
+their replicas. Implementations: :class:`dynprobe.ghosts.sequential.SequentialTrainer` (deep copies, compared with
+the main model itself), :class:`dynprobe.ghosts.vectorized.VectorizedTrainer` (one ``vmap`` stack with an ε = 0
+shadow, for ``Ghosts(vectorize=True | "auto")``), and the DDP trainer in :mod:`dynprobe.distributed` (deep copies
+whose gradients are averaged across ranks). The set picks between the first two in one place
+(:func:`dynprobe.ghosts.ghost_set.choose_trainer`); the DDP trainer is handed to the set by whoever wires the probe.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dynprobe.capture.step import MicroBatch
+from dynprobe.config import Ghosts
+
+from .perturbation import Perturbation, PerturbationReport
+from .replica import LossReplay, Replica
+
+__all__ = ["Fault", "Ghost", "GhostTrainer", "MainSnapshot", "Reference", "TrainerContext"]
+
+
+@dataclass
+class Ghost:
+    """One ghost: its identity and status. ``replica`` holds its model and optimizer while a trainer keeps it as a
+    deep copy (None for a row of a vectorized stack, and once it stopped)."""
+
+    index: int
+    spawn_step: int
+    control: bool
+    report: PerturbationReport
+    status: str = "alive"
+    comparisons: int = 0
+    replica: Replica | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.status == "alive"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A ghost that must stop after a training step: ``status`` is ``"failed"`` or ``"diverged"``."""
+
+    status: str
+    reason: str
+    traceback: str | None = None
+    error: BaseException | None = None  # re-raised after the status is recorded, under errors="raise"
+
+
+@dataclass
+class MainSnapshot:
+    """The main run at a snapshot, as plain values: flat θ (storage dtype), eval predictions, H(θ) when measured,
+    and parameters and buffers by name."""
+
+    step: int
+    params: torch.Tensor
+    preds: torch.Tensor
+    kernel: torch.Tensor | None
+    state: Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Reference:
+    """What the ghosts are compared with at a snapshot: the main run itself (``name="main"``) or the ε = 0 shadow of a
+    vectorized stack (``"shadow"``, with ``drift``: how far it is from the main run)."""
+
+    name: str
+    params: torch.Tensor
+    preds: torch.Tensor
+    kernel: torch.Tensor | None
+    state: Mapping[str, torch.Tensor]
+    drift: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainerContext:
+    """What every trainer needs from the main run (shared, read at each use: the probe sets ``replay`` late)."""
+
+    config: Ghosts
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    main_params: list[torch.Tensor]
+    no_copy: dict[int, Any]
+    replay: LossReplay
+    device: torch.device
+    storage_dtype: torch.dtype
+    raise_errors: bool
+    evaluate: Callable[[nn.Module], Any]  # model -> EvalResult on the probe's eval set
+    sample_inputs: Callable[[], Any]  # a few eval inputs (vmap check)
+    output_fn: Callable[[Any], torch.Tensor]
+    on_mode: Callable[..., None]  # (mode, step, reason, *, warn=False, **fields): record a mode decision
+    grad_edit_detected: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class GhostTrainer(Protocol):
+    """Holds the replicas of the live ghosts and advances them; never writes to the run (the set does)."""
+
+    @property
+    def mode(self) -> str | None:
+        """``"sequential"`` or ``"vectorized"``; None while ``vectorize="auto"`` has not decided."""
+
+    def spawn(self, ghost: Ghost, perturbation: Perturbation) -> PerturbationReport:
+        """Create ``ghost``'s replica from the reference now (the main run, or the shadow) and perturb it."""
+
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
+        """One main optimizer step of every ghost in ``ghosts``; the ghosts that must stop, by index."""
+
+    def release(self, ghost: Ghost) -> None:
+        """``ghost`` stopped: free its replica."""
+
+    def separations(self, ghosts: list[Ghost]) -> dict[int, float]:
+        """‖θ' − θ_ref‖₂ (float64) of each ghost to its reference, now."""
+
+    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
+        """The control's reference (``"main"`` or ``"shadow"``) and max |Δ| per tensor where the ε = 0 control
+        differs from it (None: not comparable in this process)."""
+
+    def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
+                  ) -> Reference:
+        """The reference of the comparisons at this snapshot (``kernel_of`` given: its kernel is needed)."""
+
+    def module_of(self, ghost: Ghost) -> tuple[nn.Module, list[torch.Tensor]]:
+        """A module holding ``ghost``'s parameters and buffers, and its trainable parameters (valid until the next
+        call of any trainer method)."""
+
+    def state_of(self, ghost: Ghost) -> dict[str, torch.Tensor]:
+        """``ghost``'s parameters and buffers by name (tensors that stay valid until its next training step)."""
+
+    def reference_state(self) -> dict[str, torch.Tensor]:
+        """The reference's parameters and buffers by name, now (the main model's, or the shadow's)."""

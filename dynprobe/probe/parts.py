@@ -1,0 +1,118 @@
+"""How a probe is assembled from its options: eval set, run directory, recorders, ghosts and their hooks.
+
+Each function builds one part from plain inputs and returns it; :class:`dynprobe.Probe` wires the parts to the
+training loop's hooks. Nothing here runs during training.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dynprobe._util.evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
+from dynprobe._util.modules import eval_mode, preserved_rng
+from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
+from dynprobe.store.files import load_npy
+from dynprobe.store.layout import PARAMS, snapshot_file
+from dynprobe.store.manifest import build_manifest
+from dynprobe.store.writer import json_safe
+
+from .options import ProbeOptions
+
+__all__ = ["DEFAULT_HISTORY_MEMORY", "check_model_output", "check_resumed_parameters", "open_run", "output_loss"]
+
+DEFAULT_HISTORY_MEMORY = 512 * 2**20
+
+
+def output_loss(output: Any) -> torch.Tensor:
+    """``loss_from_output=True``: the loss a Hugging Face-style model returns (``output.loss`` / ``["loss"]``)."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_from_output=True needs outputs with a .loss tensor; got {type(output).__name__}")
+    return loss
+
+
+def check_model_output(model: nn.Module, eval_set: EvalSet, output_fn: Callable[[Any], torch.Tensor] | None,
+                       device: torch.device, cuda_devices: list[int]) -> int:
+    """Call the model on two eval examples (eval mode, no grad, RNG preserved) and check its logits; returns the
+    number of classes. A model that cannot take the eval inputs fails here, at ``Probe(...)``."""
+    output_fn = output_fn or default_output_fn
+    sample = inputs_to(index_inputs(eval_set.inputs, slice(0, 2)), device)
+    targets = eval_set.targets[:2].to(device)
+    with torch.no_grad(), eval_mode(model), preserved_rng(cuda_devices):
+        try:
+            output = forward(model, sample)
+        except Exception as error:
+            raise ValueError(
+                f"calling the model on eval_data inputs failed ({type(error).__name__}: {error}); eval_data "
+                "inputs must be what the model takes: a tensor (model(x)) or a dict (model(**x))"
+            ) from error
+        try:
+            logits = output_fn(output)
+        except TypeError as error:
+            raise ValueError(str(error)) from error
+    check_logits(logits, targets)
+    num_classes = int(logits.shape[1])
+    check_logits(torch.empty(eval_set.n, num_classes), eval_set.targets)
+    return num_classes
+
+
+def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: ProbeOptions, *, model: nn.Module,
+             named_params: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, eval_set: EvalSet,
+             num_classes: int, storage_dtype: torch.dtype, device: torch.device,
+             kernel_convention: dict[str, Any] | None) -> Any:
+    """The run directory's writer (a null sink on DDP ranks other than 0), with the manifest of this probe."""
+    manifest = build_manifest(
+        model=model, named_params=named_params, optimizer=optimizer, eval_set=eval_set, num_classes=num_classes,
+        storage_dtype=storage_dtype, device=device, config=options.to_config(),
+        conventions=options.conventions(json_safe(kernel_convention) if kernel_convention is not None else None),
+    )
+    return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,
+                           resume_step=options.resume_step, problems=check_supported(options.ghosts))
+
+
+def check_resumed_parameters(writer: Any, params: list[torch.Tensor], step: int) -> None:
+    """A resumed run continues from ``step``: the model must hold the parameters the run recorded there.
+
+    When the run has a snapshot at ``step`` its stored θ is compared bit for bit with the model's (after the user
+    restored their checkpoint). A mismatch is refused with the step whose snapshot the model does match, if any —
+    the usual cause is restoring an older checkpoint without ``resume_step=``. Without a snapshot at ``step`` (a
+    checkpoint taken between snapshots) there is nothing to compare with, and the run continues.
+    """
+    steps = [int(s["step"]) for s in writer.snapshots]
+    if step not in steps:
+        return
+    # float64 holds float32, bfloat16 and float64 values exactly: equal there means bit-equal in their own dtype.
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in params]).numpy()
+
+    def stored(at: int) -> np.ndarray:
+        return np.asarray(load_npy(snapshot_file(writer.root, at, PARAMS), mmap=True), dtype=np.float64)
+
+    if flat.shape == stored(step).shape and np.array_equal(flat, stored(step)):
+        return
+    match = next((s for s in reversed(steps) if s != step and np.array_equal(flat, stored(s))), None)
+    hint = (f"they equal the snapshot at step {match}: pass resume_step={match}" if match is not None else
+            "they match no snapshot of the run: restore the checkpoint you saved at that step")
+    raise ValueError(
+        f"resume=True continues {writer.root} from step {step}, but the model's parameters differ from the run's "
+        f"snapshot at step {step}; {hint} (resume_step= says which step your training restarts from)")
+
+
+def warn_about_new_parameters(model: nn.Module, attached: list[tuple[str, torch.Tensor]],
+                              warned: set[str]) -> None:
+    """Trainable parameters added to the model after the probe attached are not part of θ: say so once."""
+    known = {id(p) for _, p in attached}
+    added = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in known]
+    if added and "new-parameters" not in warned:
+        warned.add("new-parameters")
+        warnings.warn(
+            f"dynprobe: {len(added)} trainable parameters were added to the model after the probe attached (e.g. "
+            f"{added[0]!r}); θ, C and the ghosts keep the {len(attached)} tensors the probe attached to. Attach the "
+            "probe after the model is complete to include them", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,283 @@
+"""``estimate_cost``: the price of a probe configuration before attaching it — time and disk per snapshot and for
+the whole schedule, measured on the user's own model and eval data.
+
+It times what one snapshot does (one evaluation of the eval set, writing θ, the eNTK when configured) on the
+model as it is, then projects the schedule: snapshots up to ``total_steps``, the ghosts alive at each (each is
+evaluated, compared and, when due, gets a barrier under the :class:`dynprobe.Barriers` budget), and the bytes
+each snapshot writes. Nothing is written outside a temporary directory; the model, optimizer and RNG streams
+are left as they were. The projection assumes every evaluation costs what the measured one did; ghost training
+is not timed (it needs your training step): each live ghost repeats every step, which the estimate states as
+a multiple of your training time.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from dynprobe._util.checks import check_model, check_optimizer
+from dynprobe._util.evaluation import EvalSet, evaluate
+from dynprobe._util.inputs import default_output_fn
+from dynprobe._util.modules import device_of, trainable_parameters
+from dynprobe.config import Barriers, Ghosts, KernelConfig
+from dynprobe.schedule import as_schedule
+
+from .barriers import BarrierBudget
+from .kernel_probe import KernelMeasure
+
+__all__ = ["CostEstimate", "estimate_cost"]
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Measured unit costs and the projected cost of a schedule (seconds, bytes). ``str(estimate)`` is the table
+    :func:`estimate_cost` prints."""
+
+    seconds_per_evaluation: float
+    seconds_params_write: float
+    seconds_per_kernel: float | None
+    snapshots: int
+    steps: list[int]
+    live_ghosts: list[int]
+    seconds_per_snapshot: list[float]
+    seconds_barriers: float
+    barriers: dict[str, int]
+    bytes_per_snapshot: list[int]
+    ghost_memory_bytes: int
+    ghost_training_factor: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seconds_total(self) -> float:
+        """Projected time of all snapshots, barriers included (ghost training not included)."""
+        return float(sum(self.seconds_per_snapshot) + self.seconds_barriers)
+
+    @property
+    def bytes_total(self) -> int:
+        return int(sum(self.bytes_per_snapshot))
+
+    def table(self) -> Table:
+        table = Table(title="dynprobe: projected cost", show_header=True, title_justify="left")
+        table.add_column("what")
+        table.add_column("per snapshot", justify="right")
+        table.add_column(f"schedule ({self.snapshots} snapshots)", justify="right")
+        mean_seconds = self.seconds_total / max(1, self.snapshots)
+        table.add_row("time (snapshots + barriers)", _seconds(mean_seconds), _seconds(self.seconds_total))
+        table.add_row("  of which barriers", _seconds(self.seconds_barriers / max(1, self.snapshots)),
+                      _seconds(self.seconds_barriers))
+        table.add_row("disk", _bytes(self.bytes_total / max(1, self.snapshots)), _bytes(self.bytes_total))
+        table.add_row("one evaluation of the eval set", _seconds(self.seconds_per_evaluation), "")
+        if self.seconds_per_kernel is not None:
+            table.add_row("one eNTK", _seconds(self.seconds_per_kernel), "")
+        if max(self.live_ghosts, default=0):
+            table.add_row("ghosts alive", f"up to {max(self.live_ghosts)}", f"memory {_bytes(self.ghost_memory_bytes)}")
+            table.add_row("training time (ghosts repeat each step)", "", f"×{self.ghost_training_factor:.2f}")
+        done = ", ".join(f"{n} {kind}" for kind, n in self.barriers.items())
+        table.add_row("barriers computed online", "", done or "none")
+        return table
+
+    def __str__(self) -> str:
+        console = Console(width=110, record=True, file=_Discard())
+        console.print(self.table())
+        for note in self.notes:
+            console.print(f"· {note}", markup=False, highlight=False)
+        return console.export_text()
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+def estimate_cost(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    eval_data: Any,
+    *,
+    total_steps: int,
+    schedule: Any = None,
+    ghosts: Ghosts | None = None,
+    kernel: KernelConfig | None = None,
+    barriers: Barriers | None = None,
+    eval_max: int = 2000,
+    eval_batch_size: int = 256,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    task: Any = None,
+    seed: int = 0,
+    console: Console | None | bool = None,
+) -> CostEstimate:
+    """Time one snapshot of ``model`` and print the projected time and disk per snapshot and for the schedule.
+
+    Takes the arguments ``dynprobe.Probe`` would get (same meanings and defaults) plus ``total_steps``, the
+    number of optimizer steps you plan. ``console``: where to print (default: stderr; ``False``: do not print).
+    Returns the :class:`CostEstimate`.
+    """
+    model = check_model(model)
+    optimizer = check_optimizer(optimizer, model)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive int (the optimizer steps you plan); got {total_steps!r}")
+    barriers = barriers if barriers is not None else Barriers()
+    output_fn = output_fn or default_output_fn
+    device = device_of(model)
+    eval_set = EvalSet.from_user(eval_data, max_examples=eval_max, seed=seed, task=task)
+
+    evaluation = evaluate(model, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
+    started = time.perf_counter()  # the second evaluation is the one timed (the first warms caches up)
+    evaluation = evaluate(model, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
+    seconds_eval = time.perf_counter() - started
+
+    params = [p for _, p in trainable_parameters(model)]
+    storage = 8 if any(p.dtype == torch.float64 for p in params) else 4
+    numel = sum(p.numel() for p in params)
+    seconds_write = _time_parameter_write(params, torch.float64 if storage == 8 else torch.float32)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    preds = evaluation.preds.numel()
+    preds_bytes = preds * np.dtype(eval_set.task.storage_dtype(evaluation.num_classes)).itemsize
+
+    seconds_kernel, kernel_bytes = None, 0
+    if kernel is not None:
+        measure = KernelMeasure(kernel, model, eval_set, output_fn=output_fn, device=device)
+        started = time.perf_counter()
+        kernel_bytes = int(measure.measure().numel()) * 8
+        seconds_kernel = time.perf_counter() - started
+
+    plan = _Plan(as_schedule(schedule), ghosts, total_steps)
+    every_kernel = getattr(kernel, "every_snapshots", getattr(kernel, "every", 1)) if kernel is not None else 0
+    budget = BarrierBudget(barriers.time_budget)
+    budget.seconds_per_alpha = seconds_eval
+    barrier_seconds, counts = 0.0, {"ghost": 0, "trajectory": 0}
+    per_snapshot, per_bytes = [], []
+    ghost_seen: dict[int, int] = {}
+    for index, step in enumerate(plan.steps):
+        live = plan.live(step)
+        kernel_due = kernel is not None and index % every_kernel == 0
+        seconds = seconds_eval * (1 + len(live)) + seconds_write
+        if kernel_due and seconds_kernel is not None:
+            seconds += seconds_kernel * (1 + len(live))
+        size = numel * storage + buffer_bytes + preds_bytes + (kernel_bytes if kernel_due else 0)
+        size += len(live) * (preds * 4 + (numel * storage if ghosts is not None and ghosts.save_params else 0))
+        per_snapshot.append(seconds)
+        per_bytes.append(size)
+        budget.grant(seconds, 1 + len(live))
+        final = step == plan.steps[-1]
+        jobs = []
+        if barriers.ghosts:
+            for ghost, control in live:
+                seen = ghost_seen.get(ghost, 0)
+                ghost_seen[ghost] = seen + 1
+                if final or seen % barriers.every_snapshots == 0:
+                    jobs.append(("ghost", final, 0 if control else barriers.alphas))
+        if barriers.previous_snapshots and index % barriers.every_snapshots == 0:
+            jobs += [("trajectory", False, barriers.alphas)] * min(index, barriers.previous_snapshots)
+        for kind, forced, evaluations in jobs:
+            if forced or budget.fits(evaluations):
+                cost = evaluations * seconds_eval
+                budget.spend(cost, evaluations)
+                budget.seconds_per_alpha = seconds_eval
+                barrier_seconds += cost
+                counts[kind] += 1
+    notes = [f"measured on {eval_set.n} eval examples ({eval_set.task.name}), eval_batch_size={eval_batch_size}, "
+             f"{numel:,} parameters; C, D rows and ghost comparisons beyond their evaluation are not included"]
+    if barriers.time_budget is None and barriers.enabled:
+        notes.append("barriers: automatic budget (half the snapshot time, carried over); final ghost barriers always")
+    estimate = CostEstimate(
+        seconds_per_evaluation=seconds_eval, seconds_params_write=seconds_write, seconds_per_kernel=seconds_kernel,
+        snapshots=len(plan.steps), steps=plan.steps, live_ghosts=[len(plan.live(s)) for s in plan.steps],
+        seconds_per_snapshot=per_snapshot, seconds_barriers=barrier_seconds, barriers=counts,
+        bytes_per_snapshot=per_bytes, ghost_memory_bytes=plan.max_live() * _replica_bytes(model, optimizer),
+        ghost_training_factor=plan.training_factor(), notes=notes,
+    )
+    if console is not False:
+        out = console if isinstance(console, Console) else Console(stderr=True)
+        out.print(estimate.table())
+        for note in notes:
+            out.print(f"· {note}", markup=False, highlight=False)
+    return estimate
+
+
+class _Plan:
+    """Snapshot steps and ghost lifetimes of a configuration, up to ``total_steps``."""
+
+    def __init__(self, schedule: Any, ghosts: Ghosts | None, total_steps: int) -> None:
+        spawns = ghosts.at.steps(total_steps) if ghosts is not None else []
+        steps = set(schedule.steps(total_steps)) | set(spawns) | {total_steps}
+        self.steps = sorted(s for s in steps if 0 <= s <= total_steps)
+        self.total_steps = total_steps
+        lifetime = None
+        if ghosts is not None:
+            lifetime = getattr(ghosts, "lifetime_steps", getattr(ghosts, "lifetime", None))
+        self.lifetime = lifetime
+        self.ghosts: list[tuple[int, int, bool]] = []  # (index, spawn step, control)
+        if spawns and ghosts is not None and ghosts.control:
+            self.ghosts.append((0, spawns[0], True))
+        for spawn in spawns:
+            self.ghosts.append((len(self.ghosts), spawn, False))
+
+    def live(self, step: int) -> list[tuple[int, bool]]:
+        return [(index, control) for index, spawn, control in self.ghosts
+                if spawn <= step and (self.lifetime is None or step - spawn <= self.lifetime)]
+
+    def max_live(self) -> int:
+        return max((len(self.live(s)) for s in self.steps), default=0)
+
+    def training_factor(self) -> float:
+        """1 + the mean number of live ghosts over the training steps (each repeats the step)."""
+        if not self.ghosts:
+            return 1.0
+        total = 0
+        for _, spawn, _ in self.ghosts:
+            end = self.total_steps if self.lifetime is None else min(self.total_steps, spawn + self.lifetime)
+            total += max(0, end - spawn)
+        return 1.0 + total / self.total_steps
+
+
+def _time_parameter_write(params: list[torch.Tensor], dtype: torch.dtype) -> float:
+    with tempfile.TemporaryDirectory(prefix="dynprobe-cost-") as directory:
+        started = time.perf_counter()
+        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params]).cpu().numpy()
+        np.save(Path(directory) / "params.npy", flat)
+        return time.perf_counter() - started
+
+
+def _replica_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """A ghost's memory: a copy of the model and of the optimizer state (Adam-like state assumed 2× the parameters
+    when the optimizer has not stepped yet, momentum SGD 1×)."""
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    if state:
+        return model_bytes + sum(t.numel() * t.element_size() for t in state)
+    param_bytes = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    name = type(optimizer).__name__.lower()
+    factor = 2 if "adam" in name else (1 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0)
+    return model_bytes + factor * param_bytes
+
+
+def _seconds(value: float) -> str:
+    if not math.isfinite(value):
+        return "?"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{value / 60:.1f} min"
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
