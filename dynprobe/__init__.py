@@ -18,15 +18,17 @@ from typing import Any
 from . import analysis, experiments, exporters, kernels, metrics, schedule
 from ._version import __version__
 from .analysis import analyze
-from .config import Ghosts, KernelConfig, Perturbation
+from .config import Barriers, Ghosts, KernelConfig, Perturbation
 from .experiments import linearize, switching_experiment
 from .experiments.barriers import fill_barriers
 from .kernels import empirical_ntk
 from .metrics import loss_barrier
 from .probe import Probe
+from .recording.cost import estimate_cost
 from .store import Run, RunFormatError, load_run
 
 __all__ = [
+    "Barriers",
     "Ghosts",
     "KernelConfig",
     "Perturbation",
@@ -37,6 +39,7 @@ __all__ = [
     "analysis",
     "analyze",
     "empirical_ntk",
+    "estimate_cost",
     "experiments",
     "exporters",
     "fill_barriers",

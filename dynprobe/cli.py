@@ -2,22 +2,30 @@
 
 Exit codes: 0 success · 1 unexpected error · 2 bad arguments (argparse) · 3 the input is not a readable run
 (missing, not a run, damaged, newer format) · 4 the output cannot be written.
+
+Outputs are checked before any work (``report -o /unwritable`` exits 4 before printing anything); tables use the
+full width when the output is not a terminal, or come as JSON with ``--format json``. Every string from a run or
+the command line is printed through :mod:`dynprobe.report.terminal` (never parsed as markup, control characters
+made visible).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 from dynprobe._version import __version__
-from dynprobe.store.files import RunFormatError
+from dynprobe.store.files import RunFormatError, RunFormatWarning
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BAD_RUN, EXIT_UNWRITABLE = 0, 1, 2, 3, 4
+PIPED_WIDTH = 1000  # columns when stdout is not a terminal: tables are never cut or wrapped to 80
 
 
 def _positive_int(text: str) -> int:
@@ -25,6 +33,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
     return value
+
+
+def _add_output_options(command: argparse.ArgumentParser, *, html: bool = True) -> None:
+    command.add_argument("--format", choices=("table", "json"), default="table",
+                         help="terminal output: rich tables (default) or JSON for scripts")
+    if html:
+        command.add_argument("--open", action="store_true", help="open the report in a web browser")
+        command.add_argument("--log-steps", action="store_true", help="log-scale step axes (default: linear)")
+        command.add_argument("--log-y", action="store_true",
+                             help="log-scale loss axes (default: automatic when the losses span > 100×)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,62 +73,83 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
 
     show = commands.add_parser("show", help="print a run's summary in the terminal",
-                               description="Print a run's summary: status, snapshots, losses, C/D extremes, the "
-                                           "phase-transition estimates and the cone numbers.")
+                               description="Print a run's summary: the transition (or why it is undetermined), "
+                                           "status, snapshots, losses, the estimates with their evidence, each "
+                                           "ghost's sensitivity and verdict, and the cone numbers.")
     show.add_argument("run", type=Path, help="run directory")
+    _add_output_options(show, html=False)
 
     report = commands.add_parser("report", help="write a self-contained HTML report of a run",
                                  description="Write one self-contained HTML file (figures embedded, no network "
                                              "needed) with the paper's figures for a run, and print its summary.")
     report.add_argument("run", type=Path, help="run directory")
-    report.add_argument("-o", "--output", type=Path, default=None,
-                        help="output file (default: RUN/report.html)")
-    report.add_argument("--open", action="store_true", help="open the report in a web browser")
-    report.add_argument("--log-steps", action="store_true", help="log-scale step axes (default: linear)")
+    report.add_argument("-o", "--output", type=Path, default=None, help="output file (default: RUN/report.html)")
+    _add_output_options(report)
 
-    compare = commands.add_parser("compare", help="write a side-by-side HTML report of two runs",
-                                  description="Write one HTML file comparing two runs side by side (e.g. two "
-                                              "architectures or learning rates), and print a comparison table.")
-    compare.add_argument("run_a", type=Path, help="first run directory")
-    compare.add_argument("run_b", type=Path, help="second run directory")
+    compare = commands.add_parser("compare", help="compare runs (seeds or settings) in one HTML report",
+                                  description="Write one HTML file comparing two or more runs (seeds, learning "
+                                              "rates, architectures): curves overlaid, the spread of the transition "
+                                              "estimates across runs, and a table; print the table.")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories (two or more)")
     compare.add_argument("-o", "--output", type=Path, default=None,
-                         help="output file (default: compare-A-vs-B.html in the current directory)")
-    compare.add_argument("--open", action="store_true", help="open the report in a web browser")
-    compare.add_argument("--log-steps", action="store_true", help="log-scale step axes (default: linear)")
+                         help="output file (default: compare-A-vs-B….html next to the first run)")
+    _add_output_options(compare)
     return parser
+
+
+def _consoles() -> tuple[Console, Console]:
+    """stdout and stderr consoles: full width (no wrapping, no cut tables) when the stream is not a terminal."""
+    out_width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", PIPED_WIDTH))
+    err_width = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", PIPED_WIDTH))
+    return Console(width=out_width), Console(stderr=True, soft_wrap=True, width=err_width)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
-    errors = Console(stderr=True, soft_wrap=True)
-    try:
-        if args.command == "demo":
-            return _demo(args, console, errors)
-        if args.command == "show":
-            return _show(args, console)
-        if args.command == "report":
-            return _report(args, console, errors)
-        if args.command == "compare":
-            return _compare(args, console, errors)
-    except RunFormatError as error:
-        errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
-        return EXIT_BAD_RUN
-    except PermissionError as error:
-        errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
-        return EXIT_UNWRITABLE
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
-    return EXIT_USAGE
+    if args.command == "compare" and len(args.runs) < 2:
+        parser.error("compare needs at least two run directories")
+    console, errors = _consoles()
+    commands = {"demo": _demo, "show": _show, "report": _report, "compare": _compare}
+    if args.command not in commands:  # pragma: no cover - argparse rejects it first
+        parser.error(f"unknown command {args.command!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        if args.command != "demo":  # the demo's training warnings go to the user as they happen
+            warnings.simplefilter("always", RunFormatWarning)
+        try:
+            code = commands[args.command](args, console, errors)
+        except RunFormatError as error:
+            _error(errors, error)
+            code = EXIT_BAD_RUN
+        except PermissionError as error:
+            _error(errors, error)
+            code = EXIT_UNWRITABLE
+    for warning in caught:
+        if issubclass(warning.category, RunFormatWarning):
+            _error(errors, warning.message, label="warning:", style="yellow")
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return code
+
+
+def _error(errors: Console, error: object, label: str = "error:", style: str = "red") -> None:
+    from rich.text import Text
+
+    from dynprobe.report.terminal import safe_text
+
+    errors.print(Text.assemble((label, style), " ", safe_text(error)), highlight=False)
 
 
 def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
     import time
 
+    from rich.text import Text
+
     from dynprobe.analysis.run_analysis import analyze
     from dynprobe.demo import DemoConfig, run_demo
     from dynprobe.report.html import build_report
     from dynprobe.report.summary import render_summary
+    from dynprobe.report.terminal import safe_text
     from dynprobe.store.run import load_run
 
     started = time.perf_counter()
@@ -119,24 +158,36 @@ def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
     try:
         out = run_demo(config, console)
     except ImportError as error:
-        errors.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        _error(errors, error)
         return EXIT_ERROR
     run = load_run(out)
     result = analyze(run)
     render_summary(run, console, result)
     if not args.no_report:
         _write_report(lambda tick: build_report(run, tick=tick, result=result), run.path / "report.html", args,
-                      console, errors, steps=17)
-    console.print(f"\nRun directory: [bold]{out}[/bold] — load it with dynprobe.load_run({str(out)!r}); "
-                  f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
+                      console, errors, steps=20)
+    elapsed = time.perf_counter() - started
+    console.print(Text.assemble("\nRun directory: ", safe_text(out, "bold"), " — load it with dynprobe.load_run(",
+                                safe_text(repr(str(out))), f"); demo finished in {elapsed:.0f} s"), highlight=False)
     return EXIT_OK
 
 
-def _show(args: argparse.Namespace, console: Console) -> int:
-    from dynprobe.report.summary import render_summary
+def _print_json(console: Console, data: object) -> None:
+    import json
+
+    console.file.write(json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+    console.file.flush()
+
+
+def _show(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from dynprobe.report.summary import render_summary, summary_data
     from dynprobe.store.run import load_run
 
-    render_summary(load_run(args.run), console)
+    run = load_run(args.run)
+    if args.format == "json":
+        _print_json(console, summary_data(run))
+    else:
+        render_summary(run, console)
     return EXIT_OK
 
 
@@ -171,7 +222,10 @@ class _LazyProgress:
 
 def _write_report(build, output: Path, args: argparse.Namespace, console: Console, errors: Console,
                   steps: int) -> int:
+    from rich.text import Text
+
     from dynprobe.report.html import check_writable, write_html
+    from dynprobe.report.terminal import safe_text
 
     check_writable(output)
     progress = _LazyProgress(errors, total=steps)
@@ -180,7 +234,8 @@ def _write_report(build, output: Path, args: argparse.Namespace, console: Consol
     finally:
         progress.close()
     path = write_html(output, text)
-    console.print(f"Report written to [bold]{path}[/bold] ({len(text) / 1e6:.1f} MB)", highlight=False)
+    message = Text.assemble("Report written to ", safe_text(path, "bold"), f" ({len(text) / 1e6:.1f} MB)")
+    (errors if getattr(args, "format", "table") == "json" else console).print(message, highlight=False)
     if args.open:
         import webbrowser
 
@@ -190,29 +245,49 @@ def _write_report(build, output: Path, args: argparse.Namespace, console: Consol
 
 def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from dynprobe.analysis.run_analysis import analyze
-    from dynprobe.report.html import build_report
-    from dynprobe.report.summary import render_summary
+    from dynprobe.report.html import build_report, check_writable
+    from dynprobe.report.summary import render_summary, summary_data
     from dynprobe.store.run import load_run
 
     run = load_run(args.run)
-    result = analyze(run)  # validates the run's arrays before anything is written
-    render_summary(run, console, result)
     output = args.output if args.output is not None else run.path / "report.html"
-    return _write_report(lambda tick: build_report(run, log_steps=args.log_steps, tick=tick, result=result), output,
-                         args, console, errors, steps=17)
+    check_writable(output)  # before any analysis or printing: an unwritable output fails fast (exit 4)
+    result = analyze(run)  # validates the run's arrays before anything is written
+    if args.format == "json":
+        _print_json(console, summary_data(run, result))
+    else:
+        render_summary(run, console, result)
+    return _write_report(lambda tick: build_report(run, log_steps=args.log_steps, log_y=args.log_y or None,
+                                                   tick=tick, result=result),
+                         output, args, console, errors, steps=20)
+
+
+def default_comparison_path(run_paths: Sequence[Path], names: Sequence[str]) -> Path:
+    """``compare-A-vs-B….html`` next to the first run (in its parent directory); shortened past four runs."""
+    stem = "-vs-".join(names) if len(names) <= 4 else f"{names[0]}-and-{len(names) - 1}-more"
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in stem)[:150]
+    return Path(run_paths[0]).resolve().parent / f"compare-{safe}.html"
 
 
 def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
     from dynprobe.analysis.run_analysis import analyze
-    from dynprobe.report.html import build_comparison
-    from dynprobe.report.summary import comparison_table
+    from dynprobe.report.compare import build_comparison
+    from dynprobe.report.html import check_writable
+    from dynprobe.report.summary import comparison_table, spread, summary_data
     from dynprobe.store.run import load_run
 
-    runs = [load_run(args.run_a), load_run(args.run_b)]
-    console.print(comparison_table(runs, [analyze(run) for run in runs]))
-    output = args.output if args.output is not None else Path(f"compare-{runs[0].name}-vs-{runs[1].name}.html")
-    return _write_report(lambda tick: build_comparison(*runs, log_steps=args.log_steps, tick=tick), output, args,
-                         console, errors, steps=30)
+    runs = [load_run(path) for path in args.runs]
+    output = args.output if args.output is not None else default_comparison_path(args.runs, [r.name for r in runs])
+    check_writable(output)
+    results = [analyze(run) for run in runs]
+    if args.format == "json":
+        _print_json(console, {"runs": [summary_data(run, result) for run, result in zip(runs, results)],
+                              "spread": spread(results)})
+    else:
+        console.print(comparison_table(runs, results))
+    return _write_report(lambda tick: build_comparison(runs, results=results, log_steps=args.log_steps,
+                                                       log_y=args.log_y or None, tick=tick),
+                         output, args, console, errors, steps=8 + 2 * len(runs))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,24 +11,24 @@ At every committed snapshot t_k it writes, at x = step t_k (tags under ``prefix`
 |---|---|
 | ``C_prev``, ``D_prev`` | C (eq. 1) and D (eq. 6) between this snapshot and the previous one |
 | ``C_init`` | C between this snapshot and the run's first one |
-| ``kernel_velocity`` | S(t_k, t_p) / (t_k − t_p), p the previous snapshot with an eNTK (eq. 4; Fig. 5b) |
+| ``kernel_velocity`` | S(θ_t−Δ, θ_t), the eNTK snapshot exactly Δ steps earlier (eq. 4; Fig. 5b; not ÷ Δ) |
 | ``kernel_distance_init`` | S(t_k, t_0), t_0 the first snapshot with an eNTK (the cone curve of Fig. 5a) |
 | ``eval_loss``, ``eval_accuracy``, ``train_loss`` | the probe's eval set; mean watched loss since the last snapshot |
-| ``ghost/NNN/C``, ``/L2``, ``/D``, ``/S``, ``/B`` | main-vs-ghost divergence of each live ghost (NNN = ghost index) |
+| ``ghost/NNN/C``, ``/L2``, ``/D``, ``/S``, ``/B``, ``/B_linear`` | main-vs-ghost metrics of each live ghost |
 | ``transition_step`` | the online transition estimate, from the snapshot at which it fired on |
 
-The numbers are read from what the probe already computed (the new rows of the interval matrices and the
-``ghost_compare`` events of this snapshot, read incrementally from ``events.jsonl``); an exporter computes nothing
-expensive. The dashboards are optional: ``tensorboard`` / ``wandb`` are imported when an exporter is built, with
-an error naming the package to install. An exporter that fails while training warns once and goes quiet; it
-never stops the probe or the training.
+Δ is the probe's ``KernelConfig(lag_steps=)`` or the most common gap between kernel snapshots; NNN is the ghost
+index. The numbers are read from what the probe already computed (the new rows of the interval matrices and the
+``ghost_compare``/``ghost_barrier`` events of this snapshot, read incrementally from ``events.jsonl``); an exporter
+computes nothing expensive. The dashboards are optional: ``tensorboard`` / ``wandb`` are imported when an
+exporter is built, with an error naming the package to install. An exporter that fails while training warns once
+and goes quiet; it never stops the probe or the training.
 
 This module lives in the core package (not in ``dynprobe.integrations``) because plain-loop users want it too and
 it depends on no training framework.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -37,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dynprobe._util.steps import lag_pairs, most_common_gap
+from dynprobe.store.files import read_jsonl_from
+from dynprobe.store.layout import EVENTS
 
 __all__ = ["Exporter", "TensorBoardExporter", "WandbExporter", "check_exporters", "resolve_exporters",
            "snapshot_scalars"]
@@ -52,19 +56,27 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _kernel_scalars(row: np.ndarray, steps: Sequence[int]) -> dict[str, float]:
-    """Kernel velocity and distance to the first kernel from the new S row (NaN where no kernel was measured)."""
+def _kernel_scalars(row: np.ndarray, steps: Sequence[int], lag: int | None = None) -> dict[str, float]:
+    """Kernel velocity and distance to the first kernel from the new S row (NaN where no kernel was measured).
+
+    The velocity is S(θ_t−Δ, θ_t) with the kernel snapshot exactly Δ steps earlier (pairs from
+    :func:`dynprobe._util.steps.lag_pairs`, the definition every kernel velocity uses; never divided by Δ). Δ is
+    ``lag`` (the probe's ``KernelConfig(lag_steps=)``), else the most common gap between the kernel snapshots so
+    far; without a kernel snapshot exactly Δ earlier, no velocity is exported at this snapshot."""
     k = len(row) - 1
     if k < 1 or not np.isfinite(row[k]):  # no kernel at this snapshot
         return {}
     measured = [j for j in range(k) if np.isfinite(row[j])]
     if not measured:
         return {}
-    previous, first = measured[-1], measured[0]
-    out = {"kernel_distance_init": float(row[first])}
-    dt = steps[k] - steps[previous]
-    if dt > 0:
-        out["kernel_velocity"] = float(row[previous]) / dt
+    out = {"kernel_distance_init": float(row[measured[0]])}
+    kernel_steps = [int(steps[j]) for j in measured] + [int(steps[k])]
+    lag = lag if lag is not None else most_common_gap(kernel_steps)
+    if lag is not None:
+        earlier, later = lag_pairs(np.asarray(kernel_steps, dtype=np.int64), int(lag))
+        ending_here = earlier[later == len(kernel_steps) - 1]
+        if ending_here.size:
+            out["kernel_velocity"] = float(row[measured[int(ending_here[0])]])
     return out
 
 
@@ -73,8 +85,9 @@ def snapshot_scalars(info: Mapping[str, Any], ghost_records: Sequence[Mapping[st
     quantities not measured at this snapshot are left out.
 
     Args:
-        info: what ``Probe(on_snapshot=...)`` receives (record, ``rows``, ``steps``, ``transition``).
-        ghost_records: the ``ghost_compare`` events of this snapshot.
+        info: what ``Probe(on_snapshot=...)`` receives (record, ``rows``, ``steps``, ``transition``, and
+            ``kernel_lag`` when the probe places companion kernel snapshots).
+        ghost_records: the ``ghost_compare`` and ``ghost_barrier`` events of this snapshot.
     """
     scalars: dict[str, float | None] = {
         "C_prev": info.get("C_prev"),
@@ -88,9 +101,10 @@ def snapshot_scalars(info: Mapping[str, Any], ghost_records: Sequence[Mapping[st
     if c_row is not None and len(c_row) > 1:
         scalars["C_init"] = c_row[0]
     if rows.get("S") is not None:
-        scalars.update(_kernel_scalars(np.asarray(rows["S"], dtype=np.float64), list(info["steps"])))
+        scalars.update(_kernel_scalars(np.asarray(rows["S"], dtype=np.float64), list(info["steps"]),
+                                       info.get("kernel_lag")))
     for record in ghost_records:
-        for name in ("C", "L2", "D", "S", "B"):
+        for name in ("C", "L2", "D", "S", "B", "B_linear"):
             if name in record:
                 scalars[f"ghost/{int(record['ghost']):03d}/{name}"] = record[name]
     transition = info.get("transition")
@@ -110,22 +124,10 @@ class _EventTail:
         self.offset = 0
 
     def new_events(self, out: os.PathLike | str) -> list[dict[str, Any]]:
-        path = Path(out) / "events.jsonl"
+        path = Path(out) / EVENTS
         if path != self.path:
             self.path, self.offset = path, 0
-        if not path.exists():
-            return []
-        with open(path, "rb") as handle:
-            handle.seek(self.offset)
-            data = handle.read()
-        end = data.rfind(b"\n") + 1  # a torn last line is read next time
-        self.offset += end
-        events = []
-        for line in data[:end].splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
+        events, self.offset = read_jsonl_from(path, self.offset)  # a torn last line is read next time
         return events
 
 
@@ -146,7 +148,7 @@ class Exporter:
         try:
             step = int(info["step"])
             ghosts = [e for e in self._tail.new_events(info["out"])
-                      if e.get("event") == "ghost_compare" and e.get("step") == step]
+                      if e.get("event") in ("ghost_compare", "ghost_barrier") and e.get("step") == step]
             scalars = snapshot_scalars(info, ghosts)
             self.write({self.prefix + name: value for name, value in scalars.items()}, step)
         except Exception as error:  # noqa: BLE001 - a dashboard problem must not stop the probe

@@ -13,6 +13,7 @@ import torch
 
 import dynprobe
 from dynprobe.exporters import Exporter, combined, resolve_exporters
+from dynprobe.store.layout import MANIFEST
 
 __all__ = ["ProbeOptions", "check_version", "declared_clipping", "open_probe", "sequential_ghosts"]
 
@@ -89,7 +90,7 @@ def open_probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, opti
     in ``out`` (``resume=True, resume_step=start_step``); without such a run it is an error saying what to do."""
     options = dict(options)
     if start_step > 0 and not options.get("resume"):
-        if not (out / "run.json").exists():
+        if not (out / MANIFEST).exists():
             raise RuntimeError(
                 f"the {framework} trainer starts at step {start_step} (restored from a checkpoint) but there is no "
                 f"dynprobe run to continue in {out}. Pass out= pointing at the run recorded before the checkpoint, "

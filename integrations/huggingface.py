@@ -18,6 +18,10 @@ How it maps onto the Trainer:
   the loss's gradient scale (which carries the Trainer's division by ``gradient_accumulation_steps``), so ghosts
   replay exactly the Trainer's micro-batches.
 * **clipping**: ``args.max_grad_norm`` (> 0) is declared to the ghosts (``Ghosts(clip_grad_norm=...)``).
+* **training loss**: a forward hook on the model hands every training forward's ``outputs.loss`` to
+  ``probe.record_training_loss`` (``run.train_loss``: the mean over the step's micro-batches; when the Trainer
+  passes ``num_items_in_batch``, the model's loss is a share of the accumulated batch's and is scaled back by
+  ``gradient_accumulation_steps``).
 * **close** at ``on_train_end``.
 
 Ghosts cannot replay a loss the Trainer computes outside the model — ``label_smoothing_factor``, a
@@ -37,7 +41,7 @@ try:
     import transformers
 except ImportError as _error:  # pragma: no cover
     raise ImportError("dynprobe.integrations.huggingface needs transformers: pip install transformers accelerate "
-                      "(or pip install 'dynprobe[huggingface]')") from _error
+                      "(or, in the dynprobe checkout, pip install -e '.[huggingface]')") from _error
 
 import dynprobe
 from dynprobe.exporters import check_exporters
@@ -105,6 +109,7 @@ class DynprobeCallback(transformers.TrainerCallback):
         self.probe: dynprobe.Probe | None = None
         self.exporters: list[Any] = []
         self._warned_clock = False
+        self._loss_hook: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
@@ -133,12 +138,18 @@ class DynprobeCallback(transformers.TrainerCallback):
                                             tensorboard_dir=lambda: logging_dir or out / "tensorboard")
         self.probe = open_probe(model, optimizer, options=options, out=out, start_step=int(state.global_step),
                                 exporters=self.exporters, framework="Hugging Face")
+        self._loss_hook = model.register_forward_hook(
+            _training_loss_recorder(self.probe, model, int(getattr(args, "gradient_accumulation_steps", 1) or 1)),
+            with_kwargs=True)
         if ghosts is not None and not getattr(args, "max_grad_norm", 0) > 0:
-            _drop_grad_edit_detector(self.probe)
+            # Without clipping (max_grad_norm <= 0) the Trainer still measures the gradient norm with
+            # clip_grad_norm_(params, inf), which multiplies every gradient by exactly 1.0 in place: a no-op that
+            # the probe's gradient-edit detector would report at every step. The ε = 0 control still checks it.
+            self.probe.ignore_gradient_edits()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         probe = self.probe
-        if self._warned_clock or probe is None or probe._closed:
+        if self._warned_clock or probe is None or not probe.attached:
             return
         if probe.global_step != state.global_step:
             self._warned_clock = True
@@ -151,19 +162,28 @@ class DynprobeCallback(transformers.TrainerCallback):
             try:
                 self.probe.close()
             finally:
+                if self._loss_hook is not None:
+                    self._loss_hook.remove()
                 close_exporters(self.exporters)
 
 
-def _drop_grad_edit_detector(probe: dynprobe.Probe) -> None:
-    """Without clipping (max_grad_norm <= 0) the Trainer still measures the gradient norm with
-    ``clip_grad_norm_(params, inf)``, which multiplies every gradient by exactly 1.0 in place: a no-op on the values
-    that the probe's gradient-edit detector (version counters) would report as an edit at every step. The ε = 0
-    control ghost still checks the replay bit for bit."""
-    from dynprobe.capture.hooks import GradEditDetector
+def _training_loss_recorder(probe: dynprobe.Probe, model: torch.nn.Module, accumulation: int) -> Any:
+    """A forward hook handing each training forward's loss to the probe (``run.train_loss``).
 
-    for handle in [h for h in probe._handles if isinstance(h, GradEditDetector)]:
-        handle.remove()
-        probe._handles.remove(handle)
+    A plain function (a closure), not a bound method: ghosts are deep copies of the model and carry its hooks, and
+    ``copy.deepcopy`` shares functions instead of copying what they reference; the ``module is model`` test then
+    ignores the ghosts' forwards (and the probe ignores calls made while it works).
+    """
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if module is not model or not module.training or not torch.is_grad_enabled():
+            return
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return  # no labels in this forward, or a loss the Trainer computes outside the model
+        if kwargs.get("num_items_in_batch") is not None:  # a share of the accumulated batch's loss
+            loss = loss.detach() * accumulation
+        probe.record_training_loss(loss)
+    return hook
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:

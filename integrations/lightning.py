@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ import torch
 from torch import nn
 
 import dynprobe
-from dynprobe._util.modules import preserved_rng
 from dynprobe.exporters import check_exporters
 
 from ._common import (
@@ -62,9 +62,9 @@ if _pl is None:
         import pytorch_lightning as _pl
     except ImportError as _error:  # pragma: no cover
         raise ImportError("dynprobe.integrations.lightning needs PyTorch Lightning: pip install lightning "
-                          "(or pip install 'dynprobe[lightning]')") from _error
+                          "(or, in the dynprobe checkout, pip install -e '.[lightning]')") from _error
 
-__all__ = ["DynprobeCallback", "LightningStepModel", "PLDynprobeCallback"]
+__all__ = ["DynprobeCallback", "LightningStepModel", "PLDynprobeCallback"]  # noqa: F822 - from __getattr__
 
 _MINIMUM = (2, 1)
 
@@ -96,7 +96,7 @@ class LightningStepModel(nn.Module):
 
     ``model(x)`` is the LightningModule's forward (evaluations, the eNTK); a ghost — a deep copy of this wrapper —
     called with a captured :class:`_TrainingStepCall` runs its copy's ``training_step`` instead. Parameter names
-    in the run carry the ``module.`` prefix (strip it to load ``run.state_dict(i)`` into the LightningModule).
+    in the run carry the ``module.`` prefix (strip it to load ``run.state_dict(step=t)`` into the LightningModule).
     The trainer is held by a weak reference, so deep copies share it instead of copying it (``LightningModule``
     itself drops its trainer reference when copied).
     """
@@ -104,8 +104,6 @@ class LightningStepModel(nn.Module):
     def __init__(self, module: nn.Module, trainer: Any) -> None:
         super().__init__()
         self.module = module
-        import weakref
-
         self._trainer_ref = weakref.ref(trainer)
         self._ghost_ready = False
 
@@ -141,7 +139,7 @@ def _make_callback_class(pl: Any) -> type:
             check_exporters(exporters)  # names and installed packages fail now, not after the trainer's setup
             self.probe: dynprobe.Probe | None = None
             self.exporters: list[Any] = []
-            self._capture: Any = None
+            self._accumulate = 1
 
         # -------------------------------------------------------------------------------------- attach
 
@@ -177,25 +175,28 @@ def _make_callback_class(pl: Any) -> type:
                 self._exporter_spec, tensorboard_dir=lambda: out / "tensorboard",
                 tensorboard_writer=lambda: _tensorboard_writer(trainer))
             model = LightningStepModel(pl_module, trainer)
-            self.probe = open_probe(model, optimizers[0], options=options, out=out, start_step=int(trainer.global_step),
-                                    exporters=self.exporters, framework="Lightning")
-            self._capture = self.probe._capture  # fed by the hooks below (Lightning never calls the wrapper)
+            self._accumulate = max(1, int(trainer.accumulate_grad_batches))
+            self.probe = open_probe(model, optimizer=optimizers[0], options=options, out=out,
+                                    start_step=int(trainer.global_step), exporters=self.exporters,
+                                    framework="Lightning")
 
         # -------------------------------------------------------------------------------------- capture
 
+        # Lightning never calls the wrapper the probe watches: the forward and its loss are handed over here.
+
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            probe = self.probe
-            if self._capture is not None and probe is not None and not probe._closed and not probe._busy:
-                self._capture.on_forward((_TrainingStepCall(batch, batch_idx),), {})
+            if self.probe is not None:
+                self.probe.record_forward(_TrainingStepCall(batch, batch_idx))
 
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-            probe = self.probe
-            if self._capture is not None and probe is not None and not probe._closed and loss.requires_grad:
-                self._capture.on_output_loss(loss)
+            # ``loss`` is training_step's loss divided by accumulate_grad_batches (what is backpropagated and what
+            # ghosts replay); run.train_loss records the training_step loss itself.
+            if self.probe is not None:
+                self.probe.record_forward_loss(loss, training_loss=loss.detach() * self._accumulate)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             probe = self.probe
-            if probe is not None and not probe._closed and probe.global_step != trainer.global_step:
+            if probe is not None and probe.attached and probe.global_step != trainer.global_step:
                 if not getattr(self, "_warned_clock", False):
                     self._warned_clock = True
                     warnings.warn(f"dynprobe: the probe's step ({probe.global_step}) differs from "
@@ -220,7 +221,6 @@ def _make_callback_class(pl: Any) -> type:
                     self.probe.__exit__(type(error), error, error.__traceback__)
             finally:
                 close_exporters(self.exporters)
-                self._capture = None
 
     return _DynprobeCallback
 
@@ -245,7 +245,7 @@ def _validation_data(trainer: Any) -> Any:
     try:
         source = trainer.fit_loop.epoch_loop.val_loop._data_source
         if source.instance is not None and source.is_defined():
-            with preserved_rng():  # building a user's dataloader may draw random numbers (random_split, ...)
+            with torch.random.fork_rng(devices=[]):  # building a user's dataloader may draw random numbers
                 loader = source.dataloader()
     except AttributeError:  # a Lightning version that keeps the source elsewhere
         loader = None

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from dynprobe.store.files import append_jsonl
-from dynprobe.store.layout import SWITCHING, barriers_path, separation_path
+from dynprobe.store.layout import (
+    KERNEL_LAYERS,
+    barriers_path,
+    layer_metric,
+    rows_path,
+    separation_path,
+    switching_results_path,
+)
 from dynprobe.store.rows import TriangularRows
 from dynprobe.store.writer import RunWriter
 
@@ -59,6 +66,15 @@ class SyntheticTruth:
     separation: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # ghost → (steps, l2)
 
 
+#: The simulated model's parameter tensors (name, offset, numel): layers ``features.0``, ``features.3`` and
+#: ``head`` own θ[0:28], θ[28:52] and θ[52:64].
+PARAMETERS = [("features.0.weight", 0, 24), ("features.0.bias", 24, 4), ("features.3.weight", 28, 24),
+              ("head.weight", 52, 8), ("head.bias", 60, 4)]
+LAYERS = {"features.0": slice(0, 28), "features.3": slice(28, 52), "head": slice(52, 64)}
+#: Each layer's share of a ghost's squared separation: early (chaotic) ghosts, late ghosts.
+SEPARATION_SHARES = {True: (0.6, 0.3, 0.1), False: (0.2, 0.3, 0.5)}
+
+
 def _cosine_dissimilarity(vectors: np.ndarray) -> np.ndarray:
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.clip(1.0 - unit @ unit.T, 0.0, 2.0) * (1 - np.eye(len(vectors)))
@@ -86,7 +102,8 @@ def _manifest(model_class: str, eval_n: int, kernels: bool, ghosts: list[int], c
         "dynprobe_version": "0.1.0", "torch_version": "synthetic", "numpy_version": np.__version__,
         "python_version": sys.version.split()[0], "command": command, "config": config,
         "model": {"class": model_class, "num_parameters": 64, "storage_dtype": "float32", "device": "cpu",
-                  "parameters": [{"name": "w", "shape": [64], "dtype": "float32", "offset": 0, "numel": 64}],
+                  "parameters": [{"name": name, "shape": [numel], "dtype": "float32", "offset": offset,
+                                  "numel": numel} for name, offset, numel in PARAMETERS],
                   "buffers": []},
         "optimizer": {"class": "SGD", "defaults": {"lr": 0.1, "momentum": 0.9}},
         "eval": {"n": eval_n, "num_classes": 10, "fingerprint": "synthetic"},
@@ -137,6 +154,7 @@ def write_synthetic_run(
     late_rate: float = 0.002,
     control_drift: float = 0.0,
     last_spike: float = 0.0,
+    layers: bool = True,
 ) -> SyntheticTruth:
     """Write a run directory at ``root`` (see the module docstring); ``status``: ``"closed"``, ``"running"`` (the
     writer is this live process) or ``"interrupted"`` (the writer's pid is a finished process).
@@ -147,7 +165,10 @@ def write_synthetic_run(
     subset of the full one. Separation curves (``ghosts/ghost_NNN.separation``): l2 after every step from each
     ghost's spawn to the horizon (:func:`_separation_model`, ``chaos_rate``/``late_rate`` per step; the control
     holds ``control_drift`` · step, exactly 0 by default). ``last_spike`` multiplies the last written C row's
-    distances to earlier snapshots by (1 + last_spike) (a spike at the last snapshot).
+    distances to earlier snapshots by (1 + last_spike) (a spike at the last snapshot). ``layers``: also write the
+    per-layer C rows (``metrics/C.layer_NNN.rows``; layers :data:`LAYERS`), each kernel snapshot's per-layer kernels
+    (``kernel_layers``, the (L, 8, 12)-reshaped simulated H_l, so ``run.S_layers`` is 1 − cos of the flattened
+    H_l) and each ghost comparison's ``L2_layers`` (shares :data:`SEPARATION_SHARES`).
     """
     rng = np.random.default_rng(seed)
     steps = log_linear_steps(2000) if steps is None else np.asarray(steps, dtype=np.int64)
@@ -192,6 +213,10 @@ def write_synthetic_run(
                 rho = 0.995 ** dt
                 h[k] = anchor + rho * (h[k - 1] - anchor) + 0.02 * np.sqrt(1 - rho**2) * rng.normal(size=m)
         kernel_vectors = h
+        # Per-layer kernels H = Σ_l H_l: fixed shares of h plus walks that cancel in the sum.
+        walks = np.cumsum(0.01 * np.sqrt(np.diff(steps, prepend=0))[None, :, None] * rng.normal(size=(2, T, m)),
+                          axis=1)
+        layer_kernels = np.stack([0.5 * h + walks[0], 0.3 * h + walks[1], 0.2 * h - walks[0] - walks[1]])
 
     # Main-run curves.
     progress = 1 - np.exp(-steps / max(transition, 1))
@@ -225,11 +250,15 @@ def write_synthetic_run(
     if kernels:
         S[np.ix_(has_kernel, has_kernel)] = _cosine_dissimilarity(kernel_vectors[idx][has_kernel])
 
+    per_layer = [("C", i, _cosine_dissimilarity(theta_w[:, part])) for i, part in enumerate(LAYERS.values())]
+
     root = Path(root)
     writer = RunWriter(root, _manifest(model_class, eval_n, kernels, list(ghosts), f"synthetic {root}"),
                        resume=False)
-    for name, matrix in (("C", C), ("D", D)) + ((("S", S),) if kernels else ()):
-        rows = TriangularRows(writer.metrics_path(f"{name}.rows"))
+    matrices = [(name, matrix) for name, matrix in (("C", C), ("D", D)) + ((("S", S),) if kernels else ())]
+    matrices += [(layer_metric(name, i), matrix) for name, i, matrix in per_layer] if layers else []
+    for name, matrix in matrices:
+        rows = TriangularRows(rows_path(root, name))
         for k in range(idx.size):
             rows.append(matrix[k, : k + 1], k)
 
@@ -270,9 +299,14 @@ def write_synthetic_run(
                 sep_steps, l2 = curves[ghost]
                 compare = _ghost_compare(ghost, spawn, is_control, int(step), transition, accuracy[k], eval_loss[k],
                                          float(l2[int(step) - spawn]), seed)
+                if layers:
+                    shares = SEPARATION_SHARES[spawn < transition]
+                    compare["L2_layers"] = [compare["L2"] * float(np.sqrt(share)) for share in shares]
                 writer.event("ghost_compare", **compare)
                 writer.event("ghost_barrier", ghost=ghost, step=int(step), B=compare["B"],
                              B_linear=compare["B_linear"], argmax_alpha=0.5, alphas=11)
+        if layers and kernels and base_kernel[k]:  # each layer's kernel H_l (n × n, n = 8 here; H = Σ_l H_l)
+            writer.save_array(int(step), KERNEL_LAYERS, layer_kernels[:, k].reshape(len(LAYERS), 8, 12))
         record = {"step": int(step), "eval_loss": float(eval_loss[k]), "eval_accuracy": float(accuracy[k]),
                   "kernel": bool(base_kernel[k]) if kernels else False,
                   "train_loss": float(eval_loss[k] * 0.9) if step != steps_w[0] else None,
@@ -290,9 +324,9 @@ def write_synthetic_run(
                                                "B": value, "B_linear": 0.5 * value, "argmax_alpha": 0.5,
                                                "alphas": 30, "metric": "loss"})
     if switching:
-        (root / SWITCHING).mkdir(exist_ok=True)
+        switching_results_path(root).parent.mkdir(exist_ok=True)
         for switch in np.linspace(0, steps_w[-1], 6).astype(int):
-            append_jsonl(root / SWITCHING / "results.jsonl", {
+            append_jsonl(switching_results_path(root), {
                 "switch_step": int(switch), "total_steps": int(steps_w[-1]),
                 "eval_accuracy": float(0.5 + 0.4 * (1 - np.exp(-switch / max(transition, 1)))),
                 "eval_loss": float(1.5 * np.exp(-switch / max(transition, 1)) + 0.3)})

@@ -411,6 +411,8 @@ def test_float64_model_is_evaluated_in_float64():
         ({"alpha_range": (1.0, 0.0)}, ValueError, "low < high"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"reset_bn_batches": 0}, ValueError, "reset_bn_batches"),
+        ({"reference": "chord"}, ValueError, "reference must be one of"),
+        ({"task": "lm"}, ValueError, "task must be 'auto'"),
     ],
 )
 def test_bad_options_fail_with_clear_errors(kwargs, error, match):
@@ -450,3 +452,119 @@ def test_bad_endpoints_and_data_fail_with_clear_errors():
         loss_barrier(plain, plain.state_dict(), plain.state_dict(), (x, y), reset_bn=x)
     with pytest.raises(ValueError, match="reset_bn holds no examples"):
         loss_barrier(model, state_a, state_b, (x, y), reset_bn=[])
+
+
+# ------------------------------------------------------------------------------------------- the linear reference
+
+
+def brute_force_linear_barrier(curve_values: np.ndarray, alphas: np.ndarray, endpoint_a: float, endpoint_b: float
+                               ) -> float:
+    """max_α [L(α) − (α L_a + (1 − α) L_b)], written out."""
+    return float(max(value - (alpha * endpoint_a + (1 - alpha) * endpoint_b)
+                     for alpha, value in zip(alphas.tolist(), curve_values.tolist())))
+
+
+@pytest.mark.parametrize("reference", ["mean", "linear"])
+def test_both_references_come_from_one_path_and_match_brute_force(reference):
+    model, state_a, state_b = mlp_endpoints()
+    x, y = classification_data(300, (8,), 3)
+    alphas = np.linspace(0, 1, 11)
+    result = loss_barrier(model, state_a, state_b, (x, y), alphas=11, reference=reference, batch_size=128)
+    expected = brute_force_curve(model, state_a, state_b, x, y, alphas)
+    b_mean = brute_force_barrier(expected, expected[-1], expected[0])
+    b_linear = brute_force_linear_barrier(expected, alphas, expected[-1], expected[0])
+    assert result.mean == pytest.approx(b_mean, abs=1e-5)
+    assert result.linear == pytest.approx(b_linear, abs=1e-5)
+    assert result.value == (result.mean if reference == "mean" else result.linear) == float(result)
+    assert result.reference == reference
+    chord = alphas * result.endpoint_a + (1 - alphas) * result.endpoint_b
+    assert result.argmax_alpha_linear == alphas[int(np.argmax(result.curve - chord))]
+    assert result.argmax_alpha_mean == alphas[int(np.argmax(result.curve))]
+    assert result.to_dict()["linear"] == result.linear and result.conventions["reference"] == f"value is B_{reference}"
+
+
+def test_an_endpoint_gap_is_a_mean_barrier_but_not_a_linear_one():
+    # The convex toy path (monotone loss from softplus(2) down to softplus(-2)): B_mean is half the endpoint gap,
+    # B_linear is 0 exactly (the path never rises above the chord; the maximum sits at an endpoint).
+    model = nn.Linear(1, 2, bias=False)
+    state = lambda w: {"weight": torch.tensor([[w], [0.0]])}  # noqa: E731
+    x, y = torch.ones(1, 1), torch.zeros(1, dtype=torch.long)
+    result = loss_barrier(model, state(2.0), state(-2.0), (x, y), alphas=9)
+    assert result.mean == pytest.approx(1.0, abs=1e-6)
+    assert result.linear == 0.0
+    # The nonconvex toy has a real barrier in both references.
+    bump = loss_barrier(Squared(), {"w": torch.tensor(2.0)}, {"w": torch.tensor(-2.0)}, (x, y), alphas=21,
+                        reference="linear")
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    assert bump.value == pytest.approx(softplus(0.5) - softplus(-3.5), abs=1e-6) and bump.argmax_alpha == 0.5
+
+
+def test_identical_endpoints_are_evaluated_once(monkeypatch):
+    model, state_a, _ = mlp_endpoints()
+    x, y = classification_data(50, (8,), 3)
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda inputs: calls.append(1) or original(inputs))
+    result = loss_barrier(model, state_a, {k: v.clone() for k, v in state_a.items()}, (x, y), alphas=11,
+                          batch_size=50)
+    assert len(calls) == 1 and result.mean == 0.0 and result.linear == 0.0
+
+
+# ------------------------------------------------------------------------------------------- other tasks
+
+
+def test_token_barrier_uses_token_cross_entropy_over_non_ignored_tokens():
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(11, 8)
+            self.head = nn.Linear(8, 11)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.embed(ids)))
+
+    model = TinyLM()
+    state_a, state_b = randomized(model, 1).state_dict(), randomized(model, 2).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (20, 6), generator=generator)
+    labels = torch.randint(0, 11, (20, 6), generator=generator)
+    labels[:, :2] = -100
+    result = loss_barrier(model, state_a, state_b, (ids, labels), alphas=5, batch_size=7)
+    assert "tokens" in result.conventions["task"]
+    expected = []
+    for alpha in np.linspace(0, 1, 5):
+        replica = copy.deepcopy(model)
+        replica.load_state_dict({k: alpha * a + (1 - alpha) * state_b[k] for k, a in state_a.items()})
+        with torch.no_grad():
+            logits = replica(ids).double()
+        expected.append(float(F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)))
+    np.testing.assert_allclose(result.curve, expected, rtol=1e-5)
+    error = loss_barrier(model, state_a, state_b, (ids, labels), alphas=3, metric="error")
+    keep = labels != -100
+    expected_error = []
+    for alpha in (0.0, 0.5, 1.0):
+        replica = copy.deepcopy(model)
+        replica.load_state_dict({k: alpha * a + (1 - alpha) * state_b[k] for k, a in state_a.items()})
+        with torch.no_grad():
+            expected_error.append(float((replica(ids).argmax(-1)[keep] != labels[keep]).double().mean()))
+    np.testing.assert_allclose(error.curve, expected_error, atol=1e-12)
+
+
+def test_regression_barrier_uses_mse_and_refuses_the_error_metric():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    state_a, state_b = randomized(model, 1).state_dict(), randomized(model, 2).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=generator), torch.randn(30, 2, generator=generator)
+    result = loss_barrier(model, state_a, state_b, (x, y), alphas=6, batch_size=8)
+    expected = []
+    for alpha in np.linspace(0, 1, 6):
+        replica = copy.deepcopy(model)
+        replica.load_state_dict({k: alpha * a + (1 - alpha) * state_b[k] for k, a in state_a.items()})
+        with torch.no_grad():
+            expected.append(float(F.mse_loss(replica(x).double(), y.double())))
+    np.testing.assert_allclose(result.curve, expected, rtol=1e-5)
+    alphas = np.linspace(0, 1, 6)
+    assert result.linear == pytest.approx(brute_force_linear_barrier(np.array(expected), alphas, expected[-1],
+                                                                     expected[0]), abs=1e-6)
+    with pytest.raises(ValueError, match="metric='error' needs a task with an accuracy"):
+        loss_barrier(model, state_a, state_b, (x, y), metric="error")

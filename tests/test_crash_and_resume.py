@@ -14,70 +14,77 @@ import torch
 
 import dynprobe
 from dynprobe import schedule
+from dynprobe.store.files import read_jsonl
+from dynprobe.store.layout import EVENTS, MANIFEST, rows_path, snapshot_dir
+from dynprobe.store.rows import TriangularRows
 
 from .conftest import mlp_setup, train
 
-# A training script that kills itself (SIGKILL: no cleanup, no atexit) at a chosen point inside a snapshot.
+# A training script that kills itself (SIGKILL: no cleanup, no atexit) at a chosen point inside the snapshot at
+# kill_step. Each kill point first performs the real, partial write it names and prints a marker: the parent
+# asserts the marker and the partial write on disk, so a child that dies anywhere else fails the test.
 SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys
+    import io, os, signal, sys
     import numpy as np, torch
     sys.path.insert(0, {tests_parent!r})
     from tests.conftest import mlp_setup, train
     import dynprobe
-    from dynprobe.store import files as store
-    from dynprobe.store import rows, writer
+    from dynprobe.store import files, rows, writer
+    from dynprobe.store.layout import snapshot_dirname
 
     where, kill_step, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    state = {{"step": -1}}
 
     def die():
+        print("KILL-POINT", where, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "before_commit":          # files and metric rows written, event line not yet
+    if where == "before_commit":          # files and metric rows written, commit line not yet
         original = writer.RunWriter.commit_snapshot
         def commit(self, record):
             if record["step"] == kill_step:
                 die()
             return original(self, record)
         writer.RunWriter.commit_snapshot = commit
-    elif where == "torn_row":             # half of a metric row written
+    elif where == "torn_row":             # the first half of a metric row appended
         original_append = rows.TriangularRows.append
         def append(self, row, index):
-            if state["step"] == kill_step and self.path.name == "D.rows":
-                with open(self.path, "ab") as handle:
-                    handle.write(np.asarray(row, dtype="<f8")[: max(1, len(row) // 2)].tobytes())
+            if self.path.name == "D.rows" and index == kill_step // 2:
+                data = np.ascontiguousarray(row, dtype="<f8").tobytes()
+                files.append_bytes(self.path, data[: len(data) // 2])
                 die()
             return original_append(self, row, index)
         rows.TriangularRows.append = append
-    elif where == "torn_event":           # half of the commit line written
-        original_append_jsonl = store.append_jsonl
-        def append_jsonl(path, record):
+    elif where == "torn_event":           # the first half of the commit line appended
+        original_append_jsonl = writer.append_jsonl
+        def append_jsonl(path, record, **options):
             if record.get("event") == "snapshot" and record["step"] == kill_step:
-                with open(path, "a") as handle:
-                    handle.write('{{"event":"snapshot","index":')
+                line = files._line(record)
+                files.append_bytes(path, line[: len(line) // 2])
                 die()
-            return original_append_jsonl(path, record)
-        store.append_jsonl = append_jsonl
+            return original_append_jsonl(path, record, **options)
         writer.append_jsonl = append_jsonl
-    elif where == "mid_params":           # inside the atomic write of params.npy
-        original_save = store.atomic_save_npy
-        def save(path, array):
-            if state["step"] == kill_step and path.name == "params.npy":
-                with open(str(path) + ".partial", "wb") as handle:
-                    handle.write(b"garbage")
-                die()
-            return original_save(path, array)
+    elif where == "mid_params":           # inside the atomic write of params.npy: half of its temporary file
+        original_save = writer.atomic_save_npy
+        def save(path, array, **options):
+            if path.name == "params.npy" and path.parent.name == snapshot_dirname(kill_step):
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                data = buffer.getvalue()
+                def partial(handle):
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
+                    die()
+                files.atomic_write(path, partial)
+            return original_save(path, array, **options)
         writer.atomic_save_npy = save
 
     model, optimizer, scheduler, data = mlp_setup()
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, schedule=2,
                            errors="raise")
-    def note(step):
-        state["step"] = step + 1  # the snapshot taken inside the next optimizer step
-    train(model, optimizer, scheduler, data, 30, after_step=note, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
-    state["step"] = 30
+    train(model, optimizer, scheduler, data, 30, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
     probe.close()
+    print("FINISHED", flush=True)
     """
 )
 
@@ -92,26 +99,44 @@ def _run_script(tmp_path, where, kill_step):
     return result, out
 
 
+def _partial_write_on_disk(where, out, kill_step):
+    """The evidence that the child died inside the write it names, not before it."""
+    folder = snapshot_dir(out, kill_step)
+    if where == "before_commit":
+        return (folder / "params.npy").exists() and not any(
+            e.get("step") == kill_step and e["event"] == "snapshot" for e in read_jsonl(out / EVENTS))
+    if where == "torn_row":
+        size = rows_path(out, "D").stat().st_size
+        return TriangularRows.bytes_for(kill_step // 2) < size < TriangularRows.bytes_for(kill_step // 2 + 1)
+    if where == "torn_event":
+        return not (out / EVENTS).read_bytes().endswith(b"\n")
+    temporary = list(folder.glob(".params.npy.*.tmp"))
+    return not (folder / "params.npy").exists() and len(temporary) == 1 and temporary[0].stat().st_size > 0
+
+
 @pytest.mark.parametrize("where", ["before_commit", "torn_row", "torn_event", "mid_params"])
 def test_sigkill_mid_snapshot_keeps_every_earlier_snapshot(tmp_path, where):
     result, out = _run_script(tmp_path, where, kill_step=14)
     assert result.returncode == -signal.SIGKILL, result.stderr
+    assert f"KILL-POINT {where}" in result.stdout, result.stderr  # it died at the kill point, not elsewhere
+    assert _partial_write_on_disk(where, out, 14)
     run = dynprobe.load_run(out)
     np.testing.assert_array_equal(run.steps, np.arange(0, 14, 2))  # 0, 2, ..., 12 survive; 14 never committed
-    assert run.status == "interrupted"
+    assert run.status == "interrupted" and run.damage == []
     assert np.isfinite(run.C).all() and np.isfinite(run.D).all()
     assert run.C.shape == (7, 7)
     for i in range(len(run)):
-        assert run.params(i).shape == run.params(0).shape
+        assert run.params(index=i).shape == run.params(index=0).shape
     # and the killed run can be continued from its last snapshot (the model restored to it, as from a checkpoint)
     model, optimizer, scheduler, data = mlp_setup()
-    model.load_state_dict(run.state_dict(len(run) - 1), strict=False)
+    model.load_state_dict(run.state_dict(index=-1), strict=False)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, resume=True,
                            schedule=2, errors="raise")
     assert probe.global_step == 12
+    assert not snapshot_dir(out, 14).exists() and not list(out.rglob(".*.tmp"))  # the torn snapshot is gone
     probe.close()
     resumed = dynprobe.load_run(out)  # every line readable again after the resume appended to the log
-    assert list(resumed.steps) == list(range(0, 14, 2)) and resumed.status == "closed"
+    assert list(resumed.steps) == list(range(0, 14, 2)) and resumed.status == "closed" and resumed.damage == []
 
 
 def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
@@ -119,23 +144,26 @@ def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
     tests_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script.write_text(SCRIPT.format(tests_parent=tests_parent))
     rng = np.random.default_rng(0)
+    loaded = 0
     for attempt in range(3):
         out = tmp_path / f"run{attempt}"
         process = subprocess.Popen([sys.executable, str(script), "none", "-1", str(out)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.time() + 120
-        while not (out / "events.jsonl").exists() and time.time() < deadline and process.poll() is None:
+        while not (out / EVENTS).exists() and time.time() < deadline and process.poll() is None:
             time.sleep(0.01)
         time.sleep(float(rng.uniform(0.0, 0.3)))
         process.send_signal(signal.SIGKILL)
-        process.wait()
-        if not (out / "run.json").exists():
+        finished = "FINISHED" in process.communicate()[0]
+        if finished or not (out / MANIFEST).exists():
             continue
         run = dynprobe.load_run(out)
-        assert run.C.shape == (len(run), len(run)) and np.isfinite(run.C).all()
+        assert run.damage == [] and run.C.shape == (len(run), len(run)) and np.isfinite(run.C).all()
         for i in range(len(run)):
-            run.params(i)
-            run.predictions(i)
+            run.params(index=i)
+            run.predictions(index=i)
+        loaded += 1
+    assert loaded >= 1  # at least one kill landed while the run was being written
 
 
 def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
@@ -227,8 +255,7 @@ def _copy(state):
 
 
 def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_interrupted_ones(tmp_path):
-    ghosts = dynprobe.Ghosts(at=[0, 4, 12], perturbation=dynprobe.Perturbation(norm=1e-3), barrier=False,
-                             vectorize=False)
+    ghosts = dynprobe.Ghosts(at=[0, 4, 12], perturbation=dynprobe.Perturbation(norm=1e-3))
     model, optimizer, scheduler, data = mlp_setup()
     torch.manual_seed(7)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
@@ -245,7 +272,7 @@ def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_inter
     run = dynprobe.load_run(tmp_path / "run")
     assert [(g.index, g.spawn_step, g.control) for g in run.ghosts] == [
         (0, 0, True), (1, 0, False), (2, 4, False), (3, 12, False)]  # one control, no index reused
-    assert [g.status for g in run.ghosts] == ["finished"] * 4
+    assert [(g.status, g.status_step) for g in run.ghosts] == [("interrupted", 8)] * 3 + [("finished", 16)]
     spawns = [e for e in run.events if e["event"] == "ghost_spawn"]
     assert [e["seed"] for e in spawns if not e["control"]] == [0, 1, 2]
     ended = [e for e in run.events if e["event"] == "ghost_status" and e["step"] == 8]

@@ -1,4 +1,4 @@
-"""The probe under torch.distributed (DDP), 2 CPU processes with the gloo backend (dynprobe/distributed.py).
+"""The probe under torch.distributed (DDP), 2 CPU processes with the gloo backend (dynprobe/distributed/).
 
 Each test spawns two processes (``torch.multiprocessing``) that train a tiny MLP under DistributedDataParallel on
 halves of the same global batches, with a deadline: a hang fails the test instead of blocking CI. Results come
@@ -23,7 +23,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
-from dynprobe.distributed.runtime import NullWriter, partition_modules
+from dynprobe.distributed.kernel import partition_modules
+from dynprobe.distributed.sink import NullSink
+from dynprobe.store.sink import RunSink
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -57,8 +59,7 @@ def probe_options(**overrides: object) -> dict:
     options = dict(
         eval_data=eval_data(), schedule=2, total_steps=STEPS,
         kernel=dynprobe.KernelConfig(n=12),
-        ghosts=dynprobe.Ghosts(at=[2], perturbation=dynprobe.Perturbation(norm=1e-2, seed=3), control=True,
-                               barrier_alphas=5),
+        ghosts=dynprobe.Ghosts(at=[2], perturbation=dynprobe.Perturbation(norm=1e-2, seed=3), control=True),
     )
     options.update(overrides)
     return options
@@ -160,8 +161,7 @@ def scenario_faults(rank: int, folder: Path, result: dict) -> None:
 
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.2)
         probe = dynprobe.Probe(ddp, optimizer, out=folder / f"fault_{fault}_rank{rank}",
-                               **probe_options(kernel=None, ghosts=dynprobe.Ghosts(at=[1], control=True,
-                                                                                    barrier=False)))
+                               **probe_options(kernel=None, ghosts=dynprobe.Ghosts(at=[1], control=True)))
         holder["probe"] = probe
         criterion = probe.watch(loss_fn)
         with warnings.catch_warnings():
@@ -227,7 +227,7 @@ SCENARIOS = {"train": scenario_train, "robustness": scenario_robustness, "batchn
 
 def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_path: Path) -> None:
     results = run_spawned("train", tmp_path)
-    assert [r["writer"] for r in results] == ["RunWriter", "NullWriter"]
+    assert [r["writer"] for r in results] == ["RunWriter", "NullSink"]
     assert results[0]["steps"] == results[1]["steps"] == [0, 2, 4, 6, 8]
     assert results[0]["params"] == results[1]["params"]  # replicated
     assert not (tmp_path / "run_rank1").exists(), "rank 1 must not write anything"
@@ -237,12 +237,12 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
     ddp_run, single = dynprobe.load_run(tmp_path / "run_rank0"), dynprobe.load_run(tmp_path / "single")
     assert ddp_run.status == "closed" and ddp_run.manifest["distributed"]["world_size"] == WORLD
     np.testing.assert_array_equal(ddp_run.steps, single.steps)
-    np.testing.assert_allclose(ddp_run.params(len(ddp_run) - 1), single.params(len(single) - 1), atol=1e-5)
+    np.testing.assert_allclose(ddp_run.params(index=-1), single.params(index=-1), atol=1e-5)
     np.testing.assert_allclose(ddp_run.C, single.C, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(ddp_run.S, single.S, atol=1e-6, rtol=1e-4)
     assert np.abs(ddp_run.D - single.D).max() <= 1 / 64  # an argmax tie flip at most
     # The full kernel was assembled from the two ranks' parameter shares.
-    np.testing.assert_allclose(ddp_run.kernel(len(ddp_run) - 1), single.kernel(len(single) - 1), rtol=1e-4,
+    np.testing.assert_allclose(ddp_run.kernel(index=-1), single.kernel(index=-1), rtol=1e-4,
                                atol=1e-8)
     assert "distributed" in ddp_run.conventions["kernel"]
 
@@ -260,6 +260,16 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
     assert not [e for e in ddp_run.events if e.get("event") in ("control_drift", "probe_error")]
     for name in ("C", "L2", "S"):
         np.testing.assert_allclose(ddp_run.chaos[name][perturbed[0]], single.chaos[name][perturbed[0]], rtol=1e-3)
+    # Separation curves: written by rank 0 only, a pair per step from the spawn; the control's exactly 0.
+    for ghost in ddp_run.ghosts:
+        steps, l2 = ddp_run.separation(ghost.index)
+        single_steps, single_l2 = single.separation(ghost.index)
+        np.testing.assert_array_equal(steps, np.arange(2, STEPS + 1))
+        np.testing.assert_array_equal(steps, single_steps)
+        if ghost.control:
+            assert np.all(l2 == 0.0)
+        else:
+            np.testing.assert_allclose(l2, single_l2, rtol=1e-3)
 
 
 def test_ghost_faults_on_one_rank_and_inconsistent_attaching_never_deadlock(tmp_path: Path) -> None:
@@ -296,15 +306,24 @@ def test_partition_keeps_modules_whole_and_balances_sizes() -> None:
     assert partition_modules(named[:2], 3) == [["a.weight", "a.bias"], [], []]
 
 
-def test_null_writer_keeps_records_in_memory_and_touches_no_file(tmp_path: Path) -> None:
-    writer = NullWriter(tmp_path / "never", {"config": {}})
-    writer.event("attach", step=0)
-    writer.save_array(0, "params", np.zeros(3))
-    writer.commit_snapshot({"step": 0, "kernel": True})
-    writer.update_manifest(status="closed")
-    assert writer.snapshots == [{"index": 0, "step": 0, "kernel": True}]
-    assert writer.manifest["status"] == "closed"
-    assert not (tmp_path / "never").exists()
+def test_null_sink_keeps_records_in_memory_and_touches_no_file_of_the_run(tmp_path: Path) -> None:
+    sink = NullSink(tmp_path / "never", {"config": {}})
+    assert isinstance(sink, RunSink)
+    sink.event("attach", step=0)
+    sink.save_array(0, "params", np.zeros(3))
+    sink.save_arrays(0, "buffers", {"b": np.zeros(2)})
+    sink.save_run_array("eval_indices", np.arange(3))
+    sink.append_separation(0, np.arange(3.0), np.zeros(3))
+    sink.save_matrix("C", np.zeros((2, 2)))
+    rows = sink.rows_path("C")
+    rows.write_bytes(b"12345678")  # a recorder appending its rows: a private scratch file, never in the run
+    sink.commit_snapshot({"step": 0, "kernel": True})
+    sink.update_manifest(status="closed")
+    assert sink.snapshots == [{"index": 0, "step": 0, "kernel": True}]
+    assert sink.manifest["status"] == "closed"
+    assert not (tmp_path / "never").exists() and tmp_path not in rows.parents
+    sink.close()
+    assert not rows.exists()
 
 
 @pytest.mark.slow
@@ -319,6 +338,6 @@ def test_batchnorm_buffers_follow_ddp_broadcast_for_ghosts_and_the_kernel(tmp_pa
     # rank 1's share of the control ghost's kernel uses the ghost's buffers, which must be rank 0's (as DDP's main)
     assert np.all(np.abs(run.chaos["S"][control][compared]) < 1e-12)
     assert not [e for e in run.events if e.get("event") in ("control_drift", "probe_error")]
-    np.testing.assert_allclose(run.kernel(len(run) - 1), np.array(results[0]["kernel_direct"]), rtol=1e-5,
+    np.testing.assert_allclose(run.kernel(index=-1), np.array(results[0]["kernel_direct"]), rtol=1e-5,
                                atol=1e-9)
     assert not (tmp_path / "bn_rank1").exists()

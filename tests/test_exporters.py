@@ -54,8 +54,12 @@ def _expected(run: dynprobe.Run, k: int) -> dict[str, float]:
         del expected["C_init"]
     kernel_rows = [j for j in range(len(steps)) if not math.isnan(run.S[j, j])]
     if k in kernel_rows and kernel_rows.index(k) > 0:
-        p = kernel_rows[kernel_rows.index(k) - 1]
-        expected["kernel_velocity"] = run.S[k, p] / (steps[k] - steps[p])
+        so_far = [steps[j] for j in kernel_rows if j <= k]
+        gaps = [b - a for a, b in zip(so_far, so_far[1:])]
+        lag = min(gaps, key=lambda g: (-gaps.count(g), g))  # most common gap so far, the smallest on a tie
+        partner = [j for j in kernel_rows if steps[j] == steps[k] - lag]
+        if partner:
+            expected["kernel_velocity"] = run.S[k, partner[0]]  # S at the fixed lag, not divided by it
         expected["kernel_distance_init"] = run.S[k, kernel_rows[0]]
     for ghost in run.ghosts:
         for name in ("C", "L2", "D", "S"):
@@ -78,7 +82,8 @@ def test_exported_scalars_equal_the_run_arrays(tmp_path):
         for name, value in expected.items():
             assert scalars[name] == pytest.approx(value, rel=1e-12, abs=0), (step, name)
         kernel_points += "p/kernel_velocity" in scalars
-    assert kernel_points == 2  # kernels at snapshots 0, 2, 4 (every=2): velocities at 2 and 4
+    # Kernels at steps 0, 3 and 9 (every=2): the lag is 3 (the gaps 3 and 6 tie), so only step 3 has a partner.
+    assert kernel_points == 1
     control = next(g.index for g in run.ghosts if g.control)
     assert all(scalars[f"p/ghost/{control:03d}/C"] == 0 for _, scalars in recorder.points)
 
@@ -89,7 +94,10 @@ def test_snapshot_scalars_kernel_velocity_skips_snapshots_without_kernel():
                                                            "C": np.array([0.1, 0.05, 0.01, 0.0])},
             "C_prev": 0.01, "D_prev": None, "eval_loss": float("inf"), "transition": None}
     scalars = snapshot_scalars(info)
-    assert scalars["kernel_velocity"] == 0.2 / 10 and scalars["kernel_distance_init"] == 0.5
+    # Kernel steps 0, 20, 30: gaps 20 and 10 tie, the lag is 10: S(20, 30), not divided by the gap.
+    assert scalars["kernel_velocity"] == 0.2 and scalars["kernel_distance_init"] == 0.5
+    assert snapshot_scalars({**info, "kernel_lag": 30})["kernel_velocity"] == 0.5
+    assert "kernel_velocity" not in snapshot_scalars({**info, "kernel_lag": 7})
     assert scalars["C_init"] == 0.1 and "D_prev" not in scalars and "eval_loss" not in scalars
     info["rows"]["S"] = np.array([0.5, nan, 0.2, nan])  # no kernel at this snapshot
     assert "kernel_velocity" not in snapshot_scalars(info)

@@ -14,7 +14,7 @@ from torch import nn
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
 from dynprobe.capture.step import AutocastState, ForwardCall, LossCall, MicroBatch, RngState
-from dynprobe.ghosts import vectorized as _vectorized_ghosts
+from dynprobe.ghosts import vectorized as vectorized_trainer
 from dynprobe.ghosts._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
 from dynprobe.ghosts.stack import GhostStack, ReplicaState
 from dynprobe.ghosts.vectorized import SHADOW
@@ -201,13 +201,12 @@ def test_in_stack_control_stays_bitwise_equal_to_the_shadow_for_200_steps(name, 
     checked = {}
 
     def after(step, probe):
-        vector = probe._ghosts._vector
         if step in (1, 100, 200):
-            stack = vector.stack
+            stack = probe._ghosts.trainer.stack
             control = next(g.index for g in probe._ghosts.ghosts if g.control)
             checked[step] = stack.differences(control, SHADOW)  # parameters and buffers, every row tensor
 
-    ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True, barrier_alphas=5,
+    ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True,
                     vectorize=True)
     _, _, run = _run(SETUPS[name], 200, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 60, 100, 200]),
                      after_step=after)
@@ -215,7 +214,7 @@ def test_in_stack_control_stays_bitwise_equal_to_the_shadow_for_200_steps(name, 
     control = [g for g in run.ghosts if g.control]
     assert len(control) == 1 and control[0].realized_norm == 0
     row = run.ghosts.index(control[0])
-    for metric in ("C", "L2", "D", "B"):
+    for metric in ("C", "L2", "D"):
         assert np.all(run.chaos[metric][row] == 0.0), f"control {metric} = {run.chaos[metric][row]}"
     assert not _events(run, "control_drift")
     assert all(run.chaos["L2"][r, -1] > 0 for r, g in enumerate(run.ghosts) if not g.control)
@@ -228,38 +227,73 @@ def test_in_stack_control_stays_bitwise_equal_to_the_shadow_for_200_steps(name, 
     assert [d["step"] for d in _events(run, "shadow_drift")] == [60, 100, 200]
 
 
-def test_vectorized_mlp_ghosts_equal_sequential_ghosts_to_tight_tolerance(tmp_path):
-    """No BatchNorm: the vmapped kernels differ from the plain ones only in the last bit of a few matmuls."""
-    ghosts = dict(at=[0, 10], perturbation=Perturbation(norm=1e-6), barrier=False, save_params=True)
+def _gaps(vectorized, sequential):
+    """Per perturbed ghost and snapshot after its spawn: ‖θ'_vectorized − θ'_sequential‖ relative to the ghost's own
+    signal ‖θ'_sequential − θ_main‖ (float64), and the vectorized ghost's separation from its shadow relative to the
+    sequential one's from the main run."""
+    gaps, signals = [], []
+    for ghost in [g.index for g in sequential.ghosts if not g.control]:
+        for index, step in enumerate(sequential.steps):
+            if step <= sequential.ghosts[ghost].spawn_step:
+                continue
+            v = vectorized.ghost_params(ghost, index=index).astype(np.float64)
+            s = sequential.ghost_params(ghost, index=index).astype(np.float64)
+            signal = np.linalg.norm(s - sequential.params(index=index).astype(np.float64))
+            gaps.append(np.linalg.norm(v - s) / signal)
+            signals.append(vectorized.chaos["L2"][ghost, index] / sequential.chaos["L2"][ghost, index])
+    return np.array(gaps), np.array(signals)
+
+
+def test_vectorized_mlp_ghosts_equal_sequential_ghosts_up_to_a_small_fraction_of_their_signal(tmp_path):
+    """No BatchNorm: the vmapped kernels differ from the plain ones only in the last bit of a few matmuls, so the
+    two modes' ghosts differ by a tiny fraction of what ε did to them."""
+    ghosts = dict(at=[0, 10], perturbation=Perturbation(norm=1e-4), save_params=True)
     sched = schedule.every(10)
     _, _, vectorized = _run(mlp_onecycle_setup, 40, tmp_path, ghosts=Ghosts(**ghosts, vectorize=True),
                             name="v", schedule=sched)
     _, _, sequential = _run(mlp_onecycle_setup, 40, tmp_path, ghosts=Ghosts(**ghosts, vectorize=False),
                             name="s", schedule=sched)
     assert [m["mode"] for m in _events(vectorized, "ghost_mode")] == ["vectorized"]
-    for ghost in range(3):
-        for index, step in enumerate(vectorized.steps):
-            if step < vectorized.ghosts[ghost].spawn_step:
-                continue
-            np.testing.assert_allclose(vectorized.ghost_params(ghost, index), sequential.ghost_params(ghost, index),
-                                       rtol=0, atol=1e-6, err_msg=f"ghost {ghost} at step {step}")
-    np.testing.assert_allclose(vectorized.chaos["L2"], sequential.chaos["L2"], rtol=0.05)  # NaN where both NaN
+    gaps, signals = _gaps(vectorized, sequential)
+    assert len(gaps) == 7 and gaps.max() < 1e-4, gaps  # measured: 0 (CPU, torch 2.14)
+    np.testing.assert_allclose(signals, 1.0, rtol=1e-4)
 
 
-def test_vectorized_cnn_batchnorm_ghosts_equal_sequential_ghosts_to_float_tolerance(tmp_path):
-    ghosts = dict(at=[0, 5], perturbation=Perturbation(norm=1e-6), barrier=False, save_params=True)
+def test_vectorized_cnn_batchnorm_ghosts_equal_sequential_ghosts_up_to_a_fraction_of_their_signal(tmp_path):
+    """BatchNorm: the vmapped reductions differ from the plain ones, so the shadow drifts from the main run (and the
+    vectorized ghosts from the sequential ones) — still well below the ghosts' own separation."""
+    ghosts = dict(at=[0, 5], perturbation=Perturbation(norm=1e-4), save_params=True)
     sched = schedule.every(5)
     _, _, vectorized = _run(cnn_sgd_setup, 20, tmp_path, ghosts=Ghosts(**ghosts, vectorize=True), name="v",
                             schedule=sched)
     _, _, sequential = _run(cnn_sgd_setup, 20, tmp_path, ghosts=Ghosts(**ghosts, vectorize=False), name="s",
                             schedule=sched)
-    for ghost in range(3):
-        for index, step in enumerate(vectorized.steps):
-            if step >= vectorized.ghosts[ghost].spawn_step:
-                np.testing.assert_allclose(vectorized.ghost_params(ghost, index),
-                                           sequential.ghost_params(ghost, index), rtol=0, atol=2e-5)
+    gaps, signals = _gaps(vectorized, sequential)
+    assert len(gaps) == 7 and gaps.max() < 0.02, gaps  # measured: at most 4e-3
+    np.testing.assert_allclose(signals, 1.0, rtol=2e-3)  # measured: within 3e-4
     drift = _events(vectorized, "shadow_drift")
     assert 0 < drift[-1]["max_abs_diff"] < 1e-4  # the shadow does drift from the main run (BN), a little
+    assert all(d["L2"] < d["smallest_ghost_L2"] and not d["exceeds_ghost_signal"] for d in drift)
+    compared = [e for e in vectorized.events if e["event"] == "ghost_compare"]
+    # at step 0 the ghosts are still copies of the main run (the stack is built at the first step)
+    assert all(e["reference"] == ("main" if e["step"] == 0 else "shadow") for e in compared)
+    assert all(("reference_L2" in e) == (e["step"] > 0) for e in compared)
+
+
+def test_a_shadow_drift_larger_than_the_ghost_signal_is_recorded_and_warned_about(tmp_path):
+    """Adam blows the vmapped BatchNorm kernels' rounding up to lr-sized steps: the shadow leaves the main run by more
+    than the ghosts' separation from it — the case where vectorized chaos maps measure the kernels, not ε."""
+    ghosts = Ghosts(at=[0, 5], perturbation=Perturbation(norm=1e-6), vectorize=True)
+    with pytest.warns(RuntimeWarning, match=r"shadow .* more than the smallest ghost separation") as caught:
+        _, _, run = _run(cnn_setup, 15, tmp_path, ghosts=ghosts, schedule=schedule.every(5))
+    assert [w.filename for w in caught if "shadow" in str(w.message)] == [train.__code__.co_filename]
+    drift = _events(run, "shadow_drift")
+    exceeding = [d for d in drift if d["exceeds_ghost_signal"]]
+    assert exceeding and all(d["L2"] > d["smallest_ghost_L2"] for d in exceeding)
+    for d in drift:  # the smallest separation of a perturbed ghost from the shadow at that snapshot
+        separations = [e["L2"] for e in run.events if e["event"] == "ghost_compare" and e["step"] == d["step"]
+                       and not run.ghosts[e["ghost"]].control]
+        assert d["smallest_ghost_L2"] == min(separations)
 
 
 def _mlp_loop(probe, model, optimizer, data, steps, *, accumulate=1, autocast=False, clip=None):
@@ -284,7 +318,7 @@ def test_the_stack_replays_what_shapes_the_step(variant, tmp_path):
     declared = 0.05 if variant == "declared-clipping" else None
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(10), errors="raise",
-                           ghosts=Ghosts(at=[0], barrier=False, clip_grad_norm=declared, vectorize=True))
+                           ghosts=Ghosts(at=[0], clip_grad_norm=declared, vectorize=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _mlp_loop(probe, model, optimizer, data, 30, accumulate=3 if variant == "accumulation" else 1,
@@ -335,7 +369,7 @@ def test_explicit_step_api_with_vectorized_ghosts(tmp_path):
     model, optimizer, _, data = mlp_setup(seed=9)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5), errors="raise",
-                           ghosts=Ghosts(at=[0], barrier=False, loss_fn=nn.CrossEntropyLoss(), vectorize=True))
+                           ghosts=Ghosts(at=[0], loss_fn=nn.CrossEntropyLoss(), vectorize=True))
     criterion = nn.CrossEntropyLoss()
     for _ in range(15):
         index = torch.randint(0, data.x_train.shape[0], (16,))
@@ -355,7 +389,7 @@ def test_non_elementwise_optimizer_trains_as_per_replica_rows(tmp_path):
     optimizer = NormalizedSGD(model.parameters(), lr=0.01)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(10), errors="raise",
-                           ghosts=Ghosts(at=[0], barrier=False, vectorize=True))
+                           ghosts=Ghosts(at=[0], vectorize=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _mlp_loop(probe, model, optimizer, data, 20)
@@ -380,12 +414,12 @@ def test_a_diverging_row_marks_only_that_ghost_and_never_raises(tmp_path):
     torch.manual_seed(5)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5),
-                           ghosts=Ghosts(at=[3], barrier=False, perturbation=Perturbation(norm=1e30),
+                           ghosts=Ghosts(at=[3], perturbation=Perturbation(norm=1e30),
                                          divergence_ratio=1e40, vectorize=True))
     rows = {}
 
     def after(step):
-        stack = probe._ghosts._vector.stack
+        stack = probe._ghosts.trainer.stack
         rows[step] = list(stack.keys) if stack is not None else None
 
     with pytest.warns(RuntimeWarning, match="diverged"):
@@ -405,7 +439,7 @@ def test_a_diverging_row_marks_only_that_ghost_and_never_raises(tmp_path):
 def test_a_failing_stacked_step_after_the_first_marks_the_ghosts_failed_and_never_raises(tmp_path, monkeypatch):
     model, optimizer, scheduler, data = mlp_setup(seed=3)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
-                           schedule=schedule.every(5), ghosts=Ghosts(at=[0], barrier=False, vectorize=True))
+                           schedule=schedule.every(5), ghosts=Ghosts(at=[0], vectorize=True))
     calls = {"n": 0}
     original = GhostStack.train_step
 
@@ -466,7 +500,7 @@ def test_vectorize_true_falls_back_to_sequential_when_the_first_stacked_step_fai
     model, optimizer, _, data = mlp_setup(seed=3)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                            schedule=schedule.every(5), errors="raise",
-                           ghosts=Ghosts(at=[0], barrier=False, vectorize=True))
+                           ghosts=Ghosts(at=[0], vectorize=True))
     criterion = probe.watch(loss_with_item)
     with pytest.warns(RuntimeWarning, match="fall back to the sequential path.*first stacked step failed"):
         for _ in range(10):
@@ -489,7 +523,7 @@ def test_auto_falls_back_to_sequential_for_a_model_that_cannot_be_vmapped(tmp_pa
     model, data = ItemControlFlow(), make_data()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
-                           schedule=schedule.every(5), errors="raise", ghosts=Ghosts(at=[0], barrier=False))
+                           schedule=schedule.every(5), errors="raise", ghosts=Ghosts(at=[0], vectorize="auto"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback is recorded, not warned about, and nothing raises
         _mlp_loop(probe, model, optimizer, data, 10)
@@ -509,8 +543,8 @@ def test_auto_chooses_by_measurement_and_records_the_choice(measured, tmp_path, 
     def timed(self, micro_batches, pending):
         return fake
 
-    monkeypatch.setattr(_vectorized_ghosts.VectorizedGhosts, "_time_trial_steps", timed)
-    ghosts = Ghosts(at=[0, 5], perturbation=Perturbation(norm=1e-6), barrier=False)
+    monkeypatch.setattr(vectorized_trainer.VectorizedTrainer, "_time_trial_steps", timed)
+    ghosts = Ghosts(at=[0, 5], perturbation=Perturbation(norm=1e-6), vectorize="auto")
     _, _, run = _run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.every(4))
     (mode,) = _events(run, "ghost_mode")
     assert mode["mode"] == measured and mode["requested"] == "auto" and mode["step"] == 1
@@ -531,9 +565,10 @@ def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkey
         asked.append(len(pending))
         return next(answers)
 
-    monkeypatch.setattr(_vectorized_ghosts.VectorizedGhosts, "_time_trial_steps", timed)
-    ghosts = dict(at=[0, 3, 6], perturbation=Perturbation(norm=1e-6), barrier=False, save_params=True)
-    _, _, run = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts), schedule=schedule.every(3))
+    monkeypatch.setattr(vectorized_trainer.VectorizedTrainer, "_time_trial_steps", timed)
+    ghosts = dict(at=[0, 3, 6], perturbation=Perturbation(norm=1e-6), save_params=True)
+    _, _, run = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize="auto"),
+                     schedule=schedule.every(3))
     monkeypatch.undo()
     _, _, sequential = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize=False), name="s",
                             schedule=schedule.every(3))
@@ -546,16 +581,16 @@ def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkey
     for ghost in range(4):
         for index, step in enumerate(run.steps):
             if step >= run.ghosts[ghost].spawn_step:
-                np.testing.assert_allclose(run.ghost_params(ghost, index), sequential.ghost_params(ghost, index),
+                np.testing.assert_allclose(run.ghost_params(ghost, index=index), sequential.ghost_params(ghost, index=index),
                                            rtol=0, atol=1e-6, err_msg=f"ghost {ghost} at step {step}")
 
 
 def test_auto_measures_for_real_and_its_record_is_consistent(tmp_path):
-    ghosts = Ghosts(at=[0, 1], perturbation=Perturbation(norm=1e-6), barrier=False)
+    ghosts = Ghosts(at=[0, 1], perturbation=Perturbation(norm=1e-6), vectorize="auto")
     _, _, run = _run(mlp_setup, 6, tmp_path, ghosts=ghosts, schedule=schedule.every(3))
     (mode,) = _events(run, "ghost_mode")
     assert mode["sequential_seconds"] > 0 and mode["vectorized_seconds"] > 0
-    faster = mode["vectorized_seconds"] < _vectorized_ghosts.AUTO_MARGIN * mode["sequential_seconds"]
+    faster = mode["vectorized_seconds"] < vectorized_trainer.AUTO_MARGIN * mode["sequential_seconds"]
     assert mode["mode"] == ("vectorized" if faster else "sequential")
 
 
@@ -567,7 +602,7 @@ def test_auto_rules_choose_sequential_with_a_reason(case, tmp_path):
     config = {"single-ghost": dict(control=False),
               "grad-scaler": dict(scaler=torch.amp.GradScaler("cpu", enabled=False))}.get(case, {})
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
-                           schedule=schedule.every(5), ghosts=Ghosts(at=[0], barrier=False, **config))
+                           schedule=schedule.every(5), ghosts=Ghosts(at=[0], vectorize="auto", **config))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _mlp_loop(probe, model, optimizer, data, 5, clip=0.05 if case == "undeclared-grad-edits" else None)
@@ -588,7 +623,7 @@ def test_main_run_with_vectorized_ghosts_is_bitwise_identical_to_a_probe_free_ru
     torch.manual_seed(99)
     train(model, optimizer, scheduler, data, 60)
     reference, reference_rng = state_of(model), torch.get_rng_state()
-    ghosts = Ghosts(at=[0, 10, 30], perturbation=Perturbation(norm=1e-6), barrier_alphas=3, vectorize=True)
+    ghosts = Ghosts(at=[0, 10, 30], perturbation=Perturbation(norm=1e-6), vectorize=True)
     probed, rng, run = _run(SETUPS[name], 60, tmp_path, ghosts=ghosts, schedule=schedule.every(7))
     assert_bitwise_equal(reference, state_of(probed))
     assert torch.equal(reference_rng, rng)
@@ -596,7 +631,7 @@ def test_main_run_with_vectorized_ghosts_is_bitwise_identical_to_a_probe_free_ru
 
 
 def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
-    ghosts = dict(at=[0, 6], perturbation=Perturbation(norm=1e-4), barrier_alphas=4, costly_every=2, lifetime=8)
+    ghosts = dict(at=[0, 6], perturbation=Perturbation(norm=1e-4), lifetime_steps=8)
     sched = schedule.at([0, 3, 6, 9, 12, 16])
     runs = {}
     for vectorize in (True, False):

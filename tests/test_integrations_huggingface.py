@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import dynprobe  # noqa: E402
+from dynprobe.config import Barriers  # noqa: E402
 from dynprobe.integrations.huggingface import DynprobeCallback, eval_pairs, output_loss  # noqa: E402
 
 SEQ, VOCAB, CLASSES = 8, 50, 3
@@ -75,8 +76,8 @@ def test_train_with_ghosts_and_kernel_is_bitwise_unchanged_and_control_stays_exa
     reference, _ = _train(tmp_path / "plain", steps=12)
     callback = DynprobeCallback(
         eval_data=_eval_batch(), schedule=[0, 1, 4, 8, 12], kernel=dynprobe.KernelConfig(n=8),
-        ghosts=dynprobe.Ghosts(at=[0, 4], perturbation=dynprobe.Perturbation(1e-4, "l2"), barrier_alphas=3),
-        errors="raise",
+        ghosts=dynprobe.Ghosts(at=[0, 4], perturbation=dynprobe.Perturbation(1e-4, "l2")),
+        barriers=Barriers(alphas=3), errors="raise",
     )
     state, trainer = _train(tmp_path / "probed", callback, steps=12)
     _assert_bitwise(reference, state)
@@ -99,7 +100,7 @@ def test_train_with_ghosts_and_kernel_is_bitwise_unchanged_and_control_stays_exa
 def test_accumulation_and_clipping_keep_training_unchanged_and_control_exact(tmp_path, accumulate, max_grad_norm):
     reference, _ = _train(tmp_path / "plain", steps=6, accumulate=accumulate, max_grad_norm=max_grad_norm)
     callback = DynprobeCallback(eval_data=_eval_batch(), schedule=dynprobe.schedule.every(2),
-                                ghosts=dynprobe.Ghosts(at=[0], barrier=False), errors="raise")
+                                ghosts=dynprobe.Ghosts(at=[0]), barriers=Barriers(ghosts=False), errors="raise")
     state, _ = _train(tmp_path / "probed", callback, steps=6, accumulate=accumulate, max_grad_norm=max_grad_norm)
     _assert_bitwise(reference, state)
     run = dynprobe.load_run(callback.probe.out)
@@ -115,7 +116,8 @@ def test_a_loss_outside_the_model_is_caught_by_the_control(tmp_path):
     it is an error; a penalty added in an overridden compute_loss is invisible too, and the control drifts (so the
     exactness checks above can fail). A rescaled model loss (2 * loss) is replayed exactly: its gradient scale is
     recorded."""
-    callback = DynprobeCallback(eval_data=_eval_batch(), ghosts=dynprobe.Ghosts(at=[0], barrier=False))
+    callback = DynprobeCallback(eval_data=_eval_batch(), ghosts=dynprobe.Ghosts(at=[0]),
+                                barriers=Barriers(ghosts=False))
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "smooth"), max_steps=2, use_cpu=True,
                                           report_to=[], save_strategy="no", label_smoothing_factor=0.1,
                                           disable_tqdm=True)
@@ -132,7 +134,7 @@ def test_a_loss_outside_the_model_is_caught_by_the_control(tmp_path):
 
     for penalty, drifts in ((0.0, False), (1e-2, True)):
         callback = DynprobeCallback(eval_data=_eval_batch(), schedule=[0, 4], errors="raise",
-                                    ghosts=dynprobe.Ghosts(at=[0], barrier=False))
+                                    ghosts=dynprobe.Ghosts(at=[0]), barriers=Barriers(ghosts=False))
         args = transformers.TrainingArguments(output_dir=str(tmp_path / f"custom{penalty}"), max_steps=4,
                                               use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
                                               max_grad_norm=0.0)
@@ -147,6 +149,47 @@ def test_a_loss_outside_the_model_is_caught_by_the_control(tmp_path):
         assert bool(drift) == drifts, (penalty, dynprobe_warnings)
         if not drifts:  # max_grad_norm=0: the Trainer's clip_grad_norm_(inf) is not reported as a gradient edit
             assert dynprobe_warnings == []
+
+
+class LossRecordingTrainer(transformers.Trainer):
+    """The Trainer's own loss accounting, per micro-batch: what ``training_step`` returns (summed per step, as the
+    Trainer's logged ``loss``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_losses: list[tuple[int, float]] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.micro_losses.append((self.state.global_step + 1, float(loss)))
+        return loss
+
+
+@pytest.mark.parametrize("accumulate, with_ghosts", [(1, False), (2, True)])
+def test_train_loss_is_the_trainers_own_loss_per_step(tmp_path, accumulate, with_ghosts):
+    callback = DynprobeCallback(eval_data=_eval_batch(), schedule=[0, 2, 5, 6], errors="raise",
+                                ghosts=dynprobe.Ghosts(at=[0]) if with_ghosts else None,
+                                barriers=Barriers(ghosts=False))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=5e-3,
+        gradient_accumulation_steps=accumulate, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = LossRecordingTrainer(model=_model(), args=args, train_dataset=_examples(128, seed=0),
+                                   callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        trainer.train()
+    run = dynprobe.load_run(callback.probe.out)
+    per_step: dict[int, float] = {}
+    for step, loss in trainer.micro_losses:
+        per_step[step] = per_step.get(step, 0.0) + loss
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6] and len(trainer.micro_losses) == 6 * accumulate
+    assert np.isnan(run.train_loss[0])  # step 0: no training yet
+    previous = 0
+    for k, step in enumerate(run.steps[1:], start=1):
+        expected = np.mean([per_step[s] for s in range(previous + 1, int(step) + 1)])
+        assert run.train_loss[k] == pytest.approx(expected, rel=1e-6), (k, step)
+        previous = int(step)
 
 
 def test_output_loss_and_eval_pairs():

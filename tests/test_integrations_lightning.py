@@ -13,6 +13,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 import dynprobe  # noqa: E402
+from dynprobe.config import Barriers  # noqa: E402
 from dynprobe.integrations.lightning import DynprobeCallback, LightningStepModel  # noqa: E402
 
 STEPS = 24
@@ -26,6 +27,7 @@ class TinyClassifier(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3))
         self.lr = lr
         self.logged_in_training = 0
+        self.losses: list[tuple[int, float]] = []  # (the step it trains, training_step's loss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -35,6 +37,7 @@ class TinyClassifier(pl.LightningModule):
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss)
         self.logged_in_training += 1
+        self.losses.append((self.global_step + 1, float(loss)))
         return {"loss": loss}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -89,8 +92,8 @@ def test_fit_with_ghosts_and_kernel_is_bitwise_unchanged_and_control_stays_exact
     _, _, reference, rng_reference = _fit(tmp_path / "plain")
     callback = DynprobeCallback(
         schedule=[0, 1, 2, 4, 8, 12, 16, 20, 24], kernel=dynprobe.KernelConfig(n=16),
-        ghosts=dynprobe.Ghosts(at=[0, 8], perturbation=dynprobe.Perturbation(1e-4, "l2"), barrier_alphas=5),
-        errors="raise",
+        ghosts=dynprobe.Ghosts(at=[0, 8], perturbation=dynprobe.Perturbation(1e-4, "l2")),
+        barriers=Barriers(alphas=5), errors="raise",
     )
     module, trainer, state, rng = _fit(tmp_path / "probed", callback)
     _assert_bitwise(reference, state)
@@ -119,7 +122,7 @@ def test_run_parameters_match_the_lightning_module(tmp_path):
     callback = DynprobeCallback(schedule=[0, STEPS])
     module, _, state, _ = _fit(tmp_path, callback)
     run = dynprobe.load_run(callback.probe.out)
-    final = run.state_dict(len(run.steps) - 1)
+    final = run.state_dict(index=-1)
     for name, tensor in module.named_parameters():
         assert torch.equal(final[f"module.{name}"], tensor.detach())
 
@@ -129,7 +132,7 @@ def test_accumulation_and_clipping_keep_training_unchanged_and_control_exact(tmp
     _, _, reference, _ = _fit(tmp_path / "plain", accumulate=accumulate, clip=clip, algorithm=algorithm,
                               max_steps=12)
     callback = DynprobeCallback(schedule=dynprobe.schedule.every(3),
-                                ghosts=dynprobe.Ghosts(at=[0], barrier=False), errors="raise")
+                                ghosts=dynprobe.Ghosts(at=[0]), barriers=Barriers(ghosts=False), errors="raise")
     _, trainer, state, _ = _fit(tmp_path / "probed", callback, accumulate=accumulate, clip=clip, algorithm=algorithm,
                                 max_steps=12)
     _assert_bitwise(reference, state)
@@ -145,13 +148,31 @@ def test_accumulation_and_clipping_keep_training_unchanged_and_control_exact(tmp
     assert run.chaos["C"][p][-1] > 0
 
 
+@pytest.mark.parametrize("accumulate, with_ghosts", [(1, False), (3, True)])
+def test_train_loss_is_the_mean_training_step_loss_since_the_previous_snapshot(tmp_path, accumulate, with_ghosts):
+    callback = DynprobeCallback(schedule=[0, 3, 7, 12], errors="raise", barriers=Barriers(ghosts=False),
+                                ghosts=dynprobe.Ghosts(at=[0]) if with_ghosts else None)
+    module, _, _, _ = _fit(tmp_path, callback, accumulate=accumulate, max_steps=12)
+    run = dynprobe.load_run(callback.probe.out)
+    # The main module's calls only (ghosts append to their copies); an epoch of 16 batches ends with a short
+    # accumulation window, so a step has up to `accumulate` calls.
+    assert {s for s, _ in module.losses} == set(range(1, 13)) and len(module.losses) <= 12 * accumulate
+    assert np.isnan(run.train_loss[0])
+    previous = 0
+    for k, step in enumerate(run.steps[1:], start=1):
+        losses = [loss for s, loss in module.losses if previous < s <= step]
+        assert run.train_loss[k] == pytest.approx(np.mean(losses), rel=1e-6)  # not divided by accumulation
+        previous = int(step)
+
+
 def test_undeclared_clipping_would_be_caught_by_the_control(tmp_path, monkeypatch):
     """The negative control of the clipping test: a ghost that does not clip drifts (so the test above can fail)."""
     import dynprobe.integrations.lightning as integration
 
     monkeypatch.setattr(integration, "declared_clipping",
                         lambda value, algorithm: {"clip_grad_norm": None, "clip_grad_value": None})
-    callback = DynprobeCallback(schedule=dynprobe.schedule.every(4), ghosts=dynprobe.Ghosts(at=[0], barrier=False))
+    callback = DynprobeCallback(schedule=dynprobe.schedule.every(4), ghosts=dynprobe.Ghosts(at=[0]),
+                                barriers=Barriers(ghosts=False))
     with pytest.warns(RuntimeWarning, match="control ghost drifted"):
         _fit(tmp_path, callback, clip=0.05, max_steps=8)
     run = dynprobe.load_run(callback.probe.out)

@@ -9,6 +9,7 @@ comparison measure kinks rather than the engine (the issue measured up to 1e-4 r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynprobe.kernels._execution import PlanRunner
 from dynprobe.kernels._structured import Convolution
 from dynprobe.kernels.engine import NTKEngine, empirical_ntk
 from dynprobe.metrics import functions as metrics
@@ -257,7 +259,7 @@ def test_structured_and_generic_paths_agree_in_float64(case):
     for mode in ("trace", "full"):
         auto = NTKEngine(model, inputs, mode=mode, output_fn=output_fn)
         generic = NTKEngine(model, inputs, mode=mode, output_fn=output_fn, method="generic")
-        assert auto.plan.units or case == "transformer_mha"
+        assert auto.plan.chunks.units or case == "transformer_mha"
         assert relative_error(auto(), generic()) <= 1e-12
 
 
@@ -271,12 +273,13 @@ def test_float64_model_matches_reference_to_float64_precision():
 def test_structured_rules_cover_supported_layers_and_fall_back_for_the_rest():
     model, inputs, _ = make_case("transformer")
     engine = NTKEngine(model, inputs)
-    generic = [name for group in engine.plan.generic_groups for name in group]
+    generic = [name for group in engine.plan.chunks.generic_groups for name in group]
     assert generic == ["position"]  # a bare nn.Parameter has no structured rule
-    assert {unit.name for unit in engine.plan.units} == {"embed", "norm1", "qkv", "proj", "norm2", "mlp.0", "mlp.2",
+    assert {unit.name for unit in engine.plan.chunks.units} == {"embed", "norm1", "qkv", "proj", "norm2", "mlp.0",
+                                                                "mlp.2",
                                                          "head"}
     model, inputs, _ = make_case("transformer_mha")
-    generic = [n for g in NTKEngine(model, inputs).plan.generic_groups for n in g]
+    generic = [n for g in NTKEngine(model, inputs).plan.chunks.generic_groups for n in g]
     assert "attention.in_proj_weight" in generic and "attention.out_proj.weight" in generic  # out_proj never called
 
 
@@ -291,7 +294,7 @@ def test_both_convolution_strategies_match_reference():
     expected = kernel_from_jacobian(naive_jacobian(model, inputs), "trace")
     for strategy in ("grouped", "unfold"):
         engine = NTKEngine(model, inputs)
-        for unit in engine.plan.units:
+        for unit in engine.plan.chunks.units:
             if isinstance(unit, Convolution):
                 unit.set_strategy(strategy)
         assert relative_error(engine(), expected) <= 1e-6, strategy
@@ -306,7 +309,7 @@ def test_conv1d_and_conv3d_layers_match_reference():
         expected = kernel_from_jacobian(naive_jacobian(model, inputs), "full")
         for strategy in ("grouped", "unfold"):
             engine = NTKEngine(model, inputs, mode="full")
-            for unit in engine.plan.units:
+            for unit in engine.plan.chunks.units:
                 if isinstance(unit, Convolution) and unit.module.weight.dim() < 5:
                     unit.set_strategy(strategy)
             assert relative_error(engine(), expected) <= 1e-6
@@ -330,7 +333,7 @@ def test_shared_and_reused_layers_fall_back_to_the_generic_path():
     torch.manual_seed(3)
     model, inputs = Reuse(), torch.randn(4, 4)
     engine = NTKEngine(model, inputs)
-    structured = {unit.name for unit in engine.plan.units}
+    structured = {unit.name for unit in engine.plan.chunks.units}
     assert "inner" not in structured and "tied_a" not in structured and "tied_b" not in structured
     expected = kernel_from_jacobian(naive_jacobian(model, inputs), "trace")
     assert relative_error(engine(), expected) <= 1e-6
@@ -450,8 +453,8 @@ def test_chunked_result_equals_unchunked(case, mode):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a budget this small is below the smallest plan: the engine says so
         tiny = NTKEngine(model, inputs, mode=mode, output_fn=output_fn, max_memory=20_000)
-    assert whole.plan.sample_chunk == whole.n and len(whole.plan.structured_groups) == 1
-    assert tiny.plan.sample_chunk < tiny.n and len(tiny.plan.structured_groups) > 1
+    assert whole.plan.chunks.sample_chunk == whole.n and len(whole.plan.chunks.structured_groups) == 1
+    assert tiny.plan.chunks.sample_chunk < tiny.n and len(tiny.plan.chunks.structured_groups) > 1
     assert relative_error(tiny(), whole()) <= 1e-12
 
 
@@ -460,9 +463,9 @@ def test_plan_fitting_a_smaller_budget_is_chunked_and_exact(case, mode, fraction
     model, inputs, _ = make_case(case)
     model, inputs = model.double(), inputs.double()
     whole = NTKEngine(model, inputs, mode=mode)
-    budget = whole.plan.estimated_bytes // fraction
+    budget = whole.plan.chunks.estimated_bytes // fraction
     smaller = NTKEngine(model, inputs, mode=mode, max_memory=budget)
-    plan = smaller.plan
+    plan = smaller.plan.chunks
     assert plan.fits and plan.estimated_bytes <= budget and not plan.direct
     assert plan.sample_chunk < smaller.n or len(plan.structured_groups) > 1 or len(plan.row_chunks) > 1
     assert relative_error(smaller(), whole()) <= 1e-12
@@ -473,7 +476,7 @@ def test_chunking_splits_wide_layers_into_channel_blocks():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = NTKEngine(model.double(), inputs.double(), max_memory=20_000)
-    names = [unit.name for unit in engine.plan.units]
+    names = [unit.name for unit in engine.plan.chunks.units]
     assert names.count("3") > 1  # the 4→6 convolution was cut into output-channel blocks
     expected = kernel_from_jacobian(naive_jacobian(model, inputs), "trace")
     assert relative_error(engine(), expected) <= 1e-12
@@ -647,3 +650,94 @@ def test_bad_inputs_params_and_options_are_clear_errors():
         empirical_ntk(model, inputs, method="ntk_vp")
     with pytest.raises(ValueError, match="no trainable"):
         empirical_ntk(copy.deepcopy(model).requires_grad_(False), inputs)
+
+
+# ----------------------------------------------------------------------------- plan as a value; masks; no vmap
+class PositionModel(nn.Module):
+    """Token + position embeddings, the positions looked up on a (1, T) buffer shared by every sample (as Hugging
+    Face models do), a bare scale Parameter, and a data-dependent branch (vmap cannot run it)."""
+
+    def __init__(self, vocab: int = 9, width: int = 6, length: int = 4, classes: int = 3, branch: bool = False):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        self.register_buffer("position_ids", torch.arange(length).unsqueeze(0), persistent=False)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+        self.branch = branch
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(self.position_ids[:, : ids.shape[1]])
+        if self.branch and bool((ids > 0).all()):  # data-dependent control flow, like an attention-mask check
+            h = h * 1.0
+        return self.head(torch.tanh(self.norm(h) * self.scale))  # (n, T, classes)
+
+
+def test_the_plan_is_a_frozen_value_that_execution_only_reads():
+    model, inputs, _ = make_case("cnn_batchnorm")
+    engine = NTKEngine(model, inputs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        engine.plan.rows = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        engine.plan.chunks.sample_chunk = 1
+    runner = PlanRunner(engine.plan, engine.call)  # execution needs the plan and the model call, not the engine
+    kernel = torch.zeros(engine.n, engine.n, dtype=torch.float64)
+    model.eval()
+    runner.run({**dict(model.named_parameters()), **dict(model.named_buffers())}, [kernel])
+    assert relative_error(0.5 * (kernel + kernel.T), engine()) <= 1e-12
+
+
+def test_a_position_lookup_shared_by_all_samples_is_structured_and_exact():
+    torch.manual_seed(4)
+    model, ids = PositionModel(), torch.randint(0, 9, (5, 4))
+    engine = NTKEngine(model, ids)
+    assert engine.plan.broadcast and "positions.weight" not in engine.plan.generic_names
+    expected = kernel_from_jacobian(naive_jacobian(model, ids), "trace")
+    assert relative_error(engine(), expected) <= 1e-6
+    assert relative_error(NTKEngine(model, ids, mode="full")(), kernel_from_jacobian(naive_jacobian(model, ids),
+                                                                                      "full")) <= 1e-6
+
+
+def test_output_mask_leaves_out_the_masked_output_coordinates():
+    torch.manual_seed(5)
+    model, ids = PositionModel(), torch.randint(0, 9, (4, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    jac = naive_jacobian(model, ids)  # (n, T·classes, P), position-major
+    weights = mask.repeat_interleave(3, dim=1).double()  # (n, T·classes)
+    masked = jac * weights[:, :, None]
+    for mode in ("trace", "logit_sum", "full"):
+        kernel = empirical_ntk(model, ids, mode=mode, output_mask=mask)
+        assert relative_error(kernel, kernel_from_jacobian(masked, mode)) <= 1e-6, mode
+    with pytest.raises(ValueError, match="output_mask must have shape"):
+        empirical_ntk(model, ids, output_mask=mask[:, :3])
+
+
+def test_models_vmap_cannot_run_get_a_per_sample_generic_path():
+    torch.manual_seed(6)
+    model, ids = PositionModel(branch=True), torch.randint(1, 9, (4, 4))
+    with pytest.warns(UserWarning, match=r"'scale'.*one probe sample at a time"):
+        engine = NTKEngine(model, ids)
+    assert engine.plan.generic_names == ["scale"] and engine.plan.generic_strategy == "per_sample"
+    assert "per_sample" in engine.describe()
+    for mode in ("trace", "true_class"):
+        extra = {"targets": torch.arange(4) % 12} if mode == "true_class" else {}
+        expected = kernel_from_jacobian(naive_jacobian(model, ids), mode, targets=extra.get("targets"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            kernel = empirical_ntk(model, ids, mode=mode, **extra)
+        assert relative_error(kernel, expected) <= 1e-6, mode
+
+
+def test_a_parameter_no_strategy_can_differentiate_is_a_clear_error_naming_it():
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(3, 2)
+            self.gain = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.from_numpy((x * self.gain).numpy()))  # fails whenever gain requires grad
+
+    with pytest.raises(ValueError, match=r"cannot differentiate the parameters 'gain'"):
+        NTKEngine(Opaque(), torch.randn(3, 3))

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from dynprobe.metrics import functions as metrics
+from dynprobe.metrics._blocked import Blocks, cosine_rows, squared_norms
+
+from .exact import exact_cosine_dissimilarity, exact_from_integers, integers, landed_cosine_dissimilarity
 
 
 def _cos_dissim(a, b):
@@ -26,9 +29,10 @@ def test_cosine_dissimilarity_resolves_tiny_differences_that_float32_loses():
     a = rng.normal(size=100_000).astype(np.float32)
     b = a.copy()
     b[:10] += np.float32(1e-3)
-    expected = _cos_dissim(a, b)
+    expected = exact_cosine_dissimilarity(a, b)  # integer arithmetic: no cancellation in the reference either
     assert 0 < expected < 1e-9
-    assert metrics.cosine_dissimilarity(a, b) == pytest.approx(expected, rel=1e-6)
+    assert metrics.cosine_dissimilarity(a, b) == pytest.approx(expected, rel=1e-9)
+    assert abs(_cos_dissim(a, b) - expected) > 1e-8 * expected  # what 1 − cos in float64 gives (cancellation)
 
 
 def test_to_many_variants_match_the_pairwise_function():
@@ -70,3 +74,91 @@ def test_zero_vectors_give_nan_not_an_exception():
 def test_size_mismatch_is_a_clear_error(fn):
     with pytest.raises(ValueError, match="equal"):
         fn(np.ones(3), np.ones(4))
+
+
+# ------------------------------------------------------------------------------------------ C at matrix speed
+
+
+def _trajectory(dtype: torch.dtype, p: int = 9_000, seed: int = 0) -> list[torch.Tensor]:
+    """Snapshots whose C to the first spans 1e-16 .. 1: shrinking steps, a pure rescaling, a repeat."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, generator=generator)
+    out = [x.to(dtype)]
+    for size in [3e-1, 1e-1, 3e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]:
+        touched = torch.randint(0, p, (max(1, p // 50),), generator=generator)
+        step = torch.zeros(p)
+        step[touched] = size * torch.randn(touched.numel(), generator=generator)
+        out.append((out[-1].float() + step).to(dtype))
+    out.append((out[-1].float() * 1.5).to(dtype))  # parallel to the previous one
+    out.append(out[-1].clone())  # identical to the previous one
+    out.append(torch.randn(p, generator=generator).to(dtype))  # unrelated: C ≈ 1
+    return out
+
+
+def _check_against_references(got: float, a: np.ndarray, b: np.ndarray, truth: float | None = None) -> None:
+    truth = exact_cosine_dissimilarity(a, b) if truth is None else truth
+    if truth == 0:
+        assert got == 0.0
+        return
+    if truth >= 1e-9:
+        assert abs(got - truth) <= 1e-9 * truth, (got, truth)
+        landed = landed_cosine_dissimilarity(a, b)  # the exact form of the landed code, float64
+        assert abs(got - landed) <= 1e-9 * landed
+    else:
+        assert abs(got - truth) <= 1e-18
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_from_dot_products_have_relative_error_below_1e_9_and_exact_zeros(dtype):
+    vectors = _trajectory(dtype)
+    p = vectors[0].numel()
+    slices = [slice(0, 5000), slice(5000, 5010), slice(5010, p)]  # a big layer, a 10-element one, the rest
+    blocks = Blocks(p, slices)
+    stack = torch.stack(vectors)
+    norms = np.stack([squared_norms(v, blocks) for v in vectors])
+    exact = []  # per channel, per vector: (scaled integers, their squared norm)
+    for channel in range(blocks.channels):
+        start, stop = blocks.channel_range(channel)
+        ints = [integers(v[start:stop].float().numpy()) for v in vectors]
+        exact.append([(x, x.dot(x)) for x in ints])
+    used_dot = used_exact = 0
+    for i, v in enumerate(vectors):
+        values = cosine_rows(v, norms[i], stack, norms, blocks)
+        with np.errstate(invalid="ignore"):
+            used_exact += int((values < blocks.exact_below()[:, None]).sum())
+            used_dot += int((values >= blocks.exact_below()[:, None]).sum())
+        for j in range(i + 1):
+            for channel in range(blocks.channels):
+                start, stop = blocks.channel_range(channel)
+                x, y = exact[channel][i], exact[channel][j]
+                truth = exact_from_integers(x[0], y[0], x[1], y[1])
+                a, b = vectors[i][start:stop].float().numpy(), vectors[j][start:stop].float().numpy()
+                _check_against_references(values[channel, j], a, b, truth)
+    assert used_dot > 100 and used_exact > 100  # both forms were exercised
+
+
+def test_to_many_matches_exact_references_on_a_trajectory():
+    vectors = _trajectory(torch.float32, p=10_000, seed=1)
+    stack = torch.stack(vectors)
+    for v in vectors[::4]:
+        values = metrics.cosine_dissimilarity_to_many(v, stack).numpy()
+        for got, w in zip(values, vectors):
+            _check_against_references(float(got), v.numpy(), w.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ghost_pairs_use_the_exact_form(dtype):
+    vectors = _trajectory(dtype, p=20_000, seed=2)
+    for v, w in zip(vectors, vectors[1:]):
+        _check_against_references(metrics.cosine_dissimilarity(v, w), v.float().numpy(), w.float().numpy())
+    assert metrics.cosine_dissimilarity(vectors[4], vectors[4].clone()) == 0.0
+
+
+def test_the_switch_threshold_follows_the_derived_bound():
+    blocks = Blocks(10_000_000, [slice(0, 100), slice(100, 10_000_000)])
+    error = blocks.dot_error()
+    n = 2048 + np.ceil(np.log2(blocks.blocks)) + 1 + 3  # block width + tree heights (module docstring)
+    assert error[0] == pytest.approx(2 * n * 2.0**-53 + 6 * 2.0**-53, rel=1e-3)
+    assert error[1] < error[2]  # a 100-element layer sums fewer terms
+    assert np.all(blocks.exact_below() == pytest.approx(error * (1e9 + 1)))
+    assert 1e-4 < blocks.exact_below()[0] < 1e-3

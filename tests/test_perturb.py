@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynprobe.ghosts.perturbation import KINDS, Perturbation, PerturbationReport, perturb_
+from dynprobe.ghosts.perturbation import KINDS, Perturbation, PerturbationReport, add_ulps, perturb_
 
 NORMS = {"l2": 1e-3, "per_coord": 1e-4, "relative": 1e-3, "ulp": 2, "single_coord": 1e-2}
 
@@ -147,6 +147,58 @@ def test_ulp_moves_every_coordinate_by_exactly_k_ulps_with_a_random_sign(dtype, 
     assert report.changed == report.total == 10 + 350
     assert report.realized_norm == report.nominal_norm
     assert report.direction_cosine == pytest.approx(1.0, rel=1e-12)
+
+
+INTEGER_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
+
+
+@pytest.mark.parametrize("dtype", list(INTEGER_OF))
+@pytest.mark.parametrize("steps", [1, 2, 5, 70])
+def test_closed_form_ulps_equal_repeated_nextafter_bitwise(dtype, steps):
+    """Zeros of both signs, subnormals, the largest finite values (which saturate at ±inf), infinities and NaN."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.max, -info.max, math.inf, -math.inf, math.nan,
+                            1.0, -1.0], dtype=dtype)
+    subnormal = torch.tensor([1, -1, 2, -3], dtype=torch.float64) * float(info.tiny) * float(info.eps)
+    values = torch.cat([special, subnormal.to(dtype), torch.randn(200, generator=torch.Generator().manual_seed(1))
+                        .to(dtype)])
+    generator = torch.Generator().manual_seed(steps)
+    for _ in range(2):
+        upward = torch.randint(0, 2, values.shape, generator=generator, dtype=torch.bool)
+        toward = torch.where(upward, torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
+        looped = values.clone()
+        for _ in range(steps):
+            looped = torch.nextafter(looped, toward)
+        closed = add_ulps(values, steps, upward)
+        nan = torch.isnan(looped)
+        assert torch.equal(nan, torch.isnan(closed))
+        assert torch.equal(looped.view(INTEGER_OF[dtype])[~nan], closed.view(INTEGER_OF[dtype])[~nan])
+
+
+def test_a_huge_number_of_ulps_is_computed_in_closed_form():
+    """Perturbation(norm=1e9, kind='ulp') used to call nextafter a billion times."""
+    tensors = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    before = tensors[0].clone()
+    report = perturb_(tensors, Perturbation(1e9, "ulp", seed=2))
+    moved = (tensors[0].view(torch.int32).long() - before.view(torch.int32).long()).abs()
+    same_sign = torch.sign(tensors[0]) == torch.sign(before)
+    assert bool((moved[same_sign] == 10**9).all()) and same_sign.sum() > 900
+    assert report.changed == 1000
+    with pytest.raises(ValueError, match=r"at most 2\*\*52"):
+        Perturbation(2.0**53, "ulp")
+
+
+def test_the_report_counts_what_survives_rounding_to_lower_precision_dtypes():
+    tensors = weights()
+    before = clones(tensors)
+    report = perturb_(tensors, Perturbation(1e-3, "relative", seed=5))
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        expected = sum(int((a.to(dtype) != b.to(dtype)).sum()) for a, b in zip(tensors, before))
+        assert report.changed_at[name] == expected
+    assert 0 < report.changed_at["bfloat16"] < report.changed_at["float16"] < report.changed
+    one_bf16_ulp = perturb_(weights(), Perturbation(2**16, "ulp"))
+    assert one_bf16_ulp.changed_at["bfloat16"] == one_bf16_ulp.total
 
 
 def test_ulp_rejects_a_fractional_number_of_ulps():

@@ -121,7 +121,7 @@ def test_eval_data_is_subsampled_with_a_seed(tmp_path):
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "a", eval_max=40)
     probe.close()
     run = dynprobe.load_run(tmp_path / "a")
-    assert run.predictions(0).shape == (40,) and len(set(run.eval_indices.tolist())) == 40
+    assert run.predictions(index=0).shape == (40,) and len(set(run.eval_indices.tolist())) == 40
     other = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "b", eval_max=40)
     other.close()
     np.testing.assert_array_equal(run.eval_indices, dynprobe.load_run(tmp_path / "b").eval_indices)
@@ -136,7 +136,7 @@ def test_eval_data_from_a_shuffling_dataloader_leaves_rng_alone(tmp_path):
     assert torch.equal(rng, torch.get_rng_state())
     probe.close()
     run = dynprobe.load_run(tmp_path / "r")
-    assert run.predictions(0).shape == (50,)
+    assert run.predictions(index=0).shape == (50,)
 
 
 def test_dict_inputs_and_output_fn(tmp_path):
@@ -146,15 +146,19 @@ def test_dict_inputs_and_output_fn(tmp_path):
             self.linear = nn.Linear(20, 5)
 
         def forward(self, features, scale):
-            return {"logits": self.linear(features) * scale}
+            return {"scores": self.linear(features) * scale, "aux": torch.zeros(())}
 
     data = make_data()
     model = DictModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     inputs = {"features": data.x_test, "scale": torch.ones(data.x_test.shape[0], 1)}
-    probe = dynprobe.Probe(model, optimizer, eval_data=(inputs, data.y_test), out=tmp_path / "r")
+    with pytest.raises(ValueError, match="output_fn"):  # no .logits / ["logits"]: the default cannot find them
+        dynprobe.Probe(model, optimizer, eval_data=(inputs, data.y_test), out=tmp_path / "bad")
+    probe = dynprobe.Probe(model, optimizer, eval_data=(inputs, data.y_test), out=tmp_path / "r",
+                           output_fn=lambda output: output["scores"])
     probe.close()
-    assert dynprobe.load_run(tmp_path / "r").eval_accuracy.shape == (1,)
+    expected = (model(**inputs)["scores"].argmax(1) == data.y_test).double().mean().item()
+    assert dynprobe.load_run(tmp_path / "r").eval_accuracy[0] == pytest.approx(expected, abs=0)
 
 
 def test_explicit_step_api_counts_steps_and_leaves_training_identical(tmp_path):
@@ -177,7 +181,7 @@ def test_explicit_step_api_counts_steps_and_leaves_training_identical(tmp_path):
     run = dynprobe.load_run(tmp_path / "r")
     np.testing.assert_array_equal(run.steps, [0, 4, 8, 12])
     expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-    np.testing.assert_array_equal(run.params(3), expected)
+    np.testing.assert_array_equal(run.params(index=3), expected)
 
 
 def test_explicit_step_after_hook_steps_is_an_error(tmp_path):
@@ -385,3 +389,117 @@ def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_pa
 def test_on_transition_must_be_callable(tmp_path):
     with pytest.raises(TypeError, match="on_transition"):
         _probe(tmp_path, on_transition="later")
+
+
+class _RecordingLoss(nn.Module):
+    """Cross-entropy that remembers every value it returned (an independent record of the training loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+
+    def forward(self, logits, targets):
+        loss = nn.functional.cross_entropy(logits, targets)
+        self.values.append(float(loss))
+        return loss
+
+
+def test_train_loss_is_the_mean_of_every_watched_loss_since_the_previous_snapshot(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    recording = _RecordingLoss()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=[0, 3, 7, 12])
+    train(model, optimizer, scheduler, data, 12, criterion=probe.watch(recording))
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    losses = np.array(recording.values)
+    expected = [np.nan, losses[0:3].mean(), losses[3:7].mean(), losses[7:12].mean()]
+    np.testing.assert_allclose(run.train_loss, expected, rtol=1e-12)
+    assert [s.get("train_loss_calls") for s in run.snapshots] == [0, 3, 4, 5]
+
+
+def _crash(probe) -> None:
+    """What a killed process leaves: the hooks gone, no close() (nothing flushed, no final snapshot)."""
+    probe._closed = True
+    probe._remove_hooks()
+    probe.writer.close()  # the process's death releases the run's writer lock
+
+
+@pytest.mark.parametrize("stop", ["clean", "crash"])
+def test_train_loss_after_resuming_from_a_step_between_snapshots(tmp_path, stop):
+    # Uninterrupted reference: snapshots every 5 steps, 20 steps.
+    model, optimizer, scheduler, data = mlp_setup()
+    reference = _RecordingLoss()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "a", schedule=5)
+    torch.manual_seed(3)
+    train(model, optimizer, scheduler, data, 20, criterion=probe.watch(reference))
+    probe.close()
+    expected = dynprobe.load_run(tmp_path / "a").train_loss
+
+    # Interrupted at step 12 (a checkpoint between the snapshots at 10 and 15), resumed from that checkpoint.
+    model, optimizer, scheduler, data = mlp_setup()
+    first = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "b", schedule=5,
+                           snapshot_on_close=False)
+    torch.manual_seed(3)
+    train(model, optimizer, scheduler, data, 12, criterion=first.watch(_RecordingLoss()))
+    checkpoint = (state_of(model), copy.deepcopy(optimizer.state_dict()), torch.get_rng_state())
+    if stop == "clean":
+        first.close()  # the user stops at 12: the losses of steps 11 and 12 are flushed
+    else:
+        _crash(first)  # killed right after the checkpoint: they are lost with the process
+    model, optimizer, scheduler, data = mlp_setup()
+    model.load_state_dict(checkpoint[0])
+    optimizer.load_state_dict(checkpoint[1])
+    torch.set_rng_state(checkpoint[2])
+    second = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "b", schedule=5,
+                            resume=True, resume_step=12)
+    train(model, optimizer, scheduler, data, 8, criterion=second.watch(_RecordingLoss()))
+    second.close()
+    run = dynprobe.load_run(tmp_path / "b")
+    np.testing.assert_array_equal(run.steps, [0, 5, 10, 15, 20])
+    calls = [s.get("train_loss_calls") for s in run.snapshots]
+    if stop == "clean":
+        np.testing.assert_allclose(run.train_loss, expected, rtol=1e-12)  # exactly the uninterrupted means
+        assert calls == [0, 5, 5, 5, 5]
+    else:  # the stretch 11..15 covers what survived (13..15), and says so
+        np.testing.assert_allclose(run.train_loss[[0, 1, 2, 4]], expected[[0, 1, 2, 4]], rtol=1e-12)
+        assert calls == [0, 5, 5, 3, 5]
+        np.testing.assert_allclose(run.train_loss[3], np.mean(reference.values[12:15]), rtol=1e-12)
+
+
+def test_resume_refuses_a_model_that_is_not_at_the_resume_snapshot(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=5)
+    train(model, optimizer, scheduler, data, 10, criterion=probe.watch(nn.CrossEntropyLoss()))
+    probe.close()
+    fresh, optimizer, _, _ = mlp_setup()  # the user forgot to restore the checkpoint: step-0 weights
+    with pytest.raises(ValueError, match="equal the snapshot at step 0: pass resume_step=0"):
+        dynprobe.Probe(fresh, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume=True)
+    noise, optimizer, _, _ = mlp_setup()
+    with torch.no_grad():
+        next(noise.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="match no snapshot"):
+        dynprobe.Probe(noise, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume=True)
+    restored, optimizer, _, _ = mlp_setup()
+    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(2), strict=False)
+    dynprobe.Probe(restored, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                   resume=True).close()
+
+
+def test_resume_step_without_resume_is_an_error(tmp_path):
+    model, optimizer, _, data = mlp_setup()
+    with pytest.raises(ValueError, match="resume_step= is only meaningful with resume=True"):
+        dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume_step=3)
+    assert not (tmp_path / "r").exists()
+
+
+def test_parameters_added_after_attach_are_reported_once(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2)
+    model.register_parameter("late", nn.Parameter(torch.zeros(3)))
+    with pytest.warns(RuntimeWarning, match="1 trainable parameters were added") as caught:
+        train(model, optimizer, scheduler, data, 6, criterion=probe.watch(nn.CrossEntropyLoss()))
+        probe.close()
+    assert sum("were added" in str(w.message) for w in caught) == 1
+    assert dynprobe.load_run(tmp_path / "r").params(0).shape[0] == sum(
+        p.numel() for name, p in model.named_parameters() if name != "late")

@@ -1,6 +1,9 @@
 """The eNTK inside the Probe: probe set, stored kernels vs a naive autograd loop, S rows, ghost S, cone curves."""
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,9 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, KernelConfig, schedule
+from dynprobe._util.evaluation import EvalSet, balanced_subset
+from dynprobe.config import Barriers
+from dynprobe.recording.kernel_probe import KernelMeasure, kernel_companion_steps
 
 from .conftest import make_data
 
@@ -45,7 +51,7 @@ def kernel_run(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
                            schedule=schedule.at([0, 2, 5, 10, 15]), kernel=KernelConfig(n=20, seed=1),
-                           ghosts=Ghosts(at=[0, 5], barrier=False), errors="raise")
+                           ghosts=Ghosts(at=[0, 5]), barriers=Barriers(ghosts=False), errors="raise")
     criterion = probe.watch(nn.CrossEntropyLoss())
     for _ in range(15):
         index = torch.randint(0, 256, (32,))
@@ -63,14 +69,14 @@ def test_stored_kernels_match_a_naive_float64_loop_on_the_restored_snapshot(kern
     x = data.x_test[torch.as_tensor(run.eval_indices[probe_indices])]
     for index in (0, 3):
         model = SmoothNet()
-        model.load_state_dict(run.state_dict(index))
+        model.load_state_dict(run.state_dict(index=index))
         expected = naive_trace_ntk(model, x).numpy()
-        np.testing.assert_allclose(run.kernel(index), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_allclose(run.kernel(index=index), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
 def test_S_rows_equal_kernel_distances_of_the_stored_kernels(kernel_run):
     _, run = kernel_run
-    K = np.stack([run.kernel(i).ravel() for i in range(len(run))])
+    K = np.stack([run.kernel(index=i).ravel() for i in range(len(run))])
     unit = K / np.linalg.norm(K, axis=1, keepdims=True)
     expected = 1 - unit @ unit.T
     np.fill_diagonal(expected, 0)
@@ -98,11 +104,10 @@ def test_cone_curves(kernel_run):
     _, run = kernel_run
     t, s = run.kernel_distance_to(5)
     assert list(t) == [0, 2, 5, 10, 15] and s[2] == 0 and np.all(s[[0, 1, 3, 4]] > 0)
-    t, v = run.kernel_velocity()
-    assert list(t) == [0, 2, 5, 10] and np.allclose(v, [run.S[i, i + 1] / (run.steps[i + 1] - run.steps[i])
-                                                        for i in range(4)])
-    t, v = run.kernel_velocity(5)
-    assert list(t) == [0, 5, 10]
+    t, v = run.kernel_velocity()  # at the most common gap (5): S between snapshots exactly 5 steps apart
+    assert list(t) == [0, 5, 10] and np.array_equal(v, [run.S[0, 2], run.S[2, 3], run.S[3, 4]])
+    t, v = run.kernel_velocity(2)
+    assert list(t) == [0] and np.array_equal(v, [run.S[0, 1]])
     with pytest.raises(KeyError, match="not recorded"):
         run.kernel_distance_to(3)
 
@@ -113,7 +118,7 @@ def test_every_k_snapshots_and_nan_rows_in_between(tmp_path):
     model = SmoothNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=1,
-                           kernel=KernelConfig(n=10, every=2), errors="raise")
+                           kernel=KernelConfig(n=10, every_snapshots=2), errors="raise")
     for _ in range(4):
         loss = nn.functional.cross_entropy(model(data.x_train[:16]), data.y_train[:16])
         optimizer.zero_grad()
@@ -123,7 +128,7 @@ def test_every_k_snapshots_and_nan_rows_in_between(tmp_path):
     run = dynprobe.load_run(tmp_path / "r")
     assert list(run.kernel_steps) == [0, 2, 4]
     assert np.isnan(run.S[1]).all() and np.isfinite(run.S[np.ix_([0, 2, 4], [0, 2, 4])]).all()
-    assert run.kernel(1) is None
+    assert run.kernel(index=1) is None
 
 
 def test_probe_set_larger_than_the_eval_set_is_rejected(tmp_path):
@@ -140,3 +145,146 @@ def test_kernel_must_be_a_kernel_config(tmp_path):
     with pytest.raises(TypeError, match="KernelConfig"):
         dynprobe.Probe(model, torch.optim.SGD(model.parameters(), lr=0.1), eval_data=(data.x_test, data.y_test),
                        out=tmp_path / "r", kernel=128)
+
+
+# ----------------------------------------------------------------------------- KernelConfig
+def test_kernel_config_spellings():
+    assert KernelConfig(mode="single:3") == KernelConfig(mode="single", class_index=3)
+    with pytest.warns(DeprecationWarning, match="every_snapshots"):
+        old = KernelConfig(every=3)
+    assert old.every_snapshots == 3 and old.to_config()["every_snapshots"] == 3
+    config = KernelConfig(lag_steps=5, per_layer=True)
+    assert config.to_config()["lag_steps"] == 5 and config.to_config()["probe_set"] == "eval"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"n": 1}, ValueError, r"KernelConfig\(n=\) must be an int >= 2"),
+    ({"mode": "traces"}, ValueError, r"KernelConfig\(mode=\) must be one of"),
+    ({"mode": "single:x"}, ValueError, r"'single:k' needs an integer"),
+    ({"mode": "single:2", "class_index": 3}, ValueError, "disagree"),
+    ({"mode": "single"}, ValueError, r"class_index=k, or write mode='single:k'"),
+    ({"class_index": 2}, ValueError, "only used with mode='single'"),
+    ({"every_snapshots": 0}, ValueError, r"every_snapshots=\) must be an int >= 1"),
+    ({"every": 2, "every_snapshots": 3}, ValueError, "give only every_snapshots"),
+    ({"bn": "train"}, ValueError, "mixes the samples"),
+    ({"max_memory": -1}, ValueError, "max_memory"),
+    ({"per_layer": 1}, TypeError, "per_layer"),
+    ({"lag_steps": 0}, ValueError, r"lag_steps=\) must be an int >= 1"),
+    ({"probe_set": "test"}, ValueError, "'eval' or 'train'"),
+    ({"probe_set": "train"}, ValueError, r"needs train_data=\(inputs, targets\)"),
+    ({"train_data": (torch.zeros(4, 2), torch.zeros(4))}, ValueError, "only used with probe_set='train'"),
+    ({"probe_set": "train", "train_data": torch.zeros(4)}, TypeError, r"train_data=\) must be \(inputs, targets\)"),
+    ({"probe_set": "train", "train_data": (torch.zeros(4, 2), torch.zeros(3))}, ValueError, "same first dimension"),
+    ({"probe_set": "train", "train_data": (torch.zeros(40, 2), torch.zeros(40)), "n": 64}, ValueError,
+     "more probe examples than train_data holds"),
+])
+def test_kernel_config_errors_name_the_argument(kwargs, error, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(error, match=match):
+            KernelConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- cadence: every_snapshots, lag
+def test_companion_steps_are_one_lag_after_each_primary_kernel_step_without_one():
+    assert kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag=5) == [6, 7, 10, 18]
+    assert kernel_companion_steps(range(0, 100, 10), lag=10) == [100]
+    assert kernel_companion_steps([], lag=3) == []
+    with pytest.raises(ValueError, match="positive integer"):
+        kernel_companion_steps([0], lag=0)
+
+
+def drive(measure: KernelMeasure, scheduled_steps: list[int], last: int) -> list[tuple[int, str, bool]]:
+    """Run the probe's loop logic over steps 0..last: (step, kernel_role, scheduled) for every snapshot taken."""
+    taken = []
+    for step in range(last + 1):
+        scheduled = step in scheduled_steps
+        if scheduled or measure.snapshot_due(step):
+            kernel = measure.at_snapshot(step, scheduled=scheduled)
+            record = measure.snapshot_record()
+            assert (kernel is None) == ("kernel_role" not in record)
+            assert record.get("companion_only", False) == (not scheduled)
+            taken.append((step, record.get("kernel_role"), scheduled))
+    return taken
+
+
+def test_lag_places_companions_and_every_snapshots_counts_scheduled_snapshots_only():
+    data = make_data(n_test=40)
+    model = SmoothNet()
+    eval_set = EvalSet.from_user((data.x_test, data.y_test), max_examples=40, seed=0)
+    measure = KernelMeasure(KernelConfig(n=8, every_snapshots=2, lag_steps=3), model, eval_set,
+                            output_fn=lambda out: out, device=torch.device("cpu"))
+    taken = drive(measure, [0, 1, 2, 5, 10, 12], last=16)
+    # scheduled snapshot indices 0, 2, 4 (steps 0, 2, 10) are primary; companions at 3 (extra), 5 (scheduled, not
+    # primary by the cadence) and 13 (extra); step 12 (index 5) has none.
+    assert taken == [(0, "primary", True), (1, None, True), (2, "primary", True), (3, "companion", False),
+                     (5, "companion", True), (10, "primary", True), (12, None, True), (13, "companion", False)]
+    # a resumed run continues the same cadence from its records
+    records = [{"step": s, "kernel": role is not None, **({"kernel_role": role} if role else {}),
+                **({} if scheduled else {"companion_only": True})} for s, role, scheduled in taken[:5]]
+    resumed = KernelMeasure(KernelConfig(n=8, every_snapshots=2, lag_steps=3), model, eval_set,
+                            output_fn=lambda out: out, device=torch.device("cpu"))
+    resumed.resume(records)
+    assert [t for t in drive(resumed, [10, 12], last=16) if t[0] > 5] == taken[5:]
+
+
+def test_per_layer_arrays_come_with_the_snapshot_that_measured_them():
+    data = make_data(n_test=40)
+    model = SmoothNet()
+    eval_set = EvalSet.from_user((data.x_test, data.y_test), max_examples=40, seed=0)
+    measure = KernelMeasure(KernelConfig(n=8, per_layer=True), model, eval_set, output_fn=lambda out: out,
+                            device=torch.device("cpu"))
+    kernel = measure.at_snapshot(0)
+    arrays = measure.snapshot_arrays()
+    assert list(arrays) == ["kernel_layers"] and arrays["kernel_layers"].shape == (3, 8, 8)
+    np.testing.assert_allclose(arrays["kernel_layers"].sum(axis=0), kernel.numpy(), rtol=1e-12)
+    assert measure.snapshot_arrays() == {}  # handed out once
+    np.testing.assert_allclose(measure.measure().numpy(), kernel.numpy(), rtol=1e-12)
+
+
+def test_kernel_factory_replaces_the_engine():
+    data = make_data(n_test=40)
+    model = SmoothNet()
+    eval_set = EvalSet.from_user((data.x_test, data.y_test), max_examples=40, seed=0)
+    seen = []
+
+    def factory(make_engine):
+        engine = make_engine([name for name, _ in model.named_parameters()][-2:])
+        seen.append(engine)
+        return engine
+
+    measure = KernelMeasure(KernelConfig(n=8), model, eval_set, output_fn=lambda out: out,
+                            device=torch.device("cpu"), kernel_factory=factory)
+    assert measure.engine is seen[0] and len(measure.engine.wrt) == 2
+    with pytest.raises(ValueError, match="per_layer"):
+        KernelMeasure(KernelConfig(n=8, per_layer=True), model, eval_set, output_fn=lambda out: out,
+                      device=torch.device("cpu"), kernel_factory=lambda make: (lambda params=None: None))
+
+
+# ----------------------------------------------------------------------------- probe set: eval or train
+def test_train_probe_set_draws_class_balanced_training_examples_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    data = make_data(n_test=40)
+    model = SmoothNet()
+    config = KernelConfig(n=10, probe_set="train", train_data=(data.x_train, data.y_train), seed=3)
+    probe = dynprobe.Probe(model, torch.optim.SGD(model.parameters(), lr=0.1), eval_data=(data.x_test, data.y_test),
+                           out=tmp_path / "r", schedule=schedule.at([0]), kernel=config, errors="raise")
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    chosen = np.load(run.path / "kernel_probe_indices.npy")
+    assert np.bincount(data.y_train.numpy()[chosen], minlength=5).tolist() == [2, 2, 2, 2, 2]
+    expected = naive_trace_ntk(model, data.x_train[torch.as_tensor(chosen)]).numpy()
+    np.testing.assert_allclose(run.kernel(step=0), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    convention = run.manifest["conventions"]["kernel"]
+    assert convention["probe_set"] == "train" and "train_data" in convention["probe_set_draw"]
+    assert "train_data" not in json.dumps(run.manifest["config"]["kernel"]) or \
+        run.manifest["config"]["kernel"]["probe_set"] == "train"
+
+
+def test_probe_set_of_non_class_targets_is_a_seeded_uniform_draw():
+    targets = torch.randn(50)
+    first, second = balanced_subset(targets, 12, seed=4), balanced_subset(targets, 12, seed=4)
+    assert torch.equal(first, second) and len(set(first.tolist())) == 12
+    assert torch.equal(first, torch.randperm(50, generator=torch.Generator().manual_seed(4))[:12].sort().values)
+    tokens = torch.randint(0, 7, (50, 6))
+    assert torch.equal(balanced_subset(tokens, 12, seed=4), first)

@@ -13,8 +13,10 @@ from rich.console import Console
 
 import dynprobe
 from dynprobe.cli import _LazyProgress, main
-from dynprobe.report.html import build_report, write_html
+from dynprobe.report import figures
+from dynprobe.report.html import build_comparison, build_report, write_html
 from dynprobe.store.files import RunFormatError
+from dynprobe.store.runs import load_runs
 from dynprobe.store.writer import RunWriter
 
 from .synthetic_runs import uniform_steps, write_synthetic_run
@@ -46,12 +48,18 @@ def full_report(full_run):
     return (full_run / "report.html").read_text(encoding="utf-8")
 
 
+SECTIONS = ("summary", "training", "chaos", "trajectory", "cone", "layers", "switching", "evidence", "glossary",
+            "reference", "configuration")
+
+
 def test_full_report_has_every_section_and_every_figure_decodes(full_report):
-    for section in ("summary", "training", "trajectory", "chaos", "cone", "switching", "evidence", "configuration"):
+    for section in SECTIONS:
         assert f'<section id="{section}">' in full_report
     pictures = images(full_report)
-    # loss, accuracy, C/S/D/B maps, chaos maps, ghost-C peaks, Fig. 5a/5b/5c (+ zoom), velocity, Fig. 6, C peaks
-    assert len(pictures) == 15
+    # loss, accuracy, separation curves, growth rates, chaos maps, ghost-C level-offs, C/S/D/B/B_linear maps,
+    # Fig. 5a/5b, kernel velocity, Fig. 5c (+ zoom), per-layer C, S and S(t, τ), separation shares, Fig. 6,
+    # C level-offs
+    assert len(pictures) == 22
     for data in pictures:
         width, height = png_size(data)
         assert width > 100 and height > 100
@@ -94,7 +102,9 @@ def test_report_of_a_short_real_run_with_kernels_and_ghosts(tmp_path):
     for data_png in images(text):
         assert png_size(data_png)[0] > 100
     assert "mode trace, n = 8, BN eval" in text and "control ε=0" not in text  # labels live in the PNGs
-    assert text.count('class="missing"') == 1 and "switching_experiment" in text  # only Fig. 6 is missing
+    notes = re.findall(r'<div class="missing">(.*?)</div>', text)
+    assert any("switching_experiment" in n for n in notes)  # Fig. 6, and per-layer views this probe did not record
+    assert all("switching_experiment" in n or "per-layer" in n for n in notes), notes
 
 
 def test_report_of_a_run_without_kernels_or_ghosts_says_what_is_missing(tmp_path, capsys):
@@ -105,7 +115,7 @@ def test_report_of_a_run_without_kernels_or_ghosts_says_what_is_missing(tmp_path
     for hint in ("Probe(..., kernel=dynprobe.KernelConfig())", "Probe(..., ghosts=dynprobe.Ghosts(at=[0, 100, 1000]))",
                  "dynprobe.fill_barriers", "dynprobe.switching_experiment", "probe.watch(criterion)"):
         assert hint in text
-    assert len(images(text)) == 5  # loss, accuracy, C map, D map, C peaks
+    assert len(images(text)) == 6  # loss, accuracy, C map, D map, per-layer C, C level-offs
     assert "Report written to" in capsys.readouterr().out
 
 
@@ -137,6 +147,7 @@ def test_hostile_strings_are_escaped(tmp_path):
     assert "<script" not in text.lower()
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
     assert text.count("&lt;script&gt;") >= 4  # title/header path, model class, configuration, event
+    assert f"boom {HOSTILE}".replace("<", "&lt;").replace(">", "&gt;").replace("'", "&#x27;") in text
 
 
 def test_not_a_run_exits_3(tmp_path, capsys):
@@ -154,7 +165,9 @@ def test_unwritable_output_exits_4_before_any_figure_is_drawn(full_run, tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["report", str(full_run), "-o", str(blocker / "report.html")]) == 4
-    assert f"directory {blocker} does not exist" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"directory {blocker} does not exist" in captured.err
+    assert captured.out == ""  # failed before the summary was printed
     assert main(["report", str(full_run), "-o", str(tmp_path)]) == 4
     assert "is a directory" in capsys.readouterr().err
     assert main(["compare", str(full_run), str(full_run), "-o", str(blocker / "c.html")]) == 4
@@ -172,12 +185,13 @@ def test_corrupted_arrays_exit_3_with_the_file_named(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "S.rows is damaged" in error and "-7.5" in error
     assert not (tmp_path / "run" / "report.html").exists()
-    events = tmp_path / "run" / "events.jsonl"
+    write_synthetic_run(tmp_path / "events", steps=uniform_steps(500, 12), ghosts=())
+    events = tmp_path / "events" / "events.jsonl"
     lines = events.read_text().splitlines()
     lines[3] = lines[3][:20]
     events.write_text("\n".join(lines) + "\n")
-    assert main(["show", str(tmp_path / "run")]) == 3
-    assert "line 4 is not valid JSON" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "events")]) == 0  # the intact prefix, with a warning
+    assert "warning:" in (err := capsys.readouterr().err) and "line 4 is not valid JSON" in err
 
 
 def test_open_flag_opens_the_written_file(tmp_path, monkeypatch):
@@ -195,19 +209,52 @@ def test_show_prints_the_transition_and_cone_summary(full_run, capsys):
     assert "Phase transition" in out and "Cone" in out and "half-angle" in out and "agree" in out
 
 
-def test_compare_writes_a_side_by_side_report(full_run, tmp_path, monkeypatch, capsys):
+def test_compare_of_several_runs_writes_next_to_the_first_run(full_run, tmp_path, monkeypatch, capsys):
     other = tmp_path / "lr=$x^$"  # "$...$" is matplotlib mathtext, and "$x^$" fails to parse
+    third = tmp_path / "seed-2"
     write_synthetic_run(other, steps=uniform_steps(1000, 21), transition=600, kernels=False, ghosts=(0, 800))
+    write_synthetic_run(third, steps=uniform_steps(2000, 41), transition=300, seed=2)
     monkeypatch.chdir(tmp_path)
-    assert main(["compare", str(full_run), str(other)]) == 0
-    output = tmp_path / "compare-full-vs-lr=$x^$.html"
+    assert main(["compare", str(full_run), str(other), str(third)]) == 0
+    output = full_run.parent / "compare-full-vs-lr=_x__-vs-seed-2.html"  # next to the first run, not in the cwd
     text = output.read_text()
-    assert "Comparison: full vs lr=$x^$" in text and text.count('<div class="cols">') == 1 + 8
-    assert "Overlaid curves" in text
+    assert "Comparison of 3 runs: full, lr=$x^$, seed-2" in text
+    for section in ("table", "spread", "overlays", "runs"):
+        assert f'<section id="{section}">' in text
+    assert text.count('id="headline"') == 3 and "spread (max / min)" in text
     for data in images(text):
         assert png_size(data)[0] > 100
     out = capsys.readouterr().out
-    assert "Comparison" in out and "full" in out and "lr=$x^$" in out
+    assert "Comparison" in out and "full" in out and "lr=$x^$" in out and "seed-2" in out and "×" in out
+    results = [dynprobe.analysis.analyze(dynprobe.load_run(p)) for p in (full_run, other, third)]
+    steps = [r.transition.get("chaos").step for r in results]
+    found = [s for s in steps if s is not None]
+    assert f"×{max(found) / min(found):.2g} ({min(found)}–{max(found)})" in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(full_run)])
+    assert exit_info.value.code == 2
+
+
+def test_build_comparison_keeps_the_two_run_spelling(full_run, tmp_path):
+    write_synthetic_run(tmp_path / "b", steps=uniform_steps(500, 12), kernels=False, ghosts=())
+    text = build_comparison(dynprobe.load_run(full_run), dynprobe.load_run(tmp_path / "b"))
+    assert "Comparison of 2 runs: full, b" in text
+
+
+def test_load_runs_globs_run_directories(full_run, tmp_path):
+    for name in ("sweep-1", "sweep-2"):
+        write_synthetic_run(tmp_path / name, steps=uniform_steps(500, 12), kernels=False, ghosts=())
+    (tmp_path / "sweep-notes").mkdir()  # not a run: skipped
+    runs = load_runs(str(tmp_path / "sweep-*"))
+    assert [r.name for r in runs] == ["sweep-1", "sweep-2"]
+    (tmp_path / "sweep-3").mkdir()
+    (tmp_path / "sweep-3" / "run.json").write_text("{")
+    with pytest.raises(RunFormatError):
+        load_runs(str(tmp_path / "sweep-*"))
+    with pytest.warns(UserWarning, match="skipped"):
+        assert len(load_runs(str(tmp_path / "sweep-*"), errors="skip")) == 2
+    with pytest.raises(FileNotFoundError, match="no dynprobe run matches"):
+        load_runs(str(tmp_path / "nothing-*"))
 
 
 def test_report_leaves_pyplot_and_the_backend_alone(tmp_path):
@@ -241,7 +288,8 @@ def test_report_and_compare_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
-        assert "--log-steps" in out and "--open" in out and "-o OUTPUT" in out
+        assert "--log-steps" in out and "--open" in out and "-o OUTPUT" in out and "--log-y" in out
+        assert "--format {table,json}" in out
 
 
 def test_build_report_raises_run_format_error_before_writing(tmp_path):
@@ -252,3 +300,147 @@ def test_build_report_raises_run_format_error_before_writing(tmp_path):
     rows.write_bytes(bytes(data))
     with pytest.raises(RunFormatError, match=r"D\.rows is damaged"):
         build_report(dynprobe.load_run(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------------------------- readable report
+
+
+def test_report_opens_with_the_headline_and_ends_with_a_glossary_and_the_reference(full_run, full_report):
+    result = dynprobe.analysis.analyze(dynprobe.load_run(full_run))
+    headline = re.search(r'<div class="headline" id="headline"><p class="answer">(.*?)</p>', full_report).group(1)
+    assert headline == result.transition.headline.replace("'", "&#x27;")
+    assert full_report.index('id="headline"') < full_report.index('<section id="summary">')
+    assert re.search(r"at about step \d+ \(between steps \d+ and \d+\)", headline)
+    glossary = full_report[full_report.index('<section id="glossary">'):]
+    for term in ("ghost", "B_linear", "λ(t0, Δ), growth rate", "undetermined"):
+        assert f"<dt>{term}</dt>" in glossary
+    reference = full_report[full_report.index('<section id="reference">'):]
+    assert "<i>New Evidence of the Two-Phase Learning Dynamics of Neural Networks</i>" in reference
+    assert "Zhou, Yongyi Yang, Masashi Sugiyama and Junchi Yan" in reference
+    for equation in ("eq. (1)", "eq. (4)", "eq. (5)", "eq. (6)"):
+        assert equation in reference
+    # Each section opens in plain language; the paper's internal names stay out of the openings.
+    for intro in re.findall(r'<p class="intro">(.*?)</p>', full_report):
+        assert "Finding" not in intro and "eq. (" not in intro
+    assert len(re.findall(r'<p class="intro">', full_report)) >= 8
+    assert "<title>dynprobe report — full</title>" in full_report
+    assert "<h1>Training dynamics of full</h1>" in full_report
+
+
+def test_undetermined_headline_says_why(tmp_path):
+    write_synthetic_run(tmp_path / "run", steps=uniform_steps(500, 12), kernels=False, ghosts=(0, 300), horizon=350,
+                        transition=5000)
+    text = build_report(dynprobe.load_run(tmp_path / "run"))
+    headline = re.search(r'<p class="answer">(.*?)</p>', text).group(1)
+    assert headline.startswith("Transition undetermined, because")
+
+
+def captured_report(run: dynprobe.Run, **kwargs):
+    with figures.capture_figures() as captured:
+        text = build_report(run, **kwargs)
+    return text, captured
+
+
+def test_every_figure_has_labelled_axes_and_a_title(full_run):
+    """Read from the matplotlib figures right before they are rendered: every plotting axes has a title and both
+    axis labels; the other axes are colorbars or twins (sharing x with a titled one) and carry their own label."""
+    _, captured = captured_report(dynprobe.load_run(full_run))
+    assert len(captured) == 22
+    for figure in captured:
+        titled = [ax for ax in figure.axes if ax.get_title()]
+        assert titled, [ax.get_ylabel() for ax in figure.axes]
+        for ax in figure.axes:
+            if ax in titled:
+                assert ax.get_xlabel() and ax.get_ylabel(), (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())
+            else:
+                twin = any(ax.get_shared_x_axes().joined(ax, other) for other in titled)
+                assert hasattr(ax, "_colorbar") or twin, ax
+                assert ax.get_ylabel() or ax.get_xlabel(), ax
+
+
+def test_one_transition_marker_in_every_figure_and_method_markers_are_labelled(full_run):
+    run = dynprobe.load_run(full_run)
+    result = dynprobe.analysis.analyze(run)
+    step = result.transition.step
+    assert step is not None
+    _, captured = captured_report(run, result=result)
+    colour = matplotlib.colors.to_rgba(figures.TRANSITION_STYLE["color"])
+    marked = 0
+    for figure in captured:
+        for ax in figure.axes:
+            for line in ax.get_lines():
+                if matplotlib.colors.to_rgba(line.get_color()) == colour and line.get_linestyle() == "--":
+                    label = line.get_label()
+                    assert label.startswith("_") or label == f"transition (consensus) ≈ {step}", label
+                    marked += 1
+                if line.get_linestyle() == ":" and not line.get_label().startswith("_"):
+                    assert " estimate " in line.get_label()  # e.g. "kernel-velocity estimate 300"
+    assert marked >= 12
+
+
+def test_exact_zeros_are_hatched_and_labelled_on_log_scales(full_run):
+    _, captured = captured_report(dynprobe.load_run(full_run))
+    hatched = {}
+    for figure in captured:
+        for ax in figure.axes:
+            patches = [p for p in ax.patches if p.get_hatch()]
+            legend = ax.get_legend()
+            labels = [t.get_text() for t in legend.get_texts()] if legend else []
+            if patches:
+                hatched[ax.get_title()] = labels
+    assert "main vs ghost: C" in hatched and "main vs ghost: L2" in hatched
+    assert "exactly 0" in hatched["main vs ghost: C"]
+    assert "control ε = 0: separation exactly 0" in hatched["How much each ghost's perturbation has grown"]
+
+
+def test_loss_axis_is_logarithmic_with_a_spike_or_when_asked(tmp_path):
+    write_synthetic_run(tmp_path / "run", steps=uniform_steps(500, 12), kernels=False, ghosts=())
+    run = dynprobe.load_run(tmp_path / "run")
+    assert figures.wants_log_y(np.array([1.0, 0.9, 55_000.0, 0.8]), None)
+    assert not figures.wants_log_y(np.array([2.3, 1.5, 0.9, 0.5]), None)
+    for kwargs, scale in (({}, "linear"), ({"log_y": True}, "log")):
+        _, captured = captured_report(run, **kwargs)
+        loss = next(ax for f in captured for ax in f.axes if ax.get_title() == "Loss")
+        assert loss.get_yscale() == scale
+    output = tmp_path / "log.html"
+    assert main(["report", str(tmp_path / "run"), "-o", str(output), "--log-y"]) == 0
+
+
+def test_event_details_are_filled(full_run, tmp_path):
+    from dynprobe.store.files import append_jsonl
+
+    root = tmp_path / "run"
+    write_synthetic_run(root, steps=uniform_steps(500, 12), kernels=False, ghosts=())
+    detected = {"method": "online", "step": 100, "interval": [50, 100], "quality": "high",
+                "summary": "S(t, t+50) fell below 1/5 of its peak", "evidence": {}}
+    append_jsonl(root / "events.jsonl", {"event": "transition", "step": 150, "estimate": detected})
+    append_jsonl(root / "events.jsonl", {"event": "shadow_drift", "step": 200, "L2": 1e-6, "C": 1e-12})
+    text = build_report(dynprobe.load_run(root))
+    assert "<td>transition</td><td>150</td><td>S(t, t+50) fell below 1/5 of its peak</td>" in text
+    assert "&quot;L2&quot;: 1e-06" in text
+
+
+def test_per_layer_section_shows_c_s_and_separation_shares(full_run, tmp_path):
+    from dynprobe.analysis.layers import layer_view
+
+    from .synthetic_runs import SEPARATION_SHARES
+
+    run = dynprobe.load_run(full_run)
+    view = layer_view(run, transition=300)
+    assert view.layers == ["features.0", "features.3", "head"] and view.C_lag == 50 and not view.missing
+    k = int(np.flatnonzero(run.steps == 300)[0])
+    np.testing.assert_array_equal(view.C[:, list(view.C_steps).index(300)], run.C_layers[:, k, k + 1])
+    np.testing.assert_array_equal(view.S[:, list(view.S_steps).index(300)], run.S_layers[:, k, k + 1])
+    assert view.S_lag == 50 and view.tau == 300
+    np.testing.assert_array_equal(view.S_tau[:, 0], run.S_layers[:, k, k])
+    np.testing.assert_allclose(view.separation_share[:, 0], SEPARATION_SHARES[True])
+    np.testing.assert_allclose(view.separation_share[:, -1], SEPARATION_SHARES[False])
+    _, captured = captured_report(run)
+    titles = [ax.get_title() for f in captured for ax in f.axes]
+    for title in ("Direction change per layer, C_l(t, t + 50)", "Kernel change per layer, S_l(t, t + 50)",
+                  "Per-layer kernel distance to step 300, S_l(t, 300)"):
+        assert title in titles
+    write_synthetic_run(tmp_path / "flat", steps=uniform_steps(500, 12), kernels=False, ghosts=(), layers=False)
+    text = build_report(dynprobe.load_run(tmp_path / "flat"))
+    section = text[text.index('<section id="layers">'):text.index('<section id="switching">')]
+    assert "no per-layer C" in section and "<img" not in section

@@ -75,7 +75,7 @@ def test_every_figure_decodes_in_headless_chromium(browser, report, tmp_path):
     found = re.search(r'<pre id="dynprobe-image-check">(.*?)</pre>', result.stdout, re.S)
     assert found, "the page's load handler did not run: " + result.stdout[:500]
     check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert check["sections"] == 8 and check["title"].startswith("dynprobe report")
+    assert check["sections"] == 11 and check["title"].startswith("dynprobe report")
     expected = report.read_text(encoding="utf-8").count("<img")
     assert len(check["images"]) == expected >= 10
     for image in check["images"]:

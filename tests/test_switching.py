@@ -129,7 +129,7 @@ def cnn_run(tmp_path) -> Setup:
 
 def snapshot_model(setup: Setup, step: int) -> nn.Module:
     model = setup.make_model()
-    model.load_state_dict(setup.run.state_dict(setup.run.index_of(step)), strict=False)
+    model.load_state_dict(setup.run.state_dict(step=step), strict=False)
     return model.double().eval()
 
 
@@ -259,7 +259,7 @@ def test_reset_bn_batches_re_estimates_statistics_on_the_stream_from_the_switch_
     result = cnn_run.switch([t], reset_bn_batches=batches)
     statistics = batchnorm_statistics_by_hand(cnn_run, t, steps)
     assert not torch.allclose(statistics["features.1.running_var"],  # the snapshot's own statistics differ
-                              cnn_run.run.state_dict(cnn_run.run.index_of(t))["features.1.running_var"].double())
+                              cnn_run.run.state_dict(step=t)["features.1.running_var"].double())
     loss, accuracy = reference_switch(cnn_run, t, weight_decay=1e-2, buffers=statistics)
     assert result["eval_loss"][0] == pytest.approx(loss, rel=1e-5)
     assert result["eval_accuracy"][0] == pytest.approx(accuracy)

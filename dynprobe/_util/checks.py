@@ -1,6 +1,7 @@
 """Validation of the probe's inputs: every mistake fails at ``Probe(...)``, naming the argument and the fix."""
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any
 
@@ -49,8 +50,9 @@ def check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (numpy integers included, bools refused), at least ``minimum``; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+    return int(value)

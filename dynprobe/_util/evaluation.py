@@ -62,6 +62,12 @@ class EvalSet:
     def n(self) -> int:
         return int(self.targets.shape[0])
 
+    @property
+    def prediction_size(self) -> int:
+        """Length of one evaluation's prediction vector (``run.predictions``): ``n`` for classification, the
+        number of scored tokens, or ``n`` × output coordinates for regression."""
+        return self.task.prediction_size(self.targets)
+
     @classmethod
     def from_user(cls, eval_data: Any, *, max_examples: int, seed: int, task: Any = None) -> EvalSet:
         """Build from ``(inputs, targets)`` or a DataLoader, subsampled (seeded) to ``max_examples``.
@@ -101,6 +107,7 @@ class EvalSet:
             )
         if n_inputs == 0:
             raise ValueError("eval_data is empty")
+        check_inputs(inputs, "eval_data", finite=False)  # meta tensors cannot even be subsampled
         if n_inputs > max_examples:
             generator = torch.Generator().manual_seed(seed)
             indices = torch.randperm(n_inputs, generator=generator)[:max_examples].sort().values

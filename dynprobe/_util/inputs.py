@@ -90,13 +90,14 @@ def _tensors(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
     return [(f"inputs[{name!r}]", t) for name, t in inputs.items() if isinstance(t, torch.Tensor)]
 
 
-def check_inputs(inputs: Inputs, where: str = "eval_data") -> None:
-    """Refuse inputs that would make every metric meaningless: meta-device tensors (no data) and NaN/inf values."""
+def check_inputs(inputs: Inputs, where: str = "eval_data", *, finite: bool = True) -> None:
+    """Refuse inputs that would make every metric meaningless: meta-device tensors (no data) and (``finite``)
+    NaN/inf values."""
     for name, tensor in _tensors(inputs):
         if tensor.is_meta:
             raise ValueError(f"{where} {name} is on the meta device (a shape without data); load the data onto a real "
                              "device before attaching the probe")
-        if (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
+        if finite and (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
             finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1) if tensor.dim() else \
                 torch.isfinite(tensor).reshape(1)
             if not bool(finite.all()):

@@ -6,7 +6,7 @@ per-module train/eval flags, RNG streams), it looks exactly the same afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ __all__ = [
     "device_of",
     "eval_mode",
     "flatten_parameters",
+    "layer_name",
+    "layer_slices",
     "preserved_rng",
     "rng_devices",
     "trainable_parameters",
@@ -41,6 +43,37 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def flatten_parameters(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``vec(θ)``: the parameters concatenated in order, as one detached vector of ``dtype`` on their device."""
     return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+
+
+def layer_name(parameter_name: str) -> str:
+    """The layer that owns a parameter: its name without the last component (``features.0`` for
+    ``features.0.weight``); ``""`` for a parameter of the root module (shown as ``(root)``)."""
+    return parameter_name.rpartition(".")[0]
+
+
+def layer_slices(named_params: Iterable[tuple[str, torch.Tensor | int]]) -> list[tuple[str, slice]]:
+    """The layers of ``vec(θ)`` and the slice of it each one owns, in first-appearance order.
+
+    ``named_params`` lists ``(name, parameter)`` — or ``(name, numel)``, as the run manifest records them — in
+    the order of ``vec(θ)``. A layer is the module that owns a parameter tensor (:func:`layer_name`);
+    ``named_parameters()`` yields a module's own parameters together, so each layer is one contiguous slice.
+    Per-layer views of a run (per-layer C, per-layer eNTK, per-layer ghost separation) all use this split.
+    Should a layer's parameters ever not be adjacent, each adjacent run of them is a layer of its own, the
+    later ones named ``name#2``, ``name#3``, ... (the slices always tile ``vec(θ)`` exactly).
+    """
+    layers: list[tuple[str, slice]] = []
+    seen: dict[str, int] = {}
+    previous, offset = None, 0
+    for name, tensor in named_params:
+        numel = int(tensor) if isinstance(tensor, int) else int(tensor.numel())
+        layer = layer_name(name)
+        if layers and layer == previous:
+            layers[-1] = (layers[-1][0], slice(layers[-1][1].start, offset + numel))
+        else:
+            seen[layer] = seen.get(layer, 0) + 1
+            layers.append((layer if seen[layer] == 1 else f"{layer}#{seen[layer]}", slice(offset, offset + numel)))
+        previous, offset = layer, offset + numel
+    return layers
 
 
 @contextlib.contextmanager

@@ -97,6 +97,11 @@ class Task:
         """A flat vector, one entry per unit of D, in example order."""
         raise NotImplementedError
 
+    def prediction_size(self, targets: torch.Tensor) -> int:
+        """Length of the prediction vector on ``targets``: examples (classification), scored tokens (tokens),
+        output coordinates (regression)."""
+        return int(targets.shape[0])
+
     def disagreement(self, preds_a: Any, preds_b: Any) -> float:
         """D between two prediction vectors of this task."""
         a, b = torch.as_tensor(preds_a).reshape(-1), torch.as_tensor(preds_b).reshape(-1)
@@ -246,6 +251,9 @@ class TokenTask(Task):
         logits, _ = self._valid(outputs, targets)
         return logits.argmax(dim=-1)
 
+    def prediction_size(self, targets: torch.Tensor) -> int:
+        return self.units(targets)
+
     def units(self, targets: torch.Tensor) -> int:
         """Number of scored tokens in ``targets``."""
         labels = targets[:, 1:] if self.shift else targets
@@ -316,6 +324,9 @@ class RegressionTask(Task):
 
     def predictions(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return outputs.detach().to(_compute_dtype(outputs)).reshape(-1)
+
+    def prediction_size(self, targets: torch.Tensor) -> int:
+        return int(targets.numel())
 
     def disagreement_to_many(self, preds: Any, many: Any) -> torch.Tensor:
         a = torch.as_tensor(preds).reshape(1, -1).to(torch.float64)

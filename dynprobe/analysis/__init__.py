@@ -5,7 +5,8 @@
   estimate; :mod:`.verdicts` — each ghost diverged/close/borderline, with its thresholds.
 * :mod:`.estimators` — Finding I on C maps and the kernel velocity on a fixed lag, as pure functions of arrays;
   :mod:`.estimate` — the result types and the consensus.
-* :mod:`.cone` — cone numbers and the kernel-trajectory embedding; :mod:`.detector` — the online detector.
+* :mod:`.cone` — cone numbers and the kernel-trajectory embedding; :mod:`.detector` — the online detector;
+  :mod:`.layers` — per-layer C, S and shares of the ghost separation.
 """
 from .cone import ConeNumbers, ConeSummary, KernelEmbedding, cone_numbers, cone_summary, kernel_embedding
 from .detector import TransitionDetector
@@ -18,6 +19,7 @@ from .estimators import (
     transition_from_kernel_velocity,
     transition_from_trajectory_C,
 )
+from .layers import LayerView, layer_view
 from .run_analysis import (
     RunAnalysis,
     analyze,
@@ -44,6 +46,7 @@ __all__ = [
     "GhostOutcome",
     "GhostVerdict",
     "KernelEmbedding",
+    "LayerView",
     "RunAnalysis",
     "SeparationCurve",
     "TransitionDetector",
@@ -64,6 +67,7 @@ __all__ = [
     "kernel_embedding",
     "kernel_lag_series",
     "kernel_subset",
+    "layer_view",
     "level_off_step",
     "sensitivity_table",
     "separation_curves",

@@ -7,16 +7,20 @@ without a kernel) as plain arrays; only the snapshots with a kernel are used.
   half-angle ``arccos(1 − max_t S(t, τ))``. S is one minus the cosine between kernels seen as vectors (Frobenius
   inner product), so ``arccos(1 − S)`` is the angle between H(θ_t) and H(θ_τ): the kernels after τ stay within a
   cone of that half-angle around H(θ_τ).
-* :func:`lag_curve` — S(t, t + dt) (Fig. 5b); in the cone phase curves of different dt share one upper bound.
+* :func:`lag_curve` — S(t, t + dt) between snapshots exactly dt apart (Fig. 5b); in the cone phase curves of
+  different dt share one upper bound.
 * :func:`kernel_embedding` — classical MDS of the kernel trajectory (Fig. 5c).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from dynprobe._util.steps import lag_pairs, most_common_gap
 
 from .estimators import kernel_subset
 
@@ -93,36 +97,35 @@ def default_taus(kernel_steps: np.ndarray, transition_step: int | None = None, c
     return sorted(picks)
 
 
-def lag_curve(steps: np.ndarray, S: np.ndarray, dt: int, *, rel_tol: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """S(t, t + dt) over kernel snapshots (Fig. 5b): for each kernel step t, the later kernel step closest to
-    t + dt, kept if it is within ``rel_tol · dt`` of it (exact pairs on a regular grid; the nearest on a
-    log-spaced one). Returns ``(t, values)``."""
-    if dt <= 0:
+def lag_curve(steps: np.ndarray, S: np.ndarray, dt: int, *, rel_tol: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """S(t, t + dt) over kernel snapshots exactly ``dt`` steps apart (Fig. 5b; pairs from
+    :func:`dynprobe._util.steps.lag_pairs`, the definition every kernel velocity uses). Returns ``(t, values)``.
+    ``rel_tol`` (nearest-step matching, removed: a pair a few steps off is another lag) is deprecated and ignored."""
+    if rel_tol is not None:
+        warnings.warn("lag_curve(rel_tol=) is deprecated and ignored: pairs are exactly dt steps apart",
+                      DeprecationWarning, stacklevel=2)
+    if isinstance(dt, bool) or not isinstance(dt, (int, np.integer)) or dt <= 0:
         raise ValueError(f"dt must be a positive number of steps; got {dt}")
     kernel_steps, K = kernel_subset(steps, S)
-    if kernel_steps.size < 2:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    gap = kernel_steps[None, :] - kernel_steps[:, None] - dt  # [i, j]: t_j − t_i − dt
-    error = np.where(kernel_steps[None, :] > kernel_steps[:, None], np.abs(gap), np.inf)
-    partner = np.argmin(error, axis=1)
-    ok = error[np.arange(kernel_steps.size), partner] <= rel_tol * dt
-    rows = np.flatnonzero(ok)
-    values = K[rows, partner[rows]]
+    i, j = lag_pairs(kernel_steps, int(dt))
+    values = K[i, j] if i.size else np.zeros(0)
     finite = np.isfinite(values)
-    return kernel_steps[rows][finite], values[finite]
+    return kernel_steps[i][finite], values[finite]
 
 
 def default_lags(kernel_steps: np.ndarray, count: int = 4) -> list[int]:
-    """Lags for Fig. 5b: the typical late spacing d of kernel snapshots times 1, 2, 4, 8, … (``count`` values),
-    keeping those shorter than half the run."""
+    """Lags for Fig. 5b: the most common gap between kernel snapshots (the companion lag of
+    ``KernelConfig(lag_steps=)``, or the regular spacing) times 1, 2, 4, 8, … (``count`` values), keeping those
+    shorter than half the run that have at least three exact pairs."""
     kernel_steps = np.asarray(kernel_steps, dtype=np.int64)
-    if kernel_steps.size < 3:
+    base = most_common_gap(kernel_steps)
+    if base is None or kernel_steps.size < 3:
         return []
-    late = np.diff(kernel_steps[kernel_steps.size // 2:])
-    base = int(np.median(late)) if late.size else int(kernel_steps[-1] - kernel_steps[0])
-    base = max(base, 1)
     span = kernel_steps[-1] - kernel_steps[0]
-    return [base * 2**k for k in range(count) if base * 2**k <= span / 2] or [base]
+    lags = [base * 2**k for k in range(count) if base * 2**k <= span / 2]
+    usable = [lag for lag in lags if lag_pairs(kernel_steps, lag)[0].size >= 3]
+    return usable or [base]
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def cone_summary(steps: np.ndarray, S: np.ndarray, *, taus: Sequence[int] | None
     :func:`default_lags` over t ≥ ``transition_step``, and the embedding."""
     kernel_steps, _ = kernel_subset(steps, S)
     if kernel_steps.size < 4:
-        reason = ("no eNTK kernels in this run: pass Probe(..., kernel=dynprobe.KernelConfig())" if kernel_steps.size == 0
+        reason = ("no eNTK kernels in this run: pass Probe(..., kernel=dynprobe.KernelConfig())"
+                  if kernel_steps.size == 0
                   else f"only {kernel_steps.size} kernel snapshot(s); the cone needs at least 4")
         return ConeSummary(False, reason, kernel_steps)
     chosen = list(taus) if taus is not None else default_taus(kernel_steps, transition_step)

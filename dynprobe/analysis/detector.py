@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dynprobe._util.steps import lag_pairs
+
 from .estimate import TransitionEstimate
 
 __all__ = ["TransitionDetector"]
@@ -59,7 +61,6 @@ class TransitionDetector:
         self.c_drop_factor, self.min_snapshots = float(c_drop_factor), min_snapshots
         self.lag_steps = lag_steps
         self.steps: list[int] = []
-        self._index: dict[int, int] = {}
         self._kernel: set[int] = set()  # indices of snapshots with a kernel
         self._gaps: dict[int, int] = {}  # gap between consecutive snapshots → count
         # lag → ([(t, S(t, t+lag))], [(t, C(t, t+lag))]) for the lags that can be chosen
@@ -81,17 +82,20 @@ class TransitionDetector:
         c_row = self._row("c_row", c_row, k)
         s_row = None if s_row is None else self._row("s_row", s_row, k)
         self.steps.append(step)
-        self._index[step] = k
         if s_row is not None and math.isfinite(s_row[k]):
             self._kernel.add(k)
         if k >= 1:
             gap = step - self.steps[k - 1]
             self._gaps[gap] = self._gaps.get(gap, 0) + 1
         lags = {self.lag_steps} if self.lag_steps is not None else set(self._gaps)
+        recent = np.asarray(self.steps[-self._window(lags):], dtype=np.int64)
+        offset = len(self.steps) - recent.size
         for lag in lags:
-            p = self._index.get(step - lag)
-            if p is None:
+            earlier, later = lag_pairs(recent, lag)  # the one definition of a lag pair
+            ending = earlier[later == recent.size - 1]
+            if ending.size == 0:
                 continue
+            p = offset + int(ending[0])
             pairs = self._pairs.setdefault(lag, ([], []))
             if math.isfinite(c_row[p]):
                 pairs[1].append((self.steps[p], float(c_row[p])))
@@ -101,6 +105,11 @@ class TransitionDetector:
             return None
         self.estimate = self._decide(step)
         return self.estimate
+
+    def _window(self, lags: set[int]) -> int:
+        """How many recent snapshots can hold a partner of the newest one: steps increase by at least 1, so the
+        partner of a pair ending now is at most ``max(lags)`` snapshots back."""
+        return max(lags, default=0) + 1
 
     @property
     def lag(self) -> int | None:

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-__all__ = ["CONSENSUS_METHODS", "METHOD_LABELS", "TransitionEstimate", "TransitionReport", "combine_estimates", "unavailable"]
+__all__ = ["CONSENSUS_METHODS", "METHOD_LABELS", "TransitionEstimate", "TransitionReport", "combine_estimates",
+           "unavailable"]
 
 QUALITIES = ("high", "medium", "low", "bound", "undetermined", "none", "unavailable")
 METHOD_LABELS = {
@@ -139,8 +138,11 @@ def combine_estimates(estimates: Sequence[TransitionEstimate], *, tolerance: flo
                        for e in voting)
     if not points:
         reasons = [e.summary for e in estimates if e.method in CONSENSUS_METHODS and e.quality != "unavailable"]
+        undetermined = [e for e in estimates if e.method in CONSENSUS_METHODS and e.quality == "undetermined"]
         if bounds:
             summary = f"no estimator located the transition, only bounds: {listed}"
+            if undetermined:
+                summary += f" ({undetermined[0].method}: {undetermined[0].summary.removeprefix('undetermined: ')})"
         elif reasons:
             summary = "no estimator located it: " + " / ".join(reasons[:2])
         else:

@@ -48,7 +48,8 @@ def level_off_step(steps: np.ndarray, values: np.ndarray, *, fraction: float = 0
     is the first grid point from which r stays at or below ``fraction`` of its running maximum (the largest rate
     seen so far, not over the whole run) for ``patience`` consecutive grid points; it is reported as the last
     recorded step at or before it (interpolation spreads a rise over the snapshot interval that holds it, so the
-    grid crosses at or after that interval's end). Only data up to shortly after that point are read, so cutting the run later does
+    grid crosses at or after that interval's end). Only data up to shortly after that point are read, so cutting
+    the run later does
     not move it, and a spike after it (at the last snapshot, say) cannot either. A power-law rise, C ∝ t^a, has
     a rate that grows with C: it levels off only when C saturates.
     """
@@ -161,7 +162,8 @@ def transition_from_ghost_C(steps: np.ndarray, chaos_C: np.ndarray, *, rate_frac
     steps = np.asarray(steps, dtype=np.int64)
     chaos_C = np.asarray(chaos_C, dtype=np.float64).reshape(-1, steps.size)
     if chaos_C.shape[0] == 0:
-        return unavailable("ghost_C", "no perturbed ghosts in this run: pass Probe(..., ghosts=dynprobe.Ghosts(at=[...]))")
+        return unavailable("ghost_C", "no perturbed ghosts in this run: pass "
+                                      "Probe(..., ghosts=dynprobe.Ghosts(at=[...]))")
     row_ids = list(range(chaos_C.shape[0])) if row_ids is None else list(row_ids)
     rows, starts, ids = [], [], []
     for row_id, row in zip(row_ids, chaos_C):
@@ -221,7 +223,8 @@ def transition_from_kernel_velocity(steps: np.ndarray, S: np.ndarray, *, lag: in
     """
     kernel_steps, _ = kernel_subset(steps, S)
     if kernel_steps.size == 0:
-        return unavailable("kernel_velocity", "no eNTK kernels in this run: pass Probe(..., kernel=dynprobe.KernelConfig())")
+        return unavailable("kernel_velocity", "no eNTK kernels in this run: pass "
+                                              "Probe(..., kernel=dynprobe.KernelConfig())")
     lag, t, s = kernel_lag_series(steps, S, lag)
     positive = s > 0
     t, s = t[positive], s[positive]

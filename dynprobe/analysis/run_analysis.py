@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynprobe.store.files import RunFormatError
+from dynprobe.store.layout import rows_path
 from dynprobe.store.run import Run
 
 from .cone import ConeSummary, cone_summary
@@ -53,7 +54,6 @@ __all__ = [
     "estimate_transition",
     "ghost_outcomes",
     "ghost_verdicts",
-    "kernel_lag",
     "kernel_subset",
     "separation_curves",
     "transition_from_chaos",
@@ -160,13 +160,6 @@ def separation_curves(run: Run) -> list[SeparationCurve]:
     return curves
 
 
-def kernel_lag(run: Run) -> int | None:
-    """The lag of the run's companion kernel snapshots (``KernelConfig(lag_steps=)``), if it placed them."""
-    kernel = run.config.get("kernel")
-    lag = kernel.get("lag_steps") if isinstance(kernel, dict) else None
-    return int(lag) if isinstance(lag, int) and not isinstance(lag, bool) and lag > 0 else None
-
-
 def _online_estimate(run: Run) -> TransitionEstimate | None:
     """The estimate the online detector recorded in the run's events (``{"event": "transition", ...}``), if any."""
     record = next((e for e in run.events if e.get("event") == "transition"), None)
@@ -180,13 +173,15 @@ def _online_estimate(run: Run) -> TransitionEstimate | None:
                               {**data.get("evidence", {}), "fired_at_step": record.get("step")})
 
 
-def estimate_transition(run: Run, *, tolerance: float = 2.0) -> TransitionReport:
-    """Every transition estimate of ``run`` (see the module docstring) and their consensus."""
+def estimate_transition(run: Run, *, tolerance: float = 2.0,
+                        curves: Sequence[SeparationCurve] | None = None) -> TransitionReport:
+    """Every transition estimate of ``run`` (see the module docstring) and their consensus. ``curves``: the run's
+    :func:`separation_curves`, if already read."""
     steps = run.steps
-    C = checked_matrix("C", run.C, steps, f"{run.path}/metrics/C.rows")
-    S = checked_matrix("S", run.S, steps, f"{run.path}/metrics/S.rows")
-    curves = separation_curves(run)
-    if any(not c.control for c in curves):
+    C = checked_matrix("C", run.C, steps, str(rows_path(run.path, "C")))
+    S = checked_matrix("S", run.S, steps, str(rows_path(run.path, "S")))
+    curves = separation_curves(run) if curves is None else curves
+    if any(not c.control and c.steps.size for c in curves):
         chaos = transition_from_sensitivity(curves)
     elif any(not g.control for g in run.ghosts):
         chaos = unavailable("chaos", "the ghosts have no separation curves (a run recorded by an older dynprobe): "
@@ -194,7 +189,7 @@ def estimate_transition(run: Run, *, tolerance: float = 2.0) -> TransitionReport
     else:
         chaos = unavailable("chaos", "no perturbed ghosts in this run: pass "
                                      "Probe(..., ghosts=dynprobe.Ghosts(at=[...])) and watch the loss")
-    estimates = [chaos, transition_from_kernel_velocity(steps, S, lag=kernel_lag(run)),
+    estimates = [chaos, transition_from_kernel_velocity(steps, S, lag=run.kernel_lag_steps),
                  transition_from_trajectory_C(steps, C)]
     perturbed = [i for i, g in enumerate(run.ghosts) if not g.control and g.status != "failed"]
     if perturbed:
@@ -226,8 +221,9 @@ def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2
     with reference steps after the consensus transition by default) of ``run``; never fails on a run that lacks
     kernels, ghosts or snapshots — it says what is missing instead."""
     for name in ("D",):
-        checked_matrix(name, run.D, run.steps, f"{run.path}/metrics/{name}.rows")
-    transition = estimate_transition(run, tolerance=tolerance)
+        checked_matrix(name, run.D, run.steps, str(rows_path(run.path, name)))
+    curves = separation_curves(run)
+    transition = estimate_transition(run, tolerance=tolerance, curves=curves)
     cone = cone_summary(run.steps, run.S, taus=taus, transition_step=transition.step)
     missing = []
     if len(run) < 2:
@@ -240,4 +236,4 @@ def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2
                        "criterion = probe.watch(criterion)")
     if run.status in ("running", "interrupted"):
         missing.append(f"the run is {run.status}: this analysis covers the {len(run)} snapshots committed so far")
-    return RunAnalysis(transition, cone, tuple(missing), tuple(ghost_verdicts(run)), tuple(separation_curves(run)))
+    return RunAnalysis(transition, cone, tuple(missing), tuple(ghost_verdicts(run)), tuple(curves))

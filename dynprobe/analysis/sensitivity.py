@@ -146,11 +146,11 @@ def _labels(curves: Sequence[SeparationCurve], window: int, control: SeparationC
         a = amplification(c, window)
         note = ""
         if math.isnan(a):
-            note = "has not run Δ steps"
+            note = "not yet Δ steps old"
         elif math.isfinite(a):
             floor = _noise_floor(control, c.spawn_step + window)
             if floor > 0 and a * c.realized_norm < resolve_noise * floor:
-                a, note = math.nan, f"under {resolve_noise:g}× the control ghost's separation"
+                a, note = math.nan, f"within {resolve_noise:g}× the control ghost's separation"
         values.append(math.log(a) if a > 0 else -math.inf if a == 0 else a)
         notes.append(note)
     return np.array(values, dtype=np.float64), notes
@@ -175,18 +175,19 @@ def transition_from_sensitivity(curves: Sequence[SeparationCurve], *, windows: S
 
     Rule (every number below is in the evidence and stated in the report):
 
-    1. The window Δ* is the smallest window of the 1-2-5 grid (or of ``windows``) over which some ghost amplifies
-       its perturbation at least ``resolve``-fold (A ≥ 10³ by default: chaos is then visible far above the
-       first steps' transient and float rounding). It depends only on the early part of the ghosts' curves, not
-       on the run's horizon. No such window: ``"undetermined"`` — no ghost was seen amplifying ε that much.
-    2. A spawn is *sensitive* when log A(t0, Δ*) ≥ ``fraction`` · log A_peak, A_peak the largest finite
-       amplification at Δ* (``fraction = 0.5``: A ≥ √A_peak), and *insensitive* below. Ghosts that stopped as
-       diverged before Δ* count as sensitive; ghosts that have not run Δ* steps, or whose separation is within
-       ``resolve_noise``× the ε = 0 control's (a vectorized shadow's drift), are unresolved.
-    3. The estimate is the first resolved spawn after the last sensitive one; the bracket is (last sensitive
-       spawn, estimate]. Every resolved spawn sensitive and none unresolved after the last: a lower bound
-       (``"bound"``, the chaotic phase lasts beyond it); unresolved spawns after the last sensitive one:
-       ``"undetermined"``, naming them.
+    1. Windows Δ come from the 1-2-5 grid (or ``windows``), from the smallest one over which some ghost amplifies
+       its perturbation at least ``resolve``-fold (A ≥ 10³ by default: chaos is then visible far above the first
+       steps' transient, about ×10–50 on real runs, and float rounding). None: ``"undetermined"``.
+    2. At a window, a spawn is *sensitive* when log A(t0, Δ) ≥ ``fraction`` · log A_peak, A_peak the largest
+       finite amplification at that window (``fraction = 0.5``: A ≥ √A_peak), and *insensitive* below. Ghosts
+       that stopped as diverged before Δ count as sensitive; ghosts that have not run Δ steps, or whose
+       separation is within ``resolve_noise``× the ε = 0 control's (a vectorized shadow's drift), are
+       unresolved. The answer at that window is the first resolved spawn after the last sensitive one (bracket:
+       (last sensitive spawn, it]); every resolved spawn sensitive, none unresolved after: a lower bound.
+    3. On real runs a ghost's growth is not one exponential: a slow transient, then a burst that comes later for
+       later spawns. So the window Δ* is the first window whose answer is the same at the next longer window
+       (the evidence lists every window's answer). No two consecutive windows agree: ``"undetermined"``, saying
+       what each window gave — later ghosts need to run longer.
     4. Quality ``high`` when sensitivity falls monotonically (no insensitive spawn between the peak and the last
        sensitive one) by ≥ 100× in A from the peak to the estimate; ``medium`` when monotone; ``low`` otherwise.
 
@@ -221,29 +222,28 @@ def transition_from_sensitivity(curves: Sequence[SeparationCurve], *, windows: S
             "chaos", None, None, "undetermined",
             f"undetermined: no ghost amplified its perturbation ×{resolve:g} within "
             f"{grid[-1] if grid else 0} steps (largest ×{best:.3g}); spawn earlier ghosts or run longer", evidence)
-    window = grid[resolved[0]]
     spawns = [c.spawn_step for c in perturbed]
-    log_a, notes = _labels(perturbed, window, control, resolve_noise)
-    finite = log_a[np.isfinite(log_a)]
-    peak = float(finite.max()) if finite.size else math.log(resolve)
-    threshold = fraction * peak
-    last, first_after, monotone = _decide(spawns, log_a, threshold)
+    outcomes = [_outcome(perturbed, window, control, fraction, resolve_noise) for window in grid[resolved[0]:]]
+    evidence["per_window"] = {str(o.window): o.step(spawns) for o in outcomes}
+    stable = next((a for a, b in zip(outcomes, outcomes[1:]) if a.kind != "undetermined" and a.key == b.key), None)
+    chosen = stable or outcomes[0]
+    window, log_a, notes, peak, threshold = chosen.window, chosen.log_a, chosen.notes, chosen.peak, chosen.threshold
+    last, first_after, monotone = chosen.last, chosen.after, chosen.monotone
     rows = [{"ghost": c.ghost, "spawn_step": c.spawn_step, "A": None if math.isnan(a) else math.exp(a),
              "lambda": None if math.isnan(a) else a / window, "note": note,
              "sensitive": None if math.isnan(a) else bool(a >= threshold)}
             for c, a, note in zip(perturbed, log_a, notes)]
     evidence.update(window=window, threshold_A=math.exp(threshold), peak_A=math.exp(peak), ghosts=rows,
-                    per_window=_per_window(perturbed, grid, resolved[0], control, fraction, resolve_noise))
+                    window_stable=stable is not None)
     if last is None:  # unreachable: the peak itself is sensitive
         return TransitionEstimate("chaos", None, None, "undetermined", "undetermined: no sensitive spawn", evidence)
-    unresolved_after = [spawns[k] for k in range(last + 1, len(spawns)) if math.isnan(log_a[k])]
-    if first_after is None:
-        if unresolved_after:
-            return TransitionEstimate(
-                "chaos", None, (spawns[last], None), "undetermined",
-                f"undetermined: ghosts spawned up to step {spawns[last]} amplify ε ≥ ×{math.exp(threshold):.3g} "
-                f"over Δ = {window} steps, and the later ghosts (spawned at {_steps_text(unresolved_after)}) "
-                f"{notes[spawns.index(unresolved_after[0])]} — run longer to resolve them", evidence)
+    if stable is None:
+        results = "; ".join(f"Δ = {o.window}: {_outcome_text(o, spawns)}" for o in outcomes[:4])
+        return TransitionEstimate(
+            "chaos", None, (spawns[last], None), "undetermined",
+            f"undetermined: the answer depends on the window ({results}) — it must be the same over two "
+            "consecutive windows; later ghosts need to run longer", evidence)
+    if chosen.kind == "bound":
         return TransitionEstimate(
             "chaos", None, (spawns[last], None), "bound",
             f"every ghost is sensitive over Δ = {window} steps, the last spawned at step {spawns[last]} "
@@ -266,6 +266,58 @@ def transition_from_sensitivity(curves: Sequence[SeparationCurve], *, windows: S
     return TransitionEstimate("chaos", step, (low, step), quality, summary, evidence)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """The rule applied at one window: labels, the last sensitive and first insensitive spawn after it."""
+
+    window: int
+    log_a: np.ndarray
+    notes: list[str]
+    peak: float
+    threshold: float
+    last: int | None
+    after: int | None
+    monotone: bool
+    kind: str  # "estimate", "bound" (every resolved spawn sensitive), "undetermined"
+
+    @property
+    def key(self) -> tuple[str, int | None, int | None]:
+        return self.kind, self.last, self.after
+
+    def step(self, spawns: list[int]) -> int | None:
+        return spawns[self.after] if self.kind == "estimate" and self.after is not None else None
+
+
+def _outcome(curves: Sequence[SeparationCurve], window: int, control: SeparationCurve | None, fraction: float,
+             resolve_noise: float) -> _Outcome:
+    log_a, notes = _labels(curves, window, control, resolve_noise)
+    finite = log_a[np.isfinite(log_a)]
+    peak = float(finite.max()) if finite.size else math.inf
+    threshold = fraction * peak if finite.size else math.inf
+    last, after, monotone = _decide([c.spawn_step for c in curves], log_a, threshold)
+    unresolved_after = last is not None and any(math.isnan(log_a[k]) for k in range(last + 1, len(curves)))
+    if last is None or not finite.size:
+        kind = "undetermined"
+    elif after is not None:
+        kind = "estimate"
+    else:
+        kind = "undetermined" if unresolved_after else "bound"
+    return _Outcome(window, log_a, notes, peak, threshold, last, after, monotone, kind)
+
+
+def _outcome_text(outcome: _Outcome, spawns: list[int]) -> str:
+    if outcome.kind == "estimate":
+        return f"drop between {spawns[outcome.last]} and {spawns[outcome.after]}"  # type: ignore[index]
+    if outcome.kind == "bound":
+        return "every ghost sensitive"
+    reasons: dict[str, list[int]] = {}
+    for k, spawn in enumerate(spawns):
+        if math.isnan(outcome.log_a[k]):
+            reasons.setdefault(outcome.notes[k] or "not resolved", []).append(spawn)
+    return ", ".join(f"ghosts spawned at {_steps_text(steps)}: {why}" for why, steps in reasons.items()) or \
+        "not resolved"
+
+
 def _late_growth(curves: Sequence[SeparationCurve], log_a: np.ndarray, window: int, grid: Sequence[int],
                  late_amplification: float) -> list[dict[str, Any]]:
     """Spawns after the drop whose ghosts still amplify ε ≥ ``late_amplification``-fold, at Δ* or at the longest
@@ -281,21 +333,6 @@ def _late_growth(curves: Sequence[SeparationCurve], log_a: np.ndarray, window: i
                 out.append({"ghost": c.ghost, "spawn_step": c.spawn_step, "window": w, "A": value,
                             "lambda": math.log(value) / w})
                 break
-    return out
-
-
-def _per_window(curves: Sequence[SeparationCurve], grid: Sequence[int], first: int,
-                control: SeparationCurve | None, fraction: float, resolve_noise: float) -> dict[str, Any]:
-    """The same rule at each window of the grid from Δ* on (the estimate should not depend on the window)."""
-    spawns = [c.spawn_step for c in curves]
-    out: dict[str, Any] = {}
-    for window in grid[first:]:
-        log_a, _ = _labels(curves, window, control, resolve_noise)
-        finite = log_a[np.isfinite(log_a)]
-        if finite.size == 0:
-            continue
-        last, after, _ = _decide(spawns, log_a, fraction * float(finite.max()))
-        out[str(window)] = None if last is None or after is None else spawns[after]
     return out
 
 

@@ -84,7 +84,8 @@ def resolve_barriers(barriers: Barriers | None, *, trajectory_barriers: int | No
     ``Probe(trajectory_barriers=k)`` → ``Barriers(previous_snapshots=k)``; ``Probe(barrier_alphas=a)`` and
     ``Ghosts(barrier_alphas=a)`` → ``Barriers(alphas=a)``; ``Ghosts(barrier=False)`` → ``Barriers(ghosts=False)``;
     ``Ghosts(costly_every=k)`` → ``Barriers(every_snapshots=k)`` (and ``KernelConfig``'s own cadence for ghost
-    S). ``None`` means "not given". Given alone, deprecated spellings keep their old meaning — every due barrier
+    S). ``None`` means "not given". Messages are returned for the ``Probe(...)`` spellings only (``Ghosts``
+    warns about its own when it is built). Given alone, deprecated spellings keep their old meaning — every due barrier
     is computed (``time_budget=math.inf``). With an explicit ``barriers`` as well, a deprecated value that
     disagrees with it is an error.
     """
@@ -102,17 +103,21 @@ def resolve_barriers(barriers: Barriers | None, *, trajectory_barriers: int | No
                              f"{ghost_barrier_alphas}) disagree; write Barriers(alphas=...) once")
         given["alphas"] = ("Ghosts(barrier_alphas=)", ghost_barrier_alphas)
     changes: dict[str, Any] = {"time_budget": math.inf}  # the deprecated options computed every barrier
-    messages = []
+    used = []
     for field_name, (spelling, value) in given.items():
         if value is None:
             continue
-        messages.append(f"{spelling} is deprecated; write Probe(barriers=dynprobe.Barriers({field_name}="
-                        f"{value!r}, time_budget=math.inf)) for the same behaviour, every due barrier computed (it "
-                        "will be removed in the next release)")
         if barriers is not None and getattr(barriers, field_name) != value:
             raise ValueError(f"{spelling}={value!r} disagrees with barriers=Barriers({field_name}="
                              f"{getattr(barriers, field_name)!r}); drop the deprecated spelling")
+        used.append(spelling)
         changes[field_name] = value
-    if barriers is not None or not messages:
-        return barriers if barriers is not None else Barriers(), messages
-    return replace(Barriers(), **changes), messages
+    if not used:
+        return barriers if barriers is not None else Barriers(), []
+    result = barriers if barriers is not None else replace(Barriers(), **changes)
+    shown = {name: getattr(result, name) for name in Barriers.__dataclass_fields__ if name in changes}
+    fields = ", ".join(f"{name}={'math.inf' if value == math.inf else repr(value)}" for name, value in shown.items())
+    messages = [f"{spelling} is deprecated and will be removed in the next release; write "
+                f"Probe(barriers=dynprobe.Barriers({fields})) for the same barriers (every due one computed, as "
+                "before)" for spelling in used if spelling.startswith("Probe(")]  # Ghosts(...) warns itself
+    return result, messages

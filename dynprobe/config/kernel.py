@@ -2,13 +2,23 @@
 two-phase paper)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["KERNEL_MODES", "KernelConfig"]
+import torch
+
+__all__ = ["KERNEL_MODES", "PROBE_SETS", "KernelConfig"]
 
 
 KERNEL_MODES = ("trace", "logit_sum", "full", "single", "true_class")
+PROBE_SETS = ("eval", "train")
+
+
+def _positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"KernelConfig({name}=) must be an int >= {minimum}; got {value!r}. {fix}")
 
 
 @dataclass(frozen=True)
@@ -16,38 +26,127 @@ class KernelConfig:
     """The empirical NTK H(θ_t) on a fixed probe set, and the kernel distance S (eq. 4) between snapshots.
 
     Args:
-        n: probe-set size, drawn (seeded, class-balanced) from the eval set; identical at every snapshot.
+        n: probe-set size, drawn once (seeded; class-balanced for class labels, uniform otherwise); the same
+            inputs at every snapshot, which is what makes S between two snapshots a change of the kernel only.
         mode: output reduction (``"trace"``: Σ_k J_k J_kᵀ, the default; ``"logit_sum"``; ``"full"``;
-            ``"single"`` with ``class_index``; ``"true_class"``). See :func:`dynprobe.empirical_ntk`.
+            ``"single"`` with ``class_index``, also written ``"single:k"``; ``"true_class"``). See
+            :func:`dynprobe.empirical_ntk`.
         seed: seeds the probe-set draw.
-        every: measure H at every ``every``-th snapshot (S is NaN in between).
+        every_snapshots: measure H at every ``every_snapshots``-th scheduled snapshot (S is NaN in between).
         bn: ``"eval"`` (running statistics; per-sample Jacobians need it) or ``"recalibrated"``.
-        max_memory: bytes of extra memory the eNTK computation may use (None: the engine's default, ~1 GB).
+        max_memory: bytes of extra memory the eNTK computation may use (None: the engine's default, 1 GiB).
         class_index: the logit for ``mode="single"``.
+        per_layer: also store each layer's share H_l of H = Σ_l H_l (a layer: the module owning a parameter
+            tensor), read back as ``run.kernel_layers(step=...)`` and ``run.S_layers``.
+        lag_steps: Δ > 0: after every kernel snapshot at step t the probe takes a companion kernel snapshot at
+            t + Δ unless one is there anyway, so that the kernel velocity S(θ_t, θ_{t+Δ}) exists at a fixed lag.
+            Companions get no companions of their own.
+        probe_set: ``"eval"`` (default): the probe set is drawn from the eval set; ``"train"``: from
+            ``train_data``. The two-phase paper's H is over training examples; on held-out examples H
+            describes how learning moves the function where it is evaluated.
+        train_data: ``(inputs, targets)`` training examples (or a DataLoader of them) for ``probe_set="train"``;
+            only the n drawn examples are kept.
+        every: deprecated spelling of ``every_snapshots``.
     """
 
     n: int = 128
     mode: str = "trace"
     seed: int = 0
-    every: int = 1
+    every_snapshots: int = 1
     bn: str = "eval"
     max_memory: int | None = None
     class_index: int | None = None
+    per_layer: bool = False
+    lag_steps: int | None = None
+    probe_set: str = "eval"
+    train_data: Any = field(default=None, repr=False, compare=False)
+    every: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
-            raise ValueError(f"KernelConfig(n=) must be an int >= 2; got {self.n!r}")
-        if self.mode not in KERNEL_MODES:
-            raise ValueError(f"KernelConfig(mode=) must be one of {KERNEL_MODES}; got {self.mode!r}")
-        if self.mode == "single" and self.class_index is None:
-            raise ValueError("KernelConfig(mode='single') needs class_index= (the logit to differentiate)")
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"KernelConfig(every=) must be an int >= 1; got {self.every!r}")
+        if self.every is not None:
+            warnings.warn("KernelConfig(every=) is deprecated: it counts snapshots, so it is now spelled "
+                          "every_snapshots=", DeprecationWarning, stacklevel=3)
+            _positive_int("every", self.every, 1, "Write every_snapshots=k instead.")
+            if self.every_snapshots not in (1, self.every):
+                raise ValueError(f"KernelConfig got every={self.every} and every_snapshots={self.every_snapshots}; "
+                                 "give only every_snapshots=")
+            object.__setattr__(self, "every_snapshots", self.every)
+        _positive_int("n", self.n, 2, "The probe set needs at least 2 examples for a kernel between them.")
+        self._parse_mode()
+        _positive_int("every_snapshots", self.every_snapshots, 1, "1 measures H at every snapshot.")
         if self.bn not in ("eval", "recalibrated"):
-            raise ValueError(f"KernelConfig(bn=) must be 'eval' or 'recalibrated'; got {self.bn!r}")
-        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory <= 0):
-            raise ValueError(f"KernelConfig(max_memory=) must be a positive number of bytes; got {self.max_memory!r}")
+            hint = " (train-mode BatchNorm mixes the samples of a batch)" if self.bn == "train" else ""
+            raise ValueError(f"KernelConfig(bn=) must be 'eval' or 'recalibrated'; got {self.bn!r}{hint}")
+        if self.max_memory is not None:
+            _positive_int("max_memory", self.max_memory, 1, "Give a number of bytes, or None for 1 GiB.")
+        if not isinstance(self.per_layer, bool):
+            raise TypeError(f"KernelConfig(per_layer=) must be True or False; got {self.per_layer!r}")
+        if self.lag_steps is not None:
+            _positive_int("lag_steps", self.lag_steps, 1, "Give the lag Δ in optimizer steps, or None for none.")
+        self._check_probe_set()
+
+    def _parse_mode(self) -> None:
+        mode = self.mode
+        if not isinstance(mode, str):
+            raise TypeError(f"KernelConfig(mode=) must be a string, one of {KERNEL_MODES} or 'single:k'; got "
+                            f"{type(mode).__name__}")
+        if mode.startswith("single:"):
+            text = mode.split(":", 1)[1].strip()
+            if not text.lstrip("-").isdigit():
+                raise ValueError(f"KernelConfig(mode={mode!r}): 'single:k' needs an integer logit index k, "
+                                 "e.g. mode='single:3'")
+            if self.class_index is not None and self.class_index != int(text):
+                raise ValueError(f"KernelConfig(mode={mode!r}, class_index={self.class_index!r}) disagree; give the "
+                                 "index once")
+            object.__setattr__(self, "mode", "single")
+            object.__setattr__(self, "class_index", int(text))
+        elif mode not in KERNEL_MODES:
+            raise ValueError(f"KernelConfig(mode=) must be one of {KERNEL_MODES} or 'single:k'; got {mode!r}")
+        if self.mode == "single":
+            if self.class_index is None:
+                raise ValueError("KernelConfig(mode='single') needs the logit to differentiate: class_index=k, or "
+                                 "write mode='single:k'")
+            if isinstance(self.class_index, bool) or not isinstance(self.class_index, int) or self.class_index < 0:
+                raise ValueError(f"KernelConfig(class_index=) must be a non-negative int; got {self.class_index!r}")
+        elif self.class_index is not None:
+            raise ValueError(f"KernelConfig(class_index=) is only used with mode='single'; got mode={self.mode!r}. "
+                             "Drop class_index or write mode='single:k'")
+
+    def _check_probe_set(self) -> None:
+        if self.probe_set not in PROBE_SETS:
+            raise ValueError(f"KernelConfig(probe_set=) must be 'eval' or 'train'; got {self.probe_set!r}")
+        if self.probe_set == "eval":
+            if self.train_data is not None:
+                raise ValueError("KernelConfig(train_data=) is only used with probe_set='train'; drop it or add "
+                                 "probe_set='train'")
+            return
+        data = self.train_data
+        if data is None:
+            raise ValueError("KernelConfig(probe_set='train') needs train_data=(inputs, targets): the training "
+                             "examples to draw the probe set from (the probe keeps only the n it draws)")
+        if isinstance(data, torch.utils.data.DataLoader):
+            return
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise TypeError("KernelConfig(train_data=) must be (inputs, targets) — inputs a tensor or a dict of "
+                            f"tensors — or a DataLoader of such pairs; got {type(data).__name__}")
+        inputs, targets = data
+        if isinstance(inputs, Mapping):
+            sizes = {int(v.shape[0]) for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()}
+        elif isinstance(inputs, torch.Tensor) and inputs.dim():
+            sizes = {int(inputs.shape[0])}
+        else:
+            raise TypeError("KernelConfig(train_data=) inputs must be a tensor or a dict of tensors; got "
+                            f"{type(inputs).__name__}")
+        count = int(torch.as_tensor(targets).shape[0]) if torch.as_tensor(targets).dim() else 0
+        if len(sizes) != 1 or count not in sizes:
+            raise ValueError(f"KernelConfig(train_data=) inputs and targets must have the same first dimension; got "
+                             f"inputs {sorted(sizes)} and {count} targets")
+        if count < self.n:
+            raise ValueError(f"KernelConfig(n={self.n}) asks for more probe examples than train_data holds ({count}); "
+                             "lower n or give more training examples")
 
     def to_config(self) -> dict[str, Any]:
-        return {"n": self.n, "mode": self.mode, "seed": self.seed, "every": self.every, "bn": self.bn,
-                "max_memory": self.max_memory, "class_index": self.class_index}
+        """The JSON-able settings (the manifest's record; ``train_data`` is described, not stored)."""
+        return {"n": self.n, "mode": self.mode, "seed": self.seed, "every_snapshots": self.every_snapshots,
+                "bn": self.bn, "max_memory": self.max_memory, "class_index": self.class_index,
+                "per_layer": self.per_layer, "lag_steps": self.lag_steps, "probe_set": self.probe_set}

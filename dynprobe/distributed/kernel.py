@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ShardedKernel", "partition_modules"]
+__all__ = ["ShardedKernel", "partition_modules", "sharded_kernel"]
 
 # An eNTK engine builder: ``make_engine(wrt)`` differentiates only the parameters named in ``wrt`` (None: all);
 # the engine is called as ``engine(params) -> H`` and has ``n``, ``mode``, ``num_outputs``, ``device``, ``convention``.
@@ -80,3 +80,11 @@ class ShardedKernel:
         except Exception as failure:  # noqa: BLE001 - every rank must reach the all_reduce
             error = f"{type(failure).__name__}: {failure}"
         return self.run.sum_partial_kernels(partial, self.size, self._reference.device, error)
+
+
+def sharded_kernel(run: Any, model: nn.Module) -> Callable[[EngineFactory], ShardedKernel] | None:
+    """The kernel factory of ``KernelMeasure(kernel_factory=...)`` for this process: a :class:`ShardedKernel` over
+    ``run``'s ranks under torch.distributed (``run`` a DistributedRun), None (one plain engine) otherwise."""
+    if run is None:
+        return None
+    return lambda make_engine: ShardedKernel(run, model, make_engine)

@@ -178,23 +178,6 @@ class DistributedRun:
         """The ghosts' trainer of this run (``GhostSet(trainer_factory=run.ghost_trainer)``)."""
         return DistributedGhostTrainer(self, context)
 
-    def follow_snapshot(self, probe: Any) -> None:
-        """Transitional (until the probe runs its normal snapshot into the null sink on every rank): a non-writing
-        rank's part of a snapshot — the same measuring and ghost comparisons as rank 0, which contain collectives
-        (eNTK partial sums) and decide ghost statuses; nothing is written."""
-        probe._train_loss.pop_mean()
-        step = probe.step_count
-        kernel = None
-        if probe._kernel is not None or probe._ghosts is not None:
-            data = probe._recorder.measure(step)
-            kernel = data.kernel
-            if probe._ghosts is not None:
-                main_state = {name: t.detach() for name, t in
-                              list(probe.model.named_parameters()) + list(probe.model.named_buffers())
-                              if t is not None}
-                kernel_of = probe._kernel.measure if probe._kernel is not None else None
-                probe._ghosts.compare(data, kernel_of, main_state)
-        probe.writer.commit_snapshot({"step": step, "kernel": kernel is not None})
 
 # ---------------------------------------------------------------------------------------------- writing
 

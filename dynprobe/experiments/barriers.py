@@ -55,7 +55,8 @@ def fill_barriers(
         elif pairs == "to_init":
             wanted = [(s, steps[0]) for s in steps[1:]]
         else:
-            raise ValueError(f"pairs must be 'all', 'consecutive', 'to_init' or a list of (step_i, step_j); got {pairs!r}")
+            raise ValueError("pairs must be 'all', 'consecutive', 'to_init' or a list of (step_i, step_j); "
+                             f"got {pairs!r}")
     else:
         wanted = [(int(a), int(b)) for a, b in pairs]
         unknown = sorted({s for pair in wanted for s in pair} - set(steps))
@@ -81,7 +82,7 @@ def fill_barriers(
         task = bar.add_task(f"loss barriers ({alphas} α)", total=len(todo))
         for step_i, step_j in todo:
             result = loss_barrier(model, state(step_i), state(step_j), (eval_set.inputs, eval_set.targets),
-                                  alphas=alphas, output_fn=output_fn, batch_size=batch_size)
+                                  alphas=alphas, task=eval_set.task, output_fn=output_fn, batch_size=batch_size)
             append_barrier(run.path, step_i, step_j, result)
             bar.advance(task)
     return len(todo)

@@ -34,9 +34,6 @@ same configuration computes only the switch steps it does not have yet.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import math
 import os
 import time
@@ -51,14 +48,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynprobe._util.evaluation import EvalSet, default_output_fn, evaluate, forward, inputs_to, num_examples
-from dynprobe._util.modules import preserved_rng, trainable_parameters
+from dynprobe._util.checks import check_int
+from dynprobe._util.evaluation import EvalSet, default_output_fn, evaluate, forward, inputs_to
+from dynprobe._util.modules import preserved_rng
 from dynprobe._version import __version__
 from dynprobe.store.records import append_switching_result, read_switching_results
 from dynprobe.store.run import Run, load_run
 from dynprobe.store.writer import json_safe
 
 from ._eval_set import run_eval_set
+from ._stream import Batch, BatchStream
+from ._switching_setup import (
+    checked_optimizer,
+    checked_switch_steps,
+    config_id,
+    configuration,
+    fresh_model,
+    learning_rates,
+    load_optimizer_state,
+    rng_devices_to_preserve,
+    warn_on_lr_mismatch,
+)
 from .linear import WEIGHT_DECAY_PLACEMENTS, linearize
 
 __all__ = ["SWITCHING_CONVENTIONS", "switching_experiment"]
@@ -77,7 +87,6 @@ SWITCHING_CONVENTIONS: dict[str, str] = {
 
 _TRAIN_LOSS_WINDOW = 100
 
-Batch = tuple[Any, torch.Tensor]
 
 
 def switching_experiment(
@@ -155,8 +164,8 @@ def switching_experiment(
         raise TypeError("make_model must be a callable returning a fresh model of the run's architecture, e.g. "
                         f"lambda: MyNet(); got {'an instance of ' if isinstance(make_model, nn.Module) else ''}"
                         f"{type(make_model).__name__}")
-    _check_int("total_steps", total_steps, minimum=0)
-    steps = _checked_switch_steps(run, switch_steps, total_steps)
+    check_int("total_steps", total_steps, minimum=0)
+    steps = checked_switch_steps(run, switch_steps, total_steps)
     if not callable(optimizer_factory):
         raise TypeError("optimizer_factory must be a callable params -> torch.optim.Optimizer, e.g. "
                         f"lambda p: torch.optim.SGD(p, lr=0.1); got {type(optimizer_factory).__name__}")
@@ -167,29 +176,29 @@ def switching_experiment(
         raise TypeError(f"loss_fn must be a callable (output, targets) -> loss; got {type(loss_fn).__name__}")
     if weight_decay_on not in WEIGHT_DECAY_PLACEMENTS:
         raise ValueError(f"weight_decay_on must be one of {WEIGHT_DECAY_PLACEMENTS!r}; got {weight_decay_on!r}")
-    _check_int("eval_batch_size", eval_batch_size, minimum=1)
-    _check_int("reset_bn_batches", reset_bn_batches, minimum=0)
+    check_int("eval_batch_size", eval_batch_size, minimum=1)
+    check_int("reset_bn_batches", reset_bn_batches, minimum=0)
     if reset_bn_batches > total_steps:
         raise ValueError(f"reset_bn_batches={reset_bn_batches} exceeds the stream's total_steps={total_steps} batches")
-    stream = _BatchStream(train_loader, total_steps)
+    stream = BatchStream(train_loader, total_steps)
     eval_set = run_eval_set(run, eval_data)
     target = torch.device(device) if device is not None else None
 
     # make_model() initializes at random and a stream may augment: the caller's RNG streams are restored.
-    with preserved_rng(_rng_devices_to_preserve(target)), torch.enable_grad():
-        template = _fresh_model(run, make_model, target)
-        optimizer = _checked_optimizer(optimizer_factory, template)
-        schedule = _learning_rates(lr_at, total_steps, len(optimizer.param_groups))
-        _warn_on_lr_mismatch(run, schedule, total_steps)
+    with preserved_rng(rng_devices_to_preserve(target)), torch.enable_grad():
+        template = fresh_model(run, make_model, target)
+        optimizer = checked_optimizer(optimizer_factory, template)
+        schedule = learning_rates(lr_at, total_steps, len(optimizer.param_groups))
+        warn_on_lr_mismatch(run, schedule, total_steps)
         if reset_bn_batches and not _batchnorm_layers(template):
             raise ValueError("reset_bn_batches was given but the model has no BatchNorm layer with running "
                              "statistics; drop reset_bn_batches")
-        config = _configuration(run, template, optimizer, schedule, total_steps, weight_decay_on,
+        config = configuration(run, template, optimizer, schedule, total_steps, weight_decay_on,
                                 optimizer_state_at, loss_fn, stream.first_digest(), reset_bn_batches)
         del template, optimizer
         experiment = _Experiment(run, make_model, target, stream, total_steps, schedule, optimizer_factory,
                                  optimizer_state_at, loss_fn, weight_decay_on, reset_bn_batches, output_fn, eval_set,
-                                 eval_batch_size, config, _config_id(config))
+                                 eval_batch_size, config, config_id(config))
         done = {r["switch_step"] for r in read_switching_results(run.path, config_id=experiment.config_id)}
         todo = [t for t in steps if t not in done]
         _run_switch_points(experiment, todo, progress)
@@ -219,7 +228,7 @@ class _Experiment:
     run: Any
     make_model: Callable[[], nn.Module]
     device: torch.device | None
-    stream: _BatchStream
+    stream: BatchStream
     total_steps: int
     schedule: list[list[float]] | None  # lr per step and param group, or None (the factory's lr)
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -262,7 +271,7 @@ def _run_switch_points(experiment: _Experiment, todo: list[int], progress: bool)
 def _switch_point(experiment: _Experiment, t: int, on_step: Callable[[float], None]) -> dict[str, Any]:
     """θ_std→lin(T; t): the snapshot at t, linearized and trained to T (nothing at t = T), then evaluated."""
     started = time.perf_counter()
-    model = _fresh_model(experiment.run, experiment.make_model, experiment.device, step=t)
+    model = fresh_model(experiment.run, experiment.make_model, experiment.device, step=t)
     if t == experiment.total_steps:  # the standard anchor: f_lin at θ_T is f(θ_T) itself
         measured = evaluate(model, experiment.eval_set, output_fn=experiment.output_fn or default_output_fn,
                             batch_size=experiment.eval_batch_size)
@@ -273,9 +282,9 @@ def _switch_point(experiment: _Experiment, t: int, on_step: Callable[[float], No
             _reset_batchnorm(model, experiment.stream.batches(first, first + experiment.reset_bn_batches))
         lin = linearize(model, weight_decay_on=experiment.weight_decay_on, output_fn=experiment.output_fn)
         del model  # linearize keeps its own frozen copy
-        optimizer = _checked_optimizer(experiment.optimizer_factory, lin)
+        optimizer = checked_optimizer(experiment.optimizer_factory, lin)
         if experiment.optimizer_state_at is not None:
-            _load_optimizer_state(optimizer, experiment.optimizer_state_at, t)
+            load_optimizer_state(optimizer, experiment.optimizer_state_at, t)
         outcome = _train_linearized(lin, optimizer, experiment, t, on_step)
         measured = evaluate(lin, experiment.eval_set, batch_size=experiment.eval_batch_size)
     schedule, total = experiment.schedule, experiment.total_steps
@@ -343,276 +352,3 @@ def _reset_batchnorm(model: nn.Module, batches: Iterable[tuple[int, Batch]]) -> 
     for layer, momentum in saved:
         layer.momentum = momentum
         layer.eval()
-
-
-# --------------------------------------------------------------------------------------------- the stream
-
-
-class _BatchStream:
-    """The standard run's batches by step, from a callable, a sequence or a re-iterable; each pass checked.
-
-    Every batch's hash is kept by step: a later switch point that gets a different batch for the same step
-    (a reshuffling DataLoader, a function drawing from the global RNG) is an error, not a silent mismatch.
-    """
-
-    def __init__(self, source: Any, total_steps: int) -> None:
-        self.source, self.total_steps = source, total_steps
-        self.digests: dict[int, str] = {}
-        if isinstance(source, (str, bytes, torch.Tensor, Mapping)):
-            raise TypeError(self._form_error(source))
-        if isinstance(source, tuple) and len(source) == 2 and all(isinstance(x, torch.Tensor) for x in source):
-            raise TypeError("train_loader is a pair of tensors, not a stream of batches; for full-batch training "
-                            "pass train_loader=lambda step: (x_train, y_train)")
-        if callable(source) and not isinstance(source, (Sequence, torch.utils.data.DataLoader)):
-            self.kind = "callable"
-        elif isinstance(source, Sequence):
-            self.kind = "sequence"
-            if len(source) < total_steps:
-                raise ValueError(f"train_loader holds {len(source)} batches; training to total_steps={total_steps} "
-                                 f"needs batches 0..{total_steps - 1}")
-        elif isinstance(source, Iterable):
-            if iter(source) is source:
-                raise TypeError("train_loader is a one-shot iterator (iter(x) is x): every switch point replays the "
-                                "stream from batch 0. Pass a callable step -> (inputs, targets), a list of batches, "
-                                "or an object whose __iter__ restarts the stream")
-            self.kind = "iterable"
-        else:
-            raise TypeError(self._form_error(source))
-
-    @staticmethod
-    def _form_error(source: Any) -> str:
-        return ("train_loader must be the run's data stream: a callable step -> (inputs, targets), a sequence of "
-                f"(inputs, targets) batches, or a re-iterable yielding them; got {type(source).__name__}")
-
-    def batches(self, start: int, stop: int) -> Iterable[tuple[int, Batch]]:
-        """``(step, batch)`` for steps start..stop−1, each checked against earlier passes."""
-        if self.kind == "iterable":
-            iterator = iter(self.source)
-            for step in range(stop):
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    raise ValueError(f"train_loader ran out after {step} batches; each iteration must yield the "
-                                     f"whole stream, at least total_steps={self.total_steps} batches") from None
-                batch = self._checked(step, batch)
-                if step >= start:
-                    yield step, batch
-        else:
-            for step in range(start, stop):
-                yield step, self._checked(step, self.source(step) if self.kind == "callable" else self.source[step])
-
-    def first_digest(self) -> str | None:
-        """Hash of batch 0 (identifies the stream in the configuration); None when no step is trained."""
-        if self.total_steps == 0:
-            return None
-        for _, _ in self.batches(0, 1):
-            pass
-        return self.digests[0]
-
-    def _checked(self, step: int, batch: Any) -> Batch:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-            raise TypeError(f"train_loader must give (inputs, targets) pairs; batch {step} is a "
-                            f"{type(batch).__name__}{length}")
-        inputs, targets = batch
-        batched = isinstance(targets, torch.Tensor) and targets.dim() > 0
-        if not isinstance(inputs, (torch.Tensor, Mapping)) or not batched:
-            raise TypeError(f"train_loader batch {step} must be (inputs, targets) with inputs a tensor or a dict of "
-                            f"tensors and targets a batched tensor; got ({type(inputs).__name__}, "
-                            f"{type(targets).__name__})")
-        if num_examples(inputs) != targets.shape[0]:
-            raise ValueError(f"train_loader batch {step} has {num_examples(inputs)} inputs and {targets.shape[0]} "
-                             "targets")
-        digest = _digest(inputs, targets)
-        known = self.digests.setdefault(step, digest)
-        if known != digest:
-            raise ValueError(f"train_loader gave a different batch for step {step} than on an earlier pass: every "
-                             "switch point must see the standard run's stream. A shuffling DataLoader reshuffles at "
-                             "each iteration and a function drawing from the global RNG changes too; pass a "
-                             "callable step -> batch that is deterministic in step")
-        return inputs, targets
-
-
-def _digest(inputs: Any, targets: torch.Tensor) -> str:
-    hasher = hashlib.blake2b(digest_size=16)
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else [inputs[k] for k in sorted(inputs)]
-    for tensor in [*tensors, targets]:
-        if isinstance(tensor, torch.Tensor):
-            hasher.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return hasher.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------- setup
-
-
-def _rng_devices_to_preserve(target: torch.device | None) -> list[int]:
-    """CUDA devices whose RNG state the experiment may draw from: the target's, and the current one if CUDA is
-    already in use (querying other devices would create CUDA contexts on them)."""
-    devices: set[int] = set()
-    if target is not None and target.type == "cuda":
-        devices.add(target.index if target.index is not None else torch.cuda.current_device())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices.add(torch.cuda.current_device())
-    return sorted(devices)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-
-
-def _checked_switch_steps(run: Any, switch_steps: Any, total_steps: int) -> list[int]:
-    if isinstance(switch_steps, (str, bytes)) or not isinstance(switch_steps, Iterable):
-        raise TypeError(f"switch_steps must be a list of snapshot steps; got {type(switch_steps).__name__}")
-    steps = list(switch_steps)
-    for t in steps:
-        _check_int("every switch step", t, minimum=0)
-    steps = sorted({int(t) for t in steps})
-    if not steps:
-        raise ValueError("switch_steps is empty; give snapshot steps of the run, e.g. 0, a few middle ones and T")
-    recorded = {int(s) for s in run.steps}
-    unknown = [t for t in steps if t not in recorded]
-    if unknown:
-        raise ValueError(f"switch_steps {unknown[:5]} are not snapshot steps of the run (θ_t must be stored); "
-                         f"its snapshot steps are {_abbreviated(sorted(recorded))}")
-    late = [t for t in steps if t > total_steps]
-    if late:
-        raise ValueError(f"total_steps={total_steps} is smaller than switch steps {late[:5]}: every switch point "
-                         "trains from t to total_steps; raise total_steps or drop those steps")
-    return steps
-
-
-def _abbreviated(values: list[int]) -> str:
-    if len(values) <= 12:
-        return str(values)
-    return f"[{', '.join(map(str, values[:6]))}, …, {', '.join(map(str, values[-3:]))}] ({len(values)} steps)"
-
-
-def _fresh_model(run: Any, make_model: Callable[[], nn.Module], device: torch.device | None,
-                 step: int | None = None) -> nn.Module:
-    """``make_model()`` checked against the run's parameters, loaded with the snapshot at ``step`` if given."""
-    model = make_model()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"make_model() must return an nn.Module; it returned a {type(model).__name__}")
-    expected = [(spec["name"], tuple(spec["shape"])) for spec in run.manifest["model"]["parameters"]]
-    actual = [(name, tuple(p.shape)) for name, p in trainable_parameters(model)]
-    if actual != expected:
-        differ = [f"{a} vs run {e}" for a, e in zip(actual, expected) if a != e][:3]
-        raise ValueError(f"make_model() builds a model whose trainable parameters differ from the run's "
-                         f"({len(actual)} vs {len(expected)} tensors; {differ or 'extra or missing tensors'}): pass a "
-                         f"builder of the run's architecture ({run.manifest['model'].get('class')})")
-    if device is not None:
-        model = model.to(device)
-    if step is not None:
-        state = run.state_dict(run.index_of(step))
-        with torch.no_grad():
-            missing = model.load_state_dict(state, strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"the run's snapshot has entries make_model()'s model lacks: "
-                             f"{missing.unexpected_keys[:5]}")
-    return model
-
-
-def _checked_optimizer(optimizer_factory: Callable, module: nn.Module) -> torch.optim.Optimizer:
-    params = [p for _, p in trainable_parameters(module)]
-    optimizer = optimizer_factory(params)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer; it returned a "
-                        f"{type(optimizer).__name__}")
-    given = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(given) != len(params) or {id(p) for p in given} != {id(p) for p in params}:
-        raise ValueError(f"optimizer_factory must put every parameter it is given in exactly one param group "
-                         f"(given {len(params)} tensors, the optimizer holds {len(given)})")
-    return optimizer
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, optimizer_state_at: Callable, t: int) -> None:
-    state = optimizer_state_at(t)
-    if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
-        raise TypeError(f"optimizer_state_at({t}) must return an optimizer.state_dict() (a dict with 'state' and "
-                        f"'param_groups'); got {type(state).__name__}")
-    try:
-        # load_state_dict keeps the given tensors when dtype and device already match, and the optimizer then
-        # updates them in place: without a copy, training would overwrite the caller's checkpoint.
-        optimizer.load_state_dict(copy.deepcopy(dict(state)))
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"optimizer_state_at({t}) does not fit the optimizer from optimizer_factory ({error}); it "
-                         "must be the state_dict of the same optimizer class built on model.parameters()") from error
-
-
-def _learning_rates(lr_at: Callable | None, total_steps: int, groups: int) -> list[list[float]] | None:
-    """``lr_at(s)`` for s in 0..T−1 as one float per param group, validated."""
-    if lr_at is None:
-        return None
-
-    def is_rate(value: Any) -> bool:
-        return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
-                and value >= 0)
-
-    schedule = []
-    for step in range(total_steps):
-        value = lr_at(step)
-        values = list(value) if isinstance(value, (list, tuple)) else [value] * groups
-        if len(values) != groups or not all(is_rate(v) for v in values):
-            raise ValueError(f"lr_at({step}) must be a finite learning rate >= 0 or a list of {groups} (one per "
-                             f"param group); got {value!r}")
-        schedule.append([float(v) for v in values])
-    return schedule
-
-
-def _warn_on_lr_mismatch(run: Any, schedule: list[list[float]] | None, total_steps: int) -> None:
-    """The run records, at each snapshot, the first group's lr of the step just taken (or of the coming one)."""
-    recorded = [(int(s), lr) for s, lr in zip(run.steps, run.lr) if s <= total_steps and np.isfinite(lr)]
-    if not recorded:
-        return
-    if schedule is None:
-        if len({lr for _, lr in recorded}) > 1:
-            warnings.warn("dynprobe: the run's learning rate changed over its snapshots, but lr_at is None: the "
-                          "linearized phase trains at the optimizer_factory's constant lr; pass lr_at=step -> lr to "
-                          "continue the run's schedule", RuntimeWarning, stacklevel=3)
-        return
-    if total_steps == 0:
-        return
-
-    def lr(step: int) -> float:
-        return schedule[min(max(step, 0), total_steps - 1)][0]
-
-    off = [(s, value) for s, value in recorded
-           if not any(math.isclose(value, lr(k), rel_tol=1e-6, abs_tol=1e-12) for k in (s - 1, s))]
-    if off:
-        warnings.warn(f"dynprobe: lr_at disagrees with the learning rate the run recorded at steps "
-                      f"{[s for s, _ in off[:5]]} (recorded {[float(v) for _, v in off[:3]]}, lr_at gives "
-                      f"{[lr(s - 1) for s, _ in off[:3]]}); lr_at(s) must be the lr of the step training on batch s",
-                      RuntimeWarning, stacklevel=3)
-
-
-def _configuration(run: Any, template: nn.Module, optimizer: torch.optim.Optimizer,
-                   schedule: list[list[float]] | None, total_steps: int, weight_decay_on: str,
-                   optimizer_state_at: Callable | None, loss_fn: Callable, stream_digest: str | None,
-                   reset_bn_batches: int) -> dict[str, Any]:
-    """What makes two switching results comparable; its hash decides what a resumed call recomputes."""
-    groups = [{**{key: value for key, value in group.items() if key != "params"}, "num_tensors": len(group["params"])}
-              for group in optimizer.param_groups]
-    lrs = None if schedule is None else hashlib.sha1(json.dumps(schedule).encode()).hexdigest()[:16]
-    return json_safe({
-        "total_steps": total_steps,
-        "weight_decay_on": weight_decay_on,
-        "optimizer": {"class": type(optimizer).__name__, "param_groups": groups},
-        "lr_schedule": "optimizer_factory's lr, constant" if lrs is None else f"lr_at, sha1 {lrs}",
-        "optimizer_state": "fresh at the switch" if optimizer_state_at is None else "restored (optimizer_state_at)",
-        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
-        "model_class": type(template).__name__,
-        "eval_fingerprint": run.manifest.get("eval", {}).get("fingerprint"),
-        "stream_batch_0": stream_digest,
-        "bn": "frozen at θ_t's running statistics (eval mode)" if not reset_bn_batches else
-              f"re-estimated at θ_t on {reset_bn_batches} stream batches from step t (cumulative average), then "
-              "frozen (eval mode)",
-        "dropout": "off",
-    })
-
-
-def _config_id(config: Mapping[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]

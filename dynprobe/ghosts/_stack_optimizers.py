@@ -1,4 +1,4 @@
-"""Optimizers for a stack of replicas whose parameters are ``[R, *shape]`` tensors (:mod:`dynprobe.ghost_stack`).
+"""Optimizers for a stack of replicas whose parameters are ``[R, *shape]`` tensors (:mod:`dynprobe.ghosts.stack`).
 
 Two ways to step R replicas that live in one stacked tensor per parameter:
 

@@ -2,10 +2,10 @@
 
 For a ghost with flat parameters θ' and its reference θ (the main run, or the ε = 0 shadow of a vectorized stack):
 C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, per layer L2 over each layer's slice of vec θ (a layer is the module
-owning a parameter tensor, in first-appearance order), D = the task's disagreement of eval predictions (eq. 6), the
-ghost's eval loss and accuracy, and — at the snapshots where the kernel is due — S = the kernel distance (eq. 4)
-between H(θ) and H(θ'). Loss barriers between ghost and reference are not computed here: they are scheduled with
-the probe's other barriers (:meth:`dynprobe.ghosts.GhostSet.comparison_states`).
+owning a parameter tensor, in first-appearance order: ``run.layers``), D = the task's disagreement of eval
+predictions (eq. 6), the ghost's eval loss and accuracy, and — at the snapshots where the kernel is due — S = the
+kernel distance (eq. 4) between H(θ) and H(θ'). Loss barriers between ghost and reference are not computed here:
+they are scheduled with the probe's other barriers (:meth:`dynprobe.ghosts.ghost_set.GhostSet.comparison_states`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dynprobe.store.layout import PARAMS, PREDS, ghost_array
 
 from .trainer import Reference
 
-__all__ = ["Comparison", "compare_ghost", "layer_slices_of", "per_layer_l2"]
+__all__ = ["Comparison", "compare_ghost", "per_layer_l2"]
 
 
 @dataclass
@@ -35,25 +35,10 @@ class Comparison:
     stop: str | None = None
 
 
-def layer_slices_of(named_params: list[tuple[str, torch.Tensor]]) -> list[tuple[str, slice]]:
-    """``(layer, slice of vec θ)`` per layer: the parameter name without its last component (``""`` for the root
-    module's own parameters), in first-appearance order; a layer's parameters need not be adjacent in vec θ, so a
-    layer may own several slices (they are listed under its name in order)."""
-    slices: list[tuple[str, slice]] = []
-    offset = 0
-    for name, tensor in named_params:
-        slices.append((name.rpartition(".")[0], slice(offset, offset + tensor.numel())))
-        offset += tensor.numel()
-    return slices
-
-
-def per_layer_l2(a: torch.Tensor, b: torch.Tensor, slices: list[tuple[str, slice]]) -> list[float]:
-    """‖a − b‖₂ per layer (float64), in first-appearance order of the layers in ``slices``."""
-    squares: dict[str, torch.Tensor] = {}
-    for layer, part in slices:
-        value = torch.linalg.vector_norm(a[part].double() - b[part].double()).square()
-        squares[layer] = squares[layer] + value if layer in squares else value
-    return [float(v.sqrt()) for v in squares.values()]
+def per_layer_l2(a: torch.Tensor, b: torch.Tensor, layers: list[tuple[str, slice]]) -> list[float]:
+    """‖a − b‖₂ over each layer's slice of vec θ (float64), in the order of ``layers``
+    (:func:`dynprobe._util.modules.layer_slices`)."""
+    return [float(torch.linalg.vector_norm(a[part].double() - b[part].double())) for _, part in layers]
 
 
 def compare_ghost(

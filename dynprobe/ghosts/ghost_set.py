@@ -21,23 +21,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynprobe._util.evaluation import EvalSet, evaluate, index_inputs, inputs_to
-from dynprobe._util.modules import preserved_rng
+from dynprobe._util.evaluation import EvalSet, evaluate
+from dynprobe._util.inputs import index_inputs, inputs_to
+from dynprobe._util.modules import layer_slices, preserved_rng
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
 from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 
-from .comparison import compare_ghost, layer_slices_of
+from .comparison import compare_ghost
+from .notices import control_drift_notice, precision_notice, realized_norm_notice
 from .perturbation import Perturbation, PerturbationReport
-from .replica import (
-    LossReplay,
-    Replica,
-    check_optimizer_for_ghosts,
-    is_compiled,
-    lifetime_reached,
-    likely_drift_causes,
-)
+from .replica import LossReplay, Replica, check_optimizer_for_ghosts, is_compiled, lifetime_reached
 from .separation import SeparationLog
 from .sequential import SequentialTrainer
 from .trainer import Ghost, GhostTrainer, MainSnapshot, TrainerContext
@@ -47,9 +42,6 @@ __all__ = ["Ghost", "GhostSet", "MainSnapshot", "choose_trainer"]
 
 KernelOf = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 TrainerFactory = Callable[[TrainerContext], GhostTrainer]
-# Below this share of coordinates that differ after rounding to the autocast compute dtype, a perturbation is
-# reported as below that dtype's resolution.
-VISIBLE_SHARE = 0.01
 
 
 def choose_trainer(context: TrainerContext) -> GhostTrainer:
@@ -92,7 +84,6 @@ class GhostSet:
         no_copy: list[Any],
         raise_errors: bool,
         trainer_factory: TrainerFactory | None = None,
-        distributed: Any = None,
     ) -> None:
         self.config, self.model, self.optimizer, self.writer = config, model, optimizer, writer
         self.cuda_devices, self.raise_errors = cuda_devices, raise_errors
@@ -120,7 +111,7 @@ class GhostSet:
             on_mode=self._record_mode)
         self.ghosts: list[Ghost] = []
         self.final_step: int | None = None  # Probe(total_steps=): S is always measured there
-        self._layers = layer_slices_of([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self._parameter_ids = tuple(id(p) for p in model.parameters())
         self._warned: set[str] = set()
         self._control_drifted = False
@@ -132,8 +123,6 @@ class GhostSet:
         self._done_steps: set[int] = set()
         # resume: the spawns the interrupted process recorded at the resume step, by (index, control)
         self._recorded: dict[tuple[int, bool], dict[str, Any]] = {}
-        if distributed is not None and trainer_factory is None:  # the DDP run builds its own trainer
-            trainer_factory = distributed.ghost_trainer
         self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
         self.separation = SeparationLog(writer)
 
@@ -297,20 +286,10 @@ class GhostSet:
             return
         reference, drifted = result
         self._control_drifted = True
-        diff = max(drifted.values())
-        names = list(drifted)
-        if reference == "shadow":
-            causes = ["nondeterministic kernels (run with torch.use_deterministic_algorithms)"]
-            message = (f"dynprobe: the ε=0 control ghost drifted from the ε=0 shadow of its vectorized stack at step "
-                       f"{step} (max |Δ| {diff:.3g}): rows of one stack should be computed identically. Use "
-                       "Ghosts(vectorize=False) for a bit-exact reference")
-        else:
-            causes = likely_drift_causes(grad_edit_detected=self.grad_edit_detected, compiled=self._compiled)
-            message = (f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(names)} "
-                       f"tensors, max |Δ| {diff:.3g}, e.g. {names[0]!r}): the ghosts do not reproduce your training "
-                       f"step exactly, so chaos maps mix ε with that difference. Likely causes: {'; '.join(causes)}")
-        self.writer.event("control_drift", step=step, ghost=control.index, reference=reference, tensors=names[:10],
-                          max_abs_diff=diff, likely_causes=causes)
+        causes, message = control_drift_notice(reference, step, drifted, grad_edit_detected=self.grad_edit_detected,
+                                               compiled=self._compiled)
+        self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
+                          tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
         self._warn_once("control-drift", message)
 
     def note_grad_edit(self, step: int) -> None:
@@ -340,29 +319,16 @@ class GhostSet:
         """Warn (once) when perturbations are below the resolution of the autocast compute dtype of the step."""
         pending, self._precision_pending = self._precision_pending, []
         low = [dtype for _, dtype in regions if dtype in (torch.bfloat16, torch.float16)]
-        if not low:
-            return
-        dtype = low[0]
-        name = str(dtype).removeprefix("torch.")
-        hidden = [g for g in pending if g.report.changed_at.get(name, g.report.total) < VISIBLE_SHARE * g.report.total]
-        if not hidden:
-            return
-        ulps = {torch.bfloat16: 2 ** 16, torch.float16: 2 ** 13}[dtype]
-        eps = torch.finfo(dtype).eps
-        shares = ", ".join(f"ghost {g.index}: {g.report.changed_at.get(name, 0)} of {g.report.total}" for g in hidden)
-        self.writer.event("perturbation_below_precision", ghosts=[g.index for g in hidden], dtype=name,
-                          step=hidden[0].spawn_step)
-        self._warn_once("precision", f"dynprobe: the ghosts' perturbation is below the resolution of {name}, the "
-                        f"autocast compute dtype of your training step: only {shares} coordinates round to a "
-                        f"different {name} value, so the forward pass sees (almost) the unperturbed weights and the "
-                        "ghosts measure rounding rather than the chaos effect. Use a perturbation that survives "
-                        f"{name}: Perturbation(norm={ulps}, kind='ulp') (one {name} ulp per coordinate) or "
-                        f"Perturbation(norm={eps:.2g}, kind='relative')")
+        notice = precision_notice({g.index: g.report for g in pending}, low[0]) if low else None
+        if notice is not None:
+            hidden, message = notice
+            self.writer.event("perturbation_below_precision", ghosts=hidden, dtype=str(low[0]).removeprefix("torch."),
+                              step=next(g.spawn_step for g in pending if g.index == hidden[0]))
+            self._warn_once("precision", message)
 
     # ------------------------------------------------------------------------------------------ snapshots
 
-    def compare(self, data: Any, kernel_of: KernelOf | None, main_state: Mapping[str, torch.Tensor],
-                snapshot_index: int | None = None) -> None:
+    def compare(self, data: Any, kernel_of: KernelOf | None, main_state: Mapping[str, torch.Tensor]) -> None:
         """Compare with a snapshot measured by :class:`dynprobe.recording.snapshot.SnapshotRecorder` (``data``): the
         ghosts' arrays go into ``data.extra_arrays``. See :meth:`compare_with`."""
         main = MainSnapshot(data.step, data.params, data.evaluation.preds, data.kernel, main_state)
@@ -469,14 +435,9 @@ class GhostSet:
             self._warn_once("ghost-mode", f"dynprobe: ghosts fall back to the sequential path: {reason}")
 
     def _warn_realized_norms(self, spawned: list[Ghost], step: int) -> None:
-        messages = [(g, g.report.warning()) for g in spawned]
-        messages = [(g, m) for g, m in messages if m]
-        if not messages or "realized-norm" in self._warned:
-            return
-        ghosts = ", ".join(str(g.index) for g, _ in messages)
-        self._warn_once("realized-norm", f"dynprobe: ghost{'s' if len(messages) > 1 else ''} {ghosts} (spawned at "
-                        f"step {step}): {messages[0][1]}. Every ghost's realized norm is in its ghost_spawn record; "
-                        "later spawns are not warned about again")
+        message = realized_norm_notice({g.index: g.report for g in spawned}, step)
+        if message is not None:
+            self._warn_once("realized-norm", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,9 +1,9 @@
-"""The ghost's perturbation θ' = θ + ε (paper §4), and an honest account of what survived float rounding.
+"""The ghost's perturbation θ' = θ + ε (§4 of the two-phase paper), and an honest account of what survived rounding.
 
-The paper perturbs by "‖ε‖₀ = 10⁻⁷", most likely a typo for ‖ε‖₂ = 10⁻⁷ (paper-methods §6). In float32 that is
-far below the spacing of the weights: on a ResNet-20 at Kaiming init (median |θ| 0.045, median ulp 3.7e-9) a
-Gaussian ε of L2 norm 1e-7 has a per-coordinate rms of 1.9e-10, so ~95% of the coordinates round back to their
-old value and the realized perturbation δ = fl(θ + ε) − θ keeps only ~38% of the norm (ghost-feasibility §D).
+The paper perturbs by "‖ε‖₀ = 10⁻⁷", most likely a typo for ‖ε‖₂ = 10⁻⁷. In float32 that is far below the spacing
+of the weights: on a ResNet-20 at Kaiming init (median |θ| 0.045, median ulp 3.7e-9) a Gaussian ε of L2 norm 1e-7
+has a per-coordinate rms of 1.9e-10, so ~95% of the coordinates round back to their old value and the realized
+perturbation δ = fl(θ + ε) − θ keeps only ~38% of the norm (``tests/test_perturb.py`` checks it).
 What survives is a sparse set of ±1-ulp flips, mostly on near-zero weights; weights that are exactly zero (BN
 shifts and biases at init) absorb their share of ε exactly. A ghost must therefore be described by δ, not by ε:
 :func:`perturb_` returns a :class:`PerturbationReport` with both.

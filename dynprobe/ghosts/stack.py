@@ -8,14 +8,14 @@ before the main forward, run ``vmap(randomness="same")`` over ``functional_call(
 — so every replica draws the main run's dropout masks — and the watched loss under the recorded autocast
 states, then backpropagate the recorded dL/dloss (accumulation, loss weights) into all rows at once. Then:
 zero gradients where the main has them and the stack has none, per-replica clipping, and one optimizer step
-(:mod:`dynprobe._stack_optimizers`: one stacked optimizer for elementwise optimizers, else per-replica
+(:mod:`dynprobe.ghosts._stack_optimizers`: one stacked optimizer for elementwise optimizers, else per-replica
 optimizers over leaf aliases of the rows), with the main optimizer's current per-group hyper-parameters.
 
 Bitwise facts (CPU, measured; ``tests/test_ghost_stack.py``): rows of one stack are computed by identical
 kernels, so two ε = 0 rows stay bitwise equal forever. The vmapped kernels, however, are not the plain ones:
 BatchNorm/LayerNorm gradients and some small matmuls reduce in a different order, so a row drifts from the
 un-vmapped main model in the last bits and then chaotically. That is why a vectorized ghost is compared with
-an ε = 0 *shadow* row of the same stack, never with the main model (see :mod:`dynprobe._vectorized_ghosts`).
+an ε = 0 *shadow* row of the same stack, never with the main model (see :mod:`dynprobe.ghosts.vectorized`).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """The :class:`GhostTrainer` interface: how ghost replicas are held, trained in lock-step and compared.
 
-:class:`dynprobe.ghosts.GhostSet` owns the ghosts' identities, spawn schedule, statuses and records; a trainer owns
-their replicas. Implementations: :class:`dynprobe.ghosts.sequential.SequentialTrainer` (deep copies, compared with
-the main model itself), :class:`dynprobe.ghosts.vectorized.VectorizedTrainer` (one ``vmap`` stack with an ε = 0
-shadow, for ``Ghosts(vectorize=True | "auto")``), and the DDP trainer in :mod:`dynprobe.distributed` (deep copies
-whose gradients are averaged across ranks). The set picks between the first two in one place
+:class:`dynprobe.ghosts.ghost_set.GhostSet` owns the ghosts' identities, spawn schedule, statuses and records; a
+trainer owns their replicas. Implementations: :class:`dynprobe.ghosts.sequential.SequentialTrainer` (deep copies,
+compared with the main model itself), :class:`dynprobe.ghosts.vectorized.VectorizedTrainer` (one ``vmap`` stack
+with an ε = 0 shadow, for ``Ghosts(vectorize=True | "auto")``), and the DDP trainer in :mod:`dynprobe.distributed`
+(deep copies whose gradients are averaged across ranks). The set picks between the first two in one place
 (:func:`dynprobe.ghosts.ghost_set.choose_trainer`); the DDP trainer is handed to the set by whoever wires the probe.
 """
 from __future__ import annotations

@@ -14,14 +14,14 @@ first layer) and, when the probe set's forward graph does not fit in memory at o
 The contraction multiplies float32 blocks with BLAS and accumulates each block product into a float64 H: every
 float32 partial sum covers at most :data:`K_BLOCK` products, so the result keeps ~float32-epsilon *relative*
 accuracy whatever the parameter count (a single float32 GEMM over 10⁷ terms would not), at full float32 GEMM
-speed (a float64 GEMM is 2–3× slower on CPU). Row blocks exploit symmetry: only blocks on and above the
+speed (a float64 GEMM is several times slower on CPUs). Row blocks exploit symmetry: only blocks on and above the
 diagonal are multiplied (about (b+1)/2b of the work for b blocks), the others are their transposes.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,7 +29,7 @@ __all__ = ["K_BLOCK", "ChunkPlan", "accumulate_gram", "plan_chunks"]
 
 K_BLOCK = 32768  # products per float32 partial sum before it is added into the float64 accumulator
 STAGING_COLUMNS = 8192  # direct plans gather narrow gradient blocks (norm layers, biases) up to this width
-_MIN_BLOCK_ROWS = 256  # below this many rows one GEMM is faster than symmetric blocking (measured, 2 CPU threads)
+_MIN_BLOCK_ROWS = 256  # below this many rows one GEMM beats symmetric blocking (bench_entk.py measures it)
 
 
 def accumulate_gram(out: torch.Tensor, x: torch.Tensor, *, k_block: int = K_BLOCK) -> None:
@@ -72,7 +72,7 @@ class UnitCost:
     cache_bytes: int = 0  # row-independent intermediates per sample, kept while a forward is in use
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChunkPlan:
     """How one call of the engine is cut: sample chunks, row chunks, parameter groups.
 
@@ -208,20 +208,21 @@ def plan_chunks(*, n: int, rows: int, full: bool, itemsize: int, budget: int, fi
         pieces = []
         for unit in units:
             pieces.extend(unit.cost.split(unit.cost.columns) if unit.cost.split else [unit])
-        plan = ChunkPlan(sample_chunk=1, row_chunks=_row_chunks(rows, rows if full else 1), units=pieces,
-                         structured_groups=[[i] for i in range(len(pieces))], retained=n <= 1, fits=False)
-        plan.estimated_bytes = int(fixed_bytes + graph_bytes + backward_per_sample + form_per_sample + n * (
+        estimate = int(fixed_bytes + graph_bytes + backward_per_sample + form_per_sample + n * (
             rows if full else 1) * max([p.cost.columns for p in pieces], default=0) * itemsize)
-    _plan_generic(plan, n=n, rows=rows, itemsize=itemsize, budget=budget, fixed_bytes=fixed_bytes,
+        plan = ChunkPlan(sample_chunk=1, row_chunks=_row_chunks(rows, rows if full else 1), units=pieces,
+                         structured_groups=[[i] for i in range(len(pieces))], retained=n <= 1, fits=False,
+                         estimated_bytes=estimate)
+    return _plan_generic(plan, n=n, rows=rows, itemsize=itemsize, budget=budget, fixed_bytes=fixed_bytes,
                   generic=generic, graph_bytes=generic_graph_bytes, activation_bytes=activation_bytes)
-    return plan
 
 
 def _plan_generic(plan: ChunkPlan, *, n: int, rows: int, itemsize: int, budget: int, fixed_bytes: int,
-                  generic: Sequence[tuple[str, int]], graph_bytes: int, activation_bytes: int) -> None:
-    """Groups of generic parameters (one slab ``(n, rows, P_group)`` each) and the vmap chunk of the generic pass."""
+                  generic: Sequence[tuple[str, int]], graph_bytes: int, activation_bytes: int) -> ChunkPlan:
+    """``plan`` with groups of generic parameters (one slab ``(n, rows, P_group)`` each) and the sample chunk
+    of the generic pass."""
     if not generic:
-        return
+        return plan
     largest = max(numel for _, numel in generic)
 
     def per_sample(group_numel: int) -> int:  # forward graph, `rows` vmapped backward activations, Jacobian
@@ -241,9 +242,6 @@ def _plan_generic(plan: ChunkPlan, *, n: int, rows: int, itemsize: int, budget: 
         else:
             groups.append([name])
             used = numel
-    plan.generic_groups = groups
-    plan.generic_chunk = chunk
     estimate = fixed_bytes + n * rows * group_numel * itemsize + chunk * per_sample(group_numel)
-    plan.estimated_bytes = max(plan.estimated_bytes, int(estimate))
-    if estimate > budget:
-        plan.fits = False
+    return replace(plan, generic_groups=groups, generic_chunk=chunk,
+                   estimated_bytes=max(plan.estimated_bytes, int(estimate)), fits=plan.fits and estimate <= budget)

@@ -11,6 +11,8 @@ algebra as BackPACK's and Opacus's per-sample gradients:
   ``⟨g_i, g_j⟩ = (a_i·a_j)(δ_i·δ_j)``: the layer's kernel is (input Gram) ∘ (output-gradient Gram), O(n²(d_in +
   d_out)) instead of O(n² d_in d_out), and no per-sample gradient is formed.
 * ``nn.Linear`` on (n, ..., d_in) sequences — :class:`LinearSequence`: g_i = Σ_t δ_it ⊗ a_it (one batched matmul).
+  Hugging Face's ``Conv1D`` (GPT-2's projections, y = x W + b with W of shape (d_in, d_out)) is the same layer
+  with a transposed weight and gets the same rules (a kernel does not see the orientation of a gradient).
 * ``nn.Conv1d/2d/3d`` — :class:`Convolution`: the weight gradient of a convolution whose groups are the samples
   (``torch.nn.grad.conv*_weight`` with ``groups = n·groups``): one oneDNN call, no im2col copy.
 * ``BatchNorm`` (eval: running statistics), ``LayerNorm``, ``GroupNorm`` — :class:`Normalization`:
@@ -22,7 +24,9 @@ algebra as BackPACK's and Opacus's per-sample gradients:
 
 A module is handled this way only if its class keeps the stock ``forward``, it is not parametrized, none of
 its parameters is shared with another module, and it is called exactly once per forward pass; everything
-else falls back to the generic torch.func path.
+else falls back to the generic path (:mod:`._generic`). A module whose input has a first dimension of 1 shared
+by every sample (a position-embedding lookup on ``(1, T)`` ids) is *broadcast*: its output is expanded to the
+batch in the forward (:class:`Tapper`), after which the same rules give each sample its own gradient.
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ _KIND_OF_FORWARD = {
     nn.GroupNorm.forward: "groupnorm",
     nn.Embedding.forward: "embedding",
 }
+# Layers of other libraries with the algebra of a supported one, by (module, class name): Hugging Face's Conv1D
+# (GPT-2's projections) is y = x W + b with W of shape (in, out), a Linear layer with a transposed weight.
+_KIND_OF_CLASS = {("transformers.pytorch_utils", "Conv1D"): "linear_t"}
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 _GRAM_TEMP_BYTES = 64 * 2**20  # blocking target for the temporaries of factor-Gram contractions
 
@@ -58,6 +65,8 @@ _GRAM_TEMP_BYTES = 64 * 2**20  # blocking target for the temporaries of factor-G
 def structured_kind(module: nn.Module) -> str | None:
     """The structured rule for this module (``"linear"``, ``"conv"``, ...), or None for the generic path."""
     kind = _KIND_OF_FORWARD.get(getattr(type(module), "forward", None))
+    if kind is None:
+        kind = _KIND_OF_CLASS.get((type(module).__module__, type(module).__qualname__))
     if kind is None or parametrize.is_parametrized(module):
         return None
     if set(name for name, p in module._parameters.items() if p is not None) - {"weight", "bias"}:
@@ -85,16 +94,22 @@ class Tapper:
     While ``active``, each call of a tapped module appends a :class:`Record`. The hook never changes values:
     it makes the output a grad-requiring leaf when nothing upstream requires grad, and returns a clone only
     for modules whose output the model later modifies in place (``clone_outputs``), so that δ is the gradient
-    with respect to the value the module produced. Hooks are prepended so that user hooks see our output.
+    with respect to the value the module produced. A ``broadcast`` module (input and output of first dimension
+    1, shared by every sample) has its output expanded to ``batch`` samples (a view, same values), so that the
+    batched backward gives each sample its own δ; its input is expanded alike. Hooks are prepended so that user
+    hooks see our output.
     """
 
     def __init__(self, modules: list[nn.Module], *, clone_outputs: set[int] = frozenset(),
-                 clone_inputs: set[int] = frozenset(), planning: bool = False) -> None:
+                 clone_inputs: set[int] = frozenset(), broadcast: set[int] = frozenset(),
+                 planning: bool = False) -> None:
         self.modules = modules
         self.clone_outputs = set(clone_outputs)
         self.clone_inputs = set(clone_inputs)
+        self.broadcast = set(broadcast)
         self.planning = planning
         self.active = False
+        self.batch = 1  # samples in the current forward (set by the caller before each forward)
         self.records: list[list[Record]] = [[] for _ in modules]
         self.returned: list[list[torch.Tensor]] = [[] for _ in modules]
         self.sequence: list[int] = []  # tapped module indices in call order
@@ -120,9 +135,14 @@ class Tapper:
             if not self.active or not args or not isinstance(output, torch.Tensor):
                 return None
             x = args[0]
-            tap = output if output.requires_grad else output.detach().requires_grad_()
+            if index in self.broadcast and output.dim() and output.shape[0] == 1 and x.dim() and x.shape[0] == 1:
+                shape = (self.batch, *output.shape[1:])
+                tap = output.expand(shape) if output.requires_grad else output.detach().expand(shape).requires_grad_()
+                inputs = x.detach().expand(self.batch, *x.shape[1:])
+            else:
+                tap = output if output.requires_grad else output.detach().requires_grad_()
+                inputs = x.detach().clone() if index in self.clone_inputs else x.detach()
             extra = (module.running_mean, module.running_var) if isinstance(module, _BatchNorm) else ()
-            inputs = x.detach().clone() if index in self.clone_inputs else x.detach()
             self.records[index].append(Record(inputs, tap, extra, x._version, tap._version))
             self.sequence.append(index)
             if self.planning or index in self.clone_outputs:
@@ -183,9 +203,8 @@ class Convolution(_Unit):
     ``"grouped"``: the weight gradient of a convolution whose groups are the samples (``torch.nn.grad.conv*_weight``
     with ``groups = m·groups``), no extra memory. ``"unfold"``: the input unfolded once per forward (im2col,
     cached for every row) and one batched matmul per row, ``δ_i (C_out × S) @ U_i (S × C_in k)``. oneDNN's grouped
-    weight gradient is slow for few output positions and many channels (4× slower than the matmul on ResNet-20's
-    8×8 stage on CPU), the unfold costs memory and a copy: :meth:`choose_strategy` times both on the layer's
-    shapes when the engine is planned.
+    weight gradient is slow for few output positions and many channels, the unfold costs memory and a copy:
+    :meth:`choose_strategy` picks one from the layer's shapes when the engine is planned.
     """
 
     strategy = "grouped"
@@ -265,10 +284,11 @@ class Convolution(_Unit):
     def choose_strategy(self) -> None:
         """``"unfold"`` for few output positions (≤ 64) or a narrow im2col row (C_in/groups · ∏k ≤ 32), else grouped.
 
-        Measured on 2 CPU threads (per row, n=128): ResNet-20's 8×8 stage 19 ms grouped vs 4.8 ms unfold+matmul,
-        its 3-channel stem 9.1 vs 2.2 ms; its 32×32 and 16×16 stages 8.9 vs 12.3 ms and 4.6 vs 5.7 ms (plus the
-        unfold, and its memory). A fixed rule rather than a timing at planning: timings on a shared machine
-        are noisy, and the plan (and its memory) should not depend on the load of the moment.
+        The grouped weight gradient's cost grows with the number of groups times the work per group, which is
+        poorly parallelized when each group has few output positions or a narrow input row; the unfolded matmul is
+        one large GEMM there, at the price of the unfold's copy and memory. A fixed rule rather than a timing at
+        planning: timings on a shared machine are noisy, and the plan (and its memory) should not depend on the
+        load of the moment (``tests/benchmarks/bench_entk.py`` measures both).
         """
         m = self.module
         if len(m.kernel_size) == 3 or not self.weight:
@@ -282,17 +302,17 @@ class LinearSequence(_Unit):
     """``nn.Linear`` applied to (n, ..., d_in): per-sample gradients Σ_t δ_t ⊗ a_t by one batched matmul."""
 
     def _cost(self) -> UnitCost:
-        m = self.module
-        c0, c1 = self.channels or (0, m.out_features)
-        self.weight_columns = (c1 - c0) * m.in_features if self.weight else 0
+        in_features, out_features = self.info["in_features"], self.info["out_features"]
+        c0, c1 = self.channels or (0, out_features)
+        self.weight_columns = (c1 - c0) * in_features if self.weight else 0
         columns = self.weight_columns + ((c1 - c0) if self.bias else 0)
-        cost = self._base_cost(columns, ((c1 - c0) * m.in_features + self.info["out_numel"]) * self.itemsize)
+        cost = self._base_cost(columns, ((c1 - c0) * in_features + self.info["out_numel"]) * self.itemsize)
         if c1 - c0 > 1:
             cost.split = self._split
         return cost
 
     def _split(self, parts: int) -> list[_Unit]:
-        c0, c1 = self.channels or (0, self.module.out_features)
+        c0, c1 = self.channels or (0, self.info["out_features"])
         size = math.ceil((c1 - c0) / parts)
         return [LinearSequence(self.name, self.module, self.module_id, self.weight, self.bias, self.info,
                                self.itemsize, (start, min(start + size, c1))) for start in range(c0, c1, size)]
@@ -314,8 +334,8 @@ class LinearSequence(_Unit):
 class Normalization(_Unit):
     """BatchNorm (running statistics), LayerNorm, GroupNorm: g_γ = Σ δ ⊙ x̂ and g_β = Σ δ per sample.
 
-    x̂ is recomputed for every row (one fused multiply-add) rather than cached: caching it measured no faster
-    and would cost the layer's input size in memory.
+    x̂ is recomputed for every row (one fused multiply-add) rather than cached: caching it saves little and
+    would cost the layer's input size in memory.
     """
 
     def _cost(self) -> UnitCost:
@@ -363,18 +383,16 @@ class LinearGram(_Unit):
     gram = True
 
     def _cost(self) -> UnitCost:
-        m = self.module
-        return self._base_cost(0, 0, factor_fixed=m.in_features * self.itemsize,
-                               factor_row=m.out_features * self.itemsize)
+        return self._base_cost(0, 0, factor_fixed=self.info["in_features"] * self.itemsize,
+                               factor_row=self.info["out_features"] * self.itemsize)
 
     def contract_bytes(self, n: int, rows: int) -> int:
         """Temporaries of :meth:`contract` (blocked to at most ``_GRAM_TEMP_BYTES``)."""
         return min(_GRAM_TEMP_BYTES, n * n * rows * rows * 24 + 2 * n * n * 8)
 
     def new_factors(self, n: int, rows: int, dtype: torch.dtype, device: torch.device) -> dict:
-        m = self.module
-        return {"a": torch.empty(n, m.in_features, dtype=dtype, device=device) if self.weight else None,
-                "d": torch.empty(n, rows, m.out_features, dtype=dtype, device=device)}
+        return {"a": torch.empty(n, self.info["in_features"], dtype=dtype, device=device) if self.weight else None,
+                "d": torch.empty(n, rows, self.info["out_features"], dtype=dtype, device=device)}
 
     def store(self, factors: dict, delta: torch.Tensor, record: Record, samples: slice, row: int) -> None:
         if factors["a"] is not None and row == 0:
@@ -427,7 +445,8 @@ class EmbeddingGram(_Unit):
     def contract(self, factors: dict, out: torch.Tensor, full: bool) -> None:
         idx, d = factors["idx"], factors["d"]
         n, rows, tokens, width = d.shape
-        valid = idx != self.module.padding_idx if self.module.padding_idx is not None else torch.ones_like(idx, dtype=torch.bool)
+        padding = self.module.padding_idx
+        valid = idx != padding if padding is not None else torch.ones_like(idx, dtype=torch.bool)
         # Rows of the factor matrix: (sample, token) with the rows concatenated (sum modes) or apart (full).
         per_sample = tokens * (rows if full else 1)
         x = d.reshape(n * per_sample, width) if full else d.permute(0, 2, 1, 3).reshape(n * tokens, rows * width)
@@ -453,7 +472,7 @@ class EmbeddingGram(_Unit):
 def make_unit(kind: str, name: str, module: nn.Module, module_id: int, weight: str | None, bias: str | None,
               info: dict, itemsize: int) -> _Unit:
     """The unit class for a module kind, given what the planning forward saw (``info``: shapes per sample)."""
-    if kind == "linear":
+    if kind in ("linear", "linear_t"):
         cls = LinearGram if info["in_dim"] == 2 else LinearSequence
     elif kind == "conv":
         cls = Convolution

@@ -14,7 +14,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from dynprobe._util.batchnorm import batchnorm_modules, recalibrated_statistics
+from dynprobe._util.batchnorm import reestimate_batchnorm, running_stat_layers
 from dynprobe._util.inputs import Inputs, OutputFn, forward
 from dynprobe._util.tasks import Task
 
@@ -121,13 +121,13 @@ def _some(names: list[str], limit: int = 5) -> str:
 
 
 def norm_layer_keys(model: nn.Module, canonical_name: dict[str, str]) -> dict[str, str]:
-    """BatchNorm running-statistics entries (``"<layer>.running_mean"`` / ``_var``) → their canonical state keys,
-    for the layers that keep running statistics."""
+    """Running-statistics entries (``"<layer>.running_mean"``, ``_var``, ``num_batches_tracked``) → their canonical
+    state keys, for the normalization layers that keep running statistics."""
     keys = {}
-    for prefix, module in batchnorm_modules(model):
-        if module.track_running_stats and module.running_mean is not None:
-            dot = f"{prefix}." if prefix else ""
-            for entry in ("running_mean", "running_var"):
+    for prefix, module in running_stat_layers(model):
+        dot = f"{prefix}." if prefix else ""
+        for entry in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(module, entry, None) is not None:
                 keys[dot + entry] = canonical_name[dot + entry]
     return keys
 
@@ -137,13 +137,14 @@ def path_sums(model: nn.Module, path: Path, alphas: list[float], batches: list[t
               reset_batches: list[Inputs] | None = None) -> tuple[torch.Tensor, int]:
     """Σ over the data's units of the loss (or 0/1 error) at every α, float64 (A,) on the model's device; and the
     number of units. With ``reset_batches``, BatchNorm statistics are re-estimated at every α first (the one
-    re-estimation of :func:`dynprobe._util.batchnorm.recalibrated_statistics`: cumulative average, dropout off)."""
+    re-estimation, :func:`dynprobe._util.batchnorm.reestimate_batchnorm`: cumulative average, dropout off)."""
     sums: list[torch.Tensor] = []
     count_total: torch.Tensor | None = None
     for alpha in alphas:
         state = path.at(alpha)
         if reset_batches:
-            statistics = recalibrated_statistics(model, reset_batches, lambda inputs: forward(model, inputs, state))
+            statistics = reestimate_batchnorm(model, reset_batches,
+                                              forward=lambda inputs, state=state: forward(model, inputs, state))
             keys = norm_keys or {}
             state.update({keys[name]: value for name, value in statistics.items() if name in keys})
         total, count_total = None, None

@@ -7,8 +7,10 @@ for sums over many coordinates.
 
 Conventions (the paper's §3):
 
-* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors, computed as
-  ``½‖θ_i/‖θ_i‖ − θ_j/‖θ_j‖‖²`` (equal, without cancellation).
+* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors. One pair is
+  computed as ``½‖θ_i/‖θ_i‖ − θ_j/‖θ_j‖‖²`` (equal, without cancellation); one vector against many from dot
+  products with the stack, switching to that form wherever ``1 − cos`` is small enough to lose digits, so that
+  every value keeps a relative error ≤ 1e-9 (the bound is derived in :mod:`dynprobe.metrics._blocked`).
 * S, eq. (4): ``S(H_i, H_j) = 1 − ⟨H_i, H_j⟩_F / (‖H_i‖_F ‖H_j‖_F)`` on eNTK matrices of any (equal) shape.
 * D, eq. (6): ``D = mean_x 1[argmax f(x; θ_i) ≠ argmax f(x; θ_j)]`` on stored predicted labels.
 
@@ -16,7 +18,10 @@ The loss barrier B, eq. (5), needs the model and data; it lives in :mod:`dynprob
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from ._blocked import Blocks, cosine_rows, half_squared_distances, squared_norms
 
 __all__ = [
     "cosine_dissimilarity",
@@ -43,16 +48,20 @@ def _rows64(xs, like: torch.Tensor) -> torch.Tensor:  # small row stacks only (L
     return rows.reshape(rows.shape[0], -1).to(device=like.device, dtype=torch.float64)
 
 
-_BLOCK_ELEMENTS = 2**22  # float64 temporaries of the *_to_many functions stay around 32 MB
+def _flat(x) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().reshape(-1)
+    return t if t.is_floating_point() else t.to(torch.float64)
 
 
-def _unit(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    norm = x.norm() if dim is None else x.norm(dim=dim, keepdim=True)
-    return x / norm  # a zero vector gives NaN on purpose: the cosine is undefined there
-
-
-def _half_squared_distance_of_units(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (x - y).square().sum(dim=-1)
+def _exact_pair(x: torch.Tensor, y: torch.Tensor, what: str, shapes: tuple) -> float:
+    if x.numel() != y.numel():
+        needs = "kernels of equal shape" if what == "kernel_distance" else "vectors of equal size"
+        raise ValueError(f"{what} needs {needs}; got {shapes[0]} and {shapes[1]}")
+    y = y.to(x.device)
+    blocks = Blocks(x.numel())
+    x_norm2, y_norm2 = squared_norms(x, blocks)[0], squared_norms(y, blocks)[0]
+    return float(half_squared_distances(x, x_norm2, y.reshape(1, -1), np.zeros(1, np.int64), np.array([y_norm2]),
+                                        0, x.numel())[0])
 
 
 def cosine_dissimilarity(a, b) -> float:
@@ -61,29 +70,33 @@ def cosine_dissimilarity(a, b) -> float:
     ``C(a, b) = 1 − ⟨vec a, vec b⟩ / (‖vec a‖₂ ‖vec b‖₂)``, evaluated in float64 as the algebraically equal
     ``½ ‖a/‖a‖ − b/‖b‖‖²``: unlike ``1 − cos`` it has no cancellation, so it is exactly 0 for identical vectors
     (an ε = 0 control ghost) and keeps full relative precision for the tiny values between a ghost and the main
-    run late in training. Inputs of any shape are flattened. Returns NaN when either vector is zero.
+    run late in training. Inputs of any shape are flattened and read block by block in their own dtype (no
+    float64 copy of either vector). Returns NaN when either vector is zero.
     """
-    x = _flat64(a)
-    y = _flat64(b).to(x.device)
-    if x.numel() != y.numel():
-        raise ValueError(f"cosine_dissimilarity needs vectors of equal size; got {x.numel()} and {y.numel()}")
-    return float(_half_squared_distance_of_units(_unit(x), _unit(y)))
+    x, y = _flat(a), _flat(b)
+    return _exact_pair(x, y, "cosine_dissimilarity", (x.numel(), y.numel()))
 
 
 def cosine_dissimilarity_to_many(x, ys) -> torch.Tensor:
     """Eq. (1) between one vector ``x`` (any shape, p elements) and each row of ``ys`` (k × p); float64 (k,).
 
-    Rows are processed in blocks so that float64 temporaries stay small whatever k·p is.
+    One pass of float64 dot products over ``ys`` (kept in its own dtype, converted block by block), and the
+    cancellation-free form for the entries where the dot products cannot give 1e-9 relative precision (close
+    vectors); every value has a relative error ≤ 1e-9 and identical vectors give exactly 0.
     """
-    x_unit = _unit(_flat64(x))
+    v = _flat(x)
     rows = torch.as_tensor(ys).detach()
-    rows = rows.reshape(rows.shape[0], -1)
-    out = torch.empty(rows.shape[0], dtype=torch.float64, device=x_unit.device)
-    block = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
-    for start in range(0, rows.shape[0], block):
-        chunk = rows[start : start + block].to(device=x_unit.device, dtype=torch.float64)
-        out[start : start + block] = _half_squared_distance_of_units(_unit(chunk, dim=1), x_unit)
-    return out
+    rows = rows.reshape(rows.shape[0], -1).to(v.device)
+    if not rows.is_floating_point():
+        rows = rows.to(torch.float64)
+    if rows.shape[1] != v.numel():
+        raise ValueError(f"cosine_dissimilarity_to_many: x has {v.numel()} elements, rows of ys {rows.shape[1]}")
+    blocks = Blocks(v.numel())
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=v.device)
+    norms = np.stack([squared_norms(row, blocks) for row in rows])
+    values = cosine_rows(v, squared_norms(v, blocks), rows, norms, blocks)[0]
+    return torch.from_numpy(values).to(v.device)
 
 
 def l2_distance(a, b) -> float:
@@ -106,13 +119,9 @@ def kernel_distance(h1, h2) -> float:
     ``kernel_distance(H, c·H) == 0`` for c > 0, so it does not see whether a kernel was summed or averaged over
     logits. Returns NaN when either kernel is zero.
     """
-    x, y = _flat64(h1), _flat64(h2)
-    if x.numel() != y.numel():
-        raise ValueError(
-            f"kernel_distance needs kernels of equal shape; got {tuple(torch.as_tensor(h1).shape)} "
-            f"and {tuple(torch.as_tensor(h2).shape)}"
-        )
-    return float(_half_squared_distance_of_units(_unit(x), _unit(y.to(x.device))))
+    x, y = _flat(h1), _flat(h2)
+    return _exact_pair(x, y, "kernel_distance",
+                       (tuple(torch.as_tensor(h1).shape), tuple(torch.as_tensor(h2).shape)))
 
 
 def kernel_distance_to_many(h, hs) -> torch.Tensor:

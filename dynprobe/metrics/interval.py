@@ -1,172 +1,384 @@
-"""Online pairwise matrices: one row per snapshot, O(T) work per row (torchmetrics-style state objects).
+"""Online pairwise matrices: one row per snapshot (torchmetrics-style state objects).
 
 A :class:`PairwiseMatrix` owns the state of one interval metric over a run's snapshots (C, D, S, ...): the
-earlier snapshots' vectors (:class:`VectorHistory`) and the append-only row file. ``update(vector)`` computes
-the new row ``M[t, 0..t]`` with a pure function from :mod:`dynprobe.metrics` and appends it; ``compute()``
-returns the T×T matrix. The math never lives here.
+earlier snapshots' vectors (:class:`VectorHistory`) and the append-only row files (one per channel: C has one
+channel for the whole parameter vector and one per layer). ``update(vector)`` computes the new row
+``M[t, 0..t]`` with a :class:`PairMetric` and appends it; ``compute()`` returns the T×T matrix.
+
+**Memory and disk.** The history is kept in the vectors' own dtype (a float32 model's θ in float32: float64
+storage would double memory and buy no precision, since the rows accumulate in float64 anyway) within a byte
+budget. While every vector fits, rows are complete at once. Beyond the budget the history *spills*: memory
+then holds an anchor (the first snapshot), the previous snapshot and a *block* of the newest ``K`` snapshots;
+a new row is computed at once against what is in memory (so ``C(t, 0)`` and ``C(t, t−1)`` are always
+available online) and its entries against the spilled vectors are left NaN (pending). When the block is full,
+each spilled vector is read back once and compared with all ``K`` block vectors, and the pending entries are
+written in place (:meth:`dynprobe.store.rows.TriangularRows.fill`). A run of T snapshots of p numbers so reads
+about ``T²·p / (2K)`` numbers from disk instead of ``T²·p / 2``, with K as large as the budget allows.
+:meth:`PairwiseMatrix.complete` finishes the pending entries (the probe calls it at close).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from dynprobe.store.rows import TriangularRows
 
-__all__ = ["PairwiseMatrix", "VectorHistory"]
+from ._blocked import Blocks, cosine_rows, squared_norms
+
+__all__ = ["CosineMetric", "FunctionMetric", "PairMetric", "PairwiseMatrix", "VectorHistory"]
 
 # A row function maps (new vector, k earlier vectors stacked) to the k metric values, float64.
 RowFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-class VectorHistory:
-    """The vectors of earlier snapshots, kept on the computing device within a memory budget.
 
-    Resident vectors live in one preallocated ``(capacity, dim)`` buffer (grown by doubling), so a new row is a
-    single matrix-vector product over a view, with no re-stacking per snapshot. Entries beyond the budget stay
-    in the run directory and are streamed back in chunks, so a long run never holds T×p numbers in memory. An
-    entry may be ``None`` (the metric was not measured at that snapshot); its row entries are NaN.
+class PairMetric(Protocol):
+    """A metric between one vector and a stack of vectors, on ``channels`` outputs."""
+
+    channels: int
+
+    def summary(self, vector: torch.Tensor) -> np.ndarray:
+        """Per-vector numbers computed once and kept for every snapshot (e.g. squared norms)."""
+
+    def rows(self, vector: torch.Tensor, summary: np.ndarray, stack: torch.Tensor,
+             stack_summaries: np.ndarray) -> np.ndarray:
+        """Values between ``vector`` and each row of ``stack``; float64 (channels, n)."""
+
+
+class CosineMetric:
+    """C (eq. 1) or S (eq. 4): cosine dissimilarity, per channel (the whole vector, then each layer slice)."""
+
+    def __init__(self, size: int | None = None, slices: Sequence[slice] | None = None) -> None:
+        self._slices = slices
+        self._blocks = Blocks(size, slices) if size is not None else None
+        self.channels = 1 + len(slices) if slices else 1
+
+    def blocks(self, size: int) -> Blocks:
+        """The block structure (built at the first vector when the size was not known up front)."""
+        if self._blocks is None:
+            self._blocks = Blocks(size, self._slices)
+        if self._blocks.size != size:
+            raise ValueError(f"vectors of {size} elements for a metric over {self._blocks.size}")
+        return self._blocks
+
+    def summary(self, vector: torch.Tensor) -> np.ndarray:
+        return squared_norms(vector.reshape(-1), self.blocks(vector.numel()))
+
+    def rows(self, vector, summary, stack, stack_summaries) -> np.ndarray:
+        return cosine_rows(vector.reshape(-1), summary, stack, stack_summaries, self.blocks(vector.numel()))
+
+
+class FunctionMetric:
+    """A one-channel metric from a row function ``(vector, stack) -> (n,)`` (D, eq. 6, and the task's D)."""
+
+    channels = 1
+
+    def __init__(self, function: RowFunction) -> None:
+        self.function = function
+
+    def summary(self, vector: torch.Tensor) -> np.ndarray:
+        return np.zeros(0)
+
+    def rows(self, vector, summary, stack, stack_summaries) -> np.ndarray:
+        return torch.as_tensor(self.function(vector, stack)).detach().cpu().numpy().astype(np.float64)[None]
+
+
+class VectorHistory:
+    """The vectors of earlier snapshots: in one preallocated buffer within a byte budget, beyond it on disk.
 
     Args:
         device: where rows are computed (the model's device).
-        dtype: dtype the vectors are kept in (float64 for C and S, so rows need no per-snapshot cast).
-        memory_budget: bytes of resident vectors.
+        dtype: dtype the vectors are kept in (the parameters' own dtype for C; exact for the values stored).
+        memory_budget: bytes of vectors kept in memory.
         load: ``index -> array or None``, reads an entry back from the run directory.
-        chunk_bytes: size of the chunks streamed back from disk.
+        before_load: called before entries are read back (waits for a background writer to finish them).
+
+    ``bytes_loaded`` counts what was read back. The buffer's slots hold, in order: every vector (while they
+    fit), or after the spill the anchor, the previous snapshot and the current block (module docstring).
     """
 
-    def __init__(
-        self,
-        device: torch.device,
-        *,
-        dtype: torch.dtype,
-        memory_budget: int,
-        load: Callable[[int], np.ndarray | None],
-        chunk_bytes: int = 64 * 2**20,
-    ) -> None:
+    def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int,
+                 load: Callable[[int], np.ndarray | None], before_load: Callable[[], None] | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
-        self.memory_budget, self.chunk_bytes = int(memory_budget), int(chunk_bytes)
-        self._load = load
-        self._count = 0
+        self.memory_budget = int(memory_budget)
+        self._load, self._before_load = load, before_load
+        self.present: list[bool] = []
+        self.summaries: dict[int, np.ndarray] = {}
+        self.slots: list[int] = []  # snapshot index held by each used buffer row
+        self.far: list[int] = []  # present snapshots not in memory (ascending)
+        self.spilled = False
+        self.reserved = 0  # after the spill: slots kept for the anchor and the previous snapshot
+        self.capacity: int | None = None
+        self.bytes_loaded = 0
         self._buffer: torch.Tensor | None = None
-        self._resident: list[int] = []  # snapshot index of each buffer row
-        self._on_disk: list[int] = []  # snapshot indices beyond the budget
 
     def __len__(self) -> int:
-        return self._count
+        return len(self.present)
 
-    def append(self, vector: torch.Tensor | None) -> None:
-        index = self._count
-        self._count += 1
-        if vector is not None:
-            self._store(index, vector.detach().reshape(-1))
+    @property
+    def block_capacity(self) -> int:
+        """How many new vectors a block holds after the spill (0: each row is completed at once)."""
+        return max(0, (self.capacity or 0) - self.reserved)
 
-    def extend_from_disk(self, present: list[bool]) -> None:
-        """Register entries already in the run directory (a resumed run), loading what fits the budget."""
-        for was_present in present:
-            index = self._count
-            self._count += 1
-            if was_present:
-                array = self._load(index)
-                if array is not None:
-                    self._store(index, torch.from_numpy(np.array(array)).reshape(-1))
+    def _set_capacity(self, dim: int) -> None:
+        if self.capacity is None:
+            row = dim * torch.empty((), dtype=self.dtype).element_size()
+            self.capacity = self.memory_budget // max(1, row)
 
-    def _store(self, index: int, vector: torch.Tensor) -> None:
-        if self._fits(vector.numel()):
-            assert self._buffer is not None
-            self._buffer[len(self._resident)].copy_(vector)
-            self._resident.append(index)
-        else:
-            self._on_disk.append(index)
+    def resident(self) -> tuple[list[int], torch.Tensor | None]:
+        """The indices in memory and their stacked vectors (one view of the buffer)."""
+        if not self.slots:
+            return [], None
+        assert self._buffer is not None
+        return list(self.slots), self._buffer[: len(self.slots)]
 
-    def _fits(self, dim: int) -> bool:
-        row_bytes = dim * torch.empty((), dtype=self.dtype).element_size()
-        rows_needed = len(self._resident) + 1
-        if self._on_disk or rows_needed * row_bytes > self.memory_budget:
-            return False
-        if self._buffer is None or self._buffer.shape[0] < rows_needed:
-            capacity = min(max(8, 2 * rows_needed), max(1, self.memory_budget // row_bytes))
-            grown = torch.empty((capacity, dim), dtype=self.dtype, device=self.device)
+    def stacked(self, indices: list[int], extra: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The vectors of ``indices`` (all in memory, or in ``extra``), as a view where possible."""
+        position = {index: slot for slot, index in enumerate(self.slots)}
+        slots = [position.get(i, -1) for i in indices]
+        if self._buffer is not None and -1 not in slots and slots == list(range(slots[0], slots[0] + len(slots))):
+            return self._buffer[slots[0] : slots[0] + len(slots)]
+        return torch.stack([extra[i] if i in extra else self._buffer[position[i]] for i in indices])
+
+    def in_memory(self, index: int) -> bool:
+        return index in self.slots
+
+    def load(self, index: int) -> torch.Tensor | None:
+        """Read a vector back from the run directory (counted in ``bytes_loaded``)."""
+        array = self._load(index)
+        if array is None:
+            return None
+        self.bytes_loaded += int(array.nbytes)
+        array = np.asarray(array).reshape(-1)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # one copy at most
+        return tensor.to(self.device, self.dtype)
+
+    def prepare_loads(self) -> None:
+        if self._before_load is not None:
+            self._before_load()
+
+    # ------------------------------------------------------------------------------------------- storing
+
+    def _put(self, slot: int, vector: torch.Tensor) -> None:
+        needed = slot + 1
+        if self._buffer is None or self._buffer.shape[0] < needed:
+            assert self.capacity is not None
+            # On the CPU untouched pages cost nothing, so the whole budget is reserved at once; on an
+            # accelerator the buffer grows by doubling.
+            rows = self.capacity if self.device.type == "cpu" else min(self.capacity, max(8, 2 * needed))
+            try:
+                grown = torch.empty((rows, vector.numel()), dtype=self.dtype, device=self.device)
+            except (RuntimeError, MemoryError) as error:
+                raise MemoryError(
+                    f"cannot allocate {rows} earlier vectors of {vector.numel()} numbers on {self.device} for the "
+                    f"interval rows ({error}); pass a smaller history_memory (now {self.memory_budget} bytes)"
+                ) from error
             if self._buffer is not None:
-                grown[: len(self._resident)].copy_(self._buffer[: len(self._resident)])
+                grown[: len(self.slots)].copy_(self._buffer[: len(self.slots)])
             self._buffer = grown
-        return True
+        self._buffer[slot].copy_(vector.reshape(-1))
 
-    def chunks(self) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield ``(indices, stacked vectors)``: the resident block as one view, then disk entries in chunks."""
-        if self._resident:
-            assert self._buffer is not None
-            yield self._resident, self._buffer[: len(self._resident)]
-        indices: list[int] = []
-        tensors: list[torch.Tensor] = []
-        size = 0
-        for index in self._on_disk:
-            array = self._load(index)
-            if array is None:
-                continue
-            tensor = torch.from_numpy(np.array(array)).reshape(-1).to(self.device, self.dtype)
-            if tensors and size + tensor.numel() * tensor.element_size() > self.chunk_bytes:
-                yield indices, torch.stack(tensors)
-                indices, tensors, size = [], [], 0
-            indices.append(index)
-            tensors.append(tensor)
-            size += tensor.numel() * tensor.element_size()
-        if tensors:
-            yield indices, torch.stack(tensors)
+    def append(self, vector: torch.Tensor | None, summary: np.ndarray | None) -> bool:
+        """Register the next snapshot; store its vector if there is room. Returns whether it is in memory.
+
+        A vector that does not fit while every earlier one did triggers the spill (anchor + this one stay).
+        """
+        index = len(self.present)
+        self.present.append(vector is not None)
+        if vector is None:
+            return False
+        assert summary is not None
+        self.summaries[index] = summary
+        self._set_capacity(vector.numel())
+        if not self.spilled and len(self.slots) < self.capacity:
+            self._put(len(self.slots), vector)
+            self.slots.append(index)
+            return True
+        if not self.spilled:
+            self._spill(index, vector)
+            return self.in_memory(index)
+        if len(self.slots) < self.capacity:
+            self._put(len(self.slots), vector)
+            self.slots.append(index)
+            return True
+        return False
+
+    def _spill(self, index: int, vector: torch.Tensor) -> None:
+        self.spilled = True
+        self.reserved = min(self.capacity or 0, 2)
+        keep = [self.slots[0]] if self.reserved == 2 and self.slots else []
+        self.far = sorted(set(self.far) | (set(self.slots) - set(keep)))
+        self.slots = keep
+        self.keep_newest(index, vector)
+
+    def keep_newest(self, index: int, vector: torch.Tensor | None) -> None:
+        """After a block is complete: keep the anchor (slot 0) and ``index``, the newest snapshot (the next
+        row's previous snapshot); every other vector spills. ``vector`` is the newest one's when it is not
+        in memory."""
+        anchor = self.slots[:1] if self.reserved == 2 and self.slots else []
+        keep = anchor + ([index] if self.reserved > len(anchor) and index not in anchor else [])
+        if index in keep[len(anchor):]:
+            slot = len(anchor)
+            if index in self.slots:
+                position = self.slots.index(index)
+                if position != slot:
+                    assert self._buffer is not None
+                    self._buffer[slot].copy_(self._buffer[position])
+            else:
+                assert vector is not None
+                self._put(slot, vector)
+        gone = (set(self.slots) | {index}) - set(keep)
+        self.slots = keep
+        self.far = sorted(set(self.far) | {i for i in gone if self.present[i]})
+
+    def register_stored(self, present: list[bool], summary: Callable[[torch.Tensor], np.ndarray]) -> None:
+        """A resumed run: register the committed entries; load what fits (all, or the first and the last)."""
+        indices = [i for i, p in enumerate(present) if p]
+        self.present.extend(present)
+        if not indices:
+            return
+        first = self.load(indices[0])
+        if first is None:
+            raise ValueError(f"the stored vector of snapshot {indices[0]} is missing")
+        self._set_capacity(first.numel())
+        fits = len(indices) <= (self.capacity or 0)
+        keep = indices if fits else ([indices[0]] if self.capacity >= 2 else []) + (
+            [indices[-1]] if self.capacity >= 1 else [])
+        for index in keep:
+            vector = first if index == indices[0] else self.load(index)
+            self._put(len(self.slots), vector)
+            self.slots.append(index)
+            self.summaries[index] = summary(vector)
+        if not fits:
+            self.spilled, self.reserved = True, min(self.capacity, 2)
+            self.far = [i for i in indices if i not in keep]
 
 
 class PairwiseMatrix:
     """Online T×T matrix of one interval metric; ``update`` appends row t against snapshots 0..t.
 
     Args:
-        name: the metric's name (``"C"``, ``"D"``, ``"S"``); also the row file's stem.
-        row_function: pure function (vector, stacked earlier vectors) → values, e.g.
-            :func:`dynprobe.metrics.cosine_dissimilarity_to_many`.
+        name: the metric's name (``"C"``, ``"D"``, ``"S"``).
+        metric: a :class:`PairMetric` (or a row function ``(vector, stack) -> values``, one channel).
         history: where earlier vectors are kept.
-        rows: the append-only row file.
+        rows: the append-only row file of each channel.
         self_value: the diagonal M[t, t] (0 for a distance of a vector to itself, by definition rather than by
             round-off).
     """
 
-    def __init__(
-        self, name: str, row_function: RowFunction, history: VectorHistory, rows: TriangularRows,
-        *, self_value: float = 0.0,
-    ) -> None:
+    def __init__(self, name: str, metric: PairMetric | RowFunction, history: VectorHistory,
+                 rows: TriangularRows | Sequence[TriangularRows], *, self_value: float = 0.0) -> None:
         self.name = name
-        self.row_function = row_function
+        self.metric: PairMetric = metric if hasattr(metric, "channels") else FunctionMetric(metric)
         self.history = history
-        self.rows = rows
+        self.rows = [rows] if isinstance(rows, TriangularRows) else list(rows)
+        if len(self.rows) != self.metric.channels:
+            raise ValueError(f"{name}: {self.metric.channels} channels but {len(self.rows)} row files")
         self.self_value = self_value
+        self.pending: dict[int, np.ndarray] = {}  # row -> columns still NaN (their vectors spilled)
+        self.last_row: np.ndarray | None = None  # (channels, t + 1): the latest row as appended
 
     @property
     def count(self) -> int:
         return len(self.history)
 
     def update(self, vector: torch.Tensor | None) -> np.ndarray:
-        """Append the row of a new snapshot (``None``: not measured at this snapshot, a NaN row)."""
-        index = self.count
-        row = np.full(index + 1, np.nan)
-        if vector is not None:
-            vector = vector.detach().to(self.history.device)
-            for indices, stacked in self.history.chunks():
-                row[indices] = self.row_function(vector, stacked).cpu().numpy()
-            row[index] = self.self_value
-        self.rows.append(row, index)
-        self.history.append(vector)
-        return row
+        """Append the row of a new snapshot (``None``: not measured at this snapshot, a NaN row).
 
-    def compute(self) -> np.ndarray:
-        """The full symmetric matrix so far (NaN where not computed)."""
-        return self.rows.read(self.count)
+        Returns the row of channel 0 as appended (NaN where pending); :attr:`last_row` has every channel.
+        """
+        index = self.count
+        row = np.full((self.metric.channels, index + 1), np.nan)
+        summary = None
+        if vector is not None:
+            vector = vector.detach().reshape(-1).to(self.history.device)
+            summary = self.metric.summary(vector)
+            indices, stack = self.history.resident()
+            if indices:
+                row[:, indices] = self.metric.rows(vector, summary, stack,
+                                                   np.stack([self.history.summaries[i] for i in indices]))
+            if self.history.far:
+                self.pending[index] = np.asarray(self.history.far, dtype=np.int64)
+            row[:, index] = self.self_value
+        for channel, rows in enumerate(self.rows):
+            rows.append(row[channel], index)
+        stored = self.history.append(vector, summary)
+        self.last_row = row
+        if vector is not None and self.history.spilled:
+            full = len(self.history.slots) >= (self.history.capacity or 0)
+            if not stored or (full and self.pending):  # the block is full: complete its rows
+                self.complete(extra={} if stored else {index: vector})
+                self.history.keep_newest(index, vector)
+        return row[0]
+
+    def complete(self, extra: dict[int, torch.Tensor] | None = None) -> None:
+        """Compute every pending entry: each spilled vector is read once per group of pending rows."""
+        extra = dict(extra or {})
+        waiting = sorted(self.pending)
+        if not waiting:
+            return
+        self.history.prepare_loads()
+        group_size = max(1, self.history.block_capacity)
+        for start in range(0, len(waiting), group_size):
+            self._complete_group(waiting[start : start + group_size], extra)
+
+    def _complete_group(self, group: list[int], extra: dict[int, torch.Tensor]) -> None:
+        history = self.history
+        for index in list(group):
+            if not history.in_memory(index) and index not in extra:
+                loaded = history.load(index)
+                if loaded is None:  # not stored (a sink that writes nothing): its entries stay NaN
+                    group.remove(index)
+                    self.pending.pop(index)
+                    continue
+                extra[index] = loaded
+            if index not in history.summaries:
+                history.summaries[index] = self.metric.summary(extra[index])
+        if not group:
+            return
+        stack = history.stacked(group, extra)
+        summaries = np.stack([history.summaries[i] for i in group])
+        values = {i: np.full((self.metric.channels, i + 1), np.nan) for i in group}
+        wanted = [set(self.pending[i].tolist()) for i in group]
+        for j in sorted(set().union(*wanted)):
+            vector = history.stacked([j], {})[0] if history.in_memory(j) else history.load(j)
+            if vector is None:
+                continue
+            if j not in history.summaries:
+                history.summaries[j] = self.metric.summary(vector)
+            rows = [k for k, w in enumerate(wanted) if j in w]
+            some = stack if len(rows) == len(group) else stack[rows]
+            result = self.metric.rows(vector, history.summaries[j], some, summaries[rows])
+            for position, k in enumerate(rows):
+                values[group[k]][:, j] = result[:, position]
+        for i in group:
+            columns = self.pending.pop(i)
+            for channel, rows_file in enumerate(self.rows):
+                rows_file.fill(i, columns, values[i][channel, columns])
+
+    def compute(self, channel: int = 0) -> np.ndarray:
+        """The full symmetric matrix so far (NaN where not computed, or still pending)."""
+        return self.rows[channel].read(self.count)
 
     @classmethod
-    def reattach(
-        cls, name: str, row_function: RowFunction, history: VectorHistory, path: Path, present: list[bool],
-        *, self_value: float = 0.0,
-    ) -> PairwiseMatrix:
-        """Continue a matrix of a resumed run whose first ``len(present)`` rows are committed."""
-        rows = TriangularRows(path)
-        rows.truncate(len(present))
-        history.extend_from_disk(present)
-        return cls(name, row_function, history, rows, self_value=self_value)
+    def reattach(cls, name: str, metric: PairMetric | RowFunction, history: VectorHistory,
+                 paths: Path | Sequence[Path], present: list[bool], *, self_value: float = 0.0) -> PairwiseMatrix:
+        """Continue a matrix of a resumed run whose first ``len(present)`` rows are committed.
+
+        Entries left NaN between two present snapshots (pending when the run stopped) are pending again.
+        """
+        files = [TriangularRows(p) for p in ([paths] if isinstance(paths, Path) else paths)]
+        for rows in files:
+            rows.truncate(len(present))
+        matrix = cls(name, metric, history, files, self_value=self_value)
+        history.register_stored(present, matrix.metric.summary)
+        stored = files[0].read(len(present))
+        for i, here in enumerate(present):
+            missing = [j for j in range(i) if here and present[j] and np.isnan(stored[i, j])]
+            if missing:
+                matrix.pending[i] = np.asarray(missing, dtype=np.int64)
+        matrix.complete()  # the block the run stopped in (the buffer is nearly empty now)
+        return matrix

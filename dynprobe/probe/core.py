@@ -28,29 +28,30 @@ from dynprobe._util.checks import check_model, check_optimizer
 from dynprobe._util.evaluation import EvalSet, default_output_fn
 from dynprobe._util.modules import device_of, rng_devices, trainable_parameters
 from dynprobe.analysis.estimate import TransitionEstimate
-from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
+from dynprobe.capture.hooks import GradEditDetector
 from dynprobe.capture.step import StepCapture, explicit_micro_batch
 from dynprobe.capture.watched import WatchedLoss
-from dynprobe.config import Ghosts, KernelConfig
-from dynprobe.distributed.runtime import DistributedRun, unwrap_model, warn_comm_hook
+from dynprobe.config import Barriers, Ghosts, KernelConfig
+from dynprobe.distributed.kernel import sharded_kernel
+from dynprobe.distributed.runtime import DistributedRun, unwrap_model
 from dynprobe.ghosts.ghost_set import GhostSet
-from dynprobe.recording.barriers import TrajectoryBarriers
+from dynprobe.recording.barriers import BarrierScheduler
 from dynprobe.recording.kernel_probe import KernelMeasure
+from dynprobe.recording.progress import SnapshotProgress
 from dynprobe.recording.snapshot import SnapshotRecorder
 from dynprobe.recording.train_loss import TrainLoss
 from dynprobe.schedule import Schedule
-from dynprobe.store.files import read_jsonl
-from dynprobe.store.layout import EVAL_INDICES, EVENTS, KERNEL_PROBE_INDICES, train_loss_path
+from dynprobe.store.layout import EVAL_INDICES, KERNEL_PROBE_INDICES, train_loss_path
 from dynprobe.store.run import load_run
 
 from .guard import FaultGuard, attempt
 from .options import ProbeOptions
 from .parts import (
     DEFAULT_HISTORY_MEMORY,
+    attach_ghosts,
     check_model_output,
     check_resumed_parameters,
     open_run,
-    output_loss,
     warn_about_new_parameters,
 )
 from .transition import TransitionWatch
@@ -87,10 +88,10 @@ class Probe:
         output_fn: selects the ``(N, num_classes)`` logits from the model's output (default: the output itself,
             ``output.logits`` or ``output["logits"]``).
         seed: seeds the eval subsample; never the global RNG.
-        trajectory_barriers: after each snapshot, compute the loss barrier B (eq. 5) to this many preceding
-            snapshots (0: none; 1: consecutive pairs). Each costs ``barrier_alphas`` evaluations of the eval set;
-            :func:`dynprobe.fill_barriers` computes other pairs afterwards.
-        barrier_alphas: α grid size on [0, 1] for trajectory barriers.
+        barriers: the loss barriers (eq. 5 and the linear reference) computed online and their time budget, a
+            :class:`dynprobe.Barriers` (default ``Barriers()``); deprecated: ``trajectory_barriers``, ``barrier_alphas``
+        task: ``"classification"``, ``"tokens"``, ``"regression"`` or a task object (default: from the eval targets).
+        progress: a progress line on stderr while a snapshot takes more than ~2 s.
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out``.
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
@@ -135,8 +136,11 @@ class Probe:
         eval_batch_size: int = 256,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
-        trajectory_barriers: int = 0,
-        barrier_alphas: int = 30,
+        trajectory_barriers: int | None = None,
+        barrier_alphas: int | None = None,
+        barriers: Barriers | None = None,
+        task: Any = None,
+        progress: bool = True,
         history_memory: int | None = None,
         snapshot_on_close: bool = True,
         on_transition: Callable[[TransitionEstimate], None] | None = None,
@@ -152,13 +156,20 @@ class Probe:
             total_steps=total_steps, resume=resume, resume_step=resume_step, eval_max=eval_max,
             eval_batch_size=eval_batch_size, output_fn=output_fn, seed=seed, trajectory_barriers=trajectory_barriers,
             barrier_alphas=barrier_alphas, history_memory=history_memory, snapshot_on_close=snapshot_on_close,
-            on_transition=on_transition, on_snapshot=on_snapshot, errors=errors)
+            on_transition=on_transition, on_snapshot=on_snapshot, errors=errors, barriers=barriers, task=task,
+            progress=progress)
         # torch.distributed (DDP): hooks on what the loop calls (the wrapper), everything else on the inner module.
         self._dist = DistributedRun.detect(model)
         self._hooked_model = model
         self.model = check_model(unwrap_model(model))
         self.optimizer = check_optimizer(optimizer, self.model)
-        self._attach(eval_data, out)
+        try:
+            self._attach(eval_data, out)
+        except BaseException:  # a refused attach leaves no hook behind and the run directory free for a writer
+            self._remove_hooks()
+            if hasattr(self, "writer"):
+                attempt(self.writer.close, [])
+            raise
         _OPEN_PROBES.add(self)
         self._busy = False
         if not self.writer.resumed:
@@ -173,12 +184,13 @@ class Probe:
         self._named_params = trainable_parameters(model)
         self._params = [p for _, p in self._named_params]
         self.storage_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
-        self.eval_set = EvalSet.from_user(eval_data, max_examples=options.eval_max, seed=options.seed)
+        self.eval_set = EvalSet.from_user(eval_data, max_examples=options.eval_max, seed=options.seed,
+                                          task=options.task)
         self.num_classes = check_model_output(model, self.eval_set, self.output_fn, self.device, self._cuda_devices)
         self._kernel = None
         if options.kernel is not None:
             self._kernel = KernelMeasure(options.kernel, model, self.eval_set, output_fn=self.output_fn,
-                                         device=self.device, distributed=self._dist)
+                                         device=self.device, kernel_factory=sharded_kernel(self._dist, model))
         self.writer = open_run(self._dist, out, options, model=model, named_params=self._named_params,
                                optimizer=self.optimizer, eval_set=self.eval_set, num_classes=self.num_classes,
                                storage_dtype=self.storage_dtype, device=self.device,
@@ -190,6 +202,8 @@ class Probe:
         self.step_count = self.writer.resume_from_step(options.resume_step) if resumed else 0
         if resumed:
             check_resumed_parameters(self.writer, self._params, self.step_count)
+            if self._kernel is not None:  # the kernel cadence (every_snapshots, lag companions) continues
+                self._kernel.resume(self.writer.snapshots)
         else:
             self.writer.save_run_array(EVAL_INDICES.removesuffix(".npy"), self.eval_set.indices.numpy())
             if self._kernel is not None:
@@ -204,12 +218,11 @@ class Probe:
             history_memory=DEFAULT_HISTORY_MEMORY if options.history_memory is None else options.history_memory,
             kernel_fn=self._kernel_at if self._kernel is not None else None,
         )
-        self._barriers = None
-        if options.trajectory_barriers and writes:
-            self._barriers = TrajectoryBarriers(
-                self.out, self.writer.manifest, model, self.eval_set, per_snapshot=options.trajectory_barriers,
-                alphas=options.barrier_alphas, output_fn=self.output_fn,
-                batch_size=max(options.eval_batch_size, 256))
+        self._progress = SnapshotProgress(enabled=options.progress)
+        self._barriers = BarrierScheduler(
+            options.barriers, sink=self.writer, model=model, eval_set=self.eval_set, output_fn=self.output_fn,
+            batch_size=options.eval_batch_size, final_step=options.total_steps, progress=self._progress,
+        ) if options.barriers.enabled and writes else None
         self.on_snapshot = options.on_snapshot
         self._transition = TransitionWatch(self.writer.event, options.on_transition)
         if resumed:
@@ -220,31 +233,13 @@ class Probe:
         self._ghosts: GhostSet | None = None
         self._capture: StepCapture | None = None
         if options.ghosts is not None:
-            self._attach_ghosts(options.ghosts)
-
-    def _attach_ghosts(self, config: Ghosts) -> None:
-        self._ghosts = GhostSet(
-            config, self.model, self.optimizer, self.writer, main_params=self._params, eval_set=self.eval_set,
-            output_fn=self.output_fn, eval_batch_size=self._recorder.eval_batch_size, device=self.device,
-            storage_dtype=self.storage_dtype, cuda_devices=self._cuda_devices, no_copy=[self],
-            raise_errors=self.options.errors == "raise", distributed=self._dist,
-        )
-        self._ghosts.final_step = self.total_steps  # B and S are always measured at the last step
-        loss_from_output = self.options.loss_from_output
-        from_output = output_loss if loss_from_output is True else loss_from_output
-        self._ghosts.loss_from_output = from_output
-        scale_fn = config.scaler.get_scale if config.scaler is not None else None
-        self._capture = StepCapture(self._cuda_devices, scale_fn=scale_fn)
-        self._handles.append(CaptureHooks(self._hooked_model, self._capture, lambda: self._busy,
-                                          loss_from_output=from_output))
-        if self._dist is None:  # DDP writes the averaged gradients back after backward: every step would look edited
-            self._handles.append(GradEditDetector(self._params, self.optimizer,
-                                                  lambda: self._ghosts.note_grad_edit(self.step_count)))
-        warn_comm_hook(self._dist)
-        if self.writer.resumed:
-            self._ghosts.resume(read_jsonl(self.writer.root / EVENTS), self.step_count)
-            warnings.warn("resuming a run with ghosts: ghosts alive at the interruption cannot be continued (they "
-                          "end as finished); ghosts spawned at later steps will be", stacklevel=4)
+            self._ghosts, self._capture, handles = attach_ghosts(
+                options.ghosts, options, model=self.model, hooked_model=self._hooked_model, optimizer=self.optimizer,
+                writer=self.writer, params=self._params, eval_set=self.eval_set, output_fn=self.output_fn,
+                device=self.device, storage_dtype=self.storage_dtype, cuda_devices=self._cuda_devices,
+                owner=self, dist=self._dist, busy=lambda: self._busy, step=lambda: self.step_count,
+                resume_step=self.step_count if self.writer.resumed else None)
+            self._handles += handles
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -317,12 +312,12 @@ class Probe:
         if self._capture is not None and not self._closed and not self._busy:
             self._capture.on_forward(args, kwargs)
 
-    def record_forward_loss(self, loss: torch.Tensor) -> None:
-        """The loss of the last recorded forward, before its backward: with ghosts (``loss_from_output``), the
-        ghosts replay the forward and take its loss the same way; also the training loss of the coming step."""
+    def record_forward_loss(self, loss: torch.Tensor, training_loss: torch.Tensor | None = None) -> None:
+        """The loss of the last recorded forward, before its backward: ghosts replay the forward and take its loss
+        the same way; ``training_loss`` (default ``loss``, e.g. before an accumulation divisor) is the step's."""
         if self._closed or self._busy or not loss.requires_grad:
             return
-        self._train_loss.note(self.step_count + 1, loss)
+        self._train_loss.note(self.step_count + 1, loss if training_loss is None else training_loss)
         if self._capture is not None:
             self._capture.on_output_loss(loss)
 
@@ -377,7 +372,8 @@ class Probe:
         """Spawn the ghosts due now, then snapshot if the schedule says so."""
         if self._ghosts is not None:
             self._ghosts.spawn_due(self.step_count)
-        if self.step_count in self.schedule and not self._snapshotted(self.step_count):
+        kernel_due = self._kernel is not None and self._kernel.snapshot_due(self.step_count)  # a lag companion
+        if (self.step_count in self.schedule or kernel_due) and not self._snapshotted(self.step_count):
             self._snapshot()
 
     def _explicit_step(self, inputs: Any, targets: Any) -> None:
@@ -406,29 +402,34 @@ class Probe:
 
     def _snapshot(self) -> None:
         warn_about_new_parameters(self.model, self._named_params, self._warned)
-        if self._dist is not None and not self._dist.is_writer:  # DDP: rank 0 records; this rank keeps in step
-            self._dist.follow_snapshot(self)
-            return
-        data = self._recorder.measure(self.step_count)
-        main_state = {name: t.detach() for name, t in
-                      list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
-        if self._ghosts is not None:
-            kernel_of = self._kernel.measure if self._kernel is not None else None
-            self._ghosts.compare(data, kernel_of, main_state, len(self.writer.snapshots))
-        train_loss, calls = self._train_loss.pop_mean()
-        record = {"train_loss": train_loss, "train_loss_calls": calls,
-                  "lr": [group.get("lr") for group in self.optimizer.param_groups]}
-        committed = self._recorder.commit(data, record)
-        self._transition.update(data.step, self._recorder.last_rows)
-        if self.on_snapshot is not None:
-            self.on_snapshot({**committed, "rows": self._recorder.last_rows, "out": self.out, "transition":
-                              self._transition.estimate, "steps": [s["step"] for s in self.writer.snapshots]})
-        if self._barriers is not None:
-            self._barriers.after_commit([s["step"] for s in self.writer.snapshots], main_state)
+        writes = self._dist is None or self._dist.is_writer  # DDP: every rank measures (collectives), rank 0 writes
+        with self._progress.snapshot(self.step_count):
+            data = self._recorder.measure(self.step_count)
+            data.extra_arrays.update(self._kernel.snapshot_arrays() if self._kernel is not None else {})
+            main_state = {name: t.detach() for name, t in
+                          list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
+            if self._ghosts is not None:
+                self._progress.phase("ghosts", f"comparing {len(self._ghosts.live)} ghosts")
+                kernel_of = self._kernel.measure if self._kernel is not None else None
+                self._ghosts.compare(data, kernel_of, main_state)
+            train_loss, calls = self._train_loss.pop_mean()
+            record = {"train_loss": train_loss, "train_loss_calls": calls,
+                      "lr": [group.get("lr") for group in self.optimizer.param_groups],
+                      **(self._kernel.snapshot_record() if self._kernel is not None else {})}
+            committed = self._recorder.commit(data, record)
+            if not writes:
+                return
+            self._transition.update(data.step, self._recorder.last_rows)
+            if self.on_snapshot is not None:
+                self.on_snapshot({**committed, "rows": self._recorder.last_rows, "out": self.out, "transition":
+                                  self._transition.estimate, "steps": [s["step"] for s in self.writer.snapshots]})
+            if self._barriers is not None:
+                self._barriers.on_snapshot(data, main_state, self._ghosts)
 
     def _kernel_at(self, snapshot_index: int) -> torch.Tensor | None:
         assert self._kernel is not None
-        return self._kernel.measure() if self._kernel.due(snapshot_index) else None
+        step = self.step_count  # companion-only: a snapshot the schedule did not ask for, taken for the lag
+        return self._kernel.at_snapshot(step, scheduled=step in self.schedule or not self._kernel.snapshot_due(step))
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -462,6 +463,8 @@ class Probe:
         self._remove_hooks()  # first: whatever fails below, training goes on without the probe
         _OPEN_PROBES.discard(self)
         failures: list[str] = []
+        if self._barriers is not None and status == "closed":  # the final ghost barriers, before the ghosts stop
+            attempt(lambda: self._barriers.close(self.step_count, self._ghosts), failures)
         if self._ghosts is not None:
             attempt(lambda: self._ghosts.finish(self.step_count), failures)
             unreached = [t for t in getattr(self._ghosts.config.at, "values", ()) if t > self.step_count]
@@ -476,6 +479,7 @@ class Probe:
             fields["status_reason"] = reason
         attempt(lambda: self.writer.update_manifest(**fields), failures)
         attempt(lambda: self.writer.event("close", step=self.step_count, status=status, reason=reason), failures)
+        attempt(self.writer.close, failures)  # releases the run's writer lock
         if failures and status != "probe_failed":
             self._guard.run(lambda: _raise_close_failure(failures), step=self.step_count)
 

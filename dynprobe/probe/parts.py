@@ -14,17 +14,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynprobe._util.evaluation import EvalSet, check_logits, default_output_fn, forward, index_inputs, inputs_to
-from dynprobe._util.modules import eval_mode, preserved_rng
-from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
-from dynprobe.store.files import load_npy
-from dynprobe.store.layout import PARAMS, snapshot_file
+from dynprobe._util.evaluation import EvalSet, check_model_outputs
+from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
+from dynprobe.capture.step import StepCapture
+from dynprobe.config import Ghosts
+from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer, warn_comm_hook
+from dynprobe.ghosts.ghost_set import GhostSet
+from dynprobe.store.files import load_npy, read_jsonl
+from dynprobe.store.layout import EVENTS, PARAMS, snapshot_file
 from dynprobe.store.manifest import build_manifest
 from dynprobe.store.writer import json_safe
 
 from .options import ProbeOptions
 
-__all__ = ["DEFAULT_HISTORY_MEMORY", "check_model_output", "check_resumed_parameters", "open_run", "output_loss"]
+__all__ = [
+    "DEFAULT_HISTORY_MEMORY",
+    "attach_ghosts",
+    "check_model_output",
+    "check_resumed_parameters",
+    "open_run",
+    "output_loss",
+    "warn_about_new_parameters",
+]
 
 DEFAULT_HISTORY_MEMORY = 512 * 2**20
 
@@ -41,27 +52,10 @@ def output_loss(output: Any) -> torch.Tensor:
 
 def check_model_output(model: nn.Module, eval_set: EvalSet, output_fn: Callable[[Any], torch.Tensor] | None,
                        device: torch.device, cuda_devices: list[int]) -> int:
-    """Call the model on two eval examples (eval mode, no grad, RNG preserved) and check its logits; returns the
-    number of classes. A model that cannot take the eval inputs fails here, at ``Probe(...)``."""
-    output_fn = output_fn or default_output_fn
-    sample = inputs_to(index_inputs(eval_set.inputs, slice(0, 2)), device)
-    targets = eval_set.targets[:2].to(device)
-    with torch.no_grad(), eval_mode(model), preserved_rng(cuda_devices):
-        try:
-            output = forward(model, sample)
-        except Exception as error:
-            raise ValueError(
-                f"calling the model on eval_data inputs failed ({type(error).__name__}: {error}); eval_data "
-                "inputs must be what the model takes: a tensor (model(x)) or a dict (model(**x))"
-            ) from error
-        try:
-            logits = output_fn(output)
-        except TypeError as error:
-            raise ValueError(str(error)) from error
-    check_logits(logits, targets)
-    num_classes = int(logits.shape[1])
-    check_logits(torch.empty(eval_set.n, num_classes), eval_set.targets)
-    return num_classes
+    """Call the model on two eval examples and check its outputs against the eval set's task (shape, label range,
+    finite values); returns the task's output size (classes, vocabulary, output coordinates). A model that cannot
+    take the eval inputs fails here, at ``Probe(...)``."""
+    return check_model_outputs(model, eval_set, output_fn=output_fn, device=device, cuda_devices=cuda_devices)
 
 
 def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: ProbeOptions, *, model: nn.Module,
@@ -72,7 +66,8 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
     manifest = build_manifest(
         model=model, named_params=named_params, optimizer=optimizer, eval_set=eval_set, num_classes=num_classes,
         storage_dtype=storage_dtype, device=device, config=options.to_config(),
-        conventions=options.conventions(json_safe(kernel_convention) if kernel_convention is not None else None),
+        conventions={**options.conventions(json_safe(kernel_convention) if kernel_convention is not None else None),
+                     **eval_set.task.conventions()},
     )
     return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,
                            resume_step=options.resume_step, problems=check_supported(options.ghosts))
@@ -116,3 +111,30 @@ def warn_about_new_parameters(model: nn.Module, attached: list[tuple[str, torch.
             f"dynprobe: {len(added)} trainable parameters were added to the model after the probe attached (e.g. "
             f"{added[0]!r}); θ, C and the ghosts keep the {len(attached)} tensors the probe attached to. Attach the "
             "probe after the model is complete to include them", RuntimeWarning, stacklevel=2)
+
+
+def attach_ghosts(config: Ghosts, options: ProbeOptions, *, model: nn.Module, hooked_model: nn.Module,
+                  optimizer: torch.optim.Optimizer, writer: Any, params: list[torch.Tensor], eval_set: EvalSet,
+                  output_fn: Callable[[Any], torch.Tensor], device: torch.device, storage_dtype: torch.dtype,
+                  cuda_devices: list[int], owner: Any, dist: DistributedRun | None, busy: Callable[[], bool],
+                  step: Callable[[], int], resume_step: int | None) -> tuple[GhostSet, StepCapture, list[Any]]:
+    """The ghost set and the hooks that feed it: what each training step consumed (``CaptureHooks``) and gradient
+    edits between ``backward()`` and ``step()`` (``GradEditDetector``). ``owner`` (the probe) is shared, never
+    copied, when the model is deep-copied into a ghost."""
+    ghosts = GhostSet(
+        config, model, optimizer, writer, main_params=params, eval_set=eval_set, output_fn=output_fn,
+        eval_batch_size=options.eval_batch_size, device=device, storage_dtype=storage_dtype,
+        cuda_devices=cuda_devices, no_copy=[owner], raise_errors=options.errors == "raise",
+        trainer_factory=dist.ghost_trainer if dist is not None else None,
+    )
+    ghosts.final_step = options.total_steps  # B and S are always measured at the last step
+    from_output = output_loss if options.loss_from_output is True else options.loss_from_output
+    ghosts.loss_from_output = from_output
+    capture = StepCapture(cuda_devices, scale_fn=config.scaler.get_scale if config.scaler is not None else None)
+    handles: list[Any] = [CaptureHooks(hooked_model, capture, busy, loss_from_output=from_output)]
+    if dist is None:  # DDP writes the averaged gradients back after backward: every step would look edited
+        handles.append(GradEditDetector(params, optimizer, lambda: ghosts.note_grad_edit(step())))
+    warn_comm_hook(dist)
+    if resume_step is not None:  # warns (at the user's line) when ghosts were interrupted
+        ghosts.resume(read_jsonl(writer.root / EVENTS), resume_step)
+    return ghosts, capture, handles

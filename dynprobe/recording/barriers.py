@@ -15,7 +15,8 @@ within the budget of :class:`dynprobe.Barriers`, which of the barriers due there
 
 **The budget.** Each snapshot grants ``time_budget`` seconds (default: half of the time the snapshot itself
 took); unspent time carries over, and a barrier runs only if its estimated cost (α points × the measured time
-of one evaluation) fits in what is left. Forced final barriers may overdraw. The due, computed and skipped
+of one evaluation) fits in what is left — keeping, when the last step is known (``total_steps``), enough for the
+ghost barriers forced there. Forced final barriers may overdraw. The due, computed and skipped
 barriers and the seconds spent are written as one ``barrier_budget`` event when the run closes.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dynprobe.store.records import append_barrier
 
 from .progress import SnapshotProgress
 
-__all__ = ["BarrierBudget", "BarrierScheduler", "GhostStates", "TrajectoryBarriers"]
+__all__ = ["BarrierBudget", "BarrierScheduler", "GhostStates"]
 
 #: ``(ghost index, reference state, ghost state)`` for every live ghost at a snapshot.
 GhostStates = Sequence[tuple[int, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]
@@ -81,10 +82,12 @@ class BarrierBudget:
             # First guess until a barrier is timed: the snapshot evaluated this many models (and did more).
             self.seconds_per_alpha = snapshot_seconds / max(1, models_evaluated)
 
-    def fits(self, evaluations: int) -> bool:
-        if math.isinf(self.credit):
+    def fits(self, evaluations: int, reserve: int = 0) -> bool:
+        """Whether ``evaluations`` fit, keeping ``reserve`` evaluations' worth of credit (for barriers that will be
+        forced later). A barrier that evaluates nothing always fits."""
+        if evaluations == 0 or math.isinf(self.credit):
             return True
-        return self.credit > 0 and evaluations * (self.seconds_per_alpha or 0.0) <= self.credit
+        return self.credit > 0 and (evaluations + reserve) * (self.seconds_per_alpha or 0.0) <= self.credit
 
     def spend(self, seconds: float, evaluations: int) -> None:
         self.credit -= seconds
@@ -133,34 +136,47 @@ class BarrierScheduler:
         self.budget.grant(snapshot_seconds, 1 + len(ghost_states))
         self._last_step = step
         jobs: list[tuple[bool, Callable[[], None], int]] = []  # (forced, run, evaluations)
+        reserve = 0  # with a known last step: keep credit for the ghost barriers forced there
         if self.config.ghosts:
             ordered = sorted(ghost_states, key=lambda g: self._last_ghost_barrier.get(g[0], -1))
             for ghost, reference, state in ordered:
+                identical = _identical(reference, state)
+                reserve += 0 if identical or final or self.final_step is None else self.config.alphas
                 seen = self._ghost_snapshots.get(ghost, 0)
                 self._ghost_snapshots[ghost] = seen + 1
                 if final or seen % self.config.every_snapshots == 0:
                     self.tally.due["ghost"] += 1
-                    jobs.append((final, self._ghost_job(step, ghost, reference, state), self.config.alphas))
+                    jobs.append((final, self._ghost_job(step, ghost, reference, state, identical),
+                                 0 if identical else self.config.alphas))
         if self.config.previous_snapshots and self._snapshots_seen % self.config.every_snapshots == 0:
             for older in reversed(list(snapshot_steps[-1 - self.config.previous_snapshots: -1])):
                 self.tally.due["trajectory"] += 1
                 jobs.append((False, self._trajectory_job(step, older, main_state), self.config.alphas))
         self._snapshots_seen += 1
         for forced, run, evaluations in jobs:
-            if forced or self.budget.fits(evaluations):
+            if forced or self.budget.fits(evaluations, reserve):
                 run()
 
-    def close(self, step: int, ghost_states: GhostStates) -> None:
+    def on_snapshot(self, data: Any, main_state: Mapping[str, torch.Tensor], ghosts: Any) -> None:
+        """:meth:`after_snapshot` for the probe: ``data`` is the committed ``SnapshotData`` (step, start time),
+        ``ghosts`` the probe's ghost set or None (its ``comparison_states()``); committed steps from the sink."""
+        states = ghosts.comparison_states() if ghosts is not None else []
+        self.after_snapshot(data.step, main_state, states, snapshot_steps=[s["step"] for s in self.sink.snapshots],
+                            snapshot_seconds=time.perf_counter() - data.started)
+
+    def close(self, step: int, ghosts: Any) -> None:
         """At the end of the run (before the ghosts stop): the final ghost barriers, if the last snapshot was at
-        ``step`` and did not get them; then the ``barrier_budget`` event."""
+        ``step`` and did not get them; then the ``barrier_budget`` event. ``ghosts``: the ghost states, or the
+        probe's ghost set (its ``comparison_states()``), or None."""
         if self._closed:
             return
         self._closed = True
+        ghost_states = ghosts.comparison_states() if hasattr(ghosts, "comparison_states") else list(ghosts or [])
         if self.config.ghosts and self._last_step == step:
             for ghost, reference, state in ghost_states:
                 if self._last_ghost_barrier.get(ghost) != step:
                     self.tally.due["ghost"] += 1
-                    self._ghost_job(step, ghost, reference, state)()
+                    self._ghost_job(step, ghost, reference, state, _identical(reference, state))()
         self.sink.event("barrier_budget", step=step, **self.tally.to_event(self.budget))
 
     # ------------------------------------------------------------------------------------------ the jobs
@@ -174,10 +190,9 @@ class BarrierScheduler:
                             batch_size=self.batch_size)
 
     def _ghost_job(self, step: int, ghost: int, reference: Mapping[str, torch.Tensor],
-                   state: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+                   state: Mapping[str, torch.Tensor], identical: bool) -> Callable[[], None]:
         def run() -> None:
             started = time.perf_counter()
-            identical = _identical(reference, state)
             if identical:  # the ε = 0 control: lerp(θ, θ, α) = θ, so B = 0 exactly without evaluating
                 fields = {"B": 0.0, "B_linear": 0.0, "argmax_alpha": None, "argmax_alpha_linear": None}
                 self.tally.exact_zero += 1
@@ -207,27 +222,3 @@ def _identical(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> 
         return False
     return all(a[name] is b[name] or (a[name].shape == b[name].shape and torch.equal(a[name], b[name].to(
         a[name].device))) for name in a)
-
-
-class TrajectoryBarriers(BarrierScheduler):
-    """The scheduler restricted to trajectory barriers with no time limit (the former
-    ``Probe(trajectory_barriers=k, barrier_alphas=a)``); kept for callers written before :class:`Barriers`."""
-
-    def __init__(self, root: Path, manifest: dict[str, Any], model: nn.Module, eval_set: EvalSet, *, per_snapshot: int,
-                 alphas: int, output_fn: Callable[[Any], torch.Tensor], batch_size: int) -> None:
-        sink = _RootSink(Path(root), manifest)
-        config = Barriers(alphas=alphas, ghosts=False, previous_snapshots=per_snapshot, time_budget=math.inf)
-        super().__init__(config, sink=sink, model=model, eval_set=eval_set, output_fn=output_fn,
-                         batch_size=batch_size)
-
-    def after_commit(self, steps: list[int], current_state: dict[str, torch.Tensor]) -> None:
-        self.after_snapshot(steps[-1], current_state, [], snapshot_steps=steps, snapshot_seconds=0.0)
-
-
-@dataclass
-class _RootSink:
-    root: Path
-    manifest: dict[str, Any]
-
-    def event(self, event: str, /, **fields: Any) -> None:  # the legacy path writes no events
-        return None

@@ -174,6 +174,7 @@ def estimate_cost(
         budget.grant(seconds, 1 + len(live))
         final = step == plan.steps[-1]
         jobs = []
+        reserve = 0 if final else barriers.alphas * sum(not control for _, control in live)
         if barriers.ghosts:
             for ghost, control in live:
                 seen = ghost_seen.get(ghost, 0)
@@ -183,7 +184,7 @@ def estimate_cost(
         if barriers.previous_snapshots and index % barriers.every_snapshots == 0:
             jobs += [("trajectory", False, barriers.alphas)] * min(index, barriers.previous_snapshots)
         for kind, forced, evaluations in jobs:
-            if forced or budget.fits(evaluations):
+            if forced or budget.fits(evaluations, reserve if barriers.ghosts else 0):
                 cost = evaluations * seconds_eval
                 budget.spend(cost, evaluations)
                 budget.seconds_per_alpha = seconds_eval

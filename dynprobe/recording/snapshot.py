@@ -1,12 +1,19 @@
 """Taking a snapshot of the main run: θ_t, buffers, eval predictions (and H(θ_t)), then one row per metric.
 
 :class:`SnapshotRecorder` is the stateful half of a snapshot; the math is in :mod:`dynprobe.metrics`, the row
-bookkeeping in :mod:`dynprobe.interval`, the files in :mod:`dynprobe.writer`. A snapshot is measured first
-(:meth:`SnapshotRecorder.measure`), so that ghosts can be compared with it, then committed
-(:meth:`SnapshotRecorder.commit`): files, metric rows, and last the event line that makes it visible.
+bookkeeping (memory budget, spilled history) in :mod:`dynprobe.metrics.interval`, the files behind a
+:class:`dynprobe.store.sink.RunSink`. A snapshot is measured first (:meth:`SnapshotRecorder.measure`), so that
+ghosts can be compared with it, then committed (:meth:`SnapshotRecorder.commit`): files, metric rows, and last
+the event line that makes it visible.
+
+C is recorded for the whole parameter vector and per layer (:func:`dynprobe._util.modules.layer_slices`): the
+same dot products split by the layers' slices, so the per-layer matrices ``C_l(t, t')`` cost no extra pass over
+the history; they are stored in full, one row file per layer (``L·T²/2`` float64 numbers, small next to the
+snapshots themselves).
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,19 +24,52 @@ import torch
 from torch import nn
 
 from dynprobe._util.evaluation import EvalResult, EvalSet, evaluate
-from dynprobe.metrics import functions as metrics
-from dynprobe.metrics.interval import PairwiseMatrix, VectorHistory
-from dynprobe.store.files import atomic_save_npy, load_npy
-from dynprobe.store.layout import KERNEL, PARAMS, PREDS, snapshot_file
+from dynprobe._util.modules import flatten_parameters, layer_slices
+from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
+from dynprobe.store.files import load_npy
+from dynprobe.store.layout import BUFFERS, KERNEL, PARAMS, PREDS, layer_metric, snapshot_file
 from dynprobe.store.rows import TriangularRows
-from dynprobe.store.writer import RunWriter
+from dynprobe.store.sink import RunSink
 
-__all__ = ["SnapshotData", "SnapshotRecorder", "flatten_parameters"]
+__all__ = ["HISTORY_FRACTION", "SnapshotData", "SnapshotRecorder", "default_history_memory", "flatten_parameters",
+           "history_dtype"]
+
+HISTORY_FRACTION = 0.25  # of the memory free at attach, kept for earlier snapshots' vectors by default
+MAX_LAYERS = 512  # per-layer C is recorded for models with at most this many layers
+_FALLBACK_MEMORY = 512 * 2**20
 
 
-def flatten_parameters(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``vec(θ)``: the parameters concatenated in order, as one detached vector of ``dtype`` on their device."""
-    return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+def default_history_memory(device: torch.device | str) -> int:
+    """The default ``history_memory``: a quarter of the memory free now where the history lives — available
+    RAM for the CPU (and for devices that share it), free device memory for CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * HISTORY_FRACTION)
+    return int(_available_ram() * HISTORY_FRACTION)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return _FALLBACK_MEMORY
+
+
+def history_dtype(params: list[torch.Tensor], storage_dtype: torch.dtype) -> torch.dtype:
+    """The dtype C's history is kept in: the parameters' own (bfloat16 or float16 when they all are; every
+    value is exact), else the storage dtype. Rows accumulate in float64 whatever it is."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16):
+        return next(iter(dtypes))
+    return storage_dtype
 
 
 @dataclass
@@ -46,22 +86,25 @@ class SnapshotData:
 
 
 class SnapshotRecorder:
-    """Measures and commits snapshots of the main model, and keeps the online C and D matrices (and S).
+    """Measures and commits snapshots of the main model, and keeps the online C (whole and per layer), D and S.
 
     Args:
-        writer: the run directory.
+        writer: the run directory (a :class:`dynprobe.store.sink.RunSink`; a background writer may wrap it).
         model: the user's model (evaluated through side-effect-free calls only).
         params: the trainable parameters, in the order of ``vec(θ)``.
         eval_set: the fixed evaluation set.
         storage_dtype: dtype of stored parameter vectors (float32, or float64 for float64 models).
-        history_memory: bytes of earlier parameter vectors kept on the device for computing C rows; beyond it,
-            earlier vectors are streamed back from the run directory.
+        history_memory: bytes of earlier snapshots' parameter vectors (and kernels: a quarter of it when the
+            eNTK is measured) kept in memory for the C (and S) rows; beyond it the history spills to the run
+            directory and the far entries of the rows are completed in blocks (:mod:`dynprobe.metrics.interval`).
+            ``None``: :func:`default_history_memory`.
         kernel_fn: ``(index) -> H`` or None when the eNTK is not measured at that snapshot index.
+        per_layer: also record C per layer.
     """
 
     def __init__(
         self,
-        writer: RunWriter,
+        writer: RunSink,
         model: nn.Module,
         params: list[torch.Tensor],
         eval_set: EvalSet,
@@ -70,38 +113,43 @@ class SnapshotRecorder:
         storage_dtype: torch.dtype,
         output_fn: Callable[[Any], torch.Tensor],
         eval_batch_size: int,
-        history_memory: int,
+        history_memory: int | None = None,
         kernel_fn: Callable[[int], torch.Tensor | None] | None = None,
+        per_layer: bool = True,
     ) -> None:
         self.writer, self.model, self.params, self.eval_set = writer, model, params, eval_set
         self.device, self.storage_dtype = device, storage_dtype
         self.output_fn, self.eval_batch_size = output_fn, eval_batch_size
         self.kernel_fn = kernel_fn
+        self.history_memory = default_history_memory(device) if history_memory is None else int(history_memory)
+        spec = (writer.manifest.get("model") or {}).get("parameters")
+        named = [(p["name"], int(p["numel"])) for p in spec] if spec else [(str(i), p) for i, p in enumerate(params)]
+        layers = layer_slices(named)
+        self.layers: list[str] = [name for name, _ in layers] if per_layer and len(layers) <= MAX_LAYERS else []
+        size = sum(p.numel() for p in params)
+        kernel_share = self.history_memory // 4 if kernel_fn is not None else 0
+        budgets = {"C": self.history_memory - kernel_share, "S": kernel_share,
+                   "D": max(64 * 2**20, self.history_memory // 16)}
+        dtypes = {"C": history_dtype(params, storage_dtype), "S": torch.float64, "D": eval_set.task.history_dtype}
+        metric_of = {
+            "C": CosineMetric(size, [s for _, s in layers] if self.layers else None),
+            "D": FunctionMetric(eval_set.task.disagreement_to_many),  # eq. (6), or the task's D (tokens, regression)
+            "S": CosineMetric(),  # sized by the first kernel
+        }
         committed = writer.snapshots
-        present = [True] * len(committed)
-
-        def history(name: str) -> VectorHistory:
-            # C and S rows are dot products accumulated in float64, so their history is kept in float64 (no
-            # per-snapshot cast); predictions are the eval task's (labels: small integers; regression: floats).
-            dtype = eval_set.task.history_dtype if name == "D" else torch.float64
-            budget = max(history_memory, 64 * 2**20) if name == "D" else history_memory
-            return VectorHistory(device, dtype=dtype, memory_budget=budget, load=lambda i: self._load(i, name))
-
-        specs: list[tuple[str, Callable]] = [
-            ("C", metrics.cosine_dissimilarity_to_many),
-            ("D", eval_set.task.disagreement_to_many),  # eq. (6), or the task's D (tokens, regression)
-        ]
-        if kernel_fn is not None:
-            specs.append(("S", metrics.kernel_distance_to_many))
         self.matrices: dict[str, PairwiseMatrix] = {}
-        self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit
-        for name, row_function in specs:
-            path = writer.metrics_path(f"{name}.rows")
+        self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit ("C_layers": L rows)
+        for name in ("C", "D", "S") if kernel_fn is not None else ("C", "D"):
+            history = VectorHistory(device, dtype=dtypes[name], memory_budget=budgets[name],
+                                    load=lambda i, n=name: self._load(i, n), before_load=self._flush)
+            metric = metric_of[name]
+            paths = [writer.rows_path(name)] + [writer.rows_path(layer_metric(name, layer))
+                                                for layer in range(metric.channels - 1)]
             if writer.resumed:
-                has = present if name != "S" else [bool(s.get("kernel")) for s in committed]
-                self.matrices[name] = PairwiseMatrix.reattach(name, row_function, history(name), path, has)
+                has = [bool(s.get("kernel")) for s in committed] if name == "S" else [True] * len(committed)
+                self.matrices[name] = PairwiseMatrix.reattach(name, metric, history, paths, has)
             else:
-                self.matrices[name] = PairwiseMatrix(name, row_function, history(name), TriangularRows(path))
+                self.matrices[name] = PairwiseMatrix(name, metric, history, [TriangularRows(p) for p in paths])
 
     # ------------------------------------------------------------------------------------------------ measure
 
@@ -114,7 +162,9 @@ class SnapshotRecorder:
         evaluation = evaluate(
             self.model, self.eval_set, output_fn=self.output_fn, batch_size=self.eval_batch_size, device=self.device
         )
-        buffers = {name: _to_numpy(buffer) for name, buffer in self.model.named_buffers() if buffer is not None}
+        # copies: the files may be written after the next training step changed the live buffers
+        buffers = {name: np.array(_to_numpy(buffer)) for name, buffer in self.model.named_buffers()
+                   if buffer is not None}
         index = len(self.writer.snapshots)
         kernel = self.kernel_fn(index) if self.kernel_fn is not None else None
         return SnapshotData(step, self.flat_params(), buffers, evaluation, kernel, started=started)
@@ -124,19 +174,21 @@ class SnapshotRecorder:
     def commit(self, data: SnapshotData, record: dict[str, Any]) -> dict[str, Any]:
         """Write the snapshot's files, append one row per matrix, then the commit event. Returns the record."""
         step = data.step
-        self.writer.save_array(step, "params", _to_numpy(data.params))
-        self.writer.save_arrays(step, "buffers", data.buffers)
+        self.writer.save_array(step, PARAMS, _to_numpy(data.params))
+        self.writer.save_arrays(step, BUFFERS, data.buffers)
         preds = data.evaluation.preds
         storage = self.eval_set.task.storage_dtype(data.evaluation.num_classes)
-        self.writer.save_array(step, "preds", preds.cpu().numpy().astype(storage))
+        self.writer.save_array(step, PREDS, preds.cpu().numpy().astype(storage))
         if data.kernel is not None:
-            self.writer.save_array(step, "kernel", data.kernel.cpu().numpy())
+            self.writer.save_array(step, KERNEL, data.kernel.cpu().numpy())
         for name, array in data.extra_arrays.items():
             self.writer.save_array(step, name, array)
         rows = {
             "C": self.matrices["C"].update(data.params),
             "D": self.matrices["D"].update(preds),
         }
+        if self.layers:
+            rows["C_layers"] = self.matrices["C"].last_row[1:]
         if "S" in self.matrices:
             rows["S"] = self.matrices["S"].update(None if data.kernel is None else data.kernel.reshape(-1))
         self.last_rows = rows
@@ -155,20 +207,36 @@ class SnapshotRecorder:
         self.writer.commit_snapshot(full)
         return full
 
+    def complete(self) -> None:
+        """Compute every pending entry of the matrices (those against spilled snapshots, done in blocks)."""
+        for matrix in self.matrices.values():
+            matrix.complete()
+
     def materialize(self) -> None:
-        """Write each metric's full matrix as ``metrics/NAME.npy`` (a convenience copy of the row files)."""
+        """Complete the matrices, then write each one in full as ``metrics/NAME.npy`` (a convenience copy of the
+        row files; the per-layer C stays in its row files)."""
+        self.complete()
         for name, matrix in self.matrices.items():
-            atomic_save_npy(self.writer.metrics_path(f"{name}.npy"), matrix.compute())
+            self.writer.save_matrix(name, matrix.compute())
+
+    @property
+    def bytes_loaded(self) -> int:
+        """Bytes of earlier snapshots read back from the run directory for the rows so far."""
+        return sum(m.history.bytes_loaded for m in self.matrices.values())
 
     # ------------------------------------------------------------------------------------------------ reading
+
+    def _flush(self) -> None:
+        flush = getattr(self.writer, "flush", None)  # a background writer: the files must be on disk
+        if flush is not None:
+            flush()
 
     def _load(self, index: int, name: str) -> np.ndarray | None:
         step = self.writer.snapshots[index]["step"]
         path = snapshot_file(self.writer.root, step, {"C": PARAMS, "D": PREDS, "S": KERNEL}[name])
         if not path.exists():
             return None
-        array = load_npy(path, mmap=name == "C")
-        return array.reshape(-1)
+        return load_npy(path).reshape(-1)  # read into memory once (a mapping would hold the pages as well)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -15,20 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynprobe.store.rows import PairLog
+
 __all__ = ["FLUSH_EVERY", "TrainLoss", "read_train_losses"]
 
 FLUSH_EVERY = 256  # calls between flushes: one device synchronisation per this many steps at most
-_PAIR = np.dtype([("step", "<f8"), ("loss", "<f8")])
 
 
 def read_train_losses(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(steps int64, losses float64)`` of every complete pair in ``path`` (a torn last pair is ignored)."""
-    path = Path(path)
-    if not path.exists():
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    count = path.stat().st_size // _PAIR.itemsize
-    pairs = np.fromfile(path, dtype=_PAIR, count=count)
-    return pairs["step"].astype(np.int64), pairs["loss"].astype(np.float64)
+    return PairLog(path).read()
 
 
 class TrainLoss:
@@ -48,7 +44,7 @@ class TrainLoss:
         if self.path is not None and resumed_at is not None:
             steps, losses = read_train_losses(self.path)
             keep = steps <= resumed_at
-            self._truncate(int(keep.sum()))
+            PairLog(self.path).truncate_after(resumed_at)
             lower = -1 if since is None else since
             self._stretch = [float(v) for v in losses[keep & (steps > lower)]]
 
@@ -63,14 +59,11 @@ class TrainLoss:
         if not self._pending:
             return
         values = torch.stack([loss.float().reshape(()) for _, loss in self._pending]).double().cpu().numpy()
-        pairs = np.empty(len(values), dtype=_PAIR)
-        pairs["step"] = [step for step, _ in self._pending]
-        pairs["loss"] = values
+        steps = np.array([step for step, _ in self._pending], dtype=np.float64)
         self._pending.clear()
         self._stretch.extend(float(v) for v in values)
         if self.path is not None:
-            with open(self.path, "ab") as handle:
-                handle.write(pairs.tobytes())
+            PairLog(self.path).append(steps, values)
 
     def pop_mean(self) -> tuple[float | None, int]:
         """The mean loss of the stretch since the previous snapshot and how many calls it covers; starts a new one."""
@@ -79,9 +72,3 @@ class TrainLoss:
         if not values:
             return None, 0
         return float(np.mean(np.asarray(values, dtype=np.float64))), len(values)
-
-    def _truncate(self, pairs: int) -> None:
-        assert self.path is not None
-        if self.path.exists() and self.path.stat().st_size != pairs * _PAIR.itemsize:
-            with open(self.path, "r+b") as handle:
-                handle.truncate(pairs * _PAIR.itemsize)

@@ -1,127 +1,69 @@
-"""``dynprobe report`` / ``dynprobe compare``: one self-contained HTML file per run (or pair of runs).
+"""``dynprobe report``: one self-contained HTML file per run.
 
 Figures are embedded as base64 PNG (no network, no JavaScript); every string that comes from a run (paths, model
-and optimizer names, configuration values, conventions, event reasons) goes through :func:`html.escape`.
-Sections mirror the paper: summary, loss/accuracy, trajectory maps C/S/D/B (Figs. 3–4), chaos maps (Fig. 3), the
-cone (Fig. 5a–c and the kernel velocity), switching (Fig. 6), the evidence of the C-peak estimates, and the run's
-configuration and conventions. Anything missing becomes a note saying what is missing and how to get it.
+and optimizer names, configuration values, conventions, event reasons) goes through :func:`html.escape`. The page
+opens with one answer (the transition with its bracket, or why it is undetermined), then sections that each start
+in plain language: the estimates, loss and accuracy, sensitivity to a tiny perturbation (separation curves,
+growth rates, each ghost's verdict, the chaos maps), the trajectory maps, the cone, per-layer dynamics, switching,
+the evidence of the Finding-I estimate, a glossary, the reference part (the paper and its equation numbers), and
+the run's configuration. Anything missing becomes a note saying what is missing and how to get it.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from dynprobe.analysis import run_analysis as _analysis
 from dynprobe.analysis.run_analysis import RunAnalysis, analyze
-from dynprobe.report import figures
+from dynprobe.store.files import atomic_write
 from dynprobe.store.run import Run
 
-from ._sections import RunSections, Tick, esc, fmt, img, table
+from . import compare as _compare
+from ._context import Tick
+from ._html import esc
+from ._page import nav, page
+from ._sections import RunSections
 
-__all__ = ["build_comparison", "build_report", "check_writable", "write_html"]
+__all__ = ["SECTIONS", "build_comparison", "build_report", "check_writable", "write_html"]
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1320px;padding:0 18px 40px;
-color:#222;line-height:1.45}
-h1{margin:18px 0 4px;font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:34px}
-h3{margin:18px 0 6px;font-size:1.05em}
-.sub{color:#666;margin:0 0 12px}.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:.85em;
-background:#e8f0fe;color:#1a4fa0}.badge.running,.badge.interrupted{background:#fff4ce;color:#7a5b00}
-.badge.failed,.badge.probe_failed{background:#fde2e1;color:#a11}
-.box{border:1px solid #cfd8e3;background:#f7f9fc;border-radius:8px;padding:12px 16px;margin:12px 0}
-.missing{border-left:4px solid #e0a800;background:#fffbea;padding:8px 12px;margin:10px 0}
-.banner{border-left:4px solid #d62728;background:#fdecea;padding:8px 12px;margin:10px 0}
-table{border-collapse:collapse;margin:6px 0;font-size:.92em}td,th{border-bottom:1px solid #e3e3e3;padding:3px 10px;
-text-align:left;vertical-align:top}th{background:#f2f4f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.grid{display:flex;flex-wrap:wrap;gap:14px}figure{margin:6px 0}figure img{max-width:100%;height:auto;
-border:1px solid #eee}figcaption{font-size:.85em;color:#555;max-width:640px}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:18px}.cols>div{min-width:0}
-code{background:#f1f1f1;padding:0 3px;border-radius:3px}nav a{margin-right:12px}
-.q-high{color:#1b7a1b;font-weight:600}.q-medium{color:#8a6d00;font-weight:600}.q-low,.q-bound{color:#a14b00}
-.q-none,.q-unavailable{color:#888}
-"""
-
-
+#: (anchor, title, RunSections method): the report's sections in order.
 SECTIONS = (
-    ("summary", "Summary", "summary"),
+    ("summary", "Transition estimates", "summary"),
     ("training", "Loss and accuracy", "training"),
-    ("trajectory", "Trajectory maps (Figs. 3–4)", "trajectory_maps"),
-    ("chaos", "Chaos maps: ghosts spawned at t0, compared at t1 (Fig. 3)", "chaos"),
-    ("cone", "The cone (Fig. 5)", "cone"),
-    ("switching", "Switching to linearized training (Fig. 6)", "switching"),
-    ("evidence", "Evidence of the C-peak estimate (Finding I)", "evidence"),
+    ("chaos", "Sensitivity to a tiny perturbation (the chaos effect)", "chaos"),
+    ("trajectory", "How the network differs from itself over time", "trajectory_maps"),
+    ("cone", "The cone: the kernel after the transition", "cone"),
+    ("layers", "Per-layer dynamics", "layers"),
+    ("switching", "Switching to linearized training", "switching"),
+    ("evidence", "Evidence of the C-map estimate", "evidence"),
+    ("glossary", "Glossary", "glossary"),
+    ("reference", "Reference", "reference"),
     ("configuration", "Configuration and conventions", "configuration"),
 )
 
 
-def _page(title: str, body: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{body}<p class=\"sub\">Generated by dynprobe.</p></body></html>\n")
-
-
-def _nav() -> str:
-    return "<nav>" + "".join(f'<a href="#{key}">{esc(title.split(" (")[0])}</a>' for key, title, _ in SECTIONS) + "</nav>"
-
-
-def build_report(run: Run, *, log_steps: bool = False, tick: Tick | None = None,
+def build_report(run: Run, *, log_steps: bool = False, log_y: bool | None = None, tick: Tick | None = None,
                  result: RunAnalysis | None = None) -> str:
     """The report of ``run`` as one HTML document (a string). ``tick(label)`` is called before each piece of work
-    (progress); ``result``: :func:`dynprobe.analysis.analyze` of ``run`` if already computed."""
+    (progress); ``result``: :func:`dynprobe.analysis.analyze` of ``run`` if already computed; ``log_y``: loss axes
+    on a log scale (None: automatic, when the losses span more than 100× or spike)."""
     tick = tick or (lambda label: None)
     tick("analysis")
-    sections = RunSections(run, result if result is not None else analyze(run), log_steps=log_steps, tick=tick)
-    body = [sections.header(), _nav()]
+    sections = RunSections(run, result if result is not None else analyze(run), log_steps=log_steps, tick=tick,
+                           log_y=log_y)
+    body = [sections.header(), sections.headline(), nav([(key, title) for key, title, _ in SECTIONS])]
     for key, title, method in SECTIONS:
         body.append(f'<section id="{key}"><h2>{esc(title)}</h2>{getattr(sections, method)()}</section>')
-    return _page(f"dynprobe report: {run.name}", "".join(body))
+    return page(f"dynprobe report — {run.name}", "".join(body))
 
 
-def build_comparison(run_a: Run, run_b: Run, *, log_steps: bool = False, tick: Tick | None = None) -> str:
-    """Side-by-side report of two runs, with their main curves overlaid."""
-    tick = tick or (lambda label: None)
-    tick("analysis")
-    pair = [RunSections(run, analyze(run), log_steps=log_steps, tick=tick) for run in (run_a, run_b)]
-    names = [f"{run.name} ({chr(65 + k)})" for k, run in enumerate((run_a, run_b))]
-    tick("overlays")
-    overlays = [
-        figures.overlay_figure([(f"{n}: eval loss", r.steps, r.eval_loss) for n, r in zip(names, (run_a, run_b))],
-                               ylabel="eval loss", title="Eval loss", log_steps=log_steps),
-        figures.overlay_figure([(f"{n}: eval accuracy", r.steps, r.eval_accuracy)
-                                for n, r in zip(names, (run_a, run_b))],
-                               ylabel="eval accuracy", title="Eval accuracy", log_steps=log_steps),
-        figures.overlay_figure([(f"{n}: C(θ_t, θ_0)", r.steps, r.C[:, 0] if len(r) else np.zeros(0))
-                                for n, r in zip(names, (run_a, run_b))],
-                               ylabel="C to initialization", title="Distance in direction from θ_0",
-                               log_steps=log_steps),
-    ]
-    velocities = [(f"{n}: v(t)", *r.kernel_velocity()) for n, r in zip(names, (run_a, run_b)) if r.has_kernels]
-    if velocities:
-        overlays.append(figures.overlay_figure([(label, t, v) for label, t, v in velocities], ylabel="kernel velocity",
-                                               title="Kernel velocity", log_steps=True, log_y=True))
-    rows = []
-    for method in _analysis.METHOD_LABELS:
-        estimates = [p.result.transition.get(method) for p in pair]
-        if all(e is None for e in estimates):
-            continue
-        rows.append([esc(_analysis.METHOD_LABELS[method])] + [
-            "—" if e is None else f"{fmt(e.step)} <span class=\"q-{esc(e.quality)}\">({esc(e.quality)})</span>"
-            for e in estimates])
-    rows.append(["consensus"] + [f"{fmt(p.result.transition.step)} ({esc(p.result.transition.summary)})"
-                                 for p in pair])
-    body = [f"<h1>Comparison: {esc(run_a.name)} vs {esc(run_b.name)}</h1>",
-            '<div class="box">' + table(["", esc(names[0]), esc(names[1])], rows) + "</div>",
-            f'<section id="overlays"><h2>Overlaid curves</h2><div class="grid">'
-            f'{"".join(img(png, "overlay") for png in overlays)}</div></section>']
-    headers = "".join(f"<div>{p.header()}</div>" for p in pair)
-    body.append(f'<div class="cols">{headers}</div>')
-    for key, title, method in SECTIONS:
-        columns = "".join(f"<div>{getattr(p, method)()}</div>" for p in pair)
-        body.append(f'<section id="{key}"><h2>{esc(title)}</h2><div class="cols">{columns}</div></section>')
-    return _page(f"dynprobe comparison: {run_a.name} vs {run_b.name}", "".join(body))
+def build_comparison(runs: Sequence[Run] | Run, *more: Run, log_steps: bool = False, log_y: bool | None = None,
+                     tick: Tick | None = None, results: Sequence[RunAnalysis] | None = None) -> str:
+    """Comparison report of two or more runs (see :func:`dynprobe.report.compare.build_comparison`); the former
+    two-run spelling ``build_comparison(run_a, run_b)`` still works."""
+    from_runs = [runs, *more] if isinstance(runs, Run) else list(runs)
+    return _compare.build_comparison(from_runs, log_steps=log_steps, log_y=log_y, tick=tick, results=results)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -146,20 +88,8 @@ def write_html(path: str | os.PathLike, text: str) -> Path:
     exit code 4) with a message naming the path when it cannot be written."""
     path = check_writable(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, text.encode("utf-8"), mode=0o644)  # mkstemp creates 0600; a report is meant to be shared
     except OSError as error:
-        raise PermissionError(f"cannot write the report to {path} ({error.strerror or error}); choose another "
-                              "location with -o") from error
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except OSError as error:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise PermissionError(f"cannot write the report to {path} ({error.strerror or error}); choose another "
                               "location with -o") from error
     return path

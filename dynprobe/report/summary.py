@@ -1,51 +1,93 @@
 """Terminal summary of a run (rich tables): what ``dynprobe show`` prints and ``dynprobe demo`` ends with.
 
-Besides the overview, the trajectory and the C/D extremes, it shows the transition estimates and the cone
-numbers of :func:`dynprobe.analysis.analyze` — the same summary box as the HTML report — and what is missing.
+It opens with the one-sentence answer (the transition with its bracket, or why it is undetermined), then the
+overview, the trajectory, the estimates with their evidence, each ghost's sensitivity and verdict with the
+thresholds they were compared with, the cone numbers, and what is missing. Every string that comes from the run
+(paths, names, manifest values, event reasons) is shown through :mod:`dynprobe.report.terminal`: never parsed as
+markup, control characters made visible. :func:`summary_data` is the same content as JSON (``--format json``).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
+from dynprobe.analysis.estimate import METHOD_LABELS
 from dynprobe.analysis.run_analysis import RunAnalysis, analyze
 from dynprobe.store.run import Run
 
-__all__ = ["comparison_table", "render_summary", "summary_renderables"]
+from .terminal import clean, safe_text
+
+__all__ = ["comparison_table", "ghost_mode", "render_summary", "summary_data", "summary_renderables"]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, (float, np.floating)):
-        if not np.isfinite(value):
-            return "—"
-        return f"{value:.{digits}g}"
+        return "—" if not np.isfinite(value) else f"{value:.{digits}g}"
     return str(value)
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"  # pragma: no cover
+
+
+def ghost_mode(run: Run) -> str | None:
+    """How the ghosts were trained and what they are compared with, and the largest drift of the vectorized
+    shadow from the main run (``shadow_drift`` events); None for runs without ghosts."""
+    if not run.ghosts:
+        return None
+    mode = run.manifest.get("ghost_mode") or {}
+    name = mode.get("mode", "sequential")
+    text = ("sequential: compared with the main model itself" if name == "sequential" else
+            f"{clean(name)}: compared with an ε = 0 shadow of the main run")
+    drifts = [e for e in run.events if e.get("event") == "shadow_drift" and isinstance(e.get("L2"), (int, float))]
+    if drifts:
+        worst = max(drifts, key=lambda e: e["L2"])
+        text += f"; the shadow drifted up to L2 {worst['L2']:.3g} from the main run (step {clean(worst.get('step'))})"
+        if any(e.get("exceeds_ghost_signal") for e in drifts):
+            text += ", more than the smallest ghost separation"
+    elif name != "sequential":
+        text += "; no drift of the shadow recorded"
+    return text
 
 
 def _overview(run: Run) -> Table:
     manifest = run.manifest
-    model = manifest.get("model", {})
+    model = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("run", str(run.path))
-    table.add_row("status", run.status)
-    table.add_row("model", f"{model.get('class', '?')} · {model.get('num_parameters', 0):,} trainable parameters "
-                           f"· {model.get('device', '?')}")
-    table.add_row("optimizer", manifest.get("optimizer", {}).get("class", "?"))
-    eval_info = manifest.get("eval", {})
-    table.add_row("eval set", f"{eval_info.get('n', '?')} examples · {eval_info.get('num_classes', '?')} classes")
-    if len(run):
-        table.add_row("snapshots", f"{len(run)} (steps {run.steps[0]} … {run.steps[-1]})")
-    else:
-        table.add_row("snapshots", "none committed yet")
-    table.add_row("created", manifest.get("created", "?"))
+    parameters = model.get("num_parameters")
+    parameters = f"{parameters:,}" if isinstance(parameters, int) else "?"
+    rows = [
+        ("run", run.path), ("status", run.status),
+        ("model", f"{model.get('class', '?')} · {parameters} trainable parameters · {model.get('device', '?')}"),
+        ("optimizer", (manifest.get("optimizer") or {}).get("class", "?")),
+        ("eval set", f"{(manifest.get('eval') or {}).get('n', '?')} examples"),
+        ("snapshots", f"{len(run)} (steps {run.steps[0]} … {run.steps[-1]})" if len(run) else "none committed yet"),
+    ]
+    mode = ghost_mode(run)
+    if mode is not None:
+        rows.append(("ghosts", mode))
+    usage = getattr(run, "disk_usage", None)
+    if usage is not None:
+        rows.append(("size on disk", f"{_bytes(usage.total_bytes)} ({_bytes(int(usage.bytes_per_snapshot))} per "
+                                     "snapshot)"))
+    rows.append(("created", manifest.get("created", "?")))
+    for label, value in rows:
+        table.add_row(label, safe_text(value))
     return table
 
 
@@ -66,47 +108,65 @@ def _trajectory(run: Run) -> Table:
     return table
 
 
-def _extremes(run: Run) -> Table:
-    table = Table(title="Interval metrics", title_justify="left", show_edge=False)
-    table.add_column("metric")
-    table.add_column("largest between consecutive snapshots", justify="right")
-    table.add_column("first → last", justify="right")
-    if len(run) < 2:
-        return table
-    for name, matrix in (("C  (1 − cos θ, eq. 1)", run.C), ("D  (disagreement, eq. 6)", run.D)):
-        consecutive = np.diag(matrix, k=-1)
-        if np.all(np.isnan(consecutive)):
-            continue
-        k = int(np.nanargmax(consecutive))
-        table.add_row(name, f"{_fmt(consecutive[k])} (steps {run.steps[k]}→{run.steps[k + 1]})",
-                      _fmt(matrix[-1, 0]))
-    return table
+_QUALITY_STYLE = {"high": "green", "medium": "yellow", "low": "red", "bound": "red", "undetermined": "red",
+                  "none": "dim", "unavailable": "dim"}
 
 
-_QUALITY_STYLE = {"high": "green", "medium": "yellow", "low": "red", "bound": "red", "none": "dim",
-                  "unavailable": "dim"}
+def _bracket(interval: tuple[int | None, int | None] | None) -> str:
+    if not interval:
+        return "—"
+    low, high = interval
+    return f"{'…' if low is None else low}–{'…' if high is None else high}"
 
 
 def _transition(result: RunAnalysis) -> Table:
     report = result.transition
-    verdict = {True: "[green]agree[/green]", False: "[red]disagree[/red]", None: "—"}[report.agree]
-    table = Table(title=f"Phase transition — estimates {verdict}", title_justify="left", show_edge=False,
-                  caption=report.summary, caption_justify="left")
+    verdict = {True: "agree", False: "disagree", None: "—"}[report.agree]
+    table = Table(title=Text(f"Phase transition — estimates {verdict}"), title_justify="left", show_edge=False,
+                  caption=safe_text(report.summary), caption_justify="left")
     for column, justify in (("estimate", "left"), ("step", "right"), ("bracket", "right"), ("quality", "left"),
                             ("evidence", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for e in report.estimates:
-        low, high = e.interval if e.interval else (None, None)
-        bracket = "—" if not e.interval else f"{'…' if low is None else low}–{'…' if high is None else high}"
-        style = _QUALITY_STYLE.get(e.quality, "")
-        table.add_row(e.label, _fmt(e.step), bracket, f"[{style}]{e.quality}[/{style}]", e.summary)
+        table.add_row(safe_text(e.label), _fmt(e.step), _bracket(e.interval),
+                      safe_text(e.quality, _QUALITY_STYLE.get(e.quality, "")), safe_text(e.summary))
     return table
 
 
-def _cone(result: RunAnalysis) -> Table | str:
+def _ghosts(result: RunAnalysis) -> Table | None:
+    chaos = result.transition.get("chaos")
+    rows = (chaos.evidence.get("ghosts") if chaos is not None else None) or []
+    verdicts = {v.spawn_step: v for v in result.verdicts}
+    if not rows and not verdicts:
+        return None
+    window = chaos.evidence.get("window") if chaos is not None else None
+    table = Table(title=Text("Ghosts: sensitivity over a fixed window, and where each ended"), title_justify="left",
+                  show_edge=False, caption=Text("A = δ(t0 + Δ): how many times the perturbation grew in Δ steps; "
+                                                "λ = log A / Δ per step. Verdicts compare each value with its "
+                                                "threshold (value / threshold)."), caption_justify="left")
+    for column in ("t0", f"A over Δ = {window}" if window else "A", "λ per step", "verdict at t1", "D", "B_linear",
+                   "C"):
+        table.add_column(column, justify="right" if column != "verdict at t1" else "left")
+    spawns = sorted({r["spawn_step"] for r in rows} | set(verdicts))
+    by_spawn = {r["spawn_step"]: r for r in rows}
+    for t0 in spawns:
+        row, verdict = by_spawn.get(t0, {}), verdicts.get(t0)
+        checks = verdict.checks if verdict else {}
+
+        def check(name: str) -> str:
+            c = checks.get(name)
+            return "—" if not c else f"{_fmt(c['value'], 3)} / {_fmt(c['threshold'], 3)}"
+
+        where = f"{verdict.verdict} (step {verdict.final_step})" if verdict else "—"
+        table.add_row(str(t0), _fmt(row.get("A"), 3), _fmt(row.get("lambda"), 3), safe_text(where), check("D"),
+                      check("B_linear"), check("C"))
+    return table
+
+
+def _cone(result: RunAnalysis) -> Table | Text:
     cone = result.cone
     if not cone.available:
-        return f"[dim]Cone: {cone.reason}[/dim]"
+        return safe_text(f"Cone: {cone.reason}", "dim")
     table = Table(title="Cone (S after reference steps τ)", title_justify="left", show_edge=False)
     for column in ("τ", "plateau S(t, τ)", "max S(t, τ)", "half-angle", "plateaued"):
         table.add_column(column, justify="right")
@@ -114,8 +174,8 @@ def _cone(result: RunAnalysis) -> Table | str:
         table.add_row(str(c.tau), _fmt(c.plateau), _fmt(c.max_distance), f"{c.half_angle_deg:.2f}°",
                       {True: "yes", False: "no", None: "—"}[c.plateaued])
     if cone.lag_bound_ratio is not None:
-        table.caption = (f"upper bounds of S(t, t+dt) for dt = {', '.join(map(str, cone.lag_bounds or {}))}: ratio "
-                         f"largest/smallest {cone.lag_bound_ratio:.2f} (≈ 1: one shared bound, the cone)")
+        table.caption = Text(f"upper bounds of S(t, t+dt) for dt = {', '.join(map(str, cone.lag_bounds or {}))}: "
+                             f"ratio largest/smallest {cone.lag_bound_ratio:.2f} (≈ 1: one shared bound, the cone)")
         table.caption_justify = "left"
     return table
 
@@ -124,9 +184,13 @@ def summary_renderables(run: Run, result: RunAnalysis | None = None) -> list[Any
     """The pieces of the summary, for embedding in other rich layouts (``result``: :func:`analyze` of ``run``,
     computed here when not given)."""
     result = result if result is not None else analyze(run)
-    parts: list[Any] = [Panel(_overview(run), title="dynprobe run", expand=False), _trajectory(run), _extremes(run),
-                        _transition(result), _cone(result)]
-    parts += [f"[yellow]missing:[/yellow] {note}" for note in result.missing]
+    parts: list[Any] = [Panel(_overview(run), title="dynprobe run", expand=False),
+                        safe_text(result.transition.headline, "bold"), _trajectory(run), _transition(result)]
+    ghosts = _ghosts(result)
+    if ghosts is not None:
+        parts.append(ghosts)
+    parts.append(_cone(result))
+    parts += [Text.assemble(("missing: ", "yellow"), safe_text(note)) for note in result.missing]
     return parts
 
 
@@ -136,27 +200,76 @@ def render_summary(run: Run, console: Console | None = None, result: RunAnalysis
     console.print(Group(*summary_renderables(run, result)))
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def summary_data(run: Run, result: RunAnalysis | None = None) -> dict[str, Any]:
+    """The summary as JSON-serializable data (``dynprobe show --format json``): overview, transition with every
+    estimate and its evidence, ghost verdicts, cone numbers, missing notes. Non-finite numbers become null."""
+    result = result if result is not None else analyze(run)
+    usage = getattr(run, "disk_usage", None)
+    cone = result.cone
+    return _jsonable({
+        "run": str(run.path), "name": run.name, "status": run.status, "snapshots": len(run),
+        "steps": [int(run.steps[0]), int(run.steps[-1])] if len(run) else None,
+        "model": run.manifest.get("model", {}).get("class") if isinstance(run.manifest.get("model"), dict) else None,
+        "final_eval_loss": float(run.eval_loss[-1]) if len(run) else None,
+        "final_eval_accuracy": float(run.eval_accuracy[-1]) if len(run) else None,
+        "ghost_mode": ghost_mode(run), "size_bytes": usage.total_bytes if usage is not None else None,
+        "headline": result.transition.headline, "transition": result.transition.to_dict(),
+        "ghosts": [v.to_dict() for v in result.verdicts],
+        "cone": {"available": cone.available, "reason": cone.reason,
+                 "cones": [asdict(c) for c in cone.cones], "lag_bounds": cone.lag_bounds,
+                 "lag_bound_ratio": cone.lag_bound_ratio},
+        "missing": list(result.missing),
+    })
+
+
+def spread(results: list[RunAnalysis]) -> dict[str, dict[str, Any]]:
+    """Per method, the steps the runs' estimates gave (None where a run has none), their range and ratio."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in [*METHOD_LABELS, "consensus"]:
+        steps = [r.transition.step if method == "consensus" else
+                 (e.step if (e := r.transition.get(method)) is not None else None) for r in results]
+        found = [s for s in steps if s is not None]
+        if not any(r.transition.get(method) is not None for r in results) and method != "consensus":
+            continue
+        out[method] = {"steps": steps, "min": min(found) if found else None, "max": max(found) if found else None,
+                       "ratio": (max(found) / max(min(found), 1)) if found else None}
+    return out
+
+
 def comparison_table(runs: list[Run], results: list[RunAnalysis]) -> Table:
-    """Key numbers of several runs side by side (``dynprobe compare``)."""
+    """Key numbers of several runs side by side (``dynprobe compare``), with the spread of each estimate."""
     table = Table(title="Comparison", title_justify="left", show_edge=False)
     table.add_column("")
     for run in runs:
-        table.add_column(run.name, justify="right", overflow="fold")
+        table.add_column(safe_text(run.name), justify="right", overflow="fold")
+    table.add_column("spread (max / min)", justify="right")
 
-    def row(label: str, values: list[str]) -> None:
-        table.add_row(label, *values)
+    def row(label: str, values: list[Any], extra: str = "") -> None:
+        table.add_row(safe_text(label), *[v if isinstance(v, Text) else safe_text(v) for v in values], extra)
 
     row("status", [run.status for run in runs])
     row("snapshots", [f"{len(run)} (last step {run.steps[-1]})" if len(run) else "0" for run in runs])
     row("final eval accuracy", [_fmt(run.eval_accuracy[-1], 3) if len(run) else "—" for run in runs])
     row("final eval loss", [_fmt(run.eval_loss[-1]) if len(run) else "—" for run in runs])
-    methods = [e.method for e in results[0].transition.estimates]
-    for method in methods + [m for r in results[1:] for m in (e.method for e in r.transition.estimates)
-                             if m not in methods]:
-        estimates = [r.transition.get(method) for r in results]
-        label = next(e.label for e in estimates if e is not None)
-        row(label, ["—" if e is None else f"{_fmt(e.step)} ({e.quality})" for e in estimates])
-    row("consensus transition", [_fmt(r.transition.step) for r in results])
-    row("cone half-angle (first τ)", [f"{r.cone.cones[0].half_angle_deg:.2f}° at τ={r.cone.cones[0].tau}"
-                                      if r.cone.available and r.cone.cones else "—" for r in results])
+    for method, numbers in spread(results).items():
+        label = "transition (consensus)" if method == "consensus" else METHOD_LABELS[method].split(":")[0]
+        cells = []
+        for r, step in zip(results, numbers["steps"]):
+            e = None if method == "consensus" else r.transition.get(method)
+            quality = "undetermined" if method == "consensus" and step is None else (e.quality if e else "")
+            cells.append(f"{_fmt(step)} ({quality})" if quality else _fmt(step))
+        ratio = numbers["ratio"]
+        row(label, cells, "—" if ratio is None else f"×{ratio:.2g} ({numbers['min']}–{numbers['max']})")
     return table

@@ -162,7 +162,8 @@ def _check_header(path: Path, handle: BinaryIO, available: int, shape: tuple[Any
         raise RunFormatError(f"{path}: its header declares shape {tuple(declared)} of {dtype} ({needed} bytes) but "
                              f"only {max(available - handle.tell(), 0)} bytes follow: the file is truncated or damaged")
     if shape is not None and not _shape_matches(tuple(declared), tuple(shape)):
-        raise RunFormatError(f"{path} holds shape {tuple(declared)}; the run's manifest says {tuple(shape)}: the file "
+        wanted = ", ".join("..." if n is Ellipsis else str(n) for n in shape)
+        raise RunFormatError(f"{path} holds shape {tuple(declared)}; the run's manifest says ({wanted}): the file "
                              "does not belong to this run or is damaged")
     return tuple(declared), dtype
 

@@ -10,6 +10,7 @@ Format version 1 (the README's "Run directory" section describes it for users)::
       snapshots/step_00000100/  params.npy (flat θ), buffers.npz, preds.npy (eval argmax), kernel.npy,
                                 ghost_001.preds.npy, ghost_001.params.npy
       metrics/C.rows, D.rows …  append-only lower-triangular float64 rows: row k holds M[k, 0..k]
+      metrics/C.layer_003.rows  the same rows of C restricted to one layer's slice of θ (layers in manifest order)
       metrics/C.npy, D.npy …    full T×T matrices, materialized when the probe closes (for other tools)
       metrics/B.jsonl           loss barriers between snapshots, one JSON line per pair
       switching/results.jsonl   switching-experiment results, one JSON line per switch step
@@ -35,6 +36,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KERNEL",
+    "KERNEL_LAYERS",
     "KERNEL_PROBE_INDICES",
     "MANIFEST",
     "METRICS",
@@ -47,6 +49,7 @@ __all__ = [
     "SWITCHING_RESULTS",
     "barriers_path",
     "is_temporary",
+    "layer_metric",
     "matrix_files",
     "ghost_array",
     "matrix_path",
@@ -88,6 +91,7 @@ PARAMS = "params"
 BUFFERS = "buffers"
 PREDS = "preds"
 KERNEL = "kernel"
+KERNEL_LAYERS = "kernel_layers"  # (L, n, n) float64: each layer's H_l, run.layers order (per_layer=True)
 
 
 def snapshot_dirname(step: int) -> str:
@@ -119,6 +123,12 @@ def ghost_array(ghost: int, what: str) -> str:
 def rows_path(root: Path, metric: str) -> Path:
     """``metrics/C.rows``: the append-only lower-triangular rows of an interval matrix."""
     return Path(root) / METRICS / f"{metric}{ROWS_SUFFIX}"
+
+
+def layer_metric(metric: str, layer: int) -> str:
+    """The name of a metric's per-layer matrix, layer ``layer`` in :func:`dynprobe._util.modules.layer_slices`
+    order: ``C.layer_003`` (so ``metrics/C.layer_003.rows``)."""
+    return f"{metric}.layer_{int(layer):03d}"
 
 
 def matrix_path(root: Path, metric: str) -> Path:

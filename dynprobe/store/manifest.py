@@ -104,7 +104,8 @@ def build_manifest(
             "buffers": buffers,
         },
         "optimizer": {"class": type(optimizer).__name__, "defaults": json_safe(optimizer.defaults)},
-        "eval": {"n": eval_set.n, "num_classes": num_classes, "fingerprint": eval_fingerprint(eval_set)},
+        "eval": {"n": eval_set.n, "num_classes": num_classes, "fingerprint": eval_fingerprint(eval_set),
+                 "task": eval_set.task.to_config(), "prediction_size": eval_set.prediction_size},
         "conventions": conventions,
     }
 

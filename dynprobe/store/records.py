@@ -8,6 +8,8 @@ experiment's configuration) it was computed under, and results of different conf
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from .files import append_jsonl, read_jsonl
 from .layout import barriers_path, switching_results_path
 from .validate import validate_records
 
-__all__ = ["LEGACY_CONFIG_ID", "append_barrier", "append_switching_result", "group_switching_results",
+__all__ = ["LEGACY_CONFIG_ID", "RecordsView", "append_barrier", "append_switching_result", "group_switching_results",
            "read_barriers", "read_switching_results", "switching_configs", "switching_table"]
 
 LEGACY_CONFIG_ID = "unversioned"  # switching records written before configurations had ids
@@ -106,3 +108,64 @@ def append_switching_result(root: Path, record: Mapping[str, Any]) -> None:
     path = switching_results_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(path, record)
+
+class RecordsView:
+    """The records of a run as :class:`dynprobe.store.Run` shows them (``run.B``, ``run.B_linear``,
+    ``run.switching``, ...); the class that mixes it in provides ``path``, ``steps`` and ``len()``."""
+
+    path: Path
+    steps: np.ndarray
+
+    def _barrier_matrix(self, field: str) -> np.ndarray:
+        index = {int(step): i for i, step in enumerate(self.steps)}
+        matrix = np.full((len(self), len(self)), np.nan)
+        np.fill_diagonal(matrix, 0.0)
+        for record in read_barriers(self.path):
+            i, j, value = index.get(record["i"]), index.get(record["j"]), record.get(field)
+            if i is not None and j is not None and value is not None:
+                matrix[i, j] = matrix[j, i] = value
+        return matrix
+
+    @functools.cached_property
+    def B(self) -> np.ndarray:  # noqa: N802
+        """Loss barrier between snapshots against the mean endpoint loss, eq. (5); float64 (T, T), NaN where not
+        computed (trajectory barriers, :func:`dynprobe.fill_barriers`); diagonal 0."""
+        return self._barrier_matrix("value")
+
+    @functools.cached_property
+    def B_linear(self) -> np.ndarray:  # noqa: N802
+        """Loss barrier between snapshots against the linear interpolation of the endpoint losses (linear mode
+        connectivity, Frankle et al. 2020); float64 (T, T), NaN where not computed; diagonal 0."""
+        return self._barrier_matrix("B_linear")
+
+    @functools.cached_property
+    def switching_configs(self) -> dict[str, dict[str, Any] | None]:
+        """The switching-experiment configurations of the run: ``{config_id: config}``, ordered by their latest
+        record (the last one was computed most recently)."""
+        return switching_configs(read_switching_results(self.path))
+
+    def switching_results(self, config_id: str | None = None) -> dict[str, Any] | None:
+        """Results of :func:`dynprobe.switching_experiment` (the two-phase paper's Fig. 6) under one
+        configuration, or None if the run has none: ``{"switch_step", "total_steps", "eval_loss",
+        "eval_accuracy", "train_loss"}`` arrays sorted by switch step (the latest record wins for a repeated step),
+        plus ``"config_id"`` and ``"config"``.
+
+        Args:
+            config_id: which configuration (see :attr:`switching_configs`); required when the run has several,
+                else the only one.
+        """
+        return switching_table(read_switching_results(self.path), config_id, self.path)
+
+    @functools.cached_property
+    def switching(self) -> dict[str, Any] | None:
+        """The switching results of the run's configuration (:meth:`switching_results`), or None if not run.
+        With several configurations it is the most recently computed one, with a warning naming the others."""
+        configs = list(self.switching_configs)
+        if not configs:
+            return None
+        if len(configs) > 1:
+            warnings.warn(f"{self.path} holds switching results of {len(configs)} configurations; run.switching "
+                          f"shows the latest, config_id={configs[-1]!r}. Choose one with "
+                          "run.switching_results(config_id=...) (ids: run.switching_configs)", UserWarning,
+                          stacklevel=3)  # the user's line, past functools.cached_property
+        return self.switching_results(configs[-1])

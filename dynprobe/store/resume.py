@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,10 @@ def apply_resume(root: Path, plan: ResumePlan, *, durable: bool = False) -> None
     events = root / EVENTS
     if plan.problems and events.exists():
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        os.link(events, damaged_copy_path(events, stamp))  # the damaged log stays readable beside the run
+        try:
+            os.link(events, damaged_copy_path(events, stamp))  # the damaged log stays readable beside the run
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(events, damaged_copy_path(events, stamp))
         warnings.warn("; ".join(plan.problems) + f". Resuming from its valid prefix ({len(plan.snapshots)} "
                       f"snapshots); the original log is kept as {damaged_copy_path(events, stamp).name}",
                       RunFormatWarning, stacklevel=5)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import append_bytes, truncate_file
+from .files import append_bytes, open_for_writing, truncate_file
 
 __all__ = ["PairLog", "TriangularRows"]
 
@@ -58,6 +58,36 @@ class TriangularRows:
                 raise ValueError(f"{self.path} holds {self.complete_rows()} complete rows; cannot append row {index}")
             self.truncate(index)  # a torn row, or rows of snapshots that were never committed
         append_bytes(self.path, row.tobytes())
+
+    def fill(self, index: int, columns: np.ndarray, values: np.ndarray) -> None:
+        """Write ``M[index, columns] = values`` in place, in a row that is already complete in the file.
+
+        For entries a row was appended without (NaN) and that are computed later, in a block (an interval
+        matrix whose history spilled to disk). Crash safety: the file never changes size, each value is one
+        aligned 8-byte write over a NaN placeholder (never split by a sector boundary), so a kill in the middle
+        leaves every entry either NaN (still pending: a resumed probe computes it again) or final.
+        """
+        columns = np.asarray(columns, dtype=np.int64).reshape(-1)
+        values = np.ascontiguousarray(values, dtype="<f8").reshape(-1)
+        if columns.size != values.size:
+            raise ValueError(f"{columns.size} columns but {values.size} values")
+        if columns.size == 0:
+            return
+        if columns.min() < 0 or columns.max() > index or index >= self.complete_rows():
+            raise ValueError(f"{self.path.name}: row {index} is not complete, or columns {columns.min()}.."
+                             f"{columns.max()} are outside it")
+        order = np.argsort(columns, kind="stable")
+        columns, values = columns[order], values[order]
+        breaks = np.flatnonzero(np.diff(columns) != 1) + 1  # runs of adjacent columns: one write each
+        fd = open_for_writing(self.path, os.O_WRONLY)
+        try:
+            for run_columns, run_values in zip(np.split(columns, breaks), np.split(values, breaks)):
+                data, offset = memoryview(run_values.tobytes()), self.bytes_for(index) + int(run_columns[0]) * 8
+                while data:
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
+        finally:
+            os.close(fd)
 
     def truncate(self, rows: int) -> None:
         """Keep the first ``rows`` rows (drops a torn row, or rows of snapshots a resumed run rewound)."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from dynprobe._util.distances import pairwise_cosine_dissimilarity
+from dynprobe._util.modules import layer_slices
 from dynprobe._util.steps import lag_pairs, most_common_gap
 
 from .disk import DiskUsage, disk_usage
@@ -39,15 +41,17 @@ from .layout import (
     EVAL_INDICES,
     EVENTS,
     KERNEL,
+    KERNEL_LAYERS,
     PARAMS,
     PREDS,
     ghost_array,
+    layer_metric,
     rows_path,
     run_array_path,
     separation_path,
     snapshot_file,
 )
-from .records import read_barriers, read_switching_results, switching_configs, switching_table
+from .records import RecordsView
 from .rows import PairLog, TriangularRows
 from .validate import backed_snapshots, valid_event_prefix, validate_manifest
 
@@ -61,10 +65,10 @@ def load_run(path: str | os.PathLike) -> Run:
     truncated or damaged, or it was written by a newer dynprobe; warns (:class:`RunFormatWarning`) and keeps the
     intact prefix when its event log is damaged.
     """
-    return Run(path)
+    return Run(path, _stacklevel=3)
 
 
-class Run:
+class Run(RecordsView):
     """A read-only view of a run directory; arrays are numpy, indexed by snapshot (``run.steps[i]``).
 
     Attributes:
@@ -72,7 +76,7 @@ class Run:
         snapshots: the committed snapshot records. damage: what was found damaged (empty for an intact run).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, _stacklevel: int = 2) -> None:
         if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a run directory (str or os.PathLike); got {type(path).__name__}")
         self.path = Path(path)
@@ -85,7 +89,7 @@ class Run:
         self.damage: list[str] = [p for p in (parse_problem, problem, unbacked) if p]
         if self.damage:
             warnings.warn("; ".join(self.damage) + f". Reading the intact prefix: {len(snapshots)} snapshots",
-                          RunFormatWarning, stacklevel=3 if type(self) is Run else 2)
+                          RunFormatWarning, stacklevel=_stacklevel)
         self.events: list[dict[str, Any]] = events
         self.snapshots: list[dict[str, Any]] = snapshots
 
@@ -211,6 +215,10 @@ class Run:
         return None if self.num_parameters is None else (self.num_parameters,)
 
     def _label_shape(self) -> tuple[Any, ...] | None:
+        # One prediction per unit of the eval task: examples, scored tokens or output coordinates.
+        size = (self.manifest.get("eval") or {}).get("prediction_size")
+        if isinstance(size, int) and not isinstance(size, bool):
+            return (size,)
         return None if self.eval_n is None else (self.eval_n, ...)
 
     def params(self, *args: Any, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
@@ -254,6 +262,18 @@ class Run:
         return self._matrix("C")
 
     @functools.cached_property
+    def layers(self) -> list[str]:
+        """The model's layers (modules owning parameters; ``""`` is the root module), in ``vec(θ)`` order."""
+        spec = (self.manifest.get("model") or {}).get("parameters") or []
+        return [name for name, _ in layer_slices((p["name"], int(p["numel"])) for p in spec)]
+
+    @functools.cached_property
+    def C_layers(self) -> np.ndarray:  # noqa: N802
+        """C (eq. 1) of each layer's slice of θ between snapshots; float64 (L, T, T) in ``run.layers`` order."""
+        matrices = [self._matrix(layer_metric("C", i)) for i in range(len(self.layers))]
+        return np.stack(matrices) if matrices else np.zeros((0, len(self), len(self)))
+
+    @functools.cached_property
     def D(self) -> np.ndarray:  # noqa: N802
         """Disagreement rate between snapshots on the eval set, eq. (6); float64 (T, T)."""
         return self._matrix("D")
@@ -263,28 +283,6 @@ class Run:
         """eNTK kernel distance between snapshots, eq. (4); float64 (T, T), NaN where a kernel was not measured
         (all NaN for runs without ``Probe(kernel=...)``)."""
         return self._matrix("S")
-
-    def _barrier_matrix(self, field: str) -> np.ndarray:
-        index = {int(step): i for i, step in enumerate(self.steps)}
-        matrix = np.full((len(self), len(self)), np.nan)
-        np.fill_diagonal(matrix, 0.0)
-        for record in read_barriers(self.path):
-            i, j, value = index.get(record["i"]), index.get(record["j"]), record.get(field)
-            if i is not None and j is not None and value is not None:
-                matrix[i, j] = matrix[j, i] = value
-        return matrix
-
-    @functools.cached_property
-    def B(self) -> np.ndarray:  # noqa: N802
-        """Loss barrier between snapshots against the mean endpoint loss, eq. (5); float64 (T, T), NaN where not
-        computed (trajectory barriers, :func:`dynprobe.fill_barriers`); diagonal 0."""
-        return self._barrier_matrix("value")
-
-    @functools.cached_property
-    def B_linear(self) -> np.ndarray:  # noqa: N802
-        """Loss barrier between snapshots against the linear interpolation of the endpoint losses (linear mode
-        connectivity, Frankle et al. 2020); float64 (T, T), NaN where not computed; diagonal 0."""
-        return self._barrier_matrix("B_linear")
 
     # ------------------------------------------------------------------------------------------ kernels
 
@@ -304,6 +302,30 @@ class Run:
         if not self.snapshots[i].get("kernel"):
             return None
         return load_npy(self._file(i, KERNEL))
+
+    def kernel_layers(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+        """Each layer's eNTK H_l at one snapshot (``KernelConfig(per_layer=True)``): float64 (L, n, n), layers in
+        ``run.layers`` order, summing to ``run.kernel(...)``; None where the snapshot has no per-layer kernel."""
+        i = self._index("kernel_layers", args, step, index)
+        path = self._file(i, KERNEL_LAYERS)
+        if not self.snapshots[i].get("kernel") or not path.exists():
+            return None
+        return load_npy(path)
+
+    @functools.cached_property
+    def S_layers(self) -> np.ndarray:  # noqa: N802 - the paper's symbol
+        """The kernel distance S (eq. 4) of each layer's kernel H_l between snapshots: float64 (L, T, T) in
+        ``run.layers`` order, NaN where a snapshot has no per-layer kernel. Computed on first use from the stored
+        per-layer kernels (one memory-mapped pass; no per-layer rows are written during training)."""
+        count = len(self)
+        have = [i for i in range(count) if self.snapshots[i].get("kernel") and self._file(i, KERNEL_LAYERS).exists()]
+        stored = [load_npy(self._file(i, KERNEL_LAYERS), mmap=True) for i in have]
+        layers = stored[0].shape[0] if stored else len(self.layers)
+        result = np.full((layers, count, count), np.nan)
+        for layer in range(layers if stored else 0):
+            result[layer][np.ix_(have, have)] = pairwise_cosine_dissimilarity(
+                np.stack([kernels[layer].reshape(-1) for kernels in stored]))
+        return result
 
     def kernel_distance_to(self, tau: int) -> tuple[np.ndarray, np.ndarray]:
         """The cone curve S(θ_t, θ_τ) of the two-phase paper's Fig. 5a: ``(steps t, values)`` over the snapshots
@@ -387,40 +409,6 @@ class Run:
             raise RunFormatError(f"{separation_path(self.path, ghost)}: steps go back; the file is damaged")
         keep = steps <= (int(self.steps[-1]) if len(self) else -1)
         return steps[keep], values[keep]
-
-    # ------------------------------------------------------------------------------------------ experiments
-
-    @functools.cached_property
-    def switching_configs(self) -> dict[str, dict[str, Any] | None]:
-        """The switching-experiment configurations of the run: ``{config_id: config}``, ordered by their latest
-        record (the last one was computed most recently)."""
-        return switching_configs(read_switching_results(self.path))
-
-    def switching_results(self, config_id: str | None = None) -> dict[str, Any] | None:
-        """Results of :func:`dynprobe.switching_experiment` (the two-phase paper's Fig. 6) under one
-        configuration, or None if the run has none: ``{"switch_step", "total_steps", "eval_loss",
-        "eval_accuracy", "train_loss"}`` arrays sorted by switch step (the latest record wins for a repeated step),
-        plus ``"config_id"`` and ``"config"``.
-
-        Args:
-            config_id: which configuration (see :attr:`switching_configs`); required when the run has several,
-                else the only one.
-        """
-        return switching_table(read_switching_results(self.path), config_id, self.path)
-
-    @functools.cached_property
-    def switching(self) -> dict[str, Any] | None:
-        """The switching results of the run's configuration (:meth:`switching_results`), or None if not run.
-        With several configurations it is the most recently computed one, with a warning naming the others."""
-        configs = list(self.switching_configs)
-        if not configs:
-            return None
-        if len(configs) > 1:
-            warnings.warn(f"{self.path} holds switching results of {len(configs)} configurations; run.switching "
-                          f"shows the latest, config_id={configs[-1]!r}. Choose one with "
-                          "run.switching_results(config_id=...) (ids: run.switching_configs)", UserWarning,
-                          stacklevel=2)
-        return self.switching_results(configs[-1])
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""

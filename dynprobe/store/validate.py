@@ -24,6 +24,7 @@ __all__ = ["CHAOS_FIELDS", "MAX_PID", "ROW_METRICS", "TORCH_DTYPES", "backed_sna
            "validate_manifest", "validate_records"]
 
 MAX_PID = 2**31 - 1
+MAX_COUNT = 2**62  # steps, indices and sizes fit an int64 with room to add
 TORCH_DTYPES = frozenset({
     "float16", "bfloat16", "float32", "float64", "complex64", "complex128", "uint8", "int8", "int16", "int32",
     "int64", "bool", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
@@ -46,7 +47,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_count(value: Any) -> bool:
-    return _is_int(value) and value >= 0
+    return _is_int(value) and 0 <= value <= MAX_COUNT
 
 
 def _number_or_null(value: Any) -> bool:
@@ -204,7 +205,7 @@ def _event_problem(event: Mapping[str, Any], snapshots: int, last_step: int, gho
             return f"({kind}) has '{field}' = {value[:60]}; it must be {description}"
     if kind == "snapshot":
         if event["index"] != snapshots:
-            return f"(snapshot) has index {event['index']}; the {snapshots + 1}th snapshot record must have {snapshots}"
+            return f"(snapshot) has index {event['index']} where the next snapshot's index is {snapshots}"
         if event["step"] <= last_step:
             return f"(snapshot) has step {event['step']}, not after the previous snapshot's step {last_step}"
     if kind == "ghost_spawn" and event["ghost"] in ghosts:

@@ -303,10 +303,6 @@ class RunWriter:
         """``metrics/METRIC.rows``: the append-only rows of an interval matrix."""
         return rows_path(self.root, metric)
 
-    def metrics_path(self, name: str) -> Path:
-        """Deprecated spelling: ``metrics/NAME`` (use :meth:`rows_path` or :meth:`save_matrix`)."""
-        return self.root / METRICS / name
-
     def save_matrix(self, metric: str, matrix: np.ndarray) -> None:
         """``metrics/METRIC.npy``: a full interval matrix, materialized at close (a copy of the rows)."""
         self._check_open()

@@ -19,7 +19,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
-from dynprobe.distributed import runtime as dp
+from dynprobe.distributed.ghost_trainer import DistributedGhostTrainer
+from dynprobe.distributed.kernel import ShardedKernel
+from dynprobe.distributed.runtime import DistributedRun
 
 
 def model_of(width: int) -> nn.Module:
@@ -52,7 +54,7 @@ def worker(rank: int, port: int, width: int, steps: int, folder: str) -> None:
     baseline = timed_steps(ddp, optimizer, nn.CrossEntropyLoss(), steps, rank)
 
     collective: list[float] = []
-    original = dp.DistributedRun._all_reduce_ghosts
+    original = DistributedGhostTrainer._all_reduce
 
     def timed_reduce(self, *args, **kwargs):
         start = time.perf_counter()
@@ -61,23 +63,27 @@ def worker(rank: int, port: int, width: int, steps: int, folder: str) -> None:
         finally:
             collective.append(time.perf_counter() - start)
 
-    dp.DistributedRun._all_reduce_ghosts = timed_reduce
+    DistributedGhostTrainer._all_reduce = timed_reduce
     ddp = nn.parallel.DistributedDataParallel(model_of(width))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     probe = dynprobe.Probe(ddp, optimizer, eval_data=eval_data, out=Path(folder) / f"run{rank}", schedule=[0],
-                           ghosts=dynprobe.Ghosts(at=[0], control=True, barrier=False), snapshot_on_close=False)
+                           ghosts=dynprobe.Ghosts(at=[0], control=True), snapshot_on_close=False)
     with_ghosts = timed_steps(ddp, optimizer, probe.watch(nn.CrossEntropyLoss()), steps, rank)
     probe.close()
     reduce_time = statistics.median(collective[3:])
 
     inputs = eval_data[0][:64]
     make = lambda wrt=None: dynprobe.NTKEngine(ddp.module, inputs, wrt=wrt)  # noqa: E731
-    whole, sharded = make(), dp.ShardedKernel(probe._dist, ddp.module, make)
+    whole, sharded = make(), ShardedKernel(DistributedRun.detect(ddp), ddp.module, make)
     whole_times, sharded_times = [], []
     for _ in range(3):
-        start = time.perf_counter(); whole(); whole_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        whole()
+        whole_times.append(time.perf_counter() - start)
         dist.barrier()
-        start = time.perf_counter(); sharded(); sharded_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        sharded()
+        sharded_times.append(time.perf_counter() - start)
     if rank == 0:
         params = sum(p.numel() for p in ddp.module.parameters())
         print(f"MLP width {width}: {params:,} parameters, batch 128 per rank, 2 ghosts (control + 1)")

@@ -21,10 +21,10 @@ got. Baselines:
 dynprobe is timed as ``engine(params)`` on a reused :class:`~dynprobe.kernels.NTKEngine` (the Probe's use: one
 engine, a call per snapshot); its construction (planning) time is printed separately.
 
-Peak memory: the resident-set high-water mark (``VmHWM``; ``ru_maxrss`` survives fork + exec) of a fresh subprocess that builds the model and
-inputs, records its RSS, then runs one computation; "extra" = peak − that RSS. (tracemalloc does not see
-torch's CPU allocations; the RSS counts everything the process touched, including the allocator's and
-oneDNN's own buffers.)
+Peak memory: the resident-set high-water mark (``VmHWM``; ``ru_maxrss`` survives fork + exec) of a fresh
+subprocess that builds the model and inputs, records its RSS, then runs one computation; "extra" = peak − that
+RSS. (tracemalloc does not see torch's CPU allocations; the RSS counts everything the process touched, including
+the allocator's and oneDNN's own buffers.)
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def memory_child(spec: dict) -> None:
     if spec["method"] == "dynprobe":
         engine = NTKEngine(model, x, mode=spec["mode"], **options)
         engine()
-        estimate = engine.plan.estimated_bytes
+        estimate = engine.plan.chunks.estimated_bytes
     elif spec["method"] == "tutorial":
         tutorial_ntk(model, x, spec["mode"], options)
         estimate = None
@@ -254,12 +254,13 @@ def resnet_trace(rounds: int, with_naive: bool) -> None:
     planning = time.perf_counter() - start
     floor = Floor(model, x, rows=10)
     methods = {"dynprobe": engine, "tutorial": lambda: tutorial_ntk(model, x, "trace", {}),
-               "floor_backward": floor.backward, "floor_gemm": floor.gemm, "step": make_step(make_resnet)}
+               "floor_backward": floor.backward, "floor_gemm": floor.gemm, "step": make_step(make_resnet),
+               "per_layer": engine.per_layer}
     if with_naive:
         methods["naive"] = lambda: naive_ntk(model, x)
     times = interleaved(methods, rounds)
     add_floor(times)
-    print(f"  engine planning (once): {planning:.2f} s; plan: {engine.plan.describe()}")
+    print(f"  engine planning (once): {planning:.2f} s; plan: {engine.plan.chunks.describe()}")
     summary(times)
     steps = times.ratio("dynprobe", "step")
     row("dynprobe time / training step (step-equivalents)", steps, "target <= 12", max(steps) <= 12)
@@ -267,6 +268,7 @@ def resnet_trace(rounds: int, with_naive: bool) -> None:
     row("dynprobe / floor (c)", versus_floor, "target <= 1.15", max(versus_floor) <= 1.15)
     row("tutorial (b) / floor (c)", times.ratio("tutorial", "floor"))
     row("speed-up vs tutorial (b)", times.ratio("tutorial", "dynprobe"))
+    row("per-layer kernels (every H_l) / total H", times.ratio("per_layer", "dynprobe"))
     if with_naive:
         row("speed-up vs naive loop (a)", times.ratio("naive", "dynprobe"))
     print("  phases of the last dynprobe call (s): "
@@ -302,7 +304,7 @@ def resnet_full(rounds: int) -> None:
     times = interleaved({"dynprobe": dynprobe, "matmul": lambda: jacobian @ jacobian.T,
                          "step": make_step(make_resnet)}, rounds)
     flops = 2.0 * (128 * 10) ** 2 * count
-    print(f"  plan: {engine.plan.describe()}")
+    print(f"  plan: {engine.plan.chunks.describe()}")
     summary(times)
     print("  phases of the last dynprobe call (s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in engine.last_timings.items() if v))

@@ -23,6 +23,11 @@ per round; a repeat's cost is the median over its ``--rounds`` rounds. The table
 with the spread (min–max); ``vec/seq`` is the median over repeats of (1 + vectorized cost) / (1 + sequential
 cost), the ratio of the probed step times; ``auto`` is the mode ``Ghosts(vectorize="auto")`` chose for that G
 in one more run, by its own dry-run timing. Targets (issue 4): cost ≤ 1.1·G, vectorized < sequential at G ≥ 4.
+
+Separation curves: the probed loops include recording l2(t) = ‖θ' − θ_ref‖₂ after every ghost step. Its own cost is
+shown per workload (``separation``): the median time of one separation of a ghost replica from the main model,
+against the median time of that replica's training step (replay of the captured batch, optimizer step) on the same
+batch, both measured here in alternation.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import torch
 from torch import nn
 
 import dynprobe
+from dynprobe.ghosts.replica import separation, train_replica
 from dynprobe.recipes.mnist1d import Conv1dNet
 
 BATCH = 128
@@ -78,7 +84,7 @@ class Trainer:
         if ghosts is not None:
             self.out = tempfile.mkdtemp(prefix="bench_ghosts_")
             at = [0] if ghosts == 1 else list(range(ghosts - 1))
-            config = dynprobe.Ghosts(at=at, control=ghosts > 1, barrier=False, vectorize=vectorize,
+            config = dynprobe.Ghosts(at=at, control=ghosts > 1, vectorize=vectorize,
                                      perturbation=dynprobe.Perturbation(norm=1e-5, kind="l2"))
             self.probe = dynprobe.Probe(self.model, self.optimizer, eval_data=(self.x[:128], self.y[:128]),
                                         out=self.out, schedule=[0], ghosts=config, errors="raise",
@@ -145,6 +151,30 @@ def costs(workload: str, ghosts: int, rounds: int, block: int) -> tuple[float, d
     return statistics.median(plain_times), {mode: statistics.median(v) for mode, v in per_round.items()}
 
 
+def separation_cost(workload: str, repeats: int = 200) -> tuple[float, float]:
+    """Median seconds of one ghost replica's training step and of one separation l2 of it from the main model."""
+    trainer = Trainer(workload, 1, False)
+    ghost_set = trainer.probe._ghosts  # noqa: SLF001 - the benchmark times the set's own parts
+    ghost = ghost_set.live[0]
+    context = ghost_set.context
+    index = torch.randint(0, trainer.x.shape[0], (BATCH,), generator=trainer.generator)
+    loss = trainer.criterion(trainer.model(trainer.x[index]), trainer.y[index])
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    micro_batches = trainer.probe._capture.take()  # noqa: SLF001
+    step_times, separation_times = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        train_replica(ghost.replica, [micro_batches], context.optimizer, context.main_params, context.replay,
+                      clip_grad_norm=None, clip_grad_value=None)
+        step_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        separation(ghost.replica.params, context.main_params)
+        separation_times.append(time.perf_counter() - started)
+    trainer.close()
+    return statistics.median(step_times), statistics.median(separation_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -174,6 +204,10 @@ def main() -> None:
             auto.close()
             print(f"{workload:5} {plain * 1e3:8.2f}ms {g:3d} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
                   f"{ratio:8.2f} {1.1 * g:7.1f} {auto.mode:>10}", flush=True)
+    for workload in args.workloads:
+        step, sep = separation_cost(workload)
+        print(f"separation {workload:5}: l2 of one ghost {sep * 1e6:7.1f} µs per step, its training step "
+              f"{step * 1e6:8.1f} µs ({sep / step:.1%})", flush=True)
 
 
 if __name__ == "__main__":

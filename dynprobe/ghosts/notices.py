@@ -1,0 +1,66 @@
+"""What the ghosts tell the user: the texts of their warnings, each built once here from plain values.
+
+The ghost set decides *when* to warn (once per kind, at the user's line); these functions say *what*.
+"""
+from __future__ import annotations
+
+import torch
+
+from .perturbation import PerturbationReport
+from .replica import likely_drift_causes
+
+__all__ = ["VISIBLE_SHARE", "control_drift_notice", "precision_notice", "realized_norm_notice"]
+
+# Below this share of coordinates that differ after rounding to the autocast compute dtype, a perturbation is
+# reported as below that dtype's resolution.
+VISIBLE_SHARE = 0.01
+# One ulp of each lower-precision dtype, in float32 ulps (2**(24 - significand bits)).
+_FLOAT32_ULPS = {torch.bfloat16: 2**16, torch.float16: 2**13}
+
+
+def precision_notice(reports: dict[int, PerturbationReport], dtype: torch.dtype) -> tuple[list[int], str] | None:
+    """The ghosts (by index) whose perturbation is below the resolution of the autocast compute ``dtype`` — fewer
+    than :data:`VISIBLE_SHARE` of their coordinates round to a different value of it — and the message that says
+    which magnitude survives; None when every perturbation is visible."""
+    name = str(dtype).removeprefix("torch.")
+    hidden = {index: report for index, report in reports.items()
+              if report.changed_at.get(name, report.total) < VISIBLE_SHARE * report.total}
+    if not hidden:
+        return None
+    shares = ", ".join(f"ghost {index}: {report.changed_at.get(name, 0)} of {report.total}"
+                       for index, report in hidden.items())
+    message = (f"dynprobe: the ghosts' perturbation is below the resolution of {name}, the autocast compute dtype of "
+               f"your training step: only {shares} coordinates round to a different {name} value, so the forward "
+               "pass sees (almost) the unperturbed weights and the ghosts measure rounding rather than the chaos "
+               f"effect. Use a perturbation that survives {name}: Perturbation(norm={_FLOAT32_ULPS[dtype]}, "
+               f"kind='ulp') (one {name} ulp per float32 coordinate) or Perturbation(norm="
+               f"{torch.finfo(dtype).eps:.2g}, kind='relative')")
+    return list(hidden), message
+
+
+def realized_norm_notice(reports: dict[int, PerturbationReport], step: int) -> str | None:
+    """One message for the ghosts spawned at ``step`` whose perturbation lost part of its norm to rounding."""
+    messages = {index: report.warning() for index, report in reports.items()}
+    messages = {index: message for index, message in messages.items() if message}
+    if not messages:
+        return None
+    ghosts = ", ".join(str(index) for index in messages)
+    return (f"dynprobe: ghost{'s' if len(messages) > 1 else ''} {ghosts} (spawned at step {step}): "
+            f"{next(iter(messages.values()))}. Every ghost's realized norm is in its ghost_spawn record; later spawns "
+            "are not warned about again")
+
+
+def control_drift_notice(reference: str, step: int, drifted: dict[str, float], *, grad_edit_detected: bool,
+                         compiled: bool) -> tuple[list[str], str]:
+    """The likely causes and the message of an ε = 0 control that drifted from its ``reference`` at ``step``."""
+    diff = max(drifted.values())
+    if reference == "shadow":
+        causes = ["nondeterministic kernels (run with torch.use_deterministic_algorithms)"]
+        return causes, (f"dynprobe: the ε=0 control ghost drifted from the ε=0 shadow of its vectorized stack at step "
+                        f"{step} (max |Δ| {diff:.3g}): rows of one stack should be computed identically. Use "
+                        "Ghosts(vectorize=False) for a bit-exact reference")
+    causes = likely_drift_causes(grad_edit_detected=grad_edit_detected, compiled=compiled)
+    names = list(drifted)
+    return causes, (f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(names)} tensors, "
+                    f"max |Δ| {diff:.3g}, e.g. {names[0]!r}): the ghosts do not reproduce your training step exactly, "
+                    f"so chaos maps mix ε with that difference. Likely causes: {'; '.join(causes)}")

@@ -1,0 +1,258 @@
+"""Blocked float64 dot products of one vector against a stack: the kernel behind every C and S row.
+
+A row of C, eq. (1) of the two-phase paper, needs ``⟨x, y_j⟩``, ``‖x‖`` and ``‖y_j‖`` for each earlier snapshot
+``y_j``: one matrix-vector product over the stacked history, accumulated in float64 over vectors kept in their
+own dtype (float32 products are exact in float64: 24 + 24 significant bits < 53). The columns are cut into
+blocks of at most ``BLOCK`` entries that never straddle a layer, so the same pass also gives every layer's dot
+products and norms (per-layer C), and each block's partial sum is combined with the others in a balanced tree.
+
+**Error of the dot-product form.** With the products exact, the only rounding is in the sums: a block of ``w``
+terms summed in any order, then partial sums combined pairwise over ``M`` blocks (and ``L`` layers), is a
+summation tree of height ``n ≤ w + ⌈log₂ M⌉ + ⌈log₂ L⌉ + 3``, so (Higham, *Accuracy and Stability of Numerical
+Algorithms*, §3.1) the computed ``s = ⟨x, y⟩`` satisfies ``|ŝ − s| ≤ γ_n Σ|x_i y_i| ≤ γ_n ‖x‖‖y‖`` with
+``γ_n = nu/(1 − nu)``, ``u = 2⁻⁵³``; the squared norms carry relative errors ``≤ γ_n``, the square root, the
+division and ``1 − cos`` a few ``u`` more. Hence, relative to 1 (the scale of cos), ::
+
+    |Ĉ − C| ≤ ε = 2γ_n + 6u            (≈ 6e-14 for w = 256: switch below C ≈ 6e-5)
+
+and the relative error of ``Ĉ = 1 − ŝ/(‖x‖‖y‖)`` is at most ``ε / C``: harmless for C of order 1, all lost for
+``C ≲ ε`` (identical vectors give ±ε instead of 0). The dot-product value is therefore kept only where
+``Ĉ ≥ (1/ρ + 1)·ε`` with ``ρ = 1e-9`` (which implies ``C ≥ ε/ρ``, so a relative error ≤ ρ); every other entry
+is recomputed in the cancellation-free form ``½‖x/‖x‖ − y/‖y‖‖²``, whose relative error is about
+``γ_n + 4u/√(2C)`` (≤ 1e-9 down to C ≈ 1e-22) and which is exactly 0 for identical vectors (equal inputs give
+bit-equal norms here, hence equal unit vectors). Per layer, the same rule holds with the layer's ``n``.
+
+Everything is deterministic: results depend on the values and the block structure only, never on where the
+vectors sit in memory or on thread scheduling, so a resumed run reproduces an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+__all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "cosine_rows", "dot_products", "half_squared_distances",
+           "squared_norms"]
+
+U = 2.0**-53  # unit roundoff of float64
+BLOCK = 256  # dot-phase block width: bounds the summation error (above)
+EXACT_BLOCK = 2**15  # column chunk of the cancellation-free form (its error is relative, so wide chunks are fine)
+RELATIVE_ERROR = 1e-9  # target relative error of every stored C (and S) value
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+class Blocks:
+    """The column blocks of a ``size``-vector, and the layers (contiguous slices tiling it) they never straddle.
+
+    ``channels`` is 1 + the number of layers when ``slices`` is given (channel 0 is the whole vector, channel
+    ``l + 1`` layer ``l``), else 1.
+    """
+
+    def __init__(self, size: int, slices: Sequence[slice] | None = None, *, width: int = BLOCK) -> None:
+        self.size, self.width = int(size), int(width)
+        self.per_layer = bool(slices)
+        bounds = [(s.start, s.stop) for s in slices] if slices else [(0, self.size)]
+        if bounds[0][0] != 0 or bounds[-1][1] != self.size or any(b[1] != c[0] for b, c in zip(bounds, bounds[1:])):
+            raise ValueError(f"layer slices must tile the {self.size}-vector in order; got {bounds[:4]}...")
+        self.layers: list[tuple[int, int]] = bounds
+        self.layer_blocks = [max(1, math.ceil((b - a) / self.width)) for a, b in bounds]
+        self.blocks = sum(self.layer_blocks)
+
+    @property
+    def channels(self) -> int:
+        return 1 + len(self.layers) if self.per_layer else 1
+
+    def channel_range(self, channel: int) -> tuple[int, int]:
+        """The columns of a channel: the whole vector (channel 0), or a layer's slice."""
+        return (0, self.size) if channel == 0 else self.layers[channel - 1]
+
+    def dot_error(self) -> np.ndarray:
+        """ε per channel: the bound on ``|Ĉ − C|`` of the dot-product form (module docstring)."""
+        tree = math.ceil(math.log2(max(2, len(self.layers)))) + 3
+        heights = [min(self.width, self.size) + math.ceil(math.log2(max(1, self.blocks))) + tree]
+        if self.per_layer:
+            heights += [min(self.width, b - a) + math.ceil(math.log2(m)) + 3
+                        for (a, b), m in zip(self.layers, self.layer_blocks)]
+        n = np.asarray(heights, dtype=np.float64)
+        return 2 * n * U / (1 - n * U) + 6 * U
+
+    def exact_below(self) -> np.ndarray:
+        """Per channel: dot-product values below this are recomputed in the cancellation-free form."""
+        return self.dot_error() * (1 / RELATIVE_ERROR + 1)
+
+
+# --------------------------------------------------------------------------------------------- dot products
+
+
+def _pairwise(a):
+    """Sum the last axis in a balanced tree (each term takes part in at most ⌈log₂ m⌉ additions)."""
+    cat = np.concatenate if isinstance(a, np.ndarray) else torch.cat
+    while a.shape[-1] > 1:
+        m = a.shape[-1]
+        half = a[..., : m // 2] + a[..., m // 2 : 2 * (m // 2)]
+        a = half if m % 2 == 0 else cat([half, a[..., 2 * (m // 2) :]], -1)
+    return a[..., 0]
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}  # by worker count
+_POOL_LOCK = threading.Lock()
+
+
+def _map(function, tasks: list) -> list:
+    """``[function(t) for t in tasks]``, on worker threads when torch may use several (numpy releases the GIL).
+
+    Results come back in task order, so sums over them do not depend on scheduling."""
+    workers = min(4, torch.get_num_threads())
+    if workers < 2 or len(tasks) < 2:
+        return [function(t) for t in tasks]
+    with _POOL_LOCK:
+        if workers not in _POOL:
+            _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dynprobe-dots")
+        pool = _POOL[workers]
+    return list(pool.map(function, tasks))
+
+
+def _chunks(blocks: Blocks, rows: int, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """Tasks ``(layer, first column, columns)``: runs of whole blocks within a layer, bounded in float64 bytes."""
+    per_block = max(1, rows) * blocks.width * 8
+    span = max(1, chunk_bytes // per_block) * blocks.width
+    tasks = []
+    for layer, (a, b) in enumerate(blocks.layers):
+        for start in range(a, max(b, a + 1), span):
+            tasks.append((layer, start, min(span, b - start)))
+    return tasks
+
+
+def _chunk_sum_numpy(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> np.ndarray:
+    """Σ over the task's blocks (pairwise) of each stack row's block dot product with ``v``; float64 (n,)."""
+    w = blocks.width
+    full, rest = divmod(columns, w)
+    parts = []
+    if full:
+        s = _as_numpy(stack[:, start : start + full * w]).reshape(stack.shape[0], full, w)
+        x = _as_float64_numpy(v[start : start + full * w]).reshape(full, w)
+        parts.append(np.einsum("nmb,mb->nm", s, x))
+    if rest or not columns:
+        a = start + full * w
+        s = _as_numpy(stack[:, a : a + rest])
+        parts.append(np.einsum("nb,b->n", s, _as_float64_numpy(v[a : a + rest]))[:, None])
+    return _pairwise(np.concatenate(parts, 1) if len(parts) > 1 else parts[0])
+
+
+def _chunk_sum_torch(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> torch.Tensor:
+    w = blocks.width
+    full, rest = divmod(columns, w)
+    parts = []
+    if full:
+        s = stack[:, start : start + full * w].unflatten(1, (full, w)).to(torch.float64)
+        x = v[start : start + full * w].reshape(full, w).to(torch.float64)
+        parts.append((s * x).sum(-1))
+    if rest or not columns:
+        a = start + full * w
+        s = stack[:, a : a + rest].to(torch.float64)
+        parts.append((s * v[a : a + rest].to(torch.float64)).sum(-1, keepdim=True))
+    return _pairwise(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.dtype in _NUMPY_DTYPES else t.to(torch.float64).numpy()
+
+
+def _as_float64_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float64).numpy()
+
+
+def dot_products(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks) -> np.ndarray:
+    """``⟨v, s_k⟩`` for every row of ``stack`` (n × size), per channel; float64 (channels, n).
+
+    Both are 1-D/2-D tensors on the same device, in any floating dtype (converted to float64 block by block).
+    """
+    n = stack.shape[0]
+    numpy_path = stack.device.type == "cpu" and v.device.type == "cpu"
+    chunk_bytes = 16 * 2**20 if numpy_path else 256 * 2**20
+    tasks = _chunks(blocks, n, chunk_bytes)
+    if numpy_path:
+        sums = _map(lambda t: _chunk_sum_numpy(v, stack, blocks, t[1], t[2]), tasks)
+        per_task = np.stack(sums, 1) if sums else np.zeros((n, 0))
+    else:
+        per_task = torch.stack([_chunk_sum_torch(v, stack, blocks, t[1], t[2]) for t in tasks], 1)
+    layer_of = np.array([t[0] for t in tasks])
+    layers = [_pairwise(per_task[:, np.flatnonzero(layer_of == layer)]) for layer in range(len(blocks.layers))]
+    stacked = np.stack(layers, 0) if numpy_path else torch.stack(layers, 0).cpu().numpy()
+    total = _pairwise(stacked.T)  # (n,)
+    return np.concatenate([total[None], stacked], 0) if blocks.per_layer else total[None]
+
+
+def squared_norms(v: torch.Tensor, blocks: Blocks) -> np.ndarray:
+    """``‖v‖²`` per channel (whole vector, then each layer), computed like :func:`dot_products`; float64."""
+    return dot_products(v, v.reshape(1, -1), blocks)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------- the exact form
+
+
+def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray,
+                           rows_norm2: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``½‖v/‖v‖ − s_r/‖s_r‖‖²`` over columns ``start:stop`` for the stack rows ``rows``; float64.
+
+    The cancellation-free form of ``1 − cos``: exactly 0 for identical vectors, relative error ~γ_n for tiny
+    values. ``v_norm2`` and ``rows_norm2`` are the squared norms over the same columns.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    with np.errstate(divide="ignore"):
+        rv = float(1 / np.sqrt(np.float64(v_norm2)))
+        rs = 1 / np.sqrt(np.asarray(rows_norm2, dtype=np.float64))
+    chunks = list(range(start, max(stop, start + 1), EXACT_BLOCK))
+    if stack.device.type == "cpu" and v.device.type == "cpu" and {stack.dtype, v.dtype} <= set(_NUMPY_DTYPES):
+        s_np, v_np = stack.numpy(), v.numpy()
+
+        def task(first: int) -> np.ndarray:  # 16 chunks, every row: (rows, chunks) partial sums
+            mine = chunks[first : first + 16]
+            out = np.empty((rows.size, len(mine)))
+            scaled, difference = np.empty(EXACT_BLOCK), np.empty(EXACT_BLOCK)
+            with np.errstate(invalid="ignore"):
+                for c, a in enumerate(mine):
+                    b = min(stop, a + EXACT_BLOCK)
+                    x = np.multiply(v_np[a:b], rv, out=scaled[: b - a], dtype=np.float64)
+                    d = difference[: b - a]
+                    for k, r in enumerate(rows):
+                        np.multiply(s_np[r, a:b], rs[k], out=d, dtype=np.float64)
+                        np.subtract(d, x, out=d)
+                        out[k, c] = np.einsum("i,i->", d, d)
+            return out
+
+        total = _pairwise(np.concatenate(_map(task, list(range(0, len(chunks), 16))), 1))
+        return 0.5 * total
+    index = torch.as_tensor(rows, device=stack.device)
+    scale = torch.as_tensor(rs, device=stack.device)[:, None]
+    parts = []
+    for a in chunks:
+        b = min(stop, a + EXACT_BLOCK)
+        d = stack[:, a:b].index_select(0, index).to(torch.float64) * scale - v[a:b].to(torch.float64) * rv
+        parts.append((d * d).sum(-1))
+    return 0.5 * _pairwise(torch.stack(parts, 1)).cpu().numpy()
+
+
+def cosine_rows(v: torch.Tensor, v_norms: np.ndarray, stack: torch.Tensor, stack_norms: np.ndarray,
+                blocks: Blocks) -> np.ndarray:
+    """C (eq. 1) between ``v`` and each row of ``stack``, per channel; float64 (channels, n).
+
+    ``v_norms`` (channels,) and ``stack_norms`` (n, channels) are :func:`squared_norms` of the vectors. Dot-product
+    form where it is accurate to ``RELATIVE_ERROR``, the cancellation-free form elsewhere (module docstring).
+    """
+    dots = dot_products(v, stack, blocks)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = 1 - dots / np.sqrt(v_norms[:, None] * np.asarray(stack_norms).T)
+    below = blocks.exact_below()
+    for channel in range(blocks.channels):
+        with np.errstate(invalid="ignore"):
+            rows = np.flatnonzero(values[channel] < below[channel])
+        if rows.size:
+            start, stop = blocks.channel_range(channel)
+            values[channel, rows] = half_squared_distances(v, v_norms[channel], stack, rows,
+                                                           np.asarray(stack_norms)[rows, channel], start, stop)
+    return values

@@ -1,0 +1,86 @@
+"""What the probe costs, announced: ``estimate_cost`` before attaching, the progress line during slow snapshots."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+import dynprobe
+from dynprobe import schedule
+from dynprobe.config import Barriers
+from dynprobe.recording.cost import estimate_cost
+from dynprobe.recording.progress import SnapshotProgress
+
+from .conftest import mlp_setup, train
+
+
+def test_estimate_projects_the_schedule_ghosts_and_disk_of_a_real_run(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup(seed=0)
+    ghosts = dynprobe.Ghosts(at=[0, 5], vectorize=False)
+    plan = dict(schedule=schedule.at([0, 5, 10]), ghosts=ghosts, barriers=Barriers(alphas=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    out = io.StringIO()
+    estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=10,
+                             console=Console(file=out, width=120), **plan)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "projected cost" in out.getvalue() and "projected cost" in str(estimate)
+    assert estimate.steps == [0, 5, 10] and estimate.live_ghosts == [2, 3, 3]  # the control + one ghost, then two
+    assert estimate.ghost_training_factor == pytest.approx(1 + (10 + 10 + 5) / 10)
+    numel = sum(p.numel() for p in model.parameters())
+    n = data.y_test.shape[0]
+    assert estimate.bytes_per_snapshot[0] == numel * 4 + n * 2 + 2 * n * 4  # θ, int16 labels, the ghosts' labels
+    assert estimate.barriers["ghost"] >= 2  # the final ones at least (the control's costs nothing)
+    # The projection is close to what a real run with the same configuration writes.
+    with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", total_steps=10,
+                        **{k: v for k, v in plan.items() if k != "barriers"}) as probe:
+        train(model, optimizer, scheduler, data, 10, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
+    written = sum(f.stat().st_size for f in (tmp_path / "r" / "snapshots").rglob("*") if f.is_file())
+    assert 0.7 < written / estimate.bytes_total < 1.5, (written, estimate.bytes_total)
+
+
+def test_estimate_validates_and_can_stay_silent():
+    model, optimizer, _, data = mlp_setup(seed=0)
+    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+        estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=0, console=False)
+    estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=3, console=False,
+                             kernel=dynprobe.KernelConfig(n=8))
+    assert estimate.seconds_per_kernel is not None and estimate.snapshots >= 2
+    assert estimate.seconds_total >= sum(estimate.seconds_per_snapshot)
+
+
+def test_progress_line_only_for_slow_snapshots_and_a_summary_line_in_logs():
+    log = io.StringIO()
+    progress = SnapshotProgress(delay=0.05, console=Console(file=log, force_terminal=False, width=200))
+    with progress.snapshot(7):
+        progress.phase("evaluating")
+        time.sleep(0.02)
+    assert log.getvalue() == ""  # fast: nothing
+    with progress.snapshot(8):
+        progress.phase("evaluating")
+        time.sleep(0.03)
+        progress.phase("barriers", "main ↔ ghost 1 (11 α)")
+        time.sleep(0.1)
+    line = log.getvalue()
+    assert line.startswith("dynprobe: snapshot at step 8 took") and "barriers 0.1 s" in line
+    assert set(progress.last_durations) == {"measuring", "evaluating", "barriers"}
+
+
+def test_progress_line_on_a_terminal_shows_the_phase_and_disappears():
+    screen = io.StringIO()
+    progress = SnapshotProgress(delay=0.0, console=Console(file=screen, force_terminal=True, width=200))
+    with progress.snapshot(3):
+        progress.phase("barriers", "step 3 ↔ step 2 (11 α)")
+        time.sleep(0.3)
+    shown = screen.getvalue()
+    assert "dynprobe · step 3 · barriers: step 3 ↔ step 2 (11 α)" in shown
+    silent = SnapshotProgress(enabled=False, delay=0.0, console=Console(file=io.StringIO(), force_terminal=True))
+    with silent.snapshot(1):
+        time.sleep(0.05)
+    assert silent.console.file.getvalue() == ""
+    assert np.isfinite(sum(silent.last_durations.values()))

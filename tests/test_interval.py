@@ -1,0 +1,186 @@
+"""Online interval matrices: the spilled history completed in blocks, pending entries, resume, bytes read."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynprobe.metrics import functions as metrics
+from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
+from dynprobe.store.rows import TriangularRows
+
+P, T = 3000, 24
+SLICES = [slice(0, 1000), slice(1000, 1010), slice(1010, P)]
+
+
+def _trajectory(seed: int = 0, t: int = T) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = [rng.standard_normal(P).astype(np.float32)]
+    for k in range(1, t):
+        out.append((out[-1] + rng.standard_normal(P).astype(np.float32) * np.float32(0.05 * 0.8**k)))
+    out[7] = out[6].copy()  # a snapshot that did not move: exact zeros
+    return out
+
+
+class Disk:
+    """The run directory's stored vectors, with every read counted."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[int, np.ndarray] = {}
+        self.reads: list[int] = []
+
+    def load(self, index: int) -> np.ndarray:
+        self.reads.append(index)
+        return self.arrays[index]
+
+
+def _matrix(tmp_path, name: str, vectors_in_memory: float, disk: Disk, dtype=torch.float32) -> PairwiseMatrix:
+    history = VectorHistory("cpu", dtype=dtype, memory_budget=int(vectors_in_memory * P * dtype.itemsize),
+                            load=disk.load)
+    metric = CosineMetric(P, SLICES)
+    files = [TriangularRows(tmp_path / f"{name}.{c}.rows") for c in range(metric.channels)]
+    return PairwiseMatrix("C", metric, history, files)
+
+
+def _run(tmp_path, name: str, vectors_in_memory: float, trajectory, dtype=torch.float32):
+    disk = Disk()
+    matrix = _matrix(tmp_path, name, vectors_in_memory, disk, dtype)
+    for t, vector in enumerate(trajectory):
+        disk.arrays[t] = vector
+        matrix.update(torch.from_numpy(vector))
+    matrix.complete()
+    return [matrix.compute(c) for c in range(matrix.metric.channels)], disk, matrix
+
+
+@pytest.mark.parametrize("vectors_in_memory", [12, 6, 3, 2, 1, 0])
+def test_a_spilled_history_gives_the_in_memory_matrices_bit_for_bit(tmp_path, vectors_in_memory):
+    trajectory = _trajectory()
+    reference, _, _ = _run(tmp_path, "ref", 100, trajectory)
+    got, disk, matrix = _run(tmp_path, "spilled", vectors_in_memory, trajectory)
+    assert matrix.history.spilled and not matrix.pending
+    for ref, matrix_c in zip(reference, got):
+        np.testing.assert_array_equal(matrix_c, ref)
+    assert reference[0][7, 6] == 0.0 and reference[0][0, 0] == 0.0
+    # the whole-vector channel against an independent computation
+    x = torch.from_numpy(np.stack(trajectory))
+    for t in range(T):
+        expected = metrics.cosine_dissimilarity_to_many(x[t], x).numpy()
+        np.testing.assert_allclose(reference[0][t], expected, rtol=1e-9, atol=0)
+    # each layer against slicing the vectors with numpy
+    for c, part in enumerate(SLICES, start=1):
+        for t in (5, 17, T - 1):
+            for j in range(T):
+                assert reference[c][t, j] == pytest.approx(metrics.cosine_dissimilarity(x[t, part], x[j, part]),
+                                                           rel=1e-9, abs=1e-300)
+
+
+def test_each_spilled_vector_is_read_once_per_block(tmp_path):
+    trajectory = _trajectory(t=60)
+    capacity = 10  # anchor + previous + a block of 8
+    _, disk, matrix = _run(tmp_path, "blocks", capacity, trajectory)
+    # the landed code kept the first vectors and read every other one back at every later snapshot
+    landed_reads = sum(t - capacity for t in range(capacity, 60))
+    assert len(disk.reads) * 5 < landed_reads
+    assert matrix.history.bytes_loaded == len(disk.reads) * P * 4
+    counts = np.bincount(disk.reads, minlength=60)
+    blocks = -(-(60 - capacity) // (capacity - 2))
+    assert counts.max() <= blocks  # never more than once per block
+    # reads grow as T²/(2K): each block reads every vector that spilled before it
+    assert len(disk.reads) <= sum(range(0, 60, capacity - 2)) + 60
+
+
+def test_rows_are_readable_with_nan_for_pending_entries_and_complete_at_the_end(tmp_path):
+    trajectory = _trajectory()
+    disk = Disk()
+    matrix = _matrix(tmp_path, "live", 6, disk)
+    for t, vector in enumerate(trajectory[:13]):  # spills at 6; blocks 7-10 (completed), 11-12 (pending)
+        disk.arrays[t] = vector
+        row = matrix.update(torch.from_numpy(vector))
+    assert np.isfinite(row[[0, 11, 12]]).all() and np.isnan(row[1:6]).all()  # anchor, previous: always at once
+    live = matrix.compute()
+    assert matrix.pending and np.isnan(live).any()
+    for index, columns in matrix.pending.items():
+        assert np.isnan(live[index, columns]).all()
+    matrix.complete()
+    assert np.isfinite(matrix.compute()).all() and not matrix.pending
+
+
+def test_a_resumed_matrix_completes_what_the_interrupted_one_left_pending(tmp_path):
+    trajectory = _trajectory()
+    reference, _, _ = _run(tmp_path, "ref", 100, trajectory)
+    disk = Disk()
+    first = _matrix(tmp_path, "resumed", 6, disk)
+    for t, vector in enumerate(trajectory[:17]):
+        disk.arrays[t] = vector
+        first.update(torch.from_numpy(vector))
+    assert sorted(first.pending) == [15, 16]  # "killed" in the middle of a block
+    paths = [r.path for r in first.rows]
+    history = VectorHistory("cpu", dtype=torch.float32, memory_budget=6 * P * 4, load=disk.load)
+    second = PairwiseMatrix.reattach("C", CosineMetric(P, SLICES), history, paths, [True] * 16)  # 16 uncommitted
+    assert not second.pending and np.isfinite(second.compute()).all()
+    for t, vector in enumerate(trajectory[16:], start=16):
+        disk.arrays[t] = vector
+        second.update(torch.from_numpy(vector))
+    second.complete()
+    for c in range(len(paths)):
+        np.testing.assert_array_equal(second.compute(c), reference[c])
+
+
+def test_history_is_kept_in_the_parameters_dtype(tmp_path):
+    trajectory = [torch.from_numpy(v).to(torch.bfloat16).float().numpy() for v in _trajectory()]
+    reference, _, _ = _run(tmp_path, "f32", 100, trajectory)
+    got, _, matrix = _run(tmp_path, "bf16", 100, trajectory, dtype=torch.bfloat16)
+    assert matrix.history._buffer.dtype == torch.bfloat16
+    for ref, matrix_c in zip(reference, got):
+        np.testing.assert_array_equal(matrix_c, ref)
+
+
+def test_missing_vectors_give_nan_rows_and_the_rest_completes(tmp_path):
+    rng = np.random.default_rng(3)
+    kernels = {t: rng.standard_normal(400) for t in range(0, 20, 3)}
+    disk = Disk()
+    history = VectorHistory("cpu", dtype=torch.float64, memory_budget=3 * 400 * 8, load=disk.load)
+    matrix = PairwiseMatrix("S", CosineMetric(), history, TriangularRows(tmp_path / "S.rows"))
+    for t in range(20):
+        if t in kernels:
+            disk.arrays[t] = kernels[t]
+        matrix.update(torch.from_numpy(kernels[t]) if t in kernels else None)
+    matrix.complete()
+    s = matrix.compute()
+    have = sorted(kernels)
+    assert np.isnan(s[1]).all() and np.isnan(s[:, 2]).all()
+    for i in have:
+        for j in have:
+            assert s[i, j] == pytest.approx(metrics.kernel_distance(kernels[i], kernels[j]), rel=1e-9, abs=1e-300)
+
+
+def test_function_metrics_keep_their_one_channel_rows(tmp_path):
+    rng = np.random.default_rng(4)
+    preds = [rng.integers(0, 5, 300) for _ in range(9)]
+    disk = Disk()
+    history = VectorHistory("cpu", dtype=torch.int32, memory_budget=2 * 300 * 4, load=disk.load)
+    matrix = PairwiseMatrix("D", FunctionMetric(metrics.disagreement_to_many), history,
+                            TriangularRows(tmp_path / "D.rows"))
+    for t, p in enumerate(preds):
+        disk.arrays[t] = p
+        matrix.update(torch.from_numpy(p))
+    matrix.complete()
+    expected = np.array([[np.mean(a != b) for b in preds] for a in preds])
+    np.testing.assert_allclose(matrix.compute(), expected, rtol=0, atol=1e-15)
+
+
+def test_fill_writes_in_place_and_only_inside_complete_rows(tmp_path):
+    rows = TriangularRows(tmp_path / "M.rows")
+    for k in range(4):
+        rows.append(np.full(k + 1, np.nan), k)
+    size = rows.path.stat().st_size
+    rows.fill(3, np.array([0, 2, 1]), np.array([1.0, 3.0, 2.0]))
+    rows.fill(2, np.array([0]), np.array([7.0]))
+    assert rows.path.stat().st_size == size
+    m = rows.read(4)
+    np.testing.assert_array_equal(m[3, :3], [1.0, 2.0, 3.0])
+    assert m[2, 0] == 7.0 and m[0, 2] == 7.0 and np.isnan(m[3, 3])
+    with pytest.raises(ValueError, match="not complete"):
+        rows.fill(4, np.array([0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="outside"):
+        rows.fill(1, np.array([2]), np.array([1.0]))
