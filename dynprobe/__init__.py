@@ -25,7 +25,7 @@ from .kernels import empirical_ntk
 from .metrics import loss_barrier
 from .probe import Probe
 from .recording.cost import estimate_cost
-from .store import Run, RunFormatError, load_run
+from .store import Run, RunFormatError, RunInUseError, load_run, load_runs
 
 __all__ = [
     "Barriers",
@@ -35,6 +35,7 @@ __all__ = [
     "Probe",
     "Run",
     "RunFormatError",
+    "RunInUseError",
     "__version__",
     "analysis",
     "analyze",
@@ -46,6 +47,7 @@ __all__ = [
     "kernels",
     "linearize",
     "load_run",
+    "load_runs",
     "loss_barrier",
     "metrics",
     "schedule",

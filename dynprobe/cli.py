@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run directory (default: runs/demo, or runs/demo-2, … if taken)")
     demo.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps (default: 1500)")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default: 0)")
-    demo.add_argument("--ghosts", type=int, default=5,
-                      help="perturbed ghosts, spawned log-spaced from step 0 (default: 5; 0 turns ghosts off)")
+    demo.add_argument("--ghosts", type=int, default=6,
+                      help="perturbed ghosts, spawned at steps 0, 25, 80, 250, 500, 800, 1200, 2000 in that order "
+                           "(default: 6; 0 turns ghosts off)")
     demo.add_argument("--kernel-n", type=int, default=96,
                       help="eNTK probe-set size (default: 96; 0 turns the eNTK off)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")

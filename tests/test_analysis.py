@@ -522,7 +522,7 @@ def test_detector_pairs_are_exactly_lag_apart_and_equal_the_stored_distances(tmp
     run = dynprobe.load_run(truth.root)
     detector, fired = fire(run, lag_steps=10)
     expected = brute_force_lag_series(run.steps, truth.kernels, np.isfinite(np.diag(run.S)), 10)
-    velocity, c_lag = detector._pairs[10]
+    velocity, c_lag = detector.pairs(10)
     assert [t for t, _ in velocity] == [t for t, _ in expected]
     np.testing.assert_allclose([v for _, v in velocity], [v for _, v in expected], rtol=1e-6)
     index = {int(t): k for k, t in enumerate(run.steps)}
@@ -643,15 +643,15 @@ def test_detector_reads_only_the_lag_pair_entries_of_each_new_row(real_run):
     for k, step in enumerate(run.steps):
         c_row, s_row = run.C[k, : k + 1].copy(), run.S[k, : k + 1].copy()
         plain.update(int(step), c_row, s_row)
-        keep = [k] + [index[int(step) - lag] for lag in set(poisoned._gaps) | {int(step) - int(run.steps[k - 1])}
-                      if k and int(step) - lag in index]
+        gaps_so_far = set(np.diff(run.steps[: k + 1]).tolist())  # the lags the detector can have chosen by now
+        keep = [k] + [index[int(step) - lag] for lag in gaps_so_far if int(step) - lag in index]
         mask = np.ones(k + 1, dtype=bool)
         mask[keep] = False
         c_row[mask], s_row[mask] = np.nan, np.nan
         poisoned.update(int(step), c_row, s_row)
     assert plain.steps == poisoned.steps == run.steps.tolist()
     kernel_steps = set(run.kernel_steps.tolist())
-    assert plain._pairs == poisoned._pairs
-    assert len(plain._pairs[4][0]) == sum(t + 4 in kernel_steps for t in kernel_steps) > 10
+    assert plain.pairs(4) == poisoned.pairs(4) and plain.lag == poisoned.lag == 4
+    assert len(plain.pairs(4)[0]) == sum(t + 4 in kernel_steps for t in kernel_steps) > 10
     assert [e.to_dict() if e else None for e in (plain.estimate, poisoned.estimate)] == \
         [plain.estimate.to_dict() if plain.estimate else None] * 2

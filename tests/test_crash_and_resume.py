@@ -263,7 +263,7 @@ def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_inter
     train(model, optimizer, scheduler, data, 8, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
     _simulate_crash(probe)
 
-    with pytest.warns(UserWarning, match="ghosts alive at the interruption"):
+    with pytest.warns(UserWarning, match=r"ghosts \[0, 1, 2\] alive at the interruption"):
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                                schedule=2, ghosts=ghosts, resume=True)
     train(model, optimizer, scheduler, data, 8, criterion=probe.watch(torch.nn.CrossEntropyLoss()))

@@ -558,7 +558,8 @@ def test_auto_chooses_by_measurement_and_records_the_choice(measured, tmp_path, 
 
 def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkeypatch):
     """Sequential for 2 ghosts, then at the spawn that makes 4 a new measurement chooses the stack: the clones
-    are absorbed exactly (they equal a purely sequential run's ghosts to float tolerance afterwards)."""
+    are absorbed exactly (afterwards they equal a purely sequential run's ghosts up to a tiny fraction of what ε
+    did to them)."""
     answers, asked = iter([(1.0, 0.95), (1.0, 0.5)]), []
 
     def timed(self, micro_batches, pending):
@@ -566,7 +567,7 @@ def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkey
         return next(answers)
 
     monkeypatch.setattr(vectorized_trainer.VectorizedTrainer, "_time_trial_steps", timed)
-    ghosts = dict(at=[0, 3, 6], perturbation=Perturbation(norm=1e-6), save_params=True)
+    ghosts = dict(at=[0, 3, 6], perturbation=Perturbation(norm=1e-4), save_params=True)
     _, _, run = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize="auto"),
                      schedule=schedule.every(3))
     monkeypatch.undo()
@@ -578,11 +579,9 @@ def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkey
     assert run.manifest["ghost_mode"] == {"mode": "vectorized", "reference": "shadow", "step": 7}
     assert [d["step"] for d in _events(run, "shadow_drift")] == [9, 12]
     assert np.all(run.chaos["C"][0] == 0) and not _events(run, "control_drift")
-    for ghost in range(4):
-        for index, step in enumerate(run.steps):
-            if step >= run.ghosts[ghost].spawn_step:
-                np.testing.assert_allclose(run.ghost_params(ghost, index=index), sequential.ghost_params(ghost, index=index),
-                                           rtol=0, atol=1e-6, err_msg=f"ghost {ghost} at step {step}")
+    gaps, signals = _gaps(run, sequential)
+    assert len(gaps) == 9 and gaps.max() < 1e-4, gaps  # ghosts 1-3 at the snapshots after their spawn
+    np.testing.assert_allclose(signals, 1.0, rtol=1e-4)
 
 
 def test_auto_measures_for_real_and_its_record_is_consistent(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynprobe.metrics import functions as metrics
-from dynprobe.metrics._blocked import Blocks, cosine_rows, squared_norms
+from dynprobe.metrics._blocked import BLOCK, Blocks, cosine_rows, squared_norms
 
 from .exact import exact_cosine_dissimilarity, exact_from_integers, integers, landed_cosine_dissimilarity
 
@@ -123,7 +123,7 @@ def test_rows_from_dot_products_have_relative_error_below_1e_9_and_exact_zeros(d
         exact.append([(x, x.dot(x)) for x in ints])
     used_dot = used_exact = 0
     for i, v in enumerate(vectors):
-        values = cosine_rows(v, norms[i], stack, norms, blocks)
+        values = cosine_rows(v, norms[i], stack, norms, blocks)[0]
         with np.errstate(invalid="ignore"):
             used_exact += int((values < blocks.exact_below()[:, None]).sum())
             used_dot += int((values >= blocks.exact_below()[:, None]).sum())
@@ -157,8 +157,26 @@ def test_ghost_pairs_use_the_exact_form(dtype):
 def test_the_switch_threshold_follows_the_derived_bound():
     blocks = Blocks(10_000_000, [slice(0, 100), slice(100, 10_000_000)])
     error = blocks.dot_error()
-    n = 2048 + np.ceil(np.log2(blocks.blocks)) + 1 + 3  # block width + tree heights (module docstring)
+    n = BLOCK + np.ceil(np.log2(blocks.blocks)) + 1 + 3  # block width + tree heights (module docstring)
     assert error[0] == pytest.approx(2 * n * 2.0**-53 + 6 * 2.0**-53, rel=1e-3)
     assert error[1] < error[2]  # a 100-element layer sums fewer terms
     assert np.all(blocks.exact_below() == pytest.approx(error * (1e9 + 1)))
-    assert 1e-4 < blocks.exact_below()[0] < 1e-3
+    assert 1e-5 < blocks.exact_below()[0] < 1e-4
+
+
+def test_norms_depend_on_the_values_only_so_identical_vectors_give_exact_zeros():
+    rng = np.random.default_rng(5)
+    p = 70_001
+    blocks = Blocks(p, [slice(0, 30_000), slice(30_000, p)])
+    values = torch.from_numpy(rng.standard_normal(p).astype(np.float32)).to(torch.bfloat16)
+    reference = squared_norms(values.float(), blocks)
+    padded = torch.zeros(p + 7)
+    for offset in range(1, 8):  # misaligned views of the same numbers
+        padded[offset : offset + p] = values.float()
+        np.testing.assert_array_equal(squared_norms(padded[offset : offset + p], blocks), reference)
+    np.testing.assert_array_equal(squared_norms(values, blocks), reference)  # held in bfloat16
+    stack = torch.stack([values.float(), torch.randn(p)])
+    rows, fused = cosine_rows(values.float(), None, stack, np.stack([reference, squared_norms(stack[1], blocks)]),
+                              blocks)
+    np.testing.assert_array_equal(fused, reference)  # the norms computed with the dot products: the same numbers
+    assert np.all(rows[:, 0] == 0.0)

@@ -281,9 +281,13 @@ def test_eval_data_with_mismatched_lengths_is_rejected(tmp_path):
 
 
 def test_eval_data_with_float_targets_is_rejected(tmp_path):
+    # Real-valued targets mean regression: a classifier's (N, 5) logits do not fit them, and naming the task
+    # classification refuses the targets themselves.
     data = make_data()
-    with pytest.raises(ValueError, match="integer class labels"):
+    with pytest.raises(ValueError, match="for regression the model's output must have the targets' shape"):
         _probe(tmp_path, eval_data=(data.x_test, data.y_test.float()))
+    with pytest.raises(ValueError, match="integer class labels"):
+        _probe(tmp_path, eval_data=(data.x_test, data.y_test.float()), task="classification")
 
 
 def test_non_classification_output_is_rejected(tmp_path):

@@ -24,6 +24,7 @@ from dynprobe.store.manifest import build_manifest
 from dynprobe.store.writer import RunWriter
 
 from .conftest import MLP, make_data
+from .exact import landed_cosine_dissimilarity
 
 
 def test_layer_slices_tile_the_parameter_vector_by_owning_module():
@@ -98,11 +99,11 @@ def test_recorder_c_and_per_layer_c_against_slicing_the_parameter_vector(tmp_pat
     np.testing.assert_allclose(run.C, expected, rtol=1e-9, atol=0)
     offsets = [(s.start, s.stop) for _, s in layer_slices(model.named_parameters())]
     x = flats.numpy()
-    for layer, (a, b) in enumerate(offsets):
+    for layer, (a, b) in enumerate(offsets):  # numpy, float64, on slices of the stored vectors
         for i in range(12):
             for j in range(12):
-                assert run.C_layers[layer, i, j] == pytest.approx(metrics.cosine_dissimilarity(x[i, a:b], x[j, a:b]),
-                                                                  rel=1e-9, abs=1e-300)
+                expected = landed_cosine_dissimilarity(x[i, a:b], x[j, a:b])
+                assert run.C_layers[layer, i, j] == pytest.approx(expected, rel=1e-9, abs=1e-18)
     if vectors_in_memory == 4:
         assert recorder.bytes_loaded > 0  # the spilled part was read back (and completed at materialize)
     np.testing.assert_array_equal(np.load(writer.root / "metrics" / "C.npy"), run.C)

@@ -98,10 +98,10 @@ def check_inputs(inputs: Inputs, where: str = "eval_data", *, finite: bool = Tru
             raise ValueError(f"{where} {name} is on the meta device (a shape without data); load the data onto a real "
                              "device before attaching the probe")
         if finite and (tensor.is_floating_point() or tensor.is_complex()) and tensor.numel():
-            finite = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1) if tensor.dim() else \
+            good = torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1) if tensor.dim() else \
                 torch.isfinite(tensor).reshape(1)
-            if not bool(finite.all()):
-                bad = torch.nonzero(~finite).reshape(-1)
+            if not bool(good.all()):
+                bad = torch.nonzero(~good).reshape(-1)
                 raise ValueError(
                     f"{where} {name} holds NaN or inf values (example {int(bad[0])}; {bad.numel()} examples in "
                     "all): every loss, prediction and D on them would be NaN. Clean or drop those examples")
@@ -145,8 +145,9 @@ def split_batch(batch: Any, where: str) -> tuple[Inputs, torch.Tensor]:
     """One labelled batch ``(inputs, targets, ...)`` → ``(inputs, targets)``, checked: inputs a tensor or mapping,
     targets batched with one row per example (extra elements, e.g. indices, are ignored)."""
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], (torch.Tensor, Mapping))):
-        raise TypeError(f"{where} must be (inputs, targets, ...) with inputs a tensor or a dict of tensors; got "
-                        f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TypeError(f"{where} is a {type(batch).__name__}{length}; it must be (inputs, targets, ...) with inputs "
+                        "a tensor or a dict of tensors")
     inputs, targets = batch[0], torch.as_tensor(batch[1])
     if targets.dim() == 0:
         raise ValueError(f"{where}: targets must have one row per example; got a scalar")

@@ -19,7 +19,8 @@ fall back to c alone (quality ``"low"``).
 
 The lag is ``lag_steps`` when given (a probe with ``KernelConfig(lag_steps=Δ)`` places a companion snapshot Δ
 steps after each kernel snapshot); otherwise the most common gap between consecutive snapshots so far (so the
-regular part of a schedule, once it dominates, fixes it; pairs at every gap seen are kept, a few per snapshot).
+regular part of a schedule, once it dominates, fixes it). The detector keeps the rows it was given, so a lag chosen
+later still finds its pairs among earlier snapshots.
 """
 from __future__ import annotations
 
@@ -63,8 +64,10 @@ class TransitionDetector:
         self.steps: list[int] = []
         self._kernel: set[int] = set()  # indices of snapshots with a kernel
         self._gaps: dict[int, int] = {}  # gap between consecutive snapshots → count
-        # lag → ([(t, S(t, t+lag))], [(t, C(t, t+lag))]) for the lags that can be chosen
-        self._pairs: dict[int, tuple[list[tuple[int, float]], list[tuple[int, float]]]] = {}
+        # The rows received: a lag chosen later still finds its pairs among earlier snapshots (T²/2 numbers each,
+        # like the probe's own interval matrices).
+        self._c_rows: list[np.ndarray] = []
+        self._s_rows: list[np.ndarray | None] = []
         self.estimate: TransitionEstimate | None = None
 
     @property
@@ -87,29 +90,25 @@ class TransitionDetector:
         if k >= 1:
             gap = step - self.steps[k - 1]
             self._gaps[gap] = self._gaps.get(gap, 0) + 1
-        lags = {self.lag_steps} if self.lag_steps is not None else set(self._gaps)
-        recent = np.asarray(self.steps[-self._window(lags):], dtype=np.int64)
-        offset = len(self.steps) - recent.size
-        for lag in lags:
-            earlier, later = lag_pairs(recent, lag)  # the one definition of a lag pair
-            ending = earlier[later == recent.size - 1]
-            if ending.size == 0:
-                continue
-            p = offset + int(ending[0])
-            pairs = self._pairs.setdefault(lag, ([], []))
-            if math.isfinite(c_row[p]):
-                pairs[1].append((self.steps[p], float(c_row[p])))
-            if s_row is not None and k in self._kernel and p in self._kernel and math.isfinite(s_row[p]):
-                pairs[0].append((self.steps[p], float(s_row[p])))
+        self._c_rows.append(c_row)
+        self._s_rows.append(s_row)
         if self.estimate is not None:
             return None
         self.estimate = self._decide(step)
         return self.estimate
 
-    def _window(self, lags: set[int]) -> int:
-        """How many recent snapshots can hold a partner of the newest one: steps increase by at least 1, so the
-        partner of a pair ending now is at most ``max(lags)`` snapshots back."""
-        return max(lags, default=0) + 1
+    def pairs(self, lag: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """``([(t, S(t, t+lag))], [(t, C(t, t+lag))])`` over the snapshots received so far, pairs exactly ``lag``
+        steps apart (:func:`dynprobe._util.steps.lag_pairs`); S only between snapshots that both have a kernel."""
+        earlier, later = lag_pairs(np.asarray(self.steps, dtype=np.int64), int(lag))
+        velocity, c_lag = [], []
+        for p, k in zip(earlier.tolist(), later.tolist()):
+            c, row = self._c_rows[k][p], self._s_rows[k]
+            if math.isfinite(c):
+                c_lag.append((self.steps[p], float(c)))
+            if row is not None and k in self._kernel and p in self._kernel and math.isfinite(row[p]):
+                velocity.append((self.steps[p], float(row[p])))
+        return velocity, c_lag
 
     @property
     def lag(self) -> int | None:
@@ -123,7 +122,7 @@ class TransitionDetector:
 
     @staticmethod
     def _row(name: str, row: Any, k: int) -> np.ndarray:
-        row = np.asarray(row, dtype=np.float64).reshape(-1)
+        row = np.array(row, dtype=np.float64).reshape(-1)  # a copy: the detector keeps it
         if row.size != k + 1:
             raise ValueError(f"{name} must hold the new snapshot's row of the matrix, {k + 1} entries (to the {k} "
                              f"earlier snapshots and itself); got {row.size}")
@@ -131,7 +130,7 @@ class TransitionDetector:
 
     def _decide(self, step: int) -> TransitionEstimate | None:
         lag = self.lag
-        velocity, c_lag = self._pairs.get(lag, ([], [])) if lag is not None else ([], [])
+        velocity, c_lag = self.pairs(lag) if lag is not None else ([], [])
         kernel_mode = bool(velocity)
         series = velocity if kernel_mode else c_lag
         if len(series) < self.min_snapshots:

@@ -205,21 +205,28 @@ def kernel_lag_series(steps: np.ndarray, S: np.ndarray, lag: int | None = None
 
 
 def transition_from_kernel_velocity(steps: np.ndarray, S: np.ndarray, *, lag: int | None = None,
-                                    min_pairs: int = 6, min_drop: float = 3.0) -> TransitionEstimate:
+                                    min_pairs: int = 6, min_drop: float = 3.0, fraction: float = 0.5
+                                    ) -> TransitionEstimate:
     """Where the eNTK stops moving fast: the drop of s(t) = S(θ_t, θ_t+Δ) (eq. 4) at a lag Δ fixed in steps.
 
-    The two-phase paper's Fig. 5b: S between iterates a fixed dt apart is large in the early phase and drops to
-    a low floor. ``log s`` is smoothed by a running median of three; its *peak* is the largest smoothed value,
-    its *floor* the median over the last third of the pairs after the peak, and the threshold the geometric
-    midpoint of the two. The estimate is the first t from which s stays below the threshold (the start of the
-    first window [t, t + Δ] over which the kernel moved little); the bracket is (previous pair, t]. No drop of at
-    least ``min_drop``× from peak to floor: ``quality="none"``. Quality ``high`` for a drop ≥ 10× with every
-    smoothed value between the peak and the estimate above the threshold, ``medium`` for a drop ≥ 10× or a clean
-    crossing, ``low`` otherwise.
+    The two-phase paper's Fig. 5b: S between iterates a fixed Δ apart is large in the early phase and drops to a
+    low floor. The *early level* is the largest s(t) over the first window of references, t ≤ t_first + Δ (the
+    kernel's motion over the first Δ steps of the record), the *floor* the median of the last third of the pairs,
+    and the threshold lies ``fraction`` of the way from the early level to the floor in log s (the geometric
+    midpoint by default). The estimate is where s(t) crosses the threshold for the last time — interpolated
+    linearly in (log(t + Δ), log s) between the last reference above it and the next one, so it does not snap to
+    the snapshot grid — and the bracket is those two references. The early level and the floor are a maximum over
+    a window fixed in steps and a median, which a thinned grid hardly changes; a longer run lowers the floor only
+    where the kernel keeps slowing down, and the threshold moves by ``fraction`` of that.
+
+    The drop from the early level to the floor decides the quality: none below ``min_drop``×, ``high`` for ≥ 10×
+    with a single crossing, ``medium`` for ≥ 10× or a single crossing (of a running median of three), ``low``
+    otherwise. S is never divided by the gap: between
+    nearby snapshots it hardly depends on the gap (SGD noise), so S/Δt would follow the snapshot grid, not the
+    dynamics.
 
     The lag Δ is the run's ``KernelConfig(lag_steps=)`` when it placed companion snapshots, else the most common
-    gap between kernel snapshots. S is never divided by the gap: between nearby snapshots it hardly depends on
-    the gap (SGD noise), so S/Δt would follow the snapshot grid, not the dynamics.
+    gap between kernel snapshots.
     """
     kernel_steps, _ = kernel_subset(steps, S)
     if kernel_steps.size == 0:
@@ -232,39 +239,44 @@ def transition_from_kernel_velocity(steps: np.ndarray, S: np.ndarray, *, lag: in
         return unavailable("kernel_velocity", f"needs at least {min_pairs} pairs of kernel snapshots exactly Δ = "
                                               f"{lag} steps apart; the run has {t.size}: pass Probe(..., kernel="
                                               "dynprobe.KernelConfig(lag_steps=Δ)) to place companion snapshots")
-    y = _running_median(np.log(s))
-    peak_index = int(np.argmax(y))
-    after = y[peak_index:]
-    evidence: dict[str, Any] = {"lag": lag, "t": t.tolist(), "S": s.tolist(), "min_drop": min_drop}
-    if after.size < 4:
-        return TransitionEstimate("kernel_velocity", None, (int(t[peak_index]), None), "bound",
-                                  f"S(t, t+{lag}) peaks at step {int(t[peak_index])}, too late to see a drop after "
-                                  "it (fewer than 4 pairs from there): the transition, if any, is later", evidence)
-    floor = float(np.median(after[-max(after.size // 3, 3):]))
-    peak = float(y[peak_index])
-    threshold = (peak + floor) / 2
-    evidence.update(peak=math.exp(peak), peak_step=int(t[peak_index]), floor=math.exp(floor),
-                    threshold=math.exp(threshold), drop=math.exp(peak - floor))
-    if peak - floor < math.log(min_drop):
+    y = np.log(s)
+    early = t <= t[0] + lag
+    level = float(y[early].max())
+    level_step = int(t[early][int(np.argmax(y[early]))])
+    tail = y[~early] if (~early).any() else y
+    floor = float(np.median(tail[-max(tail.size // 3, 3):]))
+    drop = math.exp(level - floor)
+    threshold = level + fraction * (floor - level)
+    evidence: dict[str, Any] = {"lag": lag, "t": t.tolist(), "S": s.tolist(), "min_drop": min_drop,
+                                "fraction": fraction, "early_level": math.exp(level), "early_step": level_step,
+                                "floor": math.exp(floor), "threshold": math.exp(threshold), "drop": drop}
+    if drop < min_drop:
         return TransitionEstimate("kernel_velocity", None, None, "none",
-                                  f"S(t, t+{lag}) falls only ×{math.exp(peak - floor):.2g} from its peak (step "
-                                  f"{int(t[peak_index])}) to its late level (< ×{min_drop:g}): no drop to locate",
-                                  evidence)
+                                  f"S(t, t+{lag}) falls only ×{drop:.2g} from its early level (step {level_step}) "
+                                  f"to its late level (< ×{min_drop:g}): no drop to locate", evidence)
     above = np.flatnonzero(y > threshold)
-    first_low = int(above[-1]) + 1
-    if first_low >= t.size:
+    last_above = int(above[-1]) if above.size else 0
+    if last_above + 1 >= t.size:
         return TransitionEstimate("kernel_velocity", None, (int(t[-1]), None), "bound",
-                                  f"S(t, t+{lag}) is back above its midpoint at the last pair: undecided", evidence)
-    step, low = int(t[first_low]), int(t[first_low - 1])
-    clean = bool(np.all(y[peak_index:first_low] > threshold))
-    drop = math.exp(peak - floor)
-    quality = ("high" if drop >= 10 and clean else "medium" if drop >= 10 or clean else "low")
-    evidence.update(split_step=step, clean=clean)
+                                  f"S(t, t+{lag}) is still above {math.exp(threshold):.3g} at the last pair: the "
+                                  "drop, if any, is later", evidence)
+    low, high = int(t[last_above]), int(t[last_above + 1])
+    x0, x1 = math.log(low + lag), math.log(high + lag)
+    y0, y1 = float(y[last_above]), float(y[last_above + 1])
+    share = (y0 - threshold) / (y0 - y1) if y0 > y1 else 1.0
+    step = int(round(math.exp(x0 + min(max(share, 0.0), 1.0) * (x1 - x0)) - lag))
+    step = min(max(step, low + 1), high)
+    # noise around the threshold is not a second crossing: count them on a running median of three
+    crossings = int(np.count_nonzero(np.diff((_running_median(y) > threshold).astype(int)) != 0))
+    single = crossings <= 1
+    quality = ("high" if drop >= 10 and single else "medium" if drop >= 10 or single else "low")
+    evidence.update(split_step=step, crossings=crossings)
     return TransitionEstimate(
-        "kernel_velocity", step, (low, step), quality,
-        f"S(t, t+{lag}) drops ×{drop:.2g} from its peak (step {int(t[peak_index])}) to its late level and stays "
-        f"below the midpoint {math.exp(threshold):.3g} from step {step} on"
-        + ("" if clean else " (it crosses the midpoint more than once)"), evidence)
+        "kernel_velocity", step, (low, high), quality,
+        f"S(t, t+{lag}) falls below {math.exp(threshold):.3g}, between its early level {math.exp(level):.3g} (step "
+        f"{level_step}) and its late floor {math.exp(floor):.3g}, at step {step} (between references {low} and "
+        f"{high}) and stays there; ×{drop:.2g} from early to late"
+        + ("" if single else f" (it crosses that level {crossings} times)"), evidence)
 
 
 def _check_square(name: str, steps: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

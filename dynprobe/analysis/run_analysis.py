@@ -104,7 +104,10 @@ def ghost_outcomes(run: Run) -> list[GhostOutcome]:
     """The last comparison of every perturbed ghost of ``run`` (control and failed ghosts excluded), with the
     scales its verdict is measured against (see :class:`dynprobe.analysis.verdicts.GhostOutcome`)."""
     steps = run.steps
-    error = 1.0 - run.eval_accuracy
+    # D's scale: the main run's eval error for labels and tokens; for regression D is a mean squared distance
+    # between outputs, compared with the main run's own mean squared error (its eval loss).
+    regression = run.manifest.get("eval", {}).get("task", {}).get("name") == "regression"
+    error = run.eval_loss if regression else 1.0 - run.eval_accuracy
     D, C, L2 = _chaos_map(run, "D"), _chaos_map(run, "C"), _chaos_map(run, "L2")
     B, B_linear = _chaos_map(run, "B"), _chaos_map(run, "B_linear")
     control_row = next((r for r, g in enumerate(run.ghosts) if g.control and g.status != "failed"), None)
@@ -136,7 +139,7 @@ def ghost_outcomes(run: Run) -> list[GhostOutcome]:
             else None, C=at(C, row, j), L2=at(L2, row, j), realized_norm=ghost.realized_norm, stopped_diverged=stopped,
             B_linear=at(B_linear, row, jb), C_scale=float(run.C[j, j - 1]) if j >= 1 else None, B_scale=b_scale,
             control_D=at(D, control_row, j), control_C=at(C, control_row, j),
-            control_B_linear=at(B_linear, control_row, jb), ghost=ghost.index))
+            control_B_linear=at(B_linear, control_row, jb), ghost=ghost.index, regression=regression))
     return outcomes
 
 

@@ -6,7 +6,8 @@ reads sensitivity over fixed windows instead). Each metric is compared with a th
 scale where one exists, and every threshold travels with the value it was compared with:
 
 * ``D`` (eq. 6): ``d_fraction`` (¼) of the main run's eval error — the disagreement of two independently trained
-  networks (Jiang et al. 2022) — and at least two eval examples and the ε = 0 control's D;
+  networks (Jiang et al. 2022) — and at least two eval examples and the ε = 0 control's D; for regression, where
+  D is the mean squared distance between the two models' outputs, ``d_fraction`` of the main run's eval MSE;
 * ``B_linear``, the loss barrier with the linear reference of linear mode connectivity (Frankle et al. 2020),
   max_α [L(θ_α) − (α L_a + (1 − α) L_b)]: ``b_fraction`` (10 %) of the main eval loss, and at least the barrier
   that SGD itself makes between consecutive snapshots of the main run and the control's. Eq. 5's barrier (mean
@@ -45,7 +46,7 @@ class GhostOutcome:
     spawn_step: int
     final_step: int
     D: float
-    error: float
+    error: float  # the main run's eval error (regression: its eval MSE, the scale of D there)
     B: float | None = None
     loss: float | None = None
     C: float | None = None
@@ -59,6 +60,7 @@ class GhostOutcome:
     control_C: float | None = None
     control_B_linear: float | None = None
     ghost: int | None = None
+    regression: bool = False  # D is a mean squared output distance, ``error`` the main run's eval MSE
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def ghost_verdict(outcome: GhostOutcome, *, d_fraction: float = 0.25, b_fraction
     thresholds = {
         "D": (g.D, _largest((d_fraction * g.error if _finite(g.error) else None,
                              f"{d_fraction:g} × main eval error"),
-                            (2.0 / eval_size if eval_size else None, "two eval examples"),
+                            (2.0 / eval_size if eval_size and not g.regression else None, "two eval examples"),
                             (g.control_D, "the ε = 0 control's D"))),
         "B_linear": (g.B_linear, _largest((b_fraction * g.loss if _finite(g.loss) and g.loss > 0 else None,
                                            f"{b_fraction:g} × main eval loss"),

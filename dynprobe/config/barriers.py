@@ -66,6 +66,10 @@ class Barriers:
         """Whether any barrier is requested at all."""
         return self.ghosts or self.previous_snapshots > 0
 
+    def active(self, with_ghosts: bool) -> bool:
+        """Whether a probe (with or without ghosts) has any barrier to compute."""
+        return (self.ghosts and with_ghosts) or self.previous_snapshots > 0
+
     def to_config(self) -> dict[str, Any]:
         budget = self.time_budget
         return {"alphas": self.alphas, "ghosts": self.ghosts, "previous_snapshots": self.previous_snapshots,

@@ -116,7 +116,7 @@ class DistributedRun:
             )
 
     def open_writer(self, out: str | os.PathLike, manifest: dict[str, Any], *, resume: bool,
-                    resume_step: int | None) -> RunWriter | NullSink:
+                    resume_step: int | None, durable: bool = False) -> RunWriter | NullSink:
         """Rank 0 opens the run directory; its success (or error) is broadcast, so every rank fails together."""
         manifest = {**manifest, "distributed": {"world_size": self.world_size,
                                                 "backend": str(_dist().get_backend()),
@@ -126,7 +126,7 @@ class DistributedRun:
         outcome: list[Any] = [None]
         if self.is_writer:
             try:
-                writer = RunWriter(out, manifest, resume=resume, resume_step=resume_step)
+                writer = RunWriter(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
                 outcome[0] = {"error": None, "root": str(writer.root)}
             except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks learned of it
                 outcome[0] = {"error": f"{type(error).__name__}: {error}", "exception": error}
@@ -184,16 +184,16 @@ class DistributedRun:
 
 def open_run_writer(run: DistributedRun | None, out: str | os.PathLike, manifest: dict[str, Any], *,
                     params: list[torch.Tensor], resume: bool, resume_step: int | None,
-                    problems: list[str] | None = None) -> RunWriter | NullSink:
+                    problems: list[str] | None = None, durable: bool = False) -> RunWriter | NullSink:
     """The probe's sink: a :class:`RunWriter` outside torch.distributed and on rank 0 (after the attach checks), a
     :class:`NullSink` on the other ranks."""
     if run is None:
-        return RunWriter(out, manifest, resume=resume, resume_step=resume_step)
+        return RunWriter(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
     problems = list(problems or [])
     if resume:
         problems.append("resume=True is not supported under torch.distributed yet; start a new out= directory")
     run.check_agreement(manifest, params, problems)
-    return run.open_writer(out, manifest, resume=resume, resume_step=resume_step)
+    return run.open_writer(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -75,6 +75,9 @@ class NullSink:
     def metrics_path(self, name: str) -> Path:
         return self._scratch_folder() / name
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         if self._cleanup is not None:
             self._cleanup()

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynprobe._util.batchnorm import reestimate_batchnorm, running_stat_layers
 from dynprobe._util.checks import check_int
 from dynprobe._util.evaluation import EvalSet, default_output_fn, evaluate, forward, inputs_to
 from dynprobe._util.modules import preserved_rng
@@ -190,7 +191,7 @@ def switching_experiment(
         optimizer = checked_optimizer(optimizer_factory, template)
         schedule = learning_rates(lr_at, total_steps, len(optimizer.param_groups))
         warn_on_lr_mismatch(run, schedule, total_steps)
-        if reset_bn_batches and not _batchnorm_layers(template):
+        if reset_bn_batches and not running_stat_layers(template):
             raise ValueError("reset_bn_batches was given but the model has no BatchNorm layer with running "
                              "statistics; drop reset_bn_batches")
         config = configuration(run, template, optimizer, schedule, total_steps, weight_decay_on,
@@ -279,7 +280,10 @@ def _switch_point(experiment: _Experiment, t: int, on_step: Callable[[float], No
     else:
         if experiment.reset_bn_batches:
             first = max(0, min(t, experiment.total_steps - experiment.reset_bn_batches))
-            _reset_batchnorm(model, experiment.stream.batches(first, first + experiment.reset_bn_batches))
+            device = next(model.parameters()).device
+            batches = experiment.stream.batches(first, first + experiment.reset_bn_batches)
+            reestimate_batchnorm(model, (inputs for _, (inputs, _) in batches), in_place=True,
+                                 forward=lambda inputs: forward(model, inputs_to(inputs, device)))
         lin = linearize(model, weight_decay_on=experiment.weight_decay_on, output_fn=experiment.output_fn)
         del model  # linearize keeps its own frozen copy
         optimizer = checked_optimizer(experiment.optimizer_factory, lin)
@@ -325,30 +329,3 @@ def _train_linearized(lin: nn.Module, optimizer: torch.optim.Optimizer, experime
         recent.append(value)
         on_step(value)
     return _Outcome(status="finished", diverged_at=None, train_loss=float(np.mean(recent)) if recent else None)
-
-
-def _batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-            and m.running_mean is not None]
-
-
-@torch.no_grad()
-def _reset_batchnorm(model: nn.Module, batches: Iterable[tuple[int, Batch]]) -> None:
-    """Re-estimate every BatchNorm layer's running statistics as their plain average over ``batches``.
-
-    Only the BatchNorm layers run in train mode (momentum None: a cumulative average, every batch weighing the
-    same); dropout and everything else stay in eval mode, so no RNG is drawn. ``model`` is the private fresh copy.
-    """
-    device = next(model.parameters()).device
-    layers = _batchnorm_layers(model)
-    model.eval()
-    saved = [(layer, layer.momentum) for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
-        layer.train()
-    for _, (inputs, _) in batches:
-        forward(model, inputs_to(inputs, device))
-    for layer, momentum in saved:
-        layer.momentum = momentum
-        layer.eval()

@@ -108,7 +108,7 @@ class GhostSet:
             config=config, model=model, optimizer=optimizer, main_params=main_params, no_copy=no_copy_map,
             replay=LossReplay(config.loss_fn, None), device=device, storage_dtype=storage_dtype,
             raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
-            on_mode=self._record_mode)
+            on_mode=self._record_mode, disagreement=eval_set.task.disagreement)
         self.ghosts: list[Ghost] = []
         self.final_step: int | None = None  # Probe(total_steps=): S is always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -95,6 +95,7 @@ class TrainerContext:
     sample_inputs: Callable[[], Any]  # a few eval inputs (vmap check)
     output_fn: Callable[[Any], torch.Tensor]
     on_mode: Callable[..., None]  # (mode, step, reason, *, warn=False, **fields): record a mode decision
+    disagreement: Callable[[Any, Any], float]  # the eval task's D between two prediction vectors
     grad_edit_detected: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

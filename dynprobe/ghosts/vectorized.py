@@ -278,7 +278,7 @@ class VectorizedTrainer:
                      state.items() if name in main.state and not torch.equal(main.state[name], value)}
         drift = {"bitwise_equal": not differing, "max_abs_diff": max(differing.values(), default=0.0),
                  "tensors_differing": len(differing), "C": metrics.cosine_dissimilarity(main.params, flat),
-                 "L2": metrics.l2_distance(main.params, flat), "D": metrics.disagreement(main.preds, evaluation.preds)}
+                 "L2": metrics.l2_distance(main.params, flat), "D": context.disagreement(main.preds, evaluation.preds)}
         return Reference("shadow", flat, evaluation.preds, kernel, state, drift)
 
     def module_of(self, ghost: Ghost) -> tuple[nn.Module, list[torch.Tensor]]:

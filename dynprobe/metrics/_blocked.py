@@ -41,6 +41,7 @@ __all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "cosine_rows", "dot_products", "
 U = 2.0**-53  # unit roundoff of float64
 BLOCK = 256  # dot-phase block width: bounds the summation error (above)
 EXACT_BLOCK = 2**15  # column chunk of the cancellation-free form (its error is relative, so wide chunks are fine)
+_SPAN = 2**17  # columns per task of the dot products (one per-thread float64 buffer)
 RELATIVE_ERROR = 1e-9  # target relative error of every stored C (and S) value
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -98,6 +99,17 @@ def _pairwise(a):
     return a[..., 0]
 
 
+_THREAD = threading.local()
+
+
+def _scratch() -> tuple[np.ndarray, np.ndarray]:
+    """Two float64 buffers of ``_SPAN`` columns per thread, reused: no mid-size temporaries, which the C allocator
+    would keep in its pools (the probe's memory would creep up by a few hundred MB over a run)."""
+    if not hasattr(_THREAD, "buffers"):
+        _THREAD.buffers = (np.empty(_SPAN), np.empty(_SPAN))
+    return _THREAD.buffers
+
+
 _POOL: dict[int, ThreadPoolExecutor] = {}  # by worker count
 _POOL_LOCK = threading.Lock()
 
@@ -116,10 +128,13 @@ def _map(function, tasks: list) -> list:
     return list(pool.map(function, tasks))
 
 
-def _chunks(blocks: Blocks, rows: int, chunk_bytes: int) -> list[tuple[int, int, int]]:
-    """Tasks ``(layer, first column, columns)``: runs of whole blocks within a layer, bounded in float64 bytes."""
-    per_block = max(1, rows) * blocks.width * 8
-    span = max(1, chunk_bytes // per_block) * blocks.width
+def _chunks(blocks: Blocks, rows: int, chunk_bytes: int | None) -> list[tuple[int, int, int]]:
+    """Tasks ``(layer, first column, columns)``: runs of whole blocks within a layer, at most ``_SPAN`` columns and
+    (unless ``chunk_bytes`` is None: kernels whose only temporaries are per column) ``chunk_bytes`` of float64
+    numbers over ``rows`` rows."""
+    span = max(1, _SPAN // blocks.width) * blocks.width  # the per-thread buffer's columns
+    if chunk_bytes is not None:
+        span = min(span, max(1, chunk_bytes // (max(1, rows) * blocks.width * 8)) * blocks.width)
     tasks = []
     for layer, (a, b) in enumerate(blocks.layers):
         for start in range(a, max(b, a + 1), span):
@@ -127,20 +142,29 @@ def _chunks(blocks: Blocks, rows: int, chunk_bytes: int) -> list[tuple[int, int,
     return tasks
 
 
-def _chunk_sum_numpy(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> np.ndarray:
-    """Σ over the task's blocks (pairwise) of each stack row's block dot product with ``v``; float64 (n,)."""
+def _chunk_sum_numpy(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int,
+                     with_self: bool) -> np.ndarray:
+    """Σ over the task's blocks (pairwise) of each stack row's block dot product with ``v`` (and, last, of
+    ``v`` with itself when ``with_self``); float64 (n [+ 1],)."""
     w = blocks.width
     full, rest = divmod(columns, w)
     parts = []
+    # v's columns go to float64 in a reused per-thread buffer; the stack is cast inside einsum (small buffers)
+    x64 = _scratch()[0][: max(columns, 1)]
+    np.copyto(x64[:columns], _as_numpy(v[start : start + columns]))
+    head, tail = x64[: full * w].reshape(full, w), x64[full * w : columns]
     if full:
         s = _as_numpy(stack[:, start : start + full * w]).reshape(stack.shape[0], full, w)
-        x = _as_float64_numpy(v[start : start + full * w]).reshape(full, w)
-        parts.append(np.einsum("nmb,mb->nm", s, x))
+        parts.append(np.einsum("nmb,mb->nm", s, head, dtype=np.float64))
     if rest or not columns:
-        a = start + full * w
-        s = _as_numpy(stack[:, a : a + rest])
-        parts.append(np.einsum("nb,b->n", s, _as_float64_numpy(v[a : a + rest]))[:, None])
-    return _pairwise(np.concatenate(parts, 1) if len(parts) > 1 else parts[0])
+        s = _as_numpy(stack[:, start + full * w : start + columns])
+        parts.append(np.einsum("nb,b->n", s, tail, dtype=np.float64)[:, None])
+    sums = _pairwise(np.concatenate(parts, 1) if len(parts) > 1 else parts[0])
+    if not with_self:
+        return sums
+    own = ([np.einsum("mb,mb->m", head, head)] if full else []) + (
+        [np.einsum("b,b->", tail, tail)[None]] if rest or not columns else [])
+    return np.concatenate([sums, _pairwise(np.concatenate(own))[None]])
 
 
 def _chunk_sum_torch(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> torch.Tensor:
@@ -162,34 +186,47 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype in _NUMPY_DTYPES else t.to(torch.float64).numpy()
 
 
-def _as_float64_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float64).numpy()
+def _combine(per_task, tasks: list[tuple[int, int, int]], blocks: Blocks, numpy_path: bool) -> np.ndarray:
+    """Task sums (rows × tasks) → per channel (channels × rows): pairwise within each layer, then over layers."""
+    layer_of = np.array([t[0] for t in tasks])
+    layers = [_pairwise(per_task[:, np.flatnonzero(layer_of == layer)]) for layer in range(len(blocks.layers))]
+    stacked = np.stack(layers, 0) if numpy_path else torch.stack(layers, 0).cpu().numpy()
+    total = _pairwise(stacked.T)  # (rows,)
+    return np.concatenate([total[None], stacked], 0) if blocks.per_layer else total[None]
 
 
-def dot_products(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks) -> np.ndarray:
-    """``⟨v, s_k⟩`` for every row of ``stack`` (n × size), per channel; float64 (channels, n).
+def dot_products(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, *,
+                 with_norms: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """``⟨v, s_k⟩`` for every row of ``stack`` (n × size), per channel: float64 (channels, n); and, with
+    ``with_norms``, :func:`squared_norms` of ``v`` from the same pass where possible (else ``None``).
 
     Both are 1-D/2-D tensors on the same device, in any floating dtype (converted to float64 block by block).
     """
     n = stack.shape[0]
     numpy_path = stack.device.type == "cpu" and v.device.type == "cpu"
-    chunk_bytes = 16 * 2**20 if numpy_path else 256 * 2**20
+    # numpy casts the stack through small internal buffers: its temporaries are per column (small, and never
+    # left behind in the allocator's pools); torch converts whole chunks, bounded here
+    fixed = numpy_path and stack.dtype in _NUMPY_DTYPES and v.dtype in _NUMPY_DTYPES
+    chunk_bytes = None if fixed else 16 * 2**20 if numpy_path else 256 * 2**20
     tasks = _chunks(blocks, n, chunk_bytes)
+    fused = with_norms and fixed  # the task structure is then the one of squared_norms: the same numbers
     if numpy_path:
-        sums = _map(lambda t: _chunk_sum_numpy(v, stack, blocks, t[1], t[2]), tasks)
-        per_task = np.stack(sums, 1) if sums else np.zeros((n, 0))
+        sums = _map(lambda t: _chunk_sum_numpy(v, stack, blocks, t[1], t[2], fused), tasks)
+        per_task = np.stack(sums, 1) if sums else np.zeros((n + fused, 0))
     else:
         per_task = torch.stack([_chunk_sum_torch(v, stack, blocks, t[1], t[2]) for t in tasks], 1)
-    layer_of = np.array([t[0] for t in tasks])
-    layers = [_pairwise(per_task[:, np.flatnonzero(layer_of == layer)]) for layer in range(len(blocks.layers))]
-    stacked = np.stack(layers, 0) if numpy_path else torch.stack(layers, 0).cpu().numpy()
-    total = _pairwise(stacked.T)  # (n,)
-    return np.concatenate([total[None], stacked], 0) if blocks.per_layer else total[None]
+    values = _combine(per_task, tasks, blocks, numpy_path)
+    return (values[:, :n], values[:, n]) if fused else (values, None)
 
 
 def squared_norms(v: torch.Tensor, blocks: Blocks) -> np.ndarray:
-    """``‖v‖²`` per channel (whole vector, then each layer), computed like :func:`dot_products`; float64."""
-    return dot_products(v, v.reshape(1, -1), blocks)[:, 0]
+    """``‖v‖²`` per channel (whole vector, then each layer), float64; a function of the values only (the same
+    numbers whatever the dtype holding them or where they sit), so that identical vectors give identical norms."""
+    v = v.reshape(-1)
+    if v.device.type == "cpu":
+        v = v if v.dtype in _NUMPY_DTYPES else v.to(torch.float32)  # exact for bfloat16
+        return dot_products(v, v[None][:0], blocks, with_norms=True)[1]
+    return dot_products(v, v[None], blocks)[0][:, 0]
 
 
 # --------------------------------------------------------------------------------------------- the exact form
@@ -213,7 +250,7 @@ def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor,
         def task(first: int) -> np.ndarray:  # 16 chunks, every row: (rows, chunks) partial sums
             mine = chunks[first : first + 16]
             out = np.empty((rows.size, len(mine)))
-            scaled, difference = np.empty(EXACT_BLOCK), np.empty(EXACT_BLOCK)
+            scaled, difference = _scratch()
             with np.errstate(invalid="ignore"):
                 for c, a in enumerate(mine):
                     b = min(stop, a + EXACT_BLOCK)
@@ -237,14 +274,17 @@ def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor,
     return 0.5 * _pairwise(torch.stack(parts, 1)).cpu().numpy()
 
 
-def cosine_rows(v: torch.Tensor, v_norms: np.ndarray, stack: torch.Tensor, stack_norms: np.ndarray,
-                blocks: Blocks) -> np.ndarray:
-    """C (eq. 1) between ``v`` and each row of ``stack``, per channel; float64 (channels, n).
+def cosine_rows(v: torch.Tensor, v_norms: np.ndarray | None, stack: torch.Tensor, stack_norms: np.ndarray,
+                blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """C (eq. 1) between ``v`` and each row of ``stack``, per channel: float64 (channels, n); and ``v``'s norms.
 
-    ``v_norms`` (channels,) and ``stack_norms`` (n, channels) are :func:`squared_norms` of the vectors. Dot-product
-    form where it is accurate to ``RELATIVE_ERROR``, the cancellation-free form elsewhere (module docstring).
+    ``v_norms`` (channels,) and ``stack_norms`` (n, channels) are :func:`squared_norms` of the vectors (``v_norms``
+    None: computed in the same pass over ``v``). Dot-product form where it is accurate to ``RELATIVE_ERROR``, the
+    cancellation-free form elsewhere (module docstring).
     """
-    dots = dot_products(v, stack, blocks)
+    dots, fused = dot_products(v, stack, blocks, with_norms=v_norms is None)
+    if v_norms is None:
+        v_norms = fused if fused is not None else squared_norms(v, blocks)
     with np.errstate(invalid="ignore", divide="ignore"):
         values = 1 - dots / np.sqrt(v_norms[:, None] * np.asarray(stack_norms).T)
     below = blocks.exact_below()
@@ -255,4 +295,4 @@ def cosine_rows(v: torch.Tensor, v_norms: np.ndarray, stack: torch.Tensor, stack
             start, stop = blocks.channel_range(channel)
             values[channel, rows] = half_squared_distances(v, v_norms[channel], stack, rows,
                                                            np.asarray(stack_norms)[rows, channel], start, stop)
-    return values
+    return values, v_norms

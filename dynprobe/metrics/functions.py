@@ -95,7 +95,7 @@ def cosine_dissimilarity_to_many(x, ys) -> torch.Tensor:
     if rows.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=v.device)
     norms = np.stack([squared_norms(row, blocks) for row in rows])
-    values = cosine_rows(v, squared_norms(v, blocks), rows, norms, blocks)[0]
+    values = cosine_rows(v, squared_norms(v, blocks), rows, norms, blocks)[0][0]
     return torch.from_numpy(values).to(v.device)
 
 

@@ -68,7 +68,12 @@ class CosineMetric:
         return squared_norms(vector.reshape(-1), self.blocks(vector.numel()))
 
     def rows(self, vector, summary, stack, stack_summaries) -> np.ndarray:
-        return cosine_rows(vector.reshape(-1), summary, stack, stack_summaries, self.blocks(vector.numel()))
+        return cosine_rows(vector.reshape(-1), summary, stack, stack_summaries, self.blocks(vector.numel()))[0]
+
+    def summary_and_rows(self, vector, stack, stack_summaries) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`summary` and :meth:`rows` in one pass over ``vector`` (its norms come with the dot products)."""
+        values, norms = cosine_rows(vector.reshape(-1), None, stack, stack_summaries, self.blocks(vector.numel()))
+        return norms, values
 
 
 class FunctionMetric:
@@ -295,11 +300,15 @@ class PairwiseMatrix:
         summary = None
         if vector is not None:
             vector = vector.detach().reshape(-1).to(self.history.device)
-            summary = self.metric.summary(vector)
             indices, stack = self.history.resident()
-            if indices:
-                row[:, indices] = self.metric.rows(vector, summary, stack,
-                                                   np.stack([self.history.summaries[i] for i in indices]))
+            if indices and hasattr(self.metric, "summary_and_rows"):
+                summaries = np.stack([self.history.summaries[i] for i in indices])
+                summary, row[:, indices] = self.metric.summary_and_rows(vector, stack, summaries)
+            else:
+                summary = self.metric.summary(vector)
+                if indices:
+                    row[:, indices] = self.metric.rows(vector, summary, stack,
+                                                       np.stack([self.history.summaries[i] for i in indices]))
             if self.history.far:
                 self.pending[index] = np.asarray(self.history.far, dtype=np.int64)
             row[:, index] = self.self_value
@@ -343,7 +352,9 @@ class PairwiseMatrix:
         summaries = np.stack([history.summaries[i] for i in group])
         values = {i: np.full((self.metric.channels, i + 1), np.nan) for i in group}
         wanted = [set(self.pending[i].tolist()) for i in group]
+        vector = None
         for j in sorted(set().union(*wanted)):
+            vector = None  # the previous one is released before the next is read: one spilled vector at a time
             vector = history.stacked([j], {})[0] if history.in_memory(j) else history.load(j)
             if vector is None:
                 continue

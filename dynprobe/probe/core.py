@@ -35,6 +35,7 @@ from dynprobe.config import Barriers, Ghosts, KernelConfig
 from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, unwrap_model
 from dynprobe.ghosts.ghost_set import GhostSet
+from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.barriers import BarrierScheduler
 from dynprobe.recording.kernel_probe import KernelMeasure
 from dynprobe.recording.progress import SnapshotProgress
@@ -43,17 +44,20 @@ from dynprobe.recording.train_loss import TrainLoss
 from dynprobe.schedule import Schedule
 from dynprobe.store.layout import EVAL_INDICES, KERNEL_PROBE_INDICES, train_loss_path
 from dynprobe.store.run import load_run
+from dynprobe.store.writer import check_out
 
 from .guard import FaultGuard, attempt
 from .options import ProbeOptions
 from .parts import (
-    DEFAULT_HISTORY_MEMORY,
     attach_ghosts,
+    background_writes,
     check_model_output,
     check_resumed_parameters,
     open_run,
     warn_about_new_parameters,
+    warn_if_the_disk_is_too_small,
 )
+from .sequence import SnapshotSequence
 from .transition import TransitionWatch
 
 __all__ = ["Probe"]
@@ -92,6 +96,9 @@ class Probe:
             :class:`dynprobe.Barriers` (default ``Barriers()``); deprecated: ``trajectory_barriers``, ``barrier_alphas``
         task: ``"classification"``, ``"tokens"``, ``"regression"`` or a task object (default: from the eval targets).
         progress: a progress line on stderr while a snapshot takes more than ~2 s.
+        durable: ``fsync`` every file and its directory at each commit point, so a power loss cannot lose a
+            committed snapshot (a kill of the process never can); it costs far more than a snapshot's own writes
+            on most filesystems, hence off by default.
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out``.
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
@@ -141,12 +148,14 @@ class Probe:
         barriers: Barriers | None = None,
         task: Any = None,
         progress: bool = True,
+        durable: bool = False,
         history_memory: int | None = None,
         snapshot_on_close: bool = True,
         on_transition: Callable[[TransitionEstimate], None] | None = None,
         on_snapshot: Callable[[dict[str, Any]], None] | None = None,
         errors: str = "warn",
     ) -> None:
+        check_out(out)  # a missing or empty out= fails first, before anything else is looked at
         self._busy = True  # hooks ignore everything until the probe is fully attached
         self._closed = False
         self._handles: list[Any] = []
@@ -157,7 +166,7 @@ class Probe:
             eval_batch_size=eval_batch_size, output_fn=output_fn, seed=seed, trajectory_barriers=trajectory_barriers,
             barrier_alphas=barrier_alphas, history_memory=history_memory, snapshot_on_close=snapshot_on_close,
             on_transition=on_transition, on_snapshot=on_snapshot, errors=errors, barriers=barriers, task=task,
-            progress=progress)
+            progress=progress, durable=durable)
         # torch.distributed (DDP): hooks on what the loop calls (the wrapper), everything else on the inner module.
         self._dist = DistributedRun.detect(model)
         self._hooked_model = model
@@ -172,8 +181,9 @@ class Probe:
             raise
         _OPEN_PROBES.add(self)
         self._busy = False
-        if not self.writer.resumed:
-            self._guarded(self._advance_to_current_step)
+        # The snapshot (and ghost spawns) of the current step: step 0 of a new run, or the resume step of a run
+        # continued from a checkpoint taken between snapshots (a committed snapshot there is not taken twice).
+        self._guarded(self._advance_to_current_step)
 
     def _attach(self, eval_data: Any, out: str | os.PathLike) -> None:
         options, model = self.options, self.model
@@ -196,6 +206,8 @@ class Probe:
                                storage_dtype=self.storage_dtype, device=self.device,
                                kernel_convention=self._kernel.convention() if self._kernel is not None else None)
         self.out = self.writer.root
+        if (self._dist is None or self._dist.is_writer) and background_writes(self._params, self.storage_dtype):
+            self.writer = BackgroundWriter(self.writer)  # large θ: snapshot files written off the training thread
         self._guard = FaultGuard(options.errors, record=self._record_error, detach=self._detach,
                                  describe=lambda: str(self.out))
         resumed = self.writer.resumed
@@ -205,9 +217,11 @@ class Probe:
             if self._kernel is not None:  # the kernel cadence (every_snapshots, lag companions) continues
                 self._kernel.resume(self.writer.snapshots)
         else:
-            self.writer.save_run_array(EVAL_INDICES.removesuffix(".npy"), self.eval_set.indices.numpy())
+            self.writer.save_run_array(EVAL_INDICES, self.eval_set.indices.numpy())
             if self._kernel is not None:
-                self.writer.save_run_array(KERNEL_PROBE_INDICES.removesuffix(".npy"), self._kernel.indices.numpy())
+                self.writer.save_run_array(KERNEL_PROBE_INDICES, self._kernel.indices.numpy())
+            warn_if_the_disk_is_too_small(self.writer, options, self._params, self.storage_dtype, model,
+                                          self.eval_set.n, options.kernel.n if options.kernel is not None else None)
         writes = self._dist is None or self._dist.is_writer
         last = int(self.writer.snapshots[-1]["step"]) if resumed and self.writer.snapshots else None
         self._train_loss = TrainLoss(train_loss_path(self.out) if writes else None,
@@ -215,18 +229,23 @@ class Probe:
         self._recorder = SnapshotRecorder(
             self.writer, model, self._params, self.eval_set, device=self.device, storage_dtype=self.storage_dtype,
             output_fn=self.output_fn, eval_batch_size=options.eval_batch_size,
-            history_memory=DEFAULT_HISTORY_MEMORY if options.history_memory is None else options.history_memory,
-            kernel_fn=self._kernel_at if self._kernel is not None else None,
+            history_memory=options.history_memory,
+            kernel_fn=(lambda index: self._sequence.kernel_at(self.step_count)) if self._kernel is not None else None,
         )
         self._progress = SnapshotProgress(enabled=options.progress)
         self._barriers = BarrierScheduler(
             options.barriers, sink=self.writer, model=model, eval_set=self.eval_set, output_fn=self.output_fn,
             batch_size=options.eval_batch_size, final_step=options.total_steps, progress=self._progress,
-        ) if options.barriers.enabled and writes else None
+        ) if options.barriers.active(options.ghosts is not None) and writes else None
         self.on_snapshot = options.on_snapshot
-        self._transition = TransitionWatch(self.writer.event, options.on_transition)
+        self._transition = TransitionWatch(self.writer.event, options.on_transition,
+                                           lag_steps=options.kernel.lag_steps if options.kernel is not None else None)
         if resumed:
             self._transition.replay(load_run(self.out))
+        self._sequence = SnapshotSequence(
+            recorder=self._recorder, kernel=self._kernel, schedule=self.schedule, train_loss=self._train_loss,
+            barriers=self._barriers, transition=self._transition, progress=self._progress, model=model,
+            optimizer=self.optimizer, writer=self.writer, writes=writes, on_snapshot=options.on_snapshot)
         self._explicit = False
         self._hook_steps = 0
         self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -336,6 +355,12 @@ class Probe:
                 handle.remove()
         self._handles = kept
 
+    def flush(self) -> None:
+        """Return once every snapshot taken so far is on disk. Snapshots of models whose θ exceeds 16 MiB are
+        written off the training thread; a reader in the same process that needs the latest one calls this."""
+        if not self._closed:
+            self.writer.flush()
+
     def close(self) -> None:
         """Finish the run: final snapshot (if ``snapshot_on_close``), full matrices, status. Idempotent; also
         runs at interpreter exit and when a ``with Probe(...)`` block ends."""
@@ -402,34 +427,7 @@ class Probe:
 
     def _snapshot(self) -> None:
         warn_about_new_parameters(self.model, self._named_params, self._warned)
-        writes = self._dist is None or self._dist.is_writer  # DDP: every rank measures (collectives), rank 0 writes
-        with self._progress.snapshot(self.step_count):
-            data = self._recorder.measure(self.step_count)
-            data.extra_arrays.update(self._kernel.snapshot_arrays() if self._kernel is not None else {})
-            main_state = {name: t.detach() for name, t in
-                          list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
-            if self._ghosts is not None:
-                self._progress.phase("ghosts", f"comparing {len(self._ghosts.live)} ghosts")
-                kernel_of = self._kernel.measure if self._kernel is not None else None
-                self._ghosts.compare(data, kernel_of, main_state)
-            train_loss, calls = self._train_loss.pop_mean()
-            record = {"train_loss": train_loss, "train_loss_calls": calls,
-                      "lr": [group.get("lr") for group in self.optimizer.param_groups],
-                      **(self._kernel.snapshot_record() if self._kernel is not None else {})}
-            committed = self._recorder.commit(data, record)
-            if not writes:
-                return
-            self._transition.update(data.step, self._recorder.last_rows)
-            if self.on_snapshot is not None:
-                self.on_snapshot({**committed, "rows": self._recorder.last_rows, "out": self.out, "transition":
-                                  self._transition.estimate, "steps": [s["step"] for s in self.writer.snapshots]})
-            if self._barriers is not None:
-                self._barriers.on_snapshot(data, main_state, self._ghosts)
-
-    def _kernel_at(self, snapshot_index: int) -> torch.Tensor | None:
-        assert self._kernel is not None
-        step = self.step_count  # companion-only: a snapshot the schedule did not ask for, taken for the lag
-        return self._kernel.at_snapshot(step, scheduled=step in self.schedule or not self._kernel.snapshot_due(step))
+        self._sequence.take(self.step_count, ghosts=self._ghosts)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 

@@ -49,6 +49,7 @@ class ProbeOptions:
     barriers: Barriers | None = None  # resolved with the deprecated spellings in __post_init__
     task: Any = None  # a Task, or None (chosen from the eval targets)
     progress: bool = True
+    durable: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel is not None and not isinstance(self.kernel, KernelConfig):
@@ -78,6 +79,8 @@ class ProbeOptions:
         object.__setattr__(self, "barriers", barriers)
         object.__setattr__(self, "task", as_task(self.task))
         object.__setattr__(self, "progress", bool(self.progress))
+        if not isinstance(self.durable, bool):
+            raise TypeError(f"durable must be True or False; got {self.durable!r}")
         if self.errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be 'warn' or 'raise'; got {self.errors!r}")
         if not isinstance(self.resume, bool):

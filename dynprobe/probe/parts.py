@@ -15,29 +15,41 @@ import torch
 from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, check_model_outputs
+from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
 from dynprobe.capture.step import StepCapture
 from dynprobe.config import Ghosts
 from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer, warn_comm_hook
 from dynprobe.ghosts.ghost_set import GhostSet
-from dynprobe.store.files import load_npy, read_jsonl
-from dynprobe.store.layout import EVENTS, PARAMS, snapshot_file
+from dynprobe.store.disk import free_space_warning, projected_run_bytes
+from dynprobe.store.files import read_jsonl
+from dynprobe.store.layout import EVENTS
 from dynprobe.store.manifest import build_manifest
 from dynprobe.store.writer import json_safe
 
 from .options import ProbeOptions
 
 __all__ = [
-    "DEFAULT_HISTORY_MEMORY",
+    "BACKGROUND_WRITE_BYTES",
     "attach_ghosts",
+    "background_writes",
     "check_model_output",
     "check_resumed_parameters",
     "open_run",
     "output_loss",
     "warn_about_new_parameters",
+    "warn_if_the_disk_is_too_small",
 ]
 
-DEFAULT_HISTORY_MEMORY = 512 * 2**20
+# Snapshots of a θ at least this large are written by a background thread (recording.background): below it the
+# files take less time than the evaluation, and a synchronous writer keeps the run readable right after each step.
+BACKGROUND_WRITE_BYTES = 16 * 2**20
+
+
+def background_writes(params: list[torch.Tensor], storage_dtype: torch.dtype) -> bool:
+    """Whether a probe writes its snapshots off the training thread (θ of at least 16 MiB in storage)."""
+    itemsize = torch.empty(0, dtype=storage_dtype).element_size()
+    return sum(p.numel() for p in params) * itemsize >= BACKGROUND_WRITE_BYTES
 
 
 def output_loss(output: Any) -> torch.Tensor:
@@ -70,7 +82,29 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
                      **eval_set.task.conventions()},
     )
     return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,
-                           resume_step=options.resume_step, problems=check_supported(options.ghosts))
+                           resume_step=options.resume_step, problems=check_supported(options.ghosts),
+                           durable=options.durable)
+
+
+def warn_if_the_disk_is_too_small(writer: Any, options: ProbeOptions, params: list[torch.Tensor],
+                                  storage_dtype: torch.dtype, model: nn.Module, eval_n: int,
+                                  kernel_n: int | None) -> None:
+    """With ``total_steps`` known, project the run directory's size from the schedule and warn at attach when it
+    exceeds the free space where the run is written."""
+    if options.total_steps is None or not getattr(writer, "writes", True):
+        return
+    snapshots = len(options.schedule.steps(options.total_steps))
+    kernel_snapshots = 0
+    if options.kernel is not None:
+        kernel_snapshots = -(-snapshots // options.kernel.every_snapshots) * (2 if options.kernel.lag_steps else 1)
+    projected = projected_run_bytes(
+        num_parameters=sum(p.numel() for p in params), snapshots=snapshots,
+        param_itemsize=torch.empty(0, dtype=storage_dtype).element_size(),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()), eval_n=eval_n,
+        kernel_snapshots=kernel_snapshots, kernel_entries=(kernel_n or 0) ** 2)
+    message = free_space_warning(writer.root, projected)
+    if message:
+        warn_user(message, RuntimeWarning)
 
 
 def check_resumed_parameters(writer: Any, params: list[torch.Tensor], step: int) -> None:
@@ -81,18 +115,14 @@ def check_resumed_parameters(writer: Any, params: list[torch.Tensor], step: int)
     the usual cause is restoring an older checkpoint without ``resume_step=``. Without a snapshot at ``step`` (a
     checkpoint taken between snapshots) there is nothing to compare with, and the run continues.
     """
-    steps = [int(s["step"]) for s in writer.snapshots]
-    if step not in steps:
+    if step not in {int(s["step"]) for s in writer.snapshots}:
         return
     # float64 holds float32, bfloat16 and float64 values exactly: equal there means bit-equal in their own dtype.
     flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in params]).numpy()
-
-    def stored(at: int) -> np.ndarray:
-        return np.asarray(load_npy(snapshot_file(writer.root, at, PARAMS), mmap=True), dtype=np.float64)
-
-    if flat.shape == stored(step).shape and np.array_equal(flat, stored(step)):
+    stored = np.asarray(writer.snapshot_params(step), dtype=np.float64)
+    if stored.shape == flat.shape and np.array_equal(stored, flat):
         return
-    match = next((s for s in reversed(steps) if s != step and np.array_equal(flat, stored(s))), None)
+    match = writer.find_matching_snapshot(flat)
     hint = (f"they equal the snapshot at step {match}: pass resume_step={match}" if match is not None else
             "they match no snapshot of the run: restore the checkpoint you saved at that step")
     raise ValueError(

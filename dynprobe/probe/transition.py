@@ -20,11 +20,14 @@ class TransitionWatch:
     Args:
         event: writes an event into the run (``writer.event``).
         callback: the user's ``on_transition`` (or None).
+        lag_steps: the fixed lag of the kernel velocity S(t, t+Δ) (``KernelConfig(lag_steps=)``), or None to use the
+            most common gap between snapshots.
     """
 
-    def __init__(self, event: Callable[..., None], callback: Callable[[TransitionEstimate], None] | None) -> None:
+    def __init__(self, event: Callable[..., None], callback: Callable[[TransitionEstimate], None] | None, *,
+                 lag_steps: int | None = None) -> None:
         self._event, self._callback = event, callback
-        self.detector = TransitionDetector()
+        self.detector = TransitionDetector(lag_steps=lag_steps)
         self.estimate: TransitionEstimate | None = None
         self._pending = False
 

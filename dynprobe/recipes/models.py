@@ -111,7 +111,8 @@ _VGG16_CONFIG: tuple[int | str, ...] = (
 
 
 class VGG(nn.Module):
-    """Torchvision-style VGG for 32×32 inputs: ``features`` → 1×1 average pool → ``classifier``; see :func:`vgg16_bn`."""
+    """Torchvision-style VGG for 32×32 inputs: ``features`` → 1×1 average pool → ``classifier``; see
+    :func:`vgg16_bn`."""
 
     def __init__(self, config: tuple[int | str, ...] = _VGG16_CONFIG, num_classes: int = 10,
                  batch_norm: bool = True) -> None:

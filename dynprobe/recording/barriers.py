@@ -209,6 +209,7 @@ class BarrierScheduler:
     def _trajectory_job(self, step: int, older: int, state: Mapping[str, torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             started = time.perf_counter()
+            self.sink.flush()  # the older snapshot's files may still be queued on a background writer
             older_state = load_snapshot_state(Path(self.sink.root), self.sink.manifest, older)
             result = self._barrier(state, older_state, f"step {step} ↔ step {older}")
             append_barrier(Path(self.sink.root), step, older, result)

@@ -25,6 +25,7 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalResult, EvalSet, evaluate
 from dynprobe._util.modules import flatten_parameters, layer_slices
+from dynprobe._util.user_warnings import warn_user
 from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
 from dynprobe.store.files import load_npy
 from dynprobe.store.layout import BUFFERS, KERNEL, PARAMS, PREDS, layer_metric, snapshot_file
@@ -122,6 +123,7 @@ class SnapshotRecorder:
         self.output_fn, self.eval_batch_size = output_fn, eval_batch_size
         self.kernel_fn = kernel_fn
         self.history_memory = default_history_memory(device) if history_memory is None else int(history_memory)
+        self._warned_nonfinite = False
         spec = (writer.manifest.get("model") or {}).get("parameters")
         named = [(p["name"], int(p["numel"])) for p in spec] if spec else [(str(i), p) for i, p in enumerate(params)]
         layers = layer_slices(named)
@@ -162,6 +164,11 @@ class SnapshotRecorder:
         evaluation = evaluate(
             self.model, self.eval_set, output_fn=self.output_fn, batch_size=self.eval_batch_size, device=self.device
         )
+        if evaluation.nonfinite and not self._warned_nonfinite:
+            self._warned_nonfinite = True  # the eval inputs were checked finite at attach: training diverged
+            warn_user(f"dynprobe: at step {step} the model's outputs on {evaluation.nonfinite} of {self.eval_set.n} "
+                      "eval examples are NaN or inf: eval_loss, D and the barriers are NaN from here on",
+                      RuntimeWarning)
         # copies: the files may be written after the next training step changed the live buffers
         buffers = {name: np.array(_to_numpy(buffer)) for name, buffer in self.model.named_buffers()
                    if buffer is not None}

@@ -269,7 +269,8 @@ def _thresholds(e: TransitionEstimate) -> str:
                    f"√A_peak = {ev['threshold_A']:.3g}{compared}; late growth flagged at A ≥ "
                    f"×{ev['late_amplification']:g}; control separation {ev['control_separation']}")
     if e.method == "kernel_velocity" and "threshold" in ev:
-        return esc(f"lag Δ = {ev['lag']}; midpoint {ev['threshold']:.3g} between peak {ev['peak']:.3g} and floor "
+        return esc(f"lag Δ = {ev['lag']}; threshold {ev['threshold']:.3g}, {ev['fraction']:g} of the way in log S "
+                   f"from the early level {ev['early_level']:.3g} (step {ev['early_step']}) to the late floor "
                    f"{ev['floor']:.3g} (drop ×{ev['drop']:.3g}, needs ≥ ×{ev['min_drop']:g})")
     if e.method in ("trajectory_C", "ghost_C") and "rate_fraction" in ev:
         agreement = f"; agreement {ev['agreement']:.0%} (high ≥ 60 %)" if "agreement" in ev else ""

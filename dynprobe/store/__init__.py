@@ -4,8 +4,9 @@ from .disk import DiskUsage, projected_run_bytes
 from .files import RunFormatError, RunFormatWarning
 from .lock import RunInUseError
 from .run import GhostInfo, Run, load_run
+from .runs import load_runs
 from .sink import RunSink
 from .writer import RunWriter
 
 __all__ = ["DiskUsage", "GhostInfo", "Run", "RunFormatError", "RunFormatWarning", "RunInUseError", "RunSink",
-           "RunWriter", "load_run", "projected_run_bytes"]
+           "RunWriter", "load_run", "load_runs", "projected_run_bytes"]

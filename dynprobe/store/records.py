@@ -39,7 +39,7 @@ def append_barrier(root: Path, step_i: int, step_j: int, result: Any) -> None:
     """Append B(θ_{step_i}, θ_{step_j}) (a :class:`dynprobe.metrics.BarrierResult`) to ``metrics/B.jsonl``:
     ``value`` is the barrier against the mean of the endpoint losses (eq. 5 of the two-phase paper) and, when the
     result carries it, ``B_linear`` the barrier against the linear interpolation of the endpoint losses."""
-    record = {"i": int(step_i), "j": int(step_j), "value": float(result),
+    record = {"i": int(step_i), "j": int(step_j), "value": float(getattr(result, "mean", result)),
               "argmax_alpha": float(result.argmax_alpha), "alphas": len(result.alphas), "metric": result.metric}
     linear = getattr(result, "linear", None)
     if linear is not None:

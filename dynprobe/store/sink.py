@@ -67,5 +67,8 @@ class RunSink(Protocol):
     def resume_from_step(self, resume_step: int | None) -> int:
         """The step a resumed run continues from (``resume_step``, else the last committed snapshot's step)."""
 
+    def flush(self) -> None:
+        """Return once everything handed to the sink so far is on disk (a no-op for a synchronous writer)."""
+
     def close(self) -> None:
         """Release the run (the writer's lock); idempotent. Nothing is written after it."""

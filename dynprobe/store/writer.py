@@ -149,8 +149,8 @@ class RunWriter:
             root.mkdir(parents=True, exist_ok=True)
             entries = set(os.listdir(root))
         except OSError as error:
-            raise PermissionError(f"out={str(root)!r} cannot be created or read ({error}); choose another "
-                                  "directory") from error
+            raise PermissionError(f"out={str(root)!r} is not writable: it cannot be created or listed ({error}); "
+                                  "choose another directory") from error
         if entries and MANIFEST not in entries and LOCK not in entries:
             raise FileExistsError(self._foreign_message(entries))
 
@@ -240,6 +240,9 @@ class RunWriter:
     @property
     def closed(self) -> bool:
         return self._lock is None or not self._lock.held
+
+    def flush(self) -> None:
+        """Every write returns once it is done: nothing to wait for."""
 
     def close(self) -> None:
         """Release the run's lock (idempotent). The probe calls it last in ``Probe.close``; nothing is written

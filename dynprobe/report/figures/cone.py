@@ -104,7 +104,7 @@ def velocity_figure(t: np.ndarray, values: np.ndarray, *, lag: int, estimate: in
     ax.plot(axis(t[positive]), values[positive], marker=".", markersize=4, linewidth=0.8, color="#1f77b4",
             label=f"S(θ_t, θ_t+{lag})")
     if threshold is not None:
-        ax.axhline(threshold, color="#ff7f0e", linewidth=1.0, label=f"midpoint {threshold:.2g}")
+        ax.axhline(threshold, color="#ff7f0e", linewidth=1.0, label=f"threshold {threshold:.2g}")
     mark_method(ax, axis, estimate, "kernel-velocity")
     mark_transition(ax, axis, transition)
     ax.set_yscale("log")
