@@ -171,9 +171,9 @@ class VectorHistory:
         needed = slot + 1
         if self._buffer is None or self._buffer.shape[0] < needed:
             assert self.capacity is not None
-            # On the CPU untouched pages cost nothing, so the whole budget is reserved at once; on an
-            # accelerator the buffer grows by doubling.
-            rows = self.capacity if self.device.type == "cpu" else min(self.capacity, max(8, 2 * needed))
+            # The buffer grows by doubling (amortized one copy per vector): reserving the whole budget at once
+            # would hold a quarter of the machine's memory per probe even where the allocator touches the pages.
+            rows = min(self.capacity, max(8, 2 * needed))
             try:
                 grown = torch.empty((rows, vector.numel()), dtype=self.dtype, device=self.device)
             except (RuntimeError, MemoryError) as error:
@@ -185,6 +185,11 @@ class VectorHistory:
                 grown[: len(self.slots)].copy_(self._buffer[: len(self.slots)])
             self._buffer = grown
         self._buffer[slot].copy_(vector.reshape(-1))
+
+    def release(self) -> None:
+        """Free the vectors held in memory (the run is over; the row files and matrices are written)."""
+        self._buffer = None
+        self.slots.clear()
 
     def append(self, vector: torch.Tensor | None, summary: np.ndarray | None) -> bool:
         """Register the next snapshot; store its vector if there is room. Returns whether it is in memory.

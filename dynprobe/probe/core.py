@@ -472,6 +472,7 @@ class Probe:
         attempt(self._train_loss.flush, failures)
         if self._dist is None or self._dist.is_writer:
             attempt(self._recorder.materialize, failures)
+        attempt(self._recorder.release, failures)
         fields: dict[str, Any] = {"status": status, "final_step": self.step_count}
         if reason:
             fields["status_reason"] = reason

@@ -226,6 +226,11 @@ class SnapshotRecorder:
         for name, matrix in self.matrices.items():
             self.writer.save_matrix(name, matrix.compute())
 
+    def release(self) -> None:
+        """Free the earlier vectors held for the rows (after :meth:`materialize`, or when the run fails)."""
+        for matrix in self.matrices.values():
+            matrix.history.release()
+
     @property
     def bytes_loaded(self) -> int:
         """Bytes of earlier snapshots read back from the run directory for the rows so far."""
