@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> Path:
                          num_workers=args.num_workers, kernel_n=args.kernel_n)
     out = recipe.run()
     run = dynprobe.load_run(out)
-    print(f"{out}: {len(run.steps)} snapshots, {len(run.ghosts)} ghosts; {dynprobe.analysis.estimate_transition(run).summary}")
+    transition = dynprobe.analysis.estimate_transition(run)
+    print(f"{out}: {len(run.steps)} snapshots, {len(run.ghosts)} ghosts; {transition.summary}")
     if not args.no_report:
         print(f"report: {write_html(out / 'report.html', build_report(run))}")
     return out

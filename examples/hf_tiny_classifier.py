@@ -67,7 +67,8 @@ def main() -> None:
         eval_data=synthetic(512, seed=1),                 # a batch dict with labels: split into (inputs, labels)
         kernel=dynprobe.KernelConfig(n=32),
         ghosts=dynprobe.Ghosts(at=[0, args.steps // 10, args.steps // 4],
-                               perturbation=dynprobe.Perturbation(1e-4, "l2"), costly_every=4),
+                               perturbation=dynprobe.Perturbation(1e-4, "l2"), kernel_every_snapshots=4),
+        barriers=dynprobe.Barriers(every_snapshots=4),
     )
     trainer = transformers.Trainer(model=model, args=training_args, train_dataset=Examples(synthetic(4096, seed=0)),
                                    callbacks=[callback])

@@ -62,7 +62,8 @@ def main() -> None:
     callback = DynprobeCallback(
         kernel=dynprobe.KernelConfig(n=32),
         ghosts=dynprobe.Ghosts(at=[0, args.steps // 10, args.steps // 4],
-                               perturbation=dynprobe.Perturbation(1e-4, "l2"), costly_every=4),
+                               perturbation=dynprobe.Perturbation(1e-4, "l2"), kernel_every_snapshots=4),
+        barriers=dynprobe.Barriers(every_snapshots=4),
         exporters=["tensorboard"],
     )
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, default_root_dir=str(args.root),

@@ -11,22 +11,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 import dynprobe  # noqa: E402
 
 
 def draw(run: dynprobe.Run, out: Path) -> Path:
-    transition = dynprobe.analysis.estimate_transition(run).get("trajectory_C").step
+    transition = dynprobe.analyze(run).transition.step  # the headline (None when the estimates disagree)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90, constrained_layout=True)
-    steps = run.steps
-    for i, ghost in enumerate(run.ghosts):
-        if ghost.control:
+    for ghost in run.ghosts:
+        if ghost.control or not ghost.realized_norm:
             continue
-        c = run.chaos["C"][i]
-        keep = np.isfinite(c) & (c > 0)
-        left.plot(steps[keep], c[keep], marker=".", label=f"t0 = {ghost.spawn_step}")
-    left.set(yscale="log", xlabel="step t1", ylabel="1 − cos(θ, θ′)",
+        steps, l2 = run.separation(ghost.index)
+        keep = l2 > 0
+        left.plot(steps[keep], l2[keep] / ghost.realized_norm, linewidth=1, label=f"t0 = {ghost.spawn_step}")
+    left.set(yscale="log", xlabel="step t", ylabel="‖θ′_t − θ_t‖ / ‖ε‖",
              title="chaos: ghosts perturbed by ‖ε‖ = 1e-7 at t0")
     left.legend(fontsize=7, ncol=2)
     kernel_steps = run.kernel_steps

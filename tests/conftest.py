@@ -105,7 +105,9 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs (max abs diff {(a[key].double() - b[key].double()).abs().max()})"
+        if not torch.equal(a[key], b[key]):
+            difference = (a[key].double() - b[key].double()).abs().max()
+            raise AssertionError(f"{key} differs (max abs diff {difference})")
 
 
 @pytest.fixture(autouse=True)

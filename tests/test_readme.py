@@ -1,9 +1,18 @@
-"""The README's promises: the quickstart snippet runs as written, and the first section has two commands."""
+"""The README's promises: every Python snippet runs as written, and the first section has two commands.
+
+Each ```python block of the README is claimed by exactly one test below (by a string only it contains) and executed
+as written in a namespace holding the names it assumes (``model``, ``optimizer``, ``x_test``, …). A line that is
+just ``...`` stands for the user's training loop: the test puts a loop over ``STEPS`` steps and ``probe.close()``
+there. A new snippet without a test fails :func:`test_every_python_snippet_is_executed_by_a_test`.
+"""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -11,31 +20,183 @@ import dynprobe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
+# The string that identifies each snippet, and the test that executes it.
+CLAIMS = {
+    'out="runs/my-run"': "test_quickstart_snippet_runs_as_written",
+    'out="runs/cone"': "test_cone_snippet_runs_as_written",
+    'out="runs/chaos"': "test_chaos_snippet_runs_as_written",
+    "switching_experiment(": "test_switching_snippet_runs_as_written",
+    'out="runs/ddp"': "test_ddp_snippet_runs_as_written_in_a_one_process_group",
+    "integrations.lightning import": "test_integrations_snippet_runs_as_written",
+}
 
-def _quickstart() -> str:
-    text = README.read_text()
-    marker = text.index("<!-- quickstart")
-    block = re.search(r"```python\n(.*?)```", text[marker:], re.S)
-    assert block, "the quickstart code block is missing"
-    return block.group(1)
+TRAINING_LOOP = """
+for step in range(STEPS):
+    x, y = batch(step)
+    loss = criterion(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+probe.close()
+"""
 
 
-def test_quickstart_snippet_runs_as_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def _snippet(claim: str) -> str:
+    found = [s for s in _snippets() if claim in s]
+    assert len(found) == 1, f"{len(found)} README snippets contain {claim!r}"
+    return found[0]
+
+
+def _with_training_loop(code: str) -> str:
+    lines = code.splitlines()
+    assert lines.count("...") == 1, "the snippet must have one '...' line standing for the training loop"
+    return code.replace("\n...\n", "\n" + TRAINING_LOOP + "\n", 1)
+
+
+def _data(n: int = 600, features: int = 12, classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=generator)
+    return x, (x[:, :classes].argmax(1) + (x[:, classes] > 1).long()) % classes
+
+
+class Net(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _namespace(steps: int) -> dict:
+    """What the snippets assume: a model, its optimizer and loss, a loader, an eval set, and a batch stream."""
     torch.manual_seed(0)
-    x, y = torch.randn(300, 12), torch.randint(0, 3, (300,))
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-    namespace = {
+    x, y = _data()
+    model = Net()
+    stream = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 384, 32)]
+    return {
+        "dynprobe": dynprobe, "torch": torch, "Net": Net, "STEPS": steps,
         "model": model,
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
         "criterion": nn.CrossEntropyLoss(),
         "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:200], y[:200]), batch_size=20),
-        "x_test": x[200:],
-        "y_test": y[200:],
+        "x_test": x[400:], "y_test": y[400:],
+        "stream": [stream[s % len(stream)] for s in range(steps)],
+        "batch": lambda step: stream[step % len(stream)],
     }
-    exec(compile(_quickstart(), "README quickstart", "exec"), namespace)
+
+
+def _run(code: str, namespace: dict, name: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nominal norm survived float rounding.*")
+        exec(compile(code, f"README {name} snippet", "exec"), namespace)
+    return namespace
+
+
+def test_every_python_snippet_is_executed_by_a_test():
+    tests = {name for name in globals() if name.startswith("test_")}
+    for snippet in _snippets():
+        claims = [claim for claim in CLAIMS if claim in snippet]
+        assert len(claims) == 1, f"README snippet not claimed by exactly one test:\n{snippet}"
+        assert CLAIMS[claims[0]] in tests
+
+
+def test_quickstart_snippet_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = _run(_snippet('out="runs/my-run"'), _namespace(0), "quickstart")
     run = dynprobe.load_run(tmp_path / "runs" / "my-run")
     assert run.steps[0] == 0 and run.steps[-1] == 10 and run.status == "closed"
+    assert namespace["run"].C.shape == (len(run.steps), len(run.steps))
+
+
+def test_cone_snippet_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = _run(_with_training_loop(_snippet('out="runs/cone"')), _namespace(2000), "cone")
+    run = namespace["run"]
+    t, v = namespace["t"], namespace["v"]
+    assert t.size and np.all(np.isfinite(v)) and np.all(np.isin(t + 500, run.kernel_steps))
+    assert namespace["H"].shape == (128, 128)
+    np.testing.assert_allclose(namespace["H_l"].sum(0), namespace["H"], rtol=1e-10, atol=1e-12)
+    assert run.S_layers.shape == (2, len(run.steps), len(run.steps))
+
+
+def test_chaos_snippet_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = _run(_with_training_loop(_snippet('out="runs/chaos"')), _namespace(1100), "chaos")
+    run = namespace["run"]
+    assert [g.spawn_step for g in run.ghosts if not g.control] == [0, 100, 1000]
+    steps, l2 = namespace["steps"], namespace["l2"]
+    assert steps[0] == 0 and steps[-1] == 1100 and np.all(l2[1:] > 0)
+    assert run.chaos["D"].shape == (len(run.ghosts), len(run.steps))
+
+
+def test_switching_snippet_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = _namespace(2000)
+    recording = "probe = dynprobe.Probe(model, optimizer, eval_data=(x_test, y_test), out='runs/mine', " \
+                "schedule=[0, 100, 500, 2000], progress=False)\n" + TRAINING_LOOP
+    _run(recording, namespace, "the run the switching snippet reads")
+    namespace = _run(_snippet("switching_experiment("), namespace, "switching")
+    result = namespace["result"]
+    assert list(result["switch_step"]) == [0, 100, 500, 2000]
+    assert np.all(np.isfinite(result["eval_loss"]))
+    assert list(dynprobe.load_run("runs/mine").switching["switch_step"]) == [0, 100, 500, 2000]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no false gradient-edit warning under DDP
+def test_ddp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.chdir(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        namespace = _namespace(120)
+        net = namespace.pop("model")
+        namespace.update(DDP=DistributedDataParallel, net=net, device=torch.device("cpu"))
+        code = _snippet('out="runs/ddp"')
+        namespace = _run(code + TRAINING_LOOP, namespace, "DDP")
+    finally:
+        dist.destroy_process_group()
+    run = dynprobe.load_run(tmp_path / "runs" / "ddp")
+    assert run.status == "closed" and run.steps[-1] == 120
+    control = [i for i, g in enumerate(run.ghosts) if g.control]
+    assert np.all(run.chaos["C"][control[0]][np.isfinite(run.chaos["C"][control[0]])] == 0.0)
+
+
+def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):
+    lightning = pytest.importorskip("lightning")
+    transformers = pytest.importorskip("transformers")
+    from tests.test_integrations_huggingface import _eval_batch, _examples, _model
+    from tests.test_integrations_lightning import TinyClassifier
+    from tests.test_integrations_lightning import _data as lightning_data
+
+    class DataModule(lightning.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(lightning_data(0), batch_size=16, shuffle=True)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(lightning_data(1, 96), batch_size=32)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    eval_batch = _eval_batch()
+    namespace = {
+        "dynprobe": dynprobe, "module": TinyClassifier(), "datamodule": DataModule(), "model": _model(),
+        "args": transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=6, use_cpu=True,
+                                               per_device_train_batch_size=8, report_to=[], save_strategy="no",
+                                               logging_strategy="no", disable_tqdm=True),
+        "train": _examples(64, seed=0),
+        "inputs": {"input_ids": eval_batch["input_ids"]}, "labels": eval_batch["labels"],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        namespace = _run(_snippet("integrations.lightning import"), namespace, "integrations")
+    lightning_run = dynprobe.load_run(Path(namespace["trainer"].log_dir) / "dynprobe")
+    assert lightning_run.status == "closed" and [g.spawn_step for g in lightning_run.ghosts] == [0, 0, 100]
+    hf_run = dynprobe.load_run(tmp_path / "hf" / "dynprobe")
+    assert hf_run.status == "closed" and hf_run.steps[-1] == 6
 
 
 def test_first_section_gives_exactly_two_commands_demo_and_tests():

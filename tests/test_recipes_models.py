@@ -12,8 +12,12 @@ from dynprobe.recipes.models import resnet20, vgg16_bn
 
 def resnet20_parameter_count(classes: int = 10) -> int:
     """He et al.'s CIFAR ResNet-20 counted by hand: 3×3 convs without bias, BatchNorm γ and β, a linear head."""
-    conv = lambda c_in, c_out: 9 * c_in * c_out
-    bn = lambda c: 2 * c
+    def conv(c_in: int, c_out: int) -> int:
+        return 9 * c_in * c_out
+
+    def bn(c: int) -> int:
+        return 2 * c
+
     count = conv(3, 16) + bn(16)
     for c_in, c_out in ((16, 16), (16, 32), (32, 64)):
         count += conv(c_in, c_out) + conv(c_out, c_out) + 2 * bn(c_out)  # first block of the stage

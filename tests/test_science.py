@@ -8,7 +8,8 @@ steps and, separately, at twice that (3,000 steps; the same run for its first 1,
   transition move by at most ×1.5 between the two horizons;
 * the kernel-velocity estimate (S(t, t + Δ) at the fixed lag Δ = 100) and the online detector move by at most
   ×1.5 when the kernel snapshots are thinned ×2 (every other reference step t, with its companion t + Δ) or when
-  the snapshot at a ghost's spawn step is dropped;
+  the snapshot at a ghost's spawn step is dropped, and the online detector lands within ×1.5 of the report's
+  headline (its drop factor, 30, was chosen on seeds 0 and 1; seed 2 was held out);
 * the ε = 0 control is exactly 0 in every chaos map and along its whole separation curve;
 * early spawns are far more sensitive than late ones: over Δ = 400 steps after their spawn, the ghosts spawned at
   0, 25 and 80 amplify ε at least ``SENSITIVITY_MARGIN`` times more than those spawned at 500 and 800;
@@ -110,8 +111,10 @@ def test_kernel_estimate_and_detector_hold_under_thinning_and_a_dropped_spawn_sn
     index = np.flatnonzero(have)
     detected = _detector_step(all_steps, C, S_all, index)
     detected_thinned = _detector_step(all_steps, C, S_all, index[_thinned(all_steps[index], 2)])
-    print("online detector", detected, detected_thinned)
+    headline = analyze(short).transition.step
+    print("online detector", detected, detected_thinned, "headline", headline)
     assert _ratio(detected, detected_thinned) <= 1.5
+    assert _ratio(detected, headline) <= 1.5  # the online estimate fires at the transition the report finds
 
 
 def test_the_control_is_exactly_zero_everywhere(runs):

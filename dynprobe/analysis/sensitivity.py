@@ -254,9 +254,10 @@ def transition_from_sensitivity(curves: Sequence[SeparationCurve], *, windows: S
     late = _late_growth(perturbed[first_after:], log_a[first_after:], window, grid, late_amplification)
     evidence.update(contrast=contrast, monotone=monotone, late_growth=late)
     a_after = math.exp(log_a[first_after]) if math.isfinite(log_a[first_after]) else 0.0
-    summary = (f"over Δ = {window} steps after their spawn, ghosts spawned at ≤ {low} amplify ε ×"
-               f"{math.exp(peak):.3g} at most (≥ ×{math.exp(threshold):.3g}), the ghost spawned at {step} only ×"
-               f"{a_after:.3g}: sensitivity drops between steps {low} and {step}")
+    grows = f"×{math.exp(log_a[last]):.3g}" if math.isfinite(log_a[last]) else "until it diverges"
+    summary = (f"over Δ = {window} steps after their spawn, the ghost spawned at {low} still amplifies ε "
+               f"{grows} (sensitive: A ≥ ×{math.exp(threshold):.3g}, from the largest ×{math.exp(peak):.3g}), "
+               f"the ghost spawned at {step} only ×{a_after:.3g}: sensitivity drops between steps {low} and {step}")
     if not monotone:
         summary += " (not monotone: an insensitive spawn precedes a sensitive one)"
     if late:

@@ -19,7 +19,7 @@ from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
 from dynprobe.capture.step import StepCapture
 from dynprobe.config import Ghosts
-from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer, warn_comm_hook
+from dynprobe.distributed.runtime import DistributedRun, check_supported, is_ddp, open_run_writer, warn_comm_hook
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.store.disk import free_space_warning, projected_run_bytes
 from dynprobe.store.files import read_jsonl
@@ -162,7 +162,8 @@ def attach_ghosts(config: Ghosts, options: ProbeOptions, *, model: nn.Module, ho
     ghosts.loss_from_output = from_output
     capture = StepCapture(cuda_devices, scale_fn=config.scaler.get_scale if config.scaler is not None else None)
     handles: list[Any] = [CaptureHooks(hooked_model, capture, busy, loss_from_output=from_output)]
-    if dist is None:  # DDP writes the averaged gradients back after backward: every step would look edited
+    if dist is None and not is_ddp(hooked_model):  # DDP (even with one rank) writes the averaged gradients back
+        # after backward: every step would look edited
         handles.append(GradEditDetector(params, optimizer, lambda: ghosts.note_grad_edit(step())))
     warn_comm_hook(dist)
     if resume_step is not None:  # warns (at the user's line) when ghosts were interrupted

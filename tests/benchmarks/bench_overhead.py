@@ -64,7 +64,8 @@ def main() -> None:
             probed.append(train(data, args.steps, probe_dir=f"{root}/run", eval_n=args.eval_n))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        print(f"repeat {r}: without {plain[-1]:.3f} s, with probe {probed[-1]:.3f} s, ratio {probed[-1] / plain[-1]:.4f}")
+        print(f"repeat {r}: without {plain[-1]:.3f} s, with probe {probed[-1]:.3f} s, "
+              f"ratio {probed[-1] / plain[-1]:.4f}")
     ratio = statistics.median(probed) / statistics.median(plain)
     pairs = sorted(b / a for a, b in zip(plain, probed))
     print(f"\n{args.steps} steps, probe every 100 steps ({args.steps // 100 + 1} snapshots), eval set {args.eval_n}, "
