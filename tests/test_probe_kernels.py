@@ -155,6 +155,10 @@ def test_kernel_config_spellings():
     assert old.every_snapshots == 3 and old.to_config()["every_snapshots"] == 3
     config = KernelConfig(lag_steps=5, per_layer=True)
     assert config.to_config()["lag_steps"] == 5 and config.to_config()["probe_set"] == "eval"
+    with pytest.warns(DeprecationWarning, match="lag_steps="):  # issue 13 spelled it lag=
+        assert KernelConfig(lag=5, per_layer=True) == config
+    with pytest.raises(ValueError, match="give only lag_steps"):
+        KernelConfig(lag=5, lag_steps=6)
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
