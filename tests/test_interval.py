@@ -1,6 +1,8 @@
 """Online interval matrices: the spilled history completed in blocks, pending entries, resume, bytes read."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,29 @@ def test_fill_writes_in_place_and_only_inside_complete_rows(tmp_path):
         rows.fill(4, np.array([0]), np.array([1.0]))
     with pytest.raises(ValueError, match="outside"):
         rows.fill(1, np.array([2]), np.array([1.0]))
+
+
+def _resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the RSS from /proc")
+def test_a_large_history_budget_costs_only_the_vectors_stored_even_in_deterministic_mode():
+    # Deterministic mode makes torch.empty fill new memory with NaN, which would commit the whole budget (a
+    # quarter of the free memory by default) at the first snapshot; the history must not let it.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        before = _resident_mib()
+        history = VectorHistory("cpu", dtype=torch.float32, memory_budget=2 * 2**30, load=lambda index: None)
+        history.append(torch.ones(1000), np.ones(1))
+        grown = _resident_mib() - before
+        assert torch.utils.deterministic.fill_uninitialized_memory  # the user's setting is restored
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    assert history.capacity == 2 * 2**30 // 4000 and grown < 100, grown
+    history.release()

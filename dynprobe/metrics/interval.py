@@ -91,6 +91,20 @@ class FunctionMetric:
         return torch.as_tensor(self.function(vector, stack)).detach().cpu().numpy().astype(np.float64)[None]
 
 
+def _uninitialized(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` that leaves memory untouched even when deterministic mode would fill it with NaN (every
+    row is written before it is read)."""
+    flags = getattr(torch.utils, "deterministic", None)
+    fill = getattr(flags, "fill_uninitialized_memory", False)
+    if fill:
+        flags.fill_uninitialized_memory = False
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    finally:
+        if fill:
+            flags.fill_uninitialized_memory = True
+
+
 class VectorHistory:
     """The vectors of earlier snapshots: in one preallocated buffer within a byte budget, beyond it on disk.
 
@@ -171,11 +185,13 @@ class VectorHistory:
         needed = slot + 1
         if self._buffer is None or self._buffer.shape[0] < needed:
             assert self.capacity is not None
-            # The buffer grows by doubling (amortized one copy per vector): reserving the whole budget at once
-            # would hold a quarter of the machine's memory per probe even where the allocator touches the pages.
-            rows = min(self.capacity, max(8, 2 * needed))
+            # On the CPU the whole budget is reserved at once: pages cost memory only once written (the buffer is
+            # never NaN-filled, even under torch.use_deterministic_algorithms), and the buffer never has to be
+            # copied, so memory never holds two buffers. On an accelerator memory is committed at allocation:
+            # the buffer grows by doubling.
+            rows = self.capacity if self.device.type == "cpu" else min(self.capacity, max(8, 2 * needed))
             try:
-                grown = torch.empty((rows, vector.numel()), dtype=self.dtype, device=self.device)
+                grown = _uninitialized((rows, vector.numel()), self.dtype, self.device)
             except (RuntimeError, MemoryError) as error:
                 raise MemoryError(
                     f"cannot allocate {rows} earlier vectors of {vector.numel()} numbers on {self.device} for the "
