@@ -18,9 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from dynprobe._version import __version__
+from dynprobe.analysis.run_analysis import analyze
+from dynprobe.demo import DemoConfig, run_demo
+from dynprobe.report.compare import build_comparison
+from dynprobe.report.html import build_report, check_writable, write_html
+from dynprobe.report.summary import comparison_table, render_summary, spread, summary_data
+from dynprobe.report.terminal import safe_text
 from dynprobe.store.files import RunFormatError, RunFormatWarning
+from dynprobe.store.run import load_run
 
 __all__ = ["main"]
 
@@ -134,9 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(errors: Console, error: object, label: str = "error:", style: str = "red") -> None:
-    from rich.text import Text
 
-    from dynprobe.report.terminal import safe_text
 
     errors.print(Text.assemble((label, style), " ", safe_text(error)), highlight=False)
 
@@ -144,14 +150,7 @@ def _error(errors: Console, error: object, label: str = "error:", style: str = "
 def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
     import time
 
-    from rich.text import Text
 
-    from dynprobe.analysis.run_analysis import analyze
-    from dynprobe.demo import DemoConfig, run_demo
-    from dynprobe.report.html import build_report
-    from dynprobe.report.summary import render_summary
-    from dynprobe.report.terminal import safe_text
-    from dynprobe.store.run import load_run
 
     started = time.perf_counter()
     config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts, kernel_n=args.kernel_n,
@@ -181,8 +180,6 @@ def _print_json(console: Console, data: object) -> None:
 
 
 def _show(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from dynprobe.report.summary import render_summary, summary_data
-    from dynprobe.store.run import load_run
 
     run = load_run(args.run)
     if args.format == "json":
@@ -223,10 +220,7 @@ class _LazyProgress:
 
 def _write_report(build, output: Path, args: argparse.Namespace, console: Console, errors: Console,
                   steps: int) -> int:
-    from rich.text import Text
 
-    from dynprobe.report.html import check_writable, write_html
-    from dynprobe.report.terminal import safe_text
 
     check_writable(output)
     progress = _LazyProgress(errors, total=steps)
@@ -245,10 +239,6 @@ def _write_report(build, output: Path, args: argparse.Namespace, console: Consol
 
 
 def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from dynprobe.analysis.run_analysis import analyze
-    from dynprobe.report.html import build_report, check_writable
-    from dynprobe.report.summary import render_summary, summary_data
-    from dynprobe.store.run import load_run
 
     run = load_run(args.run)
     output = args.output if args.output is not None else run.path / "report.html"
@@ -271,11 +261,6 @@ def default_comparison_path(run_paths: Sequence[Path], names: Sequence[str]) -> 
 
 
 def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from dynprobe.analysis.run_analysis import analyze
-    from dynprobe.report.compare import build_comparison
-    from dynprobe.report.html import check_writable
-    from dynprobe.report.summary import comparison_table, spread, summary_data
-    from dynprobe.store.run import load_run
 
     runs = [load_run(path) for path in args.runs]
     output = args.output if args.output is not None else default_comparison_path(args.runs, [r.name for r in runs])
