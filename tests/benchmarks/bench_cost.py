@@ -87,7 +87,8 @@ def child(mode: str, steps: int, out: str) -> dict:
     from dynprobe.recording.snapshot import SnapshotRecorder
 
     timings: dict[str, float] = {"ghost_train": 0.0, "ghost_spawn": 0.0, "snapshot": 0.0, "measure": 0.0,
-                                 "ghost_compare": 0.0, "commit": 0.0, "barriers": 0.0, "barriers_close": 0.0}
+                                 "ghost_compare": 0.0, "commit": 0.0, "barriers": 0.0, "barriers_close": 0.0,
+                                 "barrier_evals": 0.0}
 
     calls: dict[str, list[float]] = {key: [] for key in timings}
 
@@ -107,6 +108,7 @@ def child(mode: str, steps: int, out: str) -> dict:
                              (Probe, "_snapshot", "snapshot"),
                              (SnapshotRecorder, "measure", "measure"), (GhostSet, "compare", "ghost_compare"),
                              (SnapshotRecorder, "commit", "commit"), (BarrierScheduler, "on_snapshot", "barriers"),
+                             (BarrierScheduler, "_barrier", "barrier_evals"),
                              (BarrierScheduler, "close", "barriers_close")):
         timed(owner, name, key)
 
@@ -150,7 +152,7 @@ def child(mode: str, steps: int, out: str) -> dict:
         budget = [e for e in run.events if e.get("event") == "barrier_budget"]
         result.update(
             snapshots=len(run), live=live.tolist(), eval_seconds=statistics.median(seconds),
-            measure_calls=calls["measure"],
+            measure_calls=calls["measure"], barrier_eval_calls=len(calls["barrier_evals"]),
             disk=sum(f.stat().st_size for f in run.path.rglob("*") if f.is_file()),
             barrier_budget=budget[-1] if budget else None,
             projected_seconds=projected.seconds_total, projected_disk=projected.bytes_total,
@@ -222,6 +224,7 @@ def main() -> None:
             ("snapshots: ghost evaluations and comparisons", probed["ghost_compare"]),
             ("snapshots: writing θ, predictions, metric rows", probed["commit"]),
             ("snapshots: loss barriers", probed["barriers"]),
+            (f"  of which evaluating the paths ({probed['barrier_eval_calls']} barriers)", probed["barrier_evals"]),
             ("snapshots: other", other),
             ("final ghost barriers at close()", probed["barriers_close"]),
             ("everything else (hooks, attach, close, noise)", probed["seconds"] - bare["seconds"]
