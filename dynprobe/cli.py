@@ -25,7 +25,7 @@ from dynprobe.analysis.run_analysis import analyze
 from dynprobe.demo import DemoConfig, run_demo
 from dynprobe.report.compare import build_comparison
 from dynprobe.report.html import build_report, check_writable, write_html
-from dynprobe.report.summary import comparison_table, render_summary, spread, summary_data
+from dynprobe.report.summary import comparison_table, display_names, render_summary, spread, summary_data
 from dynprobe.report.terminal import safe_text
 from dynprobe.store.files import RunFormatError, RunFormatWarning
 from dynprobe.store.run import load_run
@@ -263,7 +263,7 @@ def default_comparison_path(run_paths: Sequence[Path], names: Sequence[str]) -> 
 def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
     runs = [load_run(path) for path in args.runs]
-    output = args.output if args.output is not None else default_comparison_path(args.runs, [r.name for r in runs])
+    output = args.output if args.output is not None else default_comparison_path(args.runs, display_names(runs))
     check_writable(output)
     results = [analyze(run) for run in runs]
     if args.format == "json":

@@ -15,6 +15,7 @@ import dynprobe
 from dynprobe.cli import _LazyProgress, main
 from dynprobe.report import figures
 from dynprobe.report.html import build_comparison, build_report, write_html
+from dynprobe.report.summary import display_names
 from dynprobe.store.files import RunFormatError
 from dynprobe.store.runs import load_runs
 from dynprobe.store.writer import RunWriter
@@ -233,6 +234,20 @@ def test_compare_of_several_runs_writes_next_to_the_first_run(full_run, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", str(full_run)])
     assert exit_info.value.code == 2
+
+
+def test_runs_with_the_same_folder_name_are_told_apart_by_their_parents(tmp_path, monkeypatch, capsys):
+    for seed in (0, 1):
+        write_synthetic_run(tmp_path / f"seed{seed}" / "demo", steps=uniform_steps(600, 13), transition=200,
+                            kernels=False, ghosts=(), seed=seed)
+    runs = [dynprobe.load_run(tmp_path / f"seed{seed}" / "demo") for seed in (0, 1)]
+    assert display_names(runs) == ["seed0/demo", "seed1/demo"]
+    assert display_names([runs[0], runs[0]]) == ["demo (1)", "demo (2)"]
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["compare", str(runs[0].path), str(runs[1].path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed0/demo" in out and "seed1/demo" in out
+    assert (tmp_path / "seed0" / "compare-seed0_demo-vs-seed1_demo.html").exists()
 
 
 def test_build_comparison_keeps_the_two_run_spelling(full_run, tmp_path):

@@ -16,7 +16,7 @@ from dynprobe.analysis.estimate import METHOD_LABELS
 from dynprobe.analysis.run_analysis import RunAnalysis, analyze
 from dynprobe.analysis.sensitivity import amplification, growth_rate
 from dynprobe.report import figures
-from dynprobe.report.summary import spread
+from dynprobe.report.summary import display_names, spread
 from dynprobe.store.run import Run
 
 from ._context import Tick
@@ -81,8 +81,7 @@ def build_comparison(runs: Sequence[Run], *, results: Sequence[RunAnalysis] | No
     tick = tick or (lambda label: None)
     tick("analysis")
     results = list(results) if results is not None else [analyze(run) for run in runs]
-    names = [run.name if [r.name for r in runs].count(run.name) == 1 else f"{run.name} ({k + 1})"
-             for k, run in enumerate(runs)]
+    names = display_names(runs)
     numbers = spread(results)
     tick("spread")
     estimates = {_short(m): v["steps"] for m, v in numbers.items() if m not in ("consensus", "online")}

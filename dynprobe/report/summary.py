@@ -9,7 +9,9 @@ markup, control characters made visible. :func:`summary_data` is the same conten
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,19 @@ from dynprobe.store.run import Run
 
 from .terminal import clean, safe_text
 
-__all__ = ["comparison_table", "ghost_mode", "render_summary", "summary_data", "summary_renderables"]
+__all__ = ["comparison_table", "display_names", "ghost_mode", "render_summary", "summary_data",
+           "summary_renderables"]
+
+
+def display_names(runs: Sequence[Run]) -> list[str]:
+    """A short name per run for tables and legends: its folder name, with as many parent folders as it takes to
+    tell runs apart (``seed0/demo`` and ``seed1/demo``); the folder name and a number when the paths coincide."""
+    parts = [Path(run.path).resolve().parts for run in runs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{Path(run.path).name} ({k + 1})" for k, run in enumerate(runs)]
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -252,8 +266,8 @@ def comparison_table(runs: list[Run], results: list[RunAnalysis]) -> Table:
     """Key numbers of several runs side by side (``dynprobe compare``), with the spread of each estimate."""
     table = Table(title="Comparison", title_justify="left", show_edge=False)
     table.add_column("")
-    for run in runs:
-        table.add_column(safe_text(run.name), justify="right", overflow="fold")
+    for name in display_names(runs):
+        table.add_column(safe_text(name), justify="right", overflow="fold")
     table.add_column("spread (max / min)", justify="right")
 
     def row(label: str, values: list[Any], extra: str = "") -> None:
