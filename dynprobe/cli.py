@@ -11,8 +11,10 @@ made visible).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,16 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error(errors: Console, error: object, label: str = "error:", style: str = "red") -> None:
-
-
     errors.print(Text.assemble((label, style), " ", safe_text(error)), highlight=False)
 
 
 def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    import time
-
-
-
     started = time.perf_counter()
     config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts, kernel_n=args.kernel_n,
                         threads=args.threads)
@@ -173,14 +169,11 @@ def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _print_json(console: Console, data: object) -> None:
-    import json
-
     console.file.write(json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     console.file.flush()
 
 
 def _show(args: argparse.Namespace, console: Console, errors: Console) -> int:
-
     run = load_run(args.run)
     if args.format == "json":
         _print_json(console, summary_data(run))
@@ -193,8 +186,6 @@ class _LazyProgress:
     """A rich progress bar on stderr that appears only once the work has taken more than ``delay`` seconds."""
 
     def __init__(self, errors: Console, total: int, delay: float = 1.0) -> None:
-        import time
-
         self._clock, self._started = time.perf_counter, time.perf_counter()
         self.errors, self.total, self.delay = errors, total, delay
         self.progress = None
@@ -221,7 +212,6 @@ class _LazyProgress:
 def _write_report(build, output: Path, args: argparse.Namespace, console: Console, errors: Console,
                   steps: int) -> int:
 
-
     check_writable(output)
     progress = _LazyProgress(errors, total=steps)
     try:
@@ -239,7 +229,6 @@ def _write_report(build, output: Path, args: argparse.Namespace, console: Consol
 
 
 def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
-
     run = load_run(args.run)
     output = args.output if args.output is not None else run.path / "report.html"
     check_writable(output)  # before any analysis or printing: an unwritable output fails fast (exit 4)
@@ -261,7 +250,6 @@ def default_comparison_path(run_paths: Sequence[Path], names: Sequence[str]) -> 
 
 
 def _compare(args: argparse.Namespace, console: Console, errors: Console) -> int:
-
     runs = [load_run(path) for path in args.runs]
     output = args.output if args.output is not None else default_comparison_path(args.runs, display_names(runs))
     check_writable(output)
