@@ -64,10 +64,10 @@ class Ghosts:
     clip_grad_value: float | None = None
     scaler: Any = None
     loss_fn: Callable[..., Any] | None = None
-    barrier: bool | None = None
-    barrier_alphas: int | None = None
-    costly_every: int | None = None
-    lifetime: int | None = None
+    barrier: bool | None = field(default=None, repr=False)  # deprecated spellings: not shown in the repr
+    barrier_alphas: int | None = field(default=None, repr=False)
+    costly_every: int | None = field(default=None, repr=False)
+    lifetime: int | None = field(default=None, repr=False)
     save_params: bool = False
     divergence_ratio: float = 1e3
     vectorize: bool | str = False
