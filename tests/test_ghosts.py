@@ -604,3 +604,28 @@ def test_resuming_with_ghosts_equals_the_uninterrupted_run_for_every_ghost_not_i
             np.testing.assert_array_equal(run.chaos[metric][row], expected, err_msg=f"ghost {ghost.index} {metric}")
     for ghost in (3, 4):
         np.testing.assert_array_equal(run.ghost_params(ghost, step=16), whole.ghost_params(ghost, step=16))
+
+
+def test_a_ghost_equal_to_the_main_run_reuses_its_evaluation_and_a_perturbed_one_is_evaluated(tmp_path, monkeypatch):
+    from dynprobe.ghosts import comparison
+
+    evaluated = []
+    original = comparison.compare_ghost
+
+    def counting(index, module, params, reference, **kwargs):
+        evaluate = kwargs["evaluate"]
+        kwargs["evaluate"] = lambda m: evaluated.append(index) or evaluate(m)
+        return original(index, module, params, reference, **kwargs)
+
+    monkeypatch.setattr("dynprobe.ghosts.ghost_set.compare_ghost", counting)
+    ghosts = Ghosts(at=[0], perturbation=Perturbation(norm=1e-3))
+    _, _, run, _ = _ghost_run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 6, 12]))
+    compares = [e for e in run.events if e["event"] == "ghost_compare"]
+    control = [e for e in compares if e["ghost"] == 0]
+    perturbed = [e for e in compares if e["ghost"] == 1]
+    assert len(control) == len(perturbed) == 3
+    assert all(e["evaluation"].startswith("the reference's") and e["D"] == 0.0 for e in control)
+    assert all("evaluation" not in e for e in perturbed) and evaluated == [1, 1, 1]
+    for k, step in enumerate(run.steps):  # the control's loss is the main run's, exactly
+        assert run.chaos["eval_loss"][0, k] == run.eval_loss[k]
+    np.testing.assert_array_equal(run.ghost_predictions(0, step=12), run.predictions(step=12))

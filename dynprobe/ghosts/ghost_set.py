@@ -331,7 +331,7 @@ class GhostSet:
     def compare(self, data: Any, kernel_of: KernelOf | None, main_state: Mapping[str, torch.Tensor]) -> None:
         """Compare with a snapshot measured by :class:`dynprobe.recording.snapshot.SnapshotRecorder` (``data``): the
         ghosts' arrays go into ``data.extra_arrays``. See :meth:`compare_with`."""
-        main = MainSnapshot(data.step, data.params, data.evaluation.preds, data.kernel, main_state)
+        main = MainSnapshot(data.step, data.params, data.evaluation.preds, data.kernel, main_state, data.evaluation)
         data.extra_arrays.update(self.compare_with(main, kernel_of))
 
     def compare_with(self, main: MainSnapshot, kernel_of: KernelOf | None) -> dict[str, np.ndarray]:

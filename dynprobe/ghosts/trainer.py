@@ -56,13 +56,14 @@ class Fault:
 @dataclass
 class MainSnapshot:
     """The main run at a snapshot, as plain values: flat θ (storage dtype), eval predictions, H(θ) when measured,
-    and parameters and buffers by name."""
+    parameters and buffers by name, and the whole evaluation (loss and accuracy too) when known."""
 
     step: int
     params: torch.Tensor
     preds: torch.Tensor
     kernel: torch.Tensor | None
     state: Mapping[str, torch.Tensor]
+    evaluation: Any = None  # dynprobe._util.evaluation.EvalResult
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Reference:
     kernel: torch.Tensor | None
     state: Mapping[str, torch.Tensor]
     drift: dict[str, Any] | None = None
+    evaluation: Any = None  # its EvalResult: reused for a ghost whose parameters and buffers equal it bit for bit
 
 
 @dataclass

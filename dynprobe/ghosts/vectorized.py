@@ -279,7 +279,7 @@ class VectorizedTrainer:
         drift = {"bitwise_equal": not differing, "max_abs_diff": max(differing.values(), default=0.0),
                  "tensors_differing": len(differing), "C": metrics.cosine_dissimilarity(main.params, flat),
                  "L2": metrics.l2_distance(main.params, flat), "D": context.disagreement(main.preds, evaluation.preds)}
-        return Reference("shadow", flat, evaluation.preds, kernel, state, drift)
+        return Reference("shadow", flat, evaluation.preds, kernel, state, drift, evaluation)
 
     def module_of(self, ghost: Ghost) -> tuple[nn.Module, list[torch.Tensor]]:
         if ghost.replica is not None:
