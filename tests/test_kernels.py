@@ -217,6 +217,16 @@ def make_case(name: str):
     raise KeyError(name)
 
 
+def make_double_case(name: str):
+    """:func:`make_case` in float64: the model and its floating inputs (float64 comparisons of two paths)."""
+    model, inputs, output_fn = make_case(name)
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        inputs = inputs.double()
+    elif isinstance(inputs, dict):
+        inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return model.double(), inputs, output_fn
+
+
 CASES = ["mlp", "cnn_batchnorm", "resnet", "transformer", "transformer_mha", "dict_inputs"]
 
 
@@ -250,12 +260,7 @@ def test_every_mode_matches_naive_float64_loop(case, mode, jacobians):
 
 @pytest.mark.parametrize("case", CASES)
 def test_structured_and_generic_paths_agree_in_float64(case):
-    model, inputs, output_fn = make_case(case)
-    model = model.double()
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-        inputs = inputs.double()
-    elif isinstance(inputs, dict):
-        inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model, inputs, output_fn = make_double_case(case)
     for mode in ("trace", "full"):
         auto = NTKEngine(model, inputs, mode=mode, output_fn=output_fn)
         generic = NTKEngine(model, inputs, mode=mode, output_fn=output_fn, method="generic")
@@ -443,12 +448,7 @@ def test_kernel_distance_to_a_rescaled_kernel_is_zero():
 @pytest.mark.parametrize("mode", ["trace", "full"])
 @pytest.mark.parametrize("case", ["cnn_batchnorm", "resnet", "transformer", "dict_inputs"])
 def test_chunked_result_equals_unchunked(case, mode):
-    model, inputs, output_fn = make_case(case)
-    model = model.double()
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-        inputs = inputs.double()
-    elif isinstance(inputs, dict):
-        inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model, inputs, output_fn = make_double_case(case)
     whole = NTKEngine(model, inputs, mode=mode, output_fn=output_fn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a budget this small is below the smallest plan: the engine says so

@@ -15,7 +15,7 @@ from dynprobe.kernels.engine import NTKEngine, empirical_ntk
 from dynprobe.metrics import functions as metrics
 
 from .conftest import make_data
-from .test_kernels import make_case
+from .test_kernels import make_double_case
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -36,12 +36,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "transformer", "transformer_mha", "dict_inputs"])
 @pytest.mark.parametrize("mode", ["trace", "full"])
 def test_layer_kernels_sum_to_the_total_and_each_equals_that_layer_alone(case, mode):
-    model, inputs, output_fn = make_case(case)
-    model = model.double()
-    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
-        inputs = inputs.double()
-    elif isinstance(inputs, dict):
-        inputs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model, inputs, output_fn = make_double_case(case)
     engine = NTKEngine(model, inputs, mode=mode, output_fn=output_fn)
     layers = engine.per_layer()
     expected_layers = layer_parameters(model)
@@ -54,8 +49,7 @@ def test_layer_kernels_sum_to_the_total_and_each_equals_that_layer_alone(case, m
 
 
 def test_layer_kernels_are_exact_when_the_plan_is_chunked():
-    model, inputs, _ = make_case("cnn_batchnorm")
-    model, inputs = model.double(), inputs.double()
+    model, inputs, _ = make_double_case("cnn_batchnorm")
     whole = NTKEngine(model, inputs).per_layer()
     with pytest.warns(UserWarning, match="max_memory"):
         tiny = NTKEngine(model, inputs, max_memory=20_000)
