@@ -19,6 +19,7 @@ __all__ = [
     "layer_slices",
     "preserved_rng",
     "rng_devices",
+    "same_tensors",
     "trainable_parameters",
 ]
 
@@ -114,3 +115,10 @@ def preserved_rng(devices: list[int] | None = None) -> Iterator[None]:
     """
     with torch.random.fork_rng(devices=devices or [], enabled=True):
         yield
+
+
+def same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two states (tensors by name) are equal bit for bit: the same names, shapes, dtypes and values."""
+    return a.keys() == b.keys() and all(
+        a[name] is b[name] or (a[name].shape == b[name].shape and a[name].dtype == b[name].dtype
+                               and torch.equal(a[name], b[name].to(a[name].device))) for name in a)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynprobe._util.modules import flatten_parameters
+from dynprobe._util.modules import flatten_parameters, same_tensors
 from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PARAMS, PREDS, ghost_array
 
@@ -74,7 +74,7 @@ def compare_ghost(
         return Comparison(stop=f"‖θ'‖ = {ghost_norm:.3g} exceeds {divergence_ratio:g}·‖θ‖ = {reference_norm:.3g}")
     # A ghost equal to its reference bit for bit (the ε = 0 control; a perturbation lost to rounding) gives the
     # reference's outputs exactly: its evaluation is the reference's, not a second pass over the eval set.
-    identical = reference.evaluation is not None and _same_tensors(state(), reference.state)
+    identical = reference.evaluation is not None and same_tensors(state(), reference.state)
     evaluation = reference.evaluation if identical else evaluate(module)
     record: dict[str, Any] = {
         "ghost": index,
@@ -98,9 +98,3 @@ def compare_ghost(
         arrays[ghost_array(index, PARAMS)] = flat.cpu().numpy()
     return Comparison(record, arrays)
 
-
-def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    """Whether two states hold the same tensors bit for bit (names, shapes, dtypes and values)."""
-    return a.keys() == b.keys() and all(
-        a[name].shape == b[name].shape and a[name].dtype == b[name].dtype
-        and torch.equal(a[name], b[name].to(a[name].device)) for name in a)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from dynprobe._util.evaluation import EvalSet
+from dynprobe._util.modules import same_tensors
 from dynprobe.config.barriers import AUTO_BUDGET_FRACTION, Barriers
 from dynprobe.metrics.barrier import BarrierResult, loss_barrier
 from dynprobe.store.files import load_snapshot_state
@@ -140,7 +141,7 @@ class BarrierScheduler:
         if self.config.ghosts:
             ordered = sorted(ghost_states, key=lambda g: self._last_ghost_barrier.get(g[0], -1))
             for ghost, reference, state in ordered:
-                identical = _identical(reference, state)
+                identical = same_tensors(reference, state)
                 reserve += 0 if identical or final or self.final_step is None else self.config.alphas
                 seen = self._ghost_snapshots.get(ghost, 0)
                 self._ghost_snapshots[ghost] = seen + 1
@@ -176,7 +177,7 @@ class BarrierScheduler:
             for ghost, reference, state in ghost_states:
                 if self._last_ghost_barrier.get(ghost) != step:
                     self.tally.due["ghost"] += 1
-                    self._ghost_job(step, ghost, reference, state, _identical(reference, state))()
+                    self._ghost_job(step, ghost, reference, state, same_tensors(reference, state))()
         self.sink.event("barrier_budget", step=step, **self.tally.to_event(self.budget))
 
     # ------------------------------------------------------------------------------------------ the jobs
@@ -217,9 +218,3 @@ class BarrierScheduler:
             self.budget.spend(time.perf_counter() - started, self.config.alphas)
         return run
 
-
-def _identical(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(a[name] is b[name] or (a[name].shape == b[name].shape and torch.equal(a[name], b[name].to(
-        a[name].device))) for name in a)
