@@ -72,9 +72,6 @@ class NullSink:
         """A file in this rank's private scratch folder (rows appended there are never read by anyone else)."""
         return self._scratch_folder() / f"{metric}.rows"
 
-    def metrics_path(self, name: str) -> Path:
-        return self._scratch_folder() / name
-
     def flush(self) -> None:
         pass
 
