@@ -8,37 +8,47 @@ import pytest
 import torch
 
 from dynprobe.metrics import functions as metrics
-from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
+from dynprobe.metrics.interval import MIN_GROUP, CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
 from dynprobe.store.rows import TriangularRows
 
 P, T = 3000, 24
 SLICES = [slice(0, 1000), slice(1000, 1010), slice(1010, P)]
 
 
-def _trajectory(seed: int = 0, t: int = T) -> list[np.ndarray]:
+def _trajectory(seed: int = 0, t: int = T, decay: float = 0.8) -> list[np.ndarray]:
+    """Steps shrinking by ``decay``: late snapshots are so close that their C entries need the exact form."""
     rng = np.random.default_rng(seed)
     out = [rng.standard_normal(P).astype(np.float32)]
     for k in range(1, t):
-        out.append((out[-1] + rng.standard_normal(P).astype(np.float32) * np.float32(0.05 * 0.8**k)))
+        out.append((out[-1] + rng.standard_normal(P).astype(np.float32) * np.float32(0.05 * decay**k)))
     out[7] = out[6].copy()  # a snapshot that did not move: exact zeros
     return out
 
 
 class Disk:
-    """The run directory's stored vectors, with every read counted."""
+    """The run directory's stored vectors, with every read counted (``reads``: whole vectors; ``slices``:
+    ``(index, start, stop)``)."""
 
     def __init__(self) -> None:
         self.arrays: dict[int, np.ndarray] = {}
         self.reads: list[int] = []
+        self.slices: list[tuple[int, int, int]] = []
 
     def load(self, index: int) -> np.ndarray:
         self.reads.append(index)
         return self.arrays[index]
 
+    def load_columns(self, index: int, start: int, stop: int) -> np.ndarray:
+        self.slices.append((index, start, stop))
+        return self.arrays[index][start:stop]
+
+    def numbers_read(self) -> int:
+        return len(self.reads) * P + sum(stop - start for _, start, stop in self.slices)
+
 
 def _matrix(tmp_path, name: str, vectors_in_memory: float, disk: Disk, dtype=torch.float32) -> PairwiseMatrix:
     history = VectorHistory("cpu", dtype=dtype, memory_budget=int(vectors_in_memory * P * dtype.itemsize),
-                            load=disk.load)
+                            load=disk.load, load_columns=disk.load_columns)
     metric = CosineMetric(P, SLICES)
     files = [TriangularRows(tmp_path / f"{name}.{c}.rows") for c in range(metric.channels)]
     return PairwiseMatrix("C", metric, history, files)
@@ -76,29 +86,45 @@ def test_a_spilled_history_gives_the_in_memory_matrices_bit_for_bit(tmp_path, ve
                                                            rel=1e-9, abs=1e-300)
 
 
-def test_each_spilled_vector_is_read_once_per_block(tmp_path):
-    trajectory = _trajectory(t=60)
-    capacity = 10  # anchor + previous + a block of 8
-    _, disk, matrix = _run(tmp_path, "blocks", capacity, trajectory)
-    # the landed code kept the first vectors and read every other one back at every later snapshot
-    landed_reads = sum(t - capacity for t in range(capacity, 60))
-    assert len(disk.reads) * 5 < landed_reads
-    assert matrix.history.bytes_loaded == len(disk.reads) * P * 4
-    counts = np.bincount(disk.reads, minlength=60)
-    blocks = -(-(60 - capacity) // (capacity - 2))
-    assert counts.max() <= blocks  # never more than once per block
-    # reads grow as T²/(2K): each block reads every vector that spilled before it
-    assert len(disk.reads) <= sum(range(0, 60, capacity - 2)) + 60
+@pytest.mark.parametrize("decay, passes", [(1.0, 1), (0.8, 2)])
+def test_each_spilled_vector_is_read_once_per_group_of_rows_in_column_slices(tmp_path, decay, passes):
+    """Moving snapshots: one pass over the columns per group; settling ones (entries in the exact form): two."""
+    t_total, capacity = 60, 10  # the anchor and a ring of the newest 9; rows completed in groups of MIN_GROUP
+    trajectory = _trajectory(t=t_total, decay=decay)
+    completions: list[int] = []
+    disk = Disk()
+    matrix = _matrix(tmp_path, "blocks", capacity, disk)
+    for t, vector in enumerate(trajectory):
+        disk.arrays[t] = vector
+        before = len(matrix.pending)
+        matrix.update(torch.from_numpy(vector))
+        if len(matrix.pending) < before:
+            completions.append(t)
+            assert before + 1 == MIN_GROUP  # a group is exactly MIN_GROUP rows (the ring is smaller)
+    matrix.complete()
+    assert completions == [26, 42, 58] and not matrix.pending and np.isfinite(matrix.compute()).all()
+    assert not disk.reads  # nothing read whole, only slices
+    assert matrix.history.bytes_loaded == disk.numbers_read() * 4
+    # every vector is read at most once per pass of a completion, in slices that tile it
+    per_vector = np.bincount([s[0] for s in disk.slices], weights=[s[2] - s[1] for s in disk.slices])
+    assert per_vector.max() <= passes * P * (len(completions) + 1) and per_vector.max() % P == 0
+    # the landed code read every vector beyond the first ten back whole at every later snapshot; now each
+    # completion reads the spilled vectors once and the group's rows that left the ring: T²·p / (2K) + T·p
+    landed = sum(t - capacity for t in range(capacity, t_total)) * P
+    assert disk.numbers_read() * 5 < landed * (1 if passes == 1 else 2.5)
+    assert disk.numbers_read() <= passes * (sum(range(0, t_total, MIN_GROUP)) + t_total) * P
+    reference, _, _ = _run(tmp_path, "in_memory", 100, trajectory)
+    np.testing.assert_array_equal(matrix.compute(), reference[0])
 
 
 def test_rows_are_readable_with_nan_for_pending_entries_and_complete_at_the_end(tmp_path):
     trajectory = _trajectory()
     disk = Disk()
     matrix = _matrix(tmp_path, "live", 6, disk)
-    for t, vector in enumerate(trajectory[:13]):  # spills at 6; blocks 7-10 (completed), 11-12 (pending)
+    for t, vector in enumerate(trajectory[:13]):  # spills at 6: row 12 sees 0 and the ring 7-11; rows 7-12 pending
         disk.arrays[t] = vector
         row = matrix.update(torch.from_numpy(vector))
-    assert np.isfinite(row[[0, 11, 12]]).all() and np.isnan(row[1:6]).all()  # anchor, previous: always at once
+    assert np.isfinite(row[[0, 7, 8, 9, 10, 11, 12]]).all() and np.isnan(row[1:7]).all()  # anchor, ring: at once
     live = matrix.compute()
     assert matrix.pending and np.isnan(live).any()
     for index, columns in matrix.pending.items():
@@ -115,7 +141,7 @@ def test_a_resumed_matrix_completes_what_the_interrupted_one_left_pending(tmp_pa
     for t, vector in enumerate(trajectory[:17]):
         disk.arrays[t] = vector
         first.update(torch.from_numpy(vector))
-    assert sorted(first.pending) == [15, 16]  # "killed" in the middle of a block
+    assert sorted(first.pending) == list(range(7, 17))  # "killed" before the group of MIN_GROUP rows filled
     paths = [r.path for r in first.rows]
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=6 * P * 4, load=disk.load)
     second = PairwiseMatrix.reattach("C", CosineMetric(P, SLICES), history, paths, [True] * 16)  # 16 uncommitted
@@ -213,3 +239,15 @@ def test_a_large_history_budget_costs_only_the_vectors_stored_even_in_determinis
         torch.utils.deterministic.fill_uninitialized_memory = fill
     assert history.capacity == 2 * 2**30 // 4000 and grown < 100, grown
     history.release()
+
+
+def test_a_spilled_bfloat16_history_matches_the_in_memory_one_within_the_bound(tmp_path):
+    """bfloat16 vectors go through the column slices as float32 (exact), the in-memory rows as float64 chunks:
+    the same values, summed in another order."""
+    trajectory = [torch.from_numpy(v).to(torch.bfloat16).float().numpy() for v in _trajectory(decay=0.9)]
+    reference, _, _ = _run(tmp_path, "memory", 100, trajectory, dtype=torch.bfloat16)
+    got, disk, matrix = _run(tmp_path, "spilled", 3, trajectory, dtype=torch.bfloat16)
+    assert matrix.history.spilled and disk.slices and not matrix.pending
+    for ref, matrix_c in zip(reference, got):
+        np.testing.assert_allclose(matrix_c, ref, rtol=1e-9, atol=0)
+        np.testing.assert_array_equal(matrix_c == 0, ref == 0)

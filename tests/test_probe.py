@@ -371,6 +371,9 @@ def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_pa
     torch.manual_seed(0)
     model = Conv1dNet(width=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # lr ÷10 at step 150: a regime change the detector must see on any CPU (at a constant lr the 30× drop of c may
+    # or may not come within 300 steps: it did on one machine, not on an AVX-512 one)
+    decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, [150], 0.1)
     calls = []
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
                            schedule=schedule.log_spaced(100, per_decade=6) | schedule.every(20),
@@ -383,6 +386,7 @@ def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_pa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        decay.step()
     probe.close()
     events = [e for e in dynprobe.load_run(tmp_path / "r").events if e["event"] == "transition"]
     assert len(calls) == 1 and len(events) == 1

@@ -35,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "cosine_rows", "dot_products", "half_squared_distances",
-           "squared_norms"]
+__all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "ColumnPass", "cosine_rows", "cosine_values", "dot_products",
+           "exact_chunks", "half_square_sums", "half_squared_distances", "inaccurate", "squared_norms"]
 
 U = 2.0**-53  # unit roundoff of float64
 BLOCK = 256  # dot-phase block width: bounds the summation error (above)
@@ -229,21 +229,88 @@ def squared_norms(v: torch.Tensor, blocks: Blocks) -> np.ndarray:
     return dot_products(v, v[None], blocks)[0][:, 0]
 
 
+class ColumnPass:
+    """:func:`dot_products` (and :func:`squared_norms`) computed one column span at a time, for a history read
+    back from disk in slices.
+
+    The spans are runs of whole tasks of :func:`dot_products`, so the task sums, combined by :meth:`combine`, are
+    the numbers the whole vectors give (bit for bit on the CPU, where the tasks do not depend on the stack's
+    height). ``max_columns`` bounds a span (at least one task).
+    """
+
+    def __init__(self, blocks: Blocks, rows: int, *, device: torch.device, max_columns: int) -> None:
+        self.blocks, self.rows = blocks, int(rows)
+        self.numpy_path = torch.device(device).type == "cpu"
+        self.tasks = _chunks(blocks, self.rows, None if self.numpy_path else 256 * 2**20)
+        self.spans: list[tuple[int, int, int, int]] = []  # (first column, end column, first task, end task)
+        first = 0
+        for end in range(1, len(self.tasks) + 1):
+            stop = self.tasks[end - 1][1] + self.tasks[end - 1][2]
+            following = self.tasks[end][1] + self.tasks[end][2] if end < len(self.tasks) else None
+            if following is None or following - self.tasks[first][1] > max_columns:
+                self.spans.append((self.tasks[first][1], stop, first, end))
+                first = end
+
+    def _part(self, part: torch.Tensor) -> torch.Tensor:
+        return part if not self.numpy_path or part.dtype in _NUMPY_DTYPES else part.to(torch.float32)  # exact
+
+    def sums(self, span: int, v_part: torch.Tensor, stack_part: torch.Tensor) -> np.ndarray:
+        """Task sums of ``⟨v, s_k⟩`` over the span's tasks, float64 (rows, tasks of the span); the parts hold the
+        span's columns of ``v`` and of the stack."""
+        start, _, first, end = self.spans[span]
+        v_part, stack_part = self._part(v_part), self._part(stack_part)
+        tasks = [(t[0], t[1] - start, t[2]) for t in self.tasks[first:end]]
+        if self.numpy_path:
+            return np.stack(_map(lambda t: _chunk_sum_numpy(v_part, stack_part, self.blocks, t[1], t[2], False),
+                                 tasks), 1)
+        return torch.stack([_chunk_sum_torch(v_part, stack_part, self.blocks, t[1], t[2]) for t in tasks],
+                           1).cpu().numpy()
+
+    def norm_sums(self, span: int, v_part: torch.Tensor) -> np.ndarray:
+        """Task sums of ``‖v‖²`` over the span's tasks, computed as :func:`squared_norms` does: (1, tasks)."""
+        start, _, first, end = self.spans[span]
+        v_part = self._part(v_part)
+        tasks = [(t[0], t[1] - start, t[2]) for t in self.tasks[first:end]]
+        if self.numpy_path:
+            empty = v_part[None][:0]
+            return np.stack(_map(lambda t: _chunk_sum_numpy(v_part, empty, self.blocks, t[1], t[2], True), tasks), 1)
+        return self.sums(span, v_part, v_part[None])
+
+    def combine(self, per_task: np.ndarray) -> np.ndarray:
+        """Task sums (rows, tasks) → values per channel (channels, rows), as :func:`dot_products` combines them."""
+        return _combine(per_task, self.tasks, self.blocks, True)
+
+
 # --------------------------------------------------------------------------------------------- the exact form
 
 
-def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray,
-                           rows_norm2: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """``½‖v/‖v‖ − s_r/‖s_r‖‖²`` over columns ``start:stop`` for the stack rows ``rows``; float64.
+def exact_chunks(blocks: Blocks, channel: int) -> list[tuple[int, int]]:
+    """The column chunks ``(start, stop)`` the cancellation-free form sums separately over a channel: at most
+    ``EXACT_BLOCK`` columns, never across a task of :func:`dot_products` (so each lies within one column span of
+    :class:`ColumnPass`, and a vector read back in slices gives the same sums)."""
+    start, stop = blocks.channel_range(channel)
+    chunks = []
+    for _, first, columns in _chunks(blocks, 1, None):
+        if start <= first and first + columns <= stop:
+            chunks += [(a, min(first + columns, a + EXACT_BLOCK)) for a in range(first, first + max(columns, 1),
+                                                                                 EXACT_BLOCK)]
+    return chunks
 
-    The cancellation-free form of ``1 − cos``: exactly 0 for identical vectors, relative error ~γ_n for tiny
-    values. ``v_norm2`` and ``rows_norm2`` are the squared norms over the same columns.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
+
+def _reciprocal_norms(v_norm2: float, rows_norm2: np.ndarray) -> tuple[float, np.ndarray]:
     with np.errstate(divide="ignore"):
-        rv = float(1 / np.sqrt(np.float64(v_norm2)))
-        rs = 1 / np.sqrt(np.asarray(rows_norm2, dtype=np.float64))
-    chunks = list(range(start, max(stop, start + 1), EXACT_BLOCK))
+        return float(1 / np.sqrt(np.float64(v_norm2))), 1 / np.sqrt(np.asarray(rows_norm2, dtype=np.float64))
+
+
+def half_square_sums(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray, rows_norm2: np.ndarray,
+                     chunks: Sequence[tuple[int, int]], offset: int = 0) -> np.ndarray:
+    """``‖v/‖v‖ − s_r/‖s_r‖‖²`` over each chunk of columns, for the stack rows ``rows``: float64 (rows, chunks).
+
+    ``v`` and ``stack`` hold the columns from ``offset`` on (a slice of the vectors, or all of them); the norms
+    are over the whole channel."""
+    rows = np.asarray(rows, dtype=np.int64)
+    rv, rs = _reciprocal_norms(v_norm2, rows_norm2)
+    chunks = [(a - offset, b - offset) for a, b in chunks]
     if stack.device.type == "cpu" and v.device.type == "cpu" and {stack.dtype, v.dtype} <= set(_NUMPY_DTYPES):
         s_np, v_np = stack.numpy(), v.numpy()
 
@@ -252,8 +319,7 @@ def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor,
             out = np.empty((rows.size, len(mine)))
             scaled, difference = _scratch()
             with np.errstate(invalid="ignore"):
-                for c, a in enumerate(mine):
-                    b = min(stop, a + EXACT_BLOCK)
+                for c, (a, b) in enumerate(mine):
                     x = np.multiply(v_np[a:b], rv, out=scaled[: b - a], dtype=np.float64)
                     d = difference[: b - a]
                     for k, r in enumerate(rows):
@@ -262,16 +328,44 @@ def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor,
                         out[k, c] = np.einsum("i,i->", d, d)
             return out
 
-        total = _pairwise(np.concatenate(_map(task, list(range(0, len(chunks), 16))), 1))
-        return 0.5 * total
+        parts = _map(task, list(range(0, len(chunks), 16)))
+        return np.concatenate(parts, 1) if parts else np.zeros((rows.size, 0))
     index = torch.as_tensor(rows, device=stack.device)
     scale = torch.as_tensor(rs, device=stack.device)[:, None]
     parts = []
-    for a in chunks:
-        b = min(stop, a + EXACT_BLOCK)
+    for a, b in chunks:
         d = stack[:, a:b].index_select(0, index).to(torch.float64) * scale - v[a:b].to(torch.float64) * rv
         parts.append((d * d).sum(-1))
-    return 0.5 * _pairwise(torch.stack(parts, 1)).cpu().numpy()
+    return torch.stack(parts, 1).cpu().numpy() if parts else np.zeros((rows.size, 0))
+
+
+def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray,
+                           rows_norm2: np.ndarray, start: int, stop: int, *,
+                           chunks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """``½‖v/‖v‖ − s_r/‖s_r‖‖²`` over columns ``start:stop`` for the stack rows ``rows``; float64.
+
+    The cancellation-free form of ``1 − cos``: exactly 0 for identical vectors, relative error ~γ_n for tiny
+    values. ``v_norm2`` and ``rows_norm2`` are the squared norms over the same columns. The columns are summed in
+    ``chunks`` (default: ``EXACT_BLOCK`` columns from ``start``), then pairwise.
+    """
+    if chunks is None:
+        chunks = [(a, min(stop, a + EXACT_BLOCK)) for a in range(start, max(stop, start + 1), EXACT_BLOCK)]
+    return 0.5 * _pairwise(half_square_sums(v, v_norm2, stack, rows, rows_norm2, chunks))
+
+
+def cosine_values(dots: np.ndarray, v_norms: np.ndarray, stack_norms: np.ndarray) -> np.ndarray:
+    """The dot-product form ``1 − ⟨v, s⟩ / (‖v‖‖s‖)`` per channel: float64 (channels, n), from :func:`dot_products`
+    (channels, n), ``v``'s squared norms (channels,) and the stack's (n, channels)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1 - dots / np.sqrt(np.asarray(v_norms)[:, None] * np.asarray(stack_norms).T)
+
+
+def inaccurate(values: np.ndarray, blocks: Blocks) -> list[np.ndarray]:
+    """Per channel, the entries of :func:`cosine_values` too close to 0 for the dot-product form (module
+    docstring): they must be recomputed with :func:`half_squared_distances`."""
+    below = blocks.exact_below()
+    with np.errstate(invalid="ignore"):
+        return [np.flatnonzero(values[channel] < below[channel]) for channel in range(blocks.channels)]
 
 
 def cosine_rows(v: torch.Tensor, v_norms: np.ndarray | None, stack: torch.Tensor, stack_norms: np.ndarray,
@@ -285,14 +379,11 @@ def cosine_rows(v: torch.Tensor, v_norms: np.ndarray | None, stack: torch.Tensor
     dots, fused = dot_products(v, stack, blocks, with_norms=v_norms is None)
     if v_norms is None:
         v_norms = fused if fused is not None else squared_norms(v, blocks)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = 1 - dots / np.sqrt(v_norms[:, None] * np.asarray(stack_norms).T)
-    below = blocks.exact_below()
-    for channel in range(blocks.channels):
-        with np.errstate(invalid="ignore"):
-            rows = np.flatnonzero(values[channel] < below[channel])
+    values = cosine_values(dots, v_norms, stack_norms)
+    for channel, rows in enumerate(inaccurate(values, blocks)):
         if rows.size:
             start, stop = blocks.channel_range(channel)
             values[channel, rows] = half_squared_distances(v, v_norms[channel], stack, rows,
-                                                           np.asarray(stack_norms)[rows, channel], start, stop)
+                                                           np.asarray(stack_norms)[rows, channel], start, stop,
+                                                           chunks=exact_chunks(blocks, channel))
     return values, v_norms

@@ -8,12 +8,14 @@ channel for the whole parameter vector and one per layer). ``update(vector)`` co
 **Memory and disk.** The history is kept in the vectors' own dtype (a float32 model's θ in float32: float64
 storage would double memory and buy no precision, since the rows accumulate in float64 anyway) within a byte
 budget. While every vector fits, rows are complete at once. Beyond the budget the history *spills*: memory
-then holds an anchor (the first snapshot), the previous snapshot and a *block* of the newest ``K`` snapshots;
-a new row is computed at once against what is in memory (so ``C(t, 0)`` and ``C(t, t−1)`` are always
-available online) and its entries against the spilled vectors are left NaN (pending). When the block is full,
-each spilled vector is read back once and compared with all ``K`` block vectors, and the pending entries are
-written in place (:meth:`dynprobe.store.rows.TriangularRows.fill`). A run of T snapshots of p numbers so reads
-about ``T²·p / (2K)`` numbers from disk instead of ``T²·p / 2``, with K as large as the budget allows.
+then holds an anchor (the first snapshot) and a ring of the newest snapshots; a new row is computed at once
+against what is in memory (so ``C(t, 0)`` and ``C(t, t−1)`` are always available online) and its entries
+against the spilled vectors are left NaN (pending). When ``K`` rows are pending, they are completed together and
+written in place (:meth:`dynprobe.store.rows.TriangularRows.fill`): for C and S (:mod:`dynprobe.metrics._columns`)
+every vector involved is read back once, one column span at a time, so ``K = max(ring, MIN_GROUP)`` does not
+depend on memory; for other metrics ``K`` is the ring (the pending rows are all in it) and each spilled vector is
+read whole once per group. A run of T snapshots of p numbers so reads about ``T²·p / (2K) + T·p`` numbers from
+disk instead of ``T²·p / 2``.
 :meth:`PairwiseMatrix.complete` finishes the pending entries (the probe calls it at close).
 """
 from __future__ import annotations
@@ -28,11 +30,16 @@ import torch
 from dynprobe.store.rows import TriangularRows
 
 from ._blocked import Blocks, cosine_rows, squared_norms
+from ._columns import complete_by_columns
 
 __all__ = ["CosineMetric", "FunctionMetric", "PairMetric", "PairwiseMatrix", "VectorHistory"]
 
 # A row function maps (new vector, k earlier vectors stacked) to the k metric values, float64.
 RowFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# C and S rows completed together after the spill: a pending entry waits at most 15 snapshots, and a run of T
+# snapshots reads about T²·p/32 numbers back instead of the T²·p/2 of re-reading at every snapshot (module docstring)
+MIN_GROUP = 16
 
 
 class PairMetric(Protocol):
@@ -113,24 +120,30 @@ class VectorHistory:
         dtype: dtype the vectors are kept in (the parameters' own dtype for C; exact for the values stored).
         memory_budget: bytes of vectors kept in memory.
         load: ``index -> array or None``, reads an entry back from the run directory.
+        load_columns: ``(index, start, stop) -> array or None``, reads entries ``start:stop`` of a stored vector
+            (None: :meth:`load_columns` reads the whole vector and slices it).
         before_load: called before entries are read back (waits for a background writer to finish them).
 
-    ``bytes_loaded`` counts what was read back. The buffer's slots hold, in order: every vector (while they
-    fit), or after the spill the anchor, the previous snapshot and the current block (module docstring).
+    ``bytes_loaded`` counts what was read back. While every vector fits, the buffer holds them all in order;
+    after the spill it holds the anchor (the first snapshot, when two or more fit) and a ring of the newest
+    ``ring_size`` snapshots (module docstring).
     """
 
     def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int,
-                 load: Callable[[int], np.ndarray | None], before_load: Callable[[], None] | None = None) -> None:
+                 load: Callable[[int], np.ndarray | None],
+                 load_columns: Callable[[int, int, int], np.ndarray | None] | None = None,
+                 before_load: Callable[[], None] | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.memory_budget = int(memory_budget)
-        self._load, self._before_load = load, before_load
+        self._load, self._load_columns, self._before_load = load, load_columns, before_load
         self.present: list[bool] = []
         self.summaries: dict[int, np.ndarray] = {}
         self.slots: list[int] = []  # snapshot index held by each used buffer row
         self.far: list[int] = []  # present snapshots not in memory (ascending)
         self.spilled = False
-        self.reserved = 0  # after the spill: slots kept for the anchor and the previous snapshot
+        self.anchored = False  # after the spill: slot 0 keeps the first snapshot
         self.capacity: int | None = None
+        self.size: int | None = None  # numbers per vector
         self.bytes_loaded = 0
         self._buffer: torch.Tensor | None = None
 
@@ -138,17 +151,18 @@ class VectorHistory:
         return len(self.present)
 
     @property
-    def block_capacity(self) -> int:
-        """How many new vectors a block holds after the spill (0: each row is completed at once)."""
-        return max(0, (self.capacity or 0) - self.reserved)
+    def ring_size(self) -> int:
+        """How many of the newest snapshots stay in memory after the spill (0: none)."""
+        return max(0, (self.capacity or 0) - int(self.anchored))
 
     def _set_capacity(self, dim: int) -> None:
         if self.capacity is None:
             row = dim * torch.empty((), dtype=self.dtype).element_size()
             self.capacity = self.memory_budget // max(1, row)
+            self.size = int(dim)
 
     def resident(self) -> tuple[list[int], torch.Tensor | None]:
-        """The indices in memory and their stacked vectors (one view of the buffer)."""
+        """The indices in memory and their stacked vectors (one view of the buffer; slot order, not sorted)."""
         if not self.slots:
             return [], None
         assert self._buffer is not None
@@ -167,13 +181,31 @@ class VectorHistory:
 
     def load(self, index: int) -> torch.Tensor | None:
         """Read a vector back from the run directory (counted in ``bytes_loaded``)."""
-        array = self._load(index)
+        return self._tensor(self._load(index))
+
+    def load_columns(self, index: int, start: int, stop: int) -> torch.Tensor | None:
+        """Entries ``start:stop`` of a stored vector, read back from the run directory (counted)."""
+        if self._load_columns is None:
+            whole = self.load(index)
+            return None if whole is None else whole[start:stop]
+        return self._tensor(self._load_columns(index, start, stop))
+
+    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         if array is None:
             return None
         self.bytes_loaded += int(array.nbytes)
         array = np.asarray(array).reshape(-1)
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # one copy at most
         return tensor.to(self.device, self.dtype)
+
+    def columns(self, index: int, start: int, stop: int, extra: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Entries ``start:stop`` of a vector: a view of memory (or of ``extra``), else read back."""
+        if index in extra:
+            return extra[index][start:stop]
+        if index in self.slots:
+            assert self._buffer is not None
+            return self._buffer[self.slots.index(index), start:stop]
+        return self.load_columns(index, start, stop)
 
     def prepare_loads(self) -> None:
         if self._before_load is not None:
@@ -208,9 +240,11 @@ class VectorHistory:
         self.slots.clear()
 
     def append(self, vector: torch.Tensor | None, summary: np.ndarray | None) -> bool:
-        """Register the next snapshot; store its vector if there is room. Returns whether it is in memory.
+        """Register the next snapshot and keep its vector in memory. Returns whether it is in memory (False only
+        when not even one vector fits, or for ``None``).
 
-        A vector that does not fit while every earlier one did triggers the spill (anchor + this one stay).
+        A vector that does not fit while every earlier one did triggers the spill; from then on it replaces the
+        oldest snapshot of the ring, which spills.
         """
         index = len(self.present)
         self.present.append(vector is not None)
@@ -224,44 +258,19 @@ class VectorHistory:
             self.slots.append(index)
             return True
         if not self.spilled:
-            self._spill(index, vector)
-            return self.in_memory(index)
-        if len(self.slots) < self.capacity:
-            self._put(len(self.slots), vector)
-            self.slots.append(index)
-            return True
-        return False
-
-    def _spill(self, index: int, vector: torch.Tensor) -> None:
-        self.spilled = True
-        self.reserved = min(self.capacity or 0, 2)
-        keep = [self.slots[0]] if self.reserved == 2 and self.slots else []
-        self.far = sorted(set(self.far) | (set(self.slots) - set(keep)))
-        self.slots = keep
-        self.keep_newest(index, vector)
-
-    def keep_newest(self, index: int, vector: torch.Tensor | None) -> None:
-        """After a block is complete: keep the anchor (slot 0) and ``index``, the newest snapshot (the next
-        row's previous snapshot); every other vector spills. ``vector`` is the newest one's when it is not
-        in memory."""
-        anchor = self.slots[:1] if self.reserved == 2 and self.slots else []
-        keep = anchor + ([index] if self.reserved > len(anchor) and index not in anchor else [])
-        if index in keep[len(anchor):]:
-            slot = len(anchor)
-            if index in self.slots:
-                position = self.slots.index(index)
-                if position != slot:
-                    assert self._buffer is not None
-                    self._buffer[slot].copy_(self._buffer[position])
-            else:
-                assert vector is not None
-                self._put(slot, vector)
-        gone = (set(self.slots) | {index}) - set(keep)
-        self.slots = keep
-        self.far = sorted(set(self.far) | {i for i in gone if self.present[i]})
+            self.spilled, self.anchored = True, (self.capacity or 0) >= 2
+        if not self.ring_size:
+            self.far.append(index)
+            return False
+        ring = range(int(self.anchored), len(self.slots))
+        oldest = min(ring, key=lambda slot: self.slots[slot])
+        self.far.append(self.slots[oldest])  # the ring holds the newest: what leaves it is newer than all of far
+        self._put(oldest, vector)
+        self.slots[oldest] = index
+        return True
 
     def register_stored(self, present: list[bool], summary: Callable[[torch.Tensor], np.ndarray]) -> None:
-        """A resumed run: register the committed entries; load what fits (all, or the first and the last)."""
+        """A resumed run: register the committed entries; load what fits (all, or the anchor and the newest)."""
         indices = [i for i, p in enumerate(present) if p]
         self.present.extend(present)
         if not indices:
@@ -270,17 +279,17 @@ class VectorHistory:
         if first is None:
             raise ValueError(f"the stored vector of snapshot {indices[0]} is missing")
         self._set_capacity(first.numel())
-        fits = len(indices) <= (self.capacity or 0)
-        keep = indices if fits else ([indices[0]] if self.capacity >= 2 else []) + (
-            [indices[-1]] if self.capacity >= 1 else [])
+        capacity = self.capacity or 0
+        fits = len(indices) <= capacity
+        if not fits:
+            self.spilled, self.anchored = True, capacity >= 2
+        keep = indices if fits else indices[: int(self.anchored)] + indices[len(indices) - self.ring_size :]
         for index in keep:
             vector = first if index == indices[0] else self.load(index)
             self._put(len(self.slots), vector)
             self.slots.append(index)
             self.summaries[index] = summary(vector)
-        if not fits:
-            self.spilled, self.reserved = True, min(self.capacity, 2)
-            self.far = [i for i in indices if i not in keep]
+        self.far = [i for i in indices if i not in set(keep)]
 
 
 class PairwiseMatrix:
@@ -311,6 +320,14 @@ class PairwiseMatrix:
     def count(self) -> int:
         return len(self.history)
 
+    @property
+    def group_size(self) -> int:
+        """Pending rows completed together: the ring (all of them still in memory), or, for a metric computed
+        column span by column span (C, S), at least ``MIN_GROUP`` (the rows beyond the ring are read back in
+        slices with the spilled vectors)."""
+        ring = self.history.ring_size
+        return max(ring, MIN_GROUP) if isinstance(self.metric, CosineMetric) else max(1, ring)
+
     def update(self, vector: torch.Tensor | None) -> np.ndarray:
         """Append the row of a new snapshot (``None``: not measured at this snapshot, a NaN row).
 
@@ -337,11 +354,8 @@ class PairwiseMatrix:
             rows.append(row[channel], index)
         stored = self.history.append(vector, summary)
         self.last_row = row
-        if vector is not None and self.history.spilled:
-            full = len(self.history.slots) >= (self.history.capacity or 0)
-            if not stored or (full and self.pending):  # the block is full: complete its rows
-                self.complete(extra={} if stored else {index: vector})
-                self.history.keep_newest(index, vector)
+        if vector is not None and len(self.pending) >= self.group_size:
+            self.complete(extra={} if stored else {index: vector})
         return row[0]
 
     def complete(self, extra: dict[int, torch.Tensor] | None = None) -> None:
@@ -351,11 +365,22 @@ class PairwiseMatrix:
         if not waiting:
             return
         self.history.prepare_loads()
-        group_size = max(1, self.history.block_capacity)
+        group_size = self.group_size
         for start in range(0, len(waiting), group_size):
-            self._complete_group(waiting[start : start + group_size], extra)
+            group = waiting[start : start + group_size]
+            if isinstance(self.metric, CosineMetric):
+                self._complete_by_columns(group, extra)
+            else:
+                self._complete_group(group, extra)
+
+    def _fill(self, values: dict[int, np.ndarray]) -> None:
+        for i, row in values.items():
+            columns = self.pending.pop(i)
+            for channel, rows_file in enumerate(self.rows):
+                rows_file.fill(i, columns, row[channel, columns])
 
     def _complete_group(self, group: list[int], extra: dict[int, torch.Tensor]) -> None:
+        """Whole vectors: the group's in memory (or read back), each wanted spilled vector read once."""
         history = self.history
         for index in list(group):
             if not history.in_memory(index) and index not in extra:
@@ -386,10 +411,18 @@ class PairwiseMatrix:
             result = self.metric.rows(vector, history.summaries[j], some, summaries[rows])
             for position, k in enumerate(rows):
                 values[group[k]][:, j] = result[:, position]
+        self._fill(values)
+
+    def _complete_by_columns(self, group: list[int], extra: dict[int, torch.Tensor]) -> None:
+        """C and S: the group's vectors that are not in memory and each wanted spilled vector are read once, one
+        column span at a time (:func:`~dynprobe.metrics._columns.complete_by_columns`)."""
+        assert isinstance(self.metric, CosineMetric) and self.history.size is not None
+        values = complete_by_columns(self.metric.blocks(self.history.size), self.history,
+                                     {i: self.pending[i] for i in group}, extra)
         for i in group:
-            columns = self.pending.pop(i)
-            for channel, rows_file in enumerate(self.rows):
-                rows_file.fill(i, columns, values[i][channel, columns])
+            if i not in values:  # not stored (a sink that writes nothing): its entries stay NaN
+                self.pending.pop(i)
+        self._fill(values)
 
     def compute(self, channel: int = 0) -> np.ndarray:
         """The full symmetric matrix so far (NaN where not computed, or still pending)."""

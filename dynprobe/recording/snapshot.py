@@ -143,7 +143,9 @@ class SnapshotRecorder:
         self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit ("C_layers": L rows)
         for name in ("C", "D", "S") if kernel_fn is not None else ("C", "D"):
             history = VectorHistory(device, dtype=dtypes[name], memory_budget=budgets[name],
-                                    load=lambda i, n=name: self._load(i, n), before_load=self._flush)
+                                    load=lambda i, n=name: self._load(i, n),
+                                    load_columns=lambda i, a, b, n=name: self._load(i, n, (a, b)),
+                                    before_load=self._flush)
             metric = metric_of[name]
             paths = [writer.rows_path(name)] + [writer.rows_path(layer_metric(name, layer))
                                                 for layer in range(metric.channels - 1)]
@@ -243,12 +245,16 @@ class SnapshotRecorder:
         if flush is not None:
             flush()
 
-    def _load(self, index: int, name: str) -> np.ndarray | None:
+    def _load(self, index: int, name: str, columns: tuple[int, int] | None = None) -> np.ndarray | None:
+        """A stored vector of snapshot ``index`` (entries ``columns[0]:columns[1]`` of it only, when given)."""
         step = self.writer.snapshots[index]["step"]
         path = snapshot_file(self.writer.root, step, {"C": PARAMS, "D": PREDS, "S": KERNEL}[name])
         if not path.exists():
             return None
-        return load_npy(path).reshape(-1)  # read into memory once (a mapping would hold the pages as well)
+        if columns is None:
+            return load_npy(path).reshape(-1)  # read into memory once (a mapping would hold the pages as well)
+        # a copy of the slice: only its pages are read, and the mapping is closed as soon as it is dropped
+        return np.array(load_npy(path, mmap=True).reshape(-1)[columns[0] : columns[1]])
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -48,9 +49,10 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import flatten_parameters, trainable_parameters
-from dynprobe.metrics._blocked import Blocks, dot_products, half_squared_distances
+from dynprobe.metrics import interval as interval_module
+from dynprobe.metrics._blocked import Blocks, ColumnPass, dot_products, half_squared_distances
 from dynprobe.metrics.functions import cosine_dissimilarity_to_many
-from dynprobe.metrics.interval import CosineMetric, PairwiseMatrix, VectorHistory
+from dynprobe.metrics.interval import MIN_GROUP, CosineMetric, PairwiseMatrix, VectorHistory
 from dynprobe.recipes.models import vgg16_bn
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.snapshot import SnapshotRecorder, default_history_memory
@@ -205,16 +207,18 @@ def part_in_memory(quick: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ spilled
 
-class StubMetric:
-    """The read schedule without the arithmetic (the bytes a history reads do not depend on the values)."""
+def _no_arithmetic():
+    """Patches that keep the read schedule of C's history and drop the arithmetic (the bytes read do not depend
+    on the values): in-memory rows, norms and the column-span sums return zeros of the right shapes."""
+    def rows(v, v_norms, stack, stack_norms, blocks):
+        return np.zeros((blocks.channels, stack.shape[0])), np.ones(blocks.channels)
 
-    channels = 1
-
-    def summary(self, vector):
-        return np.zeros(1)
-
-    def rows(self, vector, summary, stack, stack_summaries):
-        return np.zeros((1, stack.shape[0]))
+    return [mock.patch.object(interval_module, "cosine_rows", rows),
+            mock.patch.object(interval_module, "squared_norms", lambda v, blocks: np.ones(blocks.channels)),
+            mock.patch.object(ColumnPass, "sums", lambda self, span, v, stack: np.zeros(
+                (stack.shape[0], self.spans[span][3] - self.spans[span][2]))),
+            mock.patch.object(ColumnPass, "norm_sums", lambda self, span, v: np.ones(
+                (1, self.spans[span][3] - self.spans[span][2])))]
 
 
 def count_reads(p: int, snapshots: int, budget: int) -> tuple[int, int]:
@@ -228,9 +232,13 @@ def count_reads(p: int, snapshots: int, budget: int) -> tuple[int, int]:
 
     landed = LandedHistory(p, budget, landed_load)
     folder = Path(tempfile.mkdtemp(prefix="bench_scale_rows_"))
+    patches = _no_arithmetic()
     try:
-        history = VectorHistory("cpu", dtype=torch.float32, memory_budget=budget, load=lambda i: shared)
-        matrix = PairwiseMatrix("C", StubMetric(), history, TriangularRows(folder / "C.rows"))
+        for patch in patches:
+            patch.start()
+        history = VectorHistory("cpu", dtype=torch.float32, memory_budget=budget, load=lambda i: shared,
+                                load_columns=lambda i, start, stop: shared[start:stop])
+        matrix = PairwiseMatrix("C", CosineMetric(p), history, TriangularRows(folder / "C.rows"))
         vector = torch.zeros(p)
         for _ in range(snapshots):
             matrix.update(vector)
@@ -238,6 +246,8 @@ def count_reads(p: int, snapshots: int, budget: int) -> tuple[int, int]:
         matrix.complete()
         return history.bytes_loaded, landed_bytes[0]
     finally:
+        for patch in patches:
+            patch.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -343,12 +353,13 @@ def part_projection(quick: bool) -> None:
     pair_new = (1 - exact_fraction) * dot_pair + exact_fraction * (dot_pair + exact_pair)
     budget = default_history_memory("cpu")
     capacity = budget // (p * 4)
-    block = max(1, capacity - 2)
+    block = max(capacity - 1, MIN_GROUP)  # rows completed together (the ring is capacity - 1)
     landed_resident = (512 * 2**20) // (p * 8)
 
     def cost_new(t: int) -> float:
         far = max(0, t - capacity) if t > capacity else 0
-        return eval_s + copy_s + t * pair_new + far * read_file_s / block
+        beyond_ring = max(0, block - (capacity - 1)) if far else 0  # the group's rows read back with the far ones
+        return eval_s + copy_s + t * pair_new + (far + beyond_ring) * read_file_s / block
 
     def cost_landed(t: int) -> float:
         on_disk = max(0, t - landed_resident)
@@ -362,7 +373,7 @@ def part_projection(quick: bool) -> None:
     print(f"per pair: read {read_pair * 1e3:.1f} ms, dot-product entry {dot_pair * 1e3:.1f} ms, cancellation-free "
           f"entry {exact_pair * 1e3:.1f} ms (assumed for {exact_fraction:.0%} of entries), landed entry "
           f"{landed_pair * 1e3:.1f} ms; a params file: read {read_file_s:.2f} s, write {write_file_s:.2f} s; "
-          f"default history_memory {budget / GiB:.1f} GiB = {capacity} vectors (block of {block})")
+          f"default history_memory {budget / GiB:.1f} GiB = {capacity} vectors (rows completed in groups of {block})")
     print("| T | floor s | new s | landed s | landed / new |")
     print("|---|---|---|---|---|")
     for t in (50, 150, 300):
