@@ -657,3 +657,35 @@ def test_detector_reads_only_the_lag_pair_entries_of_each_new_row(real_run):
     assert len(plain.pairs(4)[0]) == sum(t + 4 in kernel_steps for t in kernel_steps) > 10
     assert [e.to_dict() if e else None for e in (plain.estimate, poisoned.estimate)] == \
         [plain.estimate.to_dict() if plain.estimate else None] * 2
+
+
+def test_the_online_detector_given_deferred_entries_later_decides_as_with_whole_rows():
+    """A probe defers C entries against older snapshots and hands them over when computed (TransitionWatch): the
+    lag pairs (here 5 snapshots apart, beyond the 3 given at once) arrive late, and the estimate is the same."""
+    from dynprobe.probe.transition import TransitionWatch
+
+    steps = list(range(0, 800, 10))
+    level = np.where(np.asarray(steps) < 400, 0.3, 0.001)  # c(t) drops 300× at step 400
+    full = np.zeros((len(steps), len(steps)))
+    for k in range(len(steps)):
+        for p in range(k):
+            full[k, p] = level[p] * (1 + 0.01 * ((k - p) % 3))
+    whole, deferred = TransitionWatch(lambda *a, **k: None, None, lag_steps=50), \
+        TransitionWatch(lambda *a, **k: None, None, lag_steps=50)
+    late: dict[int, list] = {}
+    for k, step in enumerate(steps):
+        whole.update(step, {"C": full[k, : k + 1]})
+        row = full[k, : k + 1].copy()
+        far = np.arange(0, max(0, k - 3))
+        row[far] = np.nan
+        if far.size:
+            late.setdefault(k + 3, []).append((k, far, full[k, far]))
+        deferred.update(step, {"C": row}, {"C": late.pop(k, [])})
+    assert whole.estimate is not None and deferred.estimate is not None
+    assert deferred.estimate.step == whole.estimate.step
+    without = TransitionWatch(lambda *a, **k: None, None, lag_steps=50)
+    for k, step in enumerate(steps):  # never given the deferred entries: no lag pairs, no estimate
+        row = full[k, : k + 1].copy()
+        row[: max(0, k - 3)] = np.nan
+        without.update(step, {"C": row})
+    assert without.estimate is None

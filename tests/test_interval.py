@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from dynprobe.metrics import _columns as columns_module
 from dynprobe.metrics import functions as metrics
-from dynprobe.metrics.interval import MIN_GROUP, CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
+from dynprobe.metrics.interval import (
+    MIN_GROUP,
+    NEAR,
+    CosineMetric,
+    FunctionMetric,
+    PairwiseMatrix,
+    VectorHistory,
+)
 from dynprobe.store.rows import TriangularRows
 
 P, T = 3000, 24
@@ -64,14 +72,21 @@ def _run(tmp_path, name: str, vectors_in_memory: float, trajectory, dtype=torch.
     return [matrix.compute(c) for c in range(matrix.metric.channels)], disk, matrix
 
 
+def _assert_same_matrices(got, reference):
+    """Deferred entries are summed block by block in another order (a product of the group with many vectors,
+    not one row at a time): equal within rounding, far inside the 1e-9 bound; exact zeros stay exact."""
+    for ref, matrix_c in zip(reference, got):
+        np.testing.assert_allclose(matrix_c, ref, rtol=1e-10, atol=1e-300)
+        np.testing.assert_array_equal(matrix_c == 0, ref == 0)
+
+
 @pytest.mark.parametrize("vectors_in_memory", [12, 6, 3, 2, 1, 0])
-def test_a_spilled_history_gives_the_in_memory_matrices_bit_for_bit(tmp_path, vectors_in_memory):
+def test_a_spilled_history_gives_the_in_memory_matrices(tmp_path, vectors_in_memory):
     trajectory = _trajectory()
     reference, _, _ = _run(tmp_path, "ref", 100, trajectory)
     got, disk, matrix = _run(tmp_path, "spilled", vectors_in_memory, trajectory)
     assert matrix.history.spilled and not matrix.pending
-    for ref, matrix_c in zip(reference, got):
-        np.testing.assert_array_equal(matrix_c, ref)
+    _assert_same_matrices(got, reference)
     assert reference[0][7, 6] == 0.0 and reference[0][0, 0] == 0.0
     # the whole-vector channel against an independent computation
     x = torch.from_numpy(np.stack(trajectory))
@@ -114,7 +129,7 @@ def test_each_spilled_vector_is_read_once_per_group_of_rows_in_column_slices(tmp
     assert disk.numbers_read() * 5 < landed * (1 if passes == 1 else 2.5)
     assert disk.numbers_read() <= passes * (sum(range(0, t_total, MIN_GROUP)) + t_total) * P
     reference, _, _ = _run(tmp_path, "in_memory", 100, trajectory)
-    np.testing.assert_array_equal(matrix.compute(), reference[0])
+    _assert_same_matrices([matrix.compute()], reference)
 
 
 def test_rows_are_readable_with_nan_for_pending_entries_and_complete_at_the_end(tmp_path):
@@ -145,13 +160,15 @@ def test_a_resumed_matrix_completes_what_the_interrupted_one_left_pending(tmp_pa
     paths = [r.path for r in first.rows]
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=6 * P * 4, load=disk.load)
     second = PairwiseMatrix.reattach("C", CosineMetric(P, SLICES), history, paths, [True] * 16)  # 16 uncommitted
-    assert not second.pending and np.isfinite(second.compute()).all()
+    assert sorted(second.pending) == list(range(7, 16))  # completed with their group, as without the interruption
     for t, vector in enumerate(trajectory[16:], start=16):
         disk.arrays[t] = vector
         second.update(torch.from_numpy(vector))
     second.complete()
-    for c in range(len(paths)):
-        np.testing.assert_array_equal(second.compute(c), reference[c])
+    _assert_same_matrices([second.compute(c) for c in range(len(paths))], reference)
+    uninterrupted, _, _ = _run(tmp_path, "uninterrupted", 6, trajectory)
+    for c in range(len(paths)):  # the same budget without the interruption: the same numbers
+        np.testing.assert_array_equal(second.compute(c), uninterrupted[c])
 
 
 def test_history_is_kept_in_the_parameters_dtype(tmp_path):
@@ -251,3 +268,60 @@ def test_a_spilled_bfloat16_history_matches_the_in_memory_one_within_the_bound(t
     for ref, matrix_c in zip(reference, got):
         np.testing.assert_allclose(matrix_c, ref, rtol=1e-9, atol=0)
         np.testing.assert_array_equal(matrix_c == 0, ref == 0)
+
+
+@pytest.mark.parametrize("memory_batch", [256, 5])
+def test_in_memory_rows_are_deferred_beyond_the_near_snapshots_and_completed_in_groups(tmp_path, monkeypatch,
+                                                                                        memory_batch):
+    """Past ``defer_bytes`` of history a row is computed at once against the first and the NEAR newest snapshots;
+    the rest waits for MIN_GROUP pending rows, then comes from products of the group with the history (in batches
+    of ``MEMORY_BATCH`` vectors)."""
+    monkeypatch.setattr(columns_module, "MEMORY_BATCH", memory_batch)
+    trajectory = _trajectory(t=60, decay=0.95)
+    reference, _, _ = _run(tmp_path, "immediate", 100, trajectory)
+    disk = Disk()
+    history = VectorHistory("cpu", dtype=torch.float32, memory_budget=100 * P * 4, load=disk.load,
+                            load_columns=disk.load_columns)
+    metric = CosineMetric(P, SLICES)
+    matrix = PairwiseMatrix("C", metric, history, [TriangularRows(tmp_path / f"d.{c}.rows")
+                                                   for c in range(metric.channels)], defer_bytes=0)
+    filled = {}
+    for t, vector in enumerate(trajectory):
+        row = matrix.update(torch.from_numpy(vector)).copy()
+        near = [0, *range(max(0, t - NEAR), t + 1)]
+        assert np.isfinite(row[near]).all()
+        for k, columns, values in matrix.take_filled():
+            filled[(k, tuple(columns))] = values
+        if t > NEAR + 1 and t % MIN_GROUP != (NEAR + 1) % MIN_GROUP:
+            assert np.isnan(matrix.compute()[t, 1 : t - NEAR]).all()  # pending until the group is full
+    matrix.complete()
+    for k, columns, values in matrix.take_filled():
+        filled[(k, tuple(columns))] = values
+    assert not matrix.pending and not disk.reads and not disk.slices  # nothing read back: all in memory
+    got = [matrix.compute(c) for c in range(metric.channels)]
+    _assert_same_matrices(got, reference)
+    for (k, columns), values in filled.items():  # what online consumers were given is what was stored
+        np.testing.assert_array_equal(values, got[0][k, list(columns)])
+    assert sum(len(columns) for _, columns in filled) == sum(max(0, t - NEAR - 1) for t in range(60))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": the torch code path, run here on CPU tensors
+def test_group_products_give_every_block_sum_to_within_the_bound(device):
+    """ColumnPass.products against float64 matrix products, span by span, with a layer narrower than a block."""
+    from dynprobe.metrics._blocked import Blocks, ColumnPass
+
+    rng = np.random.default_rng(3)
+    blocks = Blocks(P, SLICES)
+    history = torch.from_numpy(rng.standard_normal((11, P)).astype(np.float32))
+    group = torch.from_numpy(rng.standard_normal((4, P)).astype(np.float32))
+    plan = ColumnPass(blocks, 4, device=torch.device(device), max_columns=1500)
+    assert len(plan.spans) > 1
+    per_task = np.concatenate([plan.products(s, history[:, a:b], group[:, a:b])
+                               for s, (a, b, _, _) in enumerate(plan.spans)], -1)
+    got = plan.combine_products(per_task)  # (channels, 11, 4)
+    h64, g64 = history.double().numpy(), group.double().numpy()
+    for channel in range(blocks.channels):
+        a, b = blocks.channel_range(channel)
+        exact = h64[:, a:b] @ g64[:, a:b].T
+        scale = np.abs(h64[:, a:b]) @ np.abs(g64[:, a:b]).T  # Σ|x_i y_i|: the bound is γ_n times this
+        assert np.all(np.abs(got[channel] - exact) <= blocks.dot_error()[channel] / 2 * scale)

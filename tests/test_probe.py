@@ -11,6 +11,7 @@ from torch import nn
 
 import dynprobe
 from dynprobe import schedule
+from dynprobe.metrics import interval
 
 from .conftest import assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
 
@@ -364,7 +365,7 @@ def test_bad_options_are_rejected(tmp_path, argument, value):
         _probe(tmp_path, **{argument: value})
 
 
-def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_path):
+def _transition_run(out, every: int = 20):
     from dynprobe.recipes.mnist1d import Conv1dNet, load_mnist1d
 
     data = load_mnist1d(1200)
@@ -375,8 +376,8 @@ def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_pa
     # or may not come within 300 steps: it did on one machine, not on an AVX-512 one)
     decay = torch.optim.lr_scheduler.MultiStepLR(optimizer, [150], 0.1)
     calls = []
-    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
-                           schedule=schedule.log_spaced(100, per_decade=6) | schedule.every(20),
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out,
+                           schedule=schedule.log_spaced(100, per_decade=6) | schedule.every(every),
                            on_transition=calls.append, errors="raise")
     criterion = probe.watch(nn.CrossEntropyLoss())
     generator = torch.Generator().manual_seed(0)
@@ -388,10 +389,26 @@ def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_pa
         optimizer.step()
         decay.step()
     probe.close()
-    events = [e for e in dynprobe.load_run(tmp_path / "r").events if e["event"] == "transition"]
+    return probe, calls, dynprobe.load_run(out)
+
+
+def test_on_transition_fires_once_with_an_estimate_recorded_in_the_events(tmp_path):
+    probe, calls, run = _transition_run(tmp_path / "r")
+    events = [e for e in run.events if e["event"] == "transition"]
     assert len(calls) == 1 and len(events) == 1
     assert calls[0].step == events[0]["estimate"]["step"] == probe.transition.step
     assert 0 < calls[0].step < 300
+
+
+def test_deferred_rows_give_the_detector_and_the_run_what_immediate_rows_give(tmp_path, monkeypatch):
+    """Rows of a large history are deferred beyond the newest snapshots; the detector is given the deferred entries
+    as they are computed, so it fires at the same step, and the stored C is the same within rounding."""
+    _, immediate_calls, immediate = _transition_run(tmp_path / "immediate", every=5)
+    monkeypatch.setattr(interval, "DEFER_BYTES", 0)  # every history counts as large
+    _, deferred_calls, deferred = _transition_run(tmp_path / "deferred", every=5)
+    assert len(immediate.steps) > interval.NEAR + 1 + 2 * interval.MIN_GROUP  # groups completed during the run
+    assert [c.step for c in deferred_calls] == [c.step for c in immediate_calls] and deferred_calls
+    np.testing.assert_allclose(deferred.C, immediate.C, rtol=1e-10, atol=1e-300)
 
 
 def test_on_transition_must_be_callable(tmp_path):

@@ -102,6 +102,15 @@ class TransitionDetector:
         self.estimate = self._decide(step)
         return self.estimate
 
+    def fill(self, name: str, k: int, columns: Any, values: Any) -> None:
+        """Entries of an earlier row computed after it was given (a probe defers C and S entries against older
+        snapshots, module :mod:`dynprobe.metrics.interval`): ``name`` is ``"C"`` or ``"S"``, row ``k``."""
+        if name not in ("C", "S"):
+            raise ValueError(f"name must be 'C' or 'S'; got {name!r}")
+        row = (self._c_rows if name == "C" else self._s_rows)[k]
+        if row is not None:
+            row[np.asarray(columns, dtype=np.int64)] = np.asarray(values, dtype=np.float64)
+
     def pairs(self, lag: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         """``([(t, S(t, t+lag))], [(t, C(t, t+lag))])`` over the snapshots received so far, pairs exactly ``lag``
         steps apart (:func:`dynprobe._util.steps.lag_pairs`); S only between snapshots that both have a kernel."""

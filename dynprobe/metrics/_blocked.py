@@ -22,8 +22,15 @@ is recomputed in the cancellation-free form ``½‖x/‖x‖ − y/‖y‖‖²`
 ``γ_n + 4u/√(2C)`` (≤ 1e-9 down to C ≈ 1e-22) and which is exactly 0 for identical vectors (equal inputs give
 bit-equal norms here, hence equal unit vectors). Per layer, the same rule holds with the layer's ``n``.
 
-Everything is deterministic: results depend on the values and the block structure only, never on where the
-vectors sit in memory or on thread scheduling, so a resumed run reproduces an uninterrupted one.
+**Many rows at once.** :meth:`ColumnPass.products` gives the same block sums for a whole group of new vectors
+against many earlier ones: ``_SUB_BLOCKS`` blocks at a time are converted to float64 and multiplied as a batch
+of small matrices (BLAS), so the history is converted and read once per group instead of once per row. The
+bound above holds for any order of the ``w`` terms of a block, so it holds here too; the last bits differ from
+the one-row kernel's (measured: ≤ 4e-12 relative on C, entries of order 1e-4).
+
+Everything is deterministic: results depend on the values, the block structure and, for group products, the
+group's shape — never on where the vectors sit in memory or on thread scheduling; a resumed run completes its
+pending rows in the groups the uninterrupted one would, and so reproduces it.
 """
 from __future__ import annotations
 
@@ -167,6 +174,34 @@ def _chunk_sum_numpy(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start
     return np.concatenate([sums, _pairwise(np.concatenate(own))[None]])
 
 
+_SUB_BLOCKS = 16  # blocks converted to float64 at a time by the products kernel
+
+
+def _task_products(targets: np.ndarray, group: np.ndarray, blocks: Blocks, start: int, columns: int) -> np.ndarray:
+    """Σ over the task's blocks (pairwise, the tree of :func:`_chunk_sum_numpy`) of ``⟨t_j, g_k⟩`` per block:
+    float64 (J, K). ``_SUB_BLOCKS`` blocks at a time are converted to float64 and multiplied as a batch of
+    (J × w) @ (w × K) matrices: the history is converted once for all K rows of a group."""
+    w, n_rows, k_rows = blocks.width, targets.shape[0], group.shape[0]
+    full, rest = divmod(columns, w)
+    per_block = np.empty((full + (1 if rest or not columns else 0), n_rows, k_rows))
+    buffers = getattr(_THREAD, "products", None)
+    if buffers is None or buffers[0].shape[1] < n_rows or buffers[1].shape[2] < k_rows:
+        n_max = max(n_rows, buffers[0].shape[1] if buffers else 0)
+        k_max = max(k_rows, buffers[1].shape[2] if buffers else 0)
+        buffers = _THREAD.products = (np.empty((_SUB_BLOCKS, n_max, w)), np.empty((_SUB_BLOCKS, w, k_max)))
+    for b in range(0, full, _SUB_BLOCKS):
+        n, a = min(_SUB_BLOCKS, full - b), start + b * w
+        h, g = buffers[0][:n, :n_rows], buffers[1][:n, :, :k_rows]
+        np.copyto(h, targets[:, a : a + n * w].reshape(n_rows, n, w).transpose(1, 0, 2))
+        np.copyto(g, group[:, a : a + n * w].reshape(k_rows, n, w).transpose(1, 2, 0))
+        np.matmul(h, g, out=per_block[b : b + n])
+    if rest or not columns:
+        a = start + full * w
+        np.matmul(targets[:, a : a + rest].astype(np.float64), group[:, a : a + rest].astype(np.float64).T,
+                  out=per_block[full])
+    return _pairwise(per_block.transpose(1, 2, 0))
+
+
 def _chunk_sum_torch(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> torch.Tensor:
     w = blocks.width
     full, rest = divmod(columns, w)
@@ -265,6 +300,36 @@ class ColumnPass:
                                  tasks), 1)
         return torch.stack([_chunk_sum_torch(v_part, stack_part, self.blocks, t[1], t[2]) for t in tasks],
                            1).cpu().numpy()
+
+    def products(self, span: int, targets: torch.Tensor, group: torch.Tensor) -> np.ndarray:
+        """Task sums of ``⟨t_j, g_k⟩`` for every pair of rows, float64 (J, K, tasks of the span): the same sums as
+        :meth:`sums` (block dot products in float64, pairwise within each task), the history converted once for
+        the whole group (:func:`_task_products`)."""
+        start, _, first, end = self.spans[span]
+        targets, group = self._part(targets), self._part(group)
+        tasks = [(t[1] - start, t[2]) for t in self.tasks[first:end]]
+        if self.numpy_path:
+            t_np, g_np = targets.numpy(), group.numpy()
+            return np.stack(_map(lambda t: _task_products(t_np, g_np, self.blocks, t[0], t[1]), tasks), -1)
+        out = []
+        w = self.blocks.width
+        for a, columns in tasks:
+            full, rest = divmod(columns, w)
+            parts = []
+            if full:
+                h = targets[:, a : a + full * w].to(torch.float64).unflatten(1, (full, w)).transpose(0, 1)
+                g = group[:, a : a + full * w].to(torch.float64).unflatten(1, (full, w)).permute(1, 2, 0)
+                parts.append(torch.matmul(h, g))
+            if rest or not columns:
+                h = targets[:, a + full * w : a + columns].to(torch.float64)
+                parts.append((h @ group[:, a + full * w : a + columns].to(torch.float64).T)[None])
+            out.append(_pairwise(torch.cat(parts, 0).permute(1, 2, 0)))
+        return torch.stack(out, -1).cpu().numpy()
+
+    def combine_products(self, per_task: np.ndarray) -> np.ndarray:
+        """(J, K, tasks) task sums → values per channel (channels, J, K)."""
+        j, k = per_task.shape[:2]
+        return self.combine(per_task.reshape(j * k, -1)).reshape(-1, j, k)
 
     def norm_sums(self, span: int, v_part: torch.Tensor) -> np.ndarray:
         """Task sums of ``‖v‖²`` over the span's tasks, computed as :func:`squared_norms` does: (1, tasks)."""

@@ -1,7 +1,9 @@
-"""Completing pending C or S entries one column span at a time: the spilled part of the history, read back in slices.
+"""Completing pending C or S entries for a group of rows at once, one column span at a time.
 
-Once the history has spilled (:mod:`dynprobe.metrics.interval`), a group of pending rows ``G`` needs its entries
-against earlier vectors ``J`` that are on disk. Both forms of C (eq. 1) are sums over columns — the dot products
+Once rows are deferred (:mod:`dynprobe.metrics.interval`), a group of pending rows ``G`` needs its entries against
+earlier vectors ``J``, in memory or, once the history has spilled, on disk. The vectors in memory enter one product
+of the whole group per span (:meth:`~dynprobe.metrics._blocked.ColumnPass.products`: the history converted and
+read once for the group). Both forms of C (eq. 1) are sums over columns — the dot products
 and squared norms of the dot-product form, and ``‖x̂ − ŷ‖²`` of the cancellation-free form — so the columns are
 visited span by span (:class:`~dynprobe.metrics._blocked.ColumnPass`): for each span, the slices of ``G``'s
 vectors that are not in memory and then of each ``j ∈ J``, one at a time, are read back. Each vector involved is
@@ -19,7 +21,11 @@ import torch
 
 from ._blocked import BLOCK, Blocks, ColumnPass, _pairwise, cosine_values, exact_chunks, half_square_sums, inaccurate
 
-__all__ = ["ColumnSource", "complete_by_columns"]
+__all__ = ["MEMORY_BATCH", "TARGET_BATCH", "ColumnSource", "complete_by_columns"]
+
+
+TARGET_BATCH = 16  # vectors read back per span at a time (with the group's slices: about one vector of memory)
+MEMORY_BATCH = 256  # vectors in memory per product (its float64 block sums: 256·K·512 numbers per task)
 
 
 class ColumnSource(Protocol):
@@ -32,35 +38,71 @@ class ColumnSource(Protocol):
     def columns(self, index: int, start: int, stop: int, extra: dict[int, torch.Tensor]) -> torch.Tensor | None:
         """Entries ``start:stop`` of vector ``index`` (None: not stored)."""
 
+    def resident(self) -> tuple[list[int], torch.Tensor | None]:
+        """The indices held in memory and their stacked vectors."""
+
 
 def complete_by_columns(blocks: Blocks, source: ColumnSource, wanted: dict[int, Sequence[int]],
                         extra: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
     """The pending entries of the rows ``wanted`` (row ``i`` → the earlier snapshots it still needs): for each row
     that is stored, float64 (channels, i + 1) with the wanted columns filled (NaN elsewhere, and against vectors
-    that are not stored). Squared norms missing from ``source.summaries`` are computed on the way and stored."""
+    that are not stored). Squared norms missing from ``source.summaries`` are computed on the way and stored.
+
+    The dot products of the whole group with many vectors at once (:meth:`ColumnPass.products`): the vectors in
+    memory in one product per span, the others ``TARGET_BATCH`` at a time as they are read back.
+    """
     group = sorted(wanted)
     targets = sorted(set().union(*(set(map(int, w)) for w in wanted.values())))
     size = int(source.size or 0)
-    plan = ColumnPass(blocks, len(group), device=source.device, max_columns=max(BLOCK, size // (len(group) + 2)))
+    resident, stack_in_memory = source.resident()
+    wanted_set = set(targets)
+    in_memory = {j: position for position, j in enumerate(resident) if j in wanted_set and j not in extra}
+    elsewhere = [j for j in targets if j not in in_memory]
+    # the product runs over the slots from the first to the last target in memory (not the near ones after them)
+    low, high = (min(in_memory.values()), max(in_memory.values()) + 1) if in_memory else (0, 0)
+    # the group as one view of memory when its rows sit in consecutive slots (the usual case before the spill)
+    slots = [resident.index(i) if i in resident and i not in extra else -1 for i in group]
+    contiguous = -1 not in slots and slots == list(range(slots[0], slots[0] + len(slots)))
+    # slices read back (or copied) per span: about one vector of memory in all
+    copied = (0 if contiguous else len(group)) + (TARGET_BATCH if elsewhere else 0)
+    plan = ColumnPass(blocks, len(group), device=source.device, max_columns=max(BLOCK, size // (copied + 2)))
     tasks = len(plan.tasks)
     dots = {j: np.zeros((len(group), tasks)) for j in targets}
     norms = {i: np.zeros((1, tasks)) for i in sorted(set(group) | set(targets)) if i not in source.summaries}
     missing: set[int] = set()
     for span, (start, stop, first, end) in enumerate(plan.spans):
         parts = _read(source, group, start, stop, extra, missing)
-        stack = torch.stack([parts[i] for i in group if i in parts]) if parts else None
         rows = [k for k, i in enumerate(group) if i in parts]
+        if contiguous:
+            assert stack_in_memory is not None
+            stack = stack_in_memory[slots[0] : slots[0] + len(group), start:stop]
+        else:
+            stack = torch.stack([parts[i] for i in group if i in parts]) if parts else None
         for i, part in parts.items():
             if i in norms:
                 norms[i][:, first:end] = plan.norm_sums(span, part)
-        for j in targets:
-            part = parts.get(j) if j in parts else _read(source, [j], start, stop, extra, missing).get(j)
-            if part is None:
-                continue
-            if j in norms and j not in parts:
-                norms[j][:, first:end] = plan.norm_sums(span, part)
-            if stack is not None:
-                dots[j][rows, first:end] = plan.sums(span, part, stack)
+        if stack is None:
+            continue
+        if in_memory:
+            assert stack_in_memory is not None
+            for lower in range(low, high, MEMORY_BATCH):  # bounded temporaries however long the history
+                upper = min(high, lower + MEMORY_BATCH)
+                products = plan.products(span, stack_in_memory[lower:upper, start:stop], stack)
+                for j, position in in_memory.items():
+                    if lower <= position < upper:
+                        dots[j][rows, first:end] = products[position - lower]
+        for batch_start in range(0, len(elsewhere), TARGET_BATCH):
+            chosen = elsewhere[batch_start : batch_start + TARGET_BATCH]
+            batch = _read(source, [j for j in chosen if j not in parts], start, stop, extra, missing)
+            batch = {j: parts[j] if j in parts else batch[j] for j in chosen if j in parts or j in batch}
+            for j, part in batch.items():
+                if j in norms and j not in parts:
+                    norms[j][:, first:end] = plan.norm_sums(span, part)
+            if batch:
+                products = plan.products(span, torch.stack(list(batch.values())), stack)
+                for position, j in enumerate(batch):
+                    dots[j][rows, first:end] = products[position]
+            batch = {}  # released before the next batch is read
     for i, partial in norms.items():
         if i not in missing:
             source.summaries[i] = plan.combine(partial)[:, 0]

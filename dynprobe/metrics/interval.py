@@ -16,6 +16,14 @@ every vector involved is read back once, one column span at a time, so ``K = max
 depend on memory; for other metrics ``K`` is the ring (the pending rows are all in it) and each spilled vector is
 read whole once per group. A run of T snapshots of p numbers so reads about ``T²·p / (2K) + T·p`` numbers from
 disk instead of ``T²·p / 2``.
+
+**Deferred rows.** A row against T earlier vectors reads the whole history: at millions of parameters that is
+the cost of a snapshot. Once the history holds ``defer_bytes`` (256 MiB) in memory, or has spilled, a C or S
+row is computed at once only against the first snapshot and the ``NEAR`` newest ones (so ``C(t, 0)``, the
+recent velocity and the online detector's usual lag pairs stay live); its other entries wait until ``MIN_GROUP``
+rows are pending and then come from one product of the group with the history
+(:meth:`~dynprobe.metrics._blocked.ColumnPass.products`), which converts and reads the history once per group.
+Online consumers get those entries as they are computed (:meth:`PairwiseMatrix.take_filled`).
 :meth:`PairwiseMatrix.complete` finishes the pending entries (the probe calls it at close).
 """
 from __future__ import annotations
@@ -31,15 +39,19 @@ from dynprobe.store.rows import TriangularRows
 
 from ._blocked import Blocks, cosine_rows, squared_norms
 from ._columns import complete_by_columns
+from .history import VectorHistory
 
 __all__ = ["CosineMetric", "FunctionMetric", "PairMetric", "PairwiseMatrix", "VectorHistory"]
 
 # A row function maps (new vector, k earlier vectors stacked) to the k metric values, float64.
 RowFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# C and S rows completed together after the spill: a pending entry waits at most 15 snapshots, and a run of T
-# snapshots reads about T²·p/32 numbers back instead of the T²·p/2 of re-reading at every snapshot (module docstring)
+# C and S rows completed together once rows are deferred: a pending entry waits at most 15 snapshots, the history is
+# converted and read once per 16 rows, and a spilled run of T snapshots reads about T²·p/32 numbers back instead of
+# the T²·p/2 of re-reading at every snapshot (module docstring)
 MIN_GROUP = 16
+NEAR = MIN_GROUP  # while rows are deferred: the newest snapshots a row is computed against at once (and the first)
+DEFER_BYTES = 256 * 2**20  # history in memory beyond which C and S rows are deferred (a row then costs > ~10 ms)
 
 
 class PairMetric(Protocol):
@@ -98,200 +110,6 @@ class FunctionMetric:
         return torch.as_tensor(self.function(vector, stack)).detach().cpu().numpy().astype(np.float64)[None]
 
 
-def _uninitialized(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` that leaves memory untouched even when deterministic mode would fill it with NaN (every
-    row is written before it is read)."""
-    flags = getattr(torch.utils, "deterministic", None)
-    fill = getattr(flags, "fill_uninitialized_memory", False)
-    if fill:
-        flags.fill_uninitialized_memory = False
-    try:
-        return torch.empty(shape, dtype=dtype, device=device)
-    finally:
-        if fill:
-            flags.fill_uninitialized_memory = True
-
-
-class VectorHistory:
-    """The vectors of earlier snapshots: in one preallocated buffer within a byte budget, beyond it on disk.
-
-    Args:
-        device: where rows are computed (the model's device).
-        dtype: dtype the vectors are kept in (the parameters' own dtype for C; exact for the values stored).
-        memory_budget: bytes of vectors kept in memory.
-        load: ``index -> array or None``, reads an entry back from the run directory.
-        load_columns: ``(index, start, stop) -> array or None``, reads entries ``start:stop`` of a stored vector
-            (None: :meth:`load_columns` reads the whole vector and slices it).
-        before_load: called before entries are read back (waits for a background writer to finish them).
-
-    ``bytes_loaded`` counts what was read back. While every vector fits, the buffer holds them all in order;
-    after the spill it holds the anchor (the first snapshot, when two or more fit) and a ring of the newest
-    ``ring_size`` snapshots (module docstring).
-    """
-
-    def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int,
-                 load: Callable[[int], np.ndarray | None],
-                 load_columns: Callable[[int, int, int], np.ndarray | None] | None = None,
-                 before_load: Callable[[], None] | None = None) -> None:
-        self.device, self.dtype = torch.device(device), dtype
-        self.memory_budget = int(memory_budget)
-        self._load, self._load_columns, self._before_load = load, load_columns, before_load
-        self.present: list[bool] = []
-        self.summaries: dict[int, np.ndarray] = {}
-        self.slots: list[int] = []  # snapshot index held by each used buffer row
-        self.far: list[int] = []  # present snapshots not in memory (ascending)
-        self.spilled = False
-        self.anchored = False  # after the spill: slot 0 keeps the first snapshot
-        self.capacity: int | None = None
-        self.size: int | None = None  # numbers per vector
-        self.bytes_loaded = 0
-        self._buffer: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.present)
-
-    @property
-    def ring_size(self) -> int:
-        """How many of the newest snapshots stay in memory after the spill (0: none)."""
-        return max(0, (self.capacity or 0) - int(self.anchored))
-
-    def _set_capacity(self, dim: int) -> None:
-        if self.capacity is None:
-            row = dim * torch.empty((), dtype=self.dtype).element_size()
-            self.capacity = self.memory_budget // max(1, row)
-            self.size = int(dim)
-
-    def resident(self) -> tuple[list[int], torch.Tensor | None]:
-        """The indices in memory and their stacked vectors (one view of the buffer; slot order, not sorted)."""
-        if not self.slots:
-            return [], None
-        assert self._buffer is not None
-        return list(self.slots), self._buffer[: len(self.slots)]
-
-    def stacked(self, indices: list[int], extra: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The vectors of ``indices`` (all in memory, or in ``extra``), as a view where possible."""
-        position = {index: slot for slot, index in enumerate(self.slots)}
-        slots = [position.get(i, -1) for i in indices]
-        if self._buffer is not None and -1 not in slots and slots == list(range(slots[0], slots[0] + len(slots))):
-            return self._buffer[slots[0] : slots[0] + len(slots)]
-        return torch.stack([extra[i] if i in extra else self._buffer[position[i]] for i in indices])
-
-    def in_memory(self, index: int) -> bool:
-        return index in self.slots
-
-    def load(self, index: int) -> torch.Tensor | None:
-        """Read a vector back from the run directory (counted in ``bytes_loaded``)."""
-        return self._tensor(self._load(index))
-
-    def load_columns(self, index: int, start: int, stop: int) -> torch.Tensor | None:
-        """Entries ``start:stop`` of a stored vector, read back from the run directory (counted)."""
-        if self._load_columns is None:
-            whole = self.load(index)
-            return None if whole is None else whole[start:stop]
-        return self._tensor(self._load_columns(index, start, stop))
-
-    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
-        if array is None:
-            return None
-        self.bytes_loaded += int(array.nbytes)
-        array = np.asarray(array).reshape(-1)
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # one copy at most
-        return tensor.to(self.device, self.dtype)
-
-    def columns(self, index: int, start: int, stop: int, extra: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """Entries ``start:stop`` of a vector: a view of memory (or of ``extra``), else read back."""
-        if index in extra:
-            return extra[index][start:stop]
-        if index in self.slots:
-            assert self._buffer is not None
-            return self._buffer[self.slots.index(index), start:stop]
-        return self.load_columns(index, start, stop)
-
-    def prepare_loads(self) -> None:
-        if self._before_load is not None:
-            self._before_load()
-
-    # ------------------------------------------------------------------------------------------- storing
-
-    def _put(self, slot: int, vector: torch.Tensor) -> None:
-        needed = slot + 1
-        if self._buffer is None or self._buffer.shape[0] < needed:
-            assert self.capacity is not None
-            # On the CPU the whole budget is reserved at once: pages cost memory only once written (the buffer is
-            # never NaN-filled, even under torch.use_deterministic_algorithms), and the buffer never has to be
-            # copied, so memory never holds two buffers. On an accelerator memory is committed at allocation:
-            # the buffer grows by doubling.
-            rows = self.capacity if self.device.type == "cpu" else min(self.capacity, max(8, 2 * needed))
-            try:
-                grown = _uninitialized((rows, vector.numel()), self.dtype, self.device)
-            except (RuntimeError, MemoryError) as error:
-                raise MemoryError(
-                    f"cannot allocate {rows} earlier vectors of {vector.numel()} numbers on {self.device} for the "
-                    f"interval rows ({error}); pass a smaller history_memory (now {self.memory_budget} bytes)"
-                ) from error
-            if self._buffer is not None:
-                grown[: len(self.slots)].copy_(self._buffer[: len(self.slots)])
-            self._buffer = grown
-        self._buffer[slot].copy_(vector.reshape(-1))
-
-    def release(self) -> None:
-        """Free the vectors held in memory (the run is over; the row files and matrices are written)."""
-        self._buffer = None
-        self.slots.clear()
-
-    def append(self, vector: torch.Tensor | None, summary: np.ndarray | None) -> bool:
-        """Register the next snapshot and keep its vector in memory. Returns whether it is in memory (False only
-        when not even one vector fits, or for ``None``).
-
-        A vector that does not fit while every earlier one did triggers the spill; from then on it replaces the
-        oldest snapshot of the ring, which spills.
-        """
-        index = len(self.present)
-        self.present.append(vector is not None)
-        if vector is None:
-            return False
-        assert summary is not None
-        self.summaries[index] = summary
-        self._set_capacity(vector.numel())
-        if not self.spilled and len(self.slots) < self.capacity:
-            self._put(len(self.slots), vector)
-            self.slots.append(index)
-            return True
-        if not self.spilled:
-            self.spilled, self.anchored = True, (self.capacity or 0) >= 2
-        if not self.ring_size:
-            self.far.append(index)
-            return False
-        ring = range(int(self.anchored), len(self.slots))
-        oldest = min(ring, key=lambda slot: self.slots[slot])
-        self.far.append(self.slots[oldest])  # the ring holds the newest: what leaves it is newer than all of far
-        self._put(oldest, vector)
-        self.slots[oldest] = index
-        return True
-
-    def register_stored(self, present: list[bool], summary: Callable[[torch.Tensor], np.ndarray]) -> None:
-        """A resumed run: register the committed entries; load what fits (all, or the anchor and the newest)."""
-        indices = [i for i, p in enumerate(present) if p]
-        self.present.extend(present)
-        if not indices:
-            return
-        first = self.load(indices[0])
-        if first is None:
-            raise ValueError(f"the stored vector of snapshot {indices[0]} is missing")
-        self._set_capacity(first.numel())
-        capacity = self.capacity or 0
-        fits = len(indices) <= capacity
-        if not fits:
-            self.spilled, self.anchored = True, capacity >= 2
-        keep = indices if fits else indices[: int(self.anchored)] + indices[len(indices) - self.ring_size :]
-        for index in keep:
-            vector = first if index == indices[0] else self.load(index)
-            self._put(len(self.slots), vector)
-            self.slots.append(index)
-            self.summaries[index] = summary(vector)
-        self.far = [i for i in indices if i not in set(keep)]
-
-
 class PairwiseMatrix:
     """Online T×T matrix of one interval metric; ``update`` appends row t against snapshots 0..t.
 
@@ -302,19 +120,25 @@ class PairwiseMatrix:
         rows: the append-only row file of each channel.
         self_value: the diagonal M[t, t] (0 for a distance of a vector to itself, by definition rather than by
             round-off).
+        defer_bytes: C and S rows are computed at once only against the first and the ``NEAR`` newest snapshots
+            once the history holds this many bytes in memory (or has spilled); the other entries are completed in
+            groups of ``MIN_GROUP`` rows (None: ``DEFER_BYTES``).
     """
 
     def __init__(self, name: str, metric: PairMetric | RowFunction, history: VectorHistory,
-                 rows: TriangularRows | Sequence[TriangularRows], *, self_value: float = 0.0) -> None:
+                 rows: TriangularRows | Sequence[TriangularRows], *, self_value: float = 0.0,
+                 defer_bytes: int | None = None) -> None:
         self.name = name
+        self.defer_bytes = DEFER_BYTES if defer_bytes is None else int(defer_bytes)
         self.metric: PairMetric = metric if hasattr(metric, "channels") else FunctionMetric(metric)
         self.history = history
         self.rows = [rows] if isinstance(rows, TriangularRows) else list(rows)
         if len(self.rows) != self.metric.channels:
             raise ValueError(f"{name}: {self.metric.channels} channels but {len(self.rows)} row files")
         self.self_value = self_value
-        self.pending: dict[int, np.ndarray] = {}  # row -> columns still NaN (their vectors spilled)
+        self.pending: dict[int, np.ndarray] = {}  # row -> columns still NaN (deferred, or their vectors spilled)
         self.last_row: np.ndarray | None = None  # (channels, t + 1): the latest row as appended
+        self._filled: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, columns, channel-0 values) since taken
 
     @property
     def count(self) -> int:
@@ -322,11 +146,23 @@ class PairwiseMatrix:
 
     @property
     def group_size(self) -> int:
-        """Pending rows completed together: the ring (all of them still in memory), or, for a metric computed
-        column span by column span (C, S), at least ``MIN_GROUP`` (the rows beyond the ring are read back in
-        slices with the spilled vectors)."""
+        """Pending rows completed together: for C and S ``MIN_GROUP`` (or the ring, when more fit in memory after
+        the spill), each far vector then read once for the whole group; for other metrics the ring (all of its
+        rows still in memory)."""
         ring = self.history.ring_size
-        return max(ring, MIN_GROUP) if isinstance(self.metric, CosineMetric) else max(1, ring)
+        if isinstance(self.metric, CosineMetric):
+            return max(ring, MIN_GROUP) if self.history.spilled else MIN_GROUP
+        return max(1, ring)
+
+    @property
+    def deferring(self) -> bool:
+        """Whether rows are computed at once only against the near snapshots (C and S once the history has spilled
+        or holds ``defer_bytes`` in memory; module docstring)."""
+        history = self.history
+        if not isinstance(self.metric, CosineMetric) or history.size is None:
+            return False
+        held = len(history.slots) * history.size * torch.empty((), dtype=history.dtype).element_size()
+        return history.spilled or held >= self.defer_bytes
 
     def update(self, vector: torch.Tensor | None) -> np.ndarray:
         """Append the row of a new snapshot (``None``: not measured at this snapshot, a NaN row).
@@ -338,17 +174,24 @@ class PairwiseMatrix:
         summary = None
         if vector is not None:
             vector = vector.detach().reshape(-1).to(self.history.device)
-            indices, stack = self.history.resident()
-            if indices and hasattr(self.metric, "summary_and_rows"):
+            deferring = self.deferring
+            runs = self.history.near_runs(NEAR) if deferring else [self.history.resident()]
+            for indices, stack in runs:
+                if not indices:
+                    continue
                 summaries = np.stack([self.history.summaries[i] for i in indices])
-                summary, row[:, indices] = self.metric.summary_and_rows(vector, stack, summaries)
-            else:
+                if summary is None and hasattr(self.metric, "summary_and_rows"):
+                    summary, row[:, indices] = self.metric.summary_and_rows(vector, stack, summaries)
+                else:
+                    summary = self.metric.summary(vector) if summary is None else summary
+                    row[:, indices] = self.metric.rows(vector, summary, stack, summaries)
+            if summary is None:
                 summary = self.metric.summary(vector)
-                if indices:
-                    row[:, indices] = self.metric.rows(vector, summary, stack,
-                                                       np.stack([self.history.summaries[i] for i in indices]))
-            if self.history.far:
-                self.pending[index] = np.asarray(self.history.far, dtype=np.int64)
+            later = {i for indices, _ in runs for i in indices}
+            waiting = [j for j in range(index) if self.history.present[j] and j not in later] if deferring \
+                else self.history.far
+            if waiting:
+                self.pending[index] = np.asarray(waiting, dtype=np.int64)
             row[:, index] = self.self_value
         for channel, rows in enumerate(self.rows):
             rows.append(row[channel], index)
@@ -364,7 +207,8 @@ class PairwiseMatrix:
         waiting = sorted(self.pending)
         if not waiting:
             return
-        self.history.prepare_loads()
+        if self.history.spilled:  # something will be read back (else every vector is in memory)
+            self.history.prepare_loads()
         group_size = self.group_size
         for start in range(0, len(waiting), group_size):
             group = waiting[start : start + group_size]
@@ -378,6 +222,13 @@ class PairwiseMatrix:
             columns = self.pending.pop(i)
             for channel, rows_file in enumerate(self.rows):
                 rows_file.fill(i, columns, row[channel, columns])
+            self._filled.append((i, columns, row[0, columns]))
+
+    def take_filled(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The pending entries computed since the last call: ``[(row, columns, values)]`` of channel 0 (for online
+        consumers of the rows, e.g. the transition detector)."""
+        filled, self._filled = self._filled, []
+        return filled
 
     def _complete_group(self, group: list[int], extra: dict[int, torch.Tensor]) -> None:
         """Whole vectors: the group's in memory (or read back), each wanted spilled vector read once."""
@@ -430,7 +281,8 @@ class PairwiseMatrix:
 
     @classmethod
     def reattach(cls, name: str, metric: PairMetric | RowFunction, history: VectorHistory,
-                 paths: Path | Sequence[Path], present: list[bool], *, self_value: float = 0.0) -> PairwiseMatrix:
+                 paths: Path | Sequence[Path], present: list[bool], *, self_value: float = 0.0,
+                 defer_bytes: int | None = None) -> PairwiseMatrix:
         """Continue a matrix of a resumed run whose first ``len(present)`` rows are committed.
 
         Entries left NaN between two present snapshots (pending when the run stopped) are pending again.
@@ -438,12 +290,13 @@ class PairwiseMatrix:
         files = [TriangularRows(p) for p in ([paths] if isinstance(paths, Path) else paths)]
         for rows in files:
             rows.truncate(len(present))
-        matrix = cls(name, metric, history, files, self_value=self_value)
+        matrix = cls(name, metric, history, files, self_value=self_value, defer_bytes=defer_bytes)
         history.register_stored(present, matrix.metric.summary)
         stored = files[0].read(len(present))
         for i, here in enumerate(present):
             missing = [j for j in range(i) if here and present[j] and np.isnan(stored[i, j])]
             if missing:
                 matrix.pending[i] = np.asarray(missing, dtype=np.int64)
-        matrix.complete()  # the block the run stopped in (the buffer is nearly empty now)
+        # the rows pending when the run stopped wait for their group, as in the uninterrupted run: the group
+        # products then have the same shapes, and the resumed matrix the same numbers
         return matrix

@@ -55,7 +55,7 @@ class SnapshotSequence:
             committed = self.recorder.commit(data, record)
             if not self.writes:
                 return
-            self.transition.update(data.step, self.recorder.last_rows)
+            self.transition.update(data.step, self.recorder.last_rows, self.recorder.last_filled)
             if self.on_snapshot is not None:
                 self.writer.flush()  # callbacks (exporters) may read the run back
                 kernel_lag = self.kernel.config.lag_steps if self.kernel is not None else None

@@ -31,9 +31,20 @@ class TransitionWatch:
         self.estimate: TransitionEstimate | None = None
         self._pending = False
 
-    def update(self, step: int, rows: dict[str, np.ndarray]) -> None:
-        """The rows a snapshot at ``step`` appended (``"C"``, and ``"S"`` with kernels)."""
-        estimate = self.detector.update(step, rows["C"], rows.get("S"))
+    def update(self, step: int, rows: dict[str, np.ndarray],
+               filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] | None = None) -> None:
+        """The rows a snapshot at ``step`` appended (``"C"``, and ``"S"`` with kernels), and the deferred entries the
+        same snapshot computed (``{"C": [(row, columns, values)]}``, for earlier rows and this one)."""
+        current = len(self.detector.steps)
+        latest = {name: None if rows.get(name) is None else np.array(rows[name], dtype=np.float64)
+                  for name in ("C", "S")}
+        for name, entries in (filled or {}).items():
+            for row, columns, values in entries:
+                if row == current and latest.get(name) is not None:
+                    latest[name][columns] = values
+                elif row < current:
+                    self.detector.fill(name, row, columns, values)
+        estimate = self.detector.update(step, latest["C"], latest["S"])
         if estimate is not None:
             self._announce(estimate)
 

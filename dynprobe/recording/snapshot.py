@@ -141,6 +141,8 @@ class SnapshotRecorder:
         committed = writer.snapshots
         self.matrices: dict[str, PairwiseMatrix] = {}
         self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit ("C_layers": L rows)
+        # entries of earlier rows (and of the latest one) computed by the latest commit: {"C": [(row, columns, values)]}
+        self.last_filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         for name in ("C", "D", "S") if kernel_fn is not None else ("C", "D"):
             history = VectorHistory(device, dtype=dtypes[name], memory_budget=budgets[name],
                                     load=lambda i, n=name: self._load(i, n),
@@ -201,6 +203,7 @@ class SnapshotRecorder:
         if "S" in self.matrices:
             rows["S"] = self.matrices["S"].update(None if data.kernel is None else data.kernel.reshape(-1))
         self.last_rows = rows
+        self.last_filled = {name: self.matrices[name].take_filled() for name in ("C", "S") if name in self.matrices}
         full = {
             "step": step,
             "eval_loss": data.evaluation.loss,
