@@ -308,7 +308,8 @@ def test_in_memory_rows_are_deferred_beyond_the_near_snapshots_and_completed_in_
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": the torch code path, run here on CPU tensors
 def test_group_products_give_every_block_sum_to_within_the_bound(device):
     """ColumnPass.products against float64 matrix products, span by span, with a layer narrower than a block."""
-    from dynprobe.metrics._blocked import Blocks, ColumnPass
+    from dynprobe.metrics._blocked import Blocks
+    from dynprobe.metrics._spans import ColumnPass
 
     rng = np.random.default_rng(3)
     blocks = Blocks(P, SLICES)
@@ -318,7 +319,7 @@ def test_group_products_give_every_block_sum_to_within_the_bound(device):
     assert len(plan.spans) > 1
     per_task = np.concatenate([plan.products(s, history[:, a:b], group[:, a:b])
                                for s, (a, b, _, _) in enumerate(plan.spans)], -1)
-    got = plan.combine_products(per_task)  # (channels, 11, 4)
+    got = plan.combine(per_task.reshape(11 * 4, -1)).reshape(-1, 11, 4)  # (channels, 11, 4)
     h64, g64 = history.double().numpy(), group.double().numpy()
     for channel in range(blocks.channels):
         a, b = blocks.channel_range(channel)

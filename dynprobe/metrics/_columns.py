@@ -2,10 +2,10 @@
 
 Once rows are deferred (:mod:`dynprobe.metrics.interval`), a group of pending rows ``G`` needs its entries against
 earlier vectors ``J``, in memory or, once the history has spilled, on disk. The vectors in memory enter one product
-of the whole group per span (:meth:`~dynprobe.metrics._blocked.ColumnPass.products`: the history converted and
+of the whole group per span (:meth:`~dynprobe.metrics._spans.ColumnPass.products`: the history converted and
 read once for the group). Both forms of C (eq. 1) are sums over columns — the dot products
 and squared norms of the dot-product form, and ``‖x̂ − ŷ‖²`` of the cancellation-free form — so the columns are
-visited span by span (:class:`~dynprobe.metrics._blocked.ColumnPass`): for each span, the slices of ``G``'s
+visited span by span (:class:`~dynprobe.metrics._spans.ColumnPass`): for each span, the slices of ``G``'s
 vectors that are not in memory and then of each ``j ∈ J``, one at a time, are read back. Each vector involved is
 read once per group (twice for the few that have entries in the cancellation-free form), in slices that together
 take about one vector of memory, and the sums are the ones the whole vectors give: the result does not depend on
@@ -19,7 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ._blocked import BLOCK, Blocks, ColumnPass, _pairwise, cosine_values, exact_chunks, half_square_sums, inaccurate
+from ._blocked import BLOCK, Blocks, _pairwise, cosine_values, exact_chunks, half_square_sums, inaccurate
+from ._spans import ColumnPass
 
 __all__ = ["MEMORY_BATCH", "TARGET_BATCH", "ColumnSource", "complete_by_columns"]
 

@@ -22,7 +22,7 @@ the cost of a snapshot. Once the history holds ``defer_bytes`` (256 MiB) in memo
 row is computed at once only against the first snapshot and the ``NEAR`` newest ones (so ``C(t, 0)``, the
 recent velocity and the online detector's usual lag pairs stay live); its other entries wait until ``MIN_GROUP``
 rows are pending and then come from one product of the group with the history
-(:meth:`~dynprobe.metrics._blocked.ColumnPass.products`), which converts and reads the history once per group.
+(:meth:`~dynprobe.metrics._spans.ColumnPass.products`), which converts and reads the history once per group.
 Online consumers get those entries as they are computed (:meth:`PairwiseMatrix.take_filled`).
 :meth:`PairwiseMatrix.complete` finishes the pending entries (the probe calls it at close).
 """

@@ -52,7 +52,8 @@ from torch import nn
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import flatten_parameters, trainable_parameters
 from dynprobe.metrics import interval as interval_module
-from dynprobe.metrics._blocked import Blocks, ColumnPass, dot_products, half_squared_distances
+from dynprobe.metrics._blocked import Blocks, dot_products, half_squared_distances
+from dynprobe.metrics._spans import ColumnPass
 from dynprobe.metrics.functions import cosine_dissimilarity_to_many
 from dynprobe.metrics.interval import MIN_GROUP, NEAR, CosineMetric, PairwiseMatrix, VectorHistory
 from dynprobe.recipes.models import vgg16_bn
@@ -220,8 +221,6 @@ def _no_arithmetic():
 
     return [mock.patch.object(interval_module, "cosine_rows", rows),
             mock.patch.object(interval_module, "squared_norms", lambda v, blocks: np.ones(blocks.channels)),
-            mock.patch.object(ColumnPass, "sums", lambda self, span, v, stack: np.zeros(
-                (stack.shape[0], self.spans[span][3] - self.spans[span][2]))),
             mock.patch.object(ColumnPass, "norm_sums", lambda self, span, v: np.ones(
                 (1, self.spans[span][3] - self.spans[span][2]))),
             mock.patch.object(ColumnPass, "products", lambda self, span, targets, group: np.zeros(
