@@ -111,6 +111,11 @@ def _manifest(model_class: str, eval_n: int, kernels: bool, ghosts: list[int], c
     }
 
 
+#: Where a ghost spawned after the transition saturates, relative to the chaotic level (the two-phase paper's
+#: late ghosts end up orders of magnitude closer to the main run than the early ones).
+LATE_CEILING = 1e-4
+
+
 def _separation_model(spawn: int, until: int, transition: int, *, chaos_rate: float, late_rate: float,
                       realized: float, saturation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """l2(t) of a perturbed ghost after every step from its spawn to ``until``: ε grows at ``chaos_rate`` per
@@ -123,8 +128,11 @@ def _separation_model(spawn: int, until: int, transition: int, *, chaos_rate: fl
     noise[0] = 0.0
     log_l2 = np.log(realized) + log_growth + noise
     # Saturation: two replicas that have forgotten ε are as far apart as the distance the run travels in its
-    # chaotic phase, which grows until the transition (so main-vs-ghost C levels off there, as in Fig. 3a).
+    # chaotic phase, which grows until the transition (so main-vs-ghost C levels off there, as in Fig. 3a). A ghost
+    # spawned after the transition stays in the main run's basin: its separation saturates LATE_CEILING lower.
     ceiling = saturation * (0.1 + 0.9 * np.minimum(steps, transition) / max(transition, 1))
+    if spawn >= transition:
+        ceiling = np.full(steps.shape, saturation * LATE_CEILING)
     log_l2 = -np.logaddexp(-4 * log_l2, -4 * np.log(ceiling)) / 4  # nearly hard
     return steps, np.exp(log_l2)
 
@@ -151,7 +159,7 @@ def write_synthetic_run(
     kernel_lag: int | None = None,
     separation: bool = True,
     chaos_rate: float = 0.12,
-    late_rate: float = 0.002,
+    late_rate: float = 0.05,
     control_drift: float = 0.0,
     last_spike: float = 0.0,
     layers: bool = True,

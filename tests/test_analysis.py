@@ -320,53 +320,71 @@ def estimate(method: str, step: int | None, interval, quality: str | None = None
     return TransitionEstimate(method, step, interval, quality or ("high" if step is not None else "bound"), "")
 
 
-def test_consensus_is_a_step_one_estimator_produced_never_a_clipped_number():
-    # The report's case: estimators said 1,000, 1,200 and 1,300; the old rule clipped the consensus to 800.
-    report = analysis.combine_estimates([estimate("chaos", 1000, (900, 1000)),
+def test_the_headline_is_the_chaos_estimate_and_trajectory_estimates_settle_on_their_own_line():
+    # The audit's case: trajectory estimates at 1,200 and 1,300 are a different event (the trajectory settles),
+    # never a vote on the chaos estimate, which alone gives the headline.
+    report = analysis.combine_estimates([estimate("chaos", 500, (250, 500)),
                                          estimate("kernel_velocity", 1200, (1100, 1200)),
                                          estimate("trajectory_C", 1300, (1250, 1350)),
                                          estimate("ghost_C", None, (400, None))])
-    assert report.agree is True and report.step == 1200 and report.method == "kernel_velocity"
-    assert report.interval == (1100, 1200) and report.common == (1000.0, 1300.0)
-    assert "1200" in report.headline and "between steps 1100 and 1200" in report.headline
+    assert report.step == 500 and report.interval == (250, 500) and report.quality == "high"
+    assert report.headline.startswith("Training left its chaotic phase between steps 250 and 500")
+    assert report.settles == 1200 and report.settles_agree is True and report.settles_interval == (1100, 1200)
+    assert report.settling_line.startswith("the trajectory settles at about step 1200")
+    with_lr = analysis.combine_estimates([estimate("chaos", 500, (250, 500))],
+                                         lr_note="coincides with the lr drop ÷10 at step 500")
+    assert with_lr.headline.endswith("It coincides with the lr drop ÷10 at step 500.")
 
 
-def test_estimates_that_disagree_give_no_step_and_list_each_one():
-    apart = analysis.combine_estimates([estimate("chaos", 100, (90, 110)), estimate("trajectory_C", 1000,
-                                                                                    (900, 1100))])
-    assert apart.agree is False and apart.step is None and apart.interval is None
-    assert "disagree" in apart.summary and "chaos 100" in apart.summary and "trajectory_C 1000" in apart.summary
-    assert apart.headline.startswith("Transition undetermined, because the estimates disagree")
-    bound_conflict = analysis.combine_estimates([estimate("chaos", 100, (90, 110)),
-                                                 estimate("kernel_velocity", None, (600, None))])
-    assert bound_conflict.agree is False and bound_conflict.step is None
-
-
-def test_consensus_ties_brackets_and_voters():
-    # Brackets decide agreement, not points at exactly the tolerance ratio.
-    touching = analysis.combine_estimates([estimate("chaos", 600, (150, 600)),
+def test_a_bound_that_excludes_another_bracket_is_disagreement():
+    # "> 2,000" next to 1,300: the ×2 widening must not let a bound meet a bracket it excludes.
+    apart = analysis.combine_estimates([estimate("chaos", None, (2000, None), "bound"),
+                                        estimate("kernel_velocity", 1300, (1200, 1300)),
+                                        estimate("trajectory_C", None, (2000, None), "bound")])
+    assert apart.settles_agree is False and apart.settles is None
+    assert "disagree" in apart.settling_line and "> 2000" in apart.settling_line
+    assert apart.step is None and apart.headline.startswith("The chaotic phase lasts beyond step 2000")
+    # Two brackets ×2 apart still meet (brackets, not points, decide).
+    touching = analysis.combine_estimates([estimate("trajectory_C", 600, (150, 600)),
                                            estimate("kernel_velocity", 300, (250, 300))])
-    assert touching.agree is True and touching.step in (300, 600)
-    single = analysis.combine_estimates([estimate("trajectory_C", 100, (90, 110)),
-                                         TransitionEstimate("chaos", None, None, "unavailable", "no data")])
-    assert single.agree is None and single.step == 100 and "only estimate" in single.headline
-    online_only = analysis.combine_estimates([estimate("online", 5000, (4000, 5000)),
-                                              estimate("trajectory_C", 100, (90, 110))])
-    assert online_only.agree is None and online_only.step == 100  # the online detector never votes
+    assert touching.settles_agree is True and touching.settles in (300, 600)
+    far = analysis.combine_estimates([estimate("trajectory_C", 100, (90, 110)),
+                                      estimate("kernel_velocity", 1000, (900, 1100))])
+    assert far.settles_agree is False and "disagree" in far.settling_line
+
+
+def test_undetermined_chaos_gives_no_step_whatever_the_trajectory_says():
     nothing = analysis.combine_estimates([TransitionEstimate("chaos", None, None, "undetermined",
-                                                             "undetermined: later ghosts have not run long enough")])
-    assert nothing.step is None and "later ghosts" in nothing.headline
+                                                             "undetermined: ghosts spawned at 800 still growing"),
+                                          estimate("trajectory_C", 100, (90, 110))])
+    assert nothing.step is None and nothing.headline.startswith("Transition undetermined, because ghosts spawned")
+    assert nothing.settles == 100 and nothing.settles_agree is None
+    missing = analysis.combine_estimates([estimate("trajectory_C", 100, (90, 110))])
+    assert missing.step is None and missing.quality == "unavailable"
     with pytest.raises(ValueError, match="tolerance"):
         analysis.combine_estimates([], tolerance=0.5)
 
 
-def test_estimate_transition_on_a_synthetic_run_agrees_on_the_planted_step(tmp_path):
+def test_estimate_transition_on_a_synthetic_run_finds_the_planted_step(tmp_path):
     truth = write_synthetic_run(tmp_path / "run", transition=300)
     report = analysis.estimate_transition(dynprobe.load_run(truth.root))
     assert [e.method for e in report.estimates] == ["chaos", "kernel_velocity", "trajectory_C", "ghost_C"]
     assert all(e.quality in ("high", "medium") for e in report.estimates), [e.summary for e in report.estimates]
-    assert report.agree is True and within(report.step, 300, 2.0)
-    assert report.step == report.get(report.method).step
+    assert report.step == 600 and report.interval == (150, 600) and report.interval[0] < 300 <= report.interval[1]
+    assert report.settles_agree is True and within(report.settles, 300, 2.0)
+
+
+def test_the_lr_change_inside_the_bracket_is_named():
+    lr = np.full((1000, 2), 0.1)
+    lr[500:, 0] = 0.01  # a drop ÷10 at step 500 in group 0
+    lr[:, 1] = np.linspace(0.1, 0.05, 1000)  # a smooth schedule changes every step, never by ×1.5 at once
+    changes = analysis.lr_changes(lr)
+    assert [(c.step, c.group) for c in changes] == [(500, 0)]
+    assert changes[0].before == pytest.approx(0.1) and changes[0].after == pytest.approx(0.01)
+    assert analysis.lr_change_note(lr, (250, 500)) == "coincides with the lr drop ÷10 at step 500"
+    assert analysis.lr_change_note(lr, (500, 800)) is None and analysis.lr_change_note(lr, None) is None
+    lr[:100, 0] = np.nan  # not recorded before the probe attached
+    assert [c.step for c in analysis.lr_changes(lr)] == [500]
 
 
 def test_analysis_of_a_run_without_kernels_or_ghosts_says_what_is_missing(tmp_path):

@@ -1,8 +1,10 @@
 """When did the network leave the chaotic phase, and how tight is the cone? Pure numpy analysis of a run.
 
 * :func:`analyze` / :func:`estimate_transition` — every transition estimate of a run and their consensus.
-* :mod:`.sensitivity` — ghost separation curves, amplification A(t0, Δ) and growth rate λ(t0, Δ): the ``"chaos"``
-  estimate; :mod:`.verdicts` — each ghost diverged/close/borderline, with its thresholds.
+* :mod:`.saturation` — the ``"chaos"`` estimate: where each ghost's separation saturates, and the first spawn whose
+  ghosts end up far below the early ones; :mod:`.sensitivity` — separation curves, amplification A(t0, Δ) and
+  growth rate λ(t0, Δ) (evidence); :mod:`.verdicts` — each ghost diverged/close/borderline, with its thresholds;
+  :mod:`.learning_rate` — the learning-rate change a transition coincides with.
 * :mod:`.estimators` — Finding I on C maps and the kernel velocity on a fixed lag, as pure functions of arrays;
   :mod:`.estimate` — the result types and the consensus.
 * :mod:`.cone` — cone numbers and the kernel-trajectory embedding; :mod:`.detector` — the online detector;
@@ -20,6 +22,7 @@ from .estimators import (
     transition_from_trajectory_C,
 )
 from .layers import LayerView, layer_view
+from .learning_rate import lr_change_note, lr_changes
 from .run_analysis import (
     RunAnalysis,
     analyze,
@@ -29,21 +32,22 @@ from .run_analysis import (
     ghost_verdicts,
     separation_curves,
 )
+from .saturation import GhostPlateau, ghost_plateau, transition_from_saturation
 from .sensitivity import (
     SeparationCurve,
     amplification,
     default_windows,
     growth_rate,
     sensitivity_table,
-    transition_from_sensitivity,
 )
-from .verdicts import GhostOutcome, GhostVerdict, ghost_verdict, transition_from_chaos
+from .verdicts import GhostOutcome, GhostVerdict, ghost_verdict
 
 __all__ = [
     "METHOD_LABELS",
     "ConeNumbers",
     "ConeSummary",
     "GhostOutcome",
+    "GhostPlateau",
     "GhostVerdict",
     "KernelEmbedding",
     "LayerView",
@@ -61,6 +65,7 @@ __all__ = [
     "default_windows",
     "estimate_transition",
     "ghost_outcomes",
+    "ghost_plateau",
     "ghost_verdict",
     "ghost_verdicts",
     "growth_rate",
@@ -69,11 +74,12 @@ __all__ = [
     "kernel_subset",
     "layer_view",
     "level_off_step",
+    "lr_change_note",
+    "lr_changes",
     "sensitivity_table",
     "separation_curves",
-    "transition_from_chaos",
     "transition_from_ghost_C",
     "transition_from_kernel_velocity",
-    "transition_from_sensitivity",
+    "transition_from_saturation",
     "transition_from_trajectory_C",
 ]

@@ -6,20 +6,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONSENSUS_METHODS", "METHOD_LABELS", "TransitionEstimate", "TransitionReport", "combine_estimates",
+__all__ = ["METHOD_LABELS", "SETTLING_METHODS", "TransitionEstimate", "TransitionReport", "combine_estimates",
            "unavailable"]
 
 QUALITIES = ("high", "medium", "low", "bound", "undetermined", "none", "unavailable")
 METHOD_LABELS = {
-    "chaos": "sensitivity of ghosts: where amplification of ε over a fixed window drops (Finding II)",
+    "chaos": "ghost outcomes: the first spawn whose ghosts saturate far below the early ghosts' level (Finding I)",
     "kernel_velocity": "kernel velocity: where S(t, t+Δ) at a fixed lag Δ drops (Fig. 5b)",
-    "trajectory_C": "C map: where the direction change of θ levels off for most t0 (Finding I)",
+    "trajectory_C": "C map: where the direction change of θ levels off for most t0",
     "ghost_C": "main-vs-ghost C: where it levels off for most spawns (Fig. 3a)",
     "online": "online detector (Probe(on_transition=...))",
 }
-#: Order in which estimators break ties for the consensus (the most direct reading of the transition first).
-#: ``"online"`` is the real-time version of ``"kernel_velocity"`` and never votes.
-CONSENSUS_METHODS = ("chaos", "kernel_velocity", "trajectory_C", "ghost_C")
+#: The estimates that locate when the main trajectory *settles* (a different event from the end of chaos, often
+#: later): reported on a line of their own, never a vote on the chaos estimate. Ties break in this order.
+SETTLING_METHODS = ("kernel_velocity", "trajectory_C", "ghost_C", "online")
 
 
 @dataclass(frozen=True)
@@ -72,27 +72,28 @@ def unavailable(method: str, reason: str) -> TransitionEstimate:
 
 @dataclass(frozen=True)
 class TransitionReport:
-    """All estimates of a run and the answer they give together.
+    """The answer to "when did training leave its chaotic phase?" and the estimates behind it.
 
-    The consensus is the step of one estimator, never a number made up between them: among the point estimates
-    of the voting methods (:data:`CONSENSUS_METHODS`; the online detector does not vote), the one with the
-    smallest summed |log ratio| to the others (ties: the order of :data:`CONSENSUS_METHODS`). ``agree`` is True
-    when the bracket of every informative estimate (a bound's half-line included) meets the consensus's bracket
-    widened by ×``tolerance`` — brackets, not points, so two estimators that each report their uncertainty are
-    not declared in conflict by a step that happens to sit at exactly ×``tolerance``; False otherwise (then
-    ``step`` is None and ``summary`` lists each estimate); None with fewer than two informative estimates (one
-    point estimate is reported as it is). ``method``/``interval``: the
-    estimator that gave ``step`` and its bracket; ``common``: the range of the agreeing point estimates.
+    The headline is the ``"chaos"`` estimate alone (:func:`dynprobe.analysis.transition_from_saturation`: does a
+    tiny perturbation change where training ends up?): ``step``, ``interval`` and ``quality`` are its own, and when
+    it locates nothing the headline says why. The trajectory estimates (:data:`SETTLING_METHODS`) locate when the
+    main trajectory settles, a different event: ``settles`` is the step of one of them (the one with the smallest
+    summed |log ratio| to the others), ``settles_agree`` whether every informative one meets its bracket widened
+    by ×``tolerance`` (a bound's half-line is compared with the unwidened bracket: a bound that excludes it is
+    disagreement), None with fewer than two. ``lr_note``: the learning-rate change the transition coincides with.
     """
 
     estimates: tuple[TransitionEstimate, ...]
     step: int | None
-    agree: bool | None
-    common: tuple[float, float] | None
-    tolerance: float
+    interval: tuple[int | None, int | None] | None
+    quality: str
     summary: str
-    method: str | None = None
-    interval: tuple[int | None, int | None] | None = None
+    settles: int | None = None
+    settles_interval: tuple[int | None, int | None] | None = None
+    settles_agree: bool | None = None
+    settles_summary: str = ""
+    tolerance: float = 2.0
+    lr_note: str | None = None
 
     def get(self, method: str) -> TransitionEstimate | None:
         return next((e for e in self.estimates if e.method == method), None)
@@ -100,21 +101,30 @@ class TransitionReport:
     @property
     def headline(self) -> str:
         """One sentence a practitioner can act on: the transition with its bracket, or why it is undetermined."""
+        lr = f" It {self.lr_note}." if self.lr_note else ""
         if self.step is not None:
             low, high = self.interval if self.interval else (None, None)
-            bracket = f" (between steps {_side(low)} and {_side(high)})" if self.interval else ""
-            others = sum(1 for e in self.estimates if e.informative and e.method in CONSENSUS_METHODS) - 1
-            support = (f"; {others} other estimate{'s' if others != 1 else ''} agree{'s' if others == 1 else ''} "
-                       f"within ×{self.tolerance:g}" if self.agree and others > 0 else
-                       "; the only estimate available" if self.agree is None else "")
-            return (f"Training left its chaotic phase at about step {self.step}{bracket}, according to the "
-                    f"{METHOD_LABELS.get(self.method or '', self.method).split(':')[0]}{support}.")
+            return (f"Training left its chaotic phase between steps {_side(low)} and {_side(high)}: a perturbation "
+                    f"of the weights before then changes where training ends up, one after it does not "
+                    f"({self.quality} quality).{lr}")
+        chaos = self.get("chaos")
+        if chaos is not None and chaos.quality == "bound" and chaos.interval is not None:
+            low, high = chaos.interval
+            where = f"lasts beyond step {low}" if high is None else f"ended before step {high}"
+            return f"The chaotic phase {where}: {chaos.summary}."
         return f"Transition undetermined, because {self.summary}."
 
+    @property
+    def settling_line(self) -> str:
+        """The trajectory estimates' line ("the trajectory settles at …"), or why there is none."""
+        return self.settles_summary
+
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "agree": self.agree, "common": list(self.common) if self.common else None,
-                "tolerance": self.tolerance, "summary": self.summary, "method": self.method,
-                "interval": list(self.interval) if self.interval else None, "headline": self.headline,
+        return {"step": self.step, "interval": list(self.interval) if self.interval else None,
+                "quality": self.quality, "summary": self.summary, "headline": self.headline,
+                "settles": self.settles, "settles_interval": list(self.settles_interval)
+                if self.settles_interval else None, "settles_agree": self.settles_agree,
+                "settles_summary": self.settles_summary, "tolerance": self.tolerance, "lr_note": self.lr_note,
                 "estimates": [e.to_dict() for e in self.estimates]}
 
 
@@ -126,52 +136,54 @@ def _log_gap(a: float, b: float) -> float:
     return abs(math.log(max(a, 1) / max(b, 1)))
 
 
-def combine_estimates(estimates: Sequence[TransitionEstimate], *, tolerance: float = 2.0) -> TransitionReport:
-    """The consensus of ``estimates`` (see :class:`TransitionReport`)."""
+def combine_estimates(estimates: Sequence[TransitionEstimate], *, tolerance: float = 2.0,
+                      lr_note: str | None = None) -> TransitionReport:
+    """The :class:`TransitionReport` of ``estimates``: the chaos estimate as the headline, the trajectory estimates
+    on their own line."""
     if not tolerance >= 1:
         raise ValueError(f"tolerance must be a step ratio >= 1; got {tolerance}")
-    voting = [e for e in estimates if e.informative and e.method in CONSENSUS_METHODS]
+    chaos = next((e for e in estimates if e.method == "chaos"), None)
+    settling = _settling(estimates, tolerance)
+    if chaos is None:
+        step, interval, quality, summary = None, None, "unavailable", "the run has no chaos estimate"
+    elif chaos.step is not None:
+        step, interval, quality, summary = chaos.step, chaos.interval, chaos.quality, chaos.summary
+    else:
+        step, interval, quality = None, chaos.interval, chaos.quality
+        summary = chaos.summary.removeprefix("undetermined: ")
+    return TransitionReport(tuple(estimates), step, interval, quality, summary, *settling, tolerance=tolerance,
+                            lr_note=lr_note if step is not None else None)
+
+
+def _settling(estimates: Sequence[TransitionEstimate], tolerance: float
+              ) -> tuple[int | None, tuple[int | None, int | None] | None, bool | None, str]:
+    """(step, bracket, agree, line) of the trajectory estimates."""
+    voting = [e for e in estimates if e.informative and e.method in SETTLING_METHODS]
     points = [e for e in voting if e.step is not None]
-    bounds = [e for e in voting if e.step is None]
-    listed = "; ".join(f"{e.method} {e.step if e.step is not None else _bound_text(e.interval)}"
-                       + (f" ({_bound_text(e.interval)})" if e.step is not None and e.interval else "")
-                       for e in voting)
+    listed = "; ".join(f"{METHOD_LABELS[e.method].split(':')[0]} "
+                       f"{e.step if e.step is not None else _bound_text(e.interval)}" for e in voting)
     if not points:
-        reasons = [e.summary for e in estimates if e.method in CONSENSUS_METHODS and e.quality != "unavailable"]
-        undetermined = [e for e in estimates if e.method in CONSENSUS_METHODS and e.quality == "undetermined"]
-        if bounds:
-            summary = f"no estimator located the transition, only bounds: {listed}"
-            if undetermined:
-                summary += f" ({undetermined[0].method}: {undetermined[0].summary.removeprefix('undetermined: ')})"
-        elif reasons:
-            summary = "no estimator located it: " + " / ".join(reasons[:2])
-        else:
-            summary = "no transition estimate is available for this run"
-        return TransitionReport(tuple(estimates), None, None if len(voting) < 2 else True, None, tolerance, summary)
-    rank = {m: k for k, m in enumerate(CONSENSUS_METHODS)}
+        if voting:
+            return None, None, None, f"the trajectory has not settled by the end of the run ({listed})"
+        return None, None, None, "no trajectory estimate is available"
+    rank = {m: k for k, m in enumerate(SETTLING_METHODS)}
     medoid = min(points, key=lambda e: (round(sum(_log_gap(e.step, o.step) for o in points), 9), rank[e.method]))
-    step = int(medoid.step)  # type: ignore[arg-type]
     agree = None if len(voting) < 2 else all(_overlap(e, medoid, tolerance) for e in voting)
     if agree is False:
-        summary = f"the estimates disagree (their brackets are more than ×{tolerance:g} apart): {listed}"
-        return TransitionReport(tuple(estimates), None, False, None, tolerance, summary)
-    values = [int(e.step) for e in points]  # type: ignore[arg-type]
-    if agree is None:
-        summary = f"one estimate only ({listed})"
-    else:
-        summary = f"the estimates agree (brackets within ×{tolerance:g}): transition near step {step} ({listed})"
-    return TransitionReport(tuple(estimates), step, agree, (float(min(values)), float(max(values))), tolerance,
-                            summary, medoid.method, medoid.interval)
+        return None, None, False, (f"the trajectory estimates disagree (brackets more than ×{tolerance:g} apart): "
+                                   f"{listed}")
+    return int(medoid.step), medoid.interval, agree, f"the trajectory settles at about step {medoid.step} ({listed})"
 
 
 def _overlap(e: TransitionEstimate, consensus: TransitionEstimate, tolerance: float) -> bool:
-    """Whether ``e``'s bracket (its step when it has none) meets the consensus bracket widened by ×tolerance."""
+    """Whether ``e``'s bracket meets the consensus bracket: widened by ×tolerance for a bracket or point, unwidened
+    for a bound (a half-line that excludes the consensus bracket is disagreement, however close its end)."""
     low, high = e.interval if e.interval else (e.step, e.step)
     c_low, c_high = consensus.interval if consensus.interval else (consensus.step, consensus.step)
-    if c_low is None:
-        c_low = consensus.step
-    if c_high is None:
-        c_high = consensus.step
+    c_low = consensus.step if c_low is None else c_low
+    c_high = consensus.step if c_high is None else c_high
+    if e.step is None:  # a bound
+        return (low is None or low < c_high) and (high is None or high > c_low)
     wide_low, wide_high = (c_low or 0) / tolerance, (c_high or 0) * tolerance
     return (low is None or low < wide_high) and (high is None or high > wide_low)
 

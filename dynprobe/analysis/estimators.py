@@ -20,9 +20,8 @@ from dynprobe._util.steps import lag_pairs, most_common_gap
 
 from .changepoint import weighted_quantile
 from .estimate import TransitionEstimate, unavailable
-from .verdicts import GhostOutcome, transition_from_chaos
 
-__all__ = ["GhostOutcome", "kernel_lag_series", "kernel_subset", "level_off_step", "transition_from_chaos",
+__all__ = ["kernel_lag_series", "kernel_subset", "level_off_step",
            "transition_from_ghost_C", "transition_from_kernel_velocity", "transition_from_trajectory_C"]
 
 #: Resampling density of a C row on the log-time axis log(1 + t): points per e-fold of time.

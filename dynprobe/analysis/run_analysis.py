@@ -4,19 +4,23 @@ Independent readings of the two-phase paper's transition (Zhou, Yang, Sugiyama &
 Two-Phase Learning Dynamics of Neural Networks*, §4–5), each a pure function of plain arrays (so it is testable
 without files) with a run-level wrapper in :func:`estimate_transition`:
 
-* ``chaos`` — the chaos effect (Finding II / Conjecture I) read as sensitivity: the first spawn step from which
-  ghosts amplify their perturbation much less over a fixed window of steps
-  (:func:`dynprobe.analysis.sensitivity.transition_from_sensitivity`, on ``run.separation``).
+* ``chaos`` — the headline: Finding I / Conjecture I read off where the ghosts end up: the first spawn step from
+  which every ghost's separation saturates far below the early ghosts' level
+  (:func:`dynprobe.analysis.saturation.transition_from_saturation`, on ``run.separation``).
+
+The others locate when the main trajectory *settles* — a different event, reported on a line of its own:
+
 * ``kernel_velocity`` — where S(θ_t, θ_t+Δ) (eq. 4) at a lag Δ fixed in steps drops (Fig. 5b).
-* ``trajectory_C`` — Finding I on the single-run map C(θ_t0, θ_t1) (eq. 1): where its rows stop rising.
-* ``ghost_C`` — Finding I on the main-vs-ghost map 1 − cos(θ_t1, θ'_t1) (the other reading of Fig. 3a).
+* ``trajectory_C`` — the single-run map C(θ_t0, θ_t1) (eq. 1): where its rows stop rising.
+* ``ghost_C`` — the main-vs-ghost map 1 − cos(θ_t1, θ'_t1) (Fig. 3a): where its rows level off.
 
 Every estimate is a :class:`TransitionEstimate` (step, bracket, quality flag, evidence, one-line summary) and
 degrades to ``quality="unavailable"`` with the reason when the run lacks what it needs. :func:`combine_estimates`
-gives the consensus (a step one estimator produced, or "the estimates disagree"). Each ghost's verdict at its
-last comparison (:func:`ghost_verdicts`) is shown next to them but is not an estimate: it depends on the
-horizon. Cone numbers are in :mod:`dynprobe.analysis.cone`; the online detector for ``Probe(on_transition=...)``
-in :mod:`dynprobe.analysis.detector`; :func:`analyze` bundles everything the report needs.
+gives the :class:`TransitionReport` (the chaos estimate as the headline, the settling line, and the learning-rate
+change the transition coincides with, from ``run.lr``). Each ghost's verdict at its last comparison
+(:func:`ghost_verdicts`) is evidence, used by the chaos estimate only when no spawn ends up below the others.
+Cone numbers are in :mod:`dynprobe.analysis.cone`; the online detector for ``Probe(on_transition=...)`` in
+:mod:`dynprobe.analysis.detector`; :func:`analyze` bundles everything the report needs.
 """
 from __future__ import annotations
 
@@ -38,8 +42,10 @@ from .estimators import (
     transition_from_kernel_velocity,
     transition_from_trajectory_C,
 )
-from .sensitivity import SeparationCurve, transition_from_sensitivity
-from .verdicts import GhostOutcome, GhostVerdict, ghost_verdict, transition_from_chaos
+from .learning_rate import lr_change_note
+from .saturation import transition_from_saturation
+from .sensitivity import SeparationCurve
+from .verdicts import GhostOutcome, GhostVerdict, ghost_verdict
 
 __all__ = [
     "METHOD_LABELS",
@@ -56,10 +62,9 @@ __all__ = [
     "ghost_verdicts",
     "kernel_subset",
     "separation_curves",
-    "transition_from_chaos",
     "transition_from_ghost_C",
     "transition_from_kernel_velocity",
-    "transition_from_sensitivity",
+    "transition_from_saturation",
     "transition_from_trajectory_C",
 ]
 
@@ -143,11 +148,13 @@ def ghost_outcomes(run: Run) -> list[GhostOutcome]:
     return outcomes
 
 
-def ghost_verdicts(run: Run, *, d_fraction: float = 0.25, b_fraction: float = 0.1) -> list[GhostVerdict]:
-    """Each perturbed ghost's verdict at its last comparison (:func:`dynprobe.analysis.verdicts.ghost_verdict`)."""
+def ghost_verdicts(run: Run, *, d_fraction: float = 0.25, b_fraction: float = 0.1,
+                   outcomes: Sequence[GhostOutcome] | None = None) -> list[GhostVerdict]:
+    """Each perturbed ghost's verdict at its last comparison (:func:`dynprobe.analysis.verdicts.ghost_verdict`);
+    ``outcomes``: the run's :func:`ghost_outcomes`, if already read."""
     eval_size = run.manifest.get("eval", {}).get("n")
     return [ghost_verdict(o, d_fraction=d_fraction, b_fraction=b_fraction, eval_size=eval_size)
-            for o in ghost_outcomes(run)]
+            for o in (ghost_outcomes(run) if outcomes is None else outcomes)]
 
 
 def separation_curves(run: Run) -> list[SeparationCurve]:
@@ -176,19 +183,24 @@ def _online_estimate(run: Run) -> TransitionEstimate | None:
                               {**data.get("evidence", {}), "fired_at_step": record.get("step")})
 
 
-def estimate_transition(run: Run, *, tolerance: float = 2.0,
-                        curves: Sequence[SeparationCurve] | None = None) -> TransitionReport:
-    """Every transition estimate of ``run`` (see the module docstring) and their consensus. ``curves``: the run's
-    :func:`separation_curves`, if already read."""
+def estimate_transition(run: Run, *, tolerance: float = 2.0, curves: Sequence[SeparationCurve] | None = None,
+                        verdicts: Sequence[GhostVerdict] | None = None) -> TransitionReport:
+    """Every transition estimate of ``run`` (see the module docstring) and the :class:`TransitionReport`.
+    ``curves`` and ``verdicts``: the run's :func:`separation_curves` and :func:`ghost_verdicts`, if already read."""
     steps = run.steps
     C = checked_matrix("C", run.C, steps, str(rows_path(run.path, "C")))
     S = checked_matrix("S", run.S, steps, str(rows_path(run.path, "S")))
     curves = separation_curves(run) if curves is None else curves
     if any(not c.control and c.steps.size for c in curves):
-        chaos = transition_from_sensitivity(curves)
+        outcomes = ghost_outcomes(run)
+        verdicts = ghost_verdicts(run, outcomes=outcomes) if verdicts is None else verdicts
+        chaos = transition_from_saturation(
+            curves, verdicts={v.ghost: v.verdict for v in verdicts if v.ghost is not None},
+            outcomes={o.ghost: {"C": o.C, "D": o.D, "B_linear": o.B_linear} for o in outcomes
+                      if o.ghost is not None})
     elif any(not g.control for g in run.ghosts):
         chaos = unavailable("chaos", "the ghosts have no separation curves (a run recorded by an older dynprobe): "
-                                     "the sensitivity estimate needs them — record the run again")
+                                     "the chaos estimate needs them — record the run again")
     else:
         chaos = unavailable("chaos", "no perturbed ghosts in this run: pass "
                                      "Probe(..., ghosts=dynprobe.Ghosts(at=[...])) and watch the loss")
@@ -204,7 +216,8 @@ def estimate_transition(run: Run, *, tolerance: float = 2.0,
     online = _online_estimate(run)
     if online is not None:
         estimates.append(online)
-    return combine_estimates(estimates, tolerance=tolerance)
+    lr_note = lr_change_note(run.lr, chaos.interval) if chaos.step is not None else None
+    return combine_estimates(estimates, tolerance=tolerance, lr_note=lr_note)
 
 
 @dataclass(frozen=True)
@@ -226,7 +239,8 @@ def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2
     for name in ("D",):
         checked_matrix(name, run.D, run.steps, str(rows_path(run.path, name)))
     curves = separation_curves(run)
-    transition = estimate_transition(run, tolerance=tolerance, curves=curves)
+    verdicts = ghost_verdicts(run)
+    transition = estimate_transition(run, tolerance=tolerance, curves=curves, verdicts=verdicts)
     cone = cone_summary(run.steps, run.S, taus=taus, transition_step=transition.step)
     missing = []
     if len(run) < 2:
@@ -239,4 +253,4 @@ def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2
                        "criterion = probe.watch(criterion)")
     if run.status in ("running", "interrupted"):
         missing.append(f"the run is {run.status}: this analysis covers the {len(run)} snapshots committed so far")
-    return RunAnalysis(transition, cone, tuple(missing), tuple(ghost_verdicts(run)), tuple(curves))
+    return RunAnalysis(transition, cone, tuple(missing), tuple(verdicts), tuple(curves))

@@ -1,8 +1,9 @@
 """Where each ghost stands at its last comparison: diverged, close, or too near a threshold to say.
 
 A verdict describes one ghost at one step t1 (its last comparison); it is not a transition estimate, because a
-still-chaotic ghost that looks close at t1 can diverge later (the ``"chaos"`` estimate in :mod:`.sensitivity`
-reads sensitivity over fixed windows instead). Each metric is compared with a threshold taken from a measured
+still-chaotic ghost that looks close at t1 can diverge later (the ``"chaos"`` estimate in :mod:`.saturation`
+reads where each ghost's separation saturates instead, and uses these verdicts only when no spawn ends up below the
+others). Each metric is compared with a threshold taken from a measured
 scale where one exists, and every threshold travels with the value it was compared with:
 
 * ``D`` (eq. 6): ``d_fraction`` (¼) of the main run's eval error — the disagreement of two independently trained
@@ -11,9 +12,11 @@ scale where one exists, and every threshold travels with the value it was compar
 * ``B_linear``, the loss barrier with the linear reference of linear mode connectivity (Frankle et al. 2020),
   max_α [L(θ_α) − (α L_a + (1 − α) L_b)]: ``b_fraction`` (10 %) of the main eval loss, and at least the barrier
   that SGD itself makes between consecutive snapshots of the main run and the control's. Eq. 5's barrier (mean
-  reference) is never used: it is at least ½|L_a − L_b|, the endpoint loss gap, even with no barrier on the path;
-* ``C`` (eq. 1): the main run's own direction change over its last snapshot interval (the SGD scale), at least
-  the control's C.
+  reference) is never used: it is at least ½|L_a − L_b|, the endpoint loss gap, even with no barrier on the path.
+
+C (eq. 1) is not compared with a threshold: its only scale on the main run, the direction change over the last
+snapshot interval, depends on where the snapshots fall, so a verdict based on it would flip when the run is
+extended; 1 − cos travels with the chaos estimate's evidence instead.
 
 A ghost *diverged* when a metric exceeds its threshold (or it stopped with non-finite values), is *close* when
 every measured metric is at most half its threshold, and is *borderline* otherwise — no verdict hangs on a value
@@ -22,14 +25,10 @@ that sits at a threshold by accident.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .estimate import TransitionEstimate, unavailable
-
-__all__ = ["GhostOutcome", "GhostVerdict", "ghost_verdict", "transition_from_chaos"]
+__all__ = ["GhostOutcome", "GhostVerdict", "ghost_verdict"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,6 @@ def ghost_verdict(outcome: GhostOutcome, *, d_fraction: float = 0.25, b_fraction
                                            f"{b_fraction:g} × main eval loss"),
                                           (g.B_scale, "B_linear between consecutive main-run snapshots"),
                                           (g.control_B_linear, "the ε = 0 control's B_linear"))),
-        "C": (g.C, _largest((g.C_scale, "main-run C over its last snapshot interval"),
-                            (g.control_C, "the ε = 0 control's C"))),
     }
     checks: dict[str, dict[str, Any]] = {}
     above_any, all_low = False, True
@@ -125,37 +122,3 @@ def ghost_verdict(outcome: GhostOutcome, *, d_fraction: float = 0.25, b_fraction
     else:
         verdict = "diverged" if above_any else "close" if all_low else "borderline"
     return GhostVerdict(g.spawn_step, g.final_step, verdict, checks, g.ghost)
-
-
-def transition_from_chaos(outcomes: Sequence[GhostOutcome], *, d_fraction: float = 0.25, b_fraction: float = 0.1,
-                          eval_size: int | None = None) -> TransitionEstimate:
-    """Deprecated: the first spawn from which every ghost is *close* at its last comparison.
-
-    Final values depend on when the run stops (a still-chaotic ghost looks close until it has had time to
-    diverge), so :func:`dynprobe.analysis.analyze` no longer uses this rule: its ``"chaos"`` estimate is
-    :func:`dynprobe.analysis.transition_from_sensitivity` on the ghosts' separation curves. Kept for one release,
-    with the verdicts of :func:`ghost_verdict` (never the endpoint loss gap).
-    """
-    warnings.warn("transition_from_chaos compares final values, which depend on the run's horizon; use "
-                  "dynprobe.analysis.transition_from_sensitivity on run separation curves (analyze(run) does)",
-                  DeprecationWarning, stacklevel=2)
-    ghosts = sorted(outcomes, key=lambda g: g.spawn_step)
-    if not ghosts:
-        return unavailable("chaos", "no perturbed ghost was compared with the main run: pass "
-                                    "Probe(..., ghosts=dynprobe.Ghosts(at=[...])) and watch the loss")
-    verdicts = [ghost_verdict(g, d_fraction=d_fraction, b_fraction=b_fraction, eval_size=eval_size) for g in ghosts]
-    evidence: dict[str, Any] = {"ghosts": [v.to_dict() for v in verdicts]}
-    spawns = [g.spawn_step for g in ghosts]
-    close = [v.verdict == "close" for v in verdicts]
-    first_close = next(k for k in range(len(ghosts) + 1) if all(close[k:]))
-    if first_close == len(ghosts):
-        return TransitionEstimate("chaos", None, (spawns[-1], None), "bound",
-                                  f"no ghost is close at the end, the last spawned at step {spawns[-1]}", evidence)
-    if first_close == 0:
-        return TransitionEstimate("chaos", None, (None, spawns[0]), "bound",
-                                  f"every ghost is close at the end, the first spawned at step {spawns[0]}", evidence)
-    monotone = all(v.verdict == "diverged" for v in verdicts[:first_close])
-    low, high = spawns[first_close - 1], spawns[first_close]
-    return TransitionEstimate("chaos", high, (low, high), "medium" if monotone else "low",
-                              f"ghosts spawned at step ≤ {low} are not close at the end, from step {high} on they are",
-                              evidence)

@@ -26,8 +26,12 @@ class Ghosts:
     then trained on exactly the main run's batches, randomness, autocast state and hyper-parameters.
 
     Args:
-        at: spawn steps: a list, or a :class:`dynprobe.schedule.Schedule`. One perturbed ghost per step.
-        perturbation: ε; ghost *i* (in spawn order) uses ``seed = perturbation.seed + i``.
+        at: spawn steps: a list, or a :class:`dynprobe.schedule.Schedule`.
+        directions: perturbed ghosts per spawn step, each with its own direction of ε (default 1). With k ≥ 2 the
+            chaos estimate reads the spread of where they end up: a spawn whose directions straddle its threshold
+            widens the transition's bracket. Each direction costs one ghost (``estimate_cost`` counts them).
+        perturbation: ε; perturbed ghost *i* (in spawn order, directions of one step consecutive) uses
+            ``seed = perturbation.seed + i``.
         control: also spawn an ε = 0 ghost at the first spawn step. It must stay bit-identical to the main run;
             the probe checks it against the main model after every step and records any drift (a canary for
             training logic the ghosts cannot see).
@@ -59,6 +63,7 @@ class Ghosts:
 
     at: Any = (0, 100, 1000)
     perturbation: Perturbation = field(default_factory=Perturbation)
+    directions: int = 1
     control: bool = True
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
@@ -98,6 +103,7 @@ class Ghosts:
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError("Ghosts(loss_fn=) must be callable")
         self._deprecated_names()
+        _positive_int("directions", self.directions)
         if self.lifetime_steps is not None:
             _positive_int("lifetime_steps", self.lifetime_steps)
         _positive_int("kernel_every_snapshots", self.kernel_every_snapshots)
@@ -152,6 +158,7 @@ class Ghosts:
             "at": self.at.to_config(),
             "perturbation": {"norm": self.perturbation.norm, "kind": self.perturbation.kind,
                              "seed": self.perturbation.seed},
+            "directions": self.directions,
             "control": self.control,
             "clip_grad_norm": self.clip_grad_norm,
             "clip_grad_value": self.clip_grad_value,

@@ -144,29 +144,24 @@ def learning_rates(lr_at: Callable | None, total_steps: int, groups: int) -> lis
 
 
 def warn_on_lr_mismatch(run: Any, schedule: list[list[float]] | None, total_steps: int) -> None:
-    """The run records, at each snapshot, the first group's lr of the step just taken (or of the coming one)."""
-    recorded = [(int(s), lr) for s, lr in zip(run.steps, run.lr) if s <= total_steps and np.isfinite(lr)]
+    """Compare ``lr_at`` with the learning rate the run recorded for every optimizer step (``run.lr``, first group)."""
+    rates = run.lr[:total_steps, 0] if run.lr.shape[1] else np.zeros(0)
+    recorded = [(s, float(v)) for s, v in enumerate(rates) if np.isfinite(v)]
     if not recorded:
         return
     if schedule is None:
-        if len({lr for _, lr in recorded}) > 1:
-            warnings.warn("dynprobe: the run's learning rate changed over its snapshots, but lr_at is None: the "
+        if len({v for _, v in recorded}) > 1:
+            warnings.warn("dynprobe: the run's learning rate changed during training, but lr_at is None: the "
                           "linearized phase trains at the optimizer_factory's constant lr; pass lr_at=step -> lr to "
                           "continue the run's schedule", RuntimeWarning, stacklevel=3)
         return
-    if total_steps == 0:
-        return
-
-    def lr(step: int) -> float:
-        return schedule[min(max(step, 0), total_steps - 1)][0]
-
-    off = [(s, value) for s, value in recorded
-           if not any(math.isclose(value, lr(k), rel_tol=1e-6, abs_tol=1e-12) for k in (s - 1, s))]
+    off = [(s, v) for s, v in recorded
+           if not math.isclose(v, schedule[min(s, total_steps - 1)][0], rel_tol=1e-6, abs_tol=1e-12)]
     if off:
         warnings.warn(f"dynprobe: lr_at disagrees with the learning rate the run recorded at steps "
-                      f"{[s for s, _ in off[:5]]} (recorded {[float(v) for _, v in off[:3]]}, lr_at gives "
-                      f"{[lr(s - 1) for s, _ in off[:3]]}); lr_at(s) must be the lr of the step training on batch s",
-                      RuntimeWarning, stacklevel=3)
+                      f"{[s for s, _ in off[:5]]} (recorded {[v for _, v in off[:3]]}, lr_at gives "
+                      f"{[schedule[min(s, total_steps - 1)][0] for s, _ in off[:3]]}); lr_at(s) must be the lr of "
+                      "the step training on batch s", RuntimeWarning, stacklevel=3)
 
 
 def configuration(run: Any, template: nn.Module, optimizer: torch.optim.Optimizer,

@@ -198,9 +198,10 @@ class GhostSet:
             spawned += self._spawn(step, Perturbation(norm=0.0, kind=self.config.perturbation.kind, seed=0),
                                    control=True)
         base = self.config.perturbation
-        spawned += self._spawn(step, Perturbation(norm=base.norm, kind=base.kind, seed=base.seed + self._perturbed),
-                               control=False)
-        self._perturbed += 1
+        for _ in range(self.config.directions):  # one ghost per direction of ε, each with its own seed
+            spawned += self._spawn(step, Perturbation(norm=base.norm, kind=base.kind,
+                                                      seed=base.seed + self._perturbed), control=False)
+            self._perturbed += 1
         self.separation.flush()
         self._warn_realized_norms([g for g in spawned if not g.control], step)
 

@@ -38,6 +38,7 @@ from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.barriers import BarrierScheduler
 from dynprobe.recording.kernel_probe import KernelMeasure
+from dynprobe.recording.learning_rate import LearningRateLog
 from dynprobe.recording.progress import SnapshotProgress
 from dynprobe.recording.snapshot import SnapshotRecorder
 from dynprobe.recording.train_loss import TrainLoss
@@ -226,6 +227,7 @@ class Probe:
         last = int(self.writer.snapshots[-1]["step"]) if resumed and self.writer.snapshots else None
         self._train_loss = TrainLoss(train_loss_path(self.out) if writes else None,
                                      resumed_at=self.step_count if resumed else None, since=last)
+        self._learning_rates = LearningRateLog(self.out if writes else None)
         self._recorder = SnapshotRecorder(
             self.writer, model, self._params, self.eval_set, device=self.device, storage_dtype=self.storage_dtype,
             output_fn=self.output_fn, eval_batch_size=options.eval_batch_size,
@@ -384,6 +386,7 @@ class Probe:
         if self._busy or self._closed:
             return
         self._hook_steps += 1
+        self._learning_rates.note(self.step_count, optimizer.param_groups)
         self.step_count += 1
         self._guarded(self._after_step_work)
         self._transition.notify()
@@ -411,6 +414,7 @@ class Probe:
             micro = explicit_micro_batch(inputs, targets, self._cuda_devices,
                                          with_loss=self._ghosts.loss_from_output is None)
             self._ghosts.train_step([micro], self.step_count + 1)
+        self._learning_rates.note(self.step_count, self.optimizer.param_groups)
         self.step_count += 1
 
     def _on_training_loss(self, loss: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -427,6 +431,7 @@ class Probe:
 
     def _snapshot(self) -> None:
         warn_about_new_parameters(self.model, self._named_params, self._warned)
+        self._learning_rates.flush()
         self._sequence.take(self.step_count, ghosts=self._ghosts)
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -470,6 +475,7 @@ class Probe:
                 warnings.warn(f"dynprobe: ghost spawn steps {unreached} were never reached (the run ended at "
                               f"step {self.step_count})", RuntimeWarning, stacklevel=3)
         attempt(self._train_loss.flush, failures)
+        attempt(self._learning_rates.flush, failures)
         if self._dist is None or self._dist.is_writer:
             attempt(self._recorder.materialize, failures)
         attempt(self._recorder.release, failures)

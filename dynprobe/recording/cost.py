@@ -227,7 +227,8 @@ class _Plan:
         if spawns and ghosts is not None and ghosts.control:
             self.ghosts.append((0, spawns[0], True))
         for spawn in spawns:
-            self.ghosts.append((len(self.ghosts), spawn, False))
+            for _ in range(ghosts.directions if ghosts is not None else 1):
+                self.ghosts.append((len(self.ghosts), spawn, False))
 
     def live(self, step: int) -> list[tuple[int, bool]]:
         return [(index, control) for index, spawn, control in self.ghosts

@@ -1,11 +1,8 @@
 """The report's sensitivity section: separation curves, growth rates, each ghost's verdict, the chaos maps."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from dynprobe.analysis.sensitivity import amplification, growth_rate
 from dynprobe.report import figures
 from dynprobe.report.summary import ghost_mode
 
@@ -16,8 +13,10 @@ from ._text import INTROS
 
 __all__ = ["chaos_section"]
 
-_GROWTH_CAPTION = ("λ(t0, Δ) = log A(t0, Δ) / Δ for windows Δ from the estimate's on; a point where the ghost has "
-                   "run Δ steps.")
+_PLATEAU_CAPTION = ("Each ghost's plateau level: the median separation over the last tenth of its life (filled: "
+                    "saturated, changing less than the plateau factor over the last half of its life). The chaos "
+                    "estimate brackets the transition between the last spawn on the chaotic level and the first "
+                    "whose every ghost saturates K× below it.")
 
 _MISSING_GHOSTS = ("No ghosts in this run, so no sensitivity or chaos maps: pass <code>Probe(..., "
                    "ghosts=dynprobe.Ghosts(at=[0, 100, 1000]))</code> and watch the loss (<code>criterion = "
@@ -64,25 +63,24 @@ def _sensitivity(s: SectionContext) -> str:
         return missing("No separation curves in this run (recorded by newer dynprobe versions after every ghost "
                        "step): the sensitivity estimate and its figures need them.")
     evidence = chaos.evidence if chaos is not None else {}
-    window = evidence.get("window")
     s.tick("separation curves")
     mode = (s.run.manifest.get("ghost_mode") or {}).get("mode")
     suffix = f" ({mode} ghosts)" if mode and mode != "sequential" else ""
-    separation = figures.separation_figure(curves, window=window, transition=s.transition, log_steps=s.log_steps,
+    separation = figures.separation_figure(curves, transition=s.transition, log_steps=s.log_steps,
                                            title_suffix=suffix)
-    perturbed = sorted((c for c in curves if not c.control and c.realized_norm > 0 and c.steps.size),
-                       key=lambda c: c.spawn_step)
-    grid = [int(w) for w in evidence.get("windows", [])]
-    shown = [w for w in grid if window is not None and window <= w <= 20 * window][:4] or grid[-3:]
-    rates = {w: [growth_rate(amplification(c, w), w) for c in perturbed] for w in shown}
-    threshold = (math.log(evidence["threshold_A"]) / window) if window and "threshold_A" in evidence else None
-    s.tick("growth rates")
-    growth = figures.growth_figure([c.spawn_step for c in perturbed], rates, chosen=window, threshold_rate=threshold,
-                                   bracket=chaos.interval if chaos is not None else None, transition=s.transition,
-                                   log_steps=s.log_steps)
+    s.tick("plateau levels")
+
+    def number(key: str) -> float | None:
+        value = evidence.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    plateau = figures.plateau_figure(evidence.get("ghosts", []), chaotic_level=number("chaotic_level"),
+                                     threshold=number("threshold_L2"),
+                                     bracket=chaos.interval if chaos is not None else None, transition=s.transition,
+                                     log_steps=s.log_steps)
     caption = esc(chaos.summary) if chaos is not None else ""
     return (f'<div class="grid">{img(separation, "separation curves", caption)}'
-            f'{img(growth, "growth rate against spawn step", _GROWTH_CAPTION)}</div>')
+            f'{img(plateau, "plateau level against spawn step", _PLATEAU_CAPTION)}</div>')
 
 
 def _ghost_table(s: SectionContext) -> str:
@@ -90,7 +88,6 @@ def _ghost_table(s: SectionContext) -> str:
     estimate = s.result.transition.get("chaos")
     sensitivity = {g["ghost"]: g for g in (estimate.evidence.get("ghosts", []) if estimate is not None else [])}
     verdicts = {v.ghost: v for v in s.result.verdicts}
-    window = estimate.evidence.get("window") if estimate is not None else None
     rows = []
     for row, g in enumerate(run.ghosts):
         compared = np.flatnonzero(np.isfinite(chaos["D"][row]))
@@ -107,19 +104,24 @@ def _ghost_table(s: SectionContext) -> str:
         where = (f"{esc(verdict.verdict)} at step {verdict.final_step}" if verdict else
                  "control" if g.control else "—")
         rows.append([fmt(g.index), fmt(g.spawn_step), "yes" if g.control else "", esc(g.kind), fmt(g.realized_norm),
-                     esc(g.status) + (f" ({esc(g.reason)})" if g.reason else ""), fmt(sens.get("A"), 3),
-                     fmt(sens.get("lambda"), 3), where, check("D"), check("B_linear"), check("C"),
+                     esc(g.status) + (f" ({esc(g.reason)})" if g.reason else ""), _number(sens.get("level_L2")),
+                     _number(sens.get("growth")), esc(sens.get("class", "—")), where, check("D"), check("B_linear"),
+                     fmt(chaos["C"][row, last] if last is not None else None, 3),
                      fmt(chaos["B"][row, last] if last is not None else None, 3)])
-    head = ["ghost", "spawn t0", "control", "ε kind", "realized ‖ε‖", "status",
-            f"A over Δ = {window}" if window else "A", "λ per step", "verdict at its last comparison",
-            "D vs threshold", "B_linear vs threshold", "C vs threshold", "B (eq. 5, not used)"]
+    head = ["ghost", "spawn t0", "control", "ε kind", "realized ‖ε‖", "status", "plateau level L2",
+            "growth over the last half of its life", "class", "verdict at its last comparison", "D vs threshold",
+            "B_linear vs threshold", "1 − cos (C)", "B (eq. 5, not used)"]
     sources = sorted({c["source"] for v in s.result.verdicts for c in v.checks.values() if c.get("source")})
     return ("<h3>Every ghost</h3>" + table(head, rows) +
             "<p>A verdict compares each value with its threshold: <b>diverged</b> when one exceeds it, <b>close</b> "
             "when every one is at most half of it, <b>borderline</b> in between (no decision hangs on a value that "
             "sits at a threshold). A verdict describes the ghost at its last comparison only — a still-chaotic ghost "
-            "can look close until it has had time to diverge — so the transition is read from A, not from "
-            f"verdicts. Thresholds from: {esc('; '.join(sources)) or '—'}.</p>")
+            "can look close until it has had time to diverge — so the transition is read from where each ghost's "
+            f"separation saturates, not from verdicts. Thresholds from: {esc('; '.join(sources)) or '—'}.</p>")
+
+
+def _number(value: object) -> str:
+    return fmt(float(value), 3) if isinstance(value, (int, float)) else esc(str(value)) if value else "—"
 
 
 def _maps(s: SectionContext, mode: str) -> str:

@@ -73,16 +73,16 @@ class RunSections(SectionContext):
 
     def summary(self) -> str:
         report = self.result.transition
-        agree = {True: "agree", False: "disagree", None: "—"}[report.agree]
         rows = []
         for e in report.estimates:
-            consensus = " <b>(headline)</b>" if e.method == report.method and report.step is not None else ""
-            rows.append([esc(e.label) + consensus, fmt(e.step), esc(interval_text(e.interval)),
+            role = " <b>(headline)</b>" if e.method == "chaos" else " (trajectory)"
+            rows.append([esc(e.label) + role, fmt(e.step), esc(interval_text(e.interval)),
                          f'<span class="q-{esc(e.quality)}">{esc(e.quality)}</span>', esc(e.summary),
                          _thresholds(e)])
         parts = [note(INTROS["summary"]),
-                 f"<h3>Transition estimates</h3><p>{esc(report.summary)} (estimates {agree}: brackets widened by "
-                 f"×{report.tolerance:g} must meet; the online detector is listed but does not vote).</p>",
+                 f"<h3>Transition estimates</h3><p>{esc(report.headline)}</p>"
+                 f"<p>Separately, {esc(report.settling_line)} — when the main trajectory settles is a different "
+                 "event from the end of the chaotic phase, and these estimates do not vote on it.</p>",
                  table(["estimate", "step", "bracket", "quality", "evidence", "thresholds (value compared)"], rows)]
         cone = self.result.cone
         parts.append("<h3>Cone</h3>")
@@ -110,13 +110,17 @@ class RunSections(SectionContext):
         if len(run) < 1:
             return missing("No snapshot has been committed yet.")
         self.tick("loss and accuracy")
+        rates = run.lr
+        # the rate of the update after each snapshot (the last snapshot: the rate of the update that reached it)
+        lr = (rates[np.clip(run.steps, 0, rates.shape[0] - 1), 0] if rates.shape[0] and rates.shape[1]
+              else np.full(len(run), np.nan))
         loss = figures.curves_figure(self.steps, {"eval loss": run.eval_loss, "train loss": run.train_loss},
                                      ylabel="loss", title="Loss", log_steps=self.log_steps, log_y=self.log_y,
                                      transition=self.transition)
         accuracy = figures.curves_figure(self.steps, {"eval accuracy": run.eval_accuracy}, ylabel="accuracy",
                                          title="Eval accuracy (and learning rate)", log_steps=self.log_steps,
                                          transition=self.transition,
-                                         secondary={"lr": run.lr} if np.isfinite(run.lr).any() else None,
+                                         secondary={"lr": lr} if np.isfinite(lr).any() else None,
                                          secondary_label="learning rate")
         return (note(INTROS["training"]) +
                 f'<div class="grid">{img(loss, "loss curves")}{img(accuracy, "accuracy curve")}</div>')

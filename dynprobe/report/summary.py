@@ -135,14 +135,15 @@ def _bracket(interval: tuple[int | None, int | None] | None) -> str:
 
 def _transition(result: RunAnalysis) -> Table:
     report = result.transition
-    verdict = {True: "agree", False: "disagree", None: "—"}[report.agree]
-    table = Table(title=Text(f"Phase transition — estimates {verdict}"), title_justify="left", show_edge=False,
-                  caption=safe_text(report.summary), caption_justify="left")
+    table = Table(title=Text("Phase transition — the chaos estimate decides; trajectory estimates shown apart"),
+                  title_justify="left", show_edge=False,
+                  caption=safe_text(f"Separately, {report.settling_line}."), caption_justify="left")
     for column, justify in (("estimate", "left"), ("step", "right"), ("bracket", "right"), ("quality", "left"),
                             ("evidence", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for e in report.estimates:
-        table.add_row(safe_text(e.label), _fmt(e.step), _bracket(e.interval),
+        role = " (headline)" if e.method == "chaos" else " (trajectory)"
+        table.add_row(safe_text(e.label + role), _fmt(e.step), _bracket(e.interval),
                       safe_text(e.quality, _QUALITY_STYLE.get(e.quality, "")), safe_text(e.summary))
     return table
 
@@ -150,30 +151,35 @@ def _transition(result: RunAnalysis) -> Table:
 def _ghosts(result: RunAnalysis) -> Table | None:
     chaos = result.transition.get("chaos")
     rows = (chaos.evidence.get("ghosts") if chaos is not None else None) or []
-    verdicts = {v.spawn_step: v for v in result.verdicts}
+    verdicts = {v.ghost: v for v in result.verdicts}
     if not rows and not verdicts:
         return None
-    window = chaos.evidence.get("window") if chaos is not None else None
-    table = Table(title=Text("Ghosts: sensitivity over a fixed window, and where each ended"), title_justify="left",
-                  show_edge=False, caption=Text("A = δ(t0 + Δ): how many times the perturbation grew in Δ steps; "
-                                                "λ = log A / Δ per step. Verdicts compare each value with its "
-                                                "threshold (value / threshold)."), caption_justify="left")
-    for column in ("t0", f"A over Δ = {window}" if window else "A", "λ per step", "verdict at t1", "D", "B_linear",
-                   "C"):
-        table.add_column(column, justify="right" if column != "verdict at t1" else "left")
-    spawns = sorted({r["spawn_step"] for r in rows} | set(verdicts))
-    by_spawn = {r["spawn_step"]: r for r in rows}
-    for t0 in spawns:
-        row, verdict = by_spawn.get(t0, {}), verdicts.get(t0)
+    rule = chaos.evidence.get("rule", {}) if chaos is not None else {}
+    table = Table(title=Text("Ghosts: where each one's separation ended up"), title_justify="left", show_edge=False,
+                  caption=Text(f"L2 level: median ‖θ' − θ‖ over the last {rule.get('tail_fraction', 0.1):g} of the "
+                               f"ghost's life; growth over the last {rule.get('plateau_fraction', 0.5):g} of it "
+                               f"(saturated at ≤ ×{rule.get('plateau_factor', 2):g}); class: high = on the chaotic "
+                               f"level, low = ≥ ×{rule.get('level_ratio', 10):g} below it. Verdicts compare D and "
+                               "B_linear with their thresholds (value / threshold)."), caption_justify="left")
+    for column in ("ghost", "t0", "L2 level", "growth", "class", "1 − cos", "verdict at t1", "D", "B_linear"):
+        table.add_column(column, justify="left" if column in ("class", "verdict at t1") else "right")
+    ghosts = sorted({r["ghost"] for r in rows} | set(verdicts), key=lambda g: (g is None, g))
+    by_ghost = {r["ghost"]: r for r in rows}
+    for ghost in ghosts:
+        row, verdict = by_ghost.get(ghost, {}), verdicts.get(ghost)
         checks = verdict.checks if verdict else {}
 
         def check(name: str) -> str:
             c = checks.get(name)
             return "—" if not c else f"{_fmt(c['value'], 3)} / {_fmt(c['threshold'], 3)}"
 
+        growth = row.get("growth")
+        growth_text = "—" if growth is None else f"×{_fmt(growth, 3)}" + (" ✓" if row.get("saturated") else "")
         where = f"{verdict.verdict} (step {verdict.final_step})" if verdict else "—"
-        table.add_row(str(t0), _fmt(row.get("A"), 3), _fmt(row.get("lambda"), 3), safe_text(where), check("D"),
-                      check("B_linear"), check("C"))
+        t0 = row.get("spawn_step", verdict.spawn_step if verdict else None)
+        table.add_row(_fmt(ghost), _fmt(t0), _fmt(row.get("level_L2"), 3), growth_text,
+                      safe_text(row.get("class", "—")), _fmt(row.get("C"), 3), safe_text(where), check("D"),
+                      check("B_linear"))
     return table
 
 

@@ -15,6 +15,8 @@ Format version 1 (the README's "Run directory" section describes it for users)::
       metrics/B.jsonl           loss barriers between snapshots, one JSON line per pair
       switching/results.jsonl   switching-experiment results, one JSON line per switch step
       train_loss.f8             the watched training loss of every call: little-endian float64 (step, loss) pairs
+      lr/group_000.f8           a param group's learning rate: float64 (step, lr) pairs where it changed, and at
+                                the last step before each snapshot
       ghosts/ghost_001.separation  a ghost's separation curve: little-endian float64 (step, ‖θ' − θ_ref‖₂) pairs
       writer.lock               the writer's exclusive lock (flock; pid and host of the writer inside)
 
@@ -64,6 +66,8 @@ __all__ = [
     "snapshot_file",
     "switching_results_path",
     "train_loss_path",
+    "lr_path",
+    "lr_files",
 ]
 
 FORMAT_VERSION = 1
@@ -79,6 +83,8 @@ SWITCHING = "switching"
 BARRIERS = "B.jsonl"
 SWITCHING_RESULTS = "results.jsonl"
 TRAIN_LOSS = "train_loss.f8"
+LR = "lr"
+LR_SUFFIX = ".f8"
 GHOSTS = "ghosts"
 SEPARATION = "separation"
 LOCK = "writer.lock"
@@ -149,6 +155,21 @@ def switching_results_path(root: Path) -> Path:
 def train_loss_path(root: Path) -> Path:
     """``train_loss.f8``: (step, loss) float64 pairs, one per watched training-loss call."""
     return Path(root) / TRAIN_LOSS
+
+
+def lr_path(root: Path, group: int) -> Path:
+    """``lr/group_000.f8``: (step, lr) float64 pairs of one param group (row t: the update from θ_t to θ_t+1)."""
+    return Path(root) / LR / f"group_{int(group):03d}{LR_SUFFIX}"
+
+
+def lr_files(root: Path) -> dict[int, Path]:
+    """Every param group's learning-rate log of the run, by group number."""
+    out = {}
+    for p in sorted((Path(root) / LR).glob(f"group_*{LR_SUFFIX}")):
+        number = p.name.removeprefix("group_").removesuffix(LR_SUFFIX)
+        if number.isdigit():
+            out[int(number)] = p
+    return out
 
 
 def run_array_path(root: Path, name: str) -> Path:

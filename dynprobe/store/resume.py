@@ -43,6 +43,7 @@ from .layout import (
     barriers_path,
     damaged_copy_path,
     is_temporary,
+    lr_files,
     matrix_files,
     rows_files,
     separation_files,
@@ -170,6 +171,8 @@ def apply_resume(root: Path, plan: ResumePlan, *, durable: bool = False) -> None
     for path in matrix_files(root).values():
         path.unlink()
     PairLog(train_loss_path(root)).truncate_after(plan.step)
+    for path in lr_files(root).values():  # row t is the update from θ_t: the resumed run takes update R again
+        PairLog(path).truncate_after(plan.step - 1)
     ghosts = {e["ghost"] for e in plan.events if e["event"] == "ghost_spawn"}
     for ghost, path in separation_files(root).items():
         if ghost in ghosts:

@@ -46,6 +46,8 @@ from .layout import (
     PREDS,
     ghost_array,
     layer_metric,
+    lr_files,
+    lr_path,
     rows_path,
     run_array_path,
     separation_path,
@@ -171,9 +173,22 @@ class Run(RecordsView):
 
     @functools.cached_property
     def lr(self) -> np.ndarray:
-        """Learning rate of the first param group at each snapshot (NaN if unknown)."""
-        return np.array([np.nan if not s.get("lr") or s["lr"][0] is None else s["lr"][0] for s in self.snapshots],
-                        dtype=np.float64)
+        """The learning rate of every optimizer step and param group, ``(steps, groups)`` float64: row t is the rate
+        the update from θ_t to θ_t+1 used, up to the last committed snapshot (NaN where nothing was recorded:
+        before the probe attached, or for a group added later). ``run.lr[run.steps[:-1], 0]`` gives the first
+        group's rate after each snapshot; :func:`dynprobe.analysis.lr_changes` lists the step changes."""
+        logs = {group: PairLog(path).read() for group, path in lr_files(self.path).items()}
+        end = int(self.steps[-1]) if len(self) else 0
+        out = np.full((end, max(logs, default=-1) + 1), np.nan)
+        for group, (steps, values) in logs.items():
+            if steps.size and np.any(np.diff(steps) < 0):
+                raise RunFormatError(f"{lr_path(self.path, group)}: steps go back; the file is damaged")
+            keep = (steps >= 0) & (steps < end)
+            steps, values = steps[keep], values[keep]
+            if steps.size:  # each recorded value holds until the next record; the last one for its own step
+                lengths = np.diff(np.append(steps, steps[-1] + 1))
+                out[int(steps[0]):int(steps[-1]) + 1, group] = np.repeat(values, lengths)
+        return out
 
     def index_of(self, step: int) -> int:
         """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""

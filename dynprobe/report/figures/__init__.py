@@ -6,14 +6,15 @@ dashed line; a single method's estimate is a grey dotted line labelled with the 
 light grey ("not computed"); exact zeros on log scales are hatched and labelled "exactly 0".
 """
 from ._base import DPI, METHOD_STYLE, TRANSITION_STYLE, StepAxis, capture_figures, plain, wants_log_y
-from .chaos import growth_figure, separation_figure
+from .chaos import plateau_figure, separation_figure
 from .cone import cone_curves_figure, embedding_figure, lag_curves_figure, velocity_figure
 from .curves import curves_figure, overlay_figure, peaks_figure, spread_figure, switching_figure
 from .maps import chaos_maps_figure, heatmap_figure, layer_heatmap_figure
 
 __all__ = [
     "DPI", "METHOD_STYLE", "TRANSITION_STYLE", "StepAxis", "capture_figures", "chaos_maps_figure",
-    "cone_curves_figure", "curves_figure", "embedding_figure", "growth_figure", "heatmap_figure",
-    "lag_curves_figure", "layer_heatmap_figure", "overlay_figure", "peaks_figure", "plain", "separation_figure",
+    "cone_curves_figure", "curves_figure", "embedding_figure", "heatmap_figure",
+    "lag_curves_figure", "layer_heatmap_figure", "overlay_figure", "peaks_figure", "plain", "plateau_figure",
+    "separation_figure",
     "spread_figure", "switching_figure", "velocity_figure", "wants_log_y",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.patches import Rectangle
 
-from dynprobe.analysis.sensitivity import SeparationCurve, amplification
+from dynprobe.analysis.sensitivity import SeparationCurve
 
 from ._base import (
     ZERO_HATCH,
@@ -22,12 +22,12 @@ from ._base import (
     zero_legend_handle,
 )
 
-__all__ = ["growth_figure", "separation_figure"]
+__all__ = ["plateau_figure", "separation_figure"]
 
 
-def separation_figure(curves: Sequence[SeparationCurve], *, window: int | None = None,
-                      transition: int | None = None, log_steps: bool = False, title_suffix: str = "") -> bytes:
-    """δ(t) of every perturbed ghost against t (log y), its spawn and the end of the window Δ* marked."""
+def separation_figure(curves: Sequence[SeparationCurve], *, transition: int | None = None, log_steps: bool = False,
+                      title_suffix: str = "") -> bytes:
+    """δ(t) = ‖θ'_t − θ_t‖ / ‖ε‖ of every perturbed ghost against t (log y), and the control's separation."""
     perturbed = [c for c in curves if not c.control and c.realized_norm > 0 and c.steps.size]
     control = next((c for c in curves if c.control), None)
     every = np.concatenate([c.steps for c in curves if c.steps.size]) if curves else np.zeros(1)
@@ -37,10 +37,7 @@ def separation_figure(curves: Sequence[SeparationCurve], *, window: int | None =
     lowest = min((float(np.min(c.delta[c.delta > 0])) for c in perturbed if np.any(c.delta > 0)), default=1.0)
     for c in perturbed:
         positive = c.delta > 0
-        line = ax.plot(axis(c.steps[positive]), c.delta[positive], linewidth=1.1, label=f"t0 = {c.spawn_step}")
-        if window is not None and np.isfinite(amplification(c, window)):
-            a = amplification(c, window)
-            ax.plot(axis(c.spawn_step + window), a, marker="o", markersize=4, color=line[0].get_color())
+        ax.plot(axis(c.steps[positive]), c.delta[positive], linewidth=1.1, label=f"t0 = {c.spawn_step}")
     zero_band = False
     if control is not None and control.steps.size:
         if np.all(control.l2 == 0):
@@ -71,34 +68,35 @@ def separation_figure(curves: Sequence[SeparationCurve], *, window: int | None =
     return png(figure)
 
 
-def growth_figure(spawns: Sequence[int], rates: Mapping[int, Sequence[float]], *, chosen: int | None,
-                  threshold_rate: float | None, bracket: tuple[int | None, int | None] | None,
-                  transition: int | None = None, log_steps: bool = False) -> bytes:
-    """λ(t0, Δ) = log A / Δ against the spawn step t0, one curve per window Δ (``rates[Δ]`` over ``spawns``); the
-    window the estimate uses in bold with its threshold, the estimate's bracket shaded and labelled."""
-    spawns_array = np.asarray(spawns, dtype=np.float64)
-    axis = StepAxis(spawns_array, log_steps)
+def plateau_figure(ghosts: Sequence[Mapping[str, object]], *, chaotic_level: float | None,
+                   threshold: float | None, bracket: tuple[int | None, int | None] | None,
+                   transition: int | None = None, log_steps: bool = False) -> bytes:
+    """Each ghost's plateau level (median ‖θ' − θ‖ at the end of its life) against its spawn step t0: filled when
+    saturated, open while still growing; the chaotic level, the threshold K× below it and the chaos estimate's
+    bracket marked (the ``"chaos"`` estimate's evidence rows, :mod:`dynprobe.analysis.saturation`)."""
+    rows = [g for g in ghosts if isinstance(g.get("level_L2"), (int, float))]
+    spawns = np.asarray([float(g["spawn_step"]) for g in rows] or [0.0])
+    axis = StepAxis(spawns, log_steps)
     figure = new_figure(6.4, 3.4, right=0.3)
     ax = figure.add_subplot()
-    for window, values in rates.items():
-        values = np.asarray(values, dtype=np.float64)
-        keep = np.isfinite(values)
-        if not keep.any():
-            continue
-        bold = window == chosen
-        ax.plot(axis(spawns_array[keep]), values[keep], marker="o" if bold else ".", linewidth=2.0 if bold else 0.9,
-                alpha=1.0 if bold else 0.6, label=f"Δ = {window}" + (" (the estimate's window)" if bold else ""))
-    if threshold_rate is not None:
-        ax.axhline(threshold_rate, color="#ff7f0e", linewidth=1.0, linestyle="--",
-                   label=f"threshold λ = {threshold_rate:.3g} (A = √A_peak)")
-    ax.axhline(0.0, color="#333333", linewidth=0.6)
+    for saturated, style in ((True, {"marker": "o"}), (False, {"marker": "o", "markerfacecolor": "none"})):
+        chosen = [g for g in rows if bool(g.get("saturated")) == saturated and float(g["level_L2"]) > 0]
+        if chosen:
+            ax.plot(axis(np.array([float(g["spawn_step"]) for g in chosen])),
+                    [float(g["level_L2"]) for g in chosen], linestyle="none", color="#1f77b4", **style,
+                    label="saturated" if saturated else "still growing at the end")
+    if chaotic_level:
+        ax.axhline(chaotic_level, color="#d62728", linewidth=1.0, label=f"chaotic level {chaotic_level:.3g}")
+    if threshold:
+        ax.axhline(threshold, color="#ff7f0e", linewidth=1.0, linestyle="--", label=f"threshold {threshold:.3g}")
     if bracket is not None and bracket[0] is not None and bracket[1] is not None:
         ax.axvspan(axis(bracket[0]), axis(bracket[1]), color="#9e9e9e", alpha=0.2,
-                   label=f"chaos estimate: drop in ({bracket[0]}, {bracket[1]}]")
+                   label=f"chaos estimate: ({bracket[0]}, {bracket[1]}]")
     mark_transition(ax, axis, transition)
+    ax.set_yscale("log")
     ax.set_xlabel("spawn step t0")
-    ax.set_ylabel("growth rate λ(t0, Δ) per step")
-    ax.set_title("Finite-time growth rate of the perturbation, by spawn step", fontsize=10)
+    ax.set_ylabel("plateau level ‖θ' − θ‖₂")
+    ax.set_title("Where each ghost's separation ends up, by spawn step", fontsize=10)
     axis.format(ax.xaxis)
     ax.legend(fontsize=7, loc="best")
     return png(figure)
