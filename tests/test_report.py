@@ -207,7 +207,7 @@ def test_open_flag_opens_the_written_file(tmp_path, monkeypatch):
 def test_show_prints_the_transition_and_cone_summary(full_run, capsys):
     assert main(["show", str(full_run)]) == 0
     out = capsys.readouterr().out
-    assert "Phase transition" in out and "Cone" in out and "half-angle" in out and "agree" in out
+    assert "Phase transition" in out and "Cone" in out and "half-angle" in out and "settles" in out
 
 
 def test_compare_of_several_runs_writes_next_to_the_first_run(full_run, tmp_path, monkeypatch, capsys):
@@ -325,7 +325,7 @@ def test_report_opens_with_the_headline_and_ends_with_a_glossary_and_the_referen
     headline = re.search(r'<div class="headline" id="headline"><p class="answer">(.*?)</p>', full_report).group(1)
     assert headline == result.transition.headline.replace("'", "&#x27;")
     assert full_report.index('id="headline"') < full_report.index('<section id="summary">')
-    assert re.search(r"at about step \d+ \(between steps \d+ and \d+\)", headline)
+    assert re.search(r"left its chaotic phase between steps \d+ and \d+", headline)
     glossary = full_report[full_report.index('<section id="glossary">'):]
     for term in ("ghost", "B_linear", "λ(t0, Δ), growth rate", "undetermined"):
         assert f"<dt>{term}</dt>" in glossary
@@ -452,8 +452,9 @@ def test_per_layer_section_shows_c_s_and_separation_shares(full_run, tmp_path):
     np.testing.assert_allclose(view.separation_share[:, -1], SEPARATION_SHARES[False])
     _, captured = captured_report(run)
     titles = [ax.get_title() for f in captured for ax in f.axes]
+    tau = layer_view(run, transition=dynprobe.analysis.analyze(run).transition.step).tau
     for title in ("Direction change per layer, C_l(t, t + 50)", "Kernel change per layer, S_l(t, t + 50)",
-                  "Per-layer kernel distance to step 300, S_l(t, 300)"):
+                  f"Per-layer kernel distance to step {tau}, S_l(t, {tau})"):
         assert title in titles
     write_synthetic_run(tmp_path / "flat", steps=uniform_steps(500, 12), kernels=False, ghosts=(), layers=False)
     text = build_report(dynprobe.load_run(tmp_path / "flat"))

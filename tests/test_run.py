@@ -49,7 +49,8 @@ def test_run_arrays_have_the_documented_shapes(cnn_run):
     T = len(run)
     assert run.steps.dtype == np.int64 and list(run.steps) == [0, 4, 8]
     assert run.C.shape == run.D.shape == (T, T)
-    assert run.eval_loss.shape == run.eval_accuracy.shape == run.train_loss.shape == run.lr.shape == (T,)
+    assert run.eval_loss.shape == run.eval_accuracy.shape == run.train_loss.shape == (T,)
+    assert run.lr.shape == (8, 1) and np.all(run.lr == 3e-3)  # every optimizer step, one column per param group
     assert run.predictions(index=0).shape == (data.x_test.shape[0],)
     assert np.allclose(np.diag(run.C), 0) and np.allclose(run.C, run.C.T)
 
@@ -474,3 +475,28 @@ def test_a_huge_claimed_snapshot_count_is_bounded_by_the_row_files(pristine, tmp
     with pytest.warns(RunFormatWarning, match="commits 100000 snapshots but .* holds metric rows for 5"):
         run = dynprobe.load_run(root)
     assert len(run) == 5 and run.C.shape == (5, 5) and run.B.shape == (5, 5)
+
+
+def test_run_lr_holds_the_rate_of_every_optimizer_step_and_param_group(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()},
+                                 {"params": model[2].parameters(), "lr": 0.05}], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    used = []  # independently: the rates each update used, read in the loop before optimizer.step()
+    with dynprobe.Probe(model, optimizer, eval_data=(x, y), out=tmp_path / "r", schedule=5) as probe:
+        criterion = probe.watch(torch.nn.CrossEntropyLoss())
+        for _ in range(20):
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            used.append([group["lr"] for group in optimizer.param_groups])
+            optimizer.step()
+            scheduler.step()
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.lr.shape == (20, 2)
+    np.testing.assert_array_equal(run.lr, np.array(used))
+    changes = dynprobe.analysis.lr_changes(run.lr)
+    assert [(c.step, c.group) for c in changes] == [(7, 0), (7, 1), (14, 0), (14, 1)]
+    assert changes[0].text == "the lr drop ÷10 at step 7"

@@ -207,6 +207,12 @@ def transition_from_saturation(curves: Sequence[SeparationCurve], *, verdicts: M
     if young:
         evidence["unresolved"] = [p.ghost for p in young]
     last_any_high = max(k for k, s in enumerate(spawns) if s.any_high)
+    pending = sorted({p.spawn_step for p in young if p.spawn_step > spawns[last_any_high].step})
+    if last_any_high == len(spawns) - 1 and pending:
+        return TransitionEstimate(
+            "chaos", None, (spawns[-1].step, None), "undetermined",
+            f"undetermined: every spawn up to step {spawns[-1].step} ends up on the chaotic level so far, and the "
+            f"ghosts spawned at {_steps_text(pending)} have run fewer than {min_life} steps: run longer", evidence)
     if all(s.any_high for s in spawns):
         return _without_contrast(spawns, verdicts, chaotic_level, evidence)
     if last_any_high == len(spawns) - 1:

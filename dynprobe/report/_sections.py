@@ -266,12 +266,14 @@ def _event_detail(event: dict[str, Any]) -> str:
 def _thresholds(e: TransitionEstimate) -> str:
     """Each estimator's deciding threshold next to the value it was compared with."""
     ev = e.evidence
-    if e.method == "chaos" and "threshold_A" in ev:
-        ghost = next((g for g in ev.get("ghosts", []) if g["spawn_step"] == e.step), None)
-        compared = f"; the estimate's ghost: A = {fmt(ghost['A'], 3)}" if ghost and ghost.get("A") is not None else ""
-        return esc(f"window Δ* = {ev['window']} (first with A ≥ ×{ev['resolve']:g}); sensitive when A ≥ "
-                   f"√A_peak = {ev['threshold_A']:.3g}{compared}; late growth flagged at A ≥ "
-                   f"×{ev['late_amplification']:g}; control separation {ev['control_separation']}")
+    if e.method == "chaos" and "rule" in ev:
+        rule = ev["rule"]
+        contrast = f"; the estimate's spawn ×{ev['contrast']:.3g} below" if isinstance(ev.get("contrast"), float) \
+            else ""
+        level = ev.get("chaotic_level")
+        return esc(f"chaotic level L2 {fmt(level, 3)} (largest spawn median); low at ≥ ×{rule['level_ratio']:g} "
+                   f"below it ({fmt(ev.get('threshold_L2'), 3)}){contrast}; saturated when L2 grew ≤ "
+                   f"×{rule['plateau_factor']:g} over the last {rule['plateau_fraction']:g} of a ghost's life")
     if e.method == "kernel_velocity" and "threshold" in ev:
         return esc(f"lag Δ = {ev['lag']}; threshold {ev['threshold']:.3g}, {ev['fraction']:g} of the way in log S "
                    f"from the early level {ev['early_level']:.3g} (step {ev['early_step']}) to the late floor "

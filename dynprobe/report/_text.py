@@ -16,9 +16,12 @@ WHAT_IS_THE_TRANSITION = (
     "fine-tuning runs, or to compare checkpoints.")
 
 INTROS = {
-    "summary": "Each method below looks at the run from a different angle and says where it finds the "
-               "transition, how sure it is, and the numbers behind it. The headline gives the step of one of "
-               "them only when their brackets agree; otherwise it says why the transition is undetermined.",
+    "summary": "The headline asks the paper's question: does a tiny perturbation of the weights change where "
+               "training ends up? It reads each ghost's outcome — where its separation from the run saturates — "
+               "and brackets the transition between the last spawn that ends up on the chaotic level and the first "
+               "whose ghosts all end up far below it; when the deciding ghosts are still growing it says "
+               "undetermined. The other methods locate when the main trajectory settles, a different event: they "
+               "are shown on a line of their own and never vote.",
     "training": "Loss and accuracy on your evaluation set. The dashed red line is the transition of the headline; "
                 "the loss axis switches to a log scale when the losses span more than 100× (a spike would "
                 "otherwise flatten every other point).",
@@ -53,7 +56,9 @@ GLOSSARY = [
               "the run; the ε = 0 <b>control</b> ghost checks that the replay is exact (its separation should be "
               "exactly 0)."),
     ("δ(t), separation", "‖θ'_t − θ_t‖ / ‖ε‖: how many times the perturbation has grown by step t."),
-    ("A(t0, Δ), amplification", "δ(t0 + Δ): the growth over a fixed window of Δ steps after the spawn."),
+    ("plateau level", "the median separation ‖θ' − θ‖ over the last tenth of a ghost's life: where it ended up."),
+    ("saturated", "a ghost whose separation changed less than ×2 over the last half of its life."),
+    ("A(t0, Δ), amplification", "δ(t0 + Δ): the growth over a fixed window of Δ steps after the spawn (evidence)."),
     ("λ(t0, Δ), growth rate", "log A / Δ per step: positive while the perturbation grows exponentially."),
     ("C", "1 − cosine between two weight vectors (0: same direction)."),
     ("S", "1 − cosine between two neural tangent kernels (0: the network generalizes the same way)."),
@@ -78,8 +83,10 @@ REFERENCE = (
     "disagreement of independently trained networks as the scale of D (Jiang, Nagarajan, Baek and Kolter, "
     "<i>Assessing Generalization of SGD via Disagreement</i>, 2022); the kernel velocity (Fort et al., <i>Deep "
     "Learning versus Kernel Learning</i>, 2020).</p>"
-    "<p>Where dynprobe departs from the paper, and why: the chaos estimate reads the growth of each ghost's "
-    "perturbation over a fixed window of steps instead of final values (final values depend on when the run "
-    "stops); the kernel velocity uses kernels a fixed number of steps apart (S between nearby snapshots is "
-    "dominated by SGD noise, so dividing by the gap would follow the snapshot grid); decisions use B_linear, not "
+    "<p>Where dynprobe departs from the paper, and why: the chaos estimate reads where each ghost's separation "
+    "saturates (its plateau level, compared across spawns at the same final step, with several directions per "
+    "spawn) rather than C, B and D at one t1 alone, and answers undetermined while the deciding ghosts still grow "
+    "(final values of a still-growing ghost depend on when the run stops); the kernel velocity uses kernels a "
+    "fixed number of steps apart (S between nearby snapshots is dominated by SGD noise, so dividing by the gap "
+    "would follow the snapshot grid); decisions use B_linear, not "
     "eq. (5)'s B, which is at least half the end-point loss gap.</p>")

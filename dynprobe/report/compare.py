@@ -7,14 +7,12 @@ and each run's headline and estimates. Every run-provided string is escaped.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from dynprobe.analysis.estimate import METHOD_LABELS
 from dynprobe.analysis.run_analysis import RunAnalysis, analyze
-from dynprobe.analysis.sensitivity import amplification, growth_rate
 from dynprobe.report import figures
 from dynprobe.report.summary import display_names, spread
 from dynprobe.store.run import Run
@@ -54,21 +52,19 @@ def _overlays(runs: Sequence[Run], results: Sequence[RunAnalysis], names: list[s
         pngs.append(figures.overlay_figure(velocities, ylabel="S(θ_t, θ_t+Δ) (log scale)",
                                            title="Kernel velocity at each run's lag", log_steps=log_steps,
                                            log_y=True))
-    rates = []
+    levels = []
     for n, result in zip(names, results):
         chaos = result.transition.get("chaos")
-        window = chaos.evidence.get("window") if chaos is not None else None
-        perturbed = sorted((c for c in result.separation if not c.control and c.realized_norm > 0 and c.steps.size),
-                           key=lambda c: c.spawn_step)
-        if window and perturbed:
-            values = [growth_rate(amplification(c, window), window) for c in perturbed]
-            rates.append((f"{n}: Δ = {window}", np.array([c.spawn_step for c in perturbed]),
-                          np.array([v if math.isfinite(v) else np.nan for v in values])))
-    if rates:
-        tick("growth rates")
-        pngs.append(figures.overlay_figure(rates, ylabel="growth rate λ(t0, Δ) per step",
-                                           title="Growth of ghost perturbations by spawn step",
-                                           log_steps=log_steps, xlabel="spawn step t0"))
+        rows = [g for g in (chaos.evidence.get("ghosts", []) if chaos is not None else [])
+                if isinstance(g.get("level_L2"), float)]
+        if rows:
+            levels.append((f"{n}: plateau level", np.array([g["spawn_step"] for g in rows]),
+                           np.array([g["level_L2"] for g in rows])))
+    if levels:
+        tick("plateau levels")
+        pngs.append(figures.overlay_figure(levels, ylabel="plateau level ‖θ' − θ‖₂ (log scale)",
+                                           title="Where ghosts end up, by spawn step", log_steps=log_steps,
+                                           xlabel="spawn step t0", log_y=True))
     return pngs
 
 
