@@ -44,6 +44,15 @@ def test_estimate_projects_the_schedule_ghosts_and_disk_of_a_real_run(tmp_path):
     assert 0.7 < written / estimate.bytes_total < 1.5, (written, estimate.bytes_total)
 
 
+def test_estimate_counts_every_direction_of_a_spawn_as_a_ghost():
+    model, optimizer, _, data = mlp_setup(seed=0)
+    estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=10,
+                             schedule=schedule.at([0, 5, 10]), ghosts=dynprobe.Ghosts(at=[0, 5], directions=3),
+                             console=None)
+    assert estimate.live_ghosts == [4, 7, 7]  # the control + three directions, then three more
+    assert estimate.ghost_training_factor == pytest.approx(1 + (10 + 3 * 10 + 3 * 5) / 10)
+
+
 def test_estimate_validates_and_can_stay_silent():
     model, optimizer, _, data = mlp_setup(seed=0)
     with pytest.raises(ValueError, match="total_steps must be a positive int"):

@@ -281,6 +281,20 @@ def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
     assert run.ghost_predictions(1, index=4).shape == (96,)
 
 
+def test_several_directions_per_spawn_are_distinct_ghosts_with_their_own_seeds(tmp_path):
+    ghosts = Ghosts(at=[0, 6], directions=3, perturbation=Perturbation(norm=1e-4, seed=10))
+    _, _, run, _ = _ghost_run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 6, 12]))
+    assert [(g.spawn_step, g.control) for g in run.ghosts] == [(0, True)] + [(0, False)] * 3 + [(6, False)] * 3
+    spawns = [e for e in run.events if e["event"] == "ghost_spawn" and not e["control"]]
+    assert [e["seed"] for e in spawns] == [10, 11, 12, 13, 14, 15]
+    # Independently: the three directions of one spawn are different perturbations of the same θ.
+    final = [run.separation(g.index)[1][-1] for g in run.ghosts[1:4]]
+    assert len(set(final)) == 3 and all(v > 0 for v in final)
+    assert run.manifest["config"]["ghosts"]["directions"] == 3
+    with pytest.raises(ValueError, match="directions"):
+        Ghosts(at=[0], directions=0)
+
+
 def test_the_kernel_distance_is_always_measured_at_total_steps(tmp_path):
     # kernel_every_snapshots=3 would skip the 4th comparison (step 9); total_steps=9 completes the final column.
     ghosts = Ghosts(at=[0], perturbation=Perturbation(norm=1e-4), kernel_every_snapshots=3)
