@@ -42,7 +42,8 @@ class DistributedGhostTrainer(SequentialTrainer):
         super().__init__(context, reason=SEQUENTIAL_REASON)
         self.run = run
 
-    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
+                   ) -> list[tuple[int, Fault]]:
         context, config = self.context, self.context.config
         errors: list[str | None] = []
         nonfinite: list[bool] = []
@@ -54,7 +55,9 @@ class DistributedGhostTrainer(SequentialTrainer):
                 losses = replay_gradients(replica, micro_batches, context.replay)
                 match_grad_presence(context.main_params, replica.params)
                 errors.append(None)
-                nonfinite.append(not losses_finite(losses))
+                # read now: the ranks must agree on who stops before the optimizer steps (the collective below
+                # synchronizes anyway)
+                nonfinite.append(not bool(losses_finite(losses)))
             except Exception as error:  # noqa: BLE001 - agreed on below, never left one rank behind
                 errors.append(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
                 nonfinite.append(False)
@@ -74,9 +77,9 @@ class DistributedGhostTrainer(SequentialTrainer):
             else:
                 step_optimizer(ghost.replica, clip_grad_norm=config.clip_grad_norm,
                                clip_grad_value=config.clip_grad_value)
-        return faults
+        return list(faults.items())
 
-    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
+    def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
         if not self.run.is_writer:  # other ranks' buffers wait for DDP's next broadcast: only rank 0 can compare
             return None
         return super().control_drift(control)
