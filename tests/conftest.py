@@ -5,12 +5,17 @@ disturbance caused by the probe then changes the data order as well, so bitwise 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
+
+# cuBLAS reads this when its first handle is created: set before any CUDA matmul, so that the `device` fixture's
+# deterministic mode can hold on a GPU (harmless on the CPU).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass
@@ -117,3 +122,28 @@ def _deterministic_threads():
     torch.set_num_threads(min(2, threads))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """The device a core property is checked on: the CPU, and CUDA where a GPU is present (skipped otherwise).
+
+    On CUDA the test runs with deterministic algorithms (``torch.use_deterministic_algorithms(True)``, cuDNN's
+    benchmark off, ``CUBLAS_WORKSPACE_CONFIG`` set above): cuDNN and cuBLAS otherwise choose kernels by timing and
+    reduce with atomics, so a replay (the ε = 0 control, a re-run) would not be bitwise exact.
+    """
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
