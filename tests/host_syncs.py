@@ -63,8 +63,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     def _note(self, name: str) -> None:
         self.counts[name] += 1
-        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and "host_syncs" not in f.filename]
-        self.where[f"{name} at " + " < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in frames[-3:][::-1])] += 1
+        frames = [f for f in traceback.extract_stack()
+                  if "/torch/" not in f.filename and "host_syncs" not in f.filename][-3:]
+        lines = " < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in reversed(frames))
+        self.where[f"{name} at {lines}"] += 1
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -16,7 +16,7 @@ from dynprobe import Ghosts, Perturbation, schedule
 from dynprobe.ghosts.notices import control_drift_notice
 from dynprobe.ghosts.perturbation import perturb_
 
-from .conftest import MLP, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
+from .conftest import MLP, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, on_device, state_of, train
 
 
 def mlp_onecycle_setup(seed: int = 0, steps: int = 200):
@@ -46,12 +46,12 @@ def _ghost_run(setup, steps, tmp_path, *, ghosts, criterion=None, train_kwargs=N
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_control_ghost_stays_bitwise_identical_for_200_steps(name, tmp_path):
+def test_control_ghost_stays_bitwise_identical_for_200_steps(name, device, tmp_path):
     """The default (sequential) path: the ε = 0 control equals the main run after every step — its separation curve
     is exactly 0 at all 201 steps — and at every snapshot. (The vectorized path's control against its shadow:
     test_ghost_stack.py.)"""
     ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True)
-    model, rng, run, probe = _ghost_run(SETUPS[name], 200, tmp_path, ghosts=ghosts,
+    model, rng, run, probe = _ghost_run(on_device(SETUPS[name], device), 200, tmp_path, ghosts=ghosts,
                                         schedule=schedule.at([0, 60, 100, 200]))
     modes = [e for e in run.events if e["event"] == "ghost_mode"]
     assert [(m["mode"], m["reference"]) for m in modes] == [("sequential", "main")]
@@ -71,13 +71,14 @@ def test_control_ghost_stays_bitwise_identical_for_200_steps(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_main_run_with_ghosts_is_bitwise_identical_to_a_probe_free_run(name, tmp_path):
-    model, optimizer, scheduler, data = SETUPS[name](seed=1)
+def test_main_run_with_ghosts_is_bitwise_identical_to_a_probe_free_run(name, device, tmp_path):
+    model, optimizer, scheduler, data = on_device(SETUPS[name], device)(seed=1)
     torch.manual_seed(99)
     train(model, optimizer, scheduler, data, 60)
     reference, reference_rng = state_of(model), torch.get_rng_state()
     ghosts = Ghosts(at=[0, 10, 30], perturbation=Perturbation(norm=1e-6))
-    probed, rng, run, _ = _ghost_run(SETUPS[name], 60, tmp_path, ghosts=ghosts, schedule=schedule.every(7))
+    probed, rng, run, _ = _ghost_run(on_device(SETUPS[name], device), 60, tmp_path, ghosts=ghosts,
+                                     schedule=schedule.every(7))
     assert_bitwise_equal(reference, state_of(probed))
     assert torch.equal(reference_rng, rng)
     assert len(run.ghosts) == 4

@@ -70,8 +70,8 @@ class Task:
 
     Per batch, :meth:`check_outputs` validates (and, for regression, reshapes) the outputs from their shapes alone
     (no host synchronisation); the label values are checked once per eval set by :meth:`check_target_range`,
-    before the first loss (one host read). :meth:`loss_sum`, :meth:`correct` and :meth:`predictions` reduce them. :meth:`disagreement_to_many` is D between one
-    prediction vector and each row of a stack (a row of the D matrix).
+    before the first loss (one host read). :meth:`loss_sum`, :meth:`correct` and :meth:`predictions` reduce them.
+    :meth:`disagreement_to_many` is D between one prediction vector and each row of a stack (a row of the D matrix).
     """
 
     name: ClassVar[str]
