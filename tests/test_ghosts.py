@@ -13,8 +13,10 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
+from dynprobe.ghosts import ghost_set
 from dynprobe.ghosts.notices import control_drift_notice
 from dynprobe.ghosts.perturbation import perturb_
+from dynprobe.ghosts.replica import NONDETERMINISTIC_CAUSE, deterministic_replay_possible
 
 from .conftest import MLP, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, on_device, state_of, train
 
@@ -506,6 +508,22 @@ def test_a_compiled_model_is_named_at_attach_and_in_the_drift_causes(tmp_path):
     assert "torch.compile" in causes[0] and "torch.compile" in message
     causes, _ = control_drift_notice("main", 3, {"net.0.weight": 1e-3}, grad_edit_detected=False, compiled=False)
     assert any("torch.compile" in cause for cause in causes)  # a compiled submodule stays a possible cause
+
+
+def test_nondeterministic_gpu_kernels_are_said_at_attach_and_lead_the_drift_causes(tmp_path, monkeypatch):
+    """On CUDA without deterministic algorithms (simulated here: the rule says whether a replay can be exact)."""
+    assert deterministic_replay_possible(torch.device("cpu"))
+    monkeypatch.setattr(ghost_set, "deterministic_replay_possible", lambda device: False)
+    model, optimizer, scheduler, data = mlp_setup()
+    with pytest.warns(RuntimeWarning, match="use_deterministic_algorithms"):
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                               schedule=schedule.every(2), ghosts=Ghosts(at=[0]))
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    assert [e["cause"] for e in run.events if e["event"] == "nondeterministic_device"] == [NONDETERMINISTIC_CAUSE]
+    causes, message = control_drift_notice("main", 3, {"net.0.weight": 1e-3}, grad_edit_detected=True,
+                                           compiled=False, nondeterministic=True)
+    assert causes[0] == NONDETERMINISTIC_CAUSE and "CUBLAS_WORKSPACE_CONFIG" in message
 
 
 def test_one_realized_norm_warning_for_many_ghosts_at_the_users_line(tmp_path):

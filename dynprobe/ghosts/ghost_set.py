@@ -34,7 +34,15 @@ from .comparison import compare_ghost
 from .notices import control_drift_notice, precision_notice, realized_norm_notice
 from .perturbation import Perturbation, PerturbationReport
 from .readings import PendingReadings, StepReading, StepValues
-from .replica import LossReplay, Replica, check_optimizer_for_ghosts, is_compiled, lifetime_reached
+from .replica import (
+    NONDETERMINISTIC_CAUSE,
+    LossReplay,
+    Replica,
+    check_optimizer_for_ghosts,
+    deterministic_replay_possible,
+    is_compiled,
+    lifetime_reached,
+)
 from .separation import SeparationLog
 from .sequential import SequentialTrainer
 from .trainer import Ghost, GhostTrainer, MainSnapshot, TrainerContext
@@ -99,6 +107,12 @@ class GhostSet:
                       "deep copies: fused kernels round differently and compiled dropout draws its own random "
                       "numbers, so the ε=0 control ghost will drift from your run and the chaos maps mix ε with that "
                       "difference. For exact ghosts attach the probe to the uncompiled module and train it eagerly")
+
+        if not deterministic_replay_possible(device):
+            writer.event("nondeterministic_device", step=None, device=str(device), cause=NONDETERMINISTIC_CAUSE)
+            warn_user(f"dynprobe: ghosts on {device} without deterministic algorithms cannot replay your step "
+                      f"exactly, so the ε=0 control will drift and every ghost mixes ε with that drift: "
+                      f"{NONDETERMINISTIC_CAUSE}")
 
         def evaluate_model(module: nn.Module) -> Any:
             return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
@@ -313,8 +327,9 @@ class GhostSet:
             return
         reference, drifted, step = reading.reference, reading.drifted, reading.step
         self._control_drifted = True
-        causes, message = control_drift_notice(reference, step, drifted, grad_edit_detected=self.grad_edit_detected,
-                                               compiled=self._compiled)
+        causes, message = control_drift_notice(
+            reference, step, drifted, grad_edit_detected=self.grad_edit_detected, compiled=self._compiled,
+            nondeterministic=not deterministic_replay_possible(self.context.device))
         self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
                           tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
         self._warn_once("control-drift", message)

@@ -33,7 +33,9 @@ from dynprobe.capture.step import MicroBatch, replay_micro_batch
 __all__ = [
     "LossReplay",
     "Replica",
+    "NONDETERMINISTIC_CAUSE",
     "check_optimizer_for_ghosts",
+    "deterministic_replay_possible",
     "differing",
     "group_by_scale",
     "is_compiled",
@@ -230,9 +232,21 @@ def is_compiled(model: nn.Module) -> bool:
     return False
 
 
-def likely_drift_causes(*, grad_edit_detected: bool, compiled: bool) -> list[str]:
+NONDETERMINISTIC_CAUSE = ("nondeterministic GPU kernels: cuDNN and cuBLAS choose algorithms by timing and some "
+                          "backward kernels reduce with atomics, so a replay of your step differs in the last bits. "
+                          "Call torch.use_deterministic_algorithms(True), set CUBLAS_WORKSPACE_CONFIG=:4096:8 before "
+                          "CUDA starts and torch.backends.cudnn.benchmark = False")
+
+
+def deterministic_replay_possible(device: torch.device) -> bool:
+    """Whether a replay on ``device`` can be bitwise exact: always on the CPU; on CUDA only under
+    ``torch.use_deterministic_algorithms(True)`` (read when asked: the user may set it after attaching)."""
+    return device.type != "cuda" or torch.are_deterministic_algorithms_enabled()
+
+
+def likely_drift_causes(*, grad_edit_detected: bool, compiled: bool, nondeterministic: bool = False) -> list[str]:
     """Why an ε = 0 control ghost may drift from the main run, most likely first."""
-    causes = []
+    causes = [NONDETERMINISTIC_CAUSE] if nondeterministic else []
     if compiled:
         causes.append("the model is compiled (torch.compile): fused kernels round differently from the eager "
                       "replay, and compiled dropout draws its own random numbers")
