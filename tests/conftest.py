@@ -5,12 +5,17 @@ disturbance caused by the probe then changes the data order as well, so bitwise 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
+
+# cuBLAS reads this when its first handle is created: set before any CUDA matmul, so that the `device` fixture's
+# deterministic mode can hold on a GPU (harmless on the CPU).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass
@@ -98,8 +103,23 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: D
     return flags
 
 
+def on_device(setup: Callable, device: torch.device) -> Callable:
+    """``setup`` with its model and training data moved to ``device`` (the eval data stays on the CPU: the probe
+    moves it, as it does for a user's)."""
+    if device.type == "cpu":
+        return setup
+
+    def moved(*args, **kwargs):
+        model, optimizer, scheduler, data = setup(*args, **kwargs)
+        model.to(device)  # in place: the optimizer's parameters are the moved ones
+        data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)
+        return model, optimizer, scheduler, data
+
+    return moved
+
+
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -117,3 +137,33 @@ def _deterministic_threads():
     torch.set_num_threads(min(2, threads))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """The device a core property is checked on: the CPU, and CUDA where a GPU is present (skipped otherwise).
+
+    On CUDA the test runs with deterministic algorithms (``torch.use_deterministic_algorithms(True)``, cuDNN's
+    benchmark off, ``CUBLAS_WORKSPACE_CONFIG`` set above): cuDNN and cuBLAS otherwise choose kernels by timing and
+    reduce with atomics, so a replay (the ε = 0 control, a re-run) would not be bitwise exact. TF32 is off.
+    """
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, cudnn_tf32 = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    # float32 means float32 (the CPU's arithmetic): TF32 convolutions would move float64 references by ~1e-3
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = benchmark, cudnn_tf32
+        torch.set_float32_matmul_precision(matmul_precision)

@@ -18,7 +18,7 @@ from dynprobe.store.files import read_jsonl
 from dynprobe.store.layout import EVENTS, MANIFEST, rows_path, snapshot_dir
 from dynprobe.store.rows import TriangularRows
 
-from .conftest import mlp_setup, train
+from .conftest import mlp_setup, on_device, train
 
 # A training script that kills itself (SIGKILL: no cleanup, no atexit) at a chosen point inside the snapshot at
 # kill_step. Each kill point first performs the real, partial write it names and prints a marker: the parent
@@ -166,15 +166,15 @@ def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
     assert loaded >= 1  # at least one kill landed while the run was being written
 
 
-def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
+def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(device, tmp_path):
     # reference: one uninterrupted run of 16 steps
-    model, optimizer, scheduler, data = mlp_setup()
+    model, optimizer, scheduler, data = on_device(mlp_setup, device)()
     torch.manual_seed(7)
     with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "ref", schedule=2):
         train(model, optimizer, scheduler, data, 16)
 
     # interrupted: train to 10 with a checkpoint (model, optimizer, RNG) at step 6, then "crash"
-    model, optimizer, scheduler, data = mlp_setup()
+    model, optimizer, scheduler, data = on_device(mlp_setup, device)()
     torch.manual_seed(7)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run", schedule=2)
     checkpoint = {}
@@ -182,16 +182,18 @@ def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp
     def save(step):
         if step == 6:
             checkpoint.update(model=_copy(model.state_dict()), optimizer=_copy(optimizer.state_dict()),
-                              rng=torch.get_rng_state())
+                              rng=torch.get_rng_state(), cuda_rng=_cuda_rng(device))
 
     train(model, optimizer, scheduler, data, 10, after_step=save)
     _simulate_crash(probe)
 
     # restart from the step-6 checkpoint
-    model, optimizer, scheduler, data = mlp_setup()
+    model, optimizer, scheduler, data = on_device(mlp_setup, device)()
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
+    if checkpoint["cuda_rng"] is not None:  # dropout on a GPU draws from its generator
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
     with pytest.warns(UserWarning, match="discarding 2 snapshots"):
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                                schedule=2, resume=True, resume_step=6)
@@ -205,6 +207,10 @@ def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(tmp
     np.testing.assert_array_equal(run.eval_loss, ref.eval_loss)
     assert run.manifest["resumes"][0]["step"] == 6
     assert run.status == "closed"
+
+
+def _cuda_rng(device: torch.device) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def test_resume_with_a_different_model_is_rejected(tmp_path):

@@ -225,8 +225,17 @@ def test_integer_targets_can_be_treated_as_regression():
     ("regression", torch.zeros(4, 2), torch.zeros(4), "must have the targets' shape"),
 ])
 def test_outputs_that_do_not_fit_the_task_are_a_clear_error(task, outputs, targets, match):
+    """Shapes per batch (check_outputs), label values once per eval set (check_target_range)."""
+    task = as_task(task)
     with pytest.raises(ValueError, match=match):
-        as_task(task).check_outputs(outputs, targets)
+        task.check_target_range(targets, task.num_outputs(task.check_outputs(outputs, targets)))
+
+
+def test_labels_out_of_range_are_a_clear_error_before_the_first_loss_of_an_evaluation():
+    x = torch.randn(6, 4)
+    eval_set = EvalSet.from_user((x, torch.tensor([0, 1, 2, 3, 4, 5])), max_examples=10, seed=0)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\]; got values in \[0, 5\]"):
+        evaluate(nn.Linear(4, 3), eval_set, batch_size=2)
 
 
 def test_targets_that_do_not_fit_the_task_are_a_clear_error():

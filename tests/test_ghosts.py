@@ -13,10 +13,12 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
+from dynprobe.ghosts import ghost_set
 from dynprobe.ghosts.notices import control_drift_notice
 from dynprobe.ghosts.perturbation import perturb_
+from dynprobe.ghosts.replica import NONDETERMINISTIC_CAUSE, deterministic_replay_possible
 
-from .conftest import MLP, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
+from .conftest import MLP, assert_bitwise_equal, cnn_setup, make_data, mlp_setup, on_device, state_of, train
 
 
 def mlp_onecycle_setup(seed: int = 0, steps: int = 200):
@@ -46,12 +48,12 @@ def _ghost_run(setup, steps, tmp_path, *, ghosts, criterion=None, train_kwargs=N
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_control_ghost_stays_bitwise_identical_for_200_steps(name, tmp_path):
+def test_control_ghost_stays_bitwise_identical_for_200_steps(name, device, tmp_path):
     """The default (sequential) path: the ε = 0 control equals the main run after every step — its separation curve
     is exactly 0 at all 201 steps — and at every snapshot. (The vectorized path's control against its shadow:
     test_ghost_stack.py.)"""
     ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True)
-    model, rng, run, probe = _ghost_run(SETUPS[name], 200, tmp_path, ghosts=ghosts,
+    model, rng, run, probe = _ghost_run(on_device(SETUPS[name], device), 200, tmp_path, ghosts=ghosts,
                                         schedule=schedule.at([0, 60, 100, 200]))
     modes = [e for e in run.events if e["event"] == "ghost_mode"]
     assert [(m["mode"], m["reference"]) for m in modes] == [("sequential", "main")]
@@ -71,13 +73,14 @@ def test_control_ghost_stays_bitwise_identical_for_200_steps(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_main_run_with_ghosts_is_bitwise_identical_to_a_probe_free_run(name, tmp_path):
-    model, optimizer, scheduler, data = SETUPS[name](seed=1)
+def test_main_run_with_ghosts_is_bitwise_identical_to_a_probe_free_run(name, device, tmp_path):
+    model, optimizer, scheduler, data = on_device(SETUPS[name], device)(seed=1)
     torch.manual_seed(99)
     train(model, optimizer, scheduler, data, 60)
     reference, reference_rng = state_of(model), torch.get_rng_state()
     ghosts = Ghosts(at=[0, 10, 30], perturbation=Perturbation(norm=1e-6))
-    probed, rng, run, _ = _ghost_run(SETUPS[name], 60, tmp_path, ghosts=ghosts, schedule=schedule.every(7))
+    probed, rng, run, _ = _ghost_run(on_device(SETUPS[name], device), 60, tmp_path, ghosts=ghosts,
+                                     schedule=schedule.every(7))
     assert_bitwise_equal(reference, state_of(probed))
     assert torch.equal(reference_rng, rng)
     assert len(run.ghosts) == 4
@@ -519,6 +522,22 @@ def test_a_compiled_model_is_named_at_attach_and_in_the_drift_causes(tmp_path):
     assert "torch.compile" in causes[0] and "torch.compile" in message
     causes, _ = control_drift_notice("main", 3, {"net.0.weight": 1e-3}, grad_edit_detected=False, compiled=False)
     assert any("torch.compile" in cause for cause in causes)  # a compiled submodule stays a possible cause
+
+
+def test_nondeterministic_gpu_kernels_are_said_at_attach_and_lead_the_drift_causes(tmp_path, monkeypatch):
+    """On CUDA without deterministic algorithms (simulated here: the rule says whether a replay can be exact)."""
+    assert deterministic_replay_possible(torch.device("cpu"))
+    monkeypatch.setattr(ghost_set, "deterministic_replay_possible", lambda device: False)
+    model, optimizer, scheduler, data = mlp_setup()
+    with pytest.warns(RuntimeWarning, match="use_deterministic_algorithms"):
+        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                               schedule=schedule.every(2), ghosts=Ghosts(at=[0]))
+    probe.close()
+    run = dynprobe.load_run(tmp_path / "r")
+    assert [e["cause"] for e in run.events if e["event"] == "nondeterministic_device"] == [NONDETERMINISTIC_CAUSE]
+    causes, message = control_drift_notice("main", 3, {"net.0.weight": 1e-3}, grad_edit_detected=True,
+                                           compiled=False, nondeterministic=True)
+    assert causes[0] == NONDETERMINISTIC_CAUSE and "CUBLAS_WORKSPACE_CONFIG" in message
 
 
 def test_one_realized_norm_warning_for_many_ghosts_at_the_users_line(tmp_path):

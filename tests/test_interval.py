@@ -326,3 +326,31 @@ def test_group_products_give_every_block_sum_to_within_the_bound(device):
         exact = h64[:, a:b] @ g64[:, a:b].T
         scale = np.abs(h64[:, a:b]) @ np.abs(g64[:, a:b]).T  # Σ|x_i y_i|: the bound is γ_n times this
         assert np.all(np.abs(got[channel] - exact) <= blocks.dot_error()[channel] / 2 * scale)
+
+
+@pytest.mark.parametrize("vectors_in_memory", [0, 1, 6, 100])
+def test_a_deferred_budget_is_measured_at_the_second_vector_and_gives_the_same_matrices(tmp_path, vectors_in_memory):
+    """A budget given as a function (the probe's default, measured after the user's first optimizer step) is asked
+    once, when the second vector arrives; the first one waits alone in memory, and spills if the budget is smaller
+    than one vector. The rows equal those of the same budget given at once."""
+    trajectory = _trajectory()
+    reference, _, _ = _run(tmp_path, "given", vectors_in_memory, trajectory)
+    disk, asked = Disk(), []
+
+    def measure() -> int:
+        asked.append(len(history))
+        return int(vectors_in_memory * P * 4)
+
+    history = VectorHistory("cpu", dtype=torch.float32, memory_budget=measure, load=disk.load,
+                            load_columns=disk.load_columns)
+    metric = CosineMetric(P, SLICES)
+    matrix = PairwiseMatrix("C", metric, history,
+                            [TriangularRows(tmp_path / f"deferred.{c}.rows") for c in range(metric.channels)])
+    for t, vector in enumerate(trajectory):
+        disk.arrays[t] = vector
+        matrix.update(torch.from_numpy(vector))
+        if t == 0:
+            assert not asked and history.in_memory(0)
+    matrix.complete()
+    assert asked == [2]  # during the second vector's registration, once
+    _assert_same_matrices([matrix.compute(c) for c in range(metric.channels)], reference)

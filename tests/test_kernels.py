@@ -244,18 +244,27 @@ def jacobians() -> dict:
 
 
 # ----------------------------------------------------------------------------- against the reference
+def _to_device(inputs, device: torch.device):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_mode_matches_naive_float64_loop(case, mode, jacobians):
+def test_every_mode_matches_naive_float64_loop(case, mode, jacobians, device):
     model, inputs, output_fn = make_case(case)
-    jac = jacobians(case)
+    jac = jacobians(case)  # the reference on the CPU, float64
     n, c, _ = jac.shape
     extra = mode_kwargs(mode, n, c)
     expected = kernel_from_jacobian(jac, mode, class_index=1, targets=extra.get("targets"))
-    kernel = empirical_ntk(model, inputs, mode=mode, output_fn=output_fn, **extra)
-    assert kernel.dtype == torch.float64
+    extra = {k: _to_device(v, device) for k, v in extra.items()}
+    kernel = empirical_ntk(model.to(device), _to_device(inputs, device), mode=mode, output_fn=output_fn, **extra)
+    assert kernel.dtype == torch.float64 and kernel.device.type == device.type
     assert kernel.shape == expected.shape
-    assert relative_error(kernel, expected) <= 1e-6
+    assert relative_error(kernel.cpu(), expected) <= 1e-6
 
 
 @pytest.mark.parametrize("case", CASES)

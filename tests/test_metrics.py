@@ -24,7 +24,7 @@ def test_cosine_dissimilarity_matches_numpy_in_float64():
         _cos_dissim(a, b), rel=1e-10)
 
 
-def test_cosine_dissimilarity_resolves_tiny_differences_that_float32_loses():
+def test_cosine_dissimilarity_resolves_tiny_differences_that_float32_loses(device):
     rng = np.random.default_rng(1)
     a = rng.normal(size=100_000).astype(np.float32)
     b = a.copy()
@@ -32,6 +32,8 @@ def test_cosine_dissimilarity_resolves_tiny_differences_that_float32_loses():
     expected = exact_cosine_dissimilarity(a, b)  # integer arithmetic: no cancellation in the reference either
     assert 0 < expected < 1e-9
     assert metrics.cosine_dissimilarity(a, b) == pytest.approx(expected, rel=1e-9)
+    on_device = metrics.cosine_dissimilarity(torch.from_numpy(a).to(device), torch.from_numpy(b).to(device))
+    assert on_device == pytest.approx(expected, rel=1e-9)
     assert abs(_cos_dissim(a, b) - expected) > 1e-8 * expected  # what 1 − cos in float64 gives (cancellation)
 
 
@@ -47,10 +49,12 @@ def test_to_many_variants_match_the_pairwise_function():
                                [_cos_dissim(h, k) for k in hs], rtol=1e-12)
 
 
-def test_kernel_distance_is_scale_invariant_and_zero_on_itself():
+def test_kernel_distance_is_scale_invariant_and_zero_on_itself(device):
     rng = np.random.default_rng(3)
     j = rng.normal(size=(8, 30))
     h = j @ j.T
+    on_device = torch.from_numpy(h).to(device)
+    assert metrics.kernel_distance(on_device, 3.5 * on_device) == pytest.approx(0.0, abs=1e-15)
     assert metrics.kernel_distance(h, 3.5 * h) == pytest.approx(0.0, abs=1e-15)
     assert metrics.kernel_distance(h, h) == pytest.approx(0.0, abs=1e-15)
     other = rng.normal(size=(8, 30))

@@ -13,7 +13,7 @@ import dynprobe
 from dynprobe import schedule
 from dynprobe.metrics import interval
 
-from .conftest import assert_bitwise_equal, cnn_setup, make_data, mlp_setup, state_of, train
+from .conftest import assert_bitwise_equal, cnn_setup, make_data, mlp_setup, on_device, state_of, train
 
 
 def _run(setup, steps, *, probe_kwargs=None, tmp_path=None, criterion=None):
@@ -33,7 +33,8 @@ def _run(setup, steps, *, probe_kwargs=None, tmp_path=None, criterion=None):
 
 
 @pytest.mark.parametrize("setup", [mlp_setup, cnn_setup], ids=["mlp-dropout-sgd-momentum-wd", "cnn-bn-adam-steplr"])
-def test_probe_leaves_training_bitwise_identical(setup, tmp_path):
+def test_probe_leaves_training_bitwise_identical(setup, device, tmp_path):
+    setup = on_device(setup, device)
     reference, flags_ref, rng_ref = _run(setup, 40)
     probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2]),
                                                        "kernel": dynprobe.KernelConfig(n=16),

@@ -18,6 +18,7 @@ import dynprobe
 from dynprobe._util.evaluation import EvalSet
 from dynprobe._util.modules import layer_slices, trainable_parameters
 from dynprobe.metrics import functions as metrics
+from dynprobe.recording import snapshot as snapshot_module
 from dynprobe.recording.background import BackgroundWriteError, BackgroundWriter
 from dynprobe.recording.snapshot import SnapshotRecorder, default_history_memory, history_dtype
 from dynprobe.store.manifest import build_manifest
@@ -268,3 +269,31 @@ def test_a_kill_during_a_background_write_leaves_every_earlier_snapshot(tmp_path
     assert np.isfinite(np.diag(c)).all() and np.isfinite(np.diag(c, -1)).all() and np.isfinite(c[:, 0]).all()
     for i in range(len(run)):
         run.params(index=i)
+
+
+def test_the_default_history_budget_is_measured_after_the_first_optimizer_step(tmp_path, monkeypatch):
+    """Not at attach: the optimizer state and the step's activations must be taken first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+
+    def measured(device):
+        seen.append(len(optimizer.state))  # SGD's momentum buffers exist once it has stepped
+        return 2**20
+
+    monkeypatch.setattr(snapshot_module, "default_history_memory", measured)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    probe = dynprobe.Probe(model, optimizer, eval_data=(x, y), out=tmp_path / "run", schedule=[0, 2, 4],
+                           progress=False)
+    assert seen == []
+    criterion = probe.watch(nn.CrossEntropyLoss())
+    for _ in range(4):
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    probe.close()
+    assert seen == [len(list(model.parameters()))]  # once, with the optimizer state of every parameter tensor
+    run = dynprobe.load_run(tmp_path / "run")
+    assert np.isfinite(run.C).all()

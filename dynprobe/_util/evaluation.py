@@ -233,6 +233,8 @@ def evaluate(
             targets = eval_set.targets[start : start + batch_size].to(device, non_blocking=True)
             outputs = task.check_outputs(output_fn(forward(model, batch, params_and_buffers)), targets)
             num_classes = task.num_outputs(outputs)
+            if start == 0:  # the labels, once per eval set, from its host copy: before the first loss indexes them
+                task.check_target_range(eval_set.targets, num_classes)
             part, count = task.loss_sum(outputs, targets)
             loss_sum += part
             units += count
@@ -242,10 +244,13 @@ def evaluate(
                 correct += right
             preds.append(task.predictions(outputs, targets))
             nonfinite += (~torch.isfinite(outputs.detach())).reshape(outputs.shape[0], -1).any(dim=1).sum()
-    total = int(units)
-    loss = float(loss_sum) / total if total else float("nan")
-    accuracy = float(correct) / total if has_accuracy and total else float("nan")
-    return EvalResult(torch.cat(preds), loss, accuracy, num_classes, int(nonfinite))
+    # one host read for the four sums (float64 holds the integer counts exactly)
+    loss_total, units_total, correct_total, nonfinite_total = torch.stack(
+        [loss_sum, units.double(), correct.double(), nonfinite.double()]).tolist()
+    total = int(units_total)
+    loss = loss_total / total if total else float("nan")
+    accuracy = correct_total / total if has_accuracy and total else float("nan")
+    return EvalResult(torch.cat(preds), loss, accuracy, num_classes, int(nonfinite_total))
 
 
 def check_model_outputs(model: nn.Module, eval_set: EvalSet, *, output_fn: OutputFn | None = None,

@@ -6,7 +6,8 @@ per-module train/eval flags, RNG streams), it looks exactly the same afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ __all__ = [
     "flatten_parameters",
     "layer_name",
     "layer_slices",
+    "max_abs_differences",
     "preserved_rng",
     "rng_devices",
     "same_tensors",
@@ -117,8 +119,53 @@ def preserved_rng(devices: list[int] | None = None) -> Iterator[None]:
         yield
 
 
+def max_abs_differences(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``max |a_k − b_k|`` for each pair of tensors, as one float64 vector ``[len(a)]`` on the device of ``a[0]``.
+
+    The one definition of "how far apart / equal are these tensors" (the control ghost's canary, the vectorized
+    shadow's drift, "equal bit for bit" before reusing an evaluation): it never synchronizes with the device, so it
+    can run on every training step and be read later with other values (:func:`dynprobe._util.transfers.read_together`).
+
+    - Entry k is 0 exactly when ``a_k == b_k`` elementwise (``torch.equal``'s rule: −0.0 equals 0.0); NaN when
+      either side holds a NaN (a NaN equals nothing), and also for equal infinities (∞ − ∞ is NaN: a replica holding
+      infinities has diverged anyway). So "equal" is ``entry == 0`` and NaN counts as different.
+    - float32/float64 pairs of one dtype: differences in that dtype with fused ``_foreach`` kernels (exact while the
+      values are within a factor 2 of each other, by Sterbenz's lemma — the case of a drift — one rounding
+      otherwise), the maximum taken in float64. Other pairs (integers, bool, half precision, mixed dtypes): in
+      float64. Empty tensors: 0. ``b_k`` is moved to ``a_k``'s device; the shapes must match.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"max_abs_differences needs two lists of the same length; got {len(a)} and {len(b)}")
+    if not a:
+        return torch.zeros(0, dtype=torch.float64)
+    device = a[0].device
+    results: list[torch.Tensor | None] = [None] * len(a)
+    fused: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            raise ValueError(f"max_abs_differences: tensor {k} has shape {tuple(x.shape)} on one side and "
+                             f"{tuple(y.shape)} on the other")
+        if x.numel() == 0:
+            results[k] = torch.zeros((), dtype=torch.float64, device=device)
+        elif x.dtype == y.dtype and x.dtype in (torch.float32, torch.float64):
+            fused.setdefault((x.dtype, x.device), []).append(k)
+        else:
+            y = y.detach().to(x.device)
+            results[k] = (x.detach().double() - y.double()).abs().amax()
+    for (_, group_device), indices in fused.items():
+        differences = torch._foreach_sub([a[k].detach() for k in indices],
+                                         [b[k].detach().to(group_device) for k in indices])
+        for k, value in zip(indices, torch._foreach_norm(differences, math.inf, dtype=torch.float64)):
+            results[k] = value
+    return torch.stack([r.to(device) for r in results])
+
+
 def same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    """Whether two states (tensors by name) are equal bit for bit: the same names, shapes, dtypes and values."""
-    return a.keys() == b.keys() and all(
-        a[name] is b[name] or (a[name].shape == b[name].shape and a[name].dtype == b[name].dtype
-                               and torch.equal(a[name], b[name].to(a[name].device))) for name in a)
+    """Whether two states (tensors by name) are equal bit for bit: the same names, shapes, dtypes and values
+    (:func:`max_abs_differences` is 0 for every tensor; one device synchronisation)."""
+    if a.keys() != b.keys():
+        return False
+    names = [name for name in a if a[name] is not b[name]]
+    if any(a[n].shape != b[n].shape or a[n].dtype != b[n].dtype for n in names):
+        return False
+    return not names or bool((max_abs_differences([a[n] for n in names], [b[n] for n in names]) == 0).all())

@@ -53,6 +53,14 @@ def _label_mismatch_to_many(preds: torch.Tensor, many: torch.Tensor) -> torch.Te
     return (rows != a).to(torch.float64).mean(dim=1)
 
 
+def _value_range(targets: torch.Tensor) -> tuple[int | None, int | None]:
+    """(min, max) of integer ``targets`` with one host read; (None, None) when empty."""
+    if not targets.numel():
+        return None, None
+    low, high = torch.stack([targets.min(), targets.max()]).tolist()
+    return int(low), int(high)
+
+
 def _is_integer(targets: torch.Tensor) -> bool:
     return not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
 
@@ -60,9 +68,10 @@ def _is_integer(targets: torch.Tensor) -> bool:
 class Task:
     """The interface every task implements (see the module docstring for the three definitions).
 
-    Per batch, :meth:`check_outputs` validates (and, for regression, reshapes) the outputs; :meth:`loss_sum`,
-    :meth:`correct` and :meth:`predictions` reduce them. :meth:`disagreement_to_many` is D between one
-    prediction vector and each row of a stack (a row of the D matrix).
+    Per batch, :meth:`check_outputs` validates (and, for regression, reshapes) the outputs from their shapes alone
+    (no host synchronisation); the label values are checked once per eval set by :meth:`check_target_range`,
+    before the first loss (one host read). :meth:`loss_sum`, :meth:`correct` and :meth:`predictions` reduce them.
+    :meth:`disagreement_to_many` is D between one prediction vector and each row of a stack (a row of the D matrix).
     """
 
     name: ClassVar[str]
@@ -154,13 +163,13 @@ class ClassificationTask(Task):
                              f"with num_classes >= 2; got shape {tuple(outputs.shape)}.{hint}")
         if outputs.shape[0] != targets.shape[0]:
             raise ValueError(f"the model returned {outputs.shape[0]} rows of logits for {targets.shape[0]} examples")
-        self.check_target_range(targets, outputs.shape[1])
         return outputs
 
     def check_target_range(self, targets: torch.Tensor, num_outputs: int) -> None:
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_outputs):
+        low, high = _value_range(targets)
+        if low is not None and (low < 0 or high >= num_outputs):
             raise ValueError(f"eval_data targets must be class indices in [0, {num_outputs - 1}]; got values in "
-                             f"[{int(targets.min())}, {int(targets.max())}]")
+                             f"[{low}, {high}]")
 
     def num_outputs(self, outputs: torch.Tensor) -> int:
         return int(outputs.shape[1])
@@ -221,14 +230,13 @@ class TokenTask(Task):
         if outputs.dim() != 3 or outputs.shape[:2] != targets.shape or outputs.shape[2] < 2:
             raise ValueError("for task='tokens' the model's output must be (N, T, vocabulary) logits matching the "
                              f"(N, T) = {tuple(targets.shape)} labels; got shape {tuple(outputs.shape)}")
-        self.check_target_range(targets, outputs.shape[2])
         return outputs
 
     def check_target_range(self, targets: torch.Tensor, num_outputs: int) -> None:
-        valid = targets[targets != self.ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_outputs):
+        low, high = _value_range(targets[targets != self.ignore_index])
+        if low is not None and (low < 0 or high >= num_outputs):
             raise ValueError(f"token labels must be in [0, {num_outputs - 1}] (or ignore_index="
-                             f"{self.ignore_index}); got values in [{int(valid.min())}, {int(valid.max())}]")
+                             f"{self.ignore_index}); got values in [{low}, {high}]")
 
     def num_outputs(self, outputs: torch.Tensor) -> int:
         return int(outputs.shape[2])

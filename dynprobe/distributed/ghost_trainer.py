@@ -42,10 +42,11 @@ class DistributedGhostTrainer(SequentialTrainer):
         super().__init__(context, reason=SEQUENTIAL_REASON)
         self.run = run
 
-    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
+                   ) -> list[tuple[int, Fault]]:
         context, config = self.context, self.context.config
         errors: list[str | None] = []
-        nonfinite: list[bool] = []
+        nonfinite: list[torch.Tensor | None] = []  # device flags, reduced with the gradients (no read per ghost)
         local: BaseException | None = None
         for ghost in ghosts:
             replica = ghost.replica
@@ -54,10 +55,10 @@ class DistributedGhostTrainer(SequentialTrainer):
                 losses = replay_gradients(replica, micro_batches, context.replay)
                 match_grad_presence(context.main_params, replica.params)
                 errors.append(None)
-                nonfinite.append(not losses_finite(losses))
+                nonfinite.append(~losses_finite(losses))
             except Exception as error:  # noqa: BLE001 - agreed on below, never left one rank behind
                 errors.append(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-                nonfinite.append(False)
+                nonfinite.append(None)
                 local = local or error
         exceptions, nonfinite_counts = self._all_reduce(ghosts, errors, nonfinite)
         faults: dict[int, Fault] = {}
@@ -74,16 +75,19 @@ class DistributedGhostTrainer(SequentialTrainer):
             else:
                 step_optimizer(ghost.replica, clip_grad_norm=config.clip_grad_norm,
                                clip_grad_value=config.clip_grad_value)
-        return faults
+        return list(faults.items())
 
-    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
+    def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
         if not self.run.is_writer:  # other ranks' buffers wait for DDP's next broadcast: only rank 0 can compare
             return None
         return super().control_drift(control)
 
-    def _all_reduce(self, ghosts: list[Ghost], errors: list[str | None], nonfinite: list[bool]
+    def _all_reduce(self, ghosts: list[Ghost], errors: list[str | None], nonfinite: list[torch.Tensor | None]
                     ) -> tuple[list[int], list[int]]:
-        """The one collective (one per dtype): gradients ·1/W, rank 0's float buffers, failure counters."""
+        """The one collective (one per dtype): gradients ·1/W, rank 0's float buffers, failure counters.
+
+        The counters are read on the host once, after the collective (every rank must know who stops before the
+        optimizers step): one synchronisation per step under DDP, whatever the number of ghosts."""
         main_params = self.context.main_params
         segments: list[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
         for k, ghost in enumerate(ghosts):
@@ -98,8 +102,10 @@ class DistributedGhostTrainer(SequentialTrainer):
         flags_dtype = segments[0][1].dtype if segments else torch.float32
         groups = _by_dtype(segments, key=lambda s: s[1].dtype)
         groups.setdefault(flags_dtype, [])
-        flags = torch.tensor([float(e is not None) for e in errors] + [float(f) for f in nonfinite],
-                             dtype=flags_dtype, device=device)
+        raised = torch.tensor([float(e is not None) for e in errors], dtype=flags_dtype).to(device)
+        not_finite = [torch.zeros((), dtype=flags_dtype, device=device) if f is None else f.to(device, flags_dtype)
+                      for f in nonfinite]
+        flags = torch.cat([raised, torch.stack(not_finite)]) if not_finite else raised
         reduced_flags = flags
         scale = 1.0 / self.run.world_size
         is_writer = self.run.is_writer

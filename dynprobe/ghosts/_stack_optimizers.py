@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dynprobe._util.modules import same_tensors
+
 from .replica import sync_hyperparameters
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "AliasOptimizers", "StackedOptimizer", "RowSource", "is_elementwise"]
@@ -205,5 +207,5 @@ class AliasOptimizers:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+        return a.shape == b.shape and a.dtype == b.dtype and same_tensors({"value": a}, {"value": b})
     return a == b

@@ -41,7 +41,10 @@ class Comparison:
 def per_layer_l2(a: torch.Tensor, b: torch.Tensor, layers: list[tuple[str, slice]]) -> list[float]:
     """‖a − b‖₂ over each layer's slice of vec θ (float64), in the order of ``layers``
     (:func:`dynprobe._util.modules.layer_slices`)."""
-    return [float(torch.linalg.vector_norm(a[part].double() - b[part].double())) for _, part in layers]
+    if not layers:
+        return []
+    norms = [torch.linalg.vector_norm(a[part].double() - b[part].double()) for _, part in layers]
+    return torch.stack([n.to(norms[0].device) for n in norms]).tolist()  # one host read for all layers
 
 
 def compare_ghost(
@@ -67,9 +70,11 @@ def compare_ghost(
     returns the ghost's parameters and buffers by name for it.
     """
     flat = flatten_parameters(params, storage_dtype)
-    if not bool(torch.isfinite(flat).all()):
+    finite, reference_norm, ghost_norm = torch.stack([  # one host read
+        torch.isfinite(flat).all().double(), reference.params.double().norm().to(flat.device), flat.double().norm()
+    ]).tolist()
+    if not finite:
         return Comparison(stop="non-finite parameters")
-    reference_norm, ghost_norm = float(reference.params.double().norm()), float(flat.double().norm())
     if ghost_norm > divergence_ratio * reference_norm:
         return Comparison(stop=f"‖θ'‖ = {ghost_norm:.3g} exceeds {divergence_ratio:g}·‖θ‖ = {reference_norm:.3g}")
     # A ghost equal to its reference bit for bit (the ε = 0 control; a perturbation lost to rounding) gives the

@@ -9,7 +9,8 @@ business (:func:`choose_trainer`); this set owns the ghosts' identities, spawn s
 An ε = 0 control ghost is the canary: it is compared with its reference after every step, and any drift is recorded
 with its likely causes (training logic the ghosts cannot see). Ghost faults (non-finite loss or parameters, an
 exploding norm, an exception) stop the ghost and are recorded; they never reach the user's loop. After every step
-each ghost's separation from its reference is appended to its separation curve (:mod:`.separation`).
+each ghost's separation from its reference is appended to its separation curve (:mod:`.separation`). None of this
+synchronizes with the device on a plain step: the per-step values are read in batches (:mod:`.readings`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,16 @@ from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 from .comparison import compare_ghost
 from .notices import control_drift_notice, precision_notice, realized_norm_notice
 from .perturbation import Perturbation, PerturbationReport
-from .replica import LossReplay, Replica, check_optimizer_for_ghosts, is_compiled, lifetime_reached
+from .readings import PendingReadings, StepReading, StepValues
+from .replica import (
+    NONDETERMINISTIC_CAUSE,
+    LossReplay,
+    Replica,
+    check_optimizer_for_ghosts,
+    deterministic_replay_possible,
+    is_compiled,
+    lifetime_reached,
+)
 from .separation import SeparationLog
 from .sequential import SequentialTrainer
 from .trainer import Ghost, GhostTrainer, MainSnapshot, TrainerContext
@@ -98,6 +108,12 @@ class GhostSet:
                       "numbers, so the ε=0 control ghost will drift from your run and the chaos maps mix ε with that "
                       "difference. For exact ghosts attach the probe to the uncompiled module and train it eagerly")
 
+        if not deterministic_replay_possible(device):
+            writer.event("nondeterministic_device", step=None, device=str(device), cause=NONDETERMINISTIC_CAUSE)
+            warn_user(f"dynprobe: ghosts on {device} without deterministic algorithms cannot replay your step "
+                      f"exactly, so the ε=0 control will drift and every ghost mixes ε with that drift: "
+                      f"{NONDETERMINISTIC_CAUSE}")
+
         def evaluate_model(module: nn.Module) -> Any:
             return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
 
@@ -110,6 +126,7 @@ class GhostSet:
             raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
             on_mode=self._record_mode, disagreement=eval_set.task.disagreement)
         self.ghosts: list[Ghost] = []
+        self._by_index: dict[int, Ghost] = {}
         self.final_step: int | None = None  # Probe(total_steps=): S is always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self._parameter_ids = tuple(id(p) for p in model.parameters())
@@ -125,6 +142,7 @@ class GhostSet:
         self._recorded: dict[tuple[int, bool], dict[str, Any]] = {}
         self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
         self.separation = SeparationLog(writer)
+        self._pending = PendingReadings()
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -202,10 +220,12 @@ class GhostSet:
             spawned += self._spawn(step, Perturbation(norm=base.norm, kind=base.kind,
                                                       seed=base.seed + self._perturbed), control=False)
             self._perturbed += 1
+        self.read()
         self.separation.flush()
         self._warn_realized_norms([g for g in spawned if not g.control], step)
 
     def _spawn(self, step: int, perturbation: Perturbation, *, control: bool) -> list[Ghost]:
+        self.read()  # a stack may take the new ghost: faults of its rows (or its shadow) decided first
         index = self._next_index
         self._next_index += 1
         recorded = self._recorded.pop((index, control), None)
@@ -221,6 +241,7 @@ class GhostSet:
                                      f"{recorded['realized_norm']:.6g}): the model is not at its state of step {step}")
             return []
         self.ghosts.append(ghost)
+        self._by_index[index] = ghost
         if recorded is None:  # a re-created ghost's spawn record and first separation pair exist already
             report = ghost.report
             self.writer.event(
@@ -228,9 +249,7 @@ class GhostSet:
                 seed=perturbation.seed, nominal_norm=report.nominal_norm, realized_norm=report.realized_norm,
                 changed=report.changed, total=report.total, direction_cosine=report.direction_cosine,
                 share_on_zeros=report.share_on_zeros, changed_at=report.changed_at)
-            separations = self.trainer.separations([ghost])
-            if index in separations:
-                self.separation.note(index, step, separations[index])
+            self._pending.add(StepValues(step, separations=self.trainer.separations([ghost])))
         if not control:
             self._precision_pending.append(ghost)
         return [ghost]
@@ -246,49 +265,72 @@ class GhostSet:
         if not live:
             return
         if not micro_batches:
+            self.read()
             self._warn_once("no-capture", "dynprobe: the optimizer stepped but the ghosts saw no (forward, loss, "
                             "backward) to replay. Wrap the loss with criterion = probe.watch(criterion), pass "
                             "loss_from_output= for models that compute their own loss, or call probe.step(x, y) "
                             "explicitly")
-            self._stop_all(live, "failed", step, "no captured batch to replay")
+            self._stop_all(self.live, "failed", step, "no captured batch to replay")
             return
         if tuple(id(p) for p in self.model.parameters()) != self._parameter_ids:
-            self._model_changed(live, step)
+            self.read()
+            self._model_changed(self.live, step)
             return
         if self._precision_pending:
             self._check_precision(micro_batches[0].forward.autocast.regions)
         with preserved_rng(self.cuda_devices):
             faults = self.trainer.train_step(live, micro_batches, step)
+        # Faults known now (exceptions) and lifetimes stop ghosts at this step; the device flags wait for a read.
+        now = [(index, fault) for index, fault in faults if fault.when is None]
+        failed = {index for index, _ in now}
+        trained = [g for g in live if g.index not in failed]
+        finishing = [g for g in trained if lifetime_reached(g.spawn_step, step, self.config.lifetime_steps)]
+        values = StepValues(step, [(i, f) for i, f in faults if f.when is not None], self.trainer.separations(trained))
+        control = next((g for g in trained if g.control and g not in finishing), None)
+        if control is not None and not self._control_drifted:
+            values.control, values.drift = control.index, self.trainer.control_drift(control)
+        self._pending.add(values)
+        if now or finishing or self._pending.due:
+            self.read()
         raised = None
-        for ghost in live:
-            fault = faults.get(ghost.index)
-            if fault is not None:
+        for index, fault in now:
+            ghost = self._by_index[index]
+            if ghost.alive:  # not stopped by a fault of an earlier step (a diverged ghost's extra steps never raise)
                 self._set_status(ghost, fault.status, step, fault.reason,
                                  **({"traceback": fault.traceback} if fault.traceback else {}))
                 raised = raised or fault.error
-            elif lifetime_reached(ghost.spawn_step, step, self.config.lifetime_steps):
-                self._note_separation([ghost], step)
+        for ghost in finishing:
+            if ghost.alive:
                 self._set_status(ghost, "finished", step, f"lifetime of {self.config.lifetime_steps} steps reached")
-        self._note_separation(self.live, step)
-        self._check_control(step)
         if raised is not None and self.raise_errors:
             raise raised
 
-    def _note_separation(self, ghosts: list[Ghost], step: int) -> None:
-        for index, value in self.trainer.separations(ghosts).items():
-            self.separation.note(index, step, value)
+    def read(self) -> None:
+        """Read the ghosts' pending per-step values (one host synchronisation) and record them in step order: faults
+        (the ghost stops at that step), separation pairs of the ghosts still alive, the control's first drift."""
+        if not len(self._pending):
+            return
+        for reading in self._pending.read():
+            for index, fault in reading.faults:
+                ghost = self._by_index[index]
+                if ghost.alive:
+                    self._set_status(ghost, fault.status, reading.step, fault.reason)
+            for index, value in reading.separations.items():
+                if self._by_index[index].alive:
+                    self.separation.note(index, reading.step, value)
+            self._check_control(reading)
 
-    def _check_control(self, step: int) -> None:
-        control = next((g for g in self.ghosts if g.control and g.alive), None)
-        if control is None or self._control_drifted:
+    def _check_control(self, reading: StepReading) -> None:
+        if reading.control is None or not reading.drifted or self._control_drifted:
             return
-        result = self.trainer.control_drift(control)
-        if not result or not result[1]:
+        control = self._by_index[reading.control]
+        if not control.alive:
             return
-        reference, drifted = result
+        reference, drifted, step = reading.reference, reading.drifted, reading.step
         self._control_drifted = True
-        causes, message = control_drift_notice(reference, step, drifted, grad_edit_detected=self.grad_edit_detected,
-                                               compiled=self._compiled)
+        causes, message = control_drift_notice(
+            reference, step, drifted, grad_edit_detected=self.grad_edit_detected, compiled=self._compiled,
+            nondeterministic=not deterministic_replay_possible(self.context.device))
         self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
                           tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
         self._warn_once("control-drift", message)
@@ -340,8 +382,9 @@ class GhostSet:
         ``shadow_drift`` for vectorized ghosts); returns the arrays to store with the snapshot (ghost predictions,
         and parameters with ``Ghosts(save_params=True)``). S is measured for a ghost at every
         ``kernel_every_snapshots``-th of its comparisons (its first included) and at ``final_step``."""
-        live = self.live
+        self.read()
         self.separation.flush()
+        live = self.live
         if not live:
             return {}
         every = self.config.kernel_every_snapshots
@@ -407,11 +450,13 @@ class GhostSet:
     # ------------------------------------------------------------------------------------------ status
 
     def finish(self, step: int) -> None:
+        self.read()
         self.separation.flush()
         for ghost in self.live:
             self._set_status(ghost, "finished", step, "run closed")
 
     def _stop_all(self, ghosts: list[Ghost], status: str, step: int, reason: str) -> None:
+        self.read()  # a ghost that stopped earlier keeps that status
         for ghost in ghosts:
             if ghost.alive:
                 self._set_status(ghost, status, step, reason)

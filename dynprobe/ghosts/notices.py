@@ -51,7 +51,7 @@ def realized_norm_notice(reports: dict[int, PerturbationReport], step: int) -> s
 
 
 def control_drift_notice(reference: str, step: int, drifted: dict[str, float], *, grad_edit_detected: bool,
-                         compiled: bool) -> tuple[list[str], str]:
+                         compiled: bool, nondeterministic: bool = False) -> tuple[list[str], str]:
     """The likely causes and the message of an ε = 0 control that drifted from its ``reference`` at ``step``."""
     diff = max(drifted.values())
     if reference == "shadow":
@@ -59,7 +59,8 @@ def control_drift_notice(reference: str, step: int, drifted: dict[str, float], *
         return causes, (f"dynprobe: the ε=0 control ghost drifted from the ε=0 shadow of its vectorized stack at step "
                         f"{step} (max |Δ| {diff:.3g}): rows of one stack should be computed identically. Use "
                         "Ghosts(vectorize=False) for a bit-exact reference")
-    causes = likely_drift_causes(grad_edit_detected=grad_edit_detected, compiled=compiled)
+    causes = likely_drift_causes(grad_edit_detected=grad_edit_detected, compiled=compiled,
+                                 nondeterministic=nondeterministic)
     names = list(drifted)
     return causes, (f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(names)} tensors, "
                     f"max |Δ| {diff:.3g}, e.g. {names[0]!r}): the ghosts do not reproduce your training step exactly, "

@@ -13,7 +13,8 @@ the user's optimizer class, its hyper-parameters and a copy of its state — reb
 
 The status rules (:func:`losses_finite`, :func:`lifetime_reached`), the control-drift comparison
 (:func:`tensor_differences`, :func:`likely_drift_causes`) and the separation l2 (:func:`separation`) live here too,
-so that no trainer restates them.
+so that no trainer restates them. The per-step ones (:func:`losses_finite`, :func:`separation`) return device
+tensors and never synchronize: the ghost set reads them in batches (:mod:`dynprobe.ghosts.readings`).
 """
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynprobe._util.modules import max_abs_differences
 from dynprobe.capture.step import MicroBatch, replay_micro_batch
 
 __all__ = [
     "LossReplay",
     "Replica",
+    "NONDETERMINISTIC_CAUSE",
     "check_optimizer_for_ghosts",
+    "deterministic_replay_possible",
+    "differing",
     "group_by_scale",
     "is_compiled",
     "lifetime_reached",
@@ -167,11 +172,11 @@ def train_replica(replica: Replica, groups: list[list[MicroBatch]], main_optimiz
 # ---------------------------------------------------------------------------------------------- status rules
 
 
-def losses_finite(losses: Sequence[torch.Tensor]) -> bool:
-    """Whether every replayed loss is finite (one device synchronisation for all of them)."""
+def losses_finite(losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every replayed loss is finite: a 0-d bool tensor on the losses' device (no synchronisation)."""
     if not losses:
-        return True
-    return bool(torch.isfinite(torch.cat([loss.detach().reshape(-1).float() for loss in losses])).all())
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.cat([loss.detach().reshape(-1).float() for loss in losses])).all()
 
 
 def lifetime_reached(spawn_step: int, step: int, lifetime_steps: int | None) -> bool:
@@ -188,25 +193,34 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if t is not None}
 
 
-def tensor_differences(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """max |reference − other| (float64) for every tensor (by name) whose values are not bitwise equal.
+def tensor_differences(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]
+                       ) -> tuple[list[str], torch.Tensor]:
+    """The names of ``reference`` and :func:`dynprobe._util.modules.max_abs_differences` of each tensor to the one of
+    the same name in ``other`` (float64, on the device; 0 where bitwise equal). No synchronisation.
 
     Raises ``KeyError`` naming the tensors that only one side has (a model whose layout changed)."""
     missing = sorted(set(reference) ^ set(other))
     if missing:
         raise KeyError(f"tensors present on one side only: {missing[:5]}")
-    return {name: float((value.double() - other[name].double()).abs().max()) for name, value in reference.items()
-            if not torch.equal(value, other[name])}
+    names = list(reference)
+    return names, max_abs_differences([reference[n] for n in names], [other[n] for n in names])
 
 
-def separation(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
-    """‖θ' − θ_ref‖₂ over all tensors: differences in the parameters' dtype (exact while θ' and θ_ref are within a
-    factor 2 of each other, by Sterbenz's lemma; one rounding otherwise), squares summed in float64."""
+def differing(names: Sequence[str], differences: Sequence[float]) -> dict[str, float]:
+    """``{name: max |Δ|}`` of the tensors that are not bitwise equal (a difference that is not 0, NaN included),
+    from values read on the host."""
+    return {name: float(value) for name, value in zip(names, differences) if not value == 0}
+
+
+def separation(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖θ' − θ_ref‖₂ over all tensors, a 0-d float64 tensor on the device (no synchronisation): differences in the
+    parameters' dtype (exact while θ' and θ_ref are within a factor 2 of each other, by Sterbenz's lemma; one
+    rounding otherwise), squares summed in float64."""
     if not params:
-        return 0.0
+        return torch.zeros((), dtype=torch.float64)
     differences = torch._foreach_sub([p.detach() for p in params], [r.detach() for r in reference])
     norms = torch._foreach_norm(differences, 2, dtype=torch.float64)
-    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -218,9 +232,21 @@ def is_compiled(model: nn.Module) -> bool:
     return False
 
 
-def likely_drift_causes(*, grad_edit_detected: bool, compiled: bool) -> list[str]:
+NONDETERMINISTIC_CAUSE = ("nondeterministic GPU kernels: cuDNN and cuBLAS choose algorithms by timing and some "
+                          "backward kernels reduce with atomics, so a replay of your step differs in the last bits. "
+                          "Call torch.use_deterministic_algorithms(True), set CUBLAS_WORKSPACE_CONFIG=:4096:8 before "
+                          "CUDA starts and torch.backends.cudnn.benchmark = False")
+
+
+def deterministic_replay_possible(device: torch.device) -> bool:
+    """Whether a replay on ``device`` can be bitwise exact: always on the CPU; on CUDA only under
+    ``torch.use_deterministic_algorithms(True)`` (read when asked: the user may set it after attaching)."""
+    return device.type != "cuda" or torch.are_deterministic_algorithms_enabled()
+
+
+def likely_drift_causes(*, grad_edit_detected: bool, compiled: bool, nondeterministic: bool = False) -> list[str]:
     """Why an ε = 0 control ghost may drift from the main run, most likely first."""
-    causes = []
+    causes = [NONDETERMINISTIC_CAUSE] if nondeterministic else []
     if compiled:
         causes.append("the model is compiled (torch.compile): fused kernels round differently from the eager "
                       "replay, and compiled dropout draws its own random numbers")

@@ -48,33 +48,33 @@ class SequentialTrainer:
         ghost.replica = Replica.clone(context.model, context.optimizer, context.no_copy, context.config.scaler)
         return perturb_(ghost.replica.params, perturbation)
 
-    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
+                   ) -> list[tuple[int, Fault]]:
         context, config = self.context, self.context.config
         groups = group_by_scale(micro_batches) if config.scaler is not None else [micro_batches]
-        faults: dict[int, Fault] = {}
+        faults: list[tuple[int, Fault]] = []
         for ghost in ghosts:
             assert ghost.replica is not None
             try:
                 losses = train_replica(ghost.replica, groups, context.optimizer, context.main_params, context.replay,
                                        clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
             except Exception as error:  # noqa: BLE001 - a ghost fault never reaches the user's loop
-                faults[ghost.index] = Fault("failed", f"{type(error).__name__}: {error}", traceback.format_exc(),
-                                            error)
+                faults.append((ghost.index, Fault("failed", f"{type(error).__name__}: {error}",
+                                                  traceback.format_exc(), error)))
                 continue
-            if not losses_finite(losses):
-                faults[ghost.index] = Fault("diverged", "non-finite loss")
+            faults.append((ghost.index, Fault("diverged", "non-finite loss", when=~losses_finite(losses))))
         return faults
 
     def release(self, ghost: Ghost) -> None:
         ghost.replica = None
 
-    def separations(self, ghosts: list[Ghost]) -> dict[int, float]:
+    def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
         main = self.context.main_params
         return {g.index: separation(g.replica.params, main) for g in ghosts if g.replica is not None}
 
-    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
+    def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
         assert control.replica is not None
-        return "main", tensor_differences(named_tensors(self.context.model), named_tensors(control.replica.model))
+        return "main", *tensor_differences(named_tensors(self.context.model), named_tensors(control.replica.model))
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
                   ) -> Reference:

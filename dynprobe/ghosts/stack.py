@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from dynprobe._util.modules import flatten_parameters, preserved_rng, rng_devices
+from dynprobe._util.modules import flatten_parameters, max_abs_differences, preserved_rng, rng_devices
 from dynprobe.capture.step import MicroBatch, micro_batch_loss
 
 from ._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
-from .replica import match_grad_presence
+from .replica import differing, match_grad_presence
 
 __all__ = ["GhostStack", "ReplicaState", "check_vmappable", "flatten"]
 
@@ -177,26 +177,35 @@ class GhostStack:
         return {**{n: p.detach()[row] for n, p in zip(self.param_names, self.params)},
                 **{n: b[row] for n, b in zip(self.buffer_names, self.buffers)}}
 
-    def separations(self, reference: Hashable, keys: Sequence[Hashable]) -> dict[Hashable, float]:
+    def separations(self, reference: Hashable, keys: Sequence[Hashable]) -> dict[Hashable, torch.Tensor]:
         """‖row − row ``reference``‖₂ over the trainable parameters for each of ``keys`` (differences in the
-        parameters' dtype, squares summed in float64), one pass over the stack."""
+        parameters' dtype, squares summed in float64), one pass over the stack: 0-d float64 device tensors (views of
+        one vector; no synchronisation)."""
         if not keys:
             return {}
-        ref, rows = self.row(reference), torch.tensor([self.row(k) for k in keys], dtype=torch.long)
-        total = None
+        # Every row minus the reference row (its own row gives 0): no index tensor to copy to the device.
+        ref, total = self.row(reference), None
         for p in self.params:
             data = p.detach()
-            picked = data[rows.to(data.device)] - data[ref]
-            squares = torch.linalg.vector_norm(picked.reshape(len(keys), -1), dim=1, dtype=torch.float64).square()
+            squares = torch.linalg.vector_norm((data - data[ref]).reshape(len(self.keys), -1), dim=1,
+                                               dtype=torch.float64).square()
             total = squares if total is None else total + squares.to(total.device)
-        return dict(zip(keys, total.sqrt().tolist()))
+        norms = total.sqrt()
+        return {key: norms[self.row(key)] for key in keys}
+
+    def row_differences(self, a: Hashable, b: Hashable) -> tuple[list[str], torch.Tensor]:
+        """The names of the parameters and buffers, and max |row a − row b| of each (float64 device vector, 0 where
+        bitwise equal: :func:`dynprobe._util.modules.max_abs_differences`; no synchronisation)."""
+        ra, rb = self.row(a), self.row(b)
+        tensors = [p.detach() for p in self.params] + self.buffers
+        return (self.param_names + self.buffer_names,
+                max_abs_differences([t[ra] for t in tensors], [t[rb] for t in tensors]))
 
     def differences(self, a: Hashable, b: Hashable) -> dict[str, float]:
-        """max |row a − row b| (float64) for every parameter and buffer whose rows are not bitwise equal."""
-        ra, rb = self.row(a), self.row(b)
-        named = list(zip(self.param_names, self.params)) + list(zip(self.buffer_names, self.buffers))
-        return {name: float((t[ra].double() - t[rb].double()).abs().max())
-                for name, t in named if not torch.equal(t[ra], t[rb])}
+        """max |row a − row b| (float64) for every parameter and buffer whose rows are not bitwise equal (read on
+        the host: one synchronisation)."""
+        names, values = self.row_differences(a, b)
+        return differing(names, values.tolist())
 
     def _check_layout(self, replica: ReplicaState) -> None:
         expected = [tuple(p.shape) for p in self._base_params]
@@ -226,8 +235,9 @@ class GhostStack:
 
     def train_step(self, micro_batches: Sequence[MicroBatch], main_optimizer: torch.optim.Optimizer, *,
                    loss_fn: LossFn | None, loss_from_output: Callable[[Any], torch.Tensor] | None
-                   ) -> dict[Hashable, bool]:
-        """One main optimizer step for every row; returns, per key, whether all its losses were finite.
+                   ) -> torch.Tensor:
+        """One main optimizer step for every row; returns whether all its losses were finite, per row (in the
+        order of :attr:`keys`): a bool device tensor ``[R]``, not read here (no synchronisation).
 
         The caller restores the main RNG stream afterwards (the replay sets the recorded states).
         """
@@ -237,8 +247,7 @@ class GhostStack:
         match_grad_presence([p for p in self.main.parameters() if p.requires_grad], self.params)
         self._clip()
         self._optim.step()
-        finite = torch.isfinite(losses.reshape(len(micro_batches), len(self.keys), -1)).all(2).all(0).tolist()
-        return dict(zip(self.keys, finite))
+        return torch.isfinite(losses.reshape(len(micro_batches), len(self.keys), -1)).all(2).all(0)
 
     def zero_grad(self) -> None:
         for p in self.params:

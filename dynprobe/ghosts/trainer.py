@@ -45,12 +45,18 @@ class Ghost:
 
 @dataclass(frozen=True)
 class Fault:
-    """A ghost that must stop after a training step: ``status`` is ``"failed"`` or ``"diverged"``."""
+    """A ghost that must stop after a training step: ``status`` is ``"failed"`` or ``"diverged"``.
+
+    ``when`` is None for a fault known on the host now (an exception); otherwise a 0-d bool device tensor: the
+    fault happened at this step if it is true. Such flags (non-finite losses) are read later, in one batch with the
+    other per-step values (:mod:`dynprobe.ghosts.readings`), and the ghost stops at the step they name.
+    """
 
     status: str
     reason: str
     traceback: str | None = None
     error: BaseException | None = None  # re-raised after the status is recorded, under errors="raise"
+    when: torch.Tensor | None = None
 
 
 @dataclass
@@ -112,18 +118,23 @@ class GhostTrainer(Protocol):
     def spawn(self, ghost: Ghost, perturbation: Perturbation) -> PerturbationReport:
         """Create ``ghost``'s replica from the reference now (the main run, or the shadow) and perturb it."""
 
-    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
-        """One main optimizer step of every ghost in ``ghosts``; the ghosts that must stop, by index."""
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
+                   ) -> list[tuple[int, Fault]]:
+        """One main optimizer step of every ghost in ``ghosts``, without a host synchronisation; the faults
+        ``(ghost index, fault)`` that may stop them, in precedence order (a ghost stops at its first fault that
+        happened: an exception now, or a device flag read later)."""
 
     def release(self, ghost: Ghost) -> None:
         """``ghost`` stopped: free its replica."""
 
-    def separations(self, ghosts: list[Ghost]) -> dict[int, float]:
-        """‖θ' − θ_ref‖₂ (float64) of each ghost to its reference, now."""
+    def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
+        """‖θ' − θ_ref‖₂ of each ghost to its reference, now: 0-d float64 device tensors (no synchronisation)."""
 
-    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
-        """The control's reference (``"main"`` or ``"shadow"``) and max |Δ| per tensor where the ε = 0 control
-        differs from it (None: not comparable in this process)."""
+    def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
+        """The control's reference (``"main"`` or ``"shadow"``), the names of the parameters and buffers, and
+        max |Δ| per tensor between the ε = 0 control and its reference now (a float64 device vector, 0 where
+        bitwise equal: :func:`dynprobe._util.modules.max_abs_differences`; no synchronisation). None: not
+        comparable in this process."""
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
                   ) -> Reference:

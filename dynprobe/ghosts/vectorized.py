@@ -23,8 +23,10 @@ vectorized choice is final. Until the mode is known, ghosts spawn as deep copies
 trainer inside this one holds them); the stack then absorbs them.
 
 Faults: a row whose loss is non-finite is ``diverged`` and leaves the stack; the other rows train on (rows never
-mix). An exception in a stacked step after the first one, or in evaluating the shadow, stops every ghost of the
-stack as ``failed``.
+mix). The finiteness flags stay on the device and are read in batches by the ghost set
+(:mod:`dynprobe.ghosts.readings`): a diverged row may train a few more steps before it leaves, and is recorded as
+diverged at the step its loss first went non-finite. An exception in a stacked step after the first one, or in
+evaluating the shadow, stops every ghost of the stack as ``failed`` (so does a non-finite loss of the shadow).
 """
 from __future__ import annotations
 
@@ -37,12 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynprobe._util.modules import max_abs_differences
 from dynprobe.capture.step import MicroBatch
 from dynprobe.metrics import functions as metrics
 
 from ._stack_optimizers import is_elementwise
 from .perturbation import Perturbation, PerturbationReport, perturb_
-from .replica import Replica, named_tensors, train_replica
+from .replica import Replica, differing, named_tensors, train_replica
 from .sequential import SequentialTrainer
 from .stack import GhostStack, ReplicaState, check_vmappable, flatten
 from .trainer import Fault, Ghost, MainSnapshot, Reference, TrainerContext
@@ -121,7 +124,8 @@ class VectorizedTrainer:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int) -> dict[int, Fault]:
+    def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
+                   ) -> list[tuple[int, Fault]]:
         if self.mode == "sequential":
             return self.sequential.train_step(ghosts, micro_batches, step)
         pending = [g for g in ghosts if g.replica is not None]  # copies waiting for a stack
@@ -145,11 +149,13 @@ class VectorizedTrainer:
         self._pending_shadow = None
         for ghost in pending:  # now rows of the stack: free the copies
             ghost.replica = None
-        if not finite.get(SHADOW, True):
-            return self._fail_all("the ε=0 shadow of the main run (the reference of vectorized ghosts) had a "
-                                  "non-finite loss")
-        return {g.index: Fault("diverged", "non-finite loss") for g in ghosts
-                if g.index in self.stack and not finite[g.index]}
+        # Device flags, read later by the ghost set: a non-finite shadow fails every row, before the rows' own flags.
+        nonfinite = ~finite
+        rows = [g for g in ghosts if g.index in self.stack]
+        shadow = Fault("failed", "the ε=0 shadow of the main run (the reference of vectorized ghosts) had a "
+                       "non-finite loss", when=nonfinite[self.stack.row(SHADOW)])
+        return [(g.index, shadow) for g in rows] + [
+            (g.index, Fault("diverged", "non-finite loss", when=nonfinite[self.stack.row(g.index)])) for g in rows]
 
     def _new_stack(self, pending: list[Ghost]) -> GhostStack:
         """A stack of the pending shadow and the copies ``pending`` (it copies them: they stay untouched)."""
@@ -164,10 +170,10 @@ class VectorizedTrainer:
         return stack
 
     def _fail_all(self, reason: str, trace: str | None = None, error: BaseException | None = None
-                  ) -> dict[int, Fault]:
+                  ) -> list[tuple[int, Fault]]:
         """Every ghost this trainer holds stops as ``failed`` (rows, or copies about to become rows)."""
         self.stack, self._pending_shadow = None, None
-        return {index: Fault("failed", reason, trace, error) for index in self._live}
+        return [(index, Fault("failed", reason, trace, error)) for index in self._live]
 
     # ------------------------------------------------------------------------------------------ choosing
 
@@ -252,15 +258,15 @@ class VectorizedTrainer:
 
     # ------------------------------------------------------------------------------------------ reading
 
-    def separations(self, ghosts: list[Ghost]) -> dict[int, float]:
+    def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
         result = self.sequential.separations([g for g in ghosts if g.replica is not None])
         if self.stack is not None:
             result.update(self.stack.separations(SHADOW, [g.index for g in ghosts if g.index in self.stack]))
         return result
 
-    def control_drift(self, control: Ghost) -> tuple[str, dict[str, float]] | None:
+    def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
         if self.stack is not None and control.index in self.stack:
-            return "shadow", self.stack.differences(control.index, SHADOW)
+            return "shadow", *self.stack.row_differences(control.index, SHADOW)
         return self.sequential.control_drift(control)
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
@@ -274,10 +280,11 @@ class VectorizedTrainer:
         evaluation = context.evaluate(shadow)
         state = {name: t.clone() for name, t in named_tensors(shadow).items()}
         kernel = kernel_of(state) if kernel_of is not None else None
-        differing = {name: float((main.state[name].double() - value.double()).abs().max()) for name, value in
-                     state.items() if name in main.state and not torch.equal(main.state[name], value)}
-        drift = {"bitwise_equal": not differing, "max_abs_diff": max(differing.values(), default=0.0),
-                 "tensors_differing": len(differing), "C": metrics.cosine_dissimilarity(main.params, flat),
+        names = [name for name in state if name in main.state]
+        differences = max_abs_differences([main.state[n] for n in names], [state[n] for n in names])
+        differ = differing(names, differences.tolist())
+        drift = {"bitwise_equal": not differ, "max_abs_diff": max(differ.values(), default=0.0),
+                 "tensors_differing": len(differ), "C": metrics.cosine_dissimilarity(main.params, flat),
                  "L2": metrics.l2_distance(main.params, flat), "D": context.disagreement(main.preds, evaluation.preds)}
         return Reference("shadow", flat, evaluation.preds, kernel, state, drift, evaluation)
 

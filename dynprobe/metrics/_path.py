@@ -140,6 +140,7 @@ def path_sums(model: nn.Module, path: Path, alphas: list[float], batches: list[t
     re-estimation, :func:`dynprobe._util.batchnorm.reestimate_batchnorm`: cumulative average, dropout off)."""
     sums: list[torch.Tensor] = []
     count_total: torch.Tensor | None = None
+    labels_checked = False
     for alpha in alphas:
         state = path.at(alpha)
         if reset_batches:
@@ -150,6 +151,10 @@ def path_sums(model: nn.Module, path: Path, alphas: list[float], batches: list[t
         total, count_total = None, None
         for inputs, targets in batches:
             outputs = task.check_outputs(output_fn(forward(model, inputs, state)), targets)
+            if not labels_checked:  # the labels of all batches, once per call (one host read), before any loss
+                task.check_target_range(torch.cat([t.reshape(-1).to(targets.device) for _, t in batches]),
+                                        task.num_outputs(outputs))
+                labels_checked = True
             part, count = task.loss_sum(outputs, targets)
             if metric == "error":
                 part = (count - task.correct(outputs, targets)).to(torch.float64)

@@ -31,7 +31,9 @@ class VectorHistory:
     Args:
         device: where rows are computed (the model's device).
         dtype: dtype the vectors are kept in (the parameters' own dtype for C; exact for the values stored).
-        memory_budget: bytes of vectors kept in memory.
+        memory_budget: bytes of vectors kept in memory; or a function returning them, called when the second vector
+            arrives (the first is kept alone until then): the probe measures its default budget only after the
+            user's first optimizer step, once the step's own memory (optimizer state, activations) is taken.
         load: ``index -> array or None``, reads an entry back from the run directory.
         load_columns: ``(index, start, stop) -> array or None``, reads entries ``start:stop`` of a stored vector
             (None: :meth:`load_columns` reads the whole vector and slices it).
@@ -42,12 +44,13 @@ class VectorHistory:
     ``ring_size`` snapshots (module docstring).
     """
 
-    def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int,
+    def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int | Callable[[], int],
                  load: Callable[[int], np.ndarray | None],
                  load_columns: Callable[[int, int, int], np.ndarray | None] | None = None,
                  before_load: Callable[[], None] | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
-        self.memory_budget = int(memory_budget)
+        self._measure_budget = memory_budget if callable(memory_budget) else None
+        self.memory_budget: int | None = None if callable(memory_budget) else int(memory_budget)
         self._load, self._load_columns, self._before_load = load, load_columns, before_load
         self.present: list[bool] = []
         self.summaries: dict[int, np.ndarray] = {}
@@ -68,11 +71,25 @@ class VectorHistory:
         """How many of the newest snapshots stay in memory after the spill (0: none)."""
         return max(0, (self.capacity or 0) - int(self.anchored))
 
-    def _set_capacity(self, dim: int) -> None:
-        if self.capacity is None:
-            row = dim * torch.empty((), dtype=self.dtype).element_size()
-            self.capacity = self.memory_budget // max(1, row)
-            self.size = int(dim)
+    def _set_capacity(self, dim: int, *, now: bool = False) -> None:
+        """Decide how many vectors fit (once the budget is known; a deferred budget is measured at the second vector,
+        or ``now``). Until then the capacity is provisionally one vector."""
+        if self.capacity is not None and self.memory_budget is not None:
+            return
+        self.size = int(dim)
+        if self.memory_budget is None and (now or len(self.slots) >= 1):
+            assert self._measure_budget is not None
+            self.memory_budget = int(self._measure_budget())
+        if self.memory_budget is None:
+            self.capacity = 1
+            return
+        row = dim * torch.empty((), dtype=self.dtype).element_size()
+        self.capacity = self.memory_budget // max(1, row)
+        if len(self.slots) > self.capacity:  # the provisional first vector does not fit the measured budget
+            self.spilled, self.anchored = True, False
+            self.far = list(self.slots) + self.far
+            self.slots.clear()
+            self._buffer = None
 
     def resident(self) -> tuple[list[int], torch.Tensor | None]:
         """The indices in memory and their stacked vectors (one view of the buffer; slot order, not sorted)."""
@@ -211,7 +228,7 @@ class VectorHistory:
         first = self.load(indices[0])
         if first is None:
             raise ValueError(f"the stored vector of snapshot {indices[0]} is missing")
-        self._set_capacity(first.numel())
+        self._set_capacity(first.numel(), now=True)
         capacity = self.capacity or 0
         fits = len(indices) <= capacity
         if not fits:

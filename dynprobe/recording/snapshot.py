@@ -13,6 +13,7 @@ snapshots themselves).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,19 +36,62 @@ from dynprobe.store.sink import RunSink
 __all__ = ["HISTORY_FRACTION", "SnapshotData", "SnapshotRecorder", "default_history_memory", "flatten_parameters",
            "history_dtype"]
 
-HISTORY_FRACTION = 0.25  # of the memory free at attach, kept for earlier snapshots' vectors by default
+# of the memory the process may still use after the user's first optimizer step, kept for earlier snapshots'
+# vectors by default
+HISTORY_FRACTION = 0.25
 MAX_LAYERS = 512  # per-layer C is recorded for models with at most this many layers
 _FALLBACK_MEMORY = 512 * 2**20
 
 
 def default_history_memory(device: torch.device | str) -> int:
-    """The default ``history_memory``: a quarter of the memory free now where the history lives — available
-    RAM for the CPU (and for devices that share it), free device memory for CUDA."""
+    """The default ``history_memory``: :data:`HISTORY_FRACTION` of the memory the process may still use where the
+    history lives, measured now — the recorder asks after the user's first optimizer step (see
+    :class:`SnapshotRecorder`), when the optimizer state exists and the step's activations are held by the
+    allocator.
+
+    CUDA: the device's free memory (what PyTorch's caching allocator holds for the user's step is not free), within
+    ``torch.cuda.set_per_process_memory_fraction`` when set. CPU (and devices that share its memory): the
+    available RAM, within the process's limits — a cgroup memory limit (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``) and ``RLIMIT_AS``, less what the process already uses of each."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        if fraction < 1.0:
+            free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(device)))
         return int(free * HISTORY_FRACTION)
-    return int(_available_ram() * HISTORY_FRACTION)
+    return int(min(_available_ram(), _process_headroom()) * HISTORY_FRACTION)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _process_headroom() -> float:
+    """Bytes this process may still allocate under its cgroup memory limit and ``RLIMIT_AS`` (inf: no limit)."""
+    headroom = math.inf
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            headroom = min(headroom, max(0, limit - usage))
+    try:
+        import resource  # POSIX only
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as handle:
+                used = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            headroom = min(headroom, max(0, soft - used))
+    except (ImportError, OSError, ValueError):
+        pass
+    return headroom
 
 
 def _available_ram() -> int:
@@ -122,16 +166,22 @@ class SnapshotRecorder:
         self.device, self.storage_dtype = device, storage_dtype
         self.output_fn, self.eval_batch_size = output_fn, eval_batch_size
         self.kernel_fn = kernel_fn
-        self.history_memory = default_history_memory(device) if history_memory is None else int(history_memory)
+        # The default budget is measured lazily: at the second snapshot, after the user's first optimizer step.
+        self._history_memory = None if history_memory is None else int(history_memory)
         self._warned_nonfinite = False
         spec = (writer.manifest.get("model") or {}).get("parameters")
         named = [(p["name"], int(p["numel"])) for p in spec] if spec else [(str(i), p) for i, p in enumerate(params)]
         layers = layer_slices(named)
         self.layers: list[str] = [name for name, _ in layers] if per_layer and len(layers) <= MAX_LAYERS else []
         size = sum(p.numel() for p in params)
-        kernel_share = self.history_memory // 4 if kernel_fn is not None else 0
-        budgets = {"C": self.history_memory - kernel_share, "S": kernel_share,
-                   "D": max(64 * 2**20, self.history_memory // 16)}
+
+        def budget(name: str) -> int:
+            total = self.history_memory
+            kernel_share = total // 4 if kernel_fn is not None else 0
+            return {"C": total - kernel_share, "S": kernel_share, "D": max(64 * 2**20, total // 16)}[name]
+
+        budgets = {name: (budget(name) if history_memory is not None else lambda n=name: budget(n))
+                   for name in ("C", "S", "D")}
         dtypes = {"C": history_dtype(params, storage_dtype), "S": torch.float64, "D": eval_set.task.history_dtype}
         metric_of = {
             "C": CosineMetric(size, [s for _, s in layers] if self.layers else None),
@@ -156,6 +206,14 @@ class SnapshotRecorder:
                 self.matrices[name] = PairwiseMatrix.reattach(name, metric, history, paths, has)
             else:
                 self.matrices[name] = PairwiseMatrix(name, metric, history, [TriangularRows(p) for p in paths])
+
+    @property
+    def history_memory(self) -> int:
+        """Bytes for earlier snapshots' vectors: the user's ``history_memory``, or :func:`default_history_memory`
+        measured at the first use after attach (the second snapshot: the user's first optimizer step is done)."""
+        if self._history_memory is None:
+            self._history_memory = default_history_memory(self.device)
+        return self._history_memory
 
     # ------------------------------------------------------------------------------------------------ measure
 
