@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -37,7 +38,8 @@ def test_probe_leaves_training_bitwise_identical(setup, tmp_path):
     reference, flags_ref, rng_ref = _run(setup, 40)
     probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2]),
                                                        "kernel": dynprobe.KernelConfig(n=16),
-                                                       "trajectory_barriers": 1, "barrier_alphas": 3},
+                                                       "barriers": dynprobe.Barriers(
+                                                           previous_snapshots=1, alphas=3, time_budget=math.inf)},
                               tmp_path=tmp_path)
     assert_bitwise_equal(state_of(reference), state_of(probed))
     assert torch.equal(rng_ref, rng), "the global RNG stream changed"
@@ -506,7 +508,7 @@ def test_resume_refuses_a_model_that_is_not_at_the_resume_snapshot(tmp_path):
     with pytest.raises(ValueError, match="match no snapshot"):
         dynprobe.Probe(noise, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume=True)
     restored, optimizer, _, _ = mlp_setup()
-    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(2), strict=False)
+    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(index=2), strict=False)
     dynprobe.Probe(restored, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
                    resume=True).close()
 
@@ -526,5 +528,5 @@ def test_parameters_added_after_attach_are_reported_once(tmp_path):
         train(model, optimizer, scheduler, data, 6, criterion=probe.watch(nn.CrossEntropyLoss()))
         probe.close()
     assert sum("were added" in str(w.message) for w in caught) == 1
-    assert dynprobe.load_run(tmp_path / "r").params(0).shape[0] == sum(
+    assert dynprobe.load_run(tmp_path / "r").params(index=0).shape[0] == sum(
         p.numel() for name, p in model.named_parameters() if name != "late")

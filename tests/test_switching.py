@@ -1,6 +1,6 @@
 """Tests of dynprobe.switching_experiment: standard training to t, linearized training from θ_t to T (Fig. 6).
 
-The reference for a switch point is written here independently of dynprobe.linear: the model's Jacobian at
+The reference for a switch point is written here independently of dynprobe.experiments.linear: the model's Jacobian at
 θ_t materialized by ``torch.func.jacrev`` in float64 on every batch, f_lin = f(θ_t) + J(θ_t)(θ − θ_t), the
 cross-entropy gradient Jᵀ(softmax(f_lin) − onehot(y))/B written out by hand, and SGD with momentum and weight
 decay as hand-written update rules.

@@ -93,7 +93,7 @@ class Probe:
             ``output.logits`` or ``output["logits"]``).
         seed: seeds the eval subsample; never the global RNG.
         barriers: the loss barriers (eq. 5 and the linear reference) computed online and their time budget, a
-            :class:`dynprobe.Barriers` (default ``Barriers()``); deprecated: ``trajectory_barriers``, ``barrier_alphas``
+            :class:`dynprobe.Barriers` (default ``Barriers()``).
         task: ``"classification"``, ``"tokens"``, ``"regression"`` or a task object (default: from the eval targets).
         progress: a progress line on stderr while a snapshot takes more than ~2 s.
         durable: ``fsync`` every file and its directory at each commit point, so a power loss cannot lose a
@@ -143,8 +143,6 @@ class Probe:
         eval_batch_size: int = 256,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
-        trajectory_barriers: int | None = None,
-        barrier_alphas: int | None = None,
         barriers: Barriers | None = None,
         task: Any = None,
         progress: bool = True,
@@ -163,8 +161,8 @@ class Probe:
         self.options = ProbeOptions(
             schedule=schedule, kernel=kernel, ghosts=ghosts, loss_from_output=loss_from_output,
             total_steps=total_steps, resume=resume, resume_step=resume_step, eval_max=eval_max,
-            eval_batch_size=eval_batch_size, output_fn=output_fn, seed=seed, trajectory_barriers=trajectory_barriers,
-            barrier_alphas=barrier_alphas, history_memory=history_memory, snapshot_on_close=snapshot_on_close,
+            eval_batch_size=eval_batch_size, output_fn=output_fn, seed=seed,
+            history_memory=history_memory, snapshot_on_close=snapshot_on_close,
             on_transition=on_transition, on_snapshot=on_snapshot, errors=errors, barriers=barriers, task=task,
             progress=progress, durable=durable)
         # torch.distributed (DDP): hooks on what the loop calls (the wrapper), everything else on the inner module.

@@ -1,7 +1,6 @@
 """The probe's options, validated at ``Probe(...)``: every mistake fails there, naming the argument and the fix."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from dynprobe._util.checks import check_int
 from dynprobe._util.tasks import as_task
 from dynprobe.config import Ghosts, KernelConfig
-from dynprobe.config.barriers import Barriers, resolve_barriers
+from dynprobe.config.barriers import Barriers
 from dynprobe.schedule import Schedule, as_schedule
 from dynprobe.store.manifest import CONVENTIONS, GHOST_CONVENTIONS
 
@@ -39,14 +38,12 @@ class ProbeOptions:
     eval_batch_size: int
     output_fn: Callable[[Any], torch.Tensor] | None
     seed: int
-    trajectory_barriers: int | None
-    barrier_alphas: int | None
     history_memory: int | None
     snapshot_on_close: bool
     on_transition: Callable[..., None] | None
     on_snapshot: Callable[[dict[str, Any]], None] | None
     errors: str
-    barriers: Barriers | None = None  # resolved with the deprecated spellings in __post_init__
+    barriers: Barriers | None = None  # None: Barriers()
     task: Any = None  # a Task, or None (chosen from the eval targets)
     progress: bool = True
     durable: bool = False
@@ -65,18 +62,11 @@ class ProbeOptions:
         check_int("seed", self.seed, minimum=0)
         if self.history_memory is not None:
             check_int("history_memory", self.history_memory, minimum=0)
-        if self.trajectory_barriers is not None:
-            check_int("trajectory_barriers", self.trajectory_barriers, minimum=0)
-        if self.barrier_alphas is not None:
-            check_int("barrier_alphas", self.barrier_alphas, minimum=2)
-        from_ghosts = self.ghosts.deprecated_barrier_options() if self.ghosts is not None else {}
-        barriers, messages = resolve_barriers(
-            self.barriers, trajectory_barriers=self.trajectory_barriers, barrier_alphas=self.barrier_alphas,
-            ghost_barrier=from_ghosts.get("ghosts"), ghost_barrier_alphas=from_ghosts.get("alphas"),
-            costly_every=from_ghosts.get("every_snapshots"))
-        for message in messages:  # user → Probe.__init__ → ProbeOptions.__init__ → __post_init__
-            warnings.warn(message, DeprecationWarning, stacklevel=4)
-        object.__setattr__(self, "barriers", barriers)
+        if self.barriers is None:
+            object.__setattr__(self, "barriers", Barriers())
+        elif not isinstance(self.barriers, Barriers):
+            raise TypeError(f"barriers must be a dynprobe.Barriers(...) configuration; got "
+                            f"{type(self.barriers).__name__}")
         object.__setattr__(self, "task", as_task(self.task))
         object.__setattr__(self, "progress", bool(self.progress))
         if not isinstance(self.durable, bool):

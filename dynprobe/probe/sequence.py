@@ -60,7 +60,7 @@ class SnapshotSequence:
                 self.writer.flush()  # callbacks (exporters) may read the run back
                 kernel_lag = self.kernel.config.lag_steps if self.kernel is not None else None
                 self.on_snapshot({**committed, "rows": self.recorder.last_rows, "out": self.writer.root,
-                                  "transition": self.transition.estimate, "kernel_lag": kernel_lag,
+                                  "transition": self.transition.estimate, "kernel_lag_steps": kernel_lag,
                                   "steps": [s["step"] for s in self.writer.snapshots]})
             if self.barriers is not None:
                 self.barriers.on_snapshot(data, main_state, ghosts)

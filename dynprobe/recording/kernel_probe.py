@@ -39,21 +39,21 @@ __all__ = ["KernelMeasure", "kernel_companion_steps"]
 EngineFactory = Callable[[list[str] | None], NTKEngine]
 
 
-def kernel_companion_steps(primary_kernel_steps: Iterable[int], lag: int) -> list[int]:
-    """The companion kernel steps of ``KernelConfig(lag_steps=lag)``: t + lag for each primary kernel step t that
-    has no primary kernel step at t + lag, sorted.
+def kernel_companion_steps(primary_kernel_steps: Iterable[int], lag_steps: int) -> list[int]:
+    """The companion kernel steps of ``KernelConfig(lag_steps=Δ)``: t + Δ for each primary kernel step t that
+    has no primary kernel step at t + Δ, sorted.
 
     A *primary* kernel snapshot is one the cadence asks for (every ``every_snapshots``-th scheduled snapshot);
-    each gets the partner S(θ_t, θ_{t+lag}) needs, and companions get none of their own, so the extra snapshots
+    each gets the partner S(θ_t, θ_{t+Δ}) needs, and companions get none of their own, so the extra snapshots
     stay at most one per primary one.
 
-    >>> kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag=5)
+    >>> kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag_steps=5)
     [6, 7, 10, 18]
     """
-    if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or lag < 1:
-        raise ValueError(f"lag must be a positive integer number of steps; got {lag!r}")
+    if isinstance(lag_steps, bool) or not isinstance(lag_steps, (int, np.integer)) or lag_steps < 1:
+        raise ValueError(f"lag_steps must be a positive integer number of steps; got {lag_steps!r}")
     primary = {int(step) for step in primary_kernel_steps}
-    return sorted({step + int(lag) for step in primary} - primary)
+    return sorted({step + int(lag_steps) for step in primary} - primary)
 
 
 def _scored_positions(task: Any, targets: torch.Tensor) -> torch.Tensor | None:
