@@ -32,9 +32,10 @@ from dynprobe._util.inputs import device_of_inputs, index_inputs, inputs_to
 from dynprobe._util.tasks import ClassificationTask, TokenTask
 from dynprobe.config import KernelConfig
 from dynprobe.kernels.engine import NTKEngine
+from dynprobe.schedule import Schedule
 from dynprobe.store.layout import KERNEL_LAYERS
 
-__all__ = ["KernelMeasure", "kernel_companion_steps"]
+__all__ = ["KernelMeasure", "kernel_at_snapshot", "kernel_companion_steps"]
 
 EngineFactory = Callable[[list[str] | None], NTKEngine]
 
@@ -54,6 +55,13 @@ def kernel_companion_steps(primary_kernel_steps: Iterable[int], lag_steps: int) 
         raise ValueError(f"lag_steps must be a positive integer number of steps; got {lag_steps!r}")
     primary = {int(step) for step in primary_kernel_steps}
     return sorted({step + int(lag_steps) for step in primary} - primary)
+
+
+def kernel_at_snapshot(kernel: KernelMeasure, schedule: Schedule, step: int) -> torch.Tensor | None:
+    """H(θ_step) at the snapshot at ``step`` when the kernel cadence asks for one there, else None. A snapshot
+    the ``schedule`` did not ask for is a companion-only one, taken for the fixed-lag kernel velocity."""
+    due = kernel.snapshot_due(step)
+    return kernel.at_snapshot(step, scheduled=step in schedule or not due)
 
 
 def _scored_positions(task: Any, targets: torch.Tensor) -> torch.Tensor | None:

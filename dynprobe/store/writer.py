@@ -103,6 +103,8 @@ class RunWriter:
         RunFormatError: the run is damaged beyond its valid prefix, or holds a symbolic link.
     """
 
+    writes = True  # a RunSink that stores what it is given (see dynprobe.store.sink)
+
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any], *, resume: bool,
                  resume_step: int | None = None, durable: bool = False) -> None:
         self.root = check_out(root)
