@@ -12,7 +12,8 @@ import dynprobe
 from dynprobe import Ghosts, KernelConfig, schedule
 from dynprobe._util.evaluation import EvalSet, balanced_subset
 from dynprobe.config import Barriers
-from dynprobe.recording.kernel_probe import KernelMeasure, kernel_companion_steps
+from dynprobe.recording.cadence import planned_snapshots
+from dynprobe.recording.kernel_probe import KernelMeasure
 
 from .conftest import make_data
 
@@ -183,14 +184,6 @@ def test_kernel_config_errors_name_the_argument(kwargs, error, match):
 
 
 # ----------------------------------------------------------------------------- cadence: every_snapshots, lag
-def test_companion_steps_are_one_lag_after_each_primary_kernel_step_without_one():
-    assert kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag_steps=5) == [6, 7, 10, 18]
-    assert kernel_companion_steps(range(0, 100, 10), lag_steps=10) == [100]
-    assert kernel_companion_steps([], lag_steps=3) == []
-    with pytest.raises(ValueError, match="positive integer"):
-        kernel_companion_steps([0], lag_steps=0)
-
-
 def drive(measure: KernelMeasure, scheduled_steps: list[int], last: int) -> list[tuple[int, str, bool]]:
     """Run the probe's loop logic over steps 0..last: (step, kernel_role, scheduled) for every snapshot taken."""
     taken = []
@@ -223,6 +216,13 @@ def test_lag_places_companions_and_every_snapshots_counts_scheduled_snapshots_on
                             output_fn=lambda out: out, device=torch.device("cpu"))
     resumed.resume(records)
     assert [t for t in drive(resumed, [10, 12], last=16) if t[0] > 5] == taken[5:]
+    # the plan estimate_cost and the disk projection use is the same cadence, companions included; the snapshot
+    # at close counts as scheduled
+    plan = planned_snapshots(schedule.at([0, 1, 2, 5, 10, 12]), 16, KernelConfig(n=8, every_snapshots=2, lag_steps=3),
+                             snapshot_on_close=False)
+    assert [(p.step, p.kernel_role) for p in plan] == [(step, role) for step, role, _ in taken]
+    closing = planned_snapshots(schedule.at([0, 1, 2, 5, 10, 12]), 16, KernelConfig(n=8, lag_steps=3))
+    assert [(p.step, p.kernel_role) for p in closing][-3:] == [(13, "companion"), (15, "companion"), (16, "primary")]
 
 
 def test_per_layer_arrays_come_with_the_snapshot_that_measured_them():

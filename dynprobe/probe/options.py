@@ -19,7 +19,8 @@ from dynprobe._util.checks import check_int
 from dynprobe._util.tasks import as_task
 from dynprobe.config import Ghosts, KernelConfig
 from dynprobe.config.barriers import Barriers
-from dynprobe.schedule import Schedule, as_schedule
+from dynprobe.recording.cadence import snapshot_schedule
+from dynprobe.schedule import Schedule
 from dynprobe.store.manifest import CONVENTIONS, GHOST_CONVENTIONS
 
 __all__ = ["ERROR_POLICIES", "ProbeOptions", "option_names", "probe_signature"]
@@ -113,10 +114,7 @@ class ProbeOptions:
             raise TypeError(f"kernel must be a dynprobe.KernelConfig(...); got {type(self.kernel).__name__}")
         if self.ghosts is not None and not isinstance(self.ghosts, Ghosts):
             raise TypeError(f"ghosts must be a dynprobe.Ghosts(...) configuration; got {type(self.ghosts).__name__}")
-        schedule = as_schedule(self.schedule)
-        if self.ghosts is not None:  # a ghost is compared with the main run from its spawn on
-            schedule = schedule | self.ghosts.at
-        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "schedule", snapshot_schedule(self.schedule, self.ghosts))
         check_int("eval_max", self.eval_max)
         check_int("eval_batch_size", self.eval_batch_size)
         check_int("seed", self.seed, minimum=0)

@@ -14,6 +14,7 @@ from torch import nn
 from dynprobe._util.evaluation import EvalSet, check_model_outputs
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
+from dynprobe.recording.cadence import planned_snapshots
 from dynprobe.store.disk import free_space_warning, projected_run_bytes
 from dynprobe.store.manifest import build_manifest
 from dynprobe.store.sink import RunSink
@@ -84,10 +85,10 @@ def warn_if_the_disk_is_too_small(writer: RunSink, options: ProbeOptions, params
     exceeds the free space where the run is written."""
     if options.total_steps is None or not writer.writes:
         return
-    snapshots = len(options.schedule.steps(options.total_steps))
-    kernel_snapshots = 0
-    if options.kernel is not None:
-        kernel_snapshots = -(-snapshots // options.kernel.every_snapshots) * (2 if options.kernel.lag_steps else 1)
+    plan = planned_snapshots(options.schedule, options.total_steps, options.kernel,
+                             snapshot_on_close=options.snapshot_on_close)
+    snapshots = len(plan)
+    kernel_snapshots = sum(p.kernel_role is not None for p in plan)
     projected = projected_run_bytes(
         num_parameters=sum(p.numel() for p in params), snapshots=snapshots,
         param_itemsize=torch.empty(0, dtype=storage_dtype).element_size(),
