@@ -91,8 +91,8 @@ def _manifest(model_class: str, eval_n: int, kernels: bool, ghosts: list[int], c
                    if ghosts else None),
     }
     if kernels:
-        config["kernel"] = {"n": 128, "mode": "trace", "seed": 0, "every_snapshots": 1, "bn": "eval", "max_memory": None,
-                            "class_index": None}
+        config["kernel"] = {"n": 128, "mode": "trace", "seed": 0, "every_snapshots": 1, "bn": "eval",
+                            "max_memory": None, "class_index": None}
     conventions = {
         "C": "eq. (1): 1 - <θ_i, θ_j> / (‖θ_i‖‖θ_j‖), float64 accumulation",
         "D": "eq. (6): fraction of eval examples whose argmax prediction differs",

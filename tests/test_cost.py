@@ -46,7 +46,7 @@ def test_estimate_projects_the_schedule_ghosts_and_disk_of_a_real_run(tmp_path):
 
 def test_estimate_validates_and_can_stay_silent():
     model, optimizer, _, data = mlp_setup(seed=0)
-    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
         estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=0, console=False)
     estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=3, console=False,
                              kernel=dynprobe.KernelConfig(n=8))

@@ -239,7 +239,7 @@ def test_the_probe_table_lists_every_option_of_probe_options_with_its_default():
                 continue
             try:  # a literal default (2000, `False`, `"warn"`, `None`) must be the field's default
                 value = eval(literal, {})  # noqa: S307 - the README's own table
-            except (NameError, SyntaxError):  # prose ("from the targets"): the field's default is None, chosen at attach
+            except (NameError, SyntaxError):  # prose ("from the targets"): the default is None, chosen at attach
                 value = None
             if name == "barriers":
                 assert literal == "Barriers()" and defaults[name] is None  # None means Barriers()

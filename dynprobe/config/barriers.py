@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dynprobe._util.checks import check_int
+
 __all__ = ["AUTO_BUDGET_FRACTION", "Barriers"]
 
 #: ``time_budget=None``: barriers may take this fraction of the time the rest of the snapshots take.
@@ -46,15 +48,11 @@ class Barriers:
     time_budget: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.alphas, bool) or not isinstance(self.alphas, int) or self.alphas < 2:
-            raise ValueError(f"Barriers(alphas=) must be an int >= 2 (points on [0, 1], endpoints included); got "
-                             f"{self.alphas!r}")
+        check_int("Barriers(alphas=)", self.alphas, minimum=2, hint="(points on [0, 1], endpoints included)")
         if not isinstance(self.ghosts, bool):
             raise TypeError(f"Barriers(ghosts=) must be True or False; got {self.ghosts!r}")
         for name, minimum in (("previous_snapshots", 0), ("every_snapshots", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"Barriers({name}=) must be an int >= {minimum}; got {value!r}")
+            check_int(f"Barriers({name}=)", getattr(self, name), minimum=minimum)
         budget = self.time_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget < 0:

@@ -7,16 +7,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynprobe._util.checks import check_int
 from dynprobe.schedule import Schedule, Steps, as_schedule
 
 from .perturbation import Perturbation
 
 __all__ = ["Ghosts"]
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Ghosts({name}=) must be a positive int; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,8 @@ class Ghosts:
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError("Ghosts(loss_fn=) must be callable")
         if self.lifetime_steps is not None:
-            _positive_int("lifetime_steps", self.lifetime_steps)
-        _positive_int("kernel_every_snapshots", self.kernel_every_snapshots)
+            check_int("Ghosts(lifetime_steps=)", self.lifetime_steps)
+        check_int("Ghosts(kernel_every_snapshots=)", self.kernel_every_snapshots)
         if not self.divergence_ratio > 1:
             raise ValueError(f"Ghosts(divergence_ratio=) must be > 1; got {self.divergence_ratio!r}")
         if self.vectorize not in (True, False, "auto"):

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from dynprobe._util.checks import check_int
+
 __all__ = ["KERNEL_MODES", "PROBE_SETS", "KernelConfig"]
 
 
@@ -16,8 +18,7 @@ PROBE_SETS = ("eval", "train")
 
 
 def _positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"KernelConfig({name}=) must be an int >= {minimum}; got {value!r}. {fix}")
+    check_int(f"KernelConfig({name}=)", value, minimum=minimum, hint=fix)
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,7 @@ class KernelConfig:
             if self.class_index is None:
                 raise ValueError("KernelConfig(mode='single') needs the logit to differentiate: class_index=k, or "
                                  "write mode='single:k'")
-            if isinstance(self.class_index, bool) or not isinstance(self.class_index, int) or self.class_index < 0:
-                raise ValueError(f"KernelConfig(class_index=) must be a non-negative int; got {self.class_index!r}")
+            check_int("KernelConfig(class_index=)", self.class_index, minimum=0)
         elif self.class_index is not None:
             raise ValueError(f"KernelConfig(class_index=) is only used with mode='single'; got mode={self.mode!r}. "
                              "Drop class_index or write mode='single:k'")

@@ -79,7 +79,8 @@ class Probe:
         self.model, self.optimizer, self.eval_set = parts.model, optimizer, parts.eval_set
         self.writer: RunSink = parts.sink
         self.out = parts.sink.root
-        self._kernel, self._recorder, self._ghosts, self._capture = parts.kernel, parts.recorder, parts.ghosts, parts.capture
+        self._kernel, self._recorder = parts.kernel, parts.recorder
+        self._ghosts, self._capture = parts.ghosts, parts.capture
         self._guard = FaultGuard(self.options.errors, record=self._record_error, detach=self._detach,
                                  describe=lambda: str(parts.sink.root))
         self._explicit = False

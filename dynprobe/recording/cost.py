@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from dynprobe._util.checks import check_model, check_optimizer
+from dynprobe._util.checks import check_int, check_model, check_optimizer
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.inputs import default_output_fn
 from dynprobe._util.modules import device_of, trainable_parameters
@@ -127,8 +127,7 @@ def estimate_cost(
     """
     model = check_model(model)
     optimizer = check_optimizer(optimizer, model)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int (the optimizer steps you plan); got {total_steps!r}")
+    check_int("total_steps", total_steps, hint="the optimizer steps you plan")
     barriers = barriers if barriers is not None else Barriers()
     output_fn = output_fn or default_output_fn
     device = device_of(model)

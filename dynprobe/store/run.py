@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dynprobe._util.checks import is_int
 from dynprobe._util.distances import pairwise_cosine_dissimilarity
 from dynprobe._util.modules import layer_slices
 from dynprobe._util.steps import lag_pairs, most_common_gap
@@ -177,7 +178,7 @@ class Run(RecordsView):
 
     def index_of(self, step: int) -> int:
         """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        if not is_int(step):
             raise TypeError(f"step must be an integer optimizer step; got {type(step).__name__} {step!r}")
         matches = np.flatnonzero(self.steps == step)
         if matches.size == 0:
@@ -194,7 +195,7 @@ class Run(RecordsView):
                             "position)")
         if step is not None:
             return self.index_of(step)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        if not is_int(index):
             raise TypeError(f"index must be an integer snapshot position; got {type(index).__name__} {index!r}")
         if not -len(self) <= index < len(self):
             raise IndexError(f"snapshot index {index} is out of range: the run has {len(self)} snapshots")
@@ -209,7 +210,7 @@ class Run(RecordsView):
     def _label_shape(self) -> tuple[Any, ...] | None:
         # One prediction per unit of the eval task: examples, scored tokens or output coordinates.
         size = (self.manifest.get("eval") or {}).get("prediction_size")
-        if isinstance(size, int) and not isinstance(size, bool):
+        if is_int(size):
             return (size,)
         return None if self.eval_n is None else (self.eval_n, ...)
 
@@ -333,7 +334,7 @@ class Run(RecordsView):
         """The lag Δ of the kernel velocity: ``KernelConfig(lag_steps=Δ)`` of the run, else the most common gap
         between consecutive kernel snapshots (None with fewer than two)."""
         configured = (self.config.get("kernel") or {}).get("lag_steps")
-        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        if is_int(configured) and configured > 0:
             return configured
         return most_common_gap(self.kernel_steps)
 
@@ -368,7 +369,7 @@ class Run(RecordsView):
         return chaos_maps(self.events, self.ghosts, self.steps)
 
     def _ghost_index(self, ghost: int) -> int:
-        if isinstance(ghost, bool) or not isinstance(ghost, (int, np.integer)):
+        if not is_int(ghost):
             raise TypeError(f"ghost must be a ghost index (an integer, see run.ghosts); got {ghost!r}")
         return int(ghost)
 
@@ -406,7 +407,7 @@ class Run(RecordsView):
 
 
 def _pid_alive(pid: Any) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+    if not is_int(pid) or pid <= 0:
         return True  # unknown: do not claim the writer died
     if pid == os.getpid():
         return True
