@@ -79,6 +79,7 @@ from dynprobe._util.modules import device_of, eval_mode, layer_name, layer_slice
 from dynprobe._util.user_warnings import warn_user
 
 from ._calling import ModelCall
+from ._chunking import ACCUMULATION
 from ._execution import PlanRunner
 from ._planning import KernelPlan, cotangent_rows, make_plan
 
@@ -249,7 +250,7 @@ class NTKEngine:
                 "num_outputs": self.num_outputs, "logit_reduction": "sum" if self.mode == "trace" else self.mode,
                 "layout": "(n*c, n*c) sample-major" if self.mode == "full" else "(n, n)",
                 "output_mask": "masked output coordinates left out" if self._masked else "none",
-                "jacobian_dtype": str(self.dtype).replace("torch.", ""), "accumulation": "float64",
+                "jacobian_dtype": str(self.dtype).replace("torch.", ""), "accumulation": ACCUMULATION,
                 "parameters": len(self.wrt), "method": self.method}
 
     def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
