@@ -232,20 +232,21 @@ def test_watched_loss_is_transparent():
         probe.close()
 
 
-def test_internal_failure_is_recorded_warned_and_detached_by_default(tmp_path, monkeypatch):
+def test_internal_failure_is_recorded_warned_and_detached_by_default(tmp_path):
     model, optimizer, scheduler, data = mlp_setup()
-    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2)
 
-    def broken(step):
-        raise OSError("disk full")
+    def broken(info):  # on_snapshot runs inside the probe's fault guard, like the probe's own work
+        if info["step"] > 0:
+            raise OSError("disk full")
 
-    monkeypatch.setattr(probe._recorder, "measure", broken)
+    dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2,
+                   on_snapshot=broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, optimizer, scheduler, data, 4)
-    assert any("detached itself" in str(w.message) for w in caught)
+    assert sum("detached itself" in str(w.message) for w in caught) == 1
     run = dynprobe.load_run(tmp_path / "r")
-    assert run.status == "probe_failed" and len(run) == 1
+    assert run.status == "probe_failed" and run.steps.tolist() == [0, 2]  # nothing after the failure
     assert any(e["event"] == "probe_error" and "disk full" in e["error"] for e in run.events)
 
 
