@@ -202,8 +202,11 @@ def test_close_is_idempotent_and_detaches_hooks(tmp_path):
     train(model, optimizer, scheduler, data, 3)
     probe.close()
     probe.close()
-    train(model, optimizer, scheduler, data, 3)
-    assert len(dynprobe.load_run(tmp_path / "r")) == 4
+    train(model, optimizer, scheduler, data, 3)  # the hooks are gone: nothing is counted or recorded
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.steps.tolist() == [0, 1, 2, 3] and run.status == "closed" and run.manifest["final_step"] == 3
+    assert [e["event"] for e in run.events].count("close") == 1
+    assert probe.global_step == 3 and not probe.attached
 
 
 def test_context_manager_marks_failed_runs(tmp_path):
