@@ -207,6 +207,7 @@ def test_close_is_idempotent_and_detaches_hooks(tmp_path):
     assert run.steps.tolist() == [0, 1, 2, 3] and run.status == "closed" and run.manifest["final_step"] == 3
     assert [e["event"] for e in run.events].count("close") == 1
     assert probe.global_step == 3 and not probe.attached
+    assert not optimizer._optimizer_step_post_hooks  # torch's registry: the probe's step hook was removed
 
 
 def test_context_manager_marks_failed_runs(tmp_path):
