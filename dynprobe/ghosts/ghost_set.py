@@ -28,6 +28,7 @@ from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
 from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
+from dynprobe.store.sink import RunSink
 
 from .comparison import compare_ghost
 from .notices import control_drift_notice, precision_notice, realized_norm_notice
@@ -75,7 +76,7 @@ class GhostSet:
         config: Ghosts,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        writer: Any,
+        writer: RunSink,
         *,
         main_params: list[torch.Tensor],
         eval_set: EvalSet,
