@@ -418,7 +418,7 @@ def _one_shot(setup):
     (dict(switch_steps=[]), ValueError, "switch_steps is empty"),
     (dict(switch_steps=[True]), TypeError, "every switch step must be an int"),
     (dict(switch_steps="all"), TypeError, "switch_steps must be a list"),
-    (dict(total_steps=-1), ValueError, "total_steps must be >= 0"),
+    (dict(total_steps=-1), ValueError, "total_steps must be an int >= 0"),
     (dict(weight_decay_on="both"), ValueError, "weight_decay_on must be one of"),
     (dict(optimizer_factory=lambda p: p), TypeError, "must return a torch.optim.Optimizer"),
     (dict(optimizer_factory=lambda p: torch.optim.SGD(p[:1], lr=0.1)), ValueError, "exactly one param group"),
