@@ -11,10 +11,6 @@ importable after ``import dynprobe``: :mod:`dynprobe.schedule`, :mod:`dynprobe.m
 """
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
 from . import analysis, experiments, exporters, kernels, metrics, schedule
 from ._version import __version__
 from .analysis import analyze
@@ -53,38 +49,3 @@ __all__ = [
     "schedule",
     "switching_experiment",
 ]
-
-# Names (and flat modules) of dynprobe 0.1 that moved into namespaces: still reachable as attributes of the
-# package for one release, with a DeprecationWarning naming the new place.
-_MOVED: dict[str, tuple[str, str | None]] = {
-    "BarrierResult": ("dynprobe.metrics", "BarrierResult"),
-    "LinearizedModel": ("dynprobe.experiments", "LinearizedModel"),
-    "NTKEngine": ("dynprobe.kernels", "NTKEngine"),
-    "PerturbationReport": ("dynprobe.ghosts.perturbation", "PerturbationReport"),
-    "TransitionDetector": ("dynprobe.analysis", "TransitionDetector"),
-    "TransitionEstimate": ("dynprobe.analysis", "TransitionEstimate"),
-    "TransitionReport": ("dynprobe.analysis", "TransitionReport"),
-    "WatchedLoss": ("dynprobe.capture.watched", "WatchedLoss"),
-    "cosine_dissimilarity": ("dynprobe.metrics", "cosine_dissimilarity"),
-    "disagreement": ("dynprobe.metrics", "disagreement"),
-    "kernel_distance": ("dynprobe.metrics", "kernel_distance"),
-    "estimate_transition": ("dynprobe.analysis", "estimate_transition"),
-    "barrier": ("dynprobe.metrics.barrier", None),
-    "cone": ("dynprobe.analysis.cone", None),
-    "detector": ("dynprobe.analysis.detector", None),
-    "linear": ("dynprobe.experiments.linear", None),
-    "perturb": ("dynprobe.ghosts.perturbation", None),
-    "run": ("dynprobe.store.run", None),
-    "switching": ("dynprobe.experiments.switching", None),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module 'dynprobe' has no attribute {name!r}")
-    module_name, attribute = _MOVED[name]
-    new = module_name if attribute is None else f"{module_name}.{attribute}"
-    warnings.warn(f"dynprobe.{name} moved to {new}; the old name will be removed in the next release",
-                  DeprecationWarning, stacklevel=2)
-    module = importlib.import_module(module_name)
-    return module if attribute is None else getattr(module, attribute)

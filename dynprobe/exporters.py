@@ -86,7 +86,7 @@ def snapshot_scalars(info: Mapping[str, Any], ghost_records: Sequence[Mapping[st
 
     Args:
         info: what ``Probe(on_snapshot=...)`` receives (record, ``rows``, ``steps``, ``transition``, and
-            ``kernel_lag`` when the probe places companion kernel snapshots).
+            ``kernel_lag_steps`` when the probe places companion kernel snapshots).
         ghost_records: the ``ghost_compare`` and ``ghost_barrier`` events of this snapshot.
     """
     scalars: dict[str, float | None] = {
@@ -102,7 +102,7 @@ def snapshot_scalars(info: Mapping[str, Any], ghost_records: Sequence[Mapping[st
         scalars["C_init"] = c_row[0]
     if rows.get("S") is not None:
         scalars.update(_kernel_scalars(np.asarray(rows["S"], dtype=np.float64), list(info["steps"]),
-                                       info.get("kernel_lag")))
+                                       info.get("kernel_lag_steps")))
     for record in ghost_records:
         for name in ("C", "L2", "D", "S", "B", "B_linear"):
             if name in record:

@@ -14,9 +14,10 @@ log-spaced start; after it the interval metrics change slowly, and a linear tail
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Iterable
 from typing import Any
+
+from dynprobe._util.checks import check_int
 
 __all__ = [
     "Every",
@@ -201,7 +202,5 @@ def schedule_from_config(config: dict[str, Any]) -> Schedule:
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    if value < minimum or (isinstance(value, float) and not math.isfinite(value)):
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    """:func:`~dynprobe._util.checks.check_int`, where a float with an integer value (``1e3``) counts as one."""
+    check_int(name, int(value) if isinstance(value, float) and value.is_integer() else value, minimum=minimum)

@@ -3,7 +3,6 @@ resuming, exporters and closing. Imports no framework."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,31 +12,30 @@ import torch
 
 import dynprobe
 from dynprobe.exporters import Exporter, combined, resolve_exporters
+from dynprobe.probe.options import ProbeOptions, option_names
 from dynprobe.store.layout import MANIFEST
 
-__all__ = ["ProbeOptions", "check_version", "declared_clipping", "open_probe", "sequential_ghosts"]
+__all__ = ["check_version", "checked_probe_options", "declared_clipping", "open_probe", "sequential_ghosts"]
 
 # Arguments the callbacks fill in themselves.
 _OWNED = ("model", "optimizer")
 
 
-class ProbeOptions:
-    """``DynprobeCallback(**probe_options)``: checked against ``dynprobe.Probe``'s signature when the callback is
-    built (a typo fails there, not at the end of a long setup)."""
-
-    def __init__(self, framework: str, options: Mapping[str, Any]) -> None:
-        owned = sorted(set(options) & set(_OWNED))
-        if owned:
-            raise TypeError(f"{framework} DynprobeCallback finds the {' and '.join(owned)} itself; do not pass them")
-        accepted = set(inspect.signature(dynprobe.Probe.__init__).parameters) - {"self", *_OWNED}
-        unknown = sorted(set(options) - accepted)
-        if unknown:
-            raise TypeError(f"{framework} DynprobeCallback got unknown option(s) {unknown}; it takes dynprobe.Probe's "
-                            f"keyword arguments: {', '.join(sorted(accepted))}")
-        ghosts = options.get("ghosts")
-        if ghosts is not None and not isinstance(ghosts, dynprobe.Ghosts):
-            raise TypeError(f"ghosts must be a dynprobe.Ghosts(...) configuration; got {type(ghosts).__name__}")
-        self.options = dict(options)
+def checked_probe_options(framework: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``DynprobeCallback(**probe_options)``: ``eval_data``, ``out`` and the probe's options
+    (:class:`dynprobe.probe.options.ProbeOptions`, validated now), so a typo or a bad value fails when the callback
+    is built, not at the end of a long setup. Returns them as a dict."""
+    owned = sorted(set(options) & set(_OWNED))
+    if owned:
+        raise TypeError(f"{framework} DynprobeCallback finds the {' and '.join(owned)} itself; do not pass them")
+    accepted = ("eval_data", "out", *option_names())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{framework} DynprobeCallback got unknown option(s) {unknown}; it takes dynprobe.Probe's "
+                        f"keyword arguments: {', '.join(sorted(accepted))}")
+    ProbeOptions.from_keywords({k: v for k, v in options.items() if k not in ("eval_data", "out")},
+                               caller=f"{framework} DynprobeCallback")
+    return dict(options)
 
 
 def check_version(framework: str, version: str, minimum: tuple[int, int], install: str) -> None:

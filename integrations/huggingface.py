@@ -47,8 +47,8 @@ import dynprobe
 from dynprobe.exporters import check_exporters
 
 from ._common import (
-    ProbeOptions,
     check_version,
+    checked_probe_options,
     close_exporters,
     declared_clipping,
     default_out,
@@ -103,7 +103,7 @@ class DynprobeCallback(transformers.TrainerCallback):
         if eval_data is None:
             raise ValueError("DynprobeCallback(eval_data=...) is required: (inputs, labels) with inputs a dict of "
                              "tensors (what model(**inputs) takes), or a batch dict that includes 'labels'")
-        self._options = ProbeOptions("Hugging Face", {**probe_options, "eval_data": eval_pairs(eval_data)}).options
+        self._options = checked_probe_options("Hugging Face", {**probe_options, "eval_data": eval_pairs(eval_data)})
         check_exporters(exporters)
         self._exporter_spec = exporters
         self.probe: dynprobe.Probe | None = None

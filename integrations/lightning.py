@@ -43,8 +43,8 @@ import dynprobe
 from dynprobe.exporters import check_exporters
 
 from ._common import (
-    ProbeOptions,
     check_version,
+    checked_probe_options,
     close_exporters,
     declared_clipping,
     default_out,
@@ -134,7 +134,7 @@ def _make_callback_class(pl: Any) -> type:
 
         def __init__(self, *, exporters: Any = None, **probe_options: Any) -> None:
             check_version("lightning", pl.__version__, _MINIMUM, "lightning")
-            self._options = ProbeOptions("Lightning", probe_options).options
+            self._options = checked_probe_options("Lightning", probe_options)
             self._exporter_spec = exporters
             check_exporters(exporters)  # names and installed packages fail now, not after the trainer's setup
             self.probe: dynprobe.Probe | None = None

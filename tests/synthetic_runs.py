@@ -83,14 +83,16 @@ def _cosine_dissimilarity(vectors: np.ndarray) -> np.ndarray:
 def _manifest(model_class: str, eval_n: int, kernels: bool, ghosts: list[int], command: str) -> dict:
     config = {
         "schedule": {"kind": "synthetic"}, "eval_max": eval_n, "eval_batch_size": 256, "total_steps": None,
-        "trajectory_barriers": 1, "barrier_alphas": 30, "seed": 0, "snapshot_on_close": True,
+        "barriers": {"alphas": 30, "ghosts": bool(ghosts), "previous_snapshots": 1, "every_snapshots": 1,
+                     "time_budget": "inf", "auto_budget_fraction": 0.5},
+        "seed": 0, "snapshot_on_close": True,
         "ghosts": ({"at": {"kind": "at", "steps": ghosts}, "perturbation": {"norm": 1e-7, "kind": "l2", "seed": 0},
-                    "control": True, "barrier": True, "barrier_alphas": 30, "costly_every": 1}
+                    "control": True, "kernel_every_snapshots": 1}
                    if ghosts else None),
     }
     if kernels:
-        config["kernel"] = {"n": 128, "mode": "trace", "seed": 0, "every": 1, "bn": "eval", "max_memory": None,
-                            "class_index": None}
+        config["kernel"] = {"n": 128, "mode": "trace", "seed": 0, "every_snapshots": 1, "bn": "eval",
+                            "max_memory": None, "class_index": None}
     conventions = {
         "C": "eq. (1): 1 - <θ_i, θ_j> / (‖θ_i‖‖θ_j‖), float64 accumulation",
         "D": "eq. (6): fraction of eval examples whose argmax prediction differs",

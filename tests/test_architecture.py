@@ -1,9 +1,9 @@
 """The package's shape, read from its import graph with ``ast``: layers, private modules, no cycles.
 
 dynprobe's subpackages mirror its data flow (hooks → capture → snapshot → store → metrics → analysis → report).
-The rules, which the README's "Package layout" section states for contributors:
+The rules, which the README's contributor section states (its layer table is read here, not restated):
 
-1. A module imports only its own subpackage or lower layers (:data:`LAYERS`, lowest first).
+1. A module imports only its own subpackage or lower layers (:data:`LAYERS`, lowest first, from the README).
 2. A private module (``_name``) is imported only from inside its own subpackage; ``dynprobe._util`` and
    ``dynprobe._version`` are the package-wide exceptions. Integrations use the public API only.
 3. No function-level imports of dynprobe modules, the command line included (lazy imports there saved about
@@ -14,6 +14,7 @@ The rules, which the README's "Package layout" section states for contributors:
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,21 +22,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lowest first. A name is a top-level module or subpackage of dynprobe (``integrations`` is installed as
-# ``dynprobe.integrations``).
-LAYERS: list[list[str]] = [
-    ["_util", "_version"],
-    ["schedule"],
-    ["config", "store"],
-    ["metrics", "kernels", "capture"],
-    ["ghosts", "recording", "analysis"],
-    ["distributed"],
-    ["probe"],
-    ["experiments", "exporters", "recipes"],
-    ["report", "demo"],
-    ["cli"],
-    ["integrations"],
-]
+README = ROOT / "README.md"
+
+
+def readme_layers(text: str) -> list[list[str]]:
+    """The layer table of the README's contributor section, lowest first: each row's names (``_util/`` → ``_util``,
+    ``cli.py`` → ``cli``). It is the one statement of the layering; this test enforces it."""
+    section = text[text.index("## For contributors"):]
+    layers: dict[int, list[str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            names = [name.rstrip("/").removesuffix(".py") for name in re.findall(r"`([\w./]+)`", cells[1])]
+            layers.setdefault(int(cells[0]), []).extend(names)
+    return [layers[rank] for rank in sorted(layers)]
+
+
+LAYERS: list[list[str]] = readme_layers(README.read_text())
 PACKAGE_WIDE_PRIVATE = {"_util", "_version"}
 MAX_LINES = 500
 

@@ -1,4 +1,4 @@
-"""Tests of dynprobe.barrier.loss_barrier (eq. (5) of the two-phase paper).
+"""Tests of dynprobe.metrics.barrier.loss_barrier (eq. (5) of the two-phase paper).
 
 The reference is a brute-force α loop written here: for every α, a fresh copy of the model is loaded with
 ``α θ_a + (1 − α) θ_b`` through ``load_state_dict`` (integer buffers from θ_a), optionally has its BatchNorm

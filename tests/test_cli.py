@@ -1,6 +1,7 @@
 """The command line: show, demo, exit codes."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import dynprobe
-from dynprobe.cli import main
+from dynprobe.cli import build_parser, main
 
 from .conftest import mlp_setup, train
 from .synthetic_runs import uniform_steps, write_synthetic_run
@@ -43,10 +44,14 @@ def test_bad_arguments_exit_2():
 
 
 def test_help_works_for_every_command():
-    for command in ([], ["demo"], ["show"], ["report"], ["compare"]):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"demo", "show", "report", "compare"}  # a new command needs its line in the README
+    for command in ([], *([name] for name in commands)):
         result = subprocess.run([sys.executable, "-m", "dynprobe.cli", *command, "--help"], capture_output=True,
                                 text=True, timeout=120)
-        assert result.returncode == 0 and "usage" in result.stdout
+        expected = (commands[command[0]] if command else parser).format_help()
+        assert result.returncode == 0 and result.stdout.split() == expected.split()  # that command's own help
 
 
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):

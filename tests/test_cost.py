@@ -55,7 +55,7 @@ def test_estimate_counts_every_direction_of_a_spawn_as_a_ghost():
 
 def test_estimate_validates_and_can_stay_silent():
     model, optimizer, _, data = mlp_setup(seed=0)
-    with pytest.raises(ValueError, match="total_steps must be a positive int"):
+    with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
         estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=0, console=False)
     estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=3, console=False,
                              kernel=dynprobe.KernelConfig(n=8))
@@ -93,3 +93,16 @@ def test_progress_line_on_a_terminal_shows_the_phase_and_disappears():
         time.sleep(0.05)
     assert silent.console.file.getvalue() == ""
     assert np.isfinite(sum(silent.last_durations.values()))
+
+
+def test_the_estimate_follows_the_probes_kernel_cadence_companions_included(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup(seed=0)
+    config = dict(schedule=schedule.at([0, 4, 8]), kernel=dynprobe.KernelConfig(n=8, every_snapshots=2, lag_steps=1))
+    estimate = estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=10, console=False, **config)
+    with dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", **config) as probe:
+        train(model, optimizer, scheduler, data, 10, criterion=probe.watch(torch.nn.CrossEntropyLoss()))
+    run = dynprobe.load_run(tmp_path / "r")
+    assert estimate.steps == run.steps.tolist() == [0, 1, 4, 8, 9, 10]  # companions of the primaries 0 and 8
+    with_kernel = [b for b, step in zip(estimate.bytes_per_snapshot, estimate.steps) if step in run.kernel_steps]
+    without = [b for b, step in zip(estimate.bytes_per_snapshot, estimate.steps) if step not in run.kernel_steps]
+    assert min(with_kernel) > max(without)

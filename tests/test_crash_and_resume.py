@@ -154,16 +154,15 @@ def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
             time.sleep(0.01)
         time.sleep(float(rng.uniform(0.0, 0.3)))
         process.send_signal(signal.SIGKILL)
-        finished = "FINISHED" in process.communicate()[0]
-        if finished or not (out / MANIFEST).exists():
-            continue
-        run = dynprobe.load_run(out)
+        process.communicate()
+        assert (out / MANIFEST).exists(), "the run was being written when the kill came (its event log existed)"
+        run = dynprobe.load_run(out)  # killed mid-write or (rarely) just after it finished: loadable either way
         assert run.damage == [] and run.C.shape == (len(run), len(run)) and np.isfinite(run.C).all()
         for i in range(len(run)):
             run.params(index=i)
             run.predictions(index=i)
         loaded += 1
-    assert loaded >= 1  # at least one kill landed while the run was being written
+    assert loaded == 3  # every attempt counts: none is skipped
 
 
 def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(device, tmp_path):

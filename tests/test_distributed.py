@@ -152,8 +152,8 @@ def scenario_faults(rank: int, folder: Path, result: dict) -> None:
 
         def loss_fn(output: torch.Tensor, target: torch.Tensor, fault: str = fault) -> torch.Tensor:
             probe = holder.get("probe")
-            in_ghost = probe is not None and probe._busy
-            if rank == 1 and in_ghost and probe.step_count == 4:
+            in_ghost = probe is not None and probe._clock.busy
+            if rank == 1 and in_ghost and probe.global_step == 4:
                 if fault == "exception":
                     raise RuntimeError("injected ghost fault on rank 1")
                 return nn.functional.cross_entropy(output, target) * float("nan")
@@ -174,7 +174,7 @@ def scenario_faults(rank: int, folder: Path, result: dict) -> None:
                 optimizer.step()
         probe.close()
         result[fault] = [g.status for g in probe._ghosts.ghosts]
-        result[f"{fault}_closed_step"] = probe.step_count
+        result[f"{fault}_closed_step"] = probe.global_step
 
 
 def scenario_mismatch(rank: int, folder: Path, result: dict) -> None:

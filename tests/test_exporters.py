@@ -29,9 +29,10 @@ def _train(tmp_path, on_snapshot, steps: int = 12, kernel: bool = True) -> dynpr
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     probe = dynprobe.Probe(model, optimizer, eval_data=(x, y), out=tmp_path / "run", schedule=[0, 1, 3, 6, 9, 12],
-                           kernel=dynprobe.KernelConfig(n=8, every=2) if kernel else None,
+                           kernel=dynprobe.KernelConfig(n=8, every_snapshots=2) if kernel else None,
                            ghosts=dynprobe.Ghosts(at=[0, 3], perturbation=dynprobe.Perturbation(1e-3, "l2"),
-                                                  barrier=False, vectorize=False),
+                                                  vectorize=False),
+                           barriers=dynprobe.Barriers(ghosts=False),
                            on_snapshot=on_snapshot, errors="raise")
     criterion = probe.watch(nn.functional.cross_entropy)
     for step in range(steps):
@@ -96,8 +97,8 @@ def test_snapshot_scalars_kernel_velocity_skips_snapshots_without_kernel():
     scalars = snapshot_scalars(info)
     # Kernel steps 0, 20, 30: gaps 20 and 10 tie, the lag is 10: S(20, 30), not divided by the gap.
     assert scalars["kernel_velocity"] == 0.2 and scalars["kernel_distance_init"] == 0.5
-    assert snapshot_scalars({**info, "kernel_lag": 30})["kernel_velocity"] == 0.5
-    assert "kernel_velocity" not in snapshot_scalars({**info, "kernel_lag": 7})
+    assert snapshot_scalars({**info, "kernel_lag_steps": 30})["kernel_velocity"] == 0.5
+    assert "kernel_velocity" not in snapshot_scalars({**info, "kernel_lag_steps": 7})
     assert scalars["C_init"] == 0.1 and "D_prev" not in scalars and "eval_loss" not in scalars
     info["rows"]["S"] = np.array([0.5, nan, 0.2, nan])  # no kernel at this snapshot
     assert "kernel_velocity" not in snapshot_scalars(info)

@@ -659,4 +659,4 @@ def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
         np.testing.assert_array_equal(np.isnan(vectorized.chaos[name]), np.isnan(sequential.chaos[name]),
                                       err_msg=name)
     np.testing.assert_allclose(vectorized.chaos["L2"], sequential.chaos["L2"], rtol=1e-2)
-    assert vectorized.ghost_predictions(2, 4).shape == sequential.ghost_predictions(2, 4).shape
+    assert vectorized.ghost_predictions(2, index=4).shape == sequential.ghost_predictions(2, index=4).shape

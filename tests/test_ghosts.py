@@ -439,19 +439,11 @@ def test_the_default_is_the_exact_sequential_path():
     assert Ghosts().vectorize is False
 
 
-def test_deprecated_options_warn_at_the_users_line_and_map_to_the_new_ones():
-    with pytest.warns(DeprecationWarning) as caught:
-        ghosts = Ghosts(at=[0], barrier=False, barrier_alphas=7, costly_every=3, lifetime=5)
-    assert {w.filename for w in caught} == {__file__}
-    messages = " ".join(str(w.message) for w in caught)
-    assert "lifetime_steps" in messages and "kernel_every_snapshots" in messages and "Barriers" in messages
-    assert ghosts.lifetime_steps == 5 and ghosts.kernel_every_snapshots == 3
-    assert ghosts.deprecated_barrier_options() == {"ghosts": False, "alphas": 7, "every_snapshots": 3}
-    assert Ghosts(at=[0]).deprecated_barrier_options() == {}
-    with pytest.raises(ValueError, match="disagree"):
-        with pytest.warns(DeprecationWarning):
-            Ghosts(lifetime=5, lifetime_steps=6)
-    assert not hasattr(Ghosts, "spawn_steps")
+def test_ghosts_has_no_second_spelling_of_any_option():
+    for removed in ("lifetime", "costly_every", "barrier", "barrier_alphas", "spawn_steps"):
+        assert removed not in Ghosts.__dataclass_fields__
+        with pytest.raises(TypeError):
+            Ghosts(at=[0], **{removed: 1})
 
 
 def test_closure_optimizers_are_refused_for_ghosts_at_construction(tmp_path):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynprobe.kernels._chunking import ACCUMULATION, blocked_product
 from dynprobe.kernels._execution import PlanRunner
 from dynprobe.kernels._structured import Convolution
 from dynprobe.kernels.engine import NTKEngine, empirical_ntk
@@ -582,8 +583,19 @@ def test_result_is_on_the_model_device_with_the_convention_recorded():
     engine = NTKEngine(model, inputs, mode="full", keep_buffers=False)
     assert engine().device == next(model.parameters()).device
     assert engine.convention["layout"].startswith("(n*c, n*c)")
-    assert engine.convention["accumulation"] == "float64"
+    assert engine.convention["accumulation"] == ACCUMULATION and ACCUMULATION.startswith("float64")
     assert "structured" in engine.describe() and engine.last_timings["contraction"] > 0
+
+
+def test_factor_gram_products_add_their_partial_sums_in_float64():
+    # 1e8 + 1 - 1e8: a float32 sum of the three products loses the 1 (float32's spacing at 1e8 is 8); partial sums
+    # of one column added in float64 give it exactly (the structured Linear/Embedding units contract their factors
+    # with blocked_product; they multiplied whole rows in float32 before).
+    x = torch.tensor([[1e4, 1.0, 1e4]], dtype=torch.float32)
+    y = torch.tensor([[1e4, 1.0, -1e4]], dtype=torch.float32)
+    assert blocked_product(x, y, k_block=1).item() == 1.0
+    a, b = torch.randn(5, 70, dtype=torch.float64), torch.randn(3, 70, dtype=torch.float64)
+    assert relative_error(blocked_product(a, b, k_block=16), a @ b.T) <= 1e-14
 
 
 # ----------------------------------------------------------------------------- errors

@@ -1,4 +1,4 @@
-"""Tests of dynprobe.linear.linearize: f_lin(x; θ) = f(x; θ₀) + J(θ₀)(θ − θ₀).
+"""Tests of dynprobe.experiments.linear.linearize: f_lin(x; θ) = f(x; θ₀) + J(θ₀)(θ − θ₀).
 
 Every reference is computed here independently of the code under test: Jacobians by ``torch.func.jacrev`` or
 by a naive per-output autograd loop in float64, the kernel dynamics in closed form from an eigendecomposition,

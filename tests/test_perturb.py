@@ -1,4 +1,4 @@
-"""Tests of dynprobe.perturb: the ghost's θ' = θ + ε and the realized-perturbation report.
+"""Tests of dynprobe.ghosts.perturbation: the ghost's θ' = θ + ε and the realized-perturbation report.
 
 Every quantity is checked against a float64 recomputation written here from the tensors before and after.
 """

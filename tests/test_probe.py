@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -38,7 +39,8 @@ def test_probe_leaves_training_bitwise_identical(setup, device, tmp_path):
     reference, flags_ref, rng_ref = _run(setup, 40)
     probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2]),
                                                        "kernel": dynprobe.KernelConfig(n=16),
-                                                       "trajectory_barriers": 1, "barrier_alphas": 3},
+                                                       "barriers": dynprobe.Barriers(
+                                                           previous_snapshots=1, alphas=3, time_budget=math.inf)},
                               tmp_path=tmp_path)
     assert_bitwise_equal(state_of(reference), state_of(probed))
     assert torch.equal(rng_ref, rng), "the global RNG stream changed"
@@ -201,8 +203,12 @@ def test_close_is_idempotent_and_detaches_hooks(tmp_path):
     train(model, optimizer, scheduler, data, 3)
     probe.close()
     probe.close()
-    train(model, optimizer, scheduler, data, 3)
-    assert len(dynprobe.load_run(tmp_path / "r")) == 4
+    train(model, optimizer, scheduler, data, 3)  # the hooks are gone: nothing is counted or recorded
+    run = dynprobe.load_run(tmp_path / "r")
+    assert run.steps.tolist() == [0, 1, 2, 3] and run.status == "closed" and run.manifest["final_step"] == 3
+    assert [e["event"] for e in run.events].count("close") == 1
+    assert probe.global_step == 3 and not probe.attached
+    assert not optimizer._optimizer_step_post_hooks  # torch's registry: the probe's step hook was removed
 
 
 def test_context_manager_marks_failed_runs(tmp_path):
@@ -231,20 +237,21 @@ def test_watched_loss_is_transparent():
         probe.close()
 
 
-def test_internal_failure_is_recorded_warned_and_detached_by_default(tmp_path, monkeypatch):
+def test_internal_failure_is_recorded_warned_and_detached_by_default(tmp_path):
     model, optimizer, scheduler, data = mlp_setup()
-    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2)
 
-    def broken(step):
-        raise OSError("disk full")
+    def broken(info):  # on_snapshot runs inside the probe's fault guard, like the probe's own work
+        if info["step"] > 0:
+            raise OSError("disk full")
 
-    monkeypatch.setattr(probe._recorder, "measure", broken)
+    dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", schedule=2,
+                   on_snapshot=broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, optimizer, scheduler, data, 4)
-    assert any("detached itself" in str(w.message) for w in caught)
+    assert sum("detached itself" in str(w.message) for w in caught) == 1
     run = dynprobe.load_run(tmp_path / "r")
-    assert run.status == "probe_failed" and len(run) == 1
+    assert run.status == "probe_failed" and run.steps.tolist() == [0, 2]  # nothing after the failure
     assert any(e["event"] == "probe_error" and "disk full" in e["error"] for e in run.events)
 
 
@@ -507,7 +514,7 @@ def test_resume_refuses_a_model_that_is_not_at_the_resume_snapshot(tmp_path):
     with pytest.raises(ValueError, match="match no snapshot"):
         dynprobe.Probe(noise, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume=True)
     restored, optimizer, _, _ = mlp_setup()
-    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(2), strict=False)
+    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(index=2), strict=False)
     dynprobe.Probe(restored, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
                    resume=True).close()
 
@@ -527,5 +534,5 @@ def test_parameters_added_after_attach_are_reported_once(tmp_path):
         train(model, optimizer, scheduler, data, 6, criterion=probe.watch(nn.CrossEntropyLoss()))
         probe.close()
     assert sum("were added" in str(w.message) for w in caught) == 1
-    assert dynprobe.load_run(tmp_path / "r").params(0).shape[0] == sum(
+    assert dynprobe.load_run(tmp_path / "r").params(index=0).shape[0] == sum(
         p.numel() for name, p in model.named_parameters() if name != "late")

@@ -150,14 +150,15 @@ def test_a_file_size_limit_detaches_the_probe_in_a_child_process(tmp_path):
     assert 1 <= len(run) < STEPS + 1
 
 
-def test_explicit_steps_after_the_probe_detached_itself_are_ignored(tmp_path, monkeypatch):
+def test_explicit_steps_after_the_probe_detached_itself_are_ignored(tmp_path):
     model, optimizer, scheduler, data = mlp_setup()
-    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run", schedule=1)
 
-    def broken(step):
-        raise RuntimeError("boom")
+    def broken(info):  # inside the probe's fault guard
+        if info["step"] > 0:
+            raise RuntimeError("boom")
 
-    monkeypatch.setattr(probe._recorder, "measure", broken)
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run", schedule=1,
+                           on_snapshot=broken)
     with pytest.warns(RuntimeWarning, match="detached itself"):
         probe.step(data.x_train[:4], data.y_train[:4])
         probe.step(data.x_train[:4], data.y_train[:4])  # the snapshot of step 1 fails here

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ import dynprobe
 from dynprobe import Ghosts, KernelConfig, schedule
 from dynprobe._util.evaluation import EvalSet, balanced_subset
 from dynprobe.config import Barriers
-from dynprobe.recording.kernel_probe import KernelMeasure, kernel_companion_steps
+from dynprobe.recording.cadence import planned_snapshots
+from dynprobe.recording.kernel_probe import KernelMeasure
 
 from .conftest import make_data
 
@@ -150,15 +150,12 @@ def test_kernel_must_be_a_kernel_config(tmp_path):
 # ----------------------------------------------------------------------------- KernelConfig
 def test_kernel_config_spellings():
     assert KernelConfig(mode="single:3") == KernelConfig(mode="single", class_index=3)
-    with pytest.warns(DeprecationWarning, match="every_snapshots"):
-        old = KernelConfig(every=3)
-    assert old.every_snapshots == 3 and old.to_config()["every_snapshots"] == 3
+    assert KernelConfig(every_snapshots=3).to_config()["every_snapshots"] == 3
     config = KernelConfig(lag_steps=5, per_layer=True)
     assert config.to_config()["lag_steps"] == 5 and config.to_config()["probe_set"] == "eval"
-    with pytest.warns(DeprecationWarning, match="lag_steps="):  # issue 13 spelled it lag=
-        assert KernelConfig(lag=5, per_layer=True) == config
-    with pytest.raises(ValueError, match="give only lag_steps"):
-        KernelConfig(lag=5, lag_steps=6)
+    for removed in ("every", "lag"):  # one spelling per option
+        with pytest.raises(TypeError):
+            KernelConfig(**{removed: 5})
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
@@ -169,7 +166,6 @@ def test_kernel_config_spellings():
     ({"mode": "single"}, ValueError, r"class_index=k, or write mode='single:k'"),
     ({"class_index": 2}, ValueError, "only used with mode='single'"),
     ({"every_snapshots": 0}, ValueError, r"every_snapshots=\) must be an int >= 1"),
-    ({"every": 2, "every_snapshots": 3}, ValueError, "give only every_snapshots"),
     ({"bn": "train"}, ValueError, "mixes the samples"),
     ({"max_memory": -1}, ValueError, "max_memory"),
     ({"per_layer": 1}, TypeError, "per_layer"),
@@ -183,21 +179,11 @@ def test_kernel_config_spellings():
      "more probe examples than train_data holds"),
 ])
 def test_kernel_config_errors_name_the_argument(kwargs, error, match):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with pytest.raises(error, match=match):
-            KernelConfig(**kwargs)
+    with pytest.raises(error, match=match):
+        KernelConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------- cadence: every_snapshots, lag
-def test_companion_steps_are_one_lag_after_each_primary_kernel_step_without_one():
-    assert kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag=5) == [6, 7, 10, 18]
-    assert kernel_companion_steps(range(0, 100, 10), lag=10) == [100]
-    assert kernel_companion_steps([], lag=3) == []
-    with pytest.raises(ValueError, match="positive integer"):
-        kernel_companion_steps([0], lag=0)
-
-
 def drive(measure: KernelMeasure, scheduled_steps: list[int], last: int) -> list[tuple[int, str, bool]]:
     """Run the probe's loop logic over steps 0..last: (step, kernel_role, scheduled) for every snapshot taken."""
     taken = []
@@ -230,6 +216,13 @@ def test_lag_places_companions_and_every_snapshots_counts_scheduled_snapshots_on
                             output_fn=lambda out: out, device=torch.device("cpu"))
     resumed.resume(records)
     assert [t for t in drive(resumed, [10, 12], last=16) if t[0] > 5] == taken[5:]
+    # the plan estimate_cost and the disk projection use is the same cadence, companions included; the snapshot
+    # at close counts as scheduled
+    plan = planned_snapshots(schedule.at([0, 1, 2, 5, 10, 12]), 16, KernelConfig(n=8, every_snapshots=2, lag_steps=3),
+                             snapshot_on_close=False)
+    assert [(p.step, p.kernel_role) for p in plan] == [(step, role) for step, role, _ in taken]
+    closing = planned_snapshots(schedule.at([0, 1, 2, 5, 10, 12]), 16, KernelConfig(n=8, lag_steps=3))
+    assert [(p.step, p.kernel_role) for p in closing][-3:] == [(13, "companion"), (15, "companion"), (16, "primary")]
 
 
 def test_per_layer_arrays_come_with_the_snapshot_that_measured_them():

@@ -7,6 +7,7 @@ there. A new snippet without a test fails :func:`test_every_python_snippet_is_ex
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -207,3 +208,40 @@ def test_first_section_gives_exactly_two_commands_demo_and_tests():
     assert len(commands) == 2
     assert commands[0].endswith("dynprobe demo")
     assert "pytest" in commands[1]
+
+
+def _probe_table() -> list[tuple[list[str], str]]:
+    """The rows of the README's ``Probe(...)`` argument table: (argument names, default cell)."""
+    text = README.read_text()
+    section = text[text.index("### `Probe(model, optimizer, *, eval_data, out, ...)`"):]
+    section = section[: section.index("\n\n", section.index("|---"))]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) < 3 or cells[0] in ("argument", "---|---|---") or set(cells[0]) <= {"-", "|"}:
+            continue
+        rows.append((re.findall(r"`(\w+)`", cells[0]), cells[1]))
+    return rows
+
+
+def test_the_probe_table_lists_every_option_of_probe_options_with_its_default():
+    from dynprobe.probe.options import ProbeOptions, option_names
+
+    rows = _probe_table()
+    documented = [name for names, _ in rows for name in names]
+    assert sorted(documented) == sorted(("eval_data", "out", *option_names())), "README table vs ProbeOptions"
+    defaults = {f.name: f.default for f in dataclasses.fields(ProbeOptions)}
+    for names, cell in rows:
+        literals = [c.strip().strip("`") for c in cell.split(",")] if len(names) > 1 else [cell.strip("`")]
+        for name, literal in zip(names, literals):
+            if name in ("eval_data", "out"):
+                assert literal == "required"
+                continue
+            try:  # a literal default (2000, `False`, `"warn"`, `None`) must be the field's default
+                value = eval(literal, {})  # noqa: S307 - the README's own table
+            except (NameError, SyntaxError):  # prose ("from the targets"): the default is None, chosen at attach
+                value = None
+            if name == "barriers":
+                assert literal == "Barriers()" and defaults[name] is None  # None means Barriers()
+                continue
+            assert value == defaults[name], f"README default of {name}: {literal!r}; ProbeOptions: {defaults[name]!r}"

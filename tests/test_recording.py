@@ -21,6 +21,7 @@ from dynprobe.metrics import functions as metrics
 from dynprobe.recording import snapshot as snapshot_module
 from dynprobe.recording.background import BackgroundWriteError, BackgroundWriter
 from dynprobe.recording.snapshot import SnapshotRecorder, default_history_memory, history_dtype
+from dynprobe.recording.train_loss import TrainLoss, read_train_losses
 from dynprobe.store.manifest import build_manifest
 from dynprobe.store.writer import RunWriter
 
@@ -297,3 +298,16 @@ def test_the_default_history_budget_is_measured_after_the_first_optimizer_step(t
     assert seen == [len(list(model.parameters()))]  # once, with the optimizer state of every parameter tensor
     run = dynprobe.load_run(tmp_path / "run")
     assert np.isfinite(run.C).all()
+
+
+def test_a_float64_training_loss_is_stored_and_averaged_without_passing_through_float32(tmp_path):
+    losses = [torch.tensor(1 / 3, dtype=torch.float64), torch.tensor(2.0 + 1e-12, dtype=torch.float64),
+              torch.tensor(0.1, dtype=torch.float32)]
+    log = TrainLoss(tmp_path / "train_loss.f8")
+    for step, loss in enumerate(losses, start=1):
+        log.note(step, loss)
+    mean, calls = log.pop_mean()
+    steps, stored = read_train_losses(tmp_path / "train_loss.f8")
+    exact = [float(loss) for loss in losses]  # float32 → float64 is exact
+    assert stored.tolist() == exact and steps.tolist() == [1, 2, 3]  # bit for bit; float32 would lose 1e-12
+    assert calls == 3 and mean == float(np.mean(np.array(exact)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import re
 import struct
 
@@ -93,8 +94,8 @@ def test_report_of_a_short_real_run_with_kernels_and_ghosts(tmp_path):
 
     model, optimizer, scheduler, data = mlp_setup()
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "real", schedule=2,
-                           ghosts=dynprobe.Ghosts(at=[0, 6], barrier=False), kernel=dynprobe.KernelConfig(n=8),
-                           trajectory_barriers=1)
+                           ghosts=dynprobe.Ghosts(at=[0, 6]), kernel=dynprobe.KernelConfig(n=8),
+                           barriers=dynprobe.Barriers(ghosts=False, previous_snapshots=1, time_budget=math.inf))
     criterion = probe.watch(torch.nn.CrossEntropyLoss())
     train(model, optimizer, scheduler, data, 16, criterion=criterion)
     probe.close()

@@ -109,12 +109,14 @@ def test_accessors_by_step_and_by_index_read_the_stored_arrays(small):
     np.testing.assert_array_equal(run.ghost_predictions(1, step=4), truth["preds"][2])
 
 
-def test_a_positional_index_keeps_its_meaning_with_a_deprecation_warning(small):
+def test_accessors_take_the_snapshot_by_keyword_only(small):
     truth, run = small
-    with pytest.warns(DeprecationWarning, match=r"write run.params\(index=2\) or run.params\(step=...\)"):
-        np.testing.assert_array_equal(run.params(2), truth["theta"][2])
-    with pytest.warns(DeprecationWarning, match="ghost_predictions"):
-        np.testing.assert_array_equal(run.ghost_predictions(0, 1), truth["preds"][1])
+    np.testing.assert_array_equal(run.params(index=2), truth["theta"][2])
+    np.testing.assert_array_equal(run.ghost_predictions(0, index=1), truth["preds"][1])
+    with pytest.raises(TypeError):
+        run.params(2)
+    with pytest.raises(TypeError):
+        run.ghost_predictions(0, 1)
 
 
 @pytest.mark.parametrize(("call", "error", "match"), [
@@ -155,8 +157,7 @@ def test_kernel_velocity_pairs_snapshots_exactly_the_lag_apart(small):
     np.testing.assert_array_equal(t, [0, 2, 4])
     np.testing.assert_array_equal(v, [run.S[i, i + 2] for i in range(3)])
     assert run.kernel_velocity(3)[0].size == 0  # no pair is exactly 3 steps apart: nothing, not a nearest match
-    with pytest.warns(DeprecationWarning, match="lag_steps"):
-        np.testing.assert_array_equal(run.kernel_velocity(dt=4)[1], v)
+    np.testing.assert_array_equal(run.kernel_velocity(lag_steps=4)[1], v)
 
 
 def test_ghosts_chaos_and_separation(small):

@@ -30,7 +30,7 @@ def test_default_schedule_is_log_spaced_then_every_250():
 
 
 @pytest.mark.parametrize("steps, message", [([2, 1], "unsorted"), ([1, 1], "duplicated"), ([-3], ">= 0"),
-                                            ([1.5], "integer")])
+                                            ([1.5], "must be an int")])
 def test_explicit_lists_are_validated(steps, message):
     with pytest.raises((ValueError, TypeError), match=message):
         schedule.at(steps)

@@ -35,9 +35,10 @@ def test_only_exact_gaps_pair():
     assert lag_pairs(steps, 7)[0].size == 0  # no gap of exactly 7: nothing, not the nearest pairs
 
 
-@pytest.mark.parametrize("lag", [0, -1, 1.5, True, "2", None])
-def test_the_lag_is_a_positive_integer(lag):
-    with pytest.raises(ValueError, match="lag must be a positive integer"):
+@pytest.mark.parametrize(("lag", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                            ("2", TypeError), (None, TypeError)])
+def test_the_lag_is_a_positive_integer(lag, error):
+    with pytest.raises(error, match="lag must be an int >= 1"):
         lag_pairs([0, 1], lag)
 
 

@@ -1,6 +1,6 @@
 """Tests of dynprobe.switching_experiment: standard training to t, linearized training from θ_t to T (Fig. 6).
 
-The reference for a switch point is written here independently of dynprobe.linear: the model's Jacobian at
+The reference for a switch point is written here independently of dynprobe.experiments.linear: the model's Jacobian at
 θ_t materialized by ``torch.func.jacrev`` in float64 on every batch, f_lin = f(θ_t) + J(θ_t)(θ − θ_t), the
 cross-entropy gradient Jᵀ(softmax(f_lin) − onehot(y))/B written out by hand, and SGD with momentum and weight
 decay as hand-written update rules.
@@ -418,7 +418,7 @@ def _one_shot(setup):
     (dict(switch_steps=[]), ValueError, "switch_steps is empty"),
     (dict(switch_steps=[True]), TypeError, "every switch step must be an int"),
     (dict(switch_steps="all"), TypeError, "switch_steps must be a list"),
-    (dict(total_steps=-1), ValueError, "total_steps must be >= 0"),
+    (dict(total_steps=-1), ValueError, "total_steps must be an int >= 0"),
     (dict(weight_decay_on="both"), ValueError, "weight_decay_on must be one of"),
     (dict(optimizer_factory=lambda p: p), TypeError, "must return a torch.optim.Optimizer"),
     (dict(optimizer_factory=lambda p: torch.optim.SGD(p[:1], lr=0.1)), ValueError, "exactly one param group"),

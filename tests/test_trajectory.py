@@ -14,7 +14,6 @@ import dynprobe
 from dynprobe import schedule
 from dynprobe._util.evaluation import EvalSet
 from dynprobe.config import Barriers
-from dynprobe.config.barriers import resolve_barriers
 from dynprobe.recording.barriers import BarrierBudget, BarrierScheduler
 
 from .conftest import cnn_setup, train
@@ -87,32 +86,6 @@ def test_fill_barriers_rejects_unknown_steps(run_with_barriers):
     model, data, run = run_with_barriers
     with pytest.raises(ValueError, match="not snapshots"):
         dynprobe.fill_barriers(run.path, model, (data.x_test, data.y_test), pairs=[(3, 4)], progress=False)
-
-
-def test_deprecated_probe_spellings_warn_and_keep_computing_every_barrier(tmp_path):
-    model, optimizer, scheduler, data = cnn_setup(seed=2)
-    with pytest.warns(DeprecationWarning, match=r"trajectory_barriers=\) is deprecated"):
-        probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "old",
-                               schedule=schedule.at([0, 3, 10]), trajectory_barriers=1, barrier_alphas=5)
-    with probe:
-        train(model, optimizer, scheduler, data, 10)
-    B = dynprobe.load_run(tmp_path / "old").B
-    assert np.isfinite(np.diag(B, -1)).all()  # the old behaviour: no time budget
-
-
-def test_resolve_barriers_maps_every_deprecated_spelling():
-    barriers, messages = resolve_barriers(None, trajectory_barriers=2, barrier_alphas=7, ghost_barrier=False,
-                                          costly_every=3)
-    assert barriers == Barriers(alphas=7, ghosts=False, previous_snapshots=2, every_snapshots=3,
-                                time_budget=math.inf)
-    assert len(messages) == 2 and all("deprecated" in m for m in messages)  # Ghosts(...) warns about its own
-    assert resolve_barriers(None) == (Barriers(), [])
-    explicit = Barriers(alphas=7)
-    assert resolve_barriers(explicit, barrier_alphas=7)[0] is explicit
-    with pytest.raises(ValueError, match="disagrees with barriers=Barriers"):
-        resolve_barriers(explicit, barrier_alphas=9)
-    with pytest.raises(ValueError, match="disagree; write Barriers"):
-        resolve_barriers(None, barrier_alphas=9, ghost_barrier_alphas=5)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -86,7 +86,7 @@ def test_a_creation_interrupted_before_the_manifest_is_taken_over(tmp_path):
 
 
 def test_resume_step_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="resume_step must be a non-negative integer"):
+    with pytest.raises(ValueError, match="resume_step must be an int >= 0"):
         RunWriter(tmp_path / "r", manifest(), resume=True, resume_step=-1)
 
 
@@ -484,7 +484,7 @@ def test_projected_size_matches_a_written_run(tmp_path):
 
 
 def test_projection_arguments_are_checked():
-    with pytest.raises(ValueError, match="snapshots must be a non-negative integer"):
+    with pytest.raises(ValueError, match="snapshots must be an int >= 0"):
         projected_run_bytes(num_parameters=10, snapshots=-1)
 
 

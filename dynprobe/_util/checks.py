@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_int", "check_model", "check_optimizer"]
+__all__ = ["check_int", "check_model", "check_optimizer", "is_int"]
 
 
 def check_model(model: Any) -> nn.Module:
@@ -49,10 +49,15 @@ def check_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer
 
 
-def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """``value`` as an int (numpy integers included, bools refused), at least ``minimum``; else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer: a Python or numpy integer, never a bool. The package's one integer test."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an int (:func:`is_int`), at least ``minimum``; else ``TypeError`` (not an integer) or
+    ``ValueError`` (too small) saying ``"{name} must be an int >= {minimum}; got {value!r}"``, then ``hint``."""
+    if not is_int(value) or value < minimum:
+        error = ValueError if is_int(value) else TypeError
+        raise error(f"{name} must be an int >= {minimum}; got {value!r}" + (f". {hint}" if hint else ""))
     return int(value)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .checks import check_int
+
 __all__ = ["lag_pairs", "most_common_gap"]
 
 
@@ -25,8 +27,7 @@ def lag_pairs(steps: Sequence[int] | np.ndarray, lag: int) -> tuple[np.ndarray, 
     Returns:
         two int64 arrays of equal length: the earlier and the later snapshot of each pair.
     """
-    if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or lag <= 0:
-        raise ValueError(f"lag must be a positive integer number of steps; got {lag!r}")
+    check_int("lag", lag, hint="a number of optimizer steps")
     steps = np.asarray(steps)
     if steps.ndim != 1 or (steps.size and not np.issubdtype(steps.dtype, np.integer)):
         raise ValueError(f"steps must be a 1-D array of integer steps; got shape {steps.shape}, dtype {steps.dtype}")

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import is_int
+
 __all__ = [
     "TASK_NAMES", "ClassificationTask", "RegressionTask", "Task", "TokenTask", "as_task", "infer_task",
     "task_from_config",
@@ -207,7 +209,7 @@ class TokenTask(Task):
     name: ClassVar[str] = "tokens"
 
     def __post_init__(self) -> None:
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        if not is_int(self.ignore_index):
             raise TypeError(f"TokenTask(ignore_index=) must be an int; got {self.ignore_index!r}")
         if not isinstance(self.shift, bool):
             raise TypeError(f"TokenTask(shift=) must be True or False; got {self.shift!r}")

@@ -1,7 +1,7 @@
 """Wiring the probe into a training loop through public PyTorch hooks (nothing is monkey-patched).
 
 * :class:`CaptureHooks` — ``Module.register_forward_pre_hook(with_kwargs=True)`` and
-  ``register_forward_hook(with_kwargs=True)`` on the main model feed a :class:`dynprobe.capture.StepCapture`
+  ``register_forward_hook(with_kwargs=True)`` on the main model feed a :class:`dynprobe.capture.step.StepCapture`
   with every training-mode forward (inputs, RNG, autocast, output); only needed when ghosts are on.
 * :class:`GradEditDetector` — ``Tensor.register_post_accumulate_grad_hook`` records each gradient's version
   counter after backward, and ``Optimizer.register_step_pre_hook`` checks it before the step: a changed

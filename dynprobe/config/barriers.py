@@ -3,10 +3,12 @@ measures while training runs, and how much time they may take."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AUTO_BUDGET_FRACTION", "Barriers", "resolve_barriers"]
+from dynprobe._util.checks import check_int
+
+__all__ = ["AUTO_BUDGET_FRACTION", "Barriers"]
 
 #: ``time_budget=None``: barriers may take this fraction of the time the rest of the snapshots take.
 AUTO_BUDGET_FRACTION = 0.5
@@ -46,15 +48,11 @@ class Barriers:
     time_budget: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.alphas, bool) or not isinstance(self.alphas, int) or self.alphas < 2:
-            raise ValueError(f"Barriers(alphas=) must be an int >= 2 (points on [0, 1], endpoints included); got "
-                             f"{self.alphas!r}")
+        check_int("Barriers(alphas=)", self.alphas, minimum=2, hint="(points on [0, 1], endpoints included)")
         if not isinstance(self.ghosts, bool):
             raise TypeError(f"Barriers(ghosts=) must be True or False; got {self.ghosts!r}")
         for name, minimum in (("previous_snapshots", 0), ("every_snapshots", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"Barriers({name}=) must be an int >= {minimum}; got {value!r}")
+            check_int(f"Barriers({name}=)", getattr(self, name), minimum=minimum)
         budget = self.time_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget < 0:
@@ -77,51 +75,3 @@ class Barriers:
                 "time_budget": "auto" if budget is None else ("inf" if math.isinf(budget) else float(budget)),
                 "auto_budget_fraction": AUTO_BUDGET_FRACTION}
 
-
-def resolve_barriers(barriers: Barriers | None, *, trajectory_barriers: int | None = None,
-                     barrier_alphas: int | None = None, ghost_barrier: bool | None = None,
-                     ghost_barrier_alphas: int | None = None, costly_every: int | None = None
-                     ) -> tuple[Barriers, list[str]]:
-    """The :class:`Barriers` a probe uses, from ``Probe(barriers=...)`` and the deprecated spellings, with one
-    deprecation message per deprecated spelling given (the caller warns, at the user's line).
-
-    ``Probe(trajectory_barriers=k)`` → ``Barriers(previous_snapshots=k)``; ``Probe(barrier_alphas=a)`` and
-    ``Ghosts(barrier_alphas=a)`` → ``Barriers(alphas=a)``; ``Ghosts(barrier=False)`` → ``Barriers(ghosts=False)``;
-    ``Ghosts(costly_every=k)`` → ``Barriers(every_snapshots=k)`` (and ``KernelConfig``'s own cadence for ghost
-    S). ``None`` means "not given". Messages are returned for the ``Probe(...)`` spellings only (``Ghosts``
-    warns about its own when it is built). Given alone, deprecated spellings keep their old meaning — every due barrier
-    is computed (``time_budget=math.inf``). With an explicit ``barriers`` as well, a deprecated value that
-    disagrees with it is an error.
-    """
-    if barriers is not None and not isinstance(barriers, Barriers):
-        raise TypeError(f"barriers must be a dynprobe.Barriers(...) configuration; got {type(barriers).__name__}")
-    given = {
-        "previous_snapshots": ("Probe(trajectory_barriers=)", trajectory_barriers),
-        "alphas": ("Probe(barrier_alphas=)", barrier_alphas),
-        "ghosts": ("Ghosts(barrier=)", ghost_barrier),
-        "every_snapshots": ("Ghosts(costly_every=)", costly_every),
-    }
-    if ghost_barrier_alphas is not None:
-        if barrier_alphas is not None and barrier_alphas != ghost_barrier_alphas:
-            raise ValueError(f"Probe(barrier_alphas={barrier_alphas}) and Ghosts(barrier_alphas="
-                             f"{ghost_barrier_alphas}) disagree; write Barriers(alphas=...) once")
-        given["alphas"] = ("Ghosts(barrier_alphas=)", ghost_barrier_alphas)
-    changes: dict[str, Any] = {"time_budget": math.inf}  # the deprecated options computed every barrier
-    used = []
-    for field_name, (spelling, value) in given.items():
-        if value is None:
-            continue
-        if barriers is not None and getattr(barriers, field_name) != value:
-            raise ValueError(f"{spelling}={value!r} disagrees with barriers=Barriers({field_name}="
-                             f"{getattr(barriers, field_name)!r}); drop the deprecated spelling")
-        used.append(spelling)
-        changes[field_name] = value
-    if not used:
-        return barriers if barriers is not None else Barriers(), []
-    result = barriers if barriers is not None else replace(Barriers(), **changes)
-    shown = {name: getattr(result, name) for name in Barriers.__dataclass_fields__ if name in changes}
-    fields = ", ".join(f"{name}={'math.inf' if value == math.inf else repr(value)}" for name, value in shown.items())
-    messages = [f"{spelling} is deprecated and will be removed in the next release; write "
-                f"Probe(barriers=dynprobe.Barriers({fields})) for the same barriers (every due one computed, as "
-                "before)" for spelling in used if spelling.startswith("Probe(")]  # Ghosts(...) warns itself
-    return result, messages

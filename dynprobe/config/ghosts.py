@@ -3,21 +3,16 @@ paper)."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynprobe._util.checks import check_int
 from dynprobe.schedule import Schedule, Steps, as_schedule
 
 from .perturbation import Perturbation
 
 __all__ = ["Ghosts"]
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Ghosts({name}=) must be a positive int; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -56,9 +51,6 @@ class Ghosts:
             drift is recorded next to the ghost signal, with a warning when it exceeds the smallest ghost
             separation); faster on a GPU with several ghosts. A model that cannot run under vmap, or a ``scaler``,
             is an error here. ``"auto"``: the stack only when a timed trial step shows it clearly faster.
-
-    Deprecated: ``lifetime=`` (write ``lifetime_steps=``), ``costly_every=`` (``kernel_every_snapshots=`` here and
-    ``Barriers(every_snapshots=)``), ``barrier=`` and ``barrier_alphas=`` (``Barriers(ghosts=, alphas=)``).
     """
 
     at: Any = (0, 100, 1000)
@@ -69,10 +61,6 @@ class Ghosts:
     clip_grad_value: float | None = None
     scaler: Any = None
     loss_fn: Callable[..., Any] | None = None
-    barrier: bool | None = field(default=None, repr=False)  # deprecated spellings: not shown in the repr
-    barrier_alphas: int | None = field(default=None, repr=False)
-    costly_every: int | None = field(default=None, repr=False)
-    lifetime: int | None = field(default=None, repr=False)
     save_params: bool = False
     divergence_ratio: float = 1e3
     vectorize: bool | str = False
@@ -102,59 +90,17 @@ class Ghosts:
             raise TypeError("Ghosts(scaler=) must be the torch.amp.GradScaler your loop uses")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError("Ghosts(loss_fn=) must be callable")
-        self._deprecated_names()
-        _positive_int("directions", self.directions)
+        check_int("Ghosts(directions=)", self.directions)
         if self.lifetime_steps is not None:
-            _positive_int("lifetime_steps", self.lifetime_steps)
-        _positive_int("kernel_every_snapshots", self.kernel_every_snapshots)
+            check_int("Ghosts(lifetime_steps=)", self.lifetime_steps)
+        check_int("Ghosts(kernel_every_snapshots=)", self.kernel_every_snapshots)
         if not self.divergence_ratio > 1:
             raise ValueError(f"Ghosts(divergence_ratio=) must be > 1; got {self.divergence_ratio!r}")
         if self.vectorize not in (True, False, "auto"):
             raise ValueError(f"Ghosts(vectorize=) must be True, False or 'auto'; got {self.vectorize!r}")
 
-    def _deprecated_names(self) -> None:
-        """Map the old spellings onto the new fields, each with a DeprecationWarning at the user's line."""
-        def deprecated(old: str, new: str) -> None:
-            warnings.warn(f"Ghosts({old}=) is deprecated: write {new}", DeprecationWarning, stacklevel=5)
-
-        if self.lifetime is not None:
-            deprecated("lifetime", "Ghosts(lifetime_steps=)")
-            _positive_int("lifetime", self.lifetime)
-            if self.lifetime_steps is not None and self.lifetime_steps != self.lifetime:
-                raise ValueError(f"Ghosts(lifetime={self.lifetime}) and Ghosts(lifetime_steps={self.lifetime_steps}) "
-                                 "disagree; write lifetime_steps= only")
-            object.__setattr__(self, "lifetime_steps", self.lifetime)
-        if self.costly_every is not None:
-            deprecated("costly_every", "Ghosts(kernel_every_snapshots=) for the ghosts' kernel distance S and "
-                       "dynprobe.Barriers(every_snapshots=) for their loss barriers")
-            _positive_int("costly_every", self.costly_every)
-            if self.kernel_every_snapshots not in (1, self.costly_every):
-                raise ValueError(f"Ghosts(costly_every={self.costly_every}) and Ghosts(kernel_every_snapshots="
-                                 f"{self.kernel_every_snapshots}) disagree; write kernel_every_snapshots= only")
-            object.__setattr__(self, "kernel_every_snapshots", self.costly_every)
-        if self.barrier is not None:
-            deprecated("barrier", "dynprobe.Barriers(ghosts=...)")
-        if self.barrier_alphas is not None:
-            deprecated("barrier_alphas", "dynprobe.Barriers(alphas=...)")
-            if isinstance(self.barrier_alphas, bool) or not isinstance(self.barrier_alphas, int) or \
-                    self.barrier_alphas < 2:
-                raise ValueError(f"Ghosts(barrier_alphas=) must be an int >= 2; got {self.barrier_alphas!r}")
-
-    def deprecated_barrier_options(self) -> dict[str, Any]:
-        """The deprecated barrier options given here, as :class:`dynprobe.Barriers` keyword arguments
-        (``barrier`` → ``ghosts``, ``barrier_alphas`` → ``alphas``, ``costly_every`` → ``every_snapshots``); empty
-        when none was given."""
-        options: dict[str, Any] = {}
-        if self.barrier is not None:
-            options["ghosts"] = bool(self.barrier)
-        if self.barrier_alphas is not None:
-            options["alphas"] = self.barrier_alphas
-        if self.costly_every is not None:
-            options["every_snapshots"] = self.costly_every
-        return options
-
     def to_config(self) -> dict[str, Any]:
-        config = {
+        return {
             "at": self.at.to_config(),
             "perturbation": {"norm": self.perturbation.norm, "kind": self.perturbation.kind,
                              "seed": self.perturbation.seed},
@@ -169,5 +115,3 @@ class Ghosts:
             "divergence_ratio": self.divergence_ratio,
             "vectorize": self.vectorize,
         }
-        config.update({f"deprecated_{k}": v for k, v in self.deprecated_barrier_options().items()})
-        return config

@@ -2,12 +2,13 @@
 two-phase paper)."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dynprobe._util.checks import check_int
 
 __all__ = ["KERNEL_MODES", "PROBE_SETS", "KernelConfig"]
 
@@ -17,8 +18,7 @@ PROBE_SETS = ("eval", "train")
 
 
 def _positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"KernelConfig({name}=) must be an int >= {minimum}; got {value!r}. {fix}")
+    check_int(f"KernelConfig({name}=)", value, minimum=minimum, hint=fix)
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,6 @@ class KernelConfig:
             describes how learning moves the function where it is evaluated.
         train_data: ``(inputs, targets)`` training examples (or a DataLoader of them) for ``probe_set="train"``;
             only the n drawn examples are kept.
-        every: deprecated spelling of ``every_snapshots``.
-        lag: the spelling of ``lag_steps`` in issue 13 (accepted, with a ``DeprecationWarning``).
     """
 
     n: int = 128
@@ -61,27 +59,8 @@ class KernelConfig:
     lag_steps: int | None = None
     probe_set: str = "eval"
     train_data: Any = field(default=None, repr=False, compare=False)
-    every: int | None = field(default=None, repr=False)
-    lag: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.every is not None:
-            warnings.warn("KernelConfig(every=) is deprecated: it counts snapshots, so it is now spelled "
-                          "every_snapshots=", DeprecationWarning, stacklevel=3)
-            _positive_int("every", self.every, 1, "Write every_snapshots=k instead.")
-            if self.every_snapshots not in (1, self.every):
-                raise ValueError(f"KernelConfig got every={self.every} and every_snapshots={self.every_snapshots}; "
-                                 "give only every_snapshots=")
-            object.__setattr__(self, "every_snapshots", self.every)
-            object.__setattr__(self, "every", None)
-        if self.lag is not None:
-            warnings.warn("KernelConfig(lag=) is spelled lag_steps= (the lag Δ counts optimizer steps)",
-                          DeprecationWarning, stacklevel=3)
-            if self.lag_steps not in (None, self.lag):
-                raise ValueError(f"KernelConfig got lag={self.lag} and lag_steps={self.lag_steps}; give only "
-                                 "lag_steps=")
-            object.__setattr__(self, "lag_steps", self.lag)
-            object.__setattr__(self, "lag", None)
         _positive_int("n", self.n, 2, "The probe set needs at least 2 examples for a kernel between them.")
         self._parse_mode()
         _positive_int("every_snapshots", self.every_snapshots, 1, "1 measures H at every snapshot.")
@@ -117,8 +96,7 @@ class KernelConfig:
             if self.class_index is None:
                 raise ValueError("KernelConfig(mode='single') needs the logit to differentiate: class_index=k, or "
                                  "write mode='single:k'")
-            if isinstance(self.class_index, bool) or not isinstance(self.class_index, int) or self.class_index < 0:
-                raise ValueError(f"KernelConfig(class_index=) must be a non-negative int; got {self.class_index!r}")
+            check_int("KernelConfig(class_index=)", self.class_index, minimum=0)
         elif self.class_index is not None:
             raise ValueError(f"KernelConfig(class_index=) is only used with mode='single'; got mode={self.mode!r}. "
                              "Drop class_index or write mode='single:k'")

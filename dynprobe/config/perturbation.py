@@ -5,6 +5,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from dynprobe._util.checks import is_int
+
 __all__ = ["KINDS", "MAX_ULPS", "Perturbation"]
 
 KINDS = ("l2", "per_coord", "relative", "ulp", "single_coord")
@@ -55,7 +57,7 @@ class Perturbation:
                 f"Perturbation kind='ulp' takes at most 2**52 units in the last place; got {norm!r}. A perturbation "
                 "that large spans many binades: use kind='relative' (‖ε‖ = norm·‖θ‖) instead"
             )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        if not is_int(seed) or not 0 <= seed < 2**64:
             raise ValueError(f"Perturbation seed must be an integer in [0, 2**64); got {seed!r}")
         object.__setattr__(self, "norm", float(norm))
         object.__setattr__(self, "seed", int(seed))

@@ -29,6 +29,7 @@ from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
 from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
+from dynprobe.store.sink import RunSink
 
 from .comparison import compare_ghost
 from .notices import control_drift_notice, precision_notice, realized_norm_notice
@@ -74,6 +75,9 @@ class GhostSet:
         eval_set, output_fn, eval_batch_size, device: as the probe's, for the ghosts' predictions.
         storage_dtype: dtype of flat parameter vectors.
         no_copy: objects a deep copy of the model must share, not copy (the probe).
+        raise_errors: ``Probe(errors="raise")``.
+        final_step: ``Probe(total_steps=)``: S and the barriers are always measured at that step.
+        loss_from_output: output → loss for models that compute their own loss (``Probe(loss_from_output=)``).
         trainer_factory: builds the trainer (the DDP trainer under torch.distributed); default :func:`choose_trainer`.
     """
 
@@ -82,7 +86,7 @@ class GhostSet:
         config: Ghosts,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        writer: Any,
+        writer: RunSink,
         *,
         main_params: list[torch.Tensor],
         eval_set: EvalSet,
@@ -93,6 +97,8 @@ class GhostSet:
         cuda_devices: list[int],
         no_copy: list[Any],
         raise_errors: bool,
+        final_step: int | None = None,
+        loss_from_output: Callable[[Any], torch.Tensor] | None = None,
         trainer_factory: TrainerFactory | None = None,
     ) -> None:
         self.config, self.model, self.optimizer, self.writer = config, model, optimizer, writer
@@ -122,12 +128,12 @@ class GhostSet:
 
         self.context = TrainerContext(
             config=config, model=model, optimizer=optimizer, main_params=main_params, no_copy=no_copy_map,
-            replay=LossReplay(config.loss_fn, None), device=device, storage_dtype=storage_dtype,
+            replay=LossReplay(config.loss_fn, loss_from_output), device=device, storage_dtype=storage_dtype,
             raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
             on_mode=self._record_mode, disagreement=eval_set.task.disagreement)
         self.ghosts: list[Ghost] = []
         self._by_index: dict[int, Ghost] = {}
-        self.final_step: int | None = None  # Probe(total_steps=): S is always measured there
+        self.final_step = final_step  # Probe(total_steps=): S and B are always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self._parameter_ids = tuple(id(p) for p in model.parameters())
         self._warned: set[str] = set()

@@ -11,9 +11,9 @@ after the last committed snapshot may be lost in a crash; a resumed run cuts eve
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from dynprobe.store.sink import RunSink
 
 __all__ = ["SeparationLog"]
 
@@ -21,7 +21,7 @@ __all__ = ["SeparationLog"]
 class SeparationLog:
     """Buffered (step, l2) pairs per ghost, appended through ``sink.append_separation`` at :meth:`flush`."""
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: RunSink) -> None:
         self.sink = sink
         self._pending: dict[int, list[tuple[int, float]]] = {}
 

@@ -25,11 +25,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["K_BLOCK", "ChunkPlan", "accumulate_gram", "plan_chunks"]
+__all__ = ["ACCUMULATION", "K_BLOCK", "ChunkPlan", "accumulate_gram", "blocked_product", "plan_chunks"]
 
 K_BLOCK = 32768  # products per float32 partial sum before it is added into the float64 accumulator
 STAGING_COLUMNS = 8192  # direct plans gather narrow gradient blocks (norm layers, biases) up to this width
 _MIN_BLOCK_ROWS = 256  # below this many rows one GEMM beats symmetric blocking (bench_entk.py measures it)
+#: The stored convention of every contraction of the engine (slab Grams and the structured units' factor Grams).
+ACCUMULATION = f"float64, over partial sums of at most {K_BLOCK} products in the Jacobian dtype"
+
+
+def blocked_product(x: torch.Tensor, y: torch.Tensor, *, k_block: int = K_BLOCK) -> torch.Tensor:
+    """``x @ yᵀ`` in float64 for ``x`` (N, K) and ``y`` (M, K) by the engine's convention (:data:`ACCUMULATION`):
+    each product of at most ``k_block`` columns in the inputs' dtype, the partial products added in float64."""
+    out = torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64, device=x.device)
+    for k0 in range(0, x.shape[1], k_block):
+        out += (x[:, k0 : k0 + k_block] @ y[:, k0 : k0 + k_block].T).double()
+    return out
 
 
 def accumulate_gram(out: torch.Tensor, x: torch.Tensor, *, k_block: int = K_BLOCK) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from ._chunking import UnitCost
+from ._chunking import UnitCost, blocked_product
 
 __all__ = ["Record", "Tapper", "make_unit", "structured_kind"]
 
@@ -407,16 +407,16 @@ class LinearGram(_Unit):
         for start in range(0, n, block):
             stop = min(start + block, n)
             if a is not None:
-                inputs_gram = (a[start:stop] @ a.T).double()
+                inputs_gram = blocked_product(a[start:stop], a)
                 if self.bias:
                     inputs_gram += 1.0
             else:
                 inputs_gram = torch.ones(stop - start, n, dtype=torch.float64, device=d.device)
             if full:
-                deltas = (flat[start * rows : stop * rows] @ flat.T).double().view(stop - start, rows, n, rows)
+                deltas = blocked_product(flat[start * rows : stop * rows], flat).view(stop - start, rows, n, rows)
                 out.view(n, rows, n, rows)[start:stop] += inputs_gram[:, None, :, None] * deltas
             else:
-                out[start:stop] += inputs_gram * (flat[start:stop] @ flat.T).double()
+                out[start:stop] += inputs_gram * blocked_product(flat[start:stop], flat)
 
 
 class EmbeddingGram(_Unit):
@@ -456,7 +456,7 @@ class EmbeddingGram(_Unit):
             i1 = min(i0 + block, n)
             for j0 in range(0, n, block):
                 j1 = min(j0 + block, n)
-                gram = (x[i0 * per_sample : i1 * per_sample] @ x[j0 * per_sample : j1 * per_sample].T).double()
+                gram = blocked_product(x[i0 * per_sample : i1 * per_sample], x[j0 * per_sample : j1 * per_sample])
                 same = (idx[i0:i1].reshape(-1, 1) == idx[j0:j1].reshape(1, -1))
                 same &= valid[i0:i1].reshape(-1, 1) & valid[j0:j1].reshape(1, -1)
                 same = same.view(i1 - i0, tokens, j1 - j0, tokens)

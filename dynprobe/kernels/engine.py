@@ -74,10 +74,12 @@ import torch
 from torch import nn
 
 from dynprobe._util.batchnorm import batch_inputs, check_running_statistics, reestimate_batchnorm
+from dynprobe._util.checks import check_int
 from dynprobe._util.modules import device_of, eval_mode, layer_name, layer_slices, preserved_rng, rng_devices
 from dynprobe._util.user_warnings import warn_user
 
 from ._calling import ModelCall
+from ._chunking import ACCUMULATION
 from ._execution import PlanRunner
 from ._planning import KernelPlan, cotangent_rows, make_plan
 
@@ -148,8 +150,7 @@ def parse_mode(mode: object, class_index: object) -> tuple[str, int | None]:
     if mode == "single":
         if class_index is None:
             raise ValueError("mode='single' needs class_index=k (the logit to differentiate), or write mode='single:k'")
-        if isinstance(class_index, bool) or not isinstance(class_index, int):
-            raise TypeError(f"class_index must be an int; got {class_index!r}")
+        check_int("class_index", class_index, minimum=0)
     elif class_index is not None:
         raise ValueError(f"class_index is only used with mode='single'; got mode={mode!r}")
     return mode, class_index
@@ -200,9 +201,8 @@ class NTKEngine:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         self.method = method
-        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int)
-                                       or max_memory <= 0):
-            raise ValueError(f"max_memory must be a positive number of bytes (int) or None; got {max_memory!r}")
+        if max_memory is not None:
+            check_int("max_memory", max_memory, hint="a number of bytes, or None for the default")
         self.max_memory = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable (output -> logits tensor); got {type(output_fn).__name__}")
@@ -250,7 +250,7 @@ class NTKEngine:
                 "num_outputs": self.num_outputs, "logit_reduction": "sum" if self.mode == "trace" else self.mode,
                 "layout": "(n*c, n*c) sample-major" if self.mode == "full" else "(n, n)",
                 "output_mask": "masked output coordinates left out" if self._masked else "none",
-                "jacobian_dtype": str(self.dtype).replace("torch.", ""), "accumulation": "float64",
+                "jacobian_dtype": str(self.dtype).replace("torch.", ""), "accumulation": ACCUMULATION,
                 "parameters": len(self.wrt), "method": self.method}
 
     def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynprobe._util.checks import check_int
 from dynprobe._util.inputs import default_output_fn, input_batches, inputs_to, labelled_batches, no_autocast
 from dynprobe._util.inputs import num_examples as count_examples
 from dynprobe._util.modules import device_of, eval_mode, preserved_rng, rng_devices
@@ -196,12 +197,9 @@ def loss_barrier(
         raise ValueError(f"metric must be one of {METRICS!r}; got {metric!r}")
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES!r}; got {reference!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if reset_bn_batches is not None and (
-        isinstance(reset_bn_batches, bool) or not isinstance(reset_bn_batches, int) or reset_bn_batches < 1
-    ):
-        raise ValueError(f"reset_bn_batches must be a positive integer or None; got {reset_bn_batches!r}")
+    check_int("batch_size", batch_size)
+    if reset_bn_batches is not None:
+        check_int("reset_bn_batches", reset_bn_batches, hint="or None")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     task = as_task(task)

@@ -1,7 +1,7 @@
 """Interval metrics of the two-phase paper as pure functions on tensors.
 
 Every function here is stateless and works on plain tensors (or anything ``torch.as_tensor`` accepts, such as
-numpy arrays); the online state objects in :mod:`dynprobe.interval` call them. Reductions are accumulated in
+numpy arrays); the online state objects in :mod:`dynprobe.metrics.interval` call them. Reductions are accumulated in
 float64: between nearby checkpoints the quantities of interest are ~1e-4 to 1e-8, below float32's resolution
 for sums over many coordinates.
 
@@ -14,7 +14,7 @@ Conventions (the paper's §3):
 * S, eq. (4): ``S(H_i, H_j) = 1 − ⟨H_i, H_j⟩_F / (‖H_i‖_F ‖H_j‖_F)`` on eNTK matrices of any (equal) shape.
 * D, eq. (6): ``D = mean_x 1[argmax f(x; θ_i) ≠ argmax f(x; θ_j)]`` on stored predicted labels.
 
-The loss barrier B, eq. (5), needs the model and data; it lives in :mod:`dynprobe.barrier`.
+The loss barrier B, eq. (5), needs the model and data; it lives in :mod:`dynprobe.metrics.barrier`.
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""How a probe is assembled from its options: eval set, run directory, recorders, ghosts and their hooks.
-
-Each function builds one part from plain inputs and returns it; :class:`dynprobe.Probe` wires the parts to the
-training loop's hooks. Nothing here runs during training.
-"""
+"""The checks and single parts :func:`dynprobe.probe.assembly.assemble` uses: the model's output, the run sink
+and its manifest, the resumed parameters, the projected disk use, parameters added after attach."""
 from __future__ import annotations
 
 import os
@@ -16,22 +13,17 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, check_model_outputs
 from dynprobe._util.user_warnings import warn_user
-from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
-from dynprobe.capture.step import StepCapture
-from dynprobe.config import Ghosts
-from dynprobe.distributed.runtime import DistributedRun, check_supported, is_ddp, open_run_writer, warn_comm_hook
-from dynprobe.ghosts.ghost_set import GhostSet
+from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
+from dynprobe.recording.cadence import planned_snapshots
 from dynprobe.store.disk import free_space_warning, projected_run_bytes
-from dynprobe.store.files import read_jsonl
-from dynprobe.store.layout import EVENTS
 from dynprobe.store.manifest import build_manifest
+from dynprobe.store.sink import RunSink
 from dynprobe.store.writer import json_safe
 
 from .options import ProbeOptions
 
 __all__ = [
     "BACKGROUND_WRITE_BYTES",
-    "attach_ghosts",
     "background_writes",
     "check_model_output",
     "check_resumed_parameters",
@@ -73,7 +65,7 @@ def check_model_output(model: nn.Module, eval_set: EvalSet, output_fn: Callable[
 def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: ProbeOptions, *, model: nn.Module,
              named_params: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer, eval_set: EvalSet,
              num_classes: int, storage_dtype: torch.dtype, device: torch.device,
-             kernel_convention: dict[str, Any] | None) -> Any:
+             kernel_convention: dict[str, Any] | None) -> RunSink:
     """The run directory's writer (a null sink on DDP ranks other than 0), with the manifest of this probe."""
     manifest = build_manifest(
         model=model, named_params=named_params, optimizer=optimizer, eval_set=eval_set, num_classes=num_classes,
@@ -86,17 +78,17 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
                            durable=options.durable)
 
 
-def warn_if_the_disk_is_too_small(writer: Any, options: ProbeOptions, params: list[torch.Tensor],
+def warn_if_the_disk_is_too_small(writer: RunSink, options: ProbeOptions, params: list[torch.Tensor],
                                   storage_dtype: torch.dtype, model: nn.Module, eval_n: int,
                                   kernel_n: int | None) -> None:
     """With ``total_steps`` known, project the run directory's size from the schedule and warn at attach when it
     exceeds the free space where the run is written."""
-    if options.total_steps is None or not getattr(writer, "writes", True):
+    if options.total_steps is None or not writer.writes:
         return
-    snapshots = len(options.schedule.steps(options.total_steps))
-    kernel_snapshots = 0
-    if options.kernel is not None:
-        kernel_snapshots = -(-snapshots // options.kernel.every_snapshots) * (2 if options.kernel.lag_steps else 1)
+    plan = planned_snapshots(options.schedule, options.total_steps, options.kernel,
+                             snapshot_on_close=options.snapshot_on_close)
+    snapshots = len(plan)
+    kernel_snapshots = sum(p.kernel_role is not None for p in plan)
     projected = projected_run_bytes(
         num_parameters=sum(p.numel() for p in params), snapshots=snapshots,
         param_itemsize=torch.empty(0, dtype=storage_dtype).element_size(),
@@ -141,31 +133,3 @@ def warn_about_new_parameters(model: nn.Module, attached: list[tuple[str, torch.
             f"dynprobe: {len(added)} trainable parameters were added to the model after the probe attached (e.g. "
             f"{added[0]!r}); θ, C and the ghosts keep the {len(attached)} tensors the probe attached to. Attach the "
             "probe after the model is complete to include them", RuntimeWarning, stacklevel=2)
-
-
-def attach_ghosts(config: Ghosts, options: ProbeOptions, *, model: nn.Module, hooked_model: nn.Module,
-                  optimizer: torch.optim.Optimizer, writer: Any, params: list[torch.Tensor], eval_set: EvalSet,
-                  output_fn: Callable[[Any], torch.Tensor], device: torch.device, storage_dtype: torch.dtype,
-                  cuda_devices: list[int], owner: Any, dist: DistributedRun | None, busy: Callable[[], bool],
-                  step: Callable[[], int], resume_step: int | None) -> tuple[GhostSet, StepCapture, list[Any]]:
-    """The ghost set and the hooks that feed it: what each training step consumed (``CaptureHooks``) and gradient
-    edits between ``backward()`` and ``step()`` (``GradEditDetector``). ``owner`` (the probe) is shared, never
-    copied, when the model is deep-copied into a ghost."""
-    ghosts = GhostSet(
-        config, model, optimizer, writer, main_params=params, eval_set=eval_set, output_fn=output_fn,
-        eval_batch_size=options.eval_batch_size, device=device, storage_dtype=storage_dtype,
-        cuda_devices=cuda_devices, no_copy=[owner], raise_errors=options.errors == "raise",
-        trainer_factory=dist.ghost_trainer if dist is not None else None,
-    )
-    ghosts.final_step = options.total_steps  # B and S are always measured at the last step
-    from_output = output_loss if options.loss_from_output is True else options.loss_from_output
-    ghosts.loss_from_output = from_output
-    capture = StepCapture(cuda_devices, scale_fn=config.scaler.get_scale if config.scaler is not None else None)
-    handles: list[Any] = [CaptureHooks(hooked_model, capture, busy, loss_from_output=from_output)]
-    if dist is None and not is_ddp(hooked_model):  # DDP (even with one rank) writes the averaged gradients back
-        # after backward: every step would look edited
-        handles.append(GradEditDetector(params, optimizer, lambda: ghosts.note_grad_edit(step())))
-    warn_comm_hook(dist)
-    if resume_step is not None:  # warns (at the user's line) when ghosts were interrupted
-        ghosts.resume(read_jsonl(writer.root / EVENTS), resume_step)
-    return ghosts, capture, handles

@@ -11,10 +11,11 @@ from torch import nn
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.barriers import BarrierScheduler
 from dynprobe.recording.kernel_probe import KernelMeasure
+from dynprobe.recording.learning_rate import LearningRateLog
 from dynprobe.recording.progress import SnapshotProgress
 from dynprobe.recording.snapshot import SnapshotRecorder
 from dynprobe.recording.train_loss import TrainLoss
-from dynprobe.schedule import Schedule
+from dynprobe.store.sink import RunSink
 
 from .transition import TransitionWatch
 
@@ -22,21 +23,22 @@ __all__ = ["SnapshotSequence"]
 
 
 class SnapshotSequence:
-    """The snapshot step of a probe (every part is built by :mod:`dynprobe.probe.parts` and shared with it).
+    """The snapshot step of a probe (every part is built by :func:`dynprobe.probe.assembly.assemble`).
 
     Under DDP every rank runs the same sequence — the measurements contain collectives (the sharded eNTK) and the
-    ghost comparisons decide statuses on every rank — into its sink; only the writing rank (``writes``) goes on to
-    the detector, the callback and the barriers.
+    ghost comparisons decide statuses on every rank — into its sink; only a sink that writes (rank 0's) goes on
+    to the detector, the callback and the barriers.
     """
 
-    def __init__(self, *, recorder: SnapshotRecorder, kernel: KernelMeasure | None, schedule: Schedule,
-                 train_loss: TrainLoss, barriers: BarrierScheduler | None, transition: TransitionWatch,
-                 progress: SnapshotProgress, model: nn.Module, optimizer: torch.optim.Optimizer, writer: Any,
-                 writes: bool, on_snapshot: Callable[[dict[str, Any]], None] | None) -> None:
-        self.recorder, self.kernel, self.schedule = recorder, kernel, schedule
+    def __init__(self, *, recorder: SnapshotRecorder, kernel: KernelMeasure | None, train_loss: TrainLoss,
+                 learning_rates: LearningRateLog, barriers: BarrierScheduler | None, transition: TransitionWatch,
+                 progress: SnapshotProgress, model: nn.Module, optimizer: torch.optim.Optimizer, sink: RunSink,
+                 on_snapshot: Callable[[dict[str, Any]], None] | None) -> None:
+        self.recorder, self.kernel = recorder, kernel
         self.train_loss, self.barriers, self.transition, self.progress = train_loss, barriers, transition, progress
-        self.model, self.optimizer, self.writer = model, optimizer, writer
-        self.writes, self.on_snapshot = writes, on_snapshot
+        self.learning_rates = learning_rates
+        self.model, self.optimizer, self.sink = model, optimizer, sink
+        self.on_snapshot = on_snapshot
 
     def take(self, step: int, *, ghosts: GhostSet | None) -> None:
         """The snapshot at ``step`` (optimizer steps taken)."""
@@ -49,25 +51,19 @@ class SnapshotSequence:
                 self.progress.phase("ghosts", f"comparing {len(ghosts.live)} ghosts")
                 ghosts.compare(data, self.kernel.measure if self.kernel is not None else None, main_state)
             train_loss, calls = self.train_loss.pop_mean()
+            self.learning_rates.flush()
             record = {"train_loss": train_loss, "train_loss_calls": calls,
                       "lr": [group.get("lr") for group in self.optimizer.param_groups],
                       **(self.kernel.snapshot_record() if self.kernel is not None else {})}
             committed = self.recorder.commit(data, record)
-            if not self.writes:
+            if not self.sink.writes:
                 return
             self.transition.update(data.step, self.recorder.last_rows, self.recorder.last_filled)
             if self.on_snapshot is not None:
-                self.writer.flush()  # callbacks (exporters) may read the run back
+                self.sink.flush()  # callbacks (exporters) may read the run back
                 kernel_lag = self.kernel.config.lag_steps if self.kernel is not None else None
-                self.on_snapshot({**committed, "rows": self.recorder.last_rows, "out": self.writer.root,
-                                  "transition": self.transition.estimate, "kernel_lag": kernel_lag,
-                                  "steps": [s["step"] for s in self.writer.snapshots]})
+                self.on_snapshot({**committed, "rows": self.recorder.last_rows, "out": self.sink.root,
+                                  "transition": self.transition.estimate, "kernel_lag_steps": kernel_lag,
+                                  "steps": [s["step"] for s in self.sink.snapshots]})
             if self.barriers is not None:
                 self.barriers.on_snapshot(data, main_state, ghosts)
-
-    def kernel_at(self, step: int) -> torch.Tensor | None:
-        """H(θ_step) when the kernel cadence asks for one here (a companion-only snapshot is one the schedule did
-        not ask for, taken for the fixed-lag kernel velocity)."""
-        assert self.kernel is not None
-        due = self.kernel.snapshot_due(step)
-        return self.kernel.at_snapshot(step, scheduled=step in self.schedule or not due)

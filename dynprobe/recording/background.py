@@ -77,6 +77,10 @@ class BackgroundWriter:
     def resumed(self) -> bool:
         return self.sink.resumed
 
+    @property
+    def writes(self) -> bool:
+        return self.sink.writes
+
     def event(self, event: str, /, **fields: Any) -> None:
         self._submit(self.sink.event, (event,), json_safe(fields))
 

@@ -37,6 +37,7 @@ from dynprobe.config.barriers import AUTO_BUDGET_FRACTION, Barriers
 from dynprobe.metrics.barrier import BarrierResult, loss_barrier
 from dynprobe.store.files import load_snapshot_state
 from dynprobe.store.records import append_barrier
+from dynprobe.store.sink import RunSink
 
 from .progress import SnapshotProgress
 
@@ -112,7 +113,7 @@ class BarrierScheduler:
         progress: the probe's progress line, told which barrier is being computed.
     """
 
-    def __init__(self, config: Barriers, *, sink: Any, model: nn.Module, eval_set: EvalSet,
+    def __init__(self, config: Barriers, *, sink: RunSink, model: nn.Module, eval_set: EvalSet,
                  output_fn: Callable[[Any], torch.Tensor], batch_size: int, final_step: int | None = None,
                  progress: SnapshotProgress | None = None) -> None:
         self.config, self.sink, self.model, self.eval_set = config, sink, model, eval_set

@@ -25,14 +25,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from dynprobe._util.checks import check_model, check_optimizer
+from dynprobe._util.checks import check_int, check_model, check_optimizer
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.inputs import default_output_fn
 from dynprobe._util.modules import device_of, trainable_parameters
 from dynprobe.config import Barriers, Ghosts, KernelConfig
-from dynprobe.schedule import as_schedule
 
 from .barriers import BarrierBudget
+from .cadence import PlannedSnapshot, planned_snapshots, snapshot_schedule
 from .kernel_probe import KernelMeasure
 
 __all__ = ["CostEstimate", "estimate_cost"]
@@ -127,8 +127,7 @@ def estimate_cost(
     """
     model = check_model(model)
     optimizer = check_optimizer(optimizer, model)
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive int (the optimizer steps you plan); got {total_steps!r}")
+    check_int("total_steps", total_steps, hint="the optimizer steps you plan")
     barriers = barriers if barriers is not None else Barriers()
     output_fn = output_fn or default_output_fn
     device = device_of(model)
@@ -156,19 +155,24 @@ def estimate_cost(
         kernel_bytes = int(measure.measure().numel()) * 8
         seconds_kernel = time.perf_counter() - started
 
-    plan = _Plan(as_schedule(schedule), ghosts, total_steps)
-    every_kernel = getattr(kernel, "every_snapshots", getattr(kernel, "every", 1)) if kernel is not None else 0
+    plan = _Plan(planned_snapshots(snapshot_schedule(schedule, ghosts), total_steps, kernel), ghosts, total_steps)
+    kernel_roles = {p.step: p.kernel_role for p in plan.snapshots}
     budget = BarrierBudget(barriers.time_budget)
     budget.seconds_per_alpha = seconds_eval
     barrier_seconds, counts = 0.0, {"ghost": 0, "trajectory": 0}
     per_snapshot, per_bytes = [], []
-    ghost_seen: dict[int, int] = {}
+    ghost_seen: dict[int, int] = {}  # snapshots of each ghost that considered a barrier
+    compared: dict[int, int] = {}  # comparisons of each ghost so far (GhostSet counts them the same way)
     for index, step in enumerate(plan.steps):
         live = plan.live(step)
-        kernel_due = kernel is not None and index % every_kernel == 0
+        kernel_due = kernel_roles[step] is not None
         seconds = seconds_eval * (1 + len(live)) + seconds_write
-        if kernel_due and seconds_kernel is not None:
-            seconds += seconds_kernel * (1 + len(live))
+        if kernel_due and seconds_kernel is not None:  # the ghosts' S: every kernel_every_snapshots-th comparison
+            every = ghosts.kernel_every_snapshots if ghosts is not None else 1
+            ghost_kernels = sum(compared.get(ghost, 0) % every == 0 or step == total_steps for ghost, _ in live)
+            seconds += seconds_kernel * (1 + ghost_kernels)
+        for ghost, _ in live:
+            compared[ghost] = compared.get(ghost, 0) + 1
         size = numel * storage + buffer_bytes + preds_bytes + (kernel_bytes if kernel_due else 0)
         size += len(live) * (preds * 4 + (numel * storage if ghosts is not None and ghosts.save_params else 0))
         per_snapshot.append(seconds)
@@ -212,17 +216,15 @@ def estimate_cost(
 
 
 class _Plan:
-    """Snapshot steps and ghost lifetimes of a configuration, up to ``total_steps``."""
+    """Snapshots (:func:`~dynprobe.recording.cadence.planned_snapshots`) and ghost lifetimes of a configuration,
+    up to ``total_steps``."""
 
-    def __init__(self, schedule: Any, ghosts: Ghosts | None, total_steps: int) -> None:
+    def __init__(self, snapshots: list[PlannedSnapshot], ghosts: Ghosts | None, total_steps: int) -> None:
         spawns = ghosts.at.steps(total_steps) if ghosts is not None else []
-        steps = set(schedule.steps(total_steps)) | set(spawns) | {total_steps}
-        self.steps = sorted(s for s in steps if 0 <= s <= total_steps)
+        self.snapshots = snapshots
+        self.steps = [p.step for p in snapshots]
         self.total_steps = total_steps
-        lifetime = None
-        if ghosts is not None:
-            lifetime = getattr(ghosts, "lifetime_steps", getattr(ghosts, "lifetime", None))
-        self.lifetime = lifetime
+        self.lifetime = ghosts.lifetime_steps if ghosts is not None else None
         self.ghosts: list[tuple[int, int, bool]] = []  # (index, spawn step, control)
         if spawns and ghosts is not None and ghosts.control:
             self.ghosts.append((0, spawns[0], True))

@@ -12,7 +12,7 @@ When: H is measured at every ``every_snapshots``-th scheduled snapshot (a *prima
 ``lag_steps=Δ`` every primary kernel snapshot at step t gets a *companion* at t + Δ: the probe takes a kernel
 there (an extra snapshot when the schedule has none), so the kernel velocity S(θ_t, θ_{t+Δ}) exists at one
 fixed lag — S between snapshots at uneven gaps mostly measures the gap. Companions get no companions of their
-own (:func:`kernel_companion_steps`).
+own. The rule is :class:`dynprobe.recording.cadence.KernelCadence`.
 
 Token outputs: for a token task ((n, T, V) logits), H is the trace over the positions the task scores in both
 samples and the vocabulary (:func:`dynprobe.kernels.empirical_ntk`, ``output_mask``): padded or ignored
@@ -32,28 +32,21 @@ from dynprobe._util.inputs import device_of_inputs, index_inputs, inputs_to
 from dynprobe._util.tasks import ClassificationTask, TokenTask
 from dynprobe.config import KernelConfig
 from dynprobe.kernels.engine import NTKEngine
+from dynprobe.schedule import Schedule
 from dynprobe.store.layout import KERNEL_LAYERS
 
-__all__ = ["KernelMeasure", "kernel_companion_steps"]
+from .cadence import KernelCadence
+
+__all__ = ["KernelMeasure", "kernel_at_snapshot"]
 
 EngineFactory = Callable[[list[str] | None], NTKEngine]
 
 
-def kernel_companion_steps(primary_kernel_steps: Iterable[int], lag: int) -> list[int]:
-    """The companion kernel steps of ``KernelConfig(lag_steps=lag)``: t + lag for each primary kernel step t that
-    has no primary kernel step at t + lag, sorted.
-
-    A *primary* kernel snapshot is one the cadence asks for (every ``every_snapshots``-th scheduled snapshot);
-    each gets the partner S(θ_t, θ_{t+lag}) needs, and companions get none of their own, so the extra snapshots
-    stay at most one per primary one.
-
-    >>> kernel_companion_steps([0, 1, 2, 3, 5, 8, 13], lag=5)
-    [6, 7, 10, 18]
-    """
-    if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or lag < 1:
-        raise ValueError(f"lag must be a positive integer number of steps; got {lag!r}")
-    primary = {int(step) for step in primary_kernel_steps}
-    return sorted({step + int(lag) for step in primary} - primary)
+def kernel_at_snapshot(kernel: KernelMeasure, schedule: Schedule, step: int) -> torch.Tensor | None:
+    """H(θ_step) at the snapshot at ``step`` when the kernel cadence asks for one there, else None. A snapshot
+    the ``schedule`` did not ask for is a companion-only one, taken for the fixed-lag kernel velocity."""
+    due = kernel.snapshot_due(step)
+    return kernel.at_snapshot(step, scheduled=step in schedule or not due)
 
 
 def _scored_positions(task: Any, targets: torch.Tensor) -> torch.Tensor | None:
@@ -123,9 +116,7 @@ class KernelMeasure:
             raise ValueError("KernelConfig(per_layer=True) is not available with this kernel (under "
                              "torch.distributed the kernel is sharded over ranks); use per_layer=False")
         self._masked, self._task = mask is not None, task
-        self._scheduled = 0  # scheduled snapshots seen (the cadence counts these, not companion-only ones)
-        self._primary: set[int] = set()
-        self._kernel_steps: set[int] = set()
+        self.cadence = KernelCadence.of(config)
         self._record: dict[str, Any] = {}
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -151,22 +142,19 @@ class KernelMeasure:
     # ------------------------------------------------------------------------------------------- cadence
     def snapshot_due(self, step: int) -> bool:
         """Whether a companion-only snapshot is due at ``step`` (one the schedule did not ask for)."""
-        lag = self.config.lag_steps
-        return lag is not None and step - lag in self._primary and step not in self._kernel_steps
+        return self.cadence.companion_due(step)
 
     def at_snapshot(self, step: int, *, scheduled: bool = True) -> torch.Tensor | None:
-        """H(θ_t) of the model at the snapshot at ``step`` when one is due there, else None.
+        """H(θ_t) of the model at the snapshot at ``step`` when the cadence (:class:`KernelCadence`) asks for one
+        there, else None.
 
         ``scheduled``: the schedule asked for this snapshot (False for a companion-only snapshot). Keeps the
         per-layer kernels and the snapshot's ``kernel_role`` for :meth:`snapshot_arrays` / :meth:`snapshot_record`.
         """
-        primary = scheduled and self._scheduled % self.config.every_snapshots == 0
-        self._scheduled += int(scheduled)
-        lag = self.config.lag_steps
-        companion = lag is not None and step - lag in self._primary
+        role = self.cadence.role(step, scheduled=scheduled)
         self._record = {} if scheduled else {"companion_only": True}
         self._arrays = {}
-        if not (primary or companion) or step in self._kernel_steps:
+        if role is None:
             return None
         if self.config.per_layer:
             layers = self.engine.per_layer(None)
@@ -175,10 +163,7 @@ class KernelMeasure:
             self._arrays = {KERNEL_LAYERS: stacked.cpu().numpy()}
         else:
             kernel = self.engine(None)
-        if primary:
-            self._primary.add(step)
-        self._kernel_steps.add(step)
-        self._record["kernel_role"] = "primary" if primary else "companion"
+        self._record["kernel_role"] = role
         return kernel
 
     def snapshot_record(self) -> dict[str, Any]:
@@ -193,18 +178,7 @@ class KernelMeasure:
 
     def resume(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
         """Continue the cadence of a resumed run from its committed snapshot records."""
-        for record in snapshots:
-            step = int(record["step"])
-            scheduled = not record.get("companion_only", False)
-            self._scheduled += int(scheduled)
-            if record.get("kernel"):
-                self._kernel_steps.add(step)
-                if record.get("kernel_role", "primary") == "primary":
-                    self._primary.add(step)
-
-    def due(self, snapshot_index: int) -> bool:
-        """Whether snapshot ``snapshot_index`` has a kernel under the cadence alone (no companions)."""
-        return snapshot_index % self.config.every_snapshots == 0
+        self.cadence.resume(snapshots)
 
     # ------------------------------------------------------------------------------------------- measuring
     def measure(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -143,7 +143,7 @@ class SnapshotRecorder:
             eNTK is measured) kept in memory for the C (and S) rows; beyond it the history spills to the run
             directory and the far entries of the rows are completed in blocks (:mod:`dynprobe.metrics.interval`).
             ``None``: :func:`default_history_memory`.
-        kernel_fn: ``(index) -> H`` or None when the eNTK is not measured at that snapshot index.
+        kernel_fn: ``(step) -> H``, or None when the eNTK is not measured at the snapshot at that step.
         per_layer: also record C per layer.
     """
 
@@ -234,8 +234,7 @@ class SnapshotRecorder:
         # copies: the files may be written after the next training step changed the live buffers
         buffers = {name: np.array(_to_numpy(buffer)) for name, buffer in self.model.named_buffers()
                    if buffer is not None}
-        index = len(self.writer.snapshots)
-        kernel = self.kernel_fn(index) if self.kernel_fn is not None else None
+        kernel = self.kernel_fn(step) if self.kernel_fn is not None else None
         return SnapshotData(step, self.flat_params(), buffers, evaluation, kernel, started=started)
 
     # ------------------------------------------------------------------------------------------------ commit

@@ -58,7 +58,8 @@ class TrainLoss:
         """Move the pending losses to the stretch and append them to the log."""
         if not self._pending:
             return
-        values = torch.stack([loss.float().reshape(()) for _, loss in self._pending]).double().cpu().numpy()
+        # float64 on the device: exact for float32, bfloat16 and float16 losses, and a float64 loss keeps every digit
+        values = torch.stack([loss.reshape(()).to(torch.float64) for _, loss in self._pending]).cpu().numpy()
         steps = np.array([step for step, _ in self._pending], dtype=np.float64)
         self._pending.clear()
         self._stretch.extend(float(v) for v in values)

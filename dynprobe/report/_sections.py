@@ -240,13 +240,10 @@ def _kernel_text(kernel: dict[str, Any]) -> str:
 
 
 def _barriers_text(config: dict[str, Any]) -> str:
-    barriers = config.get("barriers")
-    if isinstance(barriers, dict):
-        return (f"α grid of {barriers.get('alphas', '?')} points on [0, 1]; ghosts {barriers.get('ghosts')}; "
-                f"{barriers.get('previous_snapshots', 0)} preceding snapshot(s) every "
-                f"{barriers.get('every_snapshots', 1)} snapshot(s); both references (mean, eq. 5; linear)")
-    return (f"α grid of {config.get('barrier_alphas', '?')} points on [0, 1]; "
-            f"{config.get('trajectory_barriers', 0)} preceding snapshot(s) per snapshot")
+    barriers = config.get("barriers") or {}
+    return (f"α grid of {barriers.get('alphas', '?')} points on [0, 1]; ghosts {barriers.get('ghosts')}; "
+            f"{barriers.get('previous_snapshots', 0)} preceding snapshot(s) every "
+            f"{barriers.get('every_snapshots', 1)} snapshot(s); both references (mean, eq. 5; linear)")
 
 
 def _event_detail(event: dict[str, Any]) -> str:

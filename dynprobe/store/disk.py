@@ -13,6 +13,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynprobe._util.checks import check_int
+
 from .layout import SNAPSHOTS
 
 __all__ = ["DiskUsage", "disk_usage", "free_space_warning", "projected_run_bytes"]
@@ -85,8 +87,7 @@ def projected_run_bytes(*, num_parameters: int, snapshots: int, param_itemsize: 
     """
     for name, value in (("num_parameters", num_parameters), ("snapshots", snapshots),
                         ("kernel_snapshots", kernel_snapshots), ("ghost_snapshots", ghost_snapshots)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        check_int(name, value, minimum=0)
     params = num_parameters * param_itemsize + _NPY_HEADER
     per_snapshot = (params + buffer_bytes + _NPZ_OVERHEAD + eval_n * label_itemsize + _NPY_HEADER
                     + _EVENT_BYTES)

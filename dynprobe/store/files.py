@@ -27,6 +27,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dynprobe._util.checks import is_int
+
 from .layout import BUFFERS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARAMS, TEMPORARY_SUFFIX, snapshot_file
 from .safety import (
     RunFormatError,
@@ -397,7 +399,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise RunFormatError(f"{path} is not a dynprobe run manifest (no 'format': '{FORMAT_NAME}')")
     version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
+    if not is_int(version):
         raise RunFormatError(f"{path} has no integer format_version")
     if version > FORMAT_VERSION:
         raise RunFormatError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dynprobe._util.checks import is_int
 from dynprobe._util.distances import pairwise_cosine_dissimilarity
 from dynprobe._util.modules import layer_slices
 from dynprobe._util.steps import lag_pairs, most_common_gap
@@ -192,7 +193,7 @@ class Run(RecordsView):
 
     def index_of(self, step: int) -> int:
         """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        if not is_int(step):
             raise TypeError(f"step must be an integer optimizer step; got {type(step).__name__} {step!r}")
         matches = np.flatnonzero(self.steps == step)
         if matches.size == 0:
@@ -201,23 +202,15 @@ class Run(RecordsView):
             raise KeyError(f"step {step} was not recorded; nearest recorded steps: {nearest}")
         return int(matches[0])
 
-    def _index(self, what: str, args: tuple[Any, ...], step: int | None, index: int | None) -> int:
-        """The snapshot index an accessor call names: ``step=`` or ``index=`` (a positional index is the old,
-        deprecated spelling)."""
-        if len(args) > 1:
-            raise TypeError(f"run.{what}() takes one snapshot: step= or index=")
-        if args:
-            if index is not None or step is not None:
-                raise TypeError(f"run.{what}() got a positional snapshot index and step=/index=; pass one")
-            warnings.warn(f"run.{what}({args[0]!r}): a positional snapshot index is deprecated; write "
-                          f"run.{what}(index={args[0]!r}) or run.{what}(step=...)", DeprecationWarning, stacklevel=3)
-            index = args[0]
+    def _index(self, what: str, step: int | None, index: int | None) -> int:
+        """The snapshot position an accessor call names: ``step=`` (an optimizer step) or ``index=`` (a position
+        in ``run.steps``, negative counting from the end)."""
         if (step is None) == (index is None):
             raise TypeError(f"run.{what}() takes exactly one of step= (an optimizer step) or index= (a snapshot "
                             "position)")
         if step is not None:
             return self.index_of(step)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        if not is_int(index):
             raise TypeError(f"index must be an integer snapshot position; got {type(index).__name__} {index!r}")
         if not -len(self) <= index < len(self):
             raise IndexError(f"snapshot index {index} is out of range: the run has {len(self)} snapshots")
@@ -232,30 +225,30 @@ class Run(RecordsView):
     def _label_shape(self) -> tuple[Any, ...] | None:
         # One prediction per unit of the eval task: examples, scored tokens or output coordinates.
         size = (self.manifest.get("eval") or {}).get("prediction_size")
-        if isinstance(size, int) and not isinstance(size, bool):
+        if is_int(size):
             return (size,)
         return None if self.eval_n is None else (self.eval_n, ...)
 
-    def params(self, *args: Any, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
+    def params(self, *, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
         """Flat ``vec(θ)`` of one snapshot (``step=`` or ``index=``; memory-mapped by default)."""
-        i = self._index("params", args, step, index)
+        i = self._index("params", step, index)
         return load_npy(self._file(i, PARAMS), mmap=mmap, shape=self._param_shape())
 
-    def buffers(self, *args: Any, step: int | None = None, index: int | None = None) -> dict[str, np.ndarray]:
+    def buffers(self, *, step: int | None = None, index: int | None = None) -> dict[str, np.ndarray]:
         """The model's buffers of one snapshot by name (BatchNorm statistics, ...)."""
-        i = self._index("buffers", args, step, index)
+        i = self._index("buffers", step, index)
         specs = (self.manifest.get("model") or {}).get("buffers", [])
         return load_npz(self._file(i, BUFFERS), shapes={spec["name"]: tuple(spec["shape"]) for spec in specs})
 
-    def predictions(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray:
+    def predictions(self, *, step: int | None = None, index: int | None = None) -> np.ndarray:
         """Predicted labels (argmax) on the eval set at one snapshot."""
-        i = self._index("predictions", args, step, index)
+        i = self._index("predictions", step, index)
         return load_npy(self._file(i, PREDS), shape=self._label_shape())
 
-    def state_dict(self, *args: Any, step: int | None = None, index: int | None = None) -> dict[str, Any]:
+    def state_dict(self, *, step: int | None = None, index: int | None = None) -> dict[str, Any]:
         """Parameters (unflattened, by name) and buffers of one snapshot as torch tensors, ready for
         ``model.load_state_dict(..., strict=False)`` (only trainable parameters are stored)."""
-        i = self._index("state_dict", args, step, index)
+        i = self._index("state_dict", step, index)
         if not isinstance(self.manifest.get("model"), dict):
             raise RunFormatError(f"{self.path}: the manifest has no model layout; cannot rebuild a state dict")
         return load_snapshot_state(self.path, self.manifest, int(self.snapshots[i]["step"]))
@@ -311,17 +304,17 @@ class Run(RecordsView):
         """Steps of the snapshots that have a kernel (int64)."""
         return np.array([s["step"] for s in self.snapshots if s.get("kernel")], dtype=np.int64)
 
-    def kernel(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+    def kernel(self, *, step: int | None = None, index: int | None = None) -> np.ndarray | None:
         """H(θ_t) on the probe set at one snapshot (float64), or None if not measured there."""
-        i = self._index("kernel", args, step, index)
+        i = self._index("kernel", step, index)
         if not self.snapshots[i].get("kernel"):
             return None
         return load_npy(self._file(i, KERNEL))
 
-    def kernel_layers(self, *args: Any, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+    def kernel_layers(self, *, step: int | None = None, index: int | None = None) -> np.ndarray | None:
         """Each layer's eNTK H_l at one snapshot (``KernelConfig(per_layer=True)``): float64 (L, n, n), layers in
         ``run.layers`` order, summing to ``run.kernel(...)``; None where the snapshot has no per-layer kernel."""
-        i = self._index("kernel_layers", args, step, index)
+        i = self._index("kernel_layers", step, index)
         path = self._file(i, KERNEL_LAYERS)
         if not self.snapshots[i].get("kernel") or not path.exists():
             return None
@@ -356,24 +349,18 @@ class Run(RecordsView):
         """The lag Δ of the kernel velocity: ``KernelConfig(lag_steps=Δ)`` of the run, else the most common gap
         between consecutive kernel snapshots (None with fewer than two)."""
         configured = (self.config.get("kernel") or {}).get("lag_steps")
-        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        if is_int(configured) and configured > 0:
             return configured
         return most_common_gap(self.kernel_steps)
 
-    def kernel_velocity(self, lag_steps: int | None = None, *, dt: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def kernel_velocity(self, lag_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Kernel velocity at a fixed lag Δ: ``(t, S(θ_t, θ_{t+Δ}))`` over every pair of kernel snapshots exactly
         Δ steps apart (the two-phase paper's Fig. 5b; Fort et al. 2020). Pairs at other gaps are not used — S
         between nearby snapshots hardly depends on the gap, so no pair is rescaled by its own gap.
 
         Args:
             lag_steps: Δ in optimizer steps; default :attr:`kernel_lag_steps`.
-            dt: deprecated spelling of ``lag_steps``.
         """
-        if dt is not None:
-            warnings.warn("run.kernel_velocity(dt=...) is deprecated; write lag_steps=... (S at that lag, no longer "
-                          "divided by it)", DeprecationWarning, stacklevel=2)
-            lag_steps = dt if lag_steps is None else lag_steps
         lag = self.kernel_lag_steps if lag_steps is None else lag_steps
         have = np.flatnonzero([bool(s.get("kernel")) for s in self.snapshots])
         if lag is None:
@@ -397,20 +384,20 @@ class Run(RecordsView):
         return chaos_maps(self.events, self.ghosts, self.steps)
 
     def _ghost_index(self, ghost: int) -> int:
-        if isinstance(ghost, bool) or not isinstance(ghost, (int, np.integer)):
+        if not is_int(ghost):
             raise TypeError(f"ghost must be a ghost index (an integer, see run.ghosts); got {ghost!r}")
         return int(ghost)
 
-    def ghost_predictions(self, ghost: int, *args: Any, step: int | None = None, index: int | None = None
+    def ghost_predictions(self, ghost: int, *, step: int | None = None, index: int | None = None
                           ) -> np.ndarray:
         """Eval predictions of ghost ``ghost`` at one snapshot (``step=`` or ``index=``)."""
-        i = self._index("ghost_predictions", args, step, index)
+        i = self._index("ghost_predictions", step, index)
         return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PREDS)), shape=self._label_shape())
 
-    def ghost_params(self, ghost: int, *args: Any, step: int | None = None, index: int | None = None
+    def ghost_params(self, ghost: int, *, step: int | None = None, index: int | None = None
                      ) -> np.ndarray:
         """Flat parameters of ghost ``ghost`` at one snapshot (runs with ``Ghosts(save_params=True)``)."""
-        i = self._index("ghost_params", args, step, index)
+        i = self._index("ghost_params", step, index)
         return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PARAMS)), mmap=True,
                         shape=self._param_shape())
 
@@ -435,7 +422,7 @@ class Run(RecordsView):
 
 
 def _pid_alive(pid: Any) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+    if not is_int(pid) or pid <= 0:
         return True  # unknown: do not claim the writer died
     if pid == os.getpid():
         return True

@@ -30,12 +30,16 @@ class RunSink(Protocol):
         manifest: the run's manifest (a dict; :meth:`update_manifest` changes it).
         snapshots: the committed snapshot records, in order (``{"index", "step", "kernel", ...}``).
         resumed: whether the run continues an earlier one (``resume=True`` on an existing run).
+        writes: whether the sink stores anything (False for the null sink of DDP ranks other than 0: what only
+            the writing rank does — the online detector, callbacks, barriers, the training-loss log — is decided
+            by this flag, once, where the probe is assembled).
     """
 
     root: Path
     manifest: dict[str, Any]
     snapshots: list[dict[str, Any]]
     resumed: bool
+    writes: bool
 
     def event(self, event: str, /, **fields: Any) -> None:
         """Append one event line ``{"event": event, "time": ..., **fields}`` (fields JSON-safe'd)."""

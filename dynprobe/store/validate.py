@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dynprobe._util.checks import is_int
+
 from .files import RunFormatError
 from .layout import EVENTS, MANIFEST, METRICS, rows_path
 from .rows import TriangularRows
@@ -38,16 +40,12 @@ CHAOS_FIELDS = ("C", "L2", "D", "S", "B", "B_linear", "eval_loss", "eval_accurac
 # --------------------------------------------------------------------------------------------- value checks
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_count(value: Any) -> bool:
-    return _is_int(value) and 0 <= value <= MAX_COUNT
+    return is_int(value) and 0 <= value <= MAX_COUNT
 
 
 def _number_or_null(value: Any) -> bool:
@@ -79,7 +77,7 @@ def validate_manifest(manifest: Mapping[str, Any], root: Path) -> None:
     writer = manifest.get("writer", {})
     if not isinstance(writer, dict):
         raise _fail(root, "writer", "an object", writer)
-    if "pid" in writer and not (_is_int(writer["pid"]) and 0 <= writer["pid"] <= MAX_PID):
+    if "pid" in writer and not (is_int(writer["pid"]) and 0 <= writer["pid"] <= MAX_PID):
         raise _fail(root, "writer.pid", f"a process id (an integer 0..{MAX_PID})", writer["pid"])
     if "host" in writer and not isinstance(writer["host"], str):
         raise _fail(root, "writer.host", "a string", writer["host"])
@@ -164,7 +162,7 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
         "spawn_step": (_is_count, "a non-negative integer step"),
         "control": (lambda v: isinstance(v, bool), "true or false"),
         "kind": (lambda v: isinstance(v, str), "a string"),
-        "seed": (_is_int, "an integer"),
+        "seed": (is_int, "an integer"),
         "nominal_norm": (_number_or_null, "a number"),
         "realized_norm": (_number_or_null, "a number"),
         "changed": (_is_count, "a non-negative integer"),

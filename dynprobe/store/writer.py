@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dynprobe._util.checks import check_int
+
 from .files import (
     RunFormatError,
     append_jsonl,
@@ -103,12 +105,13 @@ class RunWriter:
         RunFormatError: the run is damaged beyond its valid prefix, or holds a symbolic link.
     """
 
+    writes = True  # a RunSink that stores what it is given (see dynprobe.store.sink)
+
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any], *, resume: bool,
                  resume_step: int | None = None, durable: bool = False) -> None:
         self.root = check_out(root)
-        if resume_step is not None and (isinstance(resume_step, bool) or not isinstance(resume_step, int)
-                                        or resume_step < 0):
-            raise ValueError(f"resume_step must be a non-negative integer step or None; got {resume_step!r}")
+        if resume_step is not None:
+            check_int("resume_step", resume_step, minimum=0, hint="a step, or None")
         self.durable = bool(durable)
         self.resumed = False
         self.resume_step: int | None = None

@@ -73,7 +73,7 @@ def worker(rank: int, port: int, width: int, steps: int, folder: str) -> None:
     reduce_time = statistics.median(collective[3:])
 
     inputs = eval_data[0][:64]
-    make = lambda wrt=None: dynprobe.NTKEngine(ddp.module, inputs, wrt=wrt)  # noqa: E731
+    make = lambda wrt=None: dynprobe.kernels.NTKEngine(ddp.module, inputs, wrt=wrt)  # noqa: E731
     whole, sharded = make(), ShardedKernel(DistributedRun.detect(ddp), ddp.module, make)
     whole_times, sharded_times = [], []
     for _ in range(3):
