@@ -1,7 +1,7 @@
 """Small, pure numeric helpers for the transition estimates: log-time, two-segment fits, weighted quantiles.
 
 Everything here works on plain 1-D float arrays (numpy, float64) and knows nothing about runs; the estimators in
-:mod:`dynprobe.analysis` and :mod:`dynprobe.detector` choose what to feed it.
+:mod:`dynprobe.analysis` and :mod:`dynprobe.analysis.detector` choose what to feed it.
 """
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ class RunAnalysis:
 
 
 def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2.0) -> RunAnalysis:
-    """Transition estimates (:func:`estimate_transition`) and cone numbers (:func:`dynprobe.cone.cone_summary`,
+    """Transition estimates (:func:`estimate_transition`) and cone numbers (:func:`dynprobe.analysis.cone.cone_summary`,
     with reference steps after the consensus transition by default) of ``run``; never fails on a run that lacks
     kernels, ghosts or snapshots — it says what is missing instead."""
     for name in ("D",):
