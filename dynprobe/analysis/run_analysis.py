@@ -233,9 +233,9 @@ class RunAnalysis:
 
 
 def analyze(run: Run, *, taus: Sequence[int] | None = None, tolerance: float = 2.0) -> RunAnalysis:
-    """Transition estimates (:func:`estimate_transition`) and cone numbers (:func:`dynprobe.analysis.cone.cone_summary`,
-    with reference steps after the consensus transition by default) of ``run``; never fails on a run that lacks
-    kernels, ghosts or snapshots — it says what is missing instead."""
+    """Transition estimates (:func:`estimate_transition`) and cone numbers
+    (:func:`dynprobe.analysis.cone.cone_summary`, with reference steps after the headline transition by default) of
+    ``run``; never fails on a run that lacks kernels, ghosts or snapshots — it says what is missing instead."""
     for name in ("D",):
         checked_matrix(name, run.D, run.steps, str(rows_path(run.path, name)))
     curves = separation_curves(run)
