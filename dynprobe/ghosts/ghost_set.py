@@ -33,7 +33,7 @@ from dynprobe.store.sink import RunSink
 
 from .comparison import compare_ghost
 from .notices import control_drift_notice, precision_notice, realized_norm_notice
-from .perturbation import Perturbation, PerturbationReport
+from .perturbation import Perturbation
 from .readings import PendingReadings, StepReading, StepValues
 from .replica import (
     NONDETERMINISTIC_CAUSE,
@@ -239,7 +239,7 @@ class GhostSet:
             return []
         ghost = Ghost(index, step, control, report=None)  # type: ignore[arg-type]
         ghost.report = self.trainer.spawn(ghost, perturbation)
-        if recorded is not None and not _same_spawn(recorded, ghost.report):
+        if recorded is not None and not ghost.report.matches(recorded):
             self.trainer.release(ghost)
             self.writer.event("ghost_status", ghost=index, step=step, status="interrupted",
                               reason="the run was resumed at its spawn step, but re-creating it gave another "
@@ -496,8 +496,3 @@ class GhostSet:
             self._warned.add(key)
             warn_user(message)
 
-
-def _same_spawn(recorded: Mapping[str, Any], report: PerturbationReport) -> bool:
-    """Whether a re-created ghost's perturbation is the recorded one (bitwise: the same θ_t and ε)."""
-    return (recorded.get("realized_norm") == report.realized_norm and recorded.get("changed") == report.changed
-            and recorded.get("kind") == report.kind)

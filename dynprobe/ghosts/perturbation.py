@@ -14,7 +14,7 @@ the same ε on any device); the global RNG streams are never touched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,6 +94,12 @@ class PerturbationReport:
                 "ghosts by realized_norm, or use kind='ulp' for the smallest dense perturbation"
             )
         return None
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """Whether this is the perturbation a ``ghost_spawn`` record describes (bitwise: the same θ_t and ε), for a
+        ghost a resumed run re-creates at its spawn step."""
+        return (record.get("realized_norm") == self.realized_norm and record.get("changed") == self.changed
+                and record.get("kind") == self.kind)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serializable fields (the perturbation as a nested dict)."""
