@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dynprobe.analysis.estimate import TransitionEstimate
+from dynprobe.analysis.learning_rate import lr_changes
 from dynprobe.report import figures
 
 from . import _chaos, _cone, _layers
@@ -147,6 +148,17 @@ class RunSections(SectionContext):
             png = figures.heatmap_figure(self.steps, matrix, title=title, label=label, log_steps=self.log_steps,
                                          transition=self.transition)
             out.append(img(png, f"{name} map", esc(caption)))
+        rates = run.lr
+        if rates.size and np.isfinite(rates).any():  # the schedule under the maps: same step axis
+            self.tick("learning rate")
+            png = figures.curves_figure(np.arange(rates.shape[0]), {f"group {g}": rates[:, g]
+                                                                    for g in range(rates.shape[1])},
+                                        ylabel="learning rate", title="Learning rate of every optimizer step",
+                                        log_steps=self.log_steps, log_y=None, transition=self.transition)
+            changes = lr_changes(rates)
+            caption = ("step changes: " + "; ".join(c.text for c in changes[:6]) if changes else
+                       "no step change of ×1.5 or more")
+            out.append(img(png, "learning rate", esc(caption)))
         return note(INTROS["trajectory"]) + f'<div class="grid">{"".join(out)}</div>' + "".join(notes)
 
     def chaos(self) -> str:
