@@ -24,7 +24,7 @@ from rich.text import Text
 
 from dynprobe._version import __version__
 from dynprobe.analysis.run_analysis import analyze
-from dynprobe.demo import DemoConfig, run_demo
+from dynprobe.demo import DEMO_SPAWNS, DemoConfig, run_demo
 from dynprobe.report.compare import build_comparison
 from dynprobe.report.html import build_report, check_writable, write_html
 from dynprobe.report.summary import comparison_table, display_names, render_summary, spread, summary_data
@@ -72,11 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "summary and write RUN/report.html.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="run directory (default: runs/demo, or runs/demo-2, … if taken)")
-    demo.add_argument("--steps", type=_positive_int, default=1500, help="optimizer steps (default: 1500)")
+    defaults = DemoConfig()
+    demo.add_argument("--steps", type=_positive_int, default=defaults.steps,
+                      help=f"optimizer steps (default: {defaults.steps})")
     demo.add_argument("--seed", type=int, default=0, help="seed of initialization and data order (default: 0)")
-    demo.add_argument("--ghosts", type=int, default=6,
-                      help="perturbed ghosts, spawned at steps 0, 25, 80, 250, 500, 800, 1200, 2000 in that order "
-                           "(default: 6; 0 turns ghosts off)")
+    demo.add_argument("--ghosts", type=int, default=defaults.ghosts,
+                      help=f"ghost spawn steps, taken in this order: {', '.join(map(str, DEMO_SPAWNS))} "
+                           f"(default: {defaults.ghosts}; 0 turns ghosts off)")
+    demo.add_argument("--directions", type=_positive_int, default=defaults.directions,
+                      help=f"perturbation directions per spawn step (default: {defaults.directions})")
     demo.add_argument("--kernel-n", type=int, default=96,
                       help="eNTK probe-set size (default: 96; 0 turns the eNTK off)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -149,8 +153,8 @@ def _error(errors: Console, error: object, label: str = "error:", style: str = "
 
 def _demo(args: argparse.Namespace, console: Console, errors: Console) -> int:
     started = time.perf_counter()
-    config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts, kernel_n=args.kernel_n,
-                        threads=args.threads)
+    config = DemoConfig(out=args.out, steps=args.steps, seed=args.seed, ghosts=args.ghosts,
+                        directions=args.directions, kernel_n=args.kernel_n, threads=args.threads)
     try:
         out = run_demo(config, console)
     except ImportError as error:

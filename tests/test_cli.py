@@ -56,7 +56,8 @@ def test_help_works_for_every_command():
 
 def test_demo_runs_end_to_end_on_a_few_steps(tmp_path, capsys):
     threads = torch.get_num_threads()
-    assert main(["demo", "--steps", "40", "--ghosts", "2", "--kernel-n", "16", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--steps", "40", "--ghosts", "2", "--directions", "1", "--kernel-n", "16", "--out",
+                 str(tmp_path / "demo")]) == 0
     torch.set_num_threads(threads)
     run = dynprobe.load_run(tmp_path / "demo")
     assert run.steps[-1] == 40 and run.status == "closed"

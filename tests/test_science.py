@@ -1,45 +1,40 @@
-"""What the demo claims holds when the same run is made longer or its snapshot grid is thinned (slow: full demos).
+"""What the demo claims holds when the same run is made longer or its curves are thinned (slow: full demos).
 
-For each of seeds 0, 1 and 2 — none excluded — the demo (MNIST-1D, Conv1dNet, SGD lr 0.1 divided by 10 at steps
-500 and 1,000, ghosts spawned at 0, 25, 80, 250, 500, 800 plus the ε = 0 control) runs at its horizon of 1,500
-steps and, separately, at twice that (3,000 steps; the same run for its first 1,500 steps). The checks:
+For each of seeds 0, 1 and 2 — none excluded — the demo (MNIST-1D, an MLP 40-128-128-10 without normalisation,
+SGD with momentum 0.9 at a **constant** lr 0.1; ghosts spawned at 0, 25, 50, 100, 200, 400, 600, 800, 1,000 with
+three perturbation directions each, plus the ε = 0 control) runs at its horizon of 2,000 steps and, separately, at
+twice that (4,000 steps; the same run for its first 2,000 steps). The checks:
 
-* the chaos estimate (from the ghosts' sensitivity over fixed windows after their spawn) and the consensus
-  transition move by at most ×1.5 between the two horizons;
-* the kernel-velocity estimate (S(t, t + Δ) at the fixed lag Δ = 100) and the online detector move by at most
-  ×1.5 when the kernel snapshots are thinned ×2 (every other reference step t, with its companion t + Δ) or when
-  the snapshot at a ghost's spawn step is dropped, and the online detector lands within ×1.5 of the report's
-  headline (its drop factor, 30, was chosen on seeds 0 and 1; seed 2 was held out);
-* the ε = 0 control is exactly 0 in every chaos map and along its whole separation curve;
-* early spawns are far more sensitive than late ones: over Δ = 400 steps after their spawn, the ghosts spawned at
-  0, 25 and 80 amplify ε at least ``SENSITIVITY_MARGIN`` times more than those spawned at 500 and 800;
-* at twice the horizon, the ghosts spawned at 500 and 800 are still judged close (not diverged).
+* the chaos estimate (where each ghost's separation saturates) gives the same bracket at both horizons and with
+  its separation curves thinned ×2, and the bracket holds a transition under the constant learning rate (the
+  headline names no learning-rate change);
+* the early spawns' plateau levels are at least ``LEVEL_MARGIN`` times the late spawns' at both horizons;
+* the kernel-velocity estimate and the online detector move by at most ×1.5 when the kernel snapshots are thinned
+  ×2 (every other reference step t, with its companion t + Δ) or when the snapshot at a ghost's spawn step is
+  dropped;
+* the ε = 0 control is exactly 0 in every chaos map and along its whole separation curve.
 
-The margin comes from measured runs of this configuration (exploration runs without the probe, seeds 0–2, 3,000
-steps): over Δ = 400 the early ghosts (t0 ≤ 250) amplified ε by 6.7e6 to 7.2e7, the late ones (t0 ≥ 500) by 19 to
-5.3e3 (seed 0's ghost spawned at 800 jumps ×500 in one burst around step 1,000; the others stay below 230), a
-ratio of at least 1.2e3; ``SENSITIVITY_MARGIN`` = 100 leaves an order of magnitude for other machines' rounding.
+The demo's seed 0 is ``tests/science/settings.py``'s ``mlp_sgdm`` exactly (same init, data and batch order), whose
+independent lock-step ground truth (``tests/science``) brackets the transition between spawns 600 and 800.
 """
 from __future__ import annotations
 
-import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dynprobe
-from dynprobe.analysis import TransitionDetector, analyze, transition_from_kernel_velocity
-from dynprobe.analysis.sensitivity import amplification
+from dynprobe.analysis import TransitionDetector, analyze, transition_from_kernel_velocity, transition_from_saturation
 from dynprobe.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 
-HORIZON = 1500
+HORIZON = 2000
 LAG = 100
-SENSITIVITY_MARGIN = 100.0
-SENSITIVITY_WINDOW = 400
+LEVEL_MARGIN = 10.0  # the chaos estimate's K: measured margins are far larger (see the README's demo section)
 
 
 def _ratio(a: int | None, b: int | None) -> float:
@@ -61,15 +56,36 @@ def runs(request, tmp_path_factory) -> tuple[dynprobe.Run, dynprobe.Run]:
     return result[0], result[1]
 
 
-def test_chaos_estimate_and_consensus_hold_at_twice_the_horizon(runs):
+def _thinned_curves(run: dynprobe.Run) -> list:
+    out = []
+    for c in analyze(run).separation:
+        keep = (c.steps - c.spawn_step) % 2 == 0
+        keep[-1] = True
+        out.append(replace(c, steps=c.steps[keep], l2=c.l2[keep]))
+    return out
+
+
+def test_chaos_estimate_holds_at_twice_the_horizon_and_with_thinned_curves(runs):
     short, long = runs
     at_1x, at_2x = analyze(short).transition, analyze(long).transition
-    chaos_1x, chaos_2x = at_1x.get("chaos"), at_2x.get("chaos")
-    print("chaos", chaos_1x.summary, "|", chaos_2x.summary)
-    print("consensus", at_1x.summary, "|", at_2x.summary)
-    assert chaos_1x.step is not None and chaos_2x.step is not None, (chaos_1x.summary, chaos_2x.summary)
-    assert _ratio(chaos_1x.step, chaos_2x.step) <= 1.5
-    assert _ratio(at_1x.step, at_2x.step) <= 1.5
+    print("headline", at_1x.headline, "|", at_2x.headline)
+    assert at_1x.step is not None and at_2x.step is not None, (at_1x.summary, at_2x.summary)
+    assert at_1x.interval == at_2x.interval, (at_1x.summary, at_2x.summary)
+    for run, report in ((short, at_1x), (long, at_2x)):
+        thinned = transition_from_saturation(_thinned_curves(run))
+        assert thinned.interval == report.interval, thinned.summary
+    assert at_1x.lr_note is None and at_2x.lr_note is None  # a constant learning rate: no lr change to blame
+
+
+def test_early_spawns_end_up_far_above_late_spawns(runs):
+    for run in runs:
+        levels: dict[int, list[float]] = {}
+        for g in analyze(run).transition.get("chaos").evidence["ghosts"]:
+            levels.setdefault(g["spawn_step"], []).append(float(g["level_L2"]))
+        print({t0: [f"{v:.3g}" for v in vs] for t0, vs in sorted(levels.items())})
+        early = [v for t0 in (0, 25, 50) for v in levels[t0]]
+        late = [v for t0 in (800, 1000) for v in levels[t0]]
+        assert min(early) >= LEVEL_MARGIN * max(late), levels
 
 
 def _kernel_series(run: dynprobe.Run) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +127,8 @@ def test_kernel_estimate_and_detector_hold_under_thinning_and_a_dropped_spawn_sn
     index = np.flatnonzero(have)
     detected = _detector_step(all_steps, C, S_all, index)
     detected_thinned = _detector_step(all_steps, C, S_all, index[_thinned(all_steps[index], 2)])
-    headline = analyze(short).transition.step
-    print("online detector", detected, detected_thinned, "headline", headline)
+    print("online detector", detected, detected_thinned)
     assert _ratio(detected, detected_thinned) <= 1.5
-    assert _ratio(detected, headline) <= 1.5  # the online estimate fires at the transition the report finds
 
 
 def test_the_control_is_exactly_zero_everywhere(runs):
@@ -127,30 +141,3 @@ def test_the_control_is_exactly_zero_everywhere(runs):
             assert values.size and np.all(values == 0.0), (name, values)
         steps, l2 = run.separation(run.ghosts[control[0]].index)
         assert steps.size > HORIZON // 2 and np.all(l2 == 0.0)
-
-
-def _amplifications(run: dynprobe.Run) -> dict[int, float]:
-    controls = {g.index for g in run.ghosts if g.control}
-    return {curve.spawn_step: amplification(curve, SENSITIVITY_WINDOW) for curve in analyze(run).separation
-            if curve.ghost not in controls}
-
-
-def test_early_spawns_amplify_far_more_than_late_spawns(runs):
-    _, long = runs
-    amplified = _amplifications(long)
-    print("A(t0, 400)", {t0: f"{a:.3g}" for t0, a in sorted(amplified.items())})
-    early = [amplified[t0] for t0 in (0, 25, 80)]
-    late = [amplified[t0] for t0 in (500, 800)]
-    assert all(math.isfinite(a) for a in early + late), amplified
-    assert min(early) >= SENSITIVITY_MARGIN * max(late), amplified
-
-
-def test_late_ghosts_are_still_close_at_twice_the_horizon(runs):
-    _, long = runs
-    controls = {g.index for g in long.ghosts if g.control}
-    verdicts = {v.spawn_step: v for v in analyze(long).verdicts if v.ghost not in controls}
-    print({t0: v.verdict for t0, v in sorted(verdicts.items())})
-    for t0 in (500, 800):
-        assert verdicts[t0].verdict == "close", verdicts[t0].to_dict()
-    for t0 in (0, 25):
-        assert verdicts[t0].verdict == "diverged", verdicts[t0].to_dict()

@@ -104,8 +104,9 @@ def test_plateau_level_growth_and_saturation_equal_a_brute_force_computation():
     last = [1.0 + t for t in range(901, 1001)]
     earlier = [1.0 + t for t in range(401, 501)]
     assert p.level == pytest.approx(float(np.median(last))) and p.level == pytest.approx(951.5)
-    assert p.growth == pytest.approx(float(np.median(last)) / float(np.median(earlier))) and not p.saturated
-    assert p.growth == pytest.approx(951.5 / 451.5)  # ×2.11 > ×2: not saturated
+    assert p.growth == pytest.approx(float(np.median(last)) / float(np.median(earlier))) and p.saturated
+    assert p.growth == pytest.approx(951.5 / 451.5)  # ×2.11 ≤ ×3: saturated; not with a ×2 factor
+    assert not analysis.ghost_plateau(c, plateau_factor=2.0).saturated
     assert p.window == 500 and p.amplification == pytest.approx(951.5 / EPS) and p.final_step == 1000
     flat = analysis.ghost_plateau(settling(2, 0, 1000, 1e-3))
     assert flat.saturated and flat.growth == pytest.approx(1.0) and flat.level == pytest.approx(1e-3)

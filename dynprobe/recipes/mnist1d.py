@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["MNIST1D", "Conv1dNet", "load_mnist1d"]
+__all__ = ["MLP", "epoch_batches", "MNIST1D", "Conv1dNet", "load_mnist1d"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,29 @@ class Conv1dNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
+
+
+class MLP(nn.Module):
+    """A ReLU MLP without normalisation, ``40 → width → … → num_classes`` (``depth`` hidden layers): the demo's
+    network. Inputs ``(N, 1, 40)`` are flattened."""
+
+    def __init__(self, width: int = 128, depth: int = 2, num_classes: int = 10, length: int = 40) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = length
+        for _ in range(depth):
+            layers += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        layers.append(nn.Linear(size, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The demo's data order: epoch ``epoch`` is a permutation of the ``n`` training examples drawn from its own
+    generator (seed ``seed · 1,000,003 + epoch``), cut into ``n // batch_size`` full batches (the remainder is
+    dropped). Step t's batch depends only on (seed, t), so a run extended to more steps sees the same batches."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return list(order[: n // batch_size * batch_size].split(batch_size))

@@ -57,7 +57,7 @@ GLOSSARY = [
               "exactly 0)."),
     ("δ(t), separation", "‖θ'_t − θ_t‖ / ‖ε‖: how many times the perturbation has grown by step t."),
     ("plateau level", "the median separation ‖θ' − θ‖ over the last tenth of a ghost's life: where it ended up."),
-    ("saturated", "a ghost whose separation changed less than ×2 over the last half of its life."),
+    ("saturated", "a ghost whose separation changed less than ×3 over the last half of its life."),
     ("A(t0, Δ), amplification", "δ(t0 + Δ): the growth over a fixed window of Δ steps after the spawn (evidence)."),
     ("λ(t0, Δ), growth rate", "log A / Δ per step: positive while the perturbation grows exponentially."),
     ("C", "1 − cosine between two weight vectors (0: same direction)."),

@@ -10,12 +10,12 @@ batches (no setting has dropout or other in-step randomness). Per ghost and per 
 max_α [L(αθ' + (1−α)θ) − (αL(θ') + (1−α)L(θ))] on 11 α (parameters and float buffers interpolated, eval mode, mean
 cross-entropy on the same examples — dynprobe's default barrier convention).
 
-Ground-truth bracket (per comparison step T ∈ {H, 2H}): the spawns whose every direction is within a factor K of
-the earliest spawn's level (median over its directions) are "chaotic-level"; the bracket is (last chaotic-level
-spawn, next spawn) when that next spawn and every later one have every direction ≥ K× below the chaotic level
-in L2 (and K² in 1 − cos); "no transition located" otherwise (in particular when the late ghosts are still
-growing, i.e. L2 grew ≥ 2× over the last quarter of their life). The JSON reports the observed separation
-factors so K can be chosen.
+Ground-truth bracket (per comparison step T ∈ {H, 2H}, see ``bracket``): the first split of the spawn grid into
+an early block and a late block such that every direction of every late spawn is ≥ K = 10× below every direction of
+every early spawn in L2 (≥ K² in 1 − cos), also after projecting still-growing late ghosts one more quarter of
+their life ahead; "no transition located" when no split qualifies. Every split's factors are in the JSON so another
+K can be applied. Spawn grids end at ≤ H/2 (except where a setting says otherwise), so that at H every ghost has
+lived ≥ H/2 steps.
 
 Usage: ``python tests/science/make_ground_truth.py [--setting NAME ...] [--seed K] [--out PATH] [--threads 1]``
 """
@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,18 +83,21 @@ def eval_logits_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
 @torch.no_grad()
 def barrier(main: torch.nn.Module, ghost: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-            loss_main: float, loss_ghost: float) -> float:
-    """max over α of L(α θ' + (1−α) θ) − (α L(θ') + (1−α) L(θ)); parameters and float buffers interpolated."""
+            loss_main: float, loss_ghost: float) -> tuple[float, float]:
+    """(barrier, interior) with interior = max over the 9 interior α of L(α θ' + (1−α) θ) − (α L(θ') + (1−α) L(θ))
+    (negative when the whole path lies below the chord) and barrier = max(interior, 0), the max over all 11 α
+    (the endpoints give 0). Parameters and float buffers (BatchNorm running statistics) are interpolated;
+    evaluation in eval mode."""
     probe = copy.deepcopy(main)
     sm, sg = main.state_dict(), ghost.state_dict()
-    best = 0.0
+    interior = -math.inf
     for a in ALPHAS[1:-1]:
         mixed = {k: (a * sg[k].double() + (1 - a) * sm[k].double()).to(sm[k].dtype) if sm[k].is_floating_point()
                  else sm[k] for k in sm}
         probe.load_state_dict(mixed)
         _, loss = eval_logits_loss(probe, x, y)
-        best = max(best, loss - (a * loss_ghost + (1 - a) * loss_main))
-    return best
+        interior = max(interior, loss - (a * loss_ghost + (1 - a) * loss_main))
+    return max(interior, 0.0), interior
 
 
 class Ghost:
@@ -133,7 +137,7 @@ def run_setting(s: S.Setting, *, with_barrier: bool = True, control: bool = True
                          "disagreement": float((g_logits.argmax(1) != logits.argmax(1)).float().mean()),
                          "growth_last_quarter": growth(g.l2, g.spawn, step)}
                 if with_barrier:
-                    entry["barrier"] = barrier(model, g.model, x_eval, y_eval, loss, g_loss)
+                    entry["barrier"], entry["barrier_interior"] = barrier(model, g.model, x_eval, y_eval, loss, g_loss)
                 g.at[step] = entry
 
     for step in range(total):
@@ -163,7 +167,7 @@ def growth(l2: np.ndarray, spawn: int, step: int) -> float:
     return float(l2[step] / l2[start]) if l2[start] > 0 else float("nan")
 
 
-def trajectory_steps(total: int, points: int = 120) -> list[int]:
+def trajectory_steps(total: int, points: int = 80) -> list[int]:
     """Log-and-linearly spaced record steps (every ghost's values on these steps go into the JSON)."""
     lin = np.linspace(0, total, points // 2)
     log = np.geomspace(1, total, points // 2)
@@ -171,34 +175,52 @@ def trajectory_steps(total: int, points: int = 120) -> list[int]:
 
 
 def bracket(s: S.Setting, per_spawn: dict[int, list[dict]], step: int) -> dict:
-    """Bracket at comparison step ``step``: the split of the spawn grid into an early block and a late block
-    with the largest separation factor min(early L2) / max(late L2), minimum and maximum over spawns *and*
-    directions (so every direction of every late spawn is that factor below every direction of every early
-    spawn). Located when that factor is ≥ K_L2, the same split's 1 − cos factor is ≥ K_L2², and no late ghost
-    is still growing (L2 growth ≥ STILL_GROWING over the last quarter of its life). Also reports every adjacent
-    split's factors so another K can be applied."""
+    """Ground-truth bracket at comparison step ``step`` (H or 2H).
+
+    For each split of the spawn grid into an early block (spawns ≤ a) and a late block (spawns ≥ b, b the next
+    spawn after a), the separation factor is min(early L2) / max(late L2), the minimum and maximum taken over
+    spawns *and* directions: every direction of every late spawn lies that factor below every direction of every
+    early spawn (same for 1 − cos). A late ghost still growing by g > 1 over the last quarter of its life is
+    also counted at its projected level L2·g (``projected_factor_l2``), so a late ghost on its way up cannot pass
+    for a plateau. The bracket is the *first* split (scanning from the earliest spawn) with factor_l2 ≥ K_L2,
+    factor_one_minus_cos ≥ K_L2² and projected_factor_l2 ≥ K_L2: (a, b) = (last spawn on the early/chaotic level,
+    first spawn whose every direction — and every later spawn's — is ≥ K× lower). ``located`` is False when no
+    split qualifies ("no transition located"). ``best_split`` is the split with the largest factor_l2 whatever
+    K, and ``splits`` lists every split's factors so another K can be applied."""
     spawns = sorted(per_spawn)
     l2 = {t: np.array([e[step]["l2"] for e in per_spawn[t]]) for t in spawns}
     omc = {t: np.array([e[step]["one_minus_cos"] for e in per_spawn[t]]) for t in spawns}
     grow = {t: np.array([e[step]["growth_last_quarter"] for e in per_spawn[t]]) for t in spawns}
+    amp = {t: np.array([e[step]["amplification"] for e in per_spawn[t]]) for t in spawns}
     splits = []
     for i in range(len(spawns) - 1):
         early, late = spawns[:i + 1], spawns[i + 1:]
+        early_min = min(l2[t].min() for t in early)
         splits.append({
             "last_chaotic": early[-1], "first_stable": late[0],
-            "factor_l2": float(min(l2[t].min() for t in early) / max(l2[t].max() for t in late)),
+            "factor_l2": float(early_min / max(l2[t].max() for t in late)),
             "factor_one_minus_cos": float(min(omc[t].min() for t in early) / max(omc[t].max() for t in late)),
+            "projected_factor_l2": float(early_min / max((l2[t] * np.maximum(grow[t], 1.0)).max() for t in late)),
             "adjacent_factor_l2": float(l2[early[-1]].min() / l2[late[0]].max()),
             "adjacent_factor_one_minus_cos": float(omc[early[-1]].min() / omc[late[0]].max()),
             "late_max_growth": float(max(grow[t].max() for t in late)),
-            "late_min_amplification": float(min(min(e[step]["amplification"] for e in per_spawn[t]) for t in late)),
+            "late_min_amplification": float(min(amp[t].min() for t in late)),
+            "late_max_amplification": float(max(amp[t].max() for t in late)),
         })
-    best = max(splits, key=lambda d: d["factor_l2"])
-    located = (best["factor_l2"] >= K_L2 and best["factor_one_minus_cos"] >= K_L2 ** 2
-               and best["late_max_growth"] < STILL_GROWING)
-    return {"step": step, "K_l2": K_L2, "K_one_minus_cos": K_L2 ** 2, "still_growing_threshold": STILL_GROWING,
-            "located": bool(located), **best,
-            "early_level_l2": [float(np.median(l2[t])) for t in spawns], "splits": splits}
+    qualifying = [d for d in splits if d["factor_l2"] >= K_L2 and d["factor_one_minus_cos"] >= K_L2 ** 2
+                  and d["projected_factor_l2"] >= K_L2]
+    chosen = qualifying[0] if qualifying else None
+    return {"step": step, "K_l2": K_L2, "K_one_minus_cos": K_L2 ** 2, "located": chosen is not None,
+            "last_chaotic": chosen["last_chaotic"] if chosen else None,
+            "first_stable": chosen["first_stable"] if chosen else None,
+            "chosen_split": chosen, "best_split": max(splits, key=lambda d: d["factor_l2"]),
+            "median_l2_per_spawn": {str(t): float(np.median(l2[t])) for t in spawns},
+            "median_one_minus_cos_per_spawn": {str(t): float(np.median(omc[t])) for t in spawns},
+            "splits": splits}
+
+
+def sig(v: float) -> float:
+    return float(f"{float(v):.4g}")
 
 
 def summarize(s, ghosts, controls, main_eval, main_loss, seconds) -> dict:
@@ -210,8 +232,8 @@ def summarize(s, ghosts, controls, main_eval, main_loss, seconds) -> dict:
             "direction": g.k, "direction_seed": direction_seed(s, g.spawn, g.k), "realized_eps": g.realized,
             H: g.at[H], total: g.at[total],
             "trajectory": {"steps": [t for t in steps if t >= g.spawn],
-                           "l2": [float(g.l2[t]) for t in steps if t >= g.spawn],
-                           "one_minus_cos": [float(g.omc[t]) for t in steps if t >= g.spawn]}})
+                           "l2": [sig(g.l2[t]) for t in steps if t >= g.spawn],
+                           "one_minus_cos": [sig(g.omc[t]) for t in steps if t >= g.spawn]}})
     control_max = max((float(np.nanmax(c.l2)) for c in controls), default=None)
     brackets = {str(t): bracket(s, per_spawn, t) for t in (H, total)}
     spawns_json = {str(t): [{**{k: v for k, v in e.items() if not isinstance(k, int)},
@@ -231,21 +253,24 @@ def log_table(r: dict, log=print) -> None:
         m = r["main"][which]
         log(f"   main {which}: train loss(last50) {m['train_loss_last50']:.3g}  eval loss {m['eval_loss']:.3g}  "
             f"acc {m['eval_acc']:.3f}  |θ| {m['param_norm']:.3g}")
-    log("   spawn | " + " | ".join(f"{w:^58}" for w in ("at H", "at 2H")))
-    log("         | " + " | ".join(f"{'L2':>9} {'1-cos':>9} {'amp':>8} {'grow':>6} {'D':>6} {'B':>8}" for _ in (0, 1)))
+    log("   spawn | " + " | ".join(f"{w:^59}" for w in ("at H", "at 2H")))
+    log("         | " + " | ".join(f"{'L2':>9} {'1-cos':>9} {'amp':>8} {'grow':>6} {'D':>6} {'B_int':>9}" for _ in (0, 1)))
     for t, es in sorted(r["spawns"].items(), key=lambda kv: int(kv[0])):
         for e in es:
             cells = []
             for which in ("at_H", "at_2H"):
                 v = e[which]
                 cells.append(f"{v['l2']:9.2e} {v['one_minus_cos']:9.2e} {v['amplification']:8.1e} "
-                             f"{v['growth_last_quarter']:6.2f} {v['disagreement']:6.3f} {v.get('barrier', float('nan')):8.1e}")
+                             f"{v['growth_last_quarter']:6.2f} {v['disagreement']:6.3f} {v.get('barrier_interior', float('nan')):9.1e}")
             log(f"   {int(t):5d} | " + " | ".join(cells))
     for which in ("at_H", "at_2H"):
         b = r["bracket"][which]
-        log(f"   bracket {which}: located={b['located']}  ({b['last_chaotic']}, {b['first_stable']})  factor L2 "
-            f"{b['factor_l2']:.3g}  factor 1-cos {b['factor_one_minus_cos']:.3g}  late max growth "
-            f"{b['late_max_growth']:.3g}  late min amplification {b['late_min_amplification']:.3g}")
+        c = b["chosen_split"] or b["best_split"]
+        log(f"   bracket {which}: {'LOCATED' if b['located'] else 'no transition located (best split shown)'} "
+            f"({c['last_chaotic']}, {c['first_stable']})  factor L2 {c['factor_l2']:.3g}  1-cos "
+            f"{c['factor_one_minus_cos']:.3g}  projected L2 {c['projected_factor_l2']:.3g}  late growth ≤ "
+            f"{c['late_max_growth']:.3g}  late amplification {c['late_min_amplification']:.2g}"
+            f"–{c['late_max_amplification']:.2g}")
 
 
 def main(argv=None) -> None:
@@ -268,7 +293,10 @@ def main(argv=None) -> None:
             s = s.with_seed(args.seed)
         results[s.name] = run_setting(s, with_barrier=not args.no_barrier)
     payload = {"description": __doc__, "torch": torch.__version__, "settings": results}
-    out.write_text(json.dumps(payload, indent=1, default=float))
+    text = json.dumps(payload, indent=1, default=float)
+    # one line per list of numbers (the trajectories), so the file stays readable and small
+    text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
+    out.write_text(text + "\n")
     print(f"\nwrote {out} ({len(results)} settings); this invocation took {time.perf_counter() - started:.1f} s")
 
 

@@ -39,6 +39,7 @@ class Setting:
     lr: float
     momentum: float = 0.0          # SGD only
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8         # Adam only
     batch_size: int = 128
     num_samples: int = 4000        # MNIST-1D samples generated (train 80 %, test 20 %)
     data_seed: int = 42            # mnist1d generation seed (42 = the package's canonical data set)
@@ -173,7 +174,7 @@ def build_optimizer(s: Setting, model: nn.Module) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if s.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=s.lr, eps=s.adam_eps, weight_decay=s.weight_decay)
     raise ValueError(f"unknown optimizer {s.optimizer!r}")
 
 
@@ -206,7 +207,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return float(loss.detach())
 
 
-SETTINGS: dict[str, Setting] = {}
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    # 1a. MLP without normalisation, SGD + momentum. Chaotic until ~600 (seed 0), then every later ghost
+    #     plateaus ~100× lower in L2 after amplifying ε ~1e5×.
+    Setting(name="mlp_sgdm", arch="mlp", width=128, depth=2, optimizer="sgd", lr=0.1, momentum=0.9,
+            batch_size=128, num_samples=4000, horizon=2000, spawns=(0, 25, 50, 100, 200, 400, 600, 800, 1000),
+            label="MLP 40-128-128-10 ReLU, no normalisation, SGD momentum 0.9, constant lr 0.1"),
+    # 1b. 1-D CNN with BatchNorm (the demo's Conv1dNet at width 16), SGD + momentum, 1,600 training examples.
+    Setting(name="cnn_bn_sgdm", arch="cnn_bn", width=16, depth=3, optimizer="sgd", lr=0.1, momentum=0.9,
+            batch_size=100, num_samples=2000, horizon=1200, spawns=(0, 25, 50, 100, 200, 400, 600),
+            label="Conv1dNet(width=16) with BatchNorm, SGD momentum 0.9, constant lr 0.1, 1600 train examples"),
+    # 1c. MLP without normalisation, Adam. Chaos lasts longer (to ~700 on seed 1, ~1100 on seed 0).
+    Setting(name="mlp_adam", arch="mlp", width=128, depth=2, optimizer="adam", lr=1e-2, batch_size=128,
+            num_samples=4000, horizon=2500, spawns=(0, 25, 50, 100, 200, 400, 600, 800, 1000, 1200),
+            label="MLP 40-128-128-10 ReLU, no normalisation, Adam, constant lr 1e-2"),
+    # 1d. The demo's original CNN (width 32) and optimizer at a constant lr 0.1 (no lr drops), 1,500 steps: it too
+    #     has a transition (seed 0: between 400 and 600). The 600 spawn lies past H/2.
+    Setting(name="cnn_bn_w32", arch="cnn_bn", width=32, depth=3, optimizer="sgd", lr=0.1, momentum=0.9,
+            batch_size=128, num_samples=5000, horizon=750, spawns=(0, 50, 100, 200, 400, 600),
+            label="demo's Conv1dNet(width=32), SGD momentum 0.9, constant lr 0.1, batch 128, 5000 samples, 1500 steps"),
+    # 2. Stays chaotic: Conv1dNet(width=16) with BatchNorm, plain SGD at a large constant lr 1.0 on 3,200 training
+    #    examples: every spawn up to 500 ends on the same level (L2 ~10) at H and 2H — no transition to locate.
+    Setting(name="cnn_bn_chaotic", arch="cnn_bn", width=16, depth=3, optimizer="sgd", lr=1.0, momentum=0.0,
+            batch_size=128, num_samples=4000, horizon=1000, spawns=(0, 25, 50, 100, 200, 400, 500),
+            label="Conv1dNet(width=16) with BatchNorm, plain SGD, constant lr 1.0, batch 128, 3200 train examples"),
+]}
 
 
 def get(name: str) -> Setting:
