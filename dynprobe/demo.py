@@ -59,8 +59,9 @@ class DemoConfig:
 
 
 def demo_schedule(steps: int) -> Schedule:
-    """Dense log-spaced snapshots for the first 300 steps, then every 100 (35 snapshots for 1,500 steps)."""
-    return log_spaced(min(300, steps), per_decade=8) | every(100)
+    """Log-spaced snapshots for the first 200 steps, then every 200 (21 snapshots for 2,000 steps, plus the kernel
+    velocity's companions 100 steps after each kernel snapshot)."""
+    return log_spaced(min(200, steps), per_decade=4) | every(200)
 
 
 def demo_ghost_steps(steps: int, count: int) -> list[int]:
@@ -103,7 +104,7 @@ def run_demo(config: DemoConfig = DemoConfig(), console: Console | None = None) 
     # The two lines a user adds to their own loop:
     ghost_steps = demo_ghost_steps(config.steps, config.ghosts)
     ghosts = Ghosts(at=ghost_steps, directions=config.directions, perturbation=Perturbation(norm=1e-7, kind="l2"),
-                    control=True, kernel_every_snapshots=4) if ghost_steps else None
+                    control=True, kernel_every_snapshots=8) if ghost_steps else None
     # The kernel velocity S(t, t + 100): every kernel snapshot gets a companion 100 steps later (the late grid
     # already has one), so the velocity is measured on a fixed lag whatever the snapshot spacing.
     kernel = KernelConfig(n=config.kernel_n, seed=config.seed, lag_steps=KERNEL_LAG) if config.kernel_n else None
@@ -113,7 +114,7 @@ def run_demo(config: DemoConfig = DemoConfig(), console: Console | None = None) 
         warnings.filterwarnings("ignore", message=_REALIZED_NORM_WARNING)
         probe = Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out,
                       schedule=demo_schedule(config.steps), seed=config.seed, kernel=kernel, ghosts=ghosts,
-                      barriers=Barriers(alphas=11, every_snapshots=4), total_steps=config.steps)
+                      barriers=Barriers(alphas=7, every_snapshots=8), total_steps=config.steps)
     criterion = probe.watch(criterion)
 
     n = data.x_train.shape[0]

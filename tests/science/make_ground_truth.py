@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import settings as S  # noqa: E402
 
 K_L2 = 10.0            # bracket factor on L2 (the 1 − cos factor is K_L2²)
-STILL_GROWING = 2.0    # L2 growth over the last quarter of a ghost's life at which it counts as still growing
 ALPHAS = np.linspace(0.0, 1.0, 11)
 
 
@@ -254,14 +253,16 @@ def log_table(r: dict, log=print) -> None:
         log(f"   main {which}: train loss(last50) {m['train_loss_last50']:.3g}  eval loss {m['eval_loss']:.3g}  "
             f"acc {m['eval_acc']:.3f}  |θ| {m['param_norm']:.3g}")
     log("   spawn | " + " | ".join(f"{w:^59}" for w in ("at H", "at 2H")))
-    log("         | " + " | ".join(f"{'L2':>9} {'1-cos':>9} {'amp':>8} {'grow':>6} {'D':>6} {'B_int':>9}" for _ in (0, 1)))
+    head = f"{'L2':>9} {'1-cos':>9} {'amp':>8} {'grow':>6} {'D':>6} {'B_int':>9}"
+    log("         | " + " | ".join(head for _ in (0, 1)))
     for t, es in sorted(r["spawns"].items(), key=lambda kv: int(kv[0])):
         for e in es:
             cells = []
             for which in ("at_H", "at_2H"):
                 v = e[which]
                 cells.append(f"{v['l2']:9.2e} {v['one_minus_cos']:9.2e} {v['amplification']:8.1e} "
-                             f"{v['growth_last_quarter']:6.2f} {v['disagreement']:6.3f} {v.get('barrier_interior', float('nan')):9.1e}")
+                             f"{v['growth_last_quarter']:6.2f} {v['disagreement']:6.3f} "
+                             f"{v.get('barrier_interior', float('nan')):9.1e}")
             log(f"   {int(t):5d} | " + " | ".join(cells))
     for which in ("at_H", "at_2H"):
         b = r["bracket"][which]
