@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="eNTK probe-set size (default: 96; 0 turns the eNTK off)")
     demo.add_argument("--no-report", action="store_true", help="skip the HTML report")
     demo.add_argument("--open", action="store_true", help="open the HTML report in a web browser")
-    demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    demo.add_argument("--threads", type=_positive_int, default=defaults.threads,
+                      help=f"torch CPU threads (default: {defaults.threads}, the same run on every machine)")
 
     show = commands.add_parser("show", help="print a run's summary in the terminal",
                                description="Print a run's summary: the transition (or why it is undetermined), "

@@ -30,8 +30,10 @@ from . import settings as S
 
 pytestmark = pytest.mark.slow
 
-TRUTH_PATH = Path(__file__).with_name("ground_truth.json")
-TRUTH = json.loads(TRUTH_PATH.read_text()) if TRUTH_PATH.exists() else {}
+TRUTH = json.loads(Path(__file__).with_name("ground_truth.json").read_text())["settings"]
+#: The entries checked here (seed 0 of each setting whose dynprobe run was measured against its truth). The
+#: other entries of ground_truth.json (seeds 1 and 2) are the truth's own robustness check across seeds.
+CHECKED = ("mlp_sgdm", "mlp_adam", "cnn_bn_w32", "cnn_bn_chaotic")
 
 
 def truth_bracket(record: dict, which: str) -> tuple[int, int] | None:
@@ -79,7 +81,7 @@ def contains(outer: tuple | None, inner: tuple) -> bool:
         outer[0] <= inner[0] and outer[1] >= inner[1]
 
 
-@pytest.fixture(scope="module", params=sorted(TRUTH), ids=str)
+@pytest.fixture(scope="module", params=CHECKED, ids=str)
 def case(request, tmp_path_factory):
     record = TRUTH[request.param]
     setting = S.Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["setting"].items()})
