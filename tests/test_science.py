@@ -5,9 +5,10 @@ SGD with momentum 0.9 at a **constant** lr 0.1; ghosts spawned at 0, 25, 50, 100
 three perturbation directions each, plus the ε = 0 control) runs at its horizon of 2,000 steps and, separately, at
 twice that (4,000 steps; the same run for its first 2,000 steps). The checks:
 
-* the chaos estimate (where each ghost's separation saturates) gives the same bracket at both horizons and with
-  its separation curves thinned ×2, and the bracket holds a transition under the constant learning rate (the
-  headline names no learning-rate change);
+* the chaos estimate (where each ghost's separation saturates) at twice the horizon gives the independent
+  lock-step truth's bracket for the seed (``tests/science/ground_truth.json``: 600–800, 400–600, 600–800), at
+  the horizon the same or "undetermined" (seed 2: a deciding ghost still grows), and the same with its
+  separation curves thinned ×2 — under a constant learning rate (the headline names no learning-rate change);
 * the early spawns' plateau levels are at least ``LEVEL_MARGIN`` times the late spawns' at both horizons;
 * the kernel-velocity estimate and the online detector move by at most ×1.5 when the kernel snapshots are thinned
   ×2 (every other reference step t, with its companion t + Δ) or when the snapshot at a ghost's spawn step is
@@ -19,6 +20,7 @@ independent lock-step ground truth (``tests/science``) brackets the transition b
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 HORIZON = 2000
 LAG = 100
-LEVEL_MARGIN = 10.0  # the chaos estimate's K: measured margins are far larger (see the README's demo section)
+LEVEL_MARGIN = 10.0  # the chaos estimate's K; measured: ×285 to ×1,167 (seeds 0–2, both horizons)
+GROUND_TRUTH = json.loads((Path(__file__).parent / "science" / "ground_truth.json").read_text())["settings"]
 
 
 def _ratio(a: int | None, b: int | None) -> float:
@@ -65,15 +68,21 @@ def _thinned_curves(run: dynprobe.Run) -> list:
     return out
 
 
-def test_chaos_estimate_holds_at_twice_the_horizon_and_with_thinned_curves(runs):
+def test_chaos_estimate_holds_at_twice_the_horizon_and_with_thinned_curves(runs, request):
     short, long = runs
     at_1x, at_2x = analyze(short).transition, analyze(long).transition
     print("headline", at_1x.headline, "|", at_2x.headline)
-    assert at_1x.step is not None and at_2x.step is not None, (at_1x.summary, at_2x.summary)
-    assert at_1x.interval == at_2x.interval, (at_1x.summary, at_2x.summary)
+    # At twice the horizon every seed locates the transition, in the independent lock-step truth's bracket (the
+    # demo is tests/science's mlp_sgdm exactly); at the horizon the same bracket, or "undetermined" while a
+    # deciding ghost still grows (seed 2: a ghost spawned at 800 grows ×8 over its last 600 steps) — never another.
+    seed = request.node.callspec.params["runs"]
+    truth = GROUND_TRUTH["mlp_sgdm" if seed == 0 else f"mlp_sgdm@seed{seed}"]["bracket"]["at_2H"]
+    assert at_2x.interval == (truth["last_chaotic"], truth["first_stable"]), at_2x.summary
+    assert at_1x.interval == at_2x.interval or (at_1x.step is None and at_1x.quality == "undetermined"), \
+        at_1x.summary
     for run, report in ((short, at_1x), (long, at_2x)):
         thinned = transition_from_saturation(_thinned_curves(run))
-        assert thinned.interval == report.interval, thinned.summary
+        assert (thinned.interval, thinned.quality) == (report.interval, report.quality), thinned.summary
     assert at_1x.lr_note is None and at_2x.lr_note is None  # a constant learning rate: no lr change to blame
 
 

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 TRUTH = json.loads(Path(__file__).with_name("ground_truth.json").read_text())["settings"]
 #: The entries checked here (seed 0 of each setting whose dynprobe run was measured against its truth). The
 #: other entries of ground_truth.json (seeds 1 and 2) are the truth's own robustness check across seeds.
-CHECKED = ("mlp_sgdm", "mlp_adam", "cnn_bn_w32", "cnn_bn_chaotic")
+CHECKED = ("mlp_sgdm", "mlp_adam", "cnn_bn_chaotic")
 
 
 def truth_bracket(record: dict, which: str) -> tuple[int, int] | None:
