@@ -7,7 +7,8 @@ and trained for 2H steps. Its ghosts use other directions than the ground truth'
 construction. The checks, on every setting:
 
 * at 2H (``analyze`` on the run) and at H (the same curves cut at H: exactly what a run stopped at H records),
-  a located ground truth gives the same bracket; a setting whose truth is "not located" (a run that stays
+  a located ground truth gives the same bracket — at H, "undetermined" is accepted only when the truth's first
+  stable spawn has lived less than half the horizon; a setting whose truth is "not located" (a run that stays
   chaotic) gives no step;
 * the separation curves thinned ×2 (every other step) give the same answer; the spawn grid thinned ×2 (every other
   spawn) gives the same bracket when both of the truth's spawns are kept, and otherwise a wider bracket or a bound
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.slow
 TRUTH = json.loads(Path(__file__).with_name("ground_truth.json").read_text())["settings"]
 #: The entries checked here (seed 0 of each setting whose dynprobe run was measured against its truth). The
 #: other entries of ground_truth.json (seeds 1 and 2) are the truth's own robustness check across seeds.
-CHECKED = ("mlp_sgdm", "mlp_adam", "cnn_bn_chaotic")
+CHECKED = ("mlp_sgdm", "mlp_adam", "cnn_bn_w32", "cnn_bn_chaotic")
 
 
 def truth_bracket(record: dict, which: str) -> tuple[int, int] | None:
@@ -104,6 +105,10 @@ def test_the_estimate_lands_in_the_ground_truth_bracket_at_h_and_2h(case):
         truth = truth_bracket(record, which)
         if truth is None:
             assert estimate.step is None, (which, estimate.summary)
+        elif which == "at_H" and truth[1] > setting.horizon / 2 and estimate.quality == "undetermined":
+            # The deciding ghosts have lived less than half the horizon (cnn_bn_w32's spawn at 600 of 750): the
+            # truth projects their growth, the estimate waits for them to saturate; it never gives another step.
+            assert estimate.step is None and estimate.interval[0] == truth[0], estimate.summary
         else:
             assert estimate.interval == truth and estimate.step == truth[1], (which, truth, estimate.summary)
 
