@@ -468,8 +468,6 @@ def test_lag_curve_pairs_steps_exactly_dt_apart():
     assert list(zip(t.tolist(), values.tolist())) == expected and 51 not in t  # 61 is 11 after 50: not a pair
     with pytest.raises(ValueError, match="dt must be a positive"):
         cone.lag_curve(steps, S, 0)
-    with pytest.warns(DeprecationWarning, match="rel_tol"):
-        cone.lag_curve(steps, S, 10, rel_tol=0.1)
 
 
 def test_lag_bound_ratio_separates_a_cone_from_a_random_walk():

@@ -14,7 +14,6 @@ without a kernel) as plain arrays; only the snapshots with a kernel are used.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,14 +96,9 @@ def default_taus(kernel_steps: np.ndarray, transition_step: int | None = None, c
     return sorted(picks)
 
 
-def lag_curve(steps: np.ndarray, S: np.ndarray, dt: int, *, rel_tol: float | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def lag_curve(steps: np.ndarray, S: np.ndarray, dt: int) -> tuple[np.ndarray, np.ndarray]:
     """S(t, t + dt) over kernel snapshots exactly ``dt`` steps apart (Fig. 5b; pairs from
-    :func:`dynprobe._util.steps.lag_pairs`, the definition every kernel velocity uses). Returns ``(t, values)``.
-    ``rel_tol`` (nearest-step matching, removed: a pair a few steps off is another lag) is deprecated and ignored."""
-    if rel_tol is not None:
-        warnings.warn("lag_curve(rel_tol=) is deprecated and ignored: pairs are exactly dt steps apart",
-                      DeprecationWarning, stacklevel=2)
+    :func:`dynprobe._util.steps.lag_pairs`, the definition every kernel velocity uses). Returns ``(t, values)``."""
     if isinstance(dt, bool) or not isinstance(dt, (int, np.integer)) or dt <= 0:
         raise ValueError(f"dt must be a positive number of steps; got {dt}")
     kernel_steps, K = kernel_subset(steps, S)
