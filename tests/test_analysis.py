@@ -313,7 +313,7 @@ def test_kernel_velocity_without_a_drop_says_so():
     assert estimate.step is None and estimate.quality == "none" and "no drop" in estimate.summary
 
 
-# --------------------------------------------------------------------------------------------- consensus
+# ------------------------------------------------------------------------------------- headline and settling line
 
 
 def estimate(method: str, step: int | None, interval, quality: str | None = None) -> TransitionEstimate:

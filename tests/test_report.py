@@ -387,7 +387,7 @@ def test_one_transition_marker_in_every_figure_and_method_markers_are_labelled(f
             for line in ax.get_lines():
                 if matplotlib.colors.to_rgba(line.get_color()) == colour and line.get_linestyle() == "--":
                     label = line.get_label()
-                    assert label.startswith("_") or label == f"transition (consensus) ≈ {step}", label
+                    assert label.startswith("_") or label == f"transition (headline) ≈ {step}", label
                     marked += 1
                 if line.get_linestyle() == ":" and not line.get_label().startswith("_"):
                     assert " estimate " in line.get_label()  # e.g. "kernel-velocity estimate 300"

@@ -1,12 +1,12 @@
 """When did the network leave the chaotic phase, and how tight is the cone? Pure numpy analysis of a run.
 
-* :func:`analyze` / :func:`estimate_transition` — every transition estimate of a run and their consensus.
+* :func:`analyze` / :func:`estimate_transition` — every transition estimate of a run and the headline.
 * :mod:`.saturation` — the ``"chaos"`` estimate: where each ghost's separation saturates, and the first spawn whose
   ghosts end up far below the early ones; :mod:`.sensitivity` — separation curves, amplification A(t0, Δ) and
   growth rate λ(t0, Δ) (evidence); :mod:`.verdicts` — each ghost diverged/close/borderline, with its thresholds;
   :mod:`.learning_rate` — the learning-rate change a transition coincides with.
 * :mod:`.estimators` — Finding I on C maps and the kernel velocity on a fixed lag, as pure functions of arrays;
-  :mod:`.estimate` — the result types and the consensus.
+  :mod:`.estimate` — the result types, the headline and the settling line.
 * :mod:`.cone` — cone numbers and the kernel-trajectory embedding; :mod:`.detector` — the online detector;
   :mod:`.layers` — per-layer C, S and shares of the ghost separation.
 """

@@ -15,7 +15,7 @@ Tick = Callable[[str], None]
 
 class SectionContext:
     """``run`` and its ``result`` (:func:`dynprobe.analysis.analyze`), ``log_steps``/``log_y`` (axes), ``tick``
-    (called before each piece of work), ``steps`` and ``transition`` (the headline's consensus step, the one
+    (called before each piece of work), ``steps`` and ``transition`` (the headline's transition step, the one
     transition marker of every figure)."""
 
     def __init__(self, run: Run, result: RunAnalysis, *, log_steps: bool, tick: Tick,

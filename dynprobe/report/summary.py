@@ -284,7 +284,7 @@ def comparison_table(runs: list[Run], results: list[RunAnalysis]) -> Table:
     row("final eval accuracy", [_fmt(run.eval_accuracy[-1], 3) if len(run) else "—" for run in runs])
     row("final eval loss", [_fmt(run.eval_loss[-1]) if len(run) else "—" for run in runs])
     for method, numbers in spread(results).items():
-        label = "transition (consensus)" if method == "consensus" else METHOD_LABELS[method].split(":")[0]
+        label = "transition (headline)" if method == "consensus" else METHOD_LABELS[method].split(":")[0]
         cells = []
         for r, step in zip(results, numbers["steps"]):
             e = None if method == "consensus" else r.transition.get(method)

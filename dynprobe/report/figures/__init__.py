@@ -1,7 +1,7 @@
 """The report's figures (matplotlib, Agg), each a pure function of plain arrays returning PNG bytes.
 
 Steps are on the axes (the paper plots iterations); ``log_steps=True`` uses the log-time axis ``log(1 + t/unit)``
-with ticks labelled in steps. Every figure marks the run's transition (the headline's consensus) with the same red
+with ticks labelled in steps. Every figure marks the run's transition (the headline) with the same red
 dashed line; a single method's estimate is a grey dotted line labelled with the method. NaN cells of heatmaps are
 light grey ("not computed"); exact zeros on log scales are hatched and labelled "exactly 0".
 """

@@ -21,9 +21,9 @@ from matplotlib.ticker import FixedLocator, FuncFormatter
 from dynprobe.analysis.changepoint import log_time
 
 DPI = 90
-#: The one marker of the run's transition (the consensus of the headline), the same in every figure.
+#: The one marker of the run's transition (the headline's chaos estimate), the same in every figure.
 TRANSITION_STYLE = {"color": "#d62728", "linestyle": "--", "linewidth": 1.4}
-#: A single method's own estimate, labelled with the method (never mistaken for the consensus).
+#: A single method's own estimate, labelled with the method (never mistaken for the headline).
 METHOD_STYLE = {"color": "#7f7f7f", "linestyle": ":", "linewidth": 1.3}
 #: Cells and bands whose value is exactly 0 (the ε = 0 control): hatched, with a legend entry.
 ZERO_HATCH = {"hatch": "////", "edgecolor": "#4a4a4a", "facecolor": "#ffffff", "linewidth": 0.0}
@@ -99,10 +99,10 @@ def plain(text: str) -> str:
 
 def mark_transition(ax, axis: StepAxis, step: int | None, *, horizontal: bool = False,  # noqa: ANN001
                     label: bool = True) -> None:
-    """The run's transition (the headline's consensus step), drawn the same way in every figure."""
+    """The run's transition (the headline's transition step), drawn the same way in every figure."""
     if step is None:
         return
-    ax.axvline(axis(step), **TRANSITION_STYLE, label=f"transition (consensus) ≈ {step}" if label else None)
+    ax.axvline(axis(step), **TRANSITION_STYLE, label=f"transition (headline) ≈ {step}" if label else None)
     if horizontal:
         ax.axhline(axis(step), **TRANSITION_STYLE)
 

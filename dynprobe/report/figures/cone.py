@@ -79,7 +79,7 @@ def embedding_figure(steps: np.ndarray, coordinates: np.ndarray, explained: tupl
         k = int(np.argmin(np.abs(order - transition)))
         ax.scatter(coordinates[k:k + 1, 0], coordinates[k:k + 1, 1], marker="D", s=50, facecolors="none",
                    edgecolors=TRANSITION_STYLE["color"], linewidths=1.5, zorder=4,
-                   label=f"transition (consensus) ≈ {transition}: kernel at step {int(order[k])}")
+                   label=f"transition (headline) ≈ {transition}: kernel at step {int(order[k])}")
     colorbar = figure.colorbar(points, ax=ax, label="step")
     ticks = sorted({t for t in (0, 10, 100, 1000, 10000, 100000) if t <= 0.7 * order.max()} | {int(order.max())})
     colorbar.set_ticks(log_time(np.array(ticks, dtype=np.float64), unit))

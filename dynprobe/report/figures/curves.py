@@ -124,7 +124,7 @@ def spread_figure(run_names: Sequence[str], estimates: Mapping[str, Sequence[int
     for i, step in enumerate(consensus):
         if step is not None:
             ax.plot([max(step, 1)] * 2, [i - 0.35, i + 0.35], **TRANSITION_STYLE,
-                    label="transition (consensus)" if i == next(j for j, c in enumerate(consensus) if c) else None)
+                    label="transition (headline)" if i == next(j for j, c in enumerate(consensus) if c) else None)
     ax.set_yticks(np.arange(len(run_names)))
     ax.set_yticklabels([plain(name) for name in run_names], fontsize=8)
     ax.set_ylim(len(run_names) - 0.5, -0.5)
