@@ -190,7 +190,9 @@ def test_non_monotone_spawns_diverged_ghosts_and_bad_input():
     assert low.interval == (200, 400) and low.quality == "low" and "not monotone" in low.summary
     curves = two_phase(2000)
     curves[3] = settling(3, 200, 250, 1.0, status="diverged")  # stopped as diverged: on the chaotic level
-    assert analysis.transition_from_saturation(curves).interval == (200, 400)
+    stopped = analysis.transition_from_saturation(curves)
+    assert stopped.interval == (200, 400) and stopped.quality == "high"  # the level is read from finite ghosts
+    assert stopped.evidence["chaotic_level"] == pytest.approx(1.0)
     last_high = two_phase(2000, levels=(1.0, 1e-3, 1e-3, 1e-3, 1.0))
     bound = analysis.transition_from_saturation(last_high)
     assert bound.quality == "bound" and bound.interval == (800, None) and "not monotone" in bound.summary

@@ -16,9 +16,9 @@ after every step):
   still on its way to the chaotic level grew ×5.3 over 800 steps (the CNN with BatchNorm at a constant lr 0.1,
   which reached the chaotic level by twice that horizon). A ghost that stopped as diverged is on the chaotic level.
 
-Spawns are compared with the **chaotic level** L* = the largest per-spawn median level (the early spawns'). A ghost
-is *high* when its level is ≥ L*/K and *low* when it is more than ``K``-fold below (K = ``level_ratio`` = 10 in L2,
-about 100 in 1 − cos, which scales as L2²). With several perturbation directions per spawn
+Spawns are compared with the **chaotic level** L* = the largest finite per-spawn median level (the early spawns').
+A ghost is *high* when its level is ≥ L*/K and *low* when it is more than ``K``-fold below (K = ``level_ratio`` =
+10 in L2, about 100 in 1 − cos, which scales as L2²). With several perturbation directions per spawn
 (``Ghosts(directions=k)``) a spawn is high or low when all its directions are; one whose directions straddle L*/K
 widens the bracket. The transition is bracketed by the last all-high spawn and the first all-low spawn after every
 spawn with a high direction: ``(last chaotic spawn, first stable spawn]``, the estimate being the latter.
@@ -197,7 +197,9 @@ def transition_from_saturation(curves: Sequence[SeparationCurve], *, verdicts: M
     by_step: dict[int, list[GhostPlateau]] = {}
     for p in resolved:
         by_step.setdefault(p.spawn_step, []).append(p)
-    chaotic_level = max(float(np.median([p.level for p in group])) for group in by_step.values())
+    medians = [float(np.median([p.level for p in group])) for group in by_step.values()]
+    finite = [m for m in medians if math.isfinite(m)]  # a diverged ghost is on the chaotic level, not its measure
+    chaotic_level = max(finite) if finite else math.inf
     threshold = chaotic_level / level_ratio
     spawns = [_Spawn(step, tuple(group), tuple(bool(p.level >= threshold) for p in group))
               for step, group in sorted(by_step.items())]
