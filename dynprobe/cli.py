@@ -65,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    demo = commands.add_parser("demo", help="the chaos and cone effects on MNIST-1D in about two minutes (CPU)",
-                               description="Train a 1-D CNN with BatchNorm on MNIST-1D (generated offline) with a "
-                                           "probe attached — ghosts spawned at log-spaced steps plus an ε=0 "
-                                           "control, the eNTK on a probe subset, loss barriers — then print the "
-                                           "summary and write RUN/report.html.")
+    demo = commands.add_parser("demo", help="the chaos and cone effects on MNIST-1D in under a minute (CPU)",
+                               description="Train an MLP on MNIST-1D (generated offline) at a constant learning "
+                                           "rate with a probe attached — ghosts in three directions per spawn "
+                                           "step plus an ε=0 control, the eNTK on a probe subset, loss barriers — "
+                                           "then print the summary and write RUN/report.html.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="run directory (default: runs/demo, or runs/demo-2, … if taken)")
     defaults = DemoConfig()
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a run's summary in the terminal",
                                description="Print a run's summary: the transition (or why it is undetermined), "
                                            "status, snapshots, losses, the estimates with their evidence, each "
-                                           "ghost's sensitivity and verdict, and the cone numbers.")
+                                           "ghost's plateau level and verdict, and the cone numbers.")
     show.add_argument("run", type=Path, help="run directory")
     _add_output_options(show, html=False)
 

@@ -1,7 +1,7 @@
 """Terminal summary of a run (rich tables): what ``dynprobe show`` prints and ``dynprobe demo`` ends with.
 
 It opens with the one-sentence answer (the transition with its bracket, or why it is undetermined), then the
-overview, the trajectory, the estimates with their evidence, each ghost's sensitivity and verdict with the
+overview, the trajectory, the estimates with their evidence, each ghost's plateau level and verdict with the
 thresholds they were compared with, the cone numbers, and what is missing. Every string that comes from the run
 (paths, names, manifest values, event reasons) is shown through :mod:`dynprobe.report.terminal`: never parsed as
 markup, control characters made visible. :func:`summary_data` is the same content as JSON (``--format json``).
