@@ -330,7 +330,7 @@ def test_the_headline_is_the_chaos_estimate_and_trajectory_estimates_settle_on_t
     assert report.step == 500 and report.interval == (250, 500) and report.quality == "high"
     assert report.headline.startswith("Training left its chaotic phase between steps 250 and 500")
     assert report.settles == 1200 and report.settles_agree is True and report.settles_interval == (1100, 1200)
-    assert report.settling_line.startswith("the trajectory settles at about step 1200")
+    assert report.settles_summary.startswith("the trajectory settles at about step 1200")
     with_lr = analysis.combine_estimates([estimate("chaos", 500, (250, 500))],
                                          lr_note="coincides with the lr drop ÷10 at step 500")
     assert with_lr.headline.endswith("It coincides with the lr drop ÷10 at step 500.")
@@ -342,7 +342,7 @@ def test_a_bound_that_excludes_another_bracket_is_disagreement():
                                         estimate("kernel_velocity", 1300, (1200, 1300)),
                                         estimate("trajectory_C", None, (2000, None), "bound")])
     assert apart.settles_agree is False and apart.settles is None
-    assert "disagree" in apart.settling_line and "> 2000" in apart.settling_line
+    assert "disagree" in apart.settles_summary and "> 2000" in apart.settles_summary
     assert apart.step is None and apart.headline.startswith("The chaotic phase lasts beyond step 2000")
     # Two brackets ×2 apart still meet (brackets, not points, decide).
     touching = analysis.combine_estimates([estimate("trajectory_C", 600, (150, 600)),
@@ -350,7 +350,7 @@ def test_a_bound_that_excludes_another_bracket_is_disagreement():
     assert touching.settles_agree is True and touching.settles in (300, 600)
     far = analysis.combine_estimates([estimate("trajectory_C", 100, (90, 110)),
                                       estimate("kernel_velocity", 1000, (900, 1100))])
-    assert far.settles_agree is False and "disagree" in far.settling_line
+    assert far.settles_agree is False and "disagree" in far.settles_summary
 
 
 def test_undetermined_chaos_gives_no_step_whatever_the_trajectory_says():

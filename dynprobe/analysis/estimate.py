@@ -114,11 +114,6 @@ class TransitionReport:
             return f"The chaotic phase {where}: {chaos.summary}."
         return f"Transition undetermined, because {self.summary}."
 
-    @property
-    def settling_line(self) -> str:
-        """The trajectory estimates' line ("the trajectory settles at …"), or why there is none."""
-        return self.settles_summary
-
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "interval": list(self.interval) if self.interval else None,
                 "quality": self.quality, "summary": self.summary, "headline": self.headline,

@@ -82,7 +82,7 @@ class RunSections(SectionContext):
                          _thresholds(e)])
         parts = [note(INTROS["summary"]),
                  f"<h3>Transition estimates</h3><p>{esc(report.headline)}</p>"
-                 f"<p>Separately, {esc(report.settling_line)} — when the main trajectory settles is a different "
+                 f"<p>Separately, {esc(report.settles_summary)} — when the main trajectory settles is a different "
                  "event from the end of the chaotic phase, and these estimates do not vote on it.</p>",
                  table(["estimate", "step", "bracket", "quality", "evidence", "thresholds (value compared)"], rows)]
         cone = self.result.cone

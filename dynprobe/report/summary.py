@@ -137,7 +137,7 @@ def _transition(result: RunAnalysis) -> Table:
     report = result.transition
     table = Table(title=Text("Phase transition — the chaos estimate decides; trajectory estimates shown apart"),
                   title_justify="left", show_edge=False,
-                  caption=safe_text(f"Separately, {report.settling_line}."), caption_justify="left")
+                  caption=safe_text(f"Separately, {report.settles_summary}."), caption_justify="left")
     for column, justify in (("estimate", "left"), ("step", "right"), ("bracket", "right"), ("quality", "left"),
                             ("evidence", "left")):
         table.add_column(column, justify=justify, overflow="fold")
