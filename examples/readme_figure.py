@@ -1,6 +1,6 @@
 """Draw the README's figure from a demo run: the chaos effect (left) and the cone effect (right).
 
-Run: ``dynprobe demo --out runs/demo && python examples/readme_figure.py runs/demo -o examples/figures/demo.png``
+Run: ``dynprobe demo --out runs/demo && python examples/readme_figure.py runs/demo -o docs/figures/demo.png``
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def draw(run: dynprobe.Run, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("-o", "--output", type=Path, default=Path("examples/figures/demo.png"))
+    parser.add_argument("-o", "--output", type=Path, default=Path("docs/figures/demo.png"))
     args = parser.parse_args()
     print(draw(dynprobe.load_run(args.run), args.output))
 

@@ -1,9 +1,9 @@
 """The package's shape, read from its import graph with ``ast``: layers, private modules, no cycles.
 
 dynprobe's subpackages mirror its data flow (hooks → capture → snapshot → store → metrics → analysis → report).
-The rules, which the README's contributor section states (its layer table is read here, not restated):
+The rules, which the contributor guide (docs/contributing.md) states (its layer table is read here, not restated):
 
-1. A module imports only its own subpackage or lower layers (:data:`LAYERS`, lowest first, from the README).
+1. A module imports only its own subpackage or lower layers (:data:`LAYERS`, lowest first, from that guide).
 2. A private module (``_name``) is imported only from inside its own subpackage; ``dynprobe._util`` and
    ``dynprobe._version`` are the package-wide exceptions. Integrations use the public API only.
 3. No function-level imports of dynprobe modules, the command line included (lazy imports there saved about
@@ -22,13 +22,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-README = ROOT / "README.md"
+CONTRIBUTING = ROOT / "docs" / "contributing.md"
 
 
-def readme_layers(text: str) -> list[list[str]]:
-    """The layer table of the README's contributor section, lowest first: each row's names (``_util/`` → ``_util``,
-    ``cli.py`` → ``cli``). It is the one statement of the layering; this test enforces it."""
-    section = text[text.index("## For contributors"):]
+def documented_layers(text: str) -> list[list[str]]:
+    """The layer table of the contributor guide (``docs/contributing.md``), lowest first: each row's names
+    (``_util/`` → ``_util``, ``cli.py`` → ``cli``). It is the one statement of the layering; this test enforces it."""
+    section = text[text.index("# For contributors"):]
     layers: dict[int, list[str]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -38,7 +38,7 @@ def readme_layers(text: str) -> list[list[str]]:
     return [layers[rank] for rank in sorted(layers)]
 
 
-LAYERS: list[list[str]] = readme_layers(README.read_text())
+LAYERS: list[list[str]] = documented_layers(CONTRIBUTING.read_text())
 PACKAGE_WIDE_PRIVATE = {"_util", "_version"}
 MAX_LINES = 500
 

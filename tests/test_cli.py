@@ -46,7 +46,7 @@ def test_bad_arguments_exit_2():
 def test_help_works_for_every_command():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"demo", "show", "report", "compare"}  # a new command needs its line in the README
+    assert set(commands) == {"demo", "show", "report", "compare"}  # a new command needs its line in docs/cli.md
     for command in ([], *([name] for name in commands)):
         result = subprocess.run([sys.executable, "-m", "dynprobe.cli", *command, "--help"], capture_output=True,
                                 text=True, timeout=120)

@@ -158,8 +158,9 @@ def transition_from_saturation(curves: Sequence[SeparationCurve], *, verdicts: M
             (:func:`dynprobe.analysis.ghost_verdicts`), used only when no spawn is low (no contrast to read).
         outcomes: ghost index → end-of-run values shown as evidence (``C`` = 1 − cos, ``D``, ``B_linear``).
         level_ratio: K, the factor in L2 below the chaotic level that makes a ghost low.
-        plateau_factor, plateau_fraction: saturated = L2 grew at most ``plateau_factor``-fold over the last
-            ``plateau_fraction`` of the ghost's life.
+        plateau_factor: saturated = L2 grew at most ``plateau_factor``-fold over the last ``plateau_fraction``
+            of the ghost's life.
+        plateau_fraction: the share of its life over which the growth is measured.
         tail_fraction: the share of its life over which a ghost's level is the median l2.
         min_life: ghosts younger than this many steps are not judged.
     """

@@ -30,8 +30,9 @@ class Ghosts:
         control: also spawn an ε = 0 ghost at the first spawn step. It must stay bit-identical to the main run;
             the probe checks it against the main model after every step and records any drift (a canary for
             training logic the ghosts cannot see).
-        clip_grad_norm, clip_grad_value: gradient clipping your loop applies between ``backward()`` and
-            ``step()``; the ghosts apply the same. Undeclared gradient edits are detected and warned about.
+        clip_grad_norm: the gradient-norm clipping your loop applies between ``backward()`` and ``step()``; the
+            ghosts apply the same. Undeclared gradient edits are detected and warned about.
+        clip_grad_value: the same for clipping by value.
         scaler: the ``torch.amp.GradScaler`` your loop uses; each ghost gets its own copy of its state.
         loss_fn: the loss for ghosts when the probe cannot see it through ``probe.watch`` (explicit
             ``probe.step`` calls without a watched loss).

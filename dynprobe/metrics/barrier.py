@@ -163,10 +163,11 @@ def loss_barrier(
     Args:
         model: the architecture. Only its structure and, for entries the endpoints do not give, its tensors are
             used; its parameters, buffers, train/eval flags and the global RNG streams are left as they were.
-        params_a, params_b: the endpoints θ_a (α = 1) and θ_b (α = 0): a mapping name → tensor, as
+        params_a: the endpoint θ_a (α = 1): a mapping name → tensor, as
             ``model.state_dict()`` (parameters and/or buffers; entries it lacks are taken from ``model``; values
             are cast to the model's dtype and device as ``load_state_dict`` would), or a module of the same
             architecture.
+        params_b: the endpoint θ_b (α = 0), in the same forms.
         data: the labelled set ``D'``: ``(inputs, targets)`` — inputs a tensor (``model(x)``) or a mapping of
             tensors (``model(**x)``), targets one row per example — or an iterable/DataLoader of such pairs. An
             iterable is read once (under a forked RNG, so a shuffling loader leaves the user's stream alone) and

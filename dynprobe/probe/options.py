@@ -2,8 +2,8 @@
 
 ``Probe(model, optimizer, eval_data=..., out=..., **options)`` takes these fields as keyword arguments (its
 signature is generated from them) and the framework callbacks check their keyword arguments against them; the
-README's option table is tested against the fields and defaults (tests/test_readme.py). Every mistake fails at
-``Probe(...)``, naming the argument and the fix.
+option table of docs/reference/probe.md is tested against the fields and defaults (tests/test_docs.py). Every
+mistake fails at ``Probe(...)``, naming the argument and the fix.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The run directory's format: every file and folder name, in one place.
 
-Format version 1 (the README's "Run directory" section describes it for users)::
+Format version 1 (docs/reference/run-directory.md describes it for users)::
 
     runs/NAME/
       run.json                  manifest: format version, versions, full config, model summary, status

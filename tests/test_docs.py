@@ -1,14 +1,19 @@
-"""The README's promises: every Python snippet runs as written, and the first section has two commands.
+"""The documentation's promises: every Python snippet runs as written, the README's first section has two commands,
+the option table matches ``ProbeOptions``, and the site builds with ``mkdocs build --strict``.
 
-Each ```python block of the README is claimed by exactly one test below (by a string only it contains) and executed
-as written in a namespace holding the names it assumes (``model``, ``optimizer``, ``x_test``, …). A line that is
-just ``...`` stands for the user's training loop: the test puts a loop over ``STEPS`` steps and ``probe.close()``
-there. A new snippet without a test fails :func:`test_every_python_snippet_is_executed_by_a_test`.
+Each ```python block of the README and of ``docs/`` is claimed by exactly one test below (by a string only it
+contains; a snippet shown on two pages must be the same text on both) and executed as written in a namespace holding
+the names it assumes (``model``, ``optimizer``, ``x_test``, …). A line that is just ``...`` stands for the user's
+training loop: the test puts a loop over ``STEPS`` steps and ``probe.close()`` there. A new snippet without a test
+fails :func:`test_every_python_snippet_is_executed_by_a_test`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +24,11 @@ from torch import nn
 
 import dynprobe
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.rglob("*.md"))]
+README_MAX_LINES = 150
 
 # The string that identifies each snippet, and the test that executes it.
 CLAIMS = {
@@ -43,12 +52,14 @@ probe.close()
 
 
 def _snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    """Every distinct ```python block of the README and the documentation pages."""
+    found = [s for page in PAGES for s in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+    return list(dict.fromkeys(found))
 
 
 def _snippet(claim: str) -> str:
     found = [s for s in _snippets() if claim in s]
-    assert len(found) == 1, f"{len(found)} README snippets contain {claim!r}"
+    assert len(found) == 1, f"{len(found)} different snippets contain {claim!r} (a repeated snippet must be identical)"
     return found[0]
 
 
@@ -90,7 +101,7 @@ def _namespace(steps: int) -> dict:
 def _run(code: str, namespace: dict, name: str) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nominal norm survived float rounding.*")
-        exec(compile(code, f"README {name} snippet", "exec"), namespace)
+        exec(compile(code, f"documentation {name} snippet", "exec"), namespace)
     return namespace
 
 
@@ -98,7 +109,7 @@ def test_every_python_snippet_is_executed_by_a_test():
     tests = {name for name in globals() if name.startswith("test_")}
     for snippet in _snippets():
         claims = [claim for claim in CLAIMS if claim in snippet]
-        assert len(claims) == 1, f"README snippet not claimed by exactly one test:\n{snippet}"
+        assert len(claims) == 1, f"documentation snippet not claimed by exactly one test:\n{snippet}"
         assert CLAIMS[claims[0]] in tests
 
 
@@ -211,9 +222,9 @@ def test_first_section_gives_exactly_two_commands_demo_and_tests():
 
 
 def _probe_table() -> list[tuple[list[str], str]]:
-    """The rows of the README's ``Probe(...)`` argument table: (argument names, default cell)."""
-    text = README.read_text()
-    section = text[text.index("### `Probe(model, optimizer, *, eval_data, out, ...)`"):]
+    """The rows of the reference's ``Probe(...)`` argument table: (argument names, default cell)."""
+    text = (DOCS / "reference" / "probe.md").read_text()
+    section = text[text.index("# `Probe(model, optimizer, *, eval_data, out, ...)`"):]
     section = section[: section.index("\n\n", section.index("|---"))]
     rows = []
     for line in section.splitlines():
@@ -229,7 +240,7 @@ def test_the_probe_table_lists_every_option_of_probe_options_with_its_default():
 
     rows = _probe_table()
     documented = [name for names, _ in rows for name in names]
-    assert sorted(documented) == sorted(("eval_data", "out", *option_names())), "README table vs ProbeOptions"
+    assert sorted(documented) == sorted(("eval_data", "out", *option_names())), "reference table vs ProbeOptions"
     defaults = {f.name: f.default for f in dataclasses.fields(ProbeOptions)}
     for names, cell in rows:
         literals = [c.strip().strip("`") for c in cell.split(",")] if len(names) > 1 else [cell.strip("`")]
@@ -238,10 +249,35 @@ def test_the_probe_table_lists_every_option_of_probe_options_with_its_default():
                 assert literal == "required"
                 continue
             try:  # a literal default (2000, `False`, `"warn"`, `None`) must be the field's default
-                value = eval(literal, {})  # noqa: S307 - the README's own table
+                value = eval(literal, {})  # noqa: S307 - the documentation's own table
             except (NameError, SyntaxError):  # prose ("from the targets"): the default is None, chosen at attach
                 value = None
             if name == "barriers":
                 assert literal == "Barriers()" and defaults[name] is None  # None means Barriers()
                 continue
-            assert value == defaults[name], f"README default of {name}: {literal!r}; ProbeOptions: {defaults[name]!r}"
+            assert value == defaults[name], f"documented {name}: {literal!r}; ProbeOptions: {defaults[name]!r}"
+
+
+def test_the_readme_is_a_first_page_and_links_only_to_pages_that_exist():
+    text = README.read_text()
+    assert text.count("\n") <= README_MAX_LINES, "the README is the first page: move reference text into docs/"
+    links = re.findall(r"\]\(((?!https?:)[^)#]+)", text)
+    assert any(link.startswith("docs/") for link in links)
+    for link in links:
+        assert (ROOT / link).exists(), f"the README links to {link}, which does not exist"
+
+
+def test_every_page_is_in_the_site_navigation():
+    nav = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
+    pages = {str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md")}
+    assert nav == pages
+
+
+def test_the_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "site" / "reference" / "api" / "index.html").exists()
