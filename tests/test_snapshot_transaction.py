@@ -31,8 +31,8 @@ def _cosine_dissimilarity(vectors: np.ndarray) -> np.ndarray:
 class Interrupt:
     """Raises one ``KeyboardInterrupt`` at the ``INTERRUPTED``-th time :meth:`due` is asked while armed."""
 
-    def __init__(self, after: int = INTERRUPTED) -> None:
-        self.calls, self.after, self.fired = 0, after, False
+    def __init__(self, after: int = INTERRUPTED, error: type[BaseException] = KeyboardInterrupt) -> None:
+        self.calls, self.after, self.fired, self.error = 0, after, False, error
 
     def due(self) -> bool:
         self.calls += 1
@@ -40,18 +40,20 @@ class Interrupt:
 
     def fire(self) -> None:
         self.fired = True
-        raise KeyboardInterrupt
+        raise self.error("injected inside a snapshot")
 
 
-def _train(tmp_path, arm, *, kernel: bool = True):
+def _train(tmp_path, arm, *, kernel: bool = True, error: type[BaseException] = KeyboardInterrupt,
+           errors: str = "warn"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(256, 20), torch.randint(0, 5, (256,))
-    interrupt = Interrupt()
+    interrupt = Interrupt(error=error)
     callback = arm(interrupt, model)
     probe = dynprobe.Probe(model, optimizer, eval_data=(torch.randn(64, 20), torch.randint(0, 5, (64,))),
                            out=tmp_path / "run", schedule=1, history_memory=4 * P * 4, on_snapshot=callback,
+                           errors=errors,
                            kernel=dynprobe.KernelConfig(n=8, lag_steps=1) if kernel else None)
     criterion = probe.watch(nn.CrossEntropyLoss())
     interrupted = []
@@ -61,7 +63,7 @@ def _train(tmp_path, arm, *, kernel: bool = True):
         criterion(model(x[batch]), y[batch]).backward()
         try:
             optimizer.step()
-        except KeyboardInterrupt:  # the user's Ctrl-C, caught in a notebook: training goes on
+        except error:  # the user's Ctrl-C caught in a notebook (or the error errors="raise" gave): training goes on
             interrupted.append(step + 1)
     assert interrupted and interrupt.fired, "the interrupt was never raised"
     assert probe.attached
@@ -183,3 +185,11 @@ def test_an_interrupted_snapshot_leaves_every_stored_row_equal_to_a_recomputatio
     assert run.steps[-1] == STEPS and len(run) == STEPS + 1 - (not committed)  # later snapshots were recorded
     _check_rows(run)
 
+
+
+def test_any_exception_rolls_the_snapshot_back_and_errors_raise_keeps_recording(tmp_path):
+    """Under ``errors="raise"`` a probe failure reaches the user, who may catch it and go on: the failed snapshot
+    left nothing behind either."""
+    run, step = _train(tmp_path, _d_row, error=RuntimeError, errors="raise")
+    assert run.status == "closed" and step not in run.steps.tolist() and run.steps[-1] == STEPS
+    _check_rows(run)
