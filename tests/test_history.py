@@ -133,3 +133,19 @@ def test_a_probed_run_completes_inside_an_address_space_limit(tmp_path, history_
     print(f"child peak RSS {report['peak_rss_kib'] / 1024:.0f} MiB; RUSAGE_CHILDREN max "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 
+
+
+def test_a_cpu_history_sheds_when_the_headroom_falls_after_its_buffer_grew():
+    """Rows of the buffer not yet written cost no memory on the CPU until written: when the process's headroom
+    falls below two vectors (the user's memory grew) the next vector spills instead of filling one."""
+    headroom = [float("inf")]
+    history = VectorHistory("cpu", dtype=torch.float32, memory_budget=2 * 2**30, load=lambda i: None,
+                            headroom=lambda: headroom[0])
+    for k in range(5):
+        _append(history, torch.full((P,), float(k)))
+    assert history.bytes_held == 8 * ROW and not history.spilled  # room for 8, 5 written
+    headroom[0] = 1.5 * ROW
+    for k in range(5, 9):
+        _append(history, torch.full((P,), float(k)))
+    assert history.spilled and history.capacity == 5 and history.shed == 1
+    assert history.slots[0] == 0 and sorted(history.slots) == [0, 5, 6, 7, 8]  # the anchor and the newest

@@ -5,10 +5,12 @@ whole or one column span at a time (:mod:`dynprobe.metrics.interval` describes t
 **Committed lazily, shed before the limit.** Nothing is reserved up front: the buffer grows by doubling,
 ``rows = min(capacity, max(8, 2·needed))``, and each growth takes at most :data:`GROWTH_SHARE` of what the process
 may still allocate where the buffer lives (:func:`dynprobe._util.memory.device_headroom`, measured at the growth:
-cgroup v1/v2, ``RLIMIT_AS``, available RAM; on CUDA the free memory within the per-process fraction). A growth
-that does not fit (or an allocation that fails) is not an error: the history spills at the rows it holds — from
-then on memory keeps the anchor and a ring of the newest, the rest is read back from the run directory — so the
-training step keeps the other half of the headroom. The stored rows do not depend on where a vector was kept.
+cgroup v1/v2, ``RLIMIT_AS``, available RAM; on CUDA the free memory within the per-process fraction). On the CPU
+a row costs memory only once written, so each new row is held to the same share (one vector ≤ half the headroom,
+asked at every new row). A growth or row that does not fit — or an allocation that fails — is not an error: the
+history spills at the rows it holds (from then on memory keeps the anchor and a ring of the newest, the rest is
+read back from the run directory), so the training step keeps the other half of the headroom. The stored rows do
+not depend on where a vector was kept.
 
 **Transactions.** :meth:`VectorHistory.savepoint` and :meth:`VectorHistory.rollback` undo the appends of a
 snapshot that did not commit (an exception, a Ctrl-C): the bookkeeping is restored from the savepoint and a ring
@@ -198,6 +200,10 @@ class VectorHistory:
         """Make room for ``needed`` rows: double the buffer (module docstring), within :data:`GROWTH_SHARE` of the
         process's headroom. Returns False when not even ``needed`` rows fit (the caller spills instead)."""
         if self._buffer is not None and self._buffer.shape[0] >= needed:
+            # a CPU row costs memory only once written: the new row too must fit the share, else shed now
+            if self.device.type == "cpu" and self._row_bytes() > GROWTH_SHARE * self._headroom():
+                self.shed += 1
+                return False
             return True
         assert self.capacity is not None and self.size is not None
         row = max(1, self._row_bytes())
