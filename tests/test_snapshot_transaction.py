@@ -7,12 +7,17 @@ every stored C, S and D entry against a float64 recomputation from the stored pa
 """
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import dynprobe
+from dynprobe._util.signals import interrupts_deferred
 from dynprobe.metrics import interval
 from dynprobe.store import rows as rows_module
 from dynprobe.store import writer as writer_module
@@ -155,6 +160,21 @@ def _commit_event(interrupt, model):  # every row appended, the event line not w
     _row(writer_module.RunWriter, "commit_snapshot")(interrupt, model)
 
 
+def _ctrl_c_after_the_event_line(interrupt, model):
+    """A real SIGINT between the snapshot's event line and the writer registering it: delivered once the commit
+    call returns, so the snapshot stands (else the line on disk would name a snapshot whose rows were undone)."""
+    original = writer_module.append_jsonl
+
+    def patched(path, record, **kwargs):
+        original(path, record, **kwargs)
+        if record.get("event") == "snapshot" and interrupt.due():
+            interrupt.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _patches.append((writer_module, "append_jsonl", original))
+    writer_module.append_jsonl = patched
+
+
 def _callback(interrupt, model):  # after the commit: the snapshot stands
     def on_snapshot(record):
         if interrupt.due():
@@ -176,8 +196,9 @@ def _restore():
 
 @pytest.mark.parametrize("arm, committed", [
     (_eval_forward, False), (_d_row, False), (_s_row, False), (_completion, False), (_row_file, False),
-    (_commit_event, False), (_callback, True),
-], ids=["eval-forward", "D-row", "S-row", "C-completion", "row-file", "commit-event", "on-snapshot"])
+    (_commit_event, False), (_ctrl_c_after_the_event_line, True), (_callback, True),
+], ids=["eval-forward", "D-row", "S-row", "C-completion", "row-file", "commit-event", "sigint-after-event-line",
+        "on-snapshot"])
 def test_an_interrupted_snapshot_leaves_every_stored_row_equal_to_a_recomputation(tmp_path, arm, committed):
     run, step = _train(tmp_path, arm)
     assert run.status == "closed"
@@ -193,3 +214,14 @@ def test_any_exception_rolls_the_snapshot_back_and_errors_raise_keeps_recording(
     run, step = _train(tmp_path, _d_row, error=RuntimeError, errors="raise")
     assert run.status == "closed" and step not in run.steps.tolist() and run.steps[-1] == STEPS
     _check_rows(run)
+
+
+def test_a_ctrl_c_inside_a_commit_point_is_raised_when_it_ends_and_the_handler_is_restored():
+    handler = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal has arrived: without the deferral it is raised here
+            finished.append(True)
+    assert finished and signal.getsignal(signal.SIGINT) is handler

@@ -27,6 +27,7 @@ from torch import nn
 from dynprobe._util.evaluation import EvalResult, EvalSet, evaluate
 from dynprobe._util.memory import device_headroom
 from dynprobe._util.modules import flatten_parameters, layer_slices
+from dynprobe._util.signals import interrupts_deferred
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix
 from dynprobe.store.files import load_npy
@@ -196,7 +197,8 @@ class SnapshotRecorder:
         the snapshot's rows — the matrices' state and history as before it, the rows appended to their files cut
         off — and is re-raised; the next snapshot is then the one an uninterrupted run would record. The arrays
         already saved stay in the uncommitted snapshot's folder, which no reader looks at. Once the sink has
-        registered the commit (:attr:`RunSink.snapshots` grew) the snapshot stands, whatever is raised after.
+        registered the commit (:attr:`RunSink.snapshots` grew) the snapshot stands, whatever is raised after; a
+        Ctrl-C during the commit call itself is delivered when it returns (:func:`interrupts_deferred`).
         """
         committed = len(self.writer.snapshots)
         previous = self.last_rows, self.last_filled
@@ -247,7 +249,8 @@ class SnapshotRecorder:
         }
         if "S" in rows:
             full["S_prev"] = _previous(rows["S"])
-        self.writer.commit_snapshot(full)
+        with interrupts_deferred():  # the event line and the sink's record of it: both or neither
+            self.writer.commit_snapshot(full)
         return full
 
     def complete(self) -> None:
