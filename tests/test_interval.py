@@ -9,14 +9,10 @@ import torch
 
 from dynprobe.metrics import _columns as columns_module
 from dynprobe.metrics import functions as metrics
-from dynprobe.metrics.interval import (
-    MIN_GROUP,
-    NEAR,
-    CosineMetric,
-    FunctionMetric,
-    PairwiseMatrix,
-    VectorHistory,
-)
+from dynprobe.metrics.interval import MIN_GROUP, NEAR, CosineMetric, FunctionMetric, PairMetric, PairwiseMatrix
+from dynprobe.recording.matrices import RecordedMatrix
+from dynprobe.store.history import VectorHistory
+from dynprobe.store.matrix_rows import MatrixRows
 from dynprobe.store.rows import TriangularRows
 
 P, T = 3000, 24
@@ -54,12 +50,16 @@ class Disk:
         return len(self.reads) * P + sum(stop - start for _, start, stop in self.slices)
 
 
-def _matrix(tmp_path, name: str, vectors_in_memory: float, disk: Disk, dtype=torch.float32) -> PairwiseMatrix:
+def _recorded(tmp_path, name: str, metric: PairMetric, history: VectorHistory, **options) -> RecordedMatrix:
+    """The pure matrix and its row files, one per channel, as the recorder pairs them."""
+    files = MatrixRows([tmp_path / f"{name}.{c}.rows" for c in range(metric.channels)])
+    return RecordedMatrix(PairwiseMatrix(name, metric, history, **options), files)
+
+
+def _matrix(tmp_path, name: str, vectors_in_memory: float, disk: Disk, dtype=torch.float32) -> RecordedMatrix:
     history = VectorHistory("cpu", dtype=dtype, memory_budget=int(vectors_in_memory * P * dtype.itemsize),
                             load=disk.load, load_columns=disk.load_columns)
-    metric = CosineMetric(P, SLICES)
-    files = [TriangularRows(tmp_path / f"{name}.{c}.rows") for c in range(metric.channels)]
-    return PairwiseMatrix("C", metric, history, files)
+    return _recorded(tmp_path, name, CosineMetric(P, SLICES), history)
 
 
 def _run(tmp_path, name: str, vectors_in_memory: float, trajectory, dtype=torch.float32):
@@ -69,7 +69,7 @@ def _run(tmp_path, name: str, vectors_in_memory: float, trajectory, dtype=torch.
         disk.arrays[t] = vector
         matrix.update(torch.from_numpy(vector))
     matrix.complete()
-    return [matrix.compute(c) for c in range(matrix.metric.channels)], disk, matrix
+    return [matrix.compute(c) for c in range(matrix.matrix.metric.channels)], disk, matrix
 
 
 def _assert_same_matrices(got, reference):
@@ -85,7 +85,7 @@ def test_a_spilled_history_gives_the_in_memory_matrices(tmp_path, vectors_in_mem
     trajectory = _trajectory()
     reference, _, _ = _run(tmp_path, "ref", 100, trajectory)
     got, disk, matrix = _run(tmp_path, "spilled", vectors_in_memory, trajectory)
-    assert matrix.history.spilled and not matrix.pending
+    assert matrix.history.spilled and not matrix.matrix.pending
     _assert_same_matrices(got, reference)
     assert reference[0][7, 6] == 0.0 and reference[0][0, 0] == 0.0
     # the whole-vector channel against an independent computation
@@ -111,13 +111,13 @@ def test_each_spilled_vector_is_read_once_per_group_of_rows_in_column_slices(tmp
     matrix = _matrix(tmp_path, "blocks", capacity, disk)
     for t, vector in enumerate(trajectory):
         disk.arrays[t] = vector
-        before = len(matrix.pending)
+        before = len(matrix.matrix.pending)
         matrix.update(torch.from_numpy(vector))
-        if len(matrix.pending) < before:
+        if len(matrix.matrix.pending) < before:
             completions.append(t)
             assert before + 1 == MIN_GROUP  # a group is exactly MIN_GROUP rows (the ring is smaller)
     matrix.complete()
-    assert completions == [26, 42, 58] and not matrix.pending and np.isfinite(matrix.compute()).all()
+    assert completions == [26, 42, 58] and not matrix.matrix.pending and np.isfinite(matrix.compute()).all()
     assert not disk.reads  # nothing read whole, only slices
     assert matrix.history.bytes_loaded == disk.numbers_read() * 4
     # every vector is read at most once per pass of a completion, in slices that tile it
@@ -141,11 +141,11 @@ def test_rows_are_readable_with_nan_for_pending_entries_and_complete_at_the_end(
         row = matrix.update(torch.from_numpy(vector))
     assert np.isfinite(row[[0, 7, 8, 9, 10, 11, 12]]).all() and np.isnan(row[1:7]).all()  # anchor, ring: at once
     live = matrix.compute()
-    assert matrix.pending and np.isnan(live).any()
-    for index, columns in matrix.pending.items():
+    assert matrix.matrix.pending and np.isnan(live).any()
+    for index, columns in matrix.matrix.pending.items():
         assert np.isnan(live[index, columns]).all()
     matrix.complete()
-    assert np.isfinite(matrix.compute()).all() and not matrix.pending
+    assert np.isfinite(matrix.compute()).all() and not matrix.matrix.pending
 
 
 def test_a_resumed_matrix_completes_what_the_interrupted_one_left_pending(tmp_path):
@@ -156,11 +156,14 @@ def test_a_resumed_matrix_completes_what_the_interrupted_one_left_pending(tmp_pa
     for t, vector in enumerate(trajectory[:17]):
         disk.arrays[t] = vector
         first.update(torch.from_numpy(vector))
-    assert sorted(first.pending) == list(range(7, 17))  # "killed" before the group of MIN_GROUP rows filled
-    paths = [r.path for r in first.rows]
+    assert sorted(first.matrix.pending) == list(range(7, 17))  # "killed" before the group of MIN_GROUP rows filled
+    paths = [r.path for r in first.rows.files]
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=6 * P * 4, load=disk.load)
-    second = PairwiseMatrix.reattach("C", CosineMetric(P, SLICES), history, paths, [True] * 16)  # 16 uncommitted
-    assert sorted(second.pending) == list(range(7, 16))  # completed with their group, as without the interruption
+    files = MatrixRows(paths)
+    files.truncate(16)  # 16 uncommitted
+    second = RecordedMatrix(PairwiseMatrix.reattach("C", CosineMetric(P, SLICES), history, files.read(16),
+                                                    [True] * 16), files)
+    assert sorted(second.matrix.pending) == list(range(7, 16))  # completed with their group, as uninterrupted
     for t, vector in enumerate(trajectory[16:], start=16):
         disk.arrays[t] = vector
         second.update(torch.from_numpy(vector))
@@ -186,7 +189,7 @@ def test_missing_vectors_give_nan_rows_and_the_rest_completes(tmp_path):
     kernels = {t: rng.standard_normal(400) for t in range(0, 20, 3)}
     disk = Disk()
     history = VectorHistory("cpu", dtype=torch.float64, memory_budget=3 * 400 * 8, load=disk.load)
-    matrix = PairwiseMatrix("S", CosineMetric(), history, TriangularRows(tmp_path / "S.rows"))
+    matrix = _recorded(tmp_path, "S", CosineMetric(), history)
     for t in range(20):
         if t in kernels:
             disk.arrays[t] = kernels[t]
@@ -205,8 +208,7 @@ def test_function_metrics_keep_their_one_channel_rows(tmp_path):
     preds = [rng.integers(0, 5, 300) for _ in range(9)]
     disk = Disk()
     history = VectorHistory("cpu", dtype=torch.int32, memory_budget=2 * 300 * 4, load=disk.load)
-    matrix = PairwiseMatrix("D", FunctionMetric(metrics.disagreement_to_many), history,
-                            TriangularRows(tmp_path / "D.rows"))
+    matrix = _recorded(tmp_path, "D", FunctionMetric(metrics.disagreement_to_many), history)
     for t, p in enumerate(preds):
         disk.arrays[t] = p
         matrix.update(torch.from_numpy(p))
@@ -264,7 +266,7 @@ def test_a_spilled_bfloat16_history_matches_the_in_memory_one_within_the_bound(t
     trajectory = [torch.from_numpy(v).to(torch.bfloat16).float().numpy() for v in _trajectory(decay=0.9)]
     reference, _, _ = _run(tmp_path, "memory", 100, trajectory, dtype=torch.bfloat16)
     got, disk, matrix = _run(tmp_path, "spilled", 3, trajectory, dtype=torch.bfloat16)
-    assert matrix.history.spilled and disk.slices and not matrix.pending
+    assert matrix.history.spilled and disk.slices and not matrix.matrix.pending
     for ref, matrix_c in zip(reference, got):
         np.testing.assert_allclose(matrix_c, ref, rtol=1e-9, atol=0)
         np.testing.assert_array_equal(matrix_c == 0, ref == 0)
@@ -283,8 +285,7 @@ def test_in_memory_rows_are_deferred_beyond_the_near_snapshots_and_completed_in_
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=100 * P * 4, load=disk.load,
                             load_columns=disk.load_columns)
     metric = CosineMetric(P, SLICES)
-    matrix = PairwiseMatrix("C", metric, history, [TriangularRows(tmp_path / f"d.{c}.rows")
-                                                   for c in range(metric.channels)], defer_bytes=0)
+    matrix = _recorded(tmp_path, "d", metric, history, defer_bytes=0)
     filled = {}
     for t, vector in enumerate(trajectory):
         row = matrix.update(torch.from_numpy(vector)).copy()
@@ -297,7 +298,7 @@ def test_in_memory_rows_are_deferred_beyond_the_near_snapshots_and_completed_in_
     matrix.complete()
     for k, columns, values in matrix.take_filled():
         filled[(k, tuple(columns))] = values
-    assert not matrix.pending and not disk.reads and not disk.slices  # nothing read back: all in memory
+    assert not matrix.matrix.pending and not disk.reads and not disk.slices  # nothing read back: all in memory
     got = [matrix.compute(c) for c in range(metric.channels)]
     _assert_same_matrices(got, reference)
     for (k, columns), values in filled.items():  # what online consumers were given is what was stored
@@ -344,8 +345,7 @@ def test_a_deferred_budget_is_measured_at_the_second_vector_and_gives_the_same_m
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=measure, load=disk.load,
                             load_columns=disk.load_columns)
     metric = CosineMetric(P, SLICES)
-    matrix = PairwiseMatrix("C", metric, history,
-                            [TriangularRows(tmp_path / f"deferred.{c}.rows") for c in range(metric.channels)])
+    matrix = _recorded(tmp_path, "deferred", metric, history)
     for t, vector in enumerate(trajectory):
         disk.arrays[t] = vector
         matrix.update(torch.from_numpy(vector))

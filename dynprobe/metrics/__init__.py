@@ -2,7 +2,7 @@
 
 * :mod:`.functions` — C (eq. 1), S (eq. 4), D (eq. 6) and the L2 distance between two points, and one point
   against many (one row of an interval matrix).
-* :mod:`.interval` — :class:`PairwiseMatrix`, the online state object that appends one row per snapshot.
+* :mod:`.interval` — :class:`PairwiseMatrix`, the online state object that computes one row per snapshot (no I/O).
 * :mod:`.barrier` — :func:`loss_barrier`, B (eq. 5) along the straight line between two parameter vectors.
 """
 from .barrier import BarrierResult, loss_barrier

@@ -30,7 +30,7 @@ MEMORY_BATCH = 256  # vectors in memory per product (its float64 block sums: 256
 
 
 class ColumnSource(Protocol):
-    """Where the vectors come from (a :class:`~dynprobe.metrics.interval.VectorHistory`)."""
+    """Where the vectors come from (a :class:`~dynprobe.store.history.VectorHistory`)."""
 
     size: int | None
     device: torch.device

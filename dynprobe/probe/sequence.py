@@ -1,5 +1,9 @@
 """What happens at a snapshot, in order: measure the model, compare the live ghosts, commit, then tell the online
-detector, the user's ``on_snapshot`` and the barrier scheduler."""
+detector, the user's ``on_snapshot`` and the barrier scheduler.
+
+The commit is a transaction (:meth:`dynprobe.recording.snapshot.SnapshotRecorder.commit`): an exception inside it
+leaves no row behind. Once it stands, the detector is told even if an exception (a Ctrl-C) followed the commit,
+since the detector must see every committed row, in order."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynprobe._util.signals import interrupts_deferred
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.barriers import BarrierScheduler
 from dynprobe.recording.kernel_probe import KernelMeasure
@@ -55,10 +60,15 @@ class SnapshotSequence:
             record = {"train_loss": train_loss, "train_loss_calls": calls,
                       "lr": [group.get("lr") for group in self.optimizer.param_groups],
                       **(self.kernel.snapshot_record() if self.kernel is not None else {})}
-            committed = self.recorder.commit(data, record)
+            count = len(self.sink.snapshots)
+            try:
+                committed = self.recorder.commit(data, record)
+            finally:  # a committed snapshot's rows reach the detector even when an interrupt follows the commit
+                if self.sink.writes and len(self.sink.snapshots) > count:
+                    with interrupts_deferred():
+                        self.transition.update(data.step, self.recorder.last_rows, self.recorder.last_filled)
             if not self.sink.writes:
                 return
-            self.transition.update(data.step, self.recorder.last_rows, self.recorder.last_filled)
             if self.on_snapshot is not None:
                 self.sink.flush()  # callbacks (exporters) may read the run back
                 kernel_lag = self.kernel.config.lag_steps if self.kernel is not None else None

@@ -1,10 +1,12 @@
 """Taking a snapshot of the main run: θ_t, buffers, eval predictions (and H(θ_t)), then one row per metric.
 
-:class:`SnapshotRecorder` is the stateful half of a snapshot; the math is in :mod:`dynprobe.metrics`, the row
-bookkeeping (memory budget, spilled history) in :mod:`dynprobe.metrics.interval`, the files behind a
+:class:`SnapshotRecorder` is the stateful half of a snapshot; the math and the rows' state are in
+:mod:`dynprobe.metrics` (:mod:`dynprobe.metrics.interval`), the earlier vectors (memory budget, spilled history)
+in :mod:`dynprobe.store.history`, the row files in :mod:`dynprobe.store.matrix_rows` (paired by
+:class:`dynprobe.recording.matrices.RecordedMatrix`), the other files behind a
 :class:`dynprobe.store.sink.RunSink`. A snapshot is measured first (:meth:`SnapshotRecorder.measure`), so that
-ghosts can be compared with it, then committed (:meth:`SnapshotRecorder.commit`): files, metric rows, and last
-the event line that makes it visible.
+ghosts can be compared with it, then committed (:meth:`SnapshotRecorder.commit`, a transaction): files, metric
+rows, and last the event line that makes it visible.
 
 C is recorded for the whole parameter vector and per layer (:func:`dynprobe._util.modules.layer_slices`): the
 same dot products split by the layers' slices, so the per-layer matrices ``C_l(t, t')`` cost no extra pass over
@@ -13,8 +15,6 @@ snapshots themselves).
 """
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +25,18 @@ import torch
 from torch import nn
 
 from dynprobe._util.evaluation import EvalResult, EvalSet, evaluate
+from dynprobe._util.memory import device_headroom
 from dynprobe._util.modules import flatten_parameters, layer_slices
+from dynprobe._util.signals import interrupts_deferred
 from dynprobe._util.user_warnings import warn_user
-from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix, VectorHistory
+from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix
 from dynprobe.store.files import load_npy
+from dynprobe.store.history import VectorHistory
 from dynprobe.store.layout import BUFFERS, KERNEL, PARAMS, PREDS, layer_metric, snapshot_file
-from dynprobe.store.rows import TriangularRows
+from dynprobe.store.matrix_rows import MatrixRows
 from dynprobe.store.sink import RunSink
+
+from .matrices import RecordedMatrix
 
 __all__ = ["HISTORY_FRACTION", "SnapshotData", "SnapshotRecorder", "default_history_memory", "flatten_parameters",
            "history_dtype"]
@@ -40,72 +45,16 @@ __all__ = ["HISTORY_FRACTION", "SnapshotData", "SnapshotRecorder", "default_hist
 # vectors by default
 HISTORY_FRACTION = 0.25
 MAX_LAYERS = 512  # per-layer C is recorded for models with at most this many layers
-_FALLBACK_MEMORY = 512 * 2**20
 
 
 def default_history_memory(device: torch.device | str) -> int:
     """The default ``history_memory``: :data:`HISTORY_FRACTION` of the memory the process may still use where the
-    history lives, measured now — the recorder asks after the user's first optimizer step (see
-    :class:`SnapshotRecorder`), when the optimizer state exists and the step's activations are held by the
-    allocator.
-
-    CUDA: the device's free memory (what PyTorch's caching allocator holds for the user's step is not free), within
-    ``torch.cuda.set_per_process_memory_fraction`` when set. CPU (and devices that share its memory): the
-    available RAM, within the process's limits — a cgroup memory limit (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``) and ``RLIMIT_AS``, less what the process already uses of each."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
-        if fraction < 1.0:
-            free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(device)))
-        return int(free * HISTORY_FRACTION)
-    return int(min(_available_ram(), _process_headroom()) * HISTORY_FRACTION)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as handle:
-            text = handle.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
-def _process_headroom() -> float:
-    """Bytes this process may still allocate under its cgroup memory limit and ``RLIMIT_AS`` (inf: no limit)."""
-    headroom = math.inf
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2**60:
-            headroom = min(headroom, max(0, limit - usage))
-    try:
-        import resource  # POSIX only
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            with open("/proc/self/statm") as handle:
-                used = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            headroom = min(headroom, max(0, soft - used))
-    except (ImportError, OSError, ValueError):
-        pass
-    return headroom
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return _FALLBACK_MEMORY
+    history lives (:func:`dynprobe._util.memory.device_headroom`: cgroup v1/v2, ``RLIMIT_AS``, available RAM; on
+    CUDA the free memory within the per-process fraction), measured now — the recorder asks after the user's first
+    optimizer step (see :class:`SnapshotRecorder`), when the optimizer state exists and the step's activations are
+    held by the allocator. The buffer is committed only as snapshots arrive, and sheds to the run directory when
+    the process nears its limit (:mod:`dynprobe.store.history`)."""
+    return int(device_headroom(device) * HISTORY_FRACTION)
 
 
 def history_dtype(params: list[torch.Tensor], storage_dtype: torch.dtype) -> torch.dtype:
@@ -189,7 +138,7 @@ class SnapshotRecorder:
             "S": CosineMetric(),  # sized by the first kernel
         }
         committed = writer.snapshots
-        self.matrices: dict[str, PairwiseMatrix] = {}
+        self.matrices: dict[str, RecordedMatrix] = {}
         self.last_rows: dict[str, np.ndarray] = {}  # the rows appended by the latest commit ("C_layers": L rows)
         # entries of earlier rows (and of the latest one) computed by the latest commit: {"C": [(row, columns, values)]}
         self.last_filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
@@ -199,13 +148,15 @@ class SnapshotRecorder:
                                     load_columns=lambda i, a, b, n=name: self._load(i, n, (a, b)),
                                     before_load=self._flush)
             metric = metric_of[name]
-            paths = [writer.rows_path(name)] + [writer.rows_path(layer_metric(name, layer))
-                                                for layer in range(metric.channels - 1)]
+            rows = MatrixRows([writer.rows_path(name)] + [writer.rows_path(layer_metric(name, layer))
+                                                          for layer in range(metric.channels - 1)])
             if writer.resumed:
                 has = [bool(s.get("kernel")) for s in committed] if name == "S" else [True] * len(committed)
-                self.matrices[name] = PairwiseMatrix.reattach(name, metric, history, paths, has)
+                rows.truncate(len(has))
+                matrix = PairwiseMatrix.reattach(name, metric, history, rows.read(len(has)), has)
             else:
-                self.matrices[name] = PairwiseMatrix(name, metric, history, [TriangularRows(p) for p in paths])
+                matrix = PairwiseMatrix(name, metric, history)
+            self.matrices[name] = RecordedMatrix(matrix, rows)
 
     @property
     def history_memory(self) -> int:
@@ -240,7 +191,32 @@ class SnapshotRecorder:
     # ------------------------------------------------------------------------------------------------ commit
 
     def commit(self, data: SnapshotData, record: dict[str, Any]) -> dict[str, Any]:
-        """Write the snapshot's files, append one row per matrix, then the commit event. Returns the record."""
+        """Write the snapshot's files, append one row per matrix, then the commit event. Returns the record.
+
+        A transaction: an exception of any kind before the commit event (a ``KeyboardInterrupt`` included) undoes
+        the snapshot's rows — the matrices' state and history as before it, the rows appended to their files cut
+        off — and is re-raised; the next snapshot is then the one an uninterrupted run would record. The arrays
+        already saved stay in the uncommitted snapshot's folder, which no reader looks at. Once the sink has
+        registered the commit (:attr:`RunSink.snapshots` grew) the snapshot stands, whatever is raised after; a
+        Ctrl-C during the commit call itself is delivered when it returns (:func:`interrupts_deferred`).
+        """
+        committed = len(self.writer.snapshots)
+        previous = self.last_rows, self.last_filled
+        for matrix in self.matrices.values():
+            matrix.begin()
+        try:
+            return self._commit(data, record)
+        except BaseException:
+            if len(self.writer.snapshots) == committed:
+                for matrix in self.matrices.values():
+                    matrix.rollback()
+                self.last_rows, self.last_filled = previous
+            raise
+        finally:
+            for matrix in self.matrices.values():
+                matrix.end()
+
+    def _commit(self, data: SnapshotData, record: dict[str, Any]) -> dict[str, Any]:
         step = data.step
         self.writer.save_array(step, PARAMS, _to_numpy(data.params))
         self.writer.save_arrays(step, BUFFERS, data.buffers)
@@ -273,7 +249,8 @@ class SnapshotRecorder:
         }
         if "S" in rows:
             full["S_prev"] = _previous(rows["S"])
-        self.writer.commit_snapshot(full)
+        with interrupts_deferred():  # the event line and the sink's record of it: both or neither
+            self.writer.commit_snapshot(full)
         return full
 
     def complete(self) -> None:

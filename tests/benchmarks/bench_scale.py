@@ -55,14 +55,14 @@ from dynprobe.metrics import interval as interval_module
 from dynprobe.metrics._blocked import Blocks, dot_products, half_squared_distances
 from dynprobe.metrics._spans import ColumnPass
 from dynprobe.metrics.functions import cosine_dissimilarity_to_many
-from dynprobe.metrics.interval import MIN_GROUP, NEAR, CosineMetric, PairwiseMatrix, VectorHistory
+from dynprobe.metrics.interval import MIN_GROUP, NEAR, CosineMetric, PairwiseMatrix
 from dynprobe.recipes.models import vgg16_bn
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.snapshot import SnapshotRecorder, default_history_memory
 from dynprobe.schedule import default_schedule
 from dynprobe.store.files import atomic_save_npy, load_npy
+from dynprobe.store.history import VectorHistory
 from dynprobe.store.manifest import build_manifest
-from dynprobe.store.rows import TriangularRows
 from dynprobe.store.run import load_run
 from dynprobe.store.writer import RunWriter
 
@@ -244,7 +244,7 @@ def count_reads(p: int, snapshots: int, budget: int) -> tuple[int, int]:
             patch.start()
         history = VectorHistory("cpu", dtype=torch.float32, memory_budget=budget, load=lambda i: shared,
                                 load_columns=lambda i, start, stop: shared[start:stop])
-        matrix = PairwiseMatrix("C", CosineMetric(p), history, TriangularRows(folder / "C.rows"))
+        matrix = PairwiseMatrix("C", CosineMetric(p), history)  # the rows are not stored: only reads are counted
         vector = torch.zeros(p)
         for _ in range(snapshots):
             matrix.update(vector)
@@ -467,25 +467,18 @@ def part_large(quick: bool) -> None:
     x = torch.randn(p)
     history = VectorHistory("cpu", dtype=torch.float32, memory_budget=(t + 1) * p * 4, load=lambda i: None)
     metric = CosineMetric(p, [slice(0, 3072 * 16384 + 16384), slice(3072 * 16384 + 16384, p)])
-    folder = Path(tempfile.mkdtemp(prefix="bench_scale_rows_"))
-    try:
-        matrix = PairwiseMatrix("C", metric, history,
-                                [TriangularRows(folder / f"{c}.rows") for c in range(metric.channels)])
-        for k in range(t):
-            x.add_(torch.randn(p), alpha=0.01)
-            for c, rows in enumerate(matrix.rows):
-                rows.append(np.full(k + 1, np.nan), k)
-            history.append(x, metric.summary(x))
-        stack = history.resident()[1]
-        read = best(lambda: torch.mv(stack, x))
-        new = x + 0.01 * torch.randn(p)
-        started = time.perf_counter()
-        matrix.update(new)
-        row = time.perf_counter() - started
-        print(f"P = {p / 1e6:.0f} M, T = {t}: C row (whole + 2 layers) {row:.2f} s; one read of the history "
-              f"{read:.2f} s; ratio {row / read:.2f}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    matrix = PairwiseMatrix("C", metric, history)
+    for _ in range(t):
+        x.add_(torch.randn(p), alpha=0.01)
+        history.append(x, metric.summary(x))
+    stack = history.resident()[1]
+    read = best(lambda: torch.mv(stack, x))
+    new = x + 0.01 * torch.randn(p)
+    started = time.perf_counter()
+    matrix.update(new)
+    row = time.perf_counter() - started
+    print(f"P = {p / 1e6:.0f} M, T = {t}: C row (whole + 2 layers) {row:.2f} s; one read of the history "
+          f"{read:.2f} s; ratio {row / read:.2f}")
 
 
 def main() -> None:

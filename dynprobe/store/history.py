@@ -1,32 +1,50 @@
 """Where the earlier snapshots' vectors of an interval matrix live: a buffer in memory within a byte budget (all
 of them, or after the spill the first one and a ring of the newest), the rest in the run directory, read back
-whole or one column span at a time (:mod:`dynprobe.metrics.interval` describes the schedule)."""
+whole or one column span at a time (:mod:`dynprobe.metrics.interval` describes the row schedule).
+
+**Committed lazily, shed before the limit.** Nothing is reserved up front: the buffer grows by doubling,
+``rows = min(capacity, max(8, 2·needed))``, and each growth takes at most :data:`GROWTH_SHARE` of what the process
+may still allocate where the buffer lives (:func:`dynprobe._util.memory.device_headroom`, measured at the growth:
+cgroup v1/v2, ``RLIMIT_AS``, available RAM; on CUDA the free memory within the per-process fraction). On the CPU
+a row costs memory only once written, so each new row is held to the same share (one vector ≤ half the headroom,
+asked at every new row). A growth or row that does not fit — or an allocation that fails — is not an error: the
+history spills at the rows it holds (from then on memory keeps the anchor and a ring of the newest, the rest is
+read back from the run directory), so the training step keeps the other half of the headroom. The stored rows do
+not depend on where a vector was kept.
+
+**Transactions.** :meth:`VectorHistory.savepoint` and :meth:`VectorHistory.rollback` undo the appends of a
+snapshot that did not commit (an exception, a Ctrl-C): the bookkeeping is restored from the savepoint and a ring
+slot overwritten since then gets its vector back (kept aside, one vector, while a savepoint is open).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["VectorHistory"]
+from dynprobe._util.memory import device_headroom
+
+__all__ = ["GROWTH_SHARE", "HistorySavepoint", "VectorHistory"]
+
+GROWTH_SHARE = 0.5  # of the process's remaining headroom, the most one growth of the buffer may take
 
 
-def _uninitialized(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` that leaves memory untouched even when deterministic mode would fill it with NaN (every
-    row is written before it is read)."""
-    flags = getattr(torch.utils, "deterministic", None)
-    fill = getattr(flags, "fill_uninitialized_memory", False)
-    if fill:
-        flags.fill_uninitialized_memory = False
-    try:
-        return torch.empty(shape, dtype=dtype, device=device)
-    finally:
-        if fill:
-            flags.fill_uninitialized_memory = True
+@dataclass
+class HistorySavepoint:
+    """The bookkeeping of a :class:`VectorHistory` before a snapshot, and what the snapshot overwrote since."""
+
+    length: int
+    slots: list[int]
+    far: list[int]
+    flags: tuple[bool, bool, int | None, int | None, int | None]  # spilled, anchored, capacity, budget, size
+    buffer: torch.Tensor | None = None  # the buffer, when the snapshot dropped it (a first vector that did not fit)
+    overwritten: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, its vector before)
 
 
 class VectorHistory:
-    """The vectors of earlier snapshots: in one preallocated buffer within a byte budget, beyond it on disk.
+    """The vectors of earlier snapshots: in a buffer grown on demand within a byte budget, beyond it on disk.
 
     Args:
         device: where rows are computed (the model's device).
@@ -38,20 +56,24 @@ class VectorHistory:
         load_columns: ``(index, start, stop) -> array or None``, reads entries ``start:stop`` of a stored vector
             (None: :meth:`load_columns` reads the whole vector and slices it).
         before_load: called before entries are read back (waits for a background writer to finish them).
+        headroom: ``() -> bytes`` the process may still allocate where the buffer lives (default
+            :func:`dynprobe._util.memory.device_headroom` of ``device``), asked at each growth.
 
     ``bytes_loaded`` counts what was read back. While every vector fits, the buffer holds them all in order;
     after the spill it holds the anchor (the first snapshot, when two or more fit) and a ring of the newest
-    ``ring_size`` snapshots (module docstring).
+    ``ring_size`` snapshots.
     """
 
-    def __init__(self, device: torch.device, *, dtype: torch.dtype, memory_budget: int | Callable[[], int],
+    def __init__(self, device: torch.device | str, *, dtype: torch.dtype, memory_budget: int | Callable[[], int],
                  load: Callable[[int], np.ndarray | None],
                  load_columns: Callable[[int, int, int], np.ndarray | None] | None = None,
-                 before_load: Callable[[], None] | None = None) -> None:
+                 before_load: Callable[[], None] | None = None,
+                 headroom: Callable[[], float] | None = None) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self._measure_budget = memory_budget if callable(memory_budget) else None
         self.memory_budget: int | None = None if callable(memory_budget) else int(memory_budget)
         self._load, self._load_columns, self._before_load = load, load_columns, before_load
+        self._headroom = headroom if headroom is not None else (lambda: device_headroom(self.device))
         self.present: list[bool] = []
         self.summaries: dict[int, np.ndarray] = {}
         self.slots: list[int] = []  # snapshot index held by each used buffer row
@@ -61,7 +83,9 @@ class VectorHistory:
         self.capacity: int | None = None
         self.size: int | None = None  # numbers per vector
         self.bytes_loaded = 0
+        self.shed = 0  # growths refused because the process neared its memory limit
         self._buffer: torch.Tensor | None = None
+        self._savepoint: HistorySavepoint | None = None
 
     def __len__(self) -> int:
         return len(self.present)
@@ -70,6 +94,14 @@ class VectorHistory:
     def ring_size(self) -> int:
         """How many of the newest snapshots stay in memory after the spill (0: none)."""
         return max(0, (self.capacity or 0) - int(self.anchored))
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of the buffer as allocated (rows grown so far, used or not)."""
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+
+    def _row_bytes(self) -> int:
+        return int(self.size or 0) * torch.empty((), dtype=self.dtype).element_size()
 
     def _set_capacity(self, dim: int, *, now: bool = False) -> None:
         """Decide how many vectors fit (once the budget is known; a deferred budget is measured at the second vector,
@@ -83,12 +115,13 @@ class VectorHistory:
         if self.memory_budget is None:
             self.capacity = 1
             return
-        row = dim * torch.empty((), dtype=self.dtype).element_size()
-        self.capacity = self.memory_budget // max(1, row)
+        self.capacity = self.memory_budget // max(1, self._row_bytes())
         if len(self.slots) > self.capacity:  # the provisional first vector does not fit the measured budget
             self.spilled, self.anchored = True, False
             self.far = list(self.slots) + self.far
             self.slots.clear()
+            if self._savepoint is not None:
+                self._savepoint.buffer = self._buffer
             self._buffer = None
 
     def resident(self) -> tuple[list[int], torch.Tensor | None]:
@@ -163,25 +196,39 @@ class VectorHistory:
 
     # ------------------------------------------------------------------------------------------- storing
 
+    def _grow(self, needed: int) -> bool:
+        """Make room for ``needed`` rows: double the buffer (module docstring), within :data:`GROWTH_SHARE` of the
+        process's headroom. Returns False when not even ``needed`` rows fit (the caller spills instead)."""
+        if self._buffer is not None and self._buffer.shape[0] >= needed:
+            # a CPU row costs memory only once written: the new row too must fit the share, else shed now
+            if self.device.type == "cpu" and self._row_bytes() > GROWTH_SHARE * self._headroom():
+                self.shed += 1
+                return False
+            return True
+        assert self.capacity is not None and self.size is not None
+        row = max(1, self._row_bytes())
+        # the grown buffer is allocated while the old one is still held: it alone must fit the share
+        allowed = int(min(GROWTH_SHARE * self._headroom(), 2**62) // row)
+        rows = min(self.capacity, max(8, 2 * needed), allowed)
+        if rows < needed:
+            self.shed += 1
+            return False
+        try:
+            # torch.empty: every row is written before it is read (under deterministic mode torch fills new memory
+            # with NaN, a cost paid once per growth)
+            grown = torch.empty((rows, self.size), dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError):  # the allocator says no: shed rather than fail the snapshot
+            self.shed += 1
+            return False
+        if self._buffer is not None:
+            grown[: len(self.slots)].copy_(self._buffer[: len(self.slots)])
+        self._buffer = grown
+        return True
+
     def _put(self, slot: int, vector: torch.Tensor) -> None:
-        needed = slot + 1
-        if self._buffer is None or self._buffer.shape[0] < needed:
-            assert self.capacity is not None
-            # On the CPU the whole budget is reserved at once: pages cost memory only once written (the buffer is
-            # never NaN-filled, even under torch.use_deterministic_algorithms), and the buffer never has to be
-            # copied, so memory never holds two buffers. On an accelerator memory is committed at allocation:
-            # the buffer grows by doubling.
-            rows = self.capacity if self.device.type == "cpu" else min(self.capacity, max(8, 2 * needed))
-            try:
-                grown = _uninitialized((rows, vector.numel()), self.dtype, self.device)
-            except (RuntimeError, MemoryError) as error:
-                raise MemoryError(
-                    f"cannot allocate {rows} earlier vectors of {vector.numel()} numbers on {self.device} for the "
-                    f"interval rows ({error}); pass a smaller history_memory (now {self.memory_budget} bytes)"
-                ) from error
-            if self._buffer is not None:
-                grown[: len(self.slots)].copy_(self._buffer[: len(self.slots)])
-            self._buffer = grown
+        assert self._buffer is not None
+        if self._savepoint is not None and slot < len(self.slots):  # a ring slot: keep what it held
+            self._savepoint.overwritten.append((slot, self._buffer[slot].clone()))
         self._buffer[slot].copy_(vector.reshape(-1))
 
     def release(self) -> None:
@@ -193,8 +240,8 @@ class VectorHistory:
         """Register the next snapshot and keep its vector in memory. Returns whether it is in memory (False only
         when not even one vector fits, or for ``None``).
 
-        A vector that does not fit while every earlier one did triggers the spill; from then on it replaces the
-        oldest snapshot of the ring, which spills.
+        A vector that does not fit while every earlier one did (the budget, or the process's headroom at a growth)
+        triggers the spill; from then on it replaces the oldest snapshot of the ring, which spills.
         """
         index = len(self.present)
         self.present.append(vector is not None)
@@ -203,10 +250,12 @@ class VectorHistory:
         assert summary is not None
         self.summaries[index] = summary
         self._set_capacity(vector.numel())
-        if not self.spilled and len(self.slots) < self.capacity:
-            self._put(len(self.slots), vector)
-            self.slots.append(index)
-            return True
+        if not self.spilled and len(self.slots) < (self.capacity or 0):
+            if self._grow(len(self.slots) + 1):
+                self._put(len(self.slots), vector)
+                self.slots.append(index)
+                return True
+            self.capacity = len(self.slots)  # shed: the rows held so far become the anchor and the ring
         if not self.spilled:
             self.spilled, self.anchored = True, (self.capacity or 0) >= 2
         if not self.ring_size:
@@ -236,7 +285,41 @@ class VectorHistory:
         keep = indices if fits else indices[: int(self.anchored)] + indices[len(indices) - self.ring_size :]
         for index in keep:
             vector = first if index == indices[0] else self.load(index)
+            if not self._grow(len(self.slots) + 1):
+                break  # the process nears its limit: the rest stays on disk
             self._put(len(self.slots), vector)
             self.slots.append(index)
             self.summaries[index] = summary(vector)
-        self.far = [i for i in indices if i not in set(keep)]
+        if len(self.slots) < len(keep):
+            self.capacity = len(self.slots)
+            self.spilled, self.anchored = True, self.capacity >= 2 and keep[0] == indices[0]
+        kept = set(self.slots)
+        self.far = [i for i in indices if i not in kept]
+
+    # ------------------------------------------------------------------------------------------- transactions
+
+    def savepoint(self) -> HistorySavepoint:
+        """Open a savepoint before a snapshot's appends (:meth:`rollback` returns to it; :meth:`release_savepoint`
+        ends it once the snapshot committed)."""
+        self._savepoint = HistorySavepoint(
+            len(self.present), list(self.slots), list(self.far),
+            (self.spilled, self.anchored, self.capacity, self.memory_budget, self.size))
+        return self._savepoint
+
+    def release_savepoint(self) -> None:
+        """The snapshot committed: forget the savepoint (and the vectors kept aside for it)."""
+        self._savepoint = None
+
+    def rollback(self, savepoint: HistorySavepoint) -> None:
+        """Return to ``savepoint``: the appends since are undone, overwritten ring slots get their vectors back."""
+        del self.present[savepoint.length :]
+        for index in [i for i in self.summaries if i >= savepoint.length]:
+            del self.summaries[index]
+        self.slots, self.far = list(savepoint.slots), list(savepoint.far)
+        self.spilled, self.anchored, self.capacity, self.memory_budget, self.size = savepoint.flags
+        if savepoint.buffer is not None:
+            self._buffer = savepoint.buffer
+        for slot, vector in reversed(savepoint.overwritten):
+            assert self._buffer is not None
+            self._buffer[slot].copy_(vector)
+        self._savepoint = None
