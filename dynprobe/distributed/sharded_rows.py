@@ -1,0 +1,229 @@
+"""C rows (eq. 1 of the two-phase paper) of a sharded θ, from all-reduced float64 partial sums.
+
+Under FSDP2 rank r holds a piece ``x_r`` of ``vec(θ_t)`` (its local shards, concatenated in parameter order) and the
+same pieces ``y_{j,r}`` of the earlier snapshots. Everything C needs is a sum over coordinates, hence a sum over
+ranks of local sums::
+
+    ⟨x, y_j⟩ = Σ_r ⟨x_r, y_{j,r}⟩,     ‖x‖² = Σ_r ‖x_r‖²,
+    C(x, y_j) = 1 − ⟨x, y_j⟩ / (‖x‖ ‖y_j‖)                                   (dot-product form)
+    C(x, y_j) = ½ Σ_r ‖x_r/‖x‖ − y_{j,r}/‖y_j‖‖²                              (cancellation-free form)
+
+**At most two all-reduces per snapshot.** (1) One SUM all-reduce of the float64 vector ``[⟨x_r, y_{j,r}⟩ per layer
+and j, ‖x_r‖² per layer, failure flag]`` gives every dot product and the new squared norms (the earlier norms are
+kept from their own snapshots). (2) Only if some entry is too small for the dot-product form (below): one more SUM
+all-reduce of the partial sums ``‖x_r/‖x‖ − y_{j,r}/‖y_j‖‖²`` of exactly those entries (+ a failure flag); it needs
+the global norms from (1), which is why the form costs a second round and never a third. Every rank receives
+bit-identical sums (an all-reduce returns one result to all), so every rank takes the same decision and issues
+the same second collective.
+
+**Error bound and switch.** Products of float32 (or float64) values are formed in float64; each layer's local
+piece is cut into blocks of ``WIDTH`` coordinates, each block summed (any order), the block sums combined in a
+balanced tree, the ranks' sums added by the all-reduce (any order, ``R − 1`` additions) and the layers combined in a
+balanced tree. The summation tree then has height ``n ≤ WIDTH + ⌈log₂ M⌉ + R + ⌈log₂ L⌉ + 3`` (M blocks per layer,
+L layers), so as in :mod:`dynprobe.metrics._blocked` (Higham §3.1) ``|Ĉ − C| ≤ ε = 2γ_n + 6u``, ``γ_n = nu/(1−nu)``,
+``u = 2⁻⁵³``; the dot-product value is kept where ``Ĉ ≥ (1/ρ + 1)ε`` (relative error ≤ ρ = 1e-9) and recomputed
+in the cancellation-free form elsewhere (relative error ≈ γ_n + 4u/√(2C); exactly 0 for identical snapshots,
+whose norms and unit vectors are then bit-identical).
+
+The functions here are pure (tensors in, tensors out) and run on one process too: a test splits a vector into
+pieces and adds the partial sums itself. :class:`ShardedCosineRows` is the online state (the history of local
+pieces and their global norms) that calls them with the run's all-reduce.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["RELATIVE_ERROR", "WIDTH", "ShardedCosineRows", "ShardedRowError", "cosine_from_sums", "dot_error_bound",
+           "exact_partial_sums", "exact_threshold", "partial_sums", "split_by_channel"]
+
+U = 2.0**-53  # unit roundoff of float64
+WIDTH = 256  # coordinates per block of the dot products (bounds the summation error)
+SPAN = 2**16  # coordinates converted to float64 at a time (temporaries: rows × SPAN float64 numbers)
+RELATIVE_ERROR = 1e-9  # target relative error of every stored C value
+
+AllReduce = Callable[[torch.Tensor], None]  # SUM over the ranks, in place
+
+
+class ShardedRowError(RuntimeError):
+    """A rank failed while computing its partial sums: raised on every rank alike."""
+
+
+def _pairwise(values: torch.Tensor) -> torch.Tensor:
+    """Sum the last axis in a balanced tree (each term in at most ⌈log₂ m⌉ additions); zeros for an empty axis."""
+    if values.shape[-1] == 0:
+        return values.new_zeros(values.shape[:-1])
+    while values.shape[-1] > 1:
+        m = values.shape[-1]
+        half = values[..., : m // 2] + values[..., m // 2 : 2 * (m // 2)]
+        values = half if m % 2 == 0 else torch.cat([half, values[..., 2 * (m // 2) :]], -1)
+    return values[..., 0]
+
+
+def _block_sums(x: torch.Tensor, stack: torch.Tensor, scale_x: float = 1.0,
+                scale_stack: torch.Tensor | None = None, square_difference: bool = False) -> torch.Tensor:
+    """Per stack row, the ``WIDTH``-blocks of ``Σ x_i s_i`` (or of ``Σ (x_i·scale_x − s_i·scale_k)²``), float64
+    (rows, blocks), ``SPAN`` coordinates converted at a time."""
+    rows, size = stack.shape[0], x.numel()
+    parts = []
+    for start in range(0, size, SPAN):
+        stop = min(size, start + SPAN)
+        v = x[start:stop].to(torch.float64)
+        s = stack[:, start:stop].to(torch.float64)
+        if square_difference:
+            assert scale_stack is not None
+            terms = s * scale_stack[:, None] - v * scale_x
+            terms = terms * terms
+        else:
+            terms = s * v
+        full, rest = divmod(stop - start, WIDTH)
+        if full:
+            parts.append(terms[:, : full * WIDTH].reshape(rows, full, WIDTH).sum(-1))
+        if rest:
+            parts.append(terms[:, full * WIDTH :].sum(-1, keepdim=True))
+    return torch.cat(parts, 1) if parts else x.new_zeros((rows, 0), dtype=torch.float64)
+
+
+def partial_sums(x: torch.Tensor, stack: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """This rank's part of round (1): per layer ``l`` (local columns ``bounds[l]``), ``⟨x_r, y_{k,r}⟩`` for each
+    row ``k`` of ``stack`` and, last, ``‖x_r‖²``: float64 (layers, rows + 1), each a balanced sum of block sums.
+
+    ``x`` is the local piece (1-D), ``stack`` the earlier pieces (rows × size, any floating dtype), on one device.
+    """
+    both = torch.cat([stack.to(x.dtype), x[None]])
+    out = torch.zeros((len(bounds), both.shape[0]), dtype=torch.float64, device=x.device)
+    for layer, (a, b) in enumerate(bounds):
+        out[layer] = _pairwise(_block_sums(x[a:b], both[:, a:b]))
+    return out
+
+
+def split_by_channel(per_layer: torch.Tensor, per_layer_channels: bool) -> torch.Tensor:
+    """Layer sums (layers, ...) → channel sums (channels, ...): channel 0 the whole vector (a balanced sum over
+    layers), then each layer when ``per_layer_channels``."""
+    total = _pairwise(per_layer.movedim(0, -1))[None]
+    return torch.cat([total, per_layer]) if per_layer_channels else total
+
+
+def cosine_from_sums(dots: np.ndarray, x_norm2: np.ndarray, stack_norm2: np.ndarray) -> np.ndarray:
+    """Dot-product form of eq. (1): ``1 − ⟨x, y_k⟩/(‖x‖‖y_k‖)`` per channel, float64 (channels, rows), from the
+    global sums ``dots`` (channels, rows), ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1 - dots / np.sqrt(np.asarray(x_norm2)[:, None] * np.asarray(stack_norm2).T)
+
+
+def dot_error_bound(layer_sizes: Sequence[int], world_size: int) -> float:
+    """ε, the bound on ``|Ĉ − C|`` of the dot-product form over the ranks (module docstring), for layers of these
+    global sizes: ``2γ_n + 6u`` with ``n = WIDTH + ⌈log₂ M⌉ + R + ⌈log₂ L⌉ + 3``."""
+    blocks = max([math.ceil(max(1, size) / WIDTH) + 1 for size in layer_sizes] or [1])
+    n = WIDTH + math.ceil(math.log2(blocks)) + int(world_size) + math.ceil(math.log2(max(2, len(layer_sizes)))) + 3
+    return 2 * n * U / (1 - n * U) + 6 * U
+
+
+def exact_threshold(layer_sizes: Sequence[int], world_size: int) -> float:
+    """Dot-product values below this are recomputed in the cancellation-free form (relative error ≤ 1e-9)."""
+    return dot_error_bound(layer_sizes, world_size) * (1 / RELATIVE_ERROR + 1)
+
+
+def exact_partial_sums(x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor, stack_norm2: np.ndarray,
+                       entries: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """This rank's part of round (2): for each ``(channel c, row k)`` in ``entries``, ``‖x_r/‖x‖_c −
+    y_{k,r}/‖y_k‖_c‖²`` over the local columns ``ranges[c]`` of the channel: float64 (len(entries),).
+
+    ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels) are the *global* squared norms from round (1).
+    """
+    out = torch.zeros(len(entries), dtype=torch.float64, device=x.device)
+    for position, (channel, row) in enumerate(entries):
+        a, b = ranges[channel]
+        scale_x = 1 / math.sqrt(float(x_norm2[channel]))
+        scale_row = torch.tensor([1 / math.sqrt(float(stack_norm2[row, channel]))], dtype=torch.float64,
+                                 device=x.device)
+        out[position] = _pairwise(_block_sums(x[a:b], stack[row : row + 1, a:b], scale_x, scale_row,
+                                              square_difference=True))[0]
+    return out
+
+
+class ShardedCosineRows:
+    """The online C rows (whole θ and per layer) of a sharded θ: each rank keeps its own pieces of every
+    snapshot and their global squared norms; :meth:`row` costs one or two all-reduces (module docstring).
+
+    Args:
+        bounds: this rank's local column range of each layer, in layer order (they tile the local piece).
+        layer_sizes: each layer's global size (for the error bound).
+        world_size: the ranks the sums run over.
+        all_reduce: SUM over the ranks, in place (identity on one process).
+        per_layer: also the per-layer channels (channels = 1 + layers; else 1).
+    """
+
+    def __init__(self, bounds: Sequence[tuple[int, int]], layer_sizes: Sequence[int], world_size: int,
+                 all_reduce: AllReduce, *, per_layer: bool = True) -> None:
+        self.bounds = [(int(a), int(b)) for a, b in bounds]
+        self.per_layer = per_layer
+        self.channels = 1 + len(self.bounds) if per_layer else 1
+        self.threshold = exact_threshold(layer_sizes, world_size)
+        self.all_reduce = all_reduce
+        size = self.bounds[-1][1] if self.bounds else 0
+        self.ranges = [(0, size)] + (self.bounds if per_layer else [])
+        self.history: list[torch.Tensor] = []  # local pieces, in their own dtype
+        self.norms: list[np.ndarray] = []  # global squared norms per channel
+        self.exact_entries = 0  # entries computed in the cancellation-free form so far (for the convention)
+
+    def row(self, x: torch.Tensor, error: str | None = None) -> np.ndarray:
+        """Append snapshot ``x`` (this rank's piece) and return its row ``C[t, 0..t]`` per channel, float64
+        (channels, t + 1). ``error``: this rank already failed; it still takes part in the collectives (with a
+        failure flag), and every rank raises :class:`ShardedRowError`."""
+        count = len(self.history)
+        layers = len(self.bounds)
+        payload = torch.zeros(layers * (count + 1) + 1, dtype=torch.float64, device=x.device)
+        stack = torch.stack(self.history) if self.history else x.new_zeros((0, x.numel()))
+        if error is None:
+            try:
+                payload[:-1] = partial_sums(x, stack, self.bounds).reshape(-1)
+            except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
+                error = f"{type(failure).__name__}: {failure}"
+        payload[-1] = 0.0 if error is None else 1.0
+        self.all_reduce(payload)
+        _raise_if_failed(payload[-1], error, "the C row's partial sums")
+        sums = split_by_channel(payload[:-1].reshape(layers, count + 1), self.per_layer).cpu().numpy()
+        x_norm2 = sums[:, -1]
+        values = np.zeros((self.channels, count + 1))
+        if count:
+            earlier = np.stack(self.norms)
+            values[:, :count] = cosine_from_sums(sums[:, :count], x_norm2, earlier)
+            with np.errstate(invalid="ignore"):
+                entries = [(int(c), int(k)) for c, k in zip(*np.nonzero(values[:, :count] < self.threshold))]
+            if entries:
+                values_exact = self._exact(x, x_norm2, stack, earlier, entries)
+                for (channel, row), value in zip(entries, values_exact):
+                    values[channel, row] = value
+                self.exact_entries += len(entries)
+        self.history.append(x.detach().clone())
+        self.norms.append(x_norm2)
+        return values
+
+    def _exact(self, x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor, earlier: np.ndarray,
+               entries: list[tuple[int, int]]) -> np.ndarray:
+        """Round (2): the cancellation-free form of ``entries``, summed over the ranks."""
+        payload = torch.zeros(len(entries) + 1, dtype=torch.float64, device=x.device)
+        error = None
+        try:
+            payload[:-1] = exact_partial_sums(x, x_norm2, stack, earlier, entries, self.ranges)
+        except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
+            error = f"{type(failure).__name__}: {failure}"
+        payload[-1] = 0.0 if error is None else 1.0
+        self.all_reduce(payload)
+        _raise_if_failed(payload[-1], error, "the C row's cancellation-free sums")
+        return 0.5 * payload[:-1].cpu().numpy()
+
+    def release(self) -> None:
+        """Free the history (at close)."""
+        self.history.clear()
+
+
+def _raise_if_failed(flag: torch.Tensor, error: str | None, what: str) -> None:
+    failed = int(flag.item())
+    if failed:
+        mine = f" (here: {error})" if error else ""
+        raise ShardedRowError(f"{what} failed on {failed} rank(s){mine}")

@@ -1,0 +1,71 @@
+"""Reading θ of an FSDP2 run's snapshot as one whole vector, on a single process (no process group).
+
+Under FSDP2 each rank writes its own shards of θ (``snapshots/step_…/params.dcp/``, see
+:mod:`dynprobe.distributed.sharded_snapshot`) with ``torch.distributed.checkpoint`` (DCP) in its safetensors
+storage format: one ``.safetensors`` file per rank, each shard's offset in the full tensor kept in the file's JSON
+header. The reader here asks DCP to load those shards into full-size tensors — DCP's planner maps every saved
+chunk onto the requested tensors, so the result does not depend on how many ranks wrote them — and flattens them
+in the manifest's parameter order: the same ``vec(θ)`` an unsharded run of the same model stores in ``params.npy``.
+
+Nothing is unpickled: the safetensors format is a JSON header and raw bytes (DCP's default format would keep a
+pickled ``.metadata`` file, which is why it is not used).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+from .files import RunFormatError
+from .layout import sharded_params_dir
+
+__all__ = ["has_sharded_params", "load_sharded_params", "load_sharded_tensors"]
+
+
+def has_sharded_params(root: Path, step: int) -> bool:
+    """Whether the snapshot at ``step`` stores θ as FSDP2 shards (``params.dcp/``) rather than ``params.npy``."""
+    return sharded_params_dir(root, step).is_dir()
+
+
+def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
+    """The full parameter tensors of the snapshot at ``step``, by name, in their recorded dtypes (CPU).
+
+    Raises :class:`RunFormatError` when the shards do not cover the manifest's parameters with their shapes."""
+    folder = sharded_params_dir(root, step)
+    specs = (manifest.get("model") or {}).get("parameters") or []
+    try:
+        saved = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as error:  # noqa: BLE001 - any unreadable header is a damaged run
+        raise RunFormatError(f"{folder}: the parameter shards cannot be read ({type(error).__name__}: {error})") \
+            from error
+    state: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        entry = saved.get(spec["name"])
+        shape = tuple(int(n) for n in spec["shape"])
+        if entry is None or tuple(getattr(entry, "size", ())) != shape:
+            found = None if entry is None else tuple(getattr(entry, "size", ()))
+            raise RunFormatError(f"{folder}: parameter {spec['name']!r} of shape {shape} is not in the shards "
+                                 f"(found {found})")
+        state[spec["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    except Exception as error:  # noqa: BLE001 - missing shard files, truncated data
+        raise RunFormatError(f"{folder}: the parameter shards cannot be loaded ({type(error).__name__}: "
+                             f"{error})") from error
+    return state
+
+
+def load_sharded_params(root: Path, manifest: Mapping[str, Any], step: int) -> np.ndarray:
+    """``vec(θ)`` of the snapshot at ``step``: the full tensors flattened in manifest order, in the run's storage
+    dtype (float32, or float64 for float64 models) — what an unsharded run's ``params.npy`` holds."""
+    dtype = getattr(torch, (manifest.get("model") or {}).get("storage_dtype", "float32"), torch.float32)
+    tensors = load_sharded_tensors(root, manifest, step)
+    if not tensors:
+        return np.zeros(0, dtype=np.float32)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()])
+    return flat.numpy()
