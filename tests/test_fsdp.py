@@ -10,6 +10,7 @@ import datetime
 import gc
 import json
 import socket
+import threading
 import time
 import traceback
 import warnings
@@ -25,6 +26,7 @@ from torch import nn
 import dynprobe
 from dynprobe.distributed import sharded_rows
 from dynprobe.distributed.sharded_rows import (
+    RELATIVE_ERROR,
     ShardedCosineRows,
     cosine_from_sums,
     exact_threshold,
@@ -304,61 +306,92 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
 # ---------------------------------------------------------------------------------------------- pure parts
 
 
-def _pieces(vector: torch.Tensor, cut: int, bounds: list[tuple[int, int]]) -> list[tuple[torch.Tensor, list]]:
-    """Two "ranks": each layer of ``bounds`` split at a fraction ``cut``/10 of its columns."""
-    first, second, bounds_1, bounds_2 = [], [], [], []
-    for a, b in bounds:
-        split = a + (b - a) * cut // 10
-        bounds_1.append((sum(t.numel() for t in first), sum(t.numel() for t in first) + split - a))
-        bounds_2.append((sum(t.numel() for t in second), sum(t.numel() for t in second) + b - split))
-        first.append(vector[a:split])
-        second.append(vector[split:b])
-    return [(torch.cat(first), bounds_1), (torch.cat(second), bounds_2)]
+def _split(vector: torch.Tensor, layers: list[tuple[int, int]]) -> list[tuple[torch.Tensor, list]]:
+    """Two "ranks": the first 40 % of each layer's columns on rank 0, the rest on rank 1 (pieces and bounds)."""
+    pieces: list[list[torch.Tensor]] = [[], []]
+    bounds: list[list[tuple[int, int]]] = [[], []]
+    for a, b in layers:
+        split = a + (b - a) * 4 // 10
+        for rank, (start, stop) in enumerate(((a, split), (split, b))):
+            offset = sum(t.numel() for t in pieces[rank])
+            bounds[rank].append((offset, offset + stop - start))
+            pieces[rank].append(vector[start:stop])
+    return [(torch.cat(pieces[rank]), bounds[rank]) for rank in range(2)]
 
 
-def test_partial_sums_over_pieces_give_c_of_the_whole_vector_to_1e_12() -> None:
+class TwoRanks:
+    """Two ShardedCosineRows in one process, their all-reduce done by hand: each rank's ``row`` runs in a thread
+    and the payloads meet in the middle (a SUM over the two)."""
+
+    def __init__(self, layers: list[tuple[int, int]]) -> None:
+        self.barrier = threading.Barrier(2)
+        self.payloads: dict[int, torch.Tensor] = {}
+        sizes = [b - a for a, b in layers]
+        self.rows = [ShardedCosineRows(_split(torch.zeros(layers[-1][1]), layers)[rank][1], sizes, 2,
+                                       all_reduce=self._reduce(rank)) for rank in range(2)]
+
+    def _reduce(self, rank: int):
+        def reduce(tensor: torch.Tensor) -> None:
+            self.payloads[rank] = tensor.clone()
+            self.barrier.wait()
+            tensor.copy_(self.payloads[0] + self.payloads[1])
+            self.barrier.wait()
+        return reduce
+
+    def row(self, vector: torch.Tensor, layers: list[tuple[int, int]]) -> list[np.ndarray]:
+        pieces = _split(vector, layers)
+        out: list = [None, None]
+
+        def work(rank: int) -> None:
+            out[rank] = self.rows[rank].row(pieces[rank][0])
+
+        threads = [threading.Thread(target=work, args=(rank,)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return out
+
+
+def test_rows_from_two_ranks_partial_sums_equal_float64_c_of_the_whole_vectors() -> None:
     generator = torch.Generator().manual_seed(0)
     layers = [(0, 700), (700, 1000), (1000, 1003)]
     base = torch.randn(1003, generator=generator)
-    # far snapshots (C ~ 1e-1) and near ones (C ~ 1e-10: the cancellation-free form), and an identical one
+    # a far snapshot (C ~ 1e-1), a near one (C ~ 1e-11: the cancellation-free form) and an identical one
     snapshots = [base, base + 0.3 * torch.randn(1003, generator=generator),
                  base + 1e-5 * torch.randn(1003, generator=generator), base.clone()]
-    states = []
-    for rank in range(2):
-        state = []
-        for snapshot in snapshots:
-            piece, bounds = _pieces(snapshot, 4, layers)[rank]
-            state.append(piece)
-        states.append((state, bounds))
-    rows = [ShardedCosineRows(bounds, [b - a for a, b in layers], 2, all_reduce=lambda t: None)
-            for _, bounds in states]
-    # the all-reduce of two "ranks" done by hand: run both states' partial sums and add them
-    outputs = []
-    for index in range(len(snapshots)):
-        x = [states[r][0][index] for r in range(2)]
-        stack = [torch.stack(states[r][0][:index]) if index else x[r].new_zeros((0, x[r].numel())) for r in range(2)]
-        sums = sum(partial_sums(x[r], stack[r], states[r][1]) for r in range(2))
-        outputs.append(split_by_channel(sums, True).numpy())
-    vectors = torch.stack(snapshots).double().numpy()
-    reference = cosine_reference(vectors)
-    dots = outputs[1]
-    assert cosine_from_sums(dots[:, :1], dots[:, -1], outputs[0][:, -1][None]) == pytest.approx(
-        reference[1, 0], rel=1e-12)
-    assert reference[2, 0] < exact_threshold([700, 300, 3], 2)  # this entry needs the cancellation-free form
-    # the whole online object over an in-process "all-reduce" that adds the other rank's payload
-    pending: dict[int, torch.Tensor] = {}
-
-    def pairwise_reduce(rank: int):
-        def reduce(tensor: torch.Tensor) -> None:
-            pending[rank] = tensor.clone()
-        return reduce
-
-    single = ShardedCosineRows([(0, 700), (700, 1000), (1000, 1003)], [700, 300, 3], 1, all_reduce=lambda t: None)
+    # the reference in extended precision: float64's own ½‖x̂ − ŷ‖² is only good to ~4u/√(2C) relative (1e-11 at
+    # C = 1e-10), for the reference as for the value tested
+    vectors = torch.stack(snapshots).double().numpy().astype(np.longdouble)
+    references = [cosine_reference(vectors)] + [cosine_reference(vectors[:, a:b]) for a, b in layers]
+    assert references[0][2, 0] < exact_threshold([700, 300, 3], 2)  # this entry needs the second round
+    ranks = TwoRanks(layers)
     for index, snapshot in enumerate(snapshots):
-        row = single.row(snapshot)
-        np.testing.assert_allclose(row[0, :index], reference[index, :index], rtol=1e-12, atol=0)
-    assert row[0, 0] == 0.0  # identical vectors: exactly 0
-    assert rows and pairwise_reduce  # both halves built without error
+        rows = ranks.row(snapshot, layers)
+        np.testing.assert_array_equal(rows[0], rows[1])  # the same sums on both ranks
+        for channel, reference in enumerate(references):
+            expected = reference[index, :index].astype(np.float64)
+            difference = np.abs(rows[0][channel, :index] - expected)
+            error = np.divide(difference, expected, out=difference.copy(), where=expected != 0)  # 0 must be 0
+            assert np.all(error <= np.where(expected >= 1e-6, 1e-12, RELATIVE_ERROR)), (index, channel, error)
+    assert rows[0][0, 0] == 0.0 and np.all(rows[0][:, 0] == 0.0)  # identical vectors: exactly 0, every channel
+    assert ranks.rows[0].exact_entries > 0
+
+
+def test_partial_sums_are_a_sum_over_pieces() -> None:
+    generator = torch.Generator().manual_seed(1)
+    layers = [(0, 600), (600, 610)]
+    x, y = torch.randn(610, generator=generator), torch.randn(610, generator=generator)
+    total = 0
+    for (px, bounds), (py, _) in zip(_split(x, layers), _split(y, layers)):
+        total = total + partial_sums(px, py[None], bounds)
+    sums = split_by_channel(total, True).numpy()
+    x64, y64 = x.double().numpy(), y.double().numpy()
+    assert sums[0, 0] == pytest.approx(x64 @ y64, rel=1e-13) and sums[0, 1] == pytest.approx(x64 @ x64, rel=1e-13)
+    assert sums[2, 0] == pytest.approx(x64[600:] @ y64[600:], rel=1e-13)
+    c = cosine_from_sums(sums[:, :1], sums[:, 1], np.array([[y64 @ y64, y64[:600] @ y64[:600],
+                                                              y64[600:] @ y64[600:]]]))
+    assert c[0, 0] == pytest.approx(1 - x64 @ y64 / np.sqrt((x64 @ x64) * (y64 @ y64)), rel=1e-12)
 
 
 def test_local_layer_bounds_follow_each_rank_s_shards() -> None:

@@ -12,6 +12,7 @@ pickled ``.metadata`` file, which is why it is not used).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
                                  f"(found {found})")
         state[spec["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
     try:
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+        with warnings.catch_warnings():  # DCP says it assumes a single process: that is the point here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
     except Exception as error:  # noqa: BLE001 - missing shard files, truncated data
         raise RunFormatError(f"{folder}: the parameter shards cannot be loaded ({type(error).__name__}: "
                              f"{error})") from error
