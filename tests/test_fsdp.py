@@ -43,6 +43,7 @@ WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 8
 DEADLINE_S = 150.0
+SLOW_FROM, SLOW_LR = 6, 1e-6  # from step 6 the steps are tiny: C(6, 8) ~ 1e-13
 
 
 # ---------------------------------------------------------------------------------------------- the experiment
@@ -84,6 +85,9 @@ def train(model: nn.Module, shard: slice, out: Path | None, probe_hook=None, **o
         if probe_hook is not None:
             probe_hook(probe)
     for step in range(STEPS):
+        if step == SLOW_FROM:  # the last snapshots almost equal: their C needs the cancellation-free form
+            for group in optimizer.param_groups:
+                group["lr"] = SLOW_LR
         x, y = global_batch(step)
         loss = criterion(model(x[shard]), y[shard])
         optimizer.zero_grad()
@@ -258,16 +262,21 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
                 f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors").is_file()
     assert not (tmp_path / "run/snapshots/step_00000008/params.npy").exists()
 
-    # C against a float64 computation from the whole θ (≤ 1e-12 relative), whole vector and per layer
-    vectors = np.stack([run.params(index=i).astype(np.float64) for i in range(len(run))])
-    reference = cosine_reference(vectors)
-    assert relative_difference(run.C, reference) <= 1e-12
+    # C against a computation from the whole θ (whole vector and per layer): ≤ 1e-12 relative where C ≥ 1e-6; the
+    # entries after the learning rate drop (C ~ 1e-13, cancellation-free form: both ranks took the second round)
+    # within the stated 1e-9 — float64 itself is no closer there (numpy's own ½‖x̂ − ŷ‖² is 2e-11 off), so the
+    # reference is in extended precision
+    assert results[0]["exact_entries"] == results[1]["exact_entries"] > 0
+    vectors = np.stack([run.params(index=i) for i in range(len(run))]).astype(np.longdouble)
     offsets = [(s["offset"], s["offset"] + s["numel"]) for s in run.manifest["model"]["parameters"]]
-    layers = run.C_layers
-    assert layers.shape == (3, 5, 5)
-    for layer in range(3):
-        (a, _), (_, b) = offsets[2 * layer], offsets[2 * layer + 1]
-        assert relative_difference(layers[layer], cosine_reference(vectors[:, a:b])) <= 1e-12
+    layers = [(offsets[2 * layer][0], offsets[2 * layer + 1][1]) for layer in range(3)]
+    assert run.C_layers.shape == (3, 5, 5)
+    for measured, (a, b) in zip([run.C, *run.C_layers], [(0, vectors.shape[1]), *layers]):
+        reference = cosine_reference(vectors[:, a:b]).astype(np.float64)
+        off = ~np.eye(len(run), dtype=bool)
+        error = np.abs(measured[off] - reference[off]) / reference[off]
+        assert np.all(error <= np.where(reference[off] >= 1e-6, 1e-12, RELATIVE_ERROR)), error
+        assert reference[off].min() < exact_threshold([b - a], WORLD)  # an entry of the second round
 
     # ... and against an unsharded single-process run of the same model on the same global batches: equal within
     # the rounding of training itself (FSDP averages the ranks' gradients in another order)
@@ -275,8 +284,10 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
     train(single_model, slice(None), tmp_path / "single")
     single = dynprobe.load_run(tmp_path / "single")
     np.testing.assert_array_equal(single.params(index=0), run.params(index=0))
-    assert np.max(np.abs(single.params(index=-1) - run.params(index=-1))) <= 1e-6
-    assert relative_difference(run.C, single.C) <= 1e-5
+    assert np.max(np.abs(single.params(index=-1) - run.params(index=-1))) <= 1e-6  # measured 4.5e-8
+    assert relative_difference(run.C, single.C) <= 1e-5  # measured 1.3e-7
+    for layer in range(3):
+        assert relative_difference(run.C_layers[layer], single.C_layers[layer]) <= 1e-5  # measured 2.8e-7
     assert np.abs(run.D - single.D).max() <= 1 / 64
     np.testing.assert_allclose(run.eval_loss, single.eval_loss, rtol=1e-5)
 
