@@ -42,7 +42,7 @@ __all__ = ["RELATIVE_ERROR", "WIDTH", "ShardedCosineRows", "ShardedRowError", "c
 
 U = 2.0**-53  # unit roundoff of float64
 WIDTH = 256  # coordinates per block of the dot products (bounds the summation error)
-SPAN = 2**16  # coordinates converted to float64 at a time (temporaries: rows × SPAN float64 numbers)
+SPAN_NUMBERS = 2**21  # float64 temporaries per conversion: rows × span ≤ this (16 MiB)
 RELATIVE_ERROR = 1e-9  # target relative error of every stored C value
 
 AllReduce = Callable[[torch.Tensor], None]  # SUM over the ranks, in place
@@ -66,24 +66,27 @@ def _pairwise(values: torch.Tensor) -> torch.Tensor:
 def _block_sums(x: torch.Tensor, stack: torch.Tensor, scale_x: float = 1.0,
                 scale_stack: torch.Tensor | None = None, square_difference: bool = False) -> torch.Tensor:
     """Per stack row, the ``WIDTH``-blocks of ``Σ x_i s_i`` (or of ``Σ (x_i·scale_x − s_i·scale_k)²``), float64
-    (rows, blocks), ``SPAN`` coordinates converted at a time."""
+    (rows, blocks); the columns are converted to float64 a span at a time (at most ``SPAN_NUMBERS`` numbers)."""
     rows, size = stack.shape[0], x.numel()
+    span = max(1, SPAN_NUMBERS // max(1, rows) // WIDTH) * WIDTH
     parts = []
-    for start in range(0, size, SPAN):
-        stop = min(size, start + SPAN)
+    for start in range(0, size, span):
+        stop = min(size, start + span)
         v = x[start:stop].to(torch.float64)
         s = stack[:, start:stop].to(torch.float64)
+        full, rest = divmod(stop - start, WIDTH)
         if square_difference:
             assert scale_stack is not None
             terms = s * scale_stack[:, None] - v * scale_x
             terms = terms * terms
-        else:
-            terms = s * v
-        full, rest = divmod(stop - start, WIDTH)
-        if full:
-            parts.append(terms[:, : full * WIDTH].reshape(rows, full, WIDTH).sum(-1))
+            if full:
+                parts.append(terms[:, : full * WIDTH].reshape(rows, full, WIDTH).sum(-1))
+        elif full:  # a batch of (rows × WIDTH)·(WIDTH) products, one per block
+            parts.append(torch.einsum("nmw,mw->nm", s[:, : full * WIDTH].reshape(rows, full, WIDTH),
+                                      v[: full * WIDTH].reshape(full, WIDTH)))
         if rest:
-            parts.append(terms[:, full * WIDTH :].sum(-1, keepdim=True))
+            tail = terms[:, full * WIDTH :] if square_difference else s[:, full * WIDTH :] * v[full * WIDTH :]
+            parts.append(tail.sum(-1, keepdim=True))
     return torch.cat(parts, 1) if parts else x.new_zeros((rows, 0), dtype=torch.float64)
 
 
@@ -93,10 +96,12 @@ def partial_sums(x: torch.Tensor, stack: torch.Tensor, bounds: Sequence[tuple[in
 
     ``x`` is the local piece (1-D), ``stack`` the earlier pieces (rows × size, any floating dtype), on one device.
     """
-    both = torch.cat([stack.to(x.dtype), x[None]])
-    out = torch.zeros((len(bounds), both.shape[0]), dtype=torch.float64, device=x.device)
+    out = torch.zeros((len(bounds), stack.shape[0] + 1), dtype=torch.float64, device=x.device)
     for layer, (a, b) in enumerate(bounds):
-        out[layer] = _pairwise(_block_sums(x[a:b], both[:, a:b]))
+        if stack.shape[0]:
+            out[layer, :-1] = _pairwise(_block_sums(x[a:b], stack[:, a:b]))
+        # the norm by the same function for every snapshot: identical pieces give bit-identical norms
+        out[layer, -1] = _pairwise(_block_sums(x[a:b], x[None, a:b]))[0]
     return out
 
 
@@ -166,7 +171,8 @@ class ShardedCosineRows:
         self.all_reduce = all_reduce
         size = self.bounds[-1][1] if self.bounds else 0
         self.ranges = [(0, size)] + (self.bounds if per_layer else [])
-        self.history: list[torch.Tensor] = []  # local pieces, in their own dtype
+        self._buffer: torch.Tensor | None = None  # local pieces in rows 0..count-1, their own dtype (grows ×2)
+        self.count = 0
         self.norms: list[np.ndarray] = []  # global squared norms per channel
         self.exact_entries = 0  # entries computed in the cancellation-free form so far (for the convention)
 
@@ -174,10 +180,10 @@ class ShardedCosineRows:
         """Append snapshot ``x`` (this rank's piece) and return its row ``C[t, 0..t]`` per channel, float64
         (channels, t + 1). ``error``: this rank already failed; it still takes part in the collectives (with a
         failure flag), and every rank raises :class:`ShardedRowError`."""
-        count = len(self.history)
+        count = self.count
         layers = len(self.bounds)
         payload = torch.zeros(layers * (count + 1) + 1, dtype=torch.float64, device=x.device)
-        stack = torch.stack(self.history) if self.history else x.new_zeros((0, x.numel()))
+        stack = self.history
         if error is None:
             try:
                 payload[:-1] = partial_sums(x, stack, self.bounds).reshape(-1)
@@ -199,9 +205,25 @@ class ShardedCosineRows:
                 for (channel, row), value in zip(entries, values_exact):
                     values[channel, row] = value
                 self.exact_entries += len(entries)
-        self.history.append(x.detach().clone())
+        self._keep(x)
         self.norms.append(x_norm2)
         return values
+
+    @property
+    def history(self) -> torch.Tensor:
+        """The earlier pieces, stacked (count × local size; a view of the buffer)."""
+        if self._buffer is None:
+            return torch.zeros((0, self.ranges[0][1]))
+        return self._buffer[: self.count]
+
+    def _keep(self, x: torch.Tensor) -> None:
+        if self._buffer is None or self.count == self._buffer.shape[0]:
+            grown = torch.empty((max(4, 2 * self.count), x.numel()), dtype=x.dtype, device=x.device)
+            if self._buffer is not None:
+                grown[: self.count] = self._buffer[: self.count]
+            self._buffer = grown
+        self._buffer[self.count] = x.detach()
+        self.count += 1
 
     def _exact(self, x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor, earlier: np.ndarray,
                entries: list[tuple[int, int]]) -> np.ndarray:
@@ -219,7 +241,7 @@ class ShardedCosineRows:
 
     def release(self) -> None:
         """Free the history (at close)."""
-        self.history.clear()
+        self._buffer, self.count = None, 0
 
 
 def _raise_if_failed(flag: torch.Tensor, error: str | None, what: str) -> None:

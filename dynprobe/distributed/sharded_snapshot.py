@@ -165,7 +165,7 @@ class ShardedSnapshotRecorder:
     def materialize(self) -> None:
         """Write ``metrics/C.npy`` and ``metrics/D.npy`` in full (the per-layer C stays in its row files)."""
         self.disagreement.complete()
-        self.writer.save_matrix("C", self.c_rows[0].read(len(self.cosine.history)))
+        self.writer.save_matrix("C", self.c_rows[0].read(self.cosine.count))
         self.writer.save_matrix("D", self.disagreement.compute())
 
     def release(self) -> None:
