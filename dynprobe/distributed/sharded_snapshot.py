@@ -119,10 +119,10 @@ class ShardedSnapshotRecorder:
     def measure(self, step: int) -> SnapshotData:
         """Evaluate, compute the C row and write this rank's shards (every collective of the snapshot)."""
         started = time.perf_counter()
-        evaluation = evaluate(self.model, self.eval_set, output_fn=self.output_fn,
-                              batch_size=self.eval_batch_size, device=self.device)
-        error, piece, buffers = None, None, {}
-        try:
+        error, piece, buffers, evaluation = None, None, {}, None
+        try:  # a failure after the forward's own collectives (e.g. in output_fn) is flagged in the row's all-reduce
+            evaluation = evaluate(self.model, self.eval_set, output_fn=self.output_fn,
+                                  batch_size=self.eval_batch_size, device=self.device)
             piece = local_piece(self.params, self.piece_dtype)
             buffers = {name: np.array(buffer.detach().cpu().float().numpy() if buffer.dtype == torch.bfloat16
                                       else buffer.detach().cpu().numpy())
@@ -132,6 +132,7 @@ class ShardedSnapshotRecorder:
         if piece is None:
             piece = torch.zeros(self.local_size, dtype=self.piece_dtype, device=self.device)
         self._row = self.cosine.row(piece, error)  # raises on every rank if any failed
+        assert evaluation is not None
         self._save_shards(step)
         return SnapshotData(step, piece, buffers, evaluation, None, started=started)
 
