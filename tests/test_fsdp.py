@@ -25,6 +25,7 @@ from torch import nn
 
 import dynprobe
 from dynprobe.distributed import sharded_rows
+from dynprobe.distributed.sharded import AgreedSnapshots, ShardedRunFailure, layout_problems, unsupported_under_fsdp
 from dynprobe.distributed.sharded_rows import (
     RELATIVE_ERROR,
     ShardedCosineRows,
@@ -410,3 +411,39 @@ def test_local_layer_bounds_follow_each_rank_s_shards() -> None:
     # parameters of 100, 10 (layer a) and 60 (layer b) entries; this rank holds 50, 5 and 30 of them
     assert local_layer_bounds([100, 10, 60], [50, 5, 30], layers) == [(0, 55), (55, 85)]
     assert local_layer_bounds([100, 10, 60], [50, 0, 0], layers) == [(0, 50), (50, 50)]
+
+
+def test_a_plain_parameter_next_to_shards_is_named_at_attach() -> None:
+    problems = layout_problems([("head.weight", torch.zeros(3, 2))], WORLD)
+    assert len(problems) == 1 and "'head.weight' is not sharded" in problems[0]
+    assert unsupported_under_fsdp(ghosts=None, kernel=None, barriers=False) == []
+
+
+class _FakeRun:
+    """Collectives of a 2-rank run whose other rank reports ``other`` failures."""
+
+    rank, world_size = 0, 2
+
+    def __init__(self, other: float) -> None:
+        self.other = other
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        tensor += self.other
+
+
+class _Sequence:
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.taken = fail, []
+
+    def take(self, step: int, *, ghosts: object) -> None:
+        self.taken.append(step)
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_agreed_snapshots_raise_on_every_rank_when_any_rank_failed() -> None:
+    AgreedSnapshots(_Sequence(False), _FakeRun(0.0), torch.device("cpu")).take(2, ghosts=None)  # all well
+    with pytest.raises(ShardedRunFailure, match="step 4 failed on 1 of 2 ranks"):
+        AgreedSnapshots(_Sequence(False), _FakeRun(1.0), torch.device("cpu")).take(4, ghosts=None)
+    with pytest.raises(OSError, match="disk full"):  # the failing rank raises its own error
+        AgreedSnapshots(_Sequence(True), _FakeRun(0.0), torch.device("cpu")).take(4, ghosts=None)

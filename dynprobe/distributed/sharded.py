@@ -21,7 +21,6 @@ uses); what differs from DDP:
 """
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +28,14 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 from dynprobe.store.layout import MANIFEST
+from dynprobe.store.sharded import sharded_checkpoints_problem
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a PyTorch without torch.distributed or without public DTensors: no FSDP2 either
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 __all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece",
            "shared_run_root", "unsupported_under_fsdp"]
@@ -45,12 +49,12 @@ class ShardedRunFailure(RuntimeError):
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model's parameters are sharded DTensors (FSDP2 ``fully_shard``)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """This rank's piece of ``vec(θ)``: each parameter's local shard, flattened and concatenated in order."""
-    pieces = [(p.to_local() if isinstance(p, DTensor) else p).detach().reshape(-1).to(dtype) for p in params]
+    pieces = [(p.to_local() if _is_dtensor(p) else p).detach().reshape(-1).to(dtype) for p in params]
     if not pieces:
         return torch.zeros(0, dtype=dtype)
     return torch.cat(pieces)
@@ -58,7 +62,11 @@ def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
 
 def local_numel(p: torch.Tensor) -> int:
     """Entries of this rank's shard of ``p`` (all of ``p`` for a plain tensor)."""
-    return (p.to_local() if isinstance(p, DTensor) else p).numel()
+    return (p.to_local() if _is_dtensor(p) else p).numel()
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(p, DTensor)
 
 
 def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool) -> list[str]:
@@ -73,9 +81,9 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool) -> list[
     if barriers:
         problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
                         "barriers= at its default")
-    if importlib.util.find_spec("safetensors") is None:
-        problems.append("snapshots under FSDP are written with torch.distributed.checkpoint's safetensors format: "
-                        "install the safetensors package (pip install safetensors)")
+    checkpoints = sharded_checkpoints_problem()
+    if checkpoints is not None:
+        problems.append(checkpoints)
     return problems
 
 
@@ -84,7 +92,7 @@ def layout_problems(named_params: Sequence[tuple[str, torch.Tensor]], world_size
     only, so each entry lives on exactly one rank) over a 1-D mesh of all ``world_size`` ranks."""
     problems = []
     for name, p in named_params:
-        if not isinstance(p, DTensor):
+        if not _is_dtensor(p):
             problems.append(f"parameter {name!r} is not sharded (a plain tensor next to DTensors); apply "
                             "fully_shard to the root module too, so that every parameter is sharded")
         elif p.device_mesh.ndim != 1 or p.device_mesh.size() != world_size or \

@@ -31,17 +31,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import layer_slices
 from dynprobe.metrics.interval import FunctionMetric, PairwiseMatrix, VectorHistory
 from dynprobe.recording.snapshot import MAX_LAYERS, SnapshotData, history_dtype
 from dynprobe.store.files import load_npy
-from dynprobe.store.layout import BUFFERS, PREDS, layer_metric, sharded_params_dir, snapshot_file
+from dynprobe.store.layout import BUFFERS, PREDS, layer_metric, snapshot_file
 from dynprobe.store.rows import TriangularRows
+from dynprobe.store.sharded import save_sharded_params
 from dynprobe.store.sink import RunSink
 
 from .sharded import Collectives, local_numel, local_piece
@@ -137,9 +136,7 @@ class ShardedSnapshotRecorder:
         return SnapshotData(step, piece, buffers, evaluation, None, started=started)
 
     def _save_shards(self, step: int) -> None:
-        state = {name: p.detach() for name, p in self.named_params}
-        writer = HuggingFaceStorageWriter(str(sharded_params_dir(self.root, step)), save_distributed=True)
-        dcp.save(state, storage_writer=writer)
+        save_sharded_params(self.root, step, {name: p.detach() for name, p in self.named_params})
 
     # ------------------------------------------------------------------------------------------------ commit
 

@@ -1,17 +1,19 @@
-"""Reading θ of an FSDP2 run's snapshot as one whole vector, on a single process (no process group).
+"""θ of an FSDP2 run's snapshot: written as each rank's shards, read back as one whole vector on one process.
 
-Under FSDP2 each rank writes its own shards of θ (``snapshots/step_…/params.dcp/``, see
+Under FSDP2 each rank writes its own shards of θ (``snapshots/step_…/params.dcp/``; the recorder is
 :mod:`dynprobe.distributed.sharded_snapshot`) with ``torch.distributed.checkpoint`` (DCP) in its safetensors
-storage format: one ``.safetensors`` file per rank, each shard's offset in the full tensor kept in the file's JSON
-header. The reader here asks DCP to load those shards into full-size tensors — DCP's planner maps every saved
-chunk onto the requested tensors, so the result does not depend on how many ranks wrote them — and flattens them
-in the manifest's parameter order: the same ``vec(θ)`` an unsharded run of the same model stores in ``params.npy``.
+storage format (:func:`save_sharded_params`): one ``.safetensors`` file per rank, each shard's offset in the full
+tensor kept in the file's JSON header. The reader here asks DCP to load those shards into full-size tensors —
+DCP's planner maps every saved chunk onto the requested tensors, so the result does not depend on how many ranks
+wrote them — and flattens them in the manifest's parameter order: the same ``vec(θ)`` an unsharded run of the
+same model stores in ``params.npy``.
 
 Nothing is unpickled: the safetensors format is a JSON header and raw bytes (DCP's default format would keep a
 pickled ``.metadata`` file, which is why it is not used).
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,13 +21,41 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from .files import RunFormatError
 from .layout import sharded_params_dir
 
-__all__ = ["has_sharded_params", "load_sharded_params", "load_sharded_tensors"]
+try:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+except ImportError:  # a PyTorch without torch.distributed, or older than DCP's safetensors storage
+    dcp = HuggingFaceStorageReader = HuggingFaceStorageWriter = None  # type: ignore[assignment]
+
+__all__ = ["has_sharded_params", "load_sharded_params", "load_sharded_tensors", "save_sharded_params",
+           "sharded_checkpoints_problem"]
+
+
+def sharded_checkpoints_problem() -> str | None:
+    """Why this environment cannot write or read sharded snapshots (None: it can)."""
+    if dcp is None:
+        return ("this PyTorch has no torch.distributed.checkpoint.HuggingFaceStorageWriter (DCP's safetensors "
+                "storage, which FSDP snapshots are written with): upgrade PyTorch")
+    if importlib.util.find_spec("safetensors") is None:
+        return ("snapshots under FSDP are written with torch.distributed.checkpoint's safetensors format: install "
+                "the safetensors package (pip install safetensors)")
+    return None
+
+
+def save_sharded_params(root: Path, step: int, state: Mapping[str, torch.Tensor]) -> None:
+    """Write this rank's shards of the DTensors ``state`` (by parameter name) for the snapshot at ``step``.
+
+    Collective: every rank calls it with its own shards; DCP gathers every rank's write results to rank 0 before
+    returning there, and raises on every rank if any rank failed to write."""
+    problem = sharded_checkpoints_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    writer = HuggingFaceStorageWriter(str(sharded_params_dir(root, step)), save_distributed=True)
+    dcp.save(dict(state), storage_writer=writer)
 
 
 def has_sharded_params(root: Path, step: int) -> bool:
@@ -38,6 +68,9 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
 
     Raises :class:`RunFormatError` when the shards do not cover the manifest's parameters with their shapes."""
     folder = sharded_params_dir(root, step)
+    problem = sharded_checkpoints_problem()
+    if problem is not None:
+        raise RunFormatError(f"{folder}: {problem}")
     specs = (manifest.get("model") or {}).get("parameters") or []
     try:
         saved = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
