@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import shutil
 import socket
 import threading
 import time
@@ -262,6 +263,11 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
         assert (tmp_path / "run/snapshots/step_00000008/params.dcp" /
                 f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors").is_file()
     assert not (tmp_path / "run/snapshots/step_00000008/params.npy").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "run", damaged)
+    (damaged / "snapshots/step_00000008/params.dcp/shard-00001-model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(dynprobe.RunFormatError, match="cover 48 of its 96 entries"):
+        dynprobe.load_run(damaged).params(index=-1)  # never a vector with rank 0's rows missing
 
     # C against a computation from the whole θ (whole vector and per layer): ≤ 1e-12 relative where C ≥ 1e-6; the
     # entries after the learning rate drop (C ~ 1e-13, cancellation-free form: both ranks took the second round)
@@ -313,6 +319,9 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
         run = dynprobe.load_run(tmp_path / f"fault_{fault}")
         assert run.status == "probe_failed"
         assert list(run.steps) == [0, 2]  # step 4 never committed, on any rank
+    # rank 0's commit failed after every rank wrote its step-4 shards: they exist, and the snapshot is not visible
+    assert (tmp_path / "fault_commit/snapshots/step_00000004/params.dcp").is_dir()
+    assert not (tmp_path / "fault_partial_sums/snapshots/step_00000004").exists()  # failed before any file
 
 
 # ---------------------------------------------------------------------------------------------- pure parts

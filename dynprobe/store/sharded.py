@@ -14,6 +14,7 @@ pickled ``.metadata`` file, which is why it is not used).
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,6 +86,10 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
             found = None if entry is None else tuple(getattr(entry, "size", ()))
             raise RunFormatError(f"{folder}: parameter {spec['name']!r} of shape {shape} is not in the shards "
                                  f"(found {found})")
+        covered = sum(math.prod(chunk.sizes) for chunk in entry.chunks)
+        if covered != math.prod(shape):  # DCP would load the chunks present and leave the rest as it was
+            raise RunFormatError(f"{folder}: the shards of parameter {spec['name']!r} cover {covered} of its "
+                                 f"{math.prod(shape)} entries (a rank's shard file is missing or damaged)")
         state[spec["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
     try:
         with warnings.catch_warnings():  # DCP says it assumes a single process: that is the point here
