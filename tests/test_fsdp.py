@@ -253,6 +253,8 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
     run = dynprobe.load_run(tmp_path / "run")
     assert run.status == "closed" and run.manifest["distributed"]["attached_to"] == "fully_shard"
     assert not [e for e in run.events if e.get("event") == "probe_error"]
+    assert "one all-reduce per snapshot" in run.conventions["C_sharded"] and "params.dcp" in run.conventions[
+        "theta_storage"]
     # load_run: whole vectors (no process group here), equal to the gathered full parameters
     assert not dist.is_initialized()
     np.testing.assert_array_equal(run.params(index=0), np.array(results[0]["initial_full"], dtype=np.float32))

@@ -49,6 +49,13 @@ from .sharded_rows import ShardedCosineRows
 __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
 
 PREDICTIONS_MEMORY = 64 * 2**20  # bytes of earlier predictions kept for D's rows
+CONVENTIONS = {
+    "theta_storage": "FSDP2: each rank's shards, torch.distributed.checkpoint safetensors files in "
+                     "snapshots/step_*/params.dcp/; load_run reads whole vectors in named_parameters() order",
+    "C_sharded": "eq. (1) from float64 partial sums of each rank's shards (blocks of 256 products, pairwise sums), "
+                 "summed with one all-reduce per snapshot; a second all-reduce recomputes the entries below the "
+                 "dot-product form's accuracy as ½‖x̂ − ŷ‖² with the global norms; relative error ≤ 1e-9",
+}
 
 
 def local_layer_bounds(global_numels: list[int], local_numels: list[int],
@@ -106,12 +113,8 @@ class ShardedSnapshotRecorder:
         self.last_rows: dict[str, np.ndarray] = {}
         self.last_filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._row: np.ndarray | None = None  # the C row measured by the latest measure(), committed next
-
-    @property
-    def convention(self) -> str:
-        """How C was computed here (for the manifest's conventions)."""
-        return ("eq. (1) from float64 partial sums of each rank's shards, summed with one all-reduce per snapshot "
-                "(two when an entry needs the cancellation-free form ½‖x̂ − ŷ‖²); relative error ≤ 1e-9")
+        if writer.writes:  # say how θ was stored and C computed (rank 0 writes the manifest)
+            writer.update_manifest(conventions={**(writer.manifest.get("conventions") or {}), **CONVENTIONS})
 
     # ------------------------------------------------------------------------------------------------ measure
 
