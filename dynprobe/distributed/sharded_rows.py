@@ -44,6 +44,7 @@ U = 2.0**-53  # unit roundoff of float64
 WIDTH = 256  # coordinates per block of the dot products (bounds the summation error)
 SPAN_NUMBERS = 2**21  # float64 temporaries per conversion: rows × span ≤ this (16 MiB)
 RELATIVE_ERROR = 1e-9  # target relative error of every stored C value
+_NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64}
 
 AllReduce = Callable[[torch.Tensor], None]  # SUM over the ranks, in place
 
@@ -61,6 +62,24 @@ def _pairwise(values: torch.Tensor) -> torch.Tensor:
         half = values[..., : m // 2] + values[..., m // 2 : 2 * (m // 2)]
         values = half if m % 2 == 0 else torch.cat([half, values[..., 2 * (m // 2) :]], -1)
     return values[..., 0]
+
+
+def _block_dots(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """Per stack row, the ``WIDTH``-block sums of ``x_i s_i`` in float64: (rows, blocks). On the CPU numpy's
+    ``einsum`` casts the stack to float64 in small internal buffers (no float64 copy of the history); elsewhere
+    (and for bfloat16) the columns are converted a span of at most ``SPAN_NUMBERS`` numbers at a time."""
+    rows, size = stack.shape[0], x.numel()
+    full, rest = divmod(size, WIDTH)
+    if x.device.type == "cpu" and stack.device.type == "cpu" and {x.dtype, stack.dtype} <= _NUMPY_DTYPES:
+        v, s = x.numpy().astype(np.float64), stack.numpy()
+        parts = []
+        if full:
+            parts.append(np.einsum("nmw,mw->nm", s[:, : full * WIDTH].reshape(rows, full, WIDTH),
+                                   v[: full * WIDTH].reshape(full, WIDTH), dtype=np.float64))
+        if rest:
+            parts.append(np.einsum("nw,w->n", s[:, full * WIDTH :], v[full * WIDTH :], dtype=np.float64)[:, None])
+        return torch.from_numpy(np.concatenate(parts, 1) if parts else np.zeros((rows, 0)))
+    return _block_sums(x, stack)
 
 
 def _block_sums(x: torch.Tensor, stack: torch.Tensor, scale_x: float = 1.0,
@@ -99,9 +118,9 @@ def partial_sums(x: torch.Tensor, stack: torch.Tensor, bounds: Sequence[tuple[in
     out = torch.zeros((len(bounds), stack.shape[0] + 1), dtype=torch.float64, device=x.device)
     for layer, (a, b) in enumerate(bounds):
         if stack.shape[0]:
-            out[layer, :-1] = _pairwise(_block_sums(x[a:b], stack[:, a:b]))
+            out[layer, :-1] = _pairwise(_block_dots(x[a:b], stack[:, a:b])).to(x.device)
         # the norm by the same function for every snapshot: identical pieces give bit-identical norms
-        out[layer, -1] = _pairwise(_block_sums(x[a:b], x[None, a:b]))[0]
+        out[layer, -1] = _pairwise(_block_dots(x[a:b], x[None, a:b]))[0]
     return out
 
 
