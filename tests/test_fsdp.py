@@ -175,7 +175,8 @@ def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
     model = sharded_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2])), "kernel": dict(kernel=dynprobe.KernelConfig(n=8)),
-               "barriers": dict(barriers=dynprobe.Barriers(previous_snapshots=1))}
+               "barriers": dict(barriers=dynprobe.Barriers(previous_snapshots=1)),
+               "history_memory": dict(history_memory=2**20)}
     for name, options in refused.items():
         try:
             dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=folder / f"refused_{name}", **options)
@@ -308,6 +309,7 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
         assert "ghosts= is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
         assert "kernel= is not supported under FSDP (fully_shard) yet" in result["kernel_error"]
         assert "barriers= is not supported under FSDP (fully_shard) yet" in result["barriers_error"]
+        assert "history_memory= is not supported under FSDP (fully_shard) yet" in result["history_memory_error"]
         assert result["after"] == WORLD
         for fault in ("partial_sums", "commit"):
             assert result[f"{fault}_attached"] is False, (rank, fault)

@@ -69,7 +69,8 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_memory: int | None = None
+                           ) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None:
@@ -81,6 +82,9 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool) -> list[
     if barriers:
         problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
                         "barriers= at its default")
+    if history_memory is not None:
+        problems.append(f"history_memory= {UNSUPPORTED} (every rank keeps its shards of all snapshots in memory "
+                        "for the C rows: T·P/R numbers); leave history_memory= at its default")
     checkpoints = sharded_checkpoints_problem()
     if checkpoints is not None:
         problems.append(checkpoints)
