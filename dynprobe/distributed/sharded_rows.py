@@ -22,8 +22,9 @@ balanced tree, the ranks' sums added by the all-reduce (any order, ``R − 1`` a
 balanced tree. The summation tree then has height ``n ≤ WIDTH + ⌈log₂ M⌉ + R + ⌈log₂ L⌉ + 3`` (M blocks per layer,
 L layers), so as in :mod:`dynprobe.metrics._blocked` (Higham §3.1) ``|Ĉ − C| ≤ ε = 2γ_n + 6u``, ``γ_n = nu/(1−nu)``,
 ``u = 2⁻⁵³``; the dot-product value is kept where ``Ĉ ≥ (1/ρ + 1)ε`` (relative error ≤ ρ = 1e-9) and recomputed
-in the cancellation-free form elsewhere (relative error ≈ γ_n + 4u/√(2C); exactly 0 for identical snapshots,
-whose norms and unit vectors are then bit-identical).
+in the cancellation-free form elsewhere (its terms are ≥ 0: chunks of ``EXACT_CHUNK`` squares summed pairwise, then
+over the ranks, relative error ≈ γ_n + 4u/√(2C); exactly 0 for identical snapshots, whose norms and unit vectors
+are then bit-identical).
 
 The functions here are pure (tensors in, tensors out) and run on one process too: a test splits a vector into
 pieces and adds the partial sums itself. :class:`ShardedCosineRows` is the online state (the history of local
@@ -38,11 +39,12 @@ import numpy as np
 import torch
 
 __all__ = ["RELATIVE_ERROR", "WIDTH", "ShardedCosineRows", "ShardedRowError", "cosine_from_sums", "dot_error_bound",
-           "exact_partial_sums", "exact_threshold", "partial_sums", "split_by_channel"]
+           "exact_partial_sums", "exact_threshold", "partial_sums", "split_by_channel", "square_difference_sum"]
 
 U = 2.0**-53  # unit roundoff of float64
 WIDTH = 256  # coordinates per block of the dot products (bounds the summation error)
 SPAN_NUMBERS = 2**21  # float64 temporaries per conversion: rows × span ≤ this (16 MiB)
+EXACT_CHUNK = 2**15  # coordinates per partial sum of the cancellation-free form
 RELATIVE_ERROR = 1e-9  # target relative error of every stored C value
 _NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64}
 
@@ -82,10 +84,9 @@ def _block_dots(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     return _block_sums(x, stack)
 
 
-def _block_sums(x: torch.Tensor, stack: torch.Tensor, scale_x: float = 1.0,
-                scale_stack: torch.Tensor | None = None, square_difference: bool = False) -> torch.Tensor:
-    """Per stack row, the ``WIDTH``-blocks of ``Σ x_i s_i`` (or of ``Σ (x_i·scale_x − s_i·scale_k)²``), float64
-    (rows, blocks); the columns are converted to float64 a span at a time (at most ``SPAN_NUMBERS`` numbers)."""
+def _block_sums(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """:func:`_block_dots` in torch: the columns converted to float64 a span at a time (at most ``SPAN_NUMBERS``
+    numbers), each block's products summed by one batched product."""
     rows, size = stack.shape[0], x.numel()
     span = max(1, SPAN_NUMBERS // max(1, rows) // WIDTH) * WIDTH
     parts = []
@@ -94,19 +95,39 @@ def _block_sums(x: torch.Tensor, stack: torch.Tensor, scale_x: float = 1.0,
         v = x[start:stop].to(torch.float64)
         s = stack[:, start:stop].to(torch.float64)
         full, rest = divmod(stop - start, WIDTH)
-        if square_difference:
-            assert scale_stack is not None
-            terms = s * scale_stack[:, None] - v * scale_x
-            terms = terms * terms
-            if full:
-                parts.append(terms[:, : full * WIDTH].reshape(rows, full, WIDTH).sum(-1))
-        elif full:  # a batch of (rows × WIDTH)·(WIDTH) products, one per block
+        if full:
             parts.append(torch.einsum("nmw,mw->nm", s[:, : full * WIDTH].reshape(rows, full, WIDTH),
                                       v[: full * WIDTH].reshape(full, WIDTH)))
         if rest:
-            tail = terms[:, full * WIDTH :] if square_difference else s[:, full * WIDTH :] * v[full * WIDTH :]
-            parts.append(tail.sum(-1, keepdim=True))
+            parts.append((s[:, full * WIDTH :] * v[full * WIDTH :]).sum(-1, keepdim=True))
     return torch.cat(parts, 1) if parts else x.new_zeros((rows, 0), dtype=torch.float64)
+
+
+def square_difference_sum(x: torch.Tensor, scale_x: float, y: torch.Tensor, scale_y: float) -> float:
+    """``Σ_i (y_i·scale_y − x_i·scale_x)²`` in float64, in chunks of ``EXACT_CHUNK`` summed pairwise.
+
+    Every term is ≥ 0, so the relative error is γ_n with n ≤ ``EXACT_CHUNK`` + ⌈log₂ chunks⌉ whatever the order
+    within a chunk; equal inputs and equal scales give exactly 0. On the CPU the chunks go through two reused float64
+    buffers (numpy); elsewhere through torch."""
+    size = x.numel()
+    if size == 0:
+        return 0.0
+    sums = []
+    if x.device.type == "cpu" and y.device.type == "cpu" and {x.dtype, y.dtype} <= _NUMPY_DTYPES:
+        xs, ys = x.numpy(), y.numpy()
+        scaled, difference = np.empty(min(size, EXACT_CHUNK)), np.empty(min(size, EXACT_CHUNK))
+        for start in range(0, size, EXACT_CHUNK):
+            stop = min(size, start + EXACT_CHUNK)
+            d = np.multiply(ys[start:stop], scale_y, out=difference[: stop - start], dtype=np.float64)
+            np.subtract(d, np.multiply(xs[start:stop], scale_x, out=scaled[: stop - start], dtype=np.float64),
+                        out=d)
+            sums.append(float(np.dot(d, d)))
+    else:
+        for start in range(0, size, EXACT_CHUNK):
+            stop = min(size, start + EXACT_CHUNK)
+            d = y[start:stop].to(torch.float64) * scale_y - x[start:stop].to(torch.float64) * scale_x
+            sums.append(float(torch.dot(d, d)))
+    return float(_pairwise(torch.tensor(sums, dtype=torch.float64)))
 
 
 def partial_sums(x: torch.Tensor, stack: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -158,15 +179,12 @@ def exact_partial_sums(x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor
 
     ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels) are the *global* squared norms from round (1).
     """
-    out = torch.zeros(len(entries), dtype=torch.float64, device=x.device)
+    out = torch.zeros(len(entries), dtype=torch.float64)
     for position, (channel, row) in enumerate(entries):
         a, b = ranges[channel]
-        scale_x = 1 / math.sqrt(float(x_norm2[channel]))
-        scale_row = torch.tensor([1 / math.sqrt(float(stack_norm2[row, channel]))], dtype=torch.float64,
-                                 device=x.device)
-        out[position] = _pairwise(_block_sums(x[a:b], stack[row : row + 1, a:b], scale_x, scale_row,
-                                              square_difference=True))[0]
-    return out
+        out[position] = square_difference_sum(x[a:b], 1 / math.sqrt(float(x_norm2[channel])), stack[row, a:b],
+                                              1 / math.sqrt(float(stack_norm2[row, channel])))
+    return out.to(x.device)
 
 
 class ShardedCosineRows:
