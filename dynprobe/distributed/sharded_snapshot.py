@@ -38,7 +38,7 @@ from dynprobe._util.modules import layer_slices
 from dynprobe.metrics.interval import FunctionMetric, PairwiseMatrix, VectorHistory
 from dynprobe.recording.snapshot import MAX_LAYERS, SnapshotData, history_dtype
 from dynprobe.store.files import load_npy
-from dynprobe.store.layout import BUFFERS, PREDS, layer_metric, snapshot_file
+from dynprobe.store.layout import BUFFERS, PREDS, SHARDED_PARAMS, layer_metric, snapshot_file
 from dynprobe.store.rows import TriangularRows
 from dynprobe.store.sharded import save_sharded_params
 from dynprobe.store.sink import RunSink
@@ -50,8 +50,9 @@ __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
 
 PREDICTIONS_MEMORY = 64 * 2**20  # bytes of earlier predictions kept for D's rows
 CONVENTIONS = {
-    "theta_storage": "FSDP2: each rank's shards, torch.distributed.checkpoint safetensors files in "
-                     "snapshots/step_*/params.dcp/; load_run reads whole vectors in named_parameters() order",
+    "theta_storage": "FSDP2: each rank's shards, torch.distributed.checkpoint safetensors files (one per rank) in "
+                     f"each snapshot's {SHARDED_PARAMS} folder; load_run reads whole vectors in named_parameters() "
+                     "order",
     "C_sharded": "eq. (1) from float64 partial sums of each rank's shards (blocks of 256 products, pairwise sums), "
                  "summed with one all-reduce per snapshot; a second all-reduce recomputes the entries below the "
                  "dot-product form's accuracy as ½‖x̂ − ŷ‖² with the global norms; relative error ≤ 1e-9",
