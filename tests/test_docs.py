@@ -37,6 +37,7 @@ CLAIMS = {
     'out="runs/chaos"': "test_chaos_snippet_runs_as_written",
     "switching_experiment(": "test_switching_snippet_runs_as_written",
     'out="runs/ddp"': "test_ddp_snippet_runs_as_written_in_a_one_process_group",
+    'out="runs/fsdp"': "test_fsdp_snippet_runs_as_written_in_a_one_process_group",
     "integrations.lightning import": "test_integrations_snippet_runs_as_written",
 }
 
@@ -174,6 +175,25 @@ def test_ddp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypatc
     assert run.status == "closed" and run.steps[-1] == 120
     control = [i for i, g in enumerate(run.ghosts) if g.control]
     assert np.all(run.chaos["C"][control[0]][np.isfinite(run.chaos["C"][control[0]])] == 0.0)
+
+
+def test_fsdp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.chdir(tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        namespace = _namespace(20)
+        net = namespace["model"]  # sharded in place: the loop calls the same object
+        namespace.update(fully_shard=fully_shard, net=net)
+        namespace = _run(_snippet('out="runs/fsdp"') + TRAINING_LOOP, namespace, "FSDP")
+    finally:
+        dist.destroy_process_group()
+    run = dynprobe.load_run(tmp_path / "runs" / "fsdp")
+    assert run.status == "closed" and run.steps[-1] == 20
+    assert run.manifest["distributed"]["attached_to"] == "fully_shard"
+    assert run.params(index=-1).shape == (run.num_parameters,)
 
 
 def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):

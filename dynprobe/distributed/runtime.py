@@ -32,6 +32,7 @@ from dynprobe.store.writer import RunWriter, json_safe
 
 from .ghost_trainer import DistributedGhostTrainer
 from .kernel import ShardedKernel, partition_modules
+from .sharded import is_sharded
 from .sink import NullSink
 
 __all__ = ["DistributedRun", "NullSink", "ShardedKernel", "check_supported", "is_ddp", "open_run_writer",
@@ -60,14 +61,19 @@ class DistributedRun:
     rank: int
     world_size: int
     wrapper: nn.Module | None  # the DistributedDataParallel the probe was given (None: a plain module)
+    sharded: bool = False  # FSDP2 (fully_shard): DTensor parameters, each rank a shard (distributed/sharded.py)
 
     @classmethod
     def detect(cls, model: nn.Module) -> DistributedRun | None:
-        """A run when a default process group with more than one rank is initialized; None otherwise."""
+        """A run when a default process group with more than one rank is initialized, or when the parameters are
+        FSDP2-sharded DTensors (on any number of ranks); None otherwise."""
         dist = _dist()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        if not (dist.is_available() and dist.is_initialized()):
             return None
-        return cls(dist.get_rank(), dist.get_world_size(), model if is_ddp(model) else None)
+        sharded = is_sharded(model)
+        if dist.get_world_size() < 2 and not sharded:
+            return None
+        return cls(dist.get_rank(), dist.get_world_size(), model if is_ddp(model) else None, sharded)
 
     @property
     def is_writer(self) -> bool:
@@ -85,7 +91,8 @@ class DistributedRun:
         """Gather every rank's attach point and configuration hash; raise the same error on every rank if they
         disagree (or if ``problems`` — errors found on one rank — are not empty on any rank)."""
         mine = {"rank": self.rank, "wrapper": self.wrapper is not None,
-                "config": _config_hash(manifest), "params": _parameter_fingerprint(params),
+                "config": _config_hash(manifest),
+                "params": None if self.sharded else _parameter_fingerprint(params),  # FSDP: shards differ
                 "problems": list(problems or [])}
         everyone: list[Any] = [None] * self.world_size
         _dist().all_gather_object(everyone, mine)
@@ -121,7 +128,8 @@ class DistributedRun:
         manifest = {**manifest, "distributed": {"world_size": self.world_size,
                                                 "backend": str(_dist().get_backend()),
                                                 "attached_to": "DistributedDataParallel" if self.wrapper is not None
-                                                else "module", "writer_rank": 0}}
+                                                else "fully_shard" if self.sharded else "module",
+                                                "writer_rank": 0}}
         writer: RunWriter | NullSink | None = None
         outcome: list[Any] = [None]
         if self.is_writer:

@@ -24,6 +24,8 @@ from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
 from dynprobe.capture.step import StepCapture
 from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
+from dynprobe.distributed.sharded import AgreedSnapshots, shared_run_root
+from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.barriers import BarrierScheduler
@@ -80,10 +82,10 @@ class ProbeParts:
     sink: RunSink
     train_loss: TrainLoss
     learning_rates: LearningRateLog
-    recorder: SnapshotRecorder
+    recorder: SnapshotRecorder | ShardedSnapshotRecorder
     barriers: BarrierScheduler | None
     transition: TransitionWatch
-    sequence: SnapshotSequence
+    sequence: SnapshotSequence | AgreedSnapshots
     ghosts: GhostSet | None = None
     capture: StepCapture | None = None
     handles: list[Any] = field(default_factory=list)  # hooks the ghosts need, removed at close
@@ -109,8 +111,9 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     output_fn = options.output_fn or default_output_fn
     eval_set = EvalSet.from_user(eval_data, max_examples=options.eval_max, seed=options.seed, task=options.task)
     num_classes = check_model_output(inner, eval_set, output_fn, device, cuda_devices)
+    sharded = dist is not None and dist.sharded  # FSDP2: refused options are reported by open_run on every rank
     kernel = None
-    if options.kernel is not None:
+    if options.kernel is not None and not sharded:
         kernel = KernelMeasure(options.kernel, inner, eval_set, output_fn=output_fn, device=device,
                                kernel_factory=sharded_kernel(dist, inner))
     sink: RunSink = open_run(dist, out, options, model=inner, named_params=named_params, optimizer=optimizer,
@@ -118,7 +121,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                              kernel_convention=kernel.convention() if kernel is not None else None)
     handles: list[Any] = []
     try:
-        if sink.writes and background_writes(params, storage_dtype):
+        if sink.writes and not sharded and background_writes(params, storage_dtype):
             sink = BackgroundWriter(sink)  # large θ: snapshot files written off the training thread
         clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner)
         resumed_at = clock.step if sink.resumed else None
@@ -126,10 +129,18 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         train_loss = TrainLoss(train_loss_path(sink.root) if sink.writes else None, resumed_at=resumed_at,
                                since=last)
         learning_rates = LearningRateLog(sink.root if sink.writes else None)
-        recorder = SnapshotRecorder(
-            sink, inner, params, eval_set, device=device, storage_dtype=storage_dtype, output_fn=output_fn,
-            eval_batch_size=options.eval_batch_size, history_memory=options.history_memory,
-            kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None else None)
+        recorder: SnapshotRecorder | ShardedSnapshotRecorder
+        if sharded:  # FSDP2: each rank its shards; C from all-reduced partial sums (distributed/sharded_snapshot.py)
+            assert dist is not None
+            recorder = ShardedSnapshotRecorder(
+                dist, sink, inner, named_params, eval_set, root=shared_run_root(dist, sink.root), device=device,
+                storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size)
+        else:
+            recorder = SnapshotRecorder(
+                sink, inner, params, eval_set, device=device, storage_dtype=storage_dtype, output_fn=output_fn,
+                eval_batch_size=options.eval_batch_size, history_memory=options.history_memory,
+                kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None
+                else None)
         progress = SnapshotProgress(enabled=options.progress)
         barriers = BarrierScheduler(
             options.barriers, sink=sink, model=inner, eval_set=eval_set, output_fn=output_fn,
@@ -143,6 +154,9 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                                     learning_rates=learning_rates, barriers=barriers,
                                     transition=transition, progress=progress, model=inner, optimizer=optimizer,
                                     sink=sink, on_snapshot=options.on_snapshot)
+        if sharded:  # every rank agrees on each snapshot's outcome before training goes on
+            assert dist is not None
+            sequence = AgreedSnapshots(sequence, dist, device)
         parts = ProbeParts(dist=dist, model=inner, hooked_model=model, named_params=named_params, device=device,
                            cuda_devices=cuda_devices, storage_dtype=storage_dtype, output_fn=output_fn,
                            eval_set=eval_set, num_classes=num_classes, kernel=kernel, sink=sink,

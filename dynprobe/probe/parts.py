@@ -14,6 +14,7 @@ from torch import nn
 from dynprobe._util.evaluation import EvalSet, check_model_outputs
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
+from dynprobe.distributed.sharded import layout_problems, unsupported_under_fsdp
 from dynprobe.recording.cadence import planned_snapshots
 from dynprobe.store.disk import free_space_warning, projected_run_bytes
 from dynprobe.store.manifest import build_manifest
@@ -73,9 +74,14 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
         conventions={**options.conventions(json_safe(kernel_convention) if kernel_convention is not None else None),
                      **eval_set.task.conventions()},
     )
+    problems = check_supported(options.ghosts)
+    if dist is not None and dist.sharded:  # FSDP2: what this slice does not run yet, the same error on every rank
+        problems += unsupported_under_fsdp(ghosts=options.ghosts, kernel=options.kernel,
+                                           barriers=options.barriers.active(False),
+                                           history_memory=options.history_memory)
+        problems += layout_problems(named_params, dist.world_size)
     return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,
-                           resume_step=options.resume_step, problems=check_supported(options.ghosts),
-                           durable=options.durable)
+                           resume_step=options.resume_step, problems=problems, durable=options.durable)
 
 
 def warn_if_the_disk_is_too_small(writer: RunSink, options: ProbeOptions, params: list[torch.Tensor],

@@ -9,6 +9,8 @@ Format version 1 (docs/reference/run-directory.md describes it for users)::
       kernel_probe_indices.npy  which eval-set examples form the eNTK probe set
       snapshots/step_00000100/  params.npy (flat θ), buffers.npz, preds.npy (eval argmax), kernel.npy,
                                 ghost_001.preds.npy, ghost_001.params.npy
+      snapshots/step_00000100/params.dcp/  under FSDP2 instead of params.npy: each rank's shards of θ, a
+                                torch.distributed.checkpoint in its safetensors format (one file per rank)
       metrics/C.rows, D.rows …  append-only lower-triangular float64 rows: row k holds M[k, 0..k]
       metrics/C.layer_003.rows  the same rows of C restricted to one layer's slice of θ (layers in manifest order)
       metrics/C.npy, D.npy …    full T×T matrices, materialized when the probe closes (for other tools)
@@ -45,6 +47,7 @@ __all__ = [
     "PARAMS",
     "PREDS",
     "SEPARATION",
+    "SHARDED_PARAMS",
     "damaged_copy_path",
     "SNAPSHOTS",
     "SWITCHING",
@@ -64,6 +67,7 @@ __all__ = [
     "snapshot_dirname",
     "snapshot_archive",
     "snapshot_file",
+    "sharded_params_dir",
     "switching_results_path",
     "train_loss_path",
     "lr_path",
@@ -98,6 +102,7 @@ BUFFERS = "buffers"
 PREDS = "preds"
 KERNEL = "kernel"
 KERNEL_LAYERS = "kernel_layers"  # (L, n, n) float64: each layer's H_l, run.layers order (per_layer=True)
+SHARDED_PARAMS = "params.dcp"  # FSDP2: the folder of θ's shards, one safetensors file per rank (store/sharded.py)
 
 
 def snapshot_dirname(step: int) -> str:
@@ -114,6 +119,11 @@ def snapshot_file(root: Path, step: int, name: str) -> Path:
     """The ``.npy`` array ``name`` of the snapshot at ``step`` (``buffers`` is the one ``.npz``)."""
     suffix = ".npz" if name == BUFFERS else ".npy"
     return snapshot_dir(root, step) / f"{name}{suffix}"
+
+
+def sharded_params_dir(root: Path, step: int) -> Path:
+    """``snapshots/step_00000100/params.dcp``: θ of an FSDP2 run's snapshot, as the ranks' shards."""
+    return snapshot_dir(root, step) / SHARDED_PARAMS
 
 
 def snapshot_archive(root: Path, step: int, name: str) -> Path:

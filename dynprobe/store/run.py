@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dynprobe._util.checks import is_int
 from dynprobe._util.distances import pairwise_cosine_dissimilarity
@@ -56,6 +57,7 @@ from .layout import (
 )
 from .records import RecordsView
 from .rows import PairLog, TriangularRows
+from .sharded import has_sharded_params, load_sharded_params, load_sharded_tensors
 from .validate import backed_snapshots, valid_event_prefix, validate_manifest
 
 __all__ = ["CHAOS_METRICS", "GhostInfo", "Run", "RunFormatError", "RunFormatWarning", "load_run"]
@@ -232,6 +234,8 @@ class Run(RecordsView):
     def params(self, *, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
         """Flat ``vec(θ)`` of one snapshot (``step=`` or ``index=``; memory-mapped by default)."""
         i = self._index("params", step, index)
+        if has_sharded_params(self.path, self.snapshots[i]["step"]):  # FSDP2: the ranks' shards, gathered here
+            return load_sharded_params(self.path, self.manifest, int(self.snapshots[i]["step"]))
         return load_npy(self._file(i, PARAMS), mmap=mmap, shape=self._param_shape())
 
     def buffers(self, *, step: int | None = None, index: int | None = None) -> dict[str, np.ndarray]:
@@ -251,7 +255,11 @@ class Run(RecordsView):
         i = self._index("state_dict", step, index)
         if not isinstance(self.manifest.get("model"), dict):
             raise RunFormatError(f"{self.path}: the manifest has no model layout; cannot rebuild a state dict")
-        return load_snapshot_state(self.path, self.manifest, int(self.snapshots[i]["step"]))
+        step = int(self.snapshots[i]["step"])
+        if has_sharded_params(self.path, step):  # FSDP2: full tensors from the ranks' shards, then the buffers
+            buffers = {name: torch.from_numpy(np.array(array)) for name, array in self.buffers(index=i).items()}
+            return {**load_sharded_tensors(self.path, self.manifest, step), **buffers}
+        return load_snapshot_state(self.path, self.manifest, step)
 
     @property
     def eval_indices(self) -> np.ndarray:

@@ -1,0 +1,167 @@
+"""The probe under FSDP2 (``torch.distributed.fsdp.fully_shard``): detection, what is supported, and agreement.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded over the ranks: rank r holds a piece of ``vec(θ)`` and no
+rank holds the whole. The probe attaches with the same two lines on every rank (the model and optimizer the loop
+uses); what differs from DDP:
+
+* **attach** — :func:`is_sharded` (parameters are DTensors) selects the sharded parts in
+  :func:`dynprobe.probe.assembly.assemble`; :func:`unsupported_under_fsdp` and :func:`layout_problems` name what
+  this slice cannot do yet, reported through the DDP attach check (:meth:`DistributedRun.check_agreement`) so
+  every rank fails with the same error and none waits in a collective; the parameter-value fingerprint is not
+  compared (the shards differ by design). :func:`shared_run_root` gives every rank rank 0's run directory and
+  checks that every rank sees it (each writes its own shards there).
+* **snapshots** — :class:`~dynprobe.distributed.sharded_snapshot.ShardedSnapshotRecorder`: every rank evaluates
+  the same eval batches (the FSDP forward is collective), computes its partial sums of the C row
+  (:mod:`dynprobe.distributed.sharded_rows`) and writes its own shards with ``torch.distributed.checkpoint``;
+  rank 0 writes the rest and the commit line.
+* **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
+  ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
+  the probe detach on every rank at the same step — never one rank back in training while another waits in a
+  probe collective.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dynprobe.store.layout import MANIFEST
+from dynprobe.store.sharded import sharded_checkpoints_problem
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a PyTorch without torch.distributed or without public DTensors: no FSDP2 either
+    DTensor = Shard = None  # type: ignore[assignment,misc]
+
+__all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece",
+           "shared_run_root", "unsupported_under_fsdp"]
+
+UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
+
+
+class ShardedRunFailure(RuntimeError):
+    """Probe work failed on some rank of an FSDP run: raised on every rank alike."""
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are sharded DTensors (FSDP2 ``fully_shard``)."""
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """This rank's piece of ``vec(θ)``: each parameter's local shard, flattened and concatenated in order."""
+    pieces = [(p.to_local() if _is_dtensor(p) else p).detach().reshape(-1).to(dtype) for p in params]
+    if not pieces:
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat(pieces)
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Entries of this rank's shard of ``p`` (all of ``p`` for a plain tensor)."""
+    return (p.to_local() if _is_dtensor(p) else p).numel()
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_memory: int | None = None
+                           ) -> list[str]:
+    """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
+    problems = []
+    if ghosts is not None:
+        problems.append(f"ghosts= {UNSUPPORTED} (replicas would need their own sharded copies); build the Probe "
+                        "without ghosts=")
+    if kernel is not None:
+        problems.append(f"kernel= {UNSUPPORTED} (the eNTK needs per-shard Jacobians); build the Probe without "
+                        "kernel=")
+    if barriers:
+        problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
+                        "barriers= at its default")
+    if history_memory is not None:
+        problems.append(f"history_memory= {UNSUPPORTED} (every rank keeps its shards of all snapshots in memory "
+                        "for the C rows: T·P/R numbers); leave history_memory= at its default")
+    checkpoints = sharded_checkpoints_problem()
+    if checkpoints is not None:
+        problems.append(checkpoints)
+    return problems
+
+
+def layout_problems(named_params: Sequence[tuple[str, torch.Tensor]], world_size: int) -> list[str]:
+    """Parameters the sharded C cannot sum correctly: every one must be a DTensor sharded (``Shard`` placements
+    only, so each entry lives on exactly one rank) over a 1-D mesh of all ``world_size`` ranks."""
+    problems = []
+    for name, p in named_params:
+        if not _is_dtensor(p):
+            problems.append(f"parameter {name!r} is not sharded (a plain tensor next to DTensors); apply "
+                            "fully_shard to the root module too, so that every parameter is sharded")
+        elif p.device_mesh.ndim != 1 or p.device_mesh.size() != world_size or \
+                not all(isinstance(placement, Shard) for placement in p.placements):
+            problems.append(f"parameter {name!r} is a DTensor on a mesh of shape {tuple(p.device_mesh.shape)} with "
+                            f"placements {tuple(p.placements)}: only a 1-D mesh over all {world_size} ranks with "
+                            "Shard placements (plain fully_shard) is supported yet (not HSDP or tensor parallelism)")
+        if len(problems) >= 3:
+            break
+    return problems
+
+
+class Collectives(Protocol):
+    """What the sharded parts need of a :class:`~dynprobe.distributed.runtime.DistributedRun`."""
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> None: ...
+
+
+def shared_run_root(run: Collectives, root: Path) -> Path:
+    """Rank 0's run directory, on every rank; raises the same error on every rank when some rank cannot see it
+    (under FSDP every rank writes its shards into it: the ranks must share its filesystem)."""
+    names: list[Any] = [str(root) if run.rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    shared = Path(names[0])
+    seen: list[Any] = [None] * run.world_size
+    dist.all_gather_object(seen, (shared / MANIFEST).is_file())
+    blind = [rank for rank, visible in enumerate(seen) if not visible]
+    if blind:
+        raise ValueError(f"under FSDP every rank writes its parameter shards into rank 0's run directory {shared}, "
+                         f"but ranks {blind} cannot see it: put out= on a filesystem all ranks share")
+    return shared
+
+
+class SnapshotTaker(Protocol):
+    def take(self, step: int, *, ghosts: Any) -> None: ...
+
+
+class AgreedSnapshots:
+    """A snapshot sequence whose outcome every rank agrees on: after the snapshot (all its collectives and rank 0's
+    files), one SUM all-reduce of a failure flag; if any rank failed, every rank raises (and its fault barrier
+    detaches the probe there), so no rank goes back to training while another is still inside the probe.
+
+    Args:
+        sequence: the snapshot sequence (``take(step, ghosts=...)``).
+        run: the collectives (``all_reduce``, ``world_size``).
+        device: where the flag lives (the parameters' device: CPU for gloo, CUDA for NCCL).
+    """
+
+    def __init__(self, sequence: SnapshotTaker, run: Collectives, device: torch.device) -> None:
+        self.sequence, self.run, self.device = sequence, run, device
+
+    def take(self, step: int, *, ghosts: Any) -> None:
+        error: Exception | None = None
+        try:
+            self.sequence.take(step, ghosts=ghosts)
+        except Exception as failure:  # noqa: BLE001 - re-raised below, after every rank learned of it
+            error = failure
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        self.run.all_reduce(flag)
+        failed = int(flag.item())
+        if error is not None:
+            raise error
+        if failed:
+            raise ShardedRunFailure(f"the snapshot at step {step} failed on {failed} of {self.run.world_size} ranks "
+                                    "(see that rank's warning); the probe detaches on every rank")
