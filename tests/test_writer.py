@@ -313,10 +313,15 @@ def test_resume_keeps_exactly_what_the_last_committed_snapshot_vouches_for(tmp_p
     _kill_after_uncommitted_snapshot(root)
     with RunWriter(root, manifest(), resume=True) as writer:
         assert writer.resume_from_step(None) == 8 and [s["step"] for s in writer.snapshots] == [0, 2, 4, 6, 8]
+        writer.begin()
     events = _events(root)
     assert not [e for e in events if e.get("step", 0) > 8]  # ghost 2's spawn and the step-10 comparison are gone
     assert not snapshot_dir(root, 10).exists()
     assert not separation_path(root, 2).exists()
+    aside = events[-1]["set_aside"]  # nothing is deleted: the dropped folder and log are moved aside
+    assert (root / aside / "snapshots" / "step_00000010" / "params.npy").is_file()
+    assert (root / aside / separation_path(root, 2).relative_to(root)).is_file()
+    assert PairLog(root / aside / "train_loss.f8").read()[0].tolist() == [7, 8, 9, 10]
     assert PairLog(separation_path(root, 1)).read()[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert PairLog(train_loss_path(root)).read()[0].tolist() == [7, 8]
     assert all(TriangularRows(rows_path(root, n)).complete_rows() == 5 for n in ("C", "D", "S"))
@@ -328,8 +333,9 @@ def test_resume_keeps_exactly_what_the_last_committed_snapshot_vouches_for(tmp_p
 def test_resume_at_an_earlier_step_rewinds_every_file(tmp_path):
     root = tmp_path / "run"
     write_small_run(root, close=False)
-    with pytest.warns(UserWarning, match=r"discarding 2 snapshots recorded after it \(steps 6..8\)"):
-        writer = RunWriter(root, manifest(), resume=True, resume_step=4)
+    writer = RunWriter(root, manifest(), resume=True, resume_step=4)
+    with pytest.warns(UserWarning, match=r"2 snapshots recorded after it \(steps 6..8\) are moved aside"):
+        writer.begin()
     writer.close()
     run = dynprobe.load_run(root)
     assert list(run.steps) == [0, 2, 4] and run.C.shape == (3, 3)
@@ -344,8 +350,9 @@ def test_resume_at_an_earlier_step_rewinds_every_file(tmp_path):
 def test_resume_at_a_step_without_a_snapshot_drops_that_steps_snapshot_records(tmp_path):
     root = tmp_path / "run"
     write_small_run(root, close=False, steps=(0, 2, 4, 6))
-    with pytest.warns(UserWarning, match="discarding 1 snapshots"):
-        RunWriter(root, manifest(), resume=True, resume_step=5).close()
+    with RunWriter(root, manifest(), resume=True, resume_step=5) as writer, \
+            pytest.warns(UserWarning, match="1 snapshots recorded after it .* are moved aside"):
+        writer.begin()
     run = dynprobe.load_run(root)
     assert list(run.steps) == [0, 2, 4] and run.manifest["resumes"][-1]["step"] == 5
 
@@ -394,11 +401,12 @@ def test_resume_of_a_damaged_log_continues_from_its_valid_prefix_and_keeps_the_o
     position = [i for i, line in enumerate(lines) if '"snapshot"' in line][3]
     lines.insert(position, json.dumps({"event": "snapshot", "index": 0, "step": 0}))  # a second writer's line
     (root / EVENTS).write_text("\n".join(lines) + "\n")
-    with pytest.warns(RunFormatWarning, match=r"Resuming from its valid prefix \(3 snapshots\); the original log"):
-        writer = RunWriter(root, manifest(), resume=True)
+    writer = RunWriter(root, manifest(), resume=True)
     assert [s["step"] for s in writer.snapshots] == [0, 2, 4]
+    with pytest.warns(RunFormatWarning, match=r"Resuming from its valid prefix \(3 snapshots\); the original files"):
+        writer.begin()
     writer.close()
-    kept = list(root.glob(f"{EVENTS}.damaged-*"))
+    kept = list(root.glob(f"set-aside-*/{EVENTS}"))
     assert len(kept) == 1 and kept[0].read_text().count("\n") == len(lines)
     run = dynprobe.load_run(root)
     assert run.damage == [] and list(run.steps) == [0, 2, 4] and run.C.shape == (3, 3)

@@ -11,7 +11,7 @@ import numpy as np
 from .files import RunFormatError, append_bytes, open_for_writing, truncate_file
 from .reading import open_regular, regular_size
 
-__all__ = ["MAX_PAIRS_PER_STEP", "PairLog", "TriangularRows"]
+__all__ = ["MAX_PAIRS_PER_STEP", "PAIR_BYTES", "PairLog", "TriangularRows"]
 
 
 class TriangularRows:
@@ -113,6 +113,7 @@ class TriangularRows:
 
 
 _PAIR = np.dtype([("step", "<f8"), ("value", "<f8")])
+PAIR_BYTES = _PAIR.itemsize  # one (step, value) record
 _CHUNK_PAIRS = 65536
 MAX_PAIRS_PER_STEP = 65536  # watched-loss calls per optimizer step (accumulation, an eval loop): room to spare
 
