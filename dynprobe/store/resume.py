@@ -19,10 +19,10 @@ longer exists. The rule, applied to every file of the run:
 * snapshot folders without a commit line are dropped; temporary files of interrupted atomic writes (the writer's
   scratch, never a committed file) are removed.
 
-Nothing recorded is deleted (only the writer's scratch and the copies above): whatever is dropped is moved, and whatever is cut or rewritten is first copied, to
-``set-aside-STAMP/`` (:mod:`dynprobe.store.set_aside`). A resume that is refused changes nothing on disk: every
-check (the model, the eval set, the resume step, the stored arrays the run continues from) runs in
-:func:`plan_resume`, before :func:`apply_resume` touches a file.
+Nothing recorded is deleted (only the writer's scratch and the matrix copies above): whatever is dropped is moved,
+and whatever is cut or rewritten is first copied, to ``set-aside-STAMP/`` (:mod:`dynprobe.store.set_aside`). A
+resume that is refused changes nothing on disk: every check (the model, the eval set, the resume step, the stored
+arrays the run continues from) runs in :func:`plan_resume`, before :func:`apply_resume` touches a file.
 
 A resume step beyond the end of a *closed* run is refused (the step count would jump over steps the probe never
 saw); beyond the last recorded step of an *interrupted* run it is accepted with a warning, since the process may
