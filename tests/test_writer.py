@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_another_process_is_named_and_a_sigkilled_writers_lock_is_recovered(tmp_
     root = tmp_path / "r"
     process = _holder(tmp_path, root)
     try:
-        with pytest.raises(RunInUseError, match=f"process {process.pid} on host .* command"):
+        with pytest.raises(RunInUseError, match=f"process {process.pid} on host .* \\(since [^)]*\\)\\. A run"):
             RunWriter(root, manifest(), resume=True)
         run = dynprobe.load_run(root)  # a reader works while another process writes
         assert run.status == "running" and any(e["event"] == "holder" for e in run.events)
@@ -500,3 +501,21 @@ def test_free_space_warning(tmp_path):
     assert free_space_warning(tmp_path / "new" / "run", 1000) is None
     message = free_space_warning(tmp_path / "new" / "run", 10**18)
     assert "projected to take" in message and "out=" in message and "free" in message
+
+
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
+    root = tmp_path / "run"
+    first = RunWriter(root, manifest(), resume=False)
+    (root / LOCK).unlink()  # a cleanup script removes the lock file while the first writer runs
+    with pytest.raises(RunInUseError, match="open for writing by another writer"):
+        RunWriter(root, manifest(), resume=True)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from dynprobe.store.writer import RunWriter, RunInUseError\n"
+              "from tests.small_runs import manifest\n"
+              f"try:\n    RunWriter({str(root)!r}, manifest(), resume=True)\n"
+              "except RunInUseError:\n    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "refused", done.stderr  # another process too
+    first.close()
+    with RunWriter(root, manifest(), resume=True) as writer:  # released: the next writer gets the run
+        assert writer.resumed
