@@ -142,7 +142,7 @@ def parse_json(data: bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> A
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise RunFormatError(f"{where} is truncated or not JSON ({error})") from error
+        raise RunFormatError(f"{where} is not valid JSON: truncated or damaged ({error})") from error
 
 
 def iter_lines(handle: BinaryIO, *, offset: int = 0, max_line: int | None = None
