@@ -51,15 +51,19 @@ from .layout import (
     METRICS,
     PARAMS,
     SNAPSHOTS,
+    barriers_path,
     is_temporary,
+    lr_files,
     matrix_path,
     rows_files,
     rows_path,
     run_array_path,
+    separation_files,
     separation_path,
     snapshot_archive,
     snapshot_dir,
     snapshot_file,
+    train_loss_path,
 )
 from .lock import RunInUseError, WriterLock
 from .resume import ResumePlan, apply_resume, check_same_run, plan_resume
@@ -354,13 +358,20 @@ class RunWriter:
         self.snapshots.append(json_safe(record))
 
     def _sync_before_commit(self, step: int) -> None:
+        """Flush everything the commit line vouches for: the snapshot's folder (each array was fsynced before its
+        rename), the metric rows and barrier records, the (step, value) logs — watched training loss, learning
+        rates, ghost separations — and the folders holding them."""
         folder = snapshot_dir(self.root, step)
         if folder.is_dir():
-            fsync_dir(folder)  # the renames of its arrays (each array was fsynced before its rename)
+            fsync_dir(folder)
         fsync_dir(self.root / SNAPSHOTS)
-        for path in rows_files(self.root).values():
-            fsync_file(path)
-        fsync_dir(self.root / METRICS)
+        logs = [*rows_files(self.root).values(), barriers_path(self.root), train_loss_path(self.root),
+                *lr_files(self.root).values(), *separation_files(self.root).values()]
+        for path in logs:
+            if path.is_file():
+                fsync_file(path)
+        for directory in {path.parent for path in logs if path.is_file()} | {self.root / METRICS, self.root}:
+            fsync_dir(directory)
 
     def update_manifest(self, **fields: Any) -> None:
         """Set manifest fields and rewrite ``run.json`` atomically."""
