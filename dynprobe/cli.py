@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "needed) with the paper's figures for a run, and print its summary.")
     report.add_argument("run", type=Path, help="run directory")
     report.add_argument("-o", "--output", type=Path, default=None, help="output file (default: RUN/report.html)")
+    report.add_argument("--include-command", action="store_true",
+                        help="show the command line the run recorded (Probe(record_command=True); secrets redacted)")
     _add_output_options(report)
 
     compare = commands.add_parser("compare", help="compare runs (seeds or settings) in one HTML report",
@@ -243,7 +245,7 @@ def _report(args: argparse.Namespace, console: Console, errors: Console) -> int:
     else:
         render_summary(run, console, result)
     return _write_report(lambda tick: build_report(run, log_steps=args.log_steps, log_y=args.log_y or None,
-                                                   tick=tick, result=result),
+                                                   tick=tick, result=result, include_command=args.include_command),
                          output, args, console, errors, steps=20)
 
 

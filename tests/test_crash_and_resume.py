@@ -193,7 +193,7 @@ def test_resume_after_restoring_a_checkpoint_reproduces_an_uninterrupted_run(dev
     torch.set_rng_state(checkpoint["rng"])
     if checkpoint["cuda_rng"] is not None:  # dropout on a GPU draws from its generator
         torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-    with pytest.warns(UserWarning, match="discarding 2 snapshots"):
+    with pytest.warns(UserWarning, match="2 snapshots recorded after it .* are moved aside"):
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "run",
                                schedule=2, resume=True, resume_step=6)
     train(model, optimizer, scheduler, data, 10)

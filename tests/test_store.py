@@ -303,4 +303,4 @@ def test_layout_paths():
     assert layout.separation_path(root, 7) == Path("r/ghosts/ghost_007.separation")
     assert layout.run_array_path(root, layout.EVAL_INDICES) == layout.run_array_path(root, "eval_indices")
     assert layout.is_temporary(".params.npy.abcd1234.tmp") and not layout.is_temporary("params.npy")
-    assert layout.damaged_copy_path(Path("r/events.jsonl"), "T").name == "events.jsonl.damaged-T"
+    assert layout.set_aside_dir(Path("r"), "T") == Path("r/set-aside-T")

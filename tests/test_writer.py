@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_another_process_is_named_and_a_sigkilled_writers_lock_is_recovered(tmp_
     root = tmp_path / "r"
     process = _holder(tmp_path, root)
     try:
-        with pytest.raises(RunInUseError, match=f"process {process.pid} on host .* command"):
+        with pytest.raises(RunInUseError, match=f"process {process.pid} on host .* \\(since [^)]*\\)\\. A run"):
             RunWriter(root, manifest(), resume=True)
         run = dynprobe.load_run(root)  # a reader works while another process writes
         assert run.status == "running" and any(e["event"] == "holder" for e in run.events)
@@ -313,10 +314,15 @@ def test_resume_keeps_exactly_what_the_last_committed_snapshot_vouches_for(tmp_p
     _kill_after_uncommitted_snapshot(root)
     with RunWriter(root, manifest(), resume=True) as writer:
         assert writer.resume_from_step(None) == 8 and [s["step"] for s in writer.snapshots] == [0, 2, 4, 6, 8]
+        writer.begin()
     events = _events(root)
     assert not [e for e in events if e.get("step", 0) > 8]  # ghost 2's spawn and the step-10 comparison are gone
     assert not snapshot_dir(root, 10).exists()
     assert not separation_path(root, 2).exists()
+    aside = events[-1]["set_aside"]  # nothing is deleted: the dropped folder and log are moved aside
+    assert (root / aside / "snapshots" / "step_00000010" / "params.npy").is_file()
+    assert (root / aside / separation_path(root, 2).relative_to(root)).is_file()
+    assert PairLog(root / aside / "train_loss.f8").read()[0].tolist() == [7, 8, 9, 10]
     assert PairLog(separation_path(root, 1)).read()[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert PairLog(train_loss_path(root)).read()[0].tolist() == [7, 8]
     assert all(TriangularRows(rows_path(root, n)).complete_rows() == 5 for n in ("C", "D", "S"))
@@ -328,8 +334,9 @@ def test_resume_keeps_exactly_what_the_last_committed_snapshot_vouches_for(tmp_p
 def test_resume_at_an_earlier_step_rewinds_every_file(tmp_path):
     root = tmp_path / "run"
     write_small_run(root, close=False)
-    with pytest.warns(UserWarning, match=r"discarding 2 snapshots recorded after it \(steps 6..8\)"):
-        writer = RunWriter(root, manifest(), resume=True, resume_step=4)
+    writer = RunWriter(root, manifest(), resume=True, resume_step=4)
+    with pytest.warns(UserWarning, match=r"2 snapshots recorded after it \(steps 6..8\) are moved aside"):
+        writer.begin()
     writer.close()
     run = dynprobe.load_run(root)
     assert list(run.steps) == [0, 2, 4] and run.C.shape == (3, 3)
@@ -344,8 +351,9 @@ def test_resume_at_an_earlier_step_rewinds_every_file(tmp_path):
 def test_resume_at_a_step_without_a_snapshot_drops_that_steps_snapshot_records(tmp_path):
     root = tmp_path / "run"
     write_small_run(root, close=False, steps=(0, 2, 4, 6))
-    with pytest.warns(UserWarning, match="discarding 1 snapshots"):
-        RunWriter(root, manifest(), resume=True, resume_step=5).close()
+    with RunWriter(root, manifest(), resume=True, resume_step=5) as writer, \
+            pytest.warns(UserWarning, match="1 snapshots recorded after it .* are moved aside"):
+        writer.begin()
     run = dynprobe.load_run(root)
     assert list(run.steps) == [0, 2, 4] and run.manifest["resumes"][-1]["step"] == 5
 
@@ -394,11 +402,12 @@ def test_resume_of_a_damaged_log_continues_from_its_valid_prefix_and_keeps_the_o
     position = [i for i, line in enumerate(lines) if '"snapshot"' in line][3]
     lines.insert(position, json.dumps({"event": "snapshot", "index": 0, "step": 0}))  # a second writer's line
     (root / EVENTS).write_text("\n".join(lines) + "\n")
-    with pytest.warns(RunFormatWarning, match=r"Resuming from its valid prefix \(3 snapshots\); the original log"):
-        writer = RunWriter(root, manifest(), resume=True)
+    writer = RunWriter(root, manifest(), resume=True)
     assert [s["step"] for s in writer.snapshots] == [0, 2, 4]
+    with pytest.warns(RunFormatWarning, match=r"Resuming from its valid prefix \(3 snapshots\); the original files"):
+        writer.begin()
     writer.close()
-    kept = list(root.glob(f"{EVENTS}.damaged-*"))
+    kept = list(root.glob(f"set-aside-*/{EVENTS}"))
     assert len(kept) == 1 and kept[0].read_text().count("\n") == len(lines)
     run = dynprobe.load_run(root)
     assert run.damage == [] and list(run.steps) == [0, 2, 4] and run.C.shape == (3, 3)
@@ -492,3 +501,21 @@ def test_free_space_warning(tmp_path):
     assert free_space_warning(tmp_path / "new" / "run", 1000) is None
     message = free_space_warning(tmp_path / "new" / "run", 10**18)
     assert "projected to take" in message and "out=" in message and "free" in message
+
+
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
+    root = tmp_path / "run"
+    first = RunWriter(root, manifest(), resume=False)
+    (root / LOCK).unlink()  # a cleanup script removes the lock file while the first writer runs
+    with pytest.raises(RunInUseError, match="open for writing by another writer"):
+        RunWriter(root, manifest(), resume=True)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from dynprobe.store.writer import RunWriter, RunInUseError\n"
+              "from tests.small_runs import manifest\n"
+              f"try:\n    RunWriter({str(root)!r}, manifest(), resume=True)\n"
+              "except RunInUseError:\n    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "refused", done.stderr  # another process too
+    first.close()
+    with RunWriter(root, manifest(), resume=True) as writer:  # released: the next writer gets the run
+        assert writer.resumed

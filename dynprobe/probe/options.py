@@ -60,6 +60,9 @@ class ProbeOptions:
         durable: ``fsync`` every file and its directory at each commit point, so a power loss cannot lose a
             committed snapshot (a kill of the process never can); it costs far more than a snapshot's own writes
             on most filesystems, hence off by default.
+        record_command: record the process's command line (``sys.argv``) in ``run.json``, with the values of
+            options named like ``*key*``, ``*token*``, ``*secret*``, ``*password*`` replaced by ``***``. Off by
+            default: a run directory is shared, and command lines carry credentials.
         history_memory: bytes of earlier parameter vectors kept on the model's device to compute C rows in
             O(T) per snapshot; older vectors are streamed back from ``out`` (default: a quarter of the free memory).
         snapshot_on_close: also snapshot the final step at ``close()`` if the schedule did not.
@@ -93,6 +96,7 @@ class ProbeOptions:
     task: Any = None
     progress: bool = True
     durable: bool = False
+    record_command: bool = False
     history_memory: int | None = None
     snapshot_on_close: bool = True
     on_transition: Callable[..., None] | None = None
@@ -129,6 +133,8 @@ class ProbeOptions:
         object.__setattr__(self, "progress", bool(self.progress))
         if not isinstance(self.durable, bool):
             raise TypeError(f"durable must be True or False; got {self.durable!r}")
+        if not isinstance(self.record_command, bool):
+            raise TypeError(f"record_command must be True or False; got {self.record_command!r}")
         if self.errors not in ERROR_POLICIES:
             raise ValueError(f"errors must be 'warn' or 'raise'; got {self.errors!r}")
         if not isinstance(self.resume, bool):

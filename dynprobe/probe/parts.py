@@ -3,6 +3,7 @@ and its manifest, the resumed parameters, the projected disk use, parameters add
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dynprobe._util.command import redacted_command
 from dynprobe._util.evaluation import EvalSet, check_model_outputs
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.distributed.runtime import DistributedRun, check_supported, open_run_writer
@@ -73,6 +75,7 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
         storage_dtype=storage_dtype, device=device, config=options.to_config(),
         conventions={**options.conventions(json_safe(kernel_convention) if kernel_convention is not None else None),
                      **eval_set.task.conventions()},
+        command=redacted_command(sys.argv) if options.record_command else None,
     )
     problems = check_supported(options.ghosts)
     if dist is not None and dist.sharded:  # FSDP2: what this slice does not run yet, the same error on every rank

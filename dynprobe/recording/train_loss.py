@@ -32,8 +32,8 @@ class TrainLoss:
 
     Args:
         path: ``train_loss.f8`` of the run, or None where nothing is written (DDP ranks other than 0).
-        resumed_at: for a resumed run, the step training restarts from: pairs after it are dropped (the run rewound)
-            and the flushed ones after ``since`` are taken back as the current stretch.
+        resumed_at: for a resumed run, the step training restarts from: the flushed pairs up to it and after ``since``
+            are taken back as the current stretch (the writer's resume cuts the pairs after it from the log).
         since: the step of the last committed snapshot (a resumed run).
     """
 
@@ -44,7 +44,6 @@ class TrainLoss:
         if self.path is not None and resumed_at is not None:
             steps, losses = read_train_losses(self.path)
             keep = steps <= resumed_at
-            PairLog(self.path).truncate_after(resumed_at)
             lower = -1 if since is None else since
             self._stretch = [float(v) for v in losses[keep & (steps > lower)]]
 

@@ -198,7 +198,8 @@ class RunSections(SectionContext):
             ["versions", esc(f"dynprobe {manifest.get('dynprobe_version', '?')}, torch "
                              f"{manifest.get('torch_version', '?')}, numpy {manifest.get('numpy_version', '?')}, "
                              f"python {manifest.get('python_version', '?')}")],
-            ["command", f"<code>{esc(manifest.get('command', '?'))}</code>"],
+            *([["command", f"<code>{esc(manifest['command'])}</code>"]]
+              if self.include_command and isinstance(manifest.get("command"), str) else []),
             ["model", esc(f"{model.get('class', '?')} · {model.get('num_parameters', '?')} trainable parameters · "
                           f"stored as {model.get('storage_dtype', '?')} · {model.get('device', '?')}")],
             ["optimizer", esc(f"{(manifest.get('optimizer') or {}).get('class', '?')} "

@@ -44,14 +44,15 @@ SECTIONS = (
 
 
 def build_report(run: Run, *, log_steps: bool = False, log_y: bool | None = None, tick: Tick | None = None,
-                 result: RunAnalysis | None = None) -> str:
+                 result: RunAnalysis | None = None, include_command: bool = False) -> str:
     """The report of ``run`` as one HTML document (a string). ``tick(label)`` is called before each piece of work
     (progress); ``result``: :func:`dynprobe.analysis.analyze` of ``run`` if already computed; ``log_y``: loss axes
-    on a log scale (None: automatic, when the losses span more than 100× or spike)."""
+    on a log scale (None: automatic, when the losses span more than 100× or spike); ``include_command``: show the
+    command line the run recorded (``Probe(record_command=True)``; off by default, a report is shared)."""
     tick = tick or (lambda label: None)
     tick("analysis")
     sections = RunSections(run, result if result is not None else analyze(run), log_steps=log_steps, tick=tick,
-                           log_y=log_y)
+                           log_y=log_y, include_command=include_command)
     body = [sections.header(), sections.headline(), nav([(key, title) for key, title, _ in SECTIONS])]
     for key, title, method in SECTIONS:
         body.append(f'<section id="{key}"><h2>{esc(title)}</h2>{getattr(sections, method)()}</section>')

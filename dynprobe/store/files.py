@@ -30,6 +30,7 @@ import numpy as np
 from dynprobe._util.checks import is_int
 
 from .layout import BUFFERS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PARAMS, TEMPORARY_SUFFIX, snapshot_file
+from .reading import iter_lines, open_regular, parse_json, read_small_file
 from .safety import (
     RunFormatError,
     RunFormatWarning,
@@ -143,7 +144,7 @@ def atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray], *, durable: bo
 
 
 def _check_header(path: Path, handle: BinaryIO, available: int, shape: tuple[Any, ...] | None
-                  ) -> tuple[tuple[int, ...], np.dtype]:
+                  ) -> tuple[tuple[int, ...], np.dtype, bool]:
     """Parse a ``.npy`` header and check it against the bytes that follow (and the expected shape)."""
     head = handle.read(len(_NPY_MAGIC) + 2)
     if head[:4] == _ZIP_MAGIC:
@@ -152,9 +153,9 @@ def _check_header(path: Path, handle: BinaryIO, available: int, shape: tuple[Any
         raise RunFormatError(f"{path} is not a .npy array (no NUMPY header): damaged or replaced")
     version = (head[-2], head[-1])
     if version == (1, 0):
-        declared, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        declared, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
     elif version in ((2, 0), (3, 0)):
-        declared, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        declared, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
     else:
         raise RunFormatError(f"{path} uses .npy format version {version}, which dynprobe does not read")
     if dtype.hasobject:
@@ -167,7 +168,7 @@ def _check_header(path: Path, handle: BinaryIO, available: int, shape: tuple[Any
         wanted = ", ".join("..." if n is Ellipsis else str(n) for n in shape)
         raise RunFormatError(f"{path} holds shape {tuple(declared)}; the run's manifest says ({wanted}): the file "
                              "does not belong to this run or is damaged")
-    return tuple(declared), dtype
+    return tuple(declared), dtype, bool(fortran)
 
 
 def _shape_matches(declared: tuple[int, ...], expected: tuple[Any, ...]) -> bool:
@@ -180,30 +181,49 @@ def _shape_matches(declared: tuple[int, ...], expected: tuple[Any, ...]) -> bool
 def load_npy(path: Path, *, mmap: bool = False, shape: tuple[Any, ...] | None = None) -> np.ndarray:
     """Load an array without ever unpickling; a missing, damaged or mis-shaped file raises :class:`RunFormatError`.
 
-    The header is checked before anything is allocated: the data it declares must fit in the file, and match
-    ``shape`` when given (the size the manifest records; a trailing ``...`` accepts any further dimensions).
+    The file must be a regular file (:func:`dynprobe.store.reading.open_regular`), and its header is checked before
+    anything is allocated: the data it declares must fit in the file, and match ``shape`` when given (the size the
+    manifest records; a trailing ``...`` accepts any further dimensions).
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            _check_header(path, handle, os.fstat(handle.fileno()).st_size, shape)
-        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        with open_regular(path) as handle:
+            declared, dtype, fortran = _check_header(path, handle, os.fstat(handle.fileno()).st_size, shape)
+            offset, order, count = handle.tell(), "F" if fortran else "C", math.prod(declared)
+            if count == 0:
+                return np.zeros(declared, dtype=dtype, order=order)
+            if mmap:
+                return np.memmap(handle, dtype=dtype, mode="r", shape=declared, offset=offset, order=order)
+            array = np.fromfile(handle, dtype=dtype, count=count)
+            if array.size != count:  # pragma: no cover - the header check rules this out unless the file shrinks
+                raise RunFormatError(f"{path} ended before its declared {count} values: the file is truncated")
+            return array.reshape(declared, order=order)
     except RunFormatError:
         raise
     except (ValueError, OSError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError) as error:
         raise RunFormatError(f"{path} is missing, damaged or unreadable: {error}") from error
-    if not isinstance(array, np.ndarray):  # pragma: no cover - the header check above rules this out
-        raise RunFormatError(f"{path} is not a .npy array")
-    return array
+
+
+_MEMBER_SLACK = 4096  # a .npy header inside an archive member
+MAX_UNDECLARED_MEMBER_BYTES = 64 * 2**20  # an archive member the manifest does not describe
+
+
+def _member_limit(expected: tuple[Any, ...] | None) -> int:
+    """The most bytes a member may expand to: its manifest shape (16 bytes an entry at most) and a header, else a
+    fixed cap."""
+    if expected is None:
+        return MAX_UNDECLARED_MEMBER_BYTES
+    return math.prod(n for n in expected if n is not Ellipsis) * 16 + _MEMBER_SLACK
 
 
 def load_npz(path: Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, without unpickling; each member's header is checked against its size in
-    the archive (and ``shapes[name]`` when given) before it is read."""
+    """Every array of an ``.npz`` file, without unpickling; each member's declared size is checked against its
+    compressed size and the manifest's shape (``shapes[name]``; :data:`MAX_UNDECLARED_MEMBER_BYTES` for a member
+    without one) before anything is decompressed, and its header against that size before it is read."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_regular(path) as handle, zipfile.ZipFile(handle) as archive:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise RunFormatError(f"{path}: member {info.filename!r} is not a .npy array")
@@ -214,6 +234,11 @@ def load_npz(path: Path, *, shapes: Mapping[str, tuple[int, ...]] | None = None)
                     raise RunFormatError(f"{path}: member {info.filename!r} has inconsistent sizes")
                 name = info.filename[: -len(".npy")]
                 expected = None if shapes is None else shapes.get(name)
+                if info.file_size > _member_limit(expected):
+                    raise RunFormatError(
+                        f"{path}: member {info.filename!r} expands to {info.file_size} bytes, more than "
+                        f"{'its manifest shape ' + str(expected) if expected is not None else 'any buffer'} can "
+                        "hold: the archive is damaged or crafted (a zip bomb). Replace it from a good copy")
                 with archive.open(info) as member:
                     _check_header(path, member, info.file_size, expected)
                 with archive.open(info) as member:
@@ -314,22 +339,23 @@ def rewrite_jsonl(path: Path, records: Iterable[Mapping[str, Any]], *, durable: 
     atomic_write(path, b"".join(_line(r) for r in records), durable=durable)
 
 
-def _parse_lines(path: Path, data: bytes, *, strict: bool, first_line: int = 1
-                 ) -> tuple[list[dict[str, Any]], str | None]:
+def _parse_lines(path: Path, handle: BinaryIO, *, strict: bool) -> tuple[list[dict[str, Any]], str | None]:
     records: list[dict[str, Any]] = []
-    lines = data.split(b"\n")
-    for number, line in enumerate(lines[:-1], start=first_line):  # the last piece has no newline: torn or empty
-        if not line.strip():
+    for number, (_, line) in enumerate(iter_lines(handle), start=1):  # a torn last line is never yielded
+        if line is None:
+            problem = f"{path}: line {number} is longer than any line dynprobe writes (damaged or not JSON lines)"
+        elif not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as error:
-            problem = f"{path}: line {number} is not valid JSON ({error})"
         else:
-            if isinstance(record, dict):
-                records.append(record)
-                continue
-            problem = f"{path}: line {number} is not a JSON object"
+            try:
+                record = parse_json(line, f"{path}: line {number}")
+            except RunFormatError as error:
+                problem = str(error)
+            else:
+                if isinstance(record, dict):
+                    records.append(record)
+                    continue
+                problem = f"{path}: line {number} is not a JSON object"
         if strict:
             raise RunFormatError(problem)
         return records, problem
@@ -345,35 +371,36 @@ def read_jsonl(path: Path, *, strict: bool = True) -> list[dict[str, Any]]:
 
 def read_jsonl_prefix(path: Path, *, strict: bool = False) -> tuple[list[dict[str, Any]], str | None]:
     """``(records, problem)``: the JSON objects up to the first damaged line, and what is wrong with it (None
-    when the whole file is intact)."""
+    when the whole file is intact). Read in chunks with bounded lines (:mod:`dynprobe.store.reading`); a path
+    that is not a regular file raises :class:`RunFormatError`."""
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as handle:
+            return _parse_lines(Path(path), handle, strict=strict)
     except FileNotFoundError:
         return [], None
     except OSError as error:
         raise RunFormatError(f"{path} cannot be read: {error}") from error
-    return _parse_lines(Path(path), data, strict=strict)
 
 
 def read_jsonl_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
     """The complete JSON lines appended to ``path`` since byte ``offset`` and the offset to continue from (a torn
     last line is read by the next call); a damaged line is skipped."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read()
+        handle = open_regular(path)
     except FileNotFoundError:
         return [], offset
-    end = data.rfind(b"\n") + 1
-    records = []
-    for line in data[:end].split(b"\n"):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except (ValueError, UnicodeDecodeError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records, offset + end
+    records, end = [], offset
+    with handle:
+        for end, line in iter_lines(handle, offset=offset):
+            if line is None:  # an endless line: nothing after it can be trusted
+                break
+            try:
+                record = parse_json(line, str(path)) if line.strip() else None
+            except RunFormatError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records, end
 
 
 # --------------------------------------------------------------------------------------------- manifest
@@ -388,12 +415,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise RunFormatError(f"{root} is a file, not a run directory")
     path = root / MANIFEST
-    if not path.exists():
-        raise RunFormatError(f"{root} is not a dynprobe run: it has no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise RunFormatError(f"{path} is truncated or not JSON ({error}); the run's manifest is damaged") from error
+        manifest = parse_json(read_small_file(path), f"{path} (the run's manifest)")
+    except FileNotFoundError:
+        raise RunFormatError(f"{root} is not a dynprobe run: it has no {MANIFEST}") from None
     except OSError as error:
         raise RunFormatError(f"{path} cannot be read: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

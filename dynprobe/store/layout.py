@@ -21,6 +21,8 @@ Format version 1 (docs/reference/run-directory.md describes it for users)::
                                 the last step before each snapshot
       ghosts/ghost_001.separation  a ghost's separation curve: little-endian float64 (step, ‖θ' − θ_ref‖₂) pairs
       writer.lock               the writer's exclusive lock (flock; pid and host of the writer inside)
+      set-aside-20260101T120000/  what a resumed run dropped (later snapshots, cut log tails, damaged files),
+                                moved here under its path in the run instead of being deleted
 
 A temporary file of an atomic write is named ``.NAME.XXXXXXXX.tmp`` in the folder of ``NAME``.
 
@@ -47,8 +49,9 @@ __all__ = [
     "PARAMS",
     "PREDS",
     "SEPARATION",
+    "SET_ASIDE_PREFIX",
     "SHARDED_PARAMS",
-    "damaged_copy_path",
+    "set_aside_dir",
     "SNAPSHOTS",
     "SWITCHING",
     "SWITCHING_RESULTS",
@@ -93,6 +96,7 @@ GHOSTS = "ghosts"
 SEPARATION = "separation"
 LOCK = "writer.lock"
 TEMPORARY_SUFFIX = ".tmp"
+SET_ASIDE_PREFIX = "set-aside-"
 ROWS_SUFFIX = ".rows"
 MATRIX_SUFFIX = ".npy"
 
@@ -220,6 +224,7 @@ def separation_files(root: Path) -> dict[int, Path]:
     return found
 
 
-def damaged_copy_path(path: Path, stamp: str) -> Path:
-    """Where a resumed run keeps a damaged file it replaced by its valid prefix: ``events.jsonl.damaged-STAMP``."""
-    return Path(path).with_name(f"{Path(path).name}.damaged-{stamp}")
+def set_aside_dir(root: Path, stamp: str) -> Path:
+    """``root/set-aside-STAMP``: where a resume at time ``STAMP`` (``YYYYmmddTHHMMSS``, UTC) moves what it drops;
+    each entry keeps its path relative to the run (``set-aside-STAMP/snapshots/step_00000100``)."""
+    return Path(root) / f"{SET_ASIDE_PREFIX}{stamp}"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import sys
 from typing import Any
 
 import numpy as np
@@ -78,8 +77,10 @@ def build_manifest(
     device: torch.device,
     config: dict[str, Any],
     conventions: dict[str, str],
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a new run (the writer adds format, status and timestamps)."""
+    """The manifest of a new run (the writer adds format, status and timestamps); ``command``: the redacted command
+    line (:func:`dynprobe._util.command.redacted_command`), recorded only when given."""
     offset = 0
     parameters = []
     for name, p in named_params:
@@ -93,7 +94,7 @@ def build_manifest(
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
-        "command": " ".join(sys.argv),
+        **({"command": command} if command is not None else {}),
         "config": json_safe(config),
         "model": {
             "class": type(model).__name__,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import append_bytes, open_for_writing, truncate_file
+from .files import RunFormatError, append_bytes, open_for_writing, truncate_file
+from .reading import open_regular, regular_size
 
-__all__ = ["PairLog", "TriangularRows"]
+__all__ = ["MAX_PAIRS_PER_STEP", "PAIR_BYTES", "PairLog", "TriangularRows"]
 
 
 class TriangularRows:
@@ -40,10 +41,7 @@ class TriangularRows:
         return rows
 
     def _size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return regular_size(self.path)  # 0 when missing; a folder or FIFO here is a RunFormatError
 
     def complete_rows(self) -> int:
         return self.rows_in(self._size())
@@ -103,7 +101,10 @@ class TriangularRows:
         available = min(rows, self.complete_rows())
         if available == 0:
             return matrix
-        flat = np.fromfile(self.path, dtype="<f8", count=self.bytes_for(available) // self.itemsize)
+        with open_regular(self.path) as handle:
+            flat = np.fromfile(handle, dtype="<f8", count=self.bytes_for(available) // self.itemsize)
+        if flat.size != self.bytes_for(available) // self.itemsize:
+            raise RunFormatError(f"{self.path} shrank while it was read; read the run again")
         lower = np.tril_indices(available)
         # np.tril_indices walks row by row, left to right: the file's order.
         matrix[lower] = flat
@@ -112,6 +113,9 @@ class TriangularRows:
 
 
 _PAIR = np.dtype([("step", "<f8"), ("value", "<f8")])
+PAIR_BYTES = _PAIR.itemsize  # one (step, value) record
+_CHUNK_PAIRS = 65536
+MAX_PAIRS_PER_STEP = 65536  # watched-loss calls per optimizer step (accumulation, an eval loop): room to spare
 
 
 class PairLog:
@@ -133,14 +137,41 @@ class PairLog:
             truncate_file(self.path, size - size % _PAIR.itemsize)
         append_bytes(self.path, pairs.tobytes(), durable=durable)
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps int64, values float64)`` of every complete pair (a torn last pair is ignored)."""
+    def read(self, *, until: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps int64, values float64)`` of every complete pair (a torn last pair is ignored), up to step
+        ``until`` when given.
+
+        Read in chunks, in bounded time and memory whatever the file's declared size: reading stops at the first
+        pair after ``until``, and a log holding more than :data:`MAX_PAIRS_PER_STEP` pairs per step on average
+        (a sparse file of zeros, a foreign file) raises :class:`RunFormatError`, as do steps that go back.
+        """
         try:
-            with open(self.path, "rb") as handle:
-                count = os.fstat(handle.fileno()).st_size // _PAIR.itemsize
-                pairs = np.fromfile(handle, dtype=_PAIR, count=count)
+            handle = open_regular(self.path)
         except FileNotFoundError:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
+        chunks, count = [], 0
+        with handle:
+            while True:
+                data = os.pread(handle.fileno(), _CHUNK_PAIRS * _PAIR.itemsize, count * _PAIR.itemsize)
+                pairs = np.frombuffer(data[: len(data) - len(data) % _PAIR.itemsize], dtype=_PAIR)
+                if pairs.size == 0:
+                    break
+                steps = pairs["step"]
+                previous = chunks[-1]["step"][-1] if chunks else -np.inf
+                if not (np.all(np.isfinite(steps)) and steps[0] >= previous and np.all(np.diff(steps) >= 0)):
+                    raise RunFormatError(f"{self.path}: steps go back or are not numbers; the file is damaged. "
+                                         "Move it aside to read the rest of the run")
+                if until is not None and steps[-1] > until:
+                    chunks.append(pairs[: int(np.searchsorted(steps, until, side="right"))])
+                    break
+                chunks.append(pairs)
+                count += pairs.size
+                if count > (max(float(steps[-1]), 0.0) + 1) * MAX_PAIRS_PER_STEP:
+                    raise RunFormatError(
+                        f"{self.path} holds {count} records for steps up to {int(steps[-1])}, more than "
+                        f"{MAX_PAIRS_PER_STEP} per step: not a log dynprobe wrote (a sparse or foreign file). Move it "
+                        "aside to read the rest of the run")
+        pairs = np.concatenate(chunks) if chunks else np.zeros(0, dtype=_PAIR)
         return pairs["step"].astype(np.int64), pairs["value"].astype(np.float64)
 
     def truncate_after(self, step: int) -> None:

@@ -49,7 +49,6 @@ from .layout import (
     ghost_array,
     layer_metric,
     lr_files,
-    lr_path,
     rows_path,
     run_array_path,
     separation_path,
@@ -180,12 +179,10 @@ class Run(RecordsView):
         the update from θ_t to θ_t+1 used, up to the last committed snapshot (NaN where nothing was recorded:
         before the probe attached, or for a group added later). ``run.lr[run.steps[:-1], 0]`` gives the first
         group's rate after each snapshot; :func:`dynprobe.analysis.lr_changes` lists the step changes."""
-        logs = {group: PairLog(path).read() for group, path in lr_files(self.path).items()}
         end = int(self.steps[-1]) if len(self) else 0
+        logs = {group: PairLog(path).read(until=end) for group, path in lr_files(self.path).items()}
         out = np.full((end, max(logs, default=-1) + 1), np.nan)
         for group, (steps, values) in logs.items():
-            if steps.size and np.any(np.diff(steps) < 0):
-                raise RunFormatError(f"{lr_path(self.path, group)}: steps go back; the file is damaged")
             keep = (steps >= 0) & (steps < end)
             steps, values = steps[keep], values[keep]
             if steps.size:  # each recorded value holds until the next record; the last one for its own step
@@ -326,7 +323,11 @@ class Run(RecordsView):
         path = self._file(i, KERNEL_LAYERS)
         if not self.snapshots[i].get("kernel") or not path.exists():
             return None
-        return load_npy(path)
+        return load_npy(path, shape=self._kernel_layers_shape())
+
+    def _kernel_layers_shape(self) -> tuple[Any, ...] | None:
+        # One kernel per layer of the manifest: a header declaring more layers is refused before it is read.
+        return (len(self.layers), ...) if self.layers else None
 
     @functools.cached_property
     def S_layers(self) -> np.ndarray:  # noqa: N802 - the paper's symbol
@@ -335,7 +336,7 @@ class Run(RecordsView):
         per-layer kernels (one memory-mapped pass; no per-layer rows are written during training)."""
         count = len(self)
         have = [i for i in range(count) if self.snapshots[i].get("kernel") and self._file(i, KERNEL_LAYERS).exists()]
-        stored = [load_npy(self._file(i, KERNEL_LAYERS), mmap=True) for i in have]
+        stored = [load_npy(self._file(i, KERNEL_LAYERS), mmap=True, shape=self._kernel_layers_shape()) for i in have]
         layers = stored[0].shape[0] if stored else len(self.layers)
         result = np.full((layers, count, count), np.nan)
         for layer in range(layers if stored else 0):
@@ -414,11 +415,7 @@ class Run(RecordsView):
         step the ghost took (and at its spawn), up to the last committed snapshot. Empty for runs that did not
         record it."""
         ghost = self._ghost_index(ghost)
-        steps, values = PairLog(separation_path(self.path, ghost)).read()
-        if steps.size and np.any(np.diff(steps) < 0):
-            raise RunFormatError(f"{separation_path(self.path, ghost)}: steps go back; the file is damaged")
-        keep = steps <= (int(self.steps[-1]) if len(self) else -1)
-        return steps[keep], values[keep]
+        return PairLog(separation_path(self.path, ghost)).read(until=int(self.steps[-1]) if len(self) else -1)
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (used by ``dynprobe show``)."""

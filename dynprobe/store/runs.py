@@ -30,7 +30,7 @@ def load_runs(pattern: str | os.PathLike, *, errors: str = "raise") -> list[Run]
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip'; got {errors!r}")
     matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(os.fspath(pattern))))
-    candidates = [path for path in matches if (path / MANIFEST).is_file()]
+    candidates = [path for path in matches if os.path.lexists(path / MANIFEST)]  # a FIFO or link here: damage
     if not candidates:
         raise FileNotFoundError(f"no dynprobe run matches {os.fspath(pattern)!r} (a glob of run directories, e.g. "
                                 "'runs/sweep-*')")

@@ -9,7 +9,10 @@ Only the probe writes; :class:`dynprobe.store.Run` reads. :class:`RunWriter` imp
 * **never outside the run** — a run directory holding a symbolic link is refused, and every file is opened
   without following links;
 * **durability** (``durable=True``) — files and folders are fsynced at every commit point;
-* **resume that is right or refuses** — see :mod:`dynprobe.store.resume` for what a resumed run keeps.
+* **resume that is right or refuses** — see :mod:`dynprobe.store.resume` for what a resumed run keeps. A resume
+  is planned and checked when the writer opens, and applied at its first write: a probe that refuses the resume
+  before writing (its model does not match the resume step) leaves the run exactly as it found it; what a resume
+  drops is moved to ``set-aside-STAMP/``, never deleted.
 """
 from __future__ import annotations
 
@@ -48,18 +51,22 @@ from .layout import (
     METRICS,
     PARAMS,
     SNAPSHOTS,
+    barriers_path,
     is_temporary,
+    lr_files,
     matrix_path,
     rows_files,
     rows_path,
     run_array_path,
+    separation_files,
     separation_path,
     snapshot_archive,
     snapshot_dir,
     snapshot_file,
+    train_loss_path,
 )
 from .lock import RunInUseError, WriterLock
-from .resume import apply_resume, check_same_run, plan_resume
+from .resume import ResumePlan, apply_resume, check_same_run, plan_resume
 from .rows import PairLog
 from .validate import validate_manifest
 
@@ -119,6 +126,7 @@ class RunWriter:
         self.snapshots: list[dict[str, Any]] = []
         self.manifest: dict[str, Any] = {}
         self._lock: WriterLock | None = None
+        self._pending_resume: tuple[ResumePlan, dict[str, Any], dict[str, Any]] | None = None
         self._prepare_directory()
         try:
             self._lock = WriterLock.acquire(self.root)
@@ -214,24 +222,36 @@ class RunWriter:
         self.event("attach", step=0)
 
     def _reattach(self, manifest: dict[str, Any], resume_step: int | None) -> None:
+        """Plan the resume and check it (nothing is written: :meth:`begin` applies it at the first write)."""
         old = read_manifest(self.root)
         validate_manifest(old, self.root)
         check_same_run(old, manifest, self.root)
         events, problem = read_jsonl_prefix(self.root / EVENTS)
-        plan = plan_resume(self.root, events, problem, resume_step)
-        if plan.discarded:
-            warnings.warn(
-                f"resuming {self.root} at step {plan.step}: discarding {len(plan.discarded)} snapshots recorded "
-                f"after it (steps {plan.discarded[0]}..{plan.discarded[-1]})", stacklevel=4)
-        apply_resume(self.root, plan, durable=self.durable)
+        plan = plan_resume(self.root, old, events, problem, resume_step)
         self.resumed, self.resume_step = True, plan.step
         self.snapshots, self.previous_events = plan.snapshots, plan.events
+        self.manifest = old
+        self._pending_resume = (plan, old, manifest)
+
+    def begin(self) -> None:
+        """Apply the planned resume now (once; the first write does it otherwise). Closing a writer that never
+        wrote leaves the run as it was: a probe that refuses a resume closes its writer before writing."""
+        pending, self._pending_resume = self._pending_resume, None
+        if pending is None:
+            return
+        plan, old, manifest = pending
+        if plan.discarded:
+            warnings.warn(
+                f"resuming {self.root} at step {plan.step}: {len(plan.discarded)} snapshots recorded after it (steps "
+                f"{plan.discarded[0]}..{plan.discarded[-1]}) are moved aside", stacklevel=5)
+        aside = apply_resume(self.root, plan, durable=self.durable)
         self.manifest = {**old, "status": "running", "updated": now(), "writer": self._writer_info()}
         self.manifest["resumes"] = [*old.get("resumes", []), {"time": now(), "step": plan.step}]
         # The new configuration wins (a user may change the schedule on resume); the old one stays in events.
         self.manifest["config"] = manifest.get("config", old.get("config"))
         atomic_write_json(self.root / MANIFEST, self.manifest, durable=self.durable)
-        self.event("resume", step=plan.step, previous_config=old.get("config"))
+        self.event("resume", step=plan.step, previous_config=old.get("config"), rebuilt=sorted(plan.rebuilt),
+                   set_aside=aside.folder.name if aside.moved else None)
 
     def resume_from_step(self, resume_step: int | None = None) -> int:
         """The step the run continues from: the resume step of a resumed run (``resume_step`` when given, else the
@@ -266,6 +286,8 @@ class RunWriter:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError(f"the run writer of {self.root} is closed; nothing more can be written to the run")
+        if self._pending_resume is not None:
+            self.begin()
 
     # ----------------------------------------------------------------------------------------- writing
 
@@ -306,7 +328,8 @@ class RunWriter:
         atomic_save_npy(run_array_path(self.root, name), array, durable=self.durable)
 
     def rows_path(self, metric: str) -> Path:
-        """``metrics/METRIC.rows``: the append-only rows of an interval matrix."""
+        """``metrics/METRIC.rows``: the append-only rows of an interval matrix (handed out for writing)."""
+        self._check_open()
         return rows_path(self.root, metric)
 
     def save_matrix(self, metric: str, matrix: np.ndarray) -> None:
@@ -335,13 +358,20 @@ class RunWriter:
         self.snapshots.append(json_safe(record))
 
     def _sync_before_commit(self, step: int) -> None:
+        """Flush everything the commit line vouches for: the snapshot's folder (each array was fsynced before its
+        rename), the metric rows and barrier records, the (step, value) logs — watched training loss, learning
+        rates, ghost separations — and the folders holding them."""
         folder = snapshot_dir(self.root, step)
         if folder.is_dir():
-            fsync_dir(folder)  # the renames of its arrays (each array was fsynced before its rename)
+            fsync_dir(folder)
         fsync_dir(self.root / SNAPSHOTS)
-        for path in rows_files(self.root).values():
-            fsync_file(path)
-        fsync_dir(self.root / METRICS)
+        logs = [*rows_files(self.root).values(), barriers_path(self.root), train_loss_path(self.root),
+                *lr_files(self.root).values(), *separation_files(self.root).values()]
+        for path in logs:
+            if path.is_file():
+                fsync_file(path)
+        for directory in {path.parent for path in logs if path.is_file()} | {self.root / METRICS, self.root}:
+            fsync_dir(directory)
 
     def update_manifest(self, **fields: Any) -> None:
         """Set manifest fields and rewrite ``run.json`` atomically."""
