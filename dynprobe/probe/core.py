@@ -243,6 +243,10 @@ class Probe:
         if self._closed:
             return
         self._parts.train_loss.note(self._clock.step + 1, loss)
+        if loss.dim() and "per-example-loss" not in self._warned:
+            self._warned.add("per-example-loss")
+            self.writer.event("per_example_loss", step=self._clock.step + 1, shape=list(loss.shape),
+                              train_loss="mean of the per-example losses")
         if self._capture is not None and not self._explicit:
             self._capture.on_loss(loss, args, kwargs)
 
