@@ -21,20 +21,18 @@ from .replica import (
     Replica,
     check_optimizer_for_ghosts,
     deterministic_replay_possible,
-    is_compiled,
 )
 
 __all__ = ["AttachedLayout", "LayoutChange", "check_attachable"]
 
 
 def check_attachable(model: nn.Module, optimizer: torch.optim.Optimizer, no_copy: dict[int, Any],
-                     device: torch.device, writer: RunSink) -> bool:
+                     device: torch.device, writer: RunSink, *, compiled: bool) -> None:
     """Refuse what ghosts cannot follow (a closure optimizer, a model or optimizer that cannot be copied); warn
-    about what makes the ε = 0 control drift (a compiled model; CUDA without deterministic algorithms, also recorded
-    as the ``nondeterministic_device`` event). Returns whether the model is compiled."""
+    about what makes the ε = 0 control drift (your training ``compiled``; CUDA without deterministic algorithms, also
+    recorded as the ``nondeterministic_device`` event)."""
     check_optimizer_for_ghosts(optimizer)
     Replica.clone(model, optimizer, no_copy)  # fails here if the model or optimizer cannot be copied
-    compiled = is_compiled(model)
     if compiled:
         warn_user("dynprobe: the model is compiled (torch.compile). Ghosts replay your training step on eager "
                   "deep copies: fused kernels round differently and compiled dropout draws its own random "
@@ -45,7 +43,6 @@ def check_attachable(model: nn.Module, optimizer: torch.optim.Optimizer, no_copy
         warn_user(f"dynprobe: ghosts on {device} without deterministic algorithms cannot replay your step "
                   f"exactly, so the ε=0 control will drift and every ghost mixes ε with that drift: "
                   f"{NONDETERMINISTIC_CAUSE}")
-    return compiled
 
 
 @dataclass(frozen=True)

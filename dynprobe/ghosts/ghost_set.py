@@ -23,7 +23,7 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.inputs import index_inputs, inputs_to
-from dynprobe._util.modules import layer_slices, preserved_rng
+from dynprobe._util.modules import is_compiled, layer_slices, preserved_rng
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.loss_state import module_memo
 from dynprobe.capture.step import MicroBatch
@@ -73,6 +73,7 @@ class GhostSet:
         final_step: ``Probe(total_steps=)``: S and the barriers are always measured at that step.
         loss_from_output: output → loss for models that compute their own loss (``Probe(loss_from_output=)``).
         trainer_factory: builds the trainer (the DDP trainer under torch.distributed); default :func:`choose_trainer`.
+        compiled: the training loop calls a ``torch.compile`` wrapper of ``model`` (ghosts train ``model`` eagerly).
     """
 
     def __init__(
@@ -94,12 +95,14 @@ class GhostSet:
         final_step: int | None = None,
         loss_from_output: Callable[[Any], torch.Tensor] | None = None,
         trainer_factory: TrainerFactory | None = None,
+        compiled: bool = False,
     ) -> None:
         self.config, self.model, self.optimizer, self.writer = config, model, optimizer, writer
         self.cuda_devices, self.raise_errors = cuda_devices, raise_errors
         self.eval_set = eval_set
         no_copy_map = {id(obj): obj for obj in no_copy}
-        self._compiled = check_attachable(model, optimizer, no_copy_map, device, writer)
+        self._compiled = compiled or is_compiled(model)
+        check_attachable(model, optimizer, no_copy_map, device, writer, compiled=self._compiled)
 
         def evaluate_model(module: nn.Module) -> Any:
             return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)

@@ -40,7 +40,6 @@ __all__ = [
     "deterministic_replay_possible",
     "differing",
     "group_by_scale",
-    "is_compiled",
     "lifetime_reached",
     "likely_drift_causes",
     "losses_finite",
@@ -230,15 +229,6 @@ def separation(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
     differences = torch._foreach_sub([p.detach() for p in params], [r.detach() for r in reference])
     norms = torch._foreach_norm(differences, 2, dtype=torch.float64)
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or one of its submodules is compiled with ``torch.compile`` (an ``OptimizedModule``, or
-    ``module.compile()`` in place)."""
-    for module in model.modules():
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-            return True
-    return False
 
 
 NONDETERMINISTIC_CAUSE = ("nondeterministic GPU kernels: cuDNN and cuBLAS choose algorithms by timing and some "
