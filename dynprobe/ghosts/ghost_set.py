@@ -32,7 +32,7 @@ from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 from dynprobe.store.sink import RunSink
 
 from .attached import AttachedLayout, check_attachable
-from .comparison import compare_ghost
+from .comparison import active_slices, compare_ghost
 from .loss_replay import LossIsolation, LossReplay
 from .notices import control_drift_notice, precision_notice, realized_norm_notice, shadow_drift_notice
 from .perturbation import Perturbation
@@ -122,6 +122,7 @@ class GhostSet:
         self._by_index: dict[int, Ghost] = {}
         self.final_step = final_step  # Probe(total_steps=): S and B are always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self._active: list[slice] | None = None  # vec(θ) without inert tensors, once some are found
         self._layout = AttachedLayout(model, optimizer)
         self._layout_changed = False
         self._warned: set[str] = set()
@@ -163,14 +164,6 @@ class GhostSet:
     @property
     def loss_from_output(self) -> Callable[[Any], torch.Tensor] | None:
         return self.context.replay.loss_from_output
-
-    @loss_from_output.setter
-    def loss_from_output(self, value: Callable[[Any], torch.Tensor] | None) -> None:
-        self.context.replay.loss_from_output = value
-
-    @property
-    def grad_edit_detected(self) -> bool:
-        return self.context.grad_edit_detected
 
     # ------------------------------------------------------------------------------------------ spawning
 
@@ -337,7 +330,7 @@ class GhostSet:
         reference, drifted, step = reading.reference, reading.drifted, reading.step
         self._control_drifted = True
         causes, message = control_drift_notice(
-            reference, step, drifted, grad_edit_detected=self.grad_edit_detected, compiled=self._compiled,
+            reference, step, drifted, grad_edit_detected=self.context.grad_edit_detected, compiled=self._compiled,
             nondeterministic=not deterministic_replay_possible(self.context.device))
         self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
                           tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
@@ -353,6 +346,11 @@ class GhostSet:
         self._warn_once("grad-edit", "dynprobe: gradients were modified between backward() and optimizer.step() "
                         "(e.g. clip_grad_norm_). Ghosts do not see that: declare it with Ghosts(clip_grad_norm=...) "
                         "or Ghosts(clip_grad_value=...)")
+
+    def set_inert(self, names: list[str]) -> None:
+        """Parameter tensors an adaptive optimizer moves on rounding noise (:mod:`dynprobe.recording.inert`): the
+        comparisons also report ``L2_active``, the separation over the other tensors."""
+        self._active = active_slices(self.model, names)
 
     def _record_stateful_loss(self, changed: list[str], separate: bool) -> None:
         self.writer.event("stateful_loss", step=None, changed=changed[:20], separate_copies=separate)
@@ -422,7 +420,8 @@ class GhostSet:
                     divergence_ratio=self.config.divergence_ratio, evaluate=self.context.evaluate,
                     disagreement=task.disagreement, preds_dtype=task.storage_dtype, layers=self._layers,
                     kernel_of=kernel_of if needs_kernel and due[ghost.index] else None,
-                    state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params)
+                    state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params,
+                    active=self._active)
             except Exception as error:  # noqa: BLE001
                 self._set_status(ghost, "failed", main.step, f"{type(error).__name__}: {error}")
                 if self.raise_errors:

@@ -27,6 +27,7 @@ from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, w
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.barriers import BarrierScheduler
+from dynprobe.recording.inert import InertWatch
 from dynprobe.recording.kernel_probe import KernelMeasure, kernel_at_snapshot
 from dynprobe.recording.learning_rate import LearningRateLog
 from dynprobe.recording.progress import SnapshotProgress
@@ -143,7 +144,8 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=barriers,
                                     transition=transition, progress=progress, model=inner, optimizer=optimizer,
-                                    sink=sink, on_snapshot=options.on_snapshot)
+                                    sink=sink, on_snapshot=options.on_snapshot,
+                                    inert=InertWatch(named_params, optimizer, sink))
         parts = ProbeParts(dist=dist, model=inner, hooked_model=model, named_params=named_params, device=device,
                            cuda_devices=cuda_devices, storage_dtype=storage_dtype, output_fn=output_fn,
                            eval_set=eval_set, num_classes=num_classes, kernel=kernel, sink=sink,
