@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ def test_conv_biases_before_batchnorm_under_adam_are_inert_and_the_active_separa
     # the rounding), the separation without them ×1.05.
     assert after["L2"] / spawn["L2"] > 1e3
     assert after["L2_active"] / spawn["L2_active"] < 2
+    row = run.chaos["L2_active"][0]  # the chaos map of it: NaN before the spawn
+    assert np.isnan(row[:3]).all() and row[3] == spawn["L2_active"] and row[4] == after["L2_active"]
 
 
 def test_sgd_moves_no_tensor_on_rounding_noise(tmp_path):
@@ -52,6 +55,7 @@ def test_sgd_moves_no_tensor_on_rounding_noise(tmp_path):
     [event] = [e for e in run.events if e["event"] == "inert_parameters"]
     assert event["tensors"] == [] and event["optimizer"] == "SGD" and warned == []
     assert all("L2_active" not in e for e in run.events if e["event"] == "ghost_compare")
+    assert np.isnan(run.chaos["L2_active"]).all()
 
 
 @pytest.mark.parametrize(("gradient", "inert"), [(1e-9, True), (0.0, False), (1e-2, False)])
