@@ -3,6 +3,7 @@ module, never through the user's compiled wrapper, so the compiled run compiles 
 probe and stays bitwise equal to it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -50,6 +51,9 @@ def test_the_probe_never_recompiles_the_users_compiled_model(tmp_path):
     assert_bitwise_equal(reference, probed)
     run = dynprobe.load_run(tmp_path / "b" / "run")
     assert run.status == "closed" and list(run.steps) == list(range(9))
+    assert [g.status for g in run.ghosts] == ["finished"] * 3  # the hooks on the wrapper captured every step
+    control = next(g for g in run.ghosts if g.control)
+    assert np.all(run.separation(control.index)[1] == 0)  # eager replay of an eager-equivalent compiled step
 
 
 @pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute

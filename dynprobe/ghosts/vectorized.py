@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from dynprobe._util.modules import max_abs_differences
-from dynprobe.capture.loss_state import copy_loss
+from dynprobe.capture.loss_state import copy_loss, module_memo
 from dynprobe.capture.step import MicroBatch
 from dynprobe.metrics import functions as metrics
 
@@ -115,7 +115,7 @@ class VectorizedTrainer:
         if self.stack is None and self._pending_shadow is None:
             context = self.context
             self._pending_shadow = ReplicaState.copy_of(context.model, context.optimizer, context.no_copy)
-            self._shadow_loss = context.replay.copy_now({})
+            self._shadow_loss = context.replay.copy_now(module_memo(context.model, context.model))
 
     def release(self, ghost: Ghost) -> None:
         self._live.pop(ghost.index, None)
@@ -173,10 +173,11 @@ class VectorizedTrainer:
         return stack
 
     def _stack_loss(self) -> Any:
-        """The stack's copy of the watched loss (one call per micro-batch for all rows, as in the main run); a shadow
-        taken before the loss was known copies it as it was before any call."""
+        """The stack's copy of the watched loss (one call per micro-batch for all rows, as in the main run; the model
+        it may reference stays the main model's); a shadow taken before the loss was known copies it as it was before
+        any call."""
         if self._shadow_loss is None:
-            self._shadow_loss = self.context.replay.copy_initial({})
+            self._shadow_loss = self.context.replay.copy_initial(module_memo(self.context.model, self.context.model))
         return self._shadow_loss
 
     def _fail_all(self, reason: str, trace: str | None = None, error: BaseException | None = None
