@@ -5,6 +5,7 @@ itself: ``dynprobe.capture.loss_state``."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ class CurriculumLoss(nn.Module):
         return loss * min(1.0, self.calls / 6)
 
 
-def closure_counter_loss() -> tuple[callable, list[int]]:
+def closure_counter_loss() -> tuple[Callable[..., torch.Tensor], list[int]]:
     calls = [0]
 
     def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
