@@ -56,6 +56,40 @@ def test_the_probe_never_recompiles_the_users_compiled_model(tmp_path):
     assert np.all(run.separation(control.index)[1] == 0)  # eager replay of an eager-equivalent compiled step
 
 
+def test_a_module_compiled_in_place_keeps_its_training_graph_and_its_run(tmp_path):
+    """``model.compile()`` has no original module to compute on: the probe's work runs under the force_eager stance.
+    Before: 27 extra compilations in 12 steps. Now the training graphs are those without the probe; the one extra
+    graph is empty — the probe's capture hook, traced with the compiled ``_call_impl``, breaks the graph before the
+    forward."""
+    graphs: list[int] = []
+
+    def counting(graph_module: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        graphs.append(len(graph_module.graph.nodes))
+        return graph_module.forward
+
+    states, compiled = [], {}
+    for probe in (False, True):
+        torch._dynamo.reset()
+        graphs.clear()
+        model, optimizer, scheduler, data = cnn_setup(seed=1)
+        model.compile(backend=counting)
+        torch.manual_seed(5)
+        criterion = nn.CrossEntropyLoss()
+        if probe:
+            with pytest.warns(RuntimeWarning, match=r"compiled \(torch.compile\)"):
+                attached = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test),
+                                          out=tmp_path / "run", schedule=schedule.every(1),
+                                          kernel=KernelConfig(n=8), ghosts=Ghosts(at=[0, 3]), errors="raise")
+            criterion = attached.watch(criterion)
+        train(model, optimizer, scheduler, data, 8, criterion=criterion)
+        if probe:
+            attached.close()
+        compiled[probe] = list(graphs)
+        states.append(state_of(model))
+    assert_bitwise_equal(*states)
+    assert [n for n in compiled[True] if n > 1] == compiled[False] and compiled[True].count(1) == 1  # 1: empty
+
+
 @pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute
 def test_a_compiled_run_with_kernels_and_ghosts_is_bitwise_equal_to_the_same_run_without_the_probe(tmp_path):
     reference = _compiled_run(tmp_path / "a", "inductor", probe=False)

@@ -14,6 +14,7 @@ from torch import nn
 
 __all__ = [
     "device_of",
+    "eager_compiled",
     "eval_mode",
     "flatten_parameters",
     "is_compiled",
@@ -193,3 +194,14 @@ def uncompiled(model: nn.Module) -> nn.Module:
     while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model
+
+
+@contextlib.contextmanager
+def eager_compiled() -> Iterator[None]:
+    """Run the probe's own work with every compiled function and module it reaches executed eagerly, never
+    recompiled: ``torch.compiler.set_stance("force_eager")`` (torch ≥ 2.6). This covers a module compiled in place
+    (``module.compile()``), which has no original module to compute on (:func:`uncompiled`); on older torch nothing
+    changes and such a module may be recompiled by the probe's calls."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+        yield
