@@ -13,7 +13,7 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
-from dynprobe.ghosts import ghost_set
+from dynprobe.ghosts import attached, ghost_set
 from dynprobe.ghosts.notices import control_drift_notice
 from dynprobe.ghosts.perturbation import perturb_
 from dynprobe.ghosts.replica import NONDETERMINISTIC_CAUSE, deterministic_replay_possible
@@ -454,20 +454,42 @@ def test_closure_optimizers_are_refused_for_ghosts_at_construction(tmp_path):
                        ghosts=Ghosts(at=[0]))
 
 
-def test_parameters_added_after_attach_stop_the_ghosts_with_a_clear_reason(tmp_path):
+@pytest.mark.parametrize("in_optimizer", [False, True])
+def test_parameters_added_after_attach_stop_the_ghosts_with_a_clear_reason(tmp_path, in_optimizer):
+    """Before: a spawn after the change (step 4) failed the whole probe and left the ghosts 'alive'. Now the ghosts
+    stop at the first step that sees it, later spawns are skipped, and the main recording goes on."""
     model, optimizer, scheduler, data = mlp_setup()
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
-                           schedule=schedule.every(2), ghosts=Ghosts(at=[0]))
+                           schedule=schedule.every(2), ghosts=Ghosts(at=[0, 4]))
     criterion = probe.watch(nn.CrossEntropyLoss())
     train(model, optimizer, scheduler, data, 2, criterion=criterion)
-    model.extra = nn.Linear(3, 3)  # a new submodule after attach (its parameters are not in the optimizer)
+    model.extra = nn.Linear(3, 3)  # a new submodule after attach
+    if in_optimizer:
+        optimizer.add_param_group({"params": model.extra.parameters()})
     with pytest.warns(RuntimeWarning, match="changed after the probe attached"):
-        train(model, optimizer, scheduler, data, 2, criterion=criterion)
+        train(model, optimizer, scheduler, data, 4, criterion=criterion)
     probe.close()
     run = dynprobe.load_run(tmp_path / "r")
     assert [(g.status, g.status_step) for g in run.ghosts] == [("failed", 3), ("failed", 3)]
     assert all("extra.weight" in g.reason for g in run.ghosts)
+    [changed] = [e for e in run.events if e["event"] == "model_changed"]
+    assert changed["added"] == ["extra.weight", "extra.bias"] and changed["optimizer_changed"] is in_optimizer
+    assert [e["step"] for e in run.events if e["event"] == "ghost_spawn_skipped"] == [4]
     assert not [e for e in run.events if e["event"] == "probe_error"] and run.status == "closed"
+    assert list(run.steps) == [0, 2, 4, 6]
+
+
+def test_parameters_added_just_before_the_final_snapshot_stop_the_ghosts_there(tmp_path):
+    model, optimizer, scheduler, data = mlp_setup()
+    probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
+                           schedule=schedule.every(2), ghosts=Ghosts(at=[0]))
+    train(model, optimizer, scheduler, data, 3, criterion=probe.watch(nn.CrossEntropyLoss()))
+    model.extra = nn.Linear(3, 3)
+    with pytest.warns(RuntimeWarning, match="changed after the probe attached"):
+        probe.close()  # the final snapshot at step 3 compares no ghost with the changed model
+    run = dynprobe.load_run(tmp_path / "r")
+    assert [(g.status, g.status_step) for g in run.ghosts] == [("failed", 3), ("failed", 3)]
+    assert all("changed after the probe attached" in g.reason for g in run.ghosts) and run.status == "closed"
 
 
 def test_a_perturbation_below_the_autocast_precision_is_reported_with_a_magnitude_that_survives(tmp_path):
@@ -520,6 +542,7 @@ def test_nondeterministic_gpu_kernels_are_said_at_attach_and_lead_the_drift_caus
     """On CUDA without deterministic algorithms (simulated here: the rule says whether a replay can be exact)."""
     assert deterministic_replay_possible(torch.device("cpu"))
     monkeypatch.setattr(ghost_set, "deterministic_replay_possible", lambda device: False)
+    monkeypatch.setattr(attached, "deterministic_replay_possible", lambda device: False)
     model, optimizer, scheduler, data = mlp_setup()
     with pytest.warns(RuntimeWarning, match="use_deterministic_algorithms"):
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",

@@ -14,8 +14,10 @@ from torch import nn
 
 __all__ = [
     "device_of",
+    "eager_compiled",
     "eval_mode",
     "flatten_parameters",
+    "is_compiled",
     "layer_name",
     "layer_slices",
     "max_abs_differences",
@@ -23,6 +25,7 @@ __all__ = [
     "rng_devices",
     "same_tensors",
     "trainable_parameters",
+    "uncompiled",
 ]
 
 
@@ -169,3 +172,36 @@ def same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     if any(a[n].shape != b[n].shape or a[n].dtype != b[n].dtype for n in names):
         return False
     return not names or bool((max_abs_differences([a[n] for n in names], [b[n] for n in names]) == 0).all())
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules is compiled with ``torch.compile`` (an ``OptimizedModule``, or
+    ``module.compile()`` in place)."""
+    for module in model.modules():
+        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles — its ``_orig_mod``, the name
+    ``torch.compile`` documents for the original module — or ``model`` itself when it is no such wrapper.
+
+    The probe computes on this module (eNTK, evaluations, ghosts): calling the user's compiled wrapper with other
+    shapes, under ``torch.func`` transforms or with probe hooks on submodules would recompile it and break its graph,
+    and a compiled function that reaches its recompile limit runs eagerly from then on — the user's training would
+    change. The parameters are the same tensors, so nothing is copied."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+@contextlib.contextmanager
+def eager_compiled() -> Iterator[None]:
+    """Run the probe's own work with every compiled function and module it reaches executed eagerly, never
+    recompiled: ``torch.compiler.set_stance("force_eager")`` (torch ≥ 2.6). This covers a module compiled in place
+    (``module.compile()``), which has no original module to compute on (:func:`uncompiled`); on older torch nothing
+    changes and such a module may be recompiled by the probe's calls."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
+        yield

@@ -1,7 +1,8 @@
 """One ghost compared with its reference at a snapshot: the chaos maps' entries (the two-phase paper's §4).
 
 For a ghost with flat parameters θ' and its reference θ (the main run, or the ε = 0 shadow of a vectorized stack):
-C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, per layer L2 over each layer's slice of vec θ (a layer is the module
+C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, L2_active = the same without the inert tensors
+(:mod:`dynprobe.recording.inert`, once found), per layer L2 over each layer's slice of vec θ (a layer is the module
 owning a parameter tensor, in first-appearance order: ``run.layers``), D = the task's disagreement of eval
 predictions (eq. 6), the ghost's eval loss and accuracy, and — at the snapshots where the kernel is due — S = the
 kernel distance (eq. 4) between H(θ) and H(θ'). A ghost whose parameters and buffers equal the reference's bit for
@@ -26,7 +27,7 @@ from dynprobe.store.layout import PARAMS, PREDS, ghost_array
 
 from .trainer import Reference
 
-__all__ = ["Comparison", "compare_ghost", "per_layer_l2"]
+__all__ = ["Comparison", "active_slices", "compare_ghost", "per_layer_l2"]
 
 
 @dataclass
@@ -47,6 +48,17 @@ def per_layer_l2(a: torch.Tensor, b: torch.Tensor, layers: list[tuple[str, slice
     return torch.stack([n.to(norms[0].device) for n in norms]).tolist()  # one host read for all layers
 
 
+def active_slices(model: nn.Module, inert: list[str]) -> list[slice]:
+    """The slices of vec θ (the trainable parameters in order) of every tensor not named in ``inert``."""
+    slices, offset = [], 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if name not in inert:
+                slices.append(slice(offset, offset + p.numel()))
+            offset += p.numel()
+    return slices
+
+
 def compare_ghost(
     index: int,
     module: nn.Module,
@@ -63,11 +75,13 @@ def compare_ghost(
     kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None,
     state: Callable[[], Mapping[str, torch.Tensor]],
     save_params: bool,
+    active: list[slice] | None = None,
 ) -> Comparison:
     """Compare ghost ``index`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
 
     ``kernel_of`` is given when S is due for this ghost at this snapshot (and the reference has a kernel); ``state``
-    returns the ghost's parameters and buffers by name for it.
+    returns the ghost's parameters and buffers by name for it. ``active``: the slices of vec θ without the inert
+    tensors (:func:`active_slices`), when some were found: the record also has ``L2_active``, the L2 over them.
     """
     flat = flatten_parameters(params, storage_dtype)
     finite, reference_norm, ghost_norm = torch.stack([  # one host read
@@ -92,6 +106,9 @@ def compare_ghost(
         "eval_loss": evaluation.loss,
         "eval_accuracy": evaluation.accuracy,
     }
+    if active is not None:
+        reference_active = torch.cat([reference.params[part] for part in active])
+        record["L2_active"] = metrics.l2_distance(reference_active, torch.cat([flat[part] for part in active]))
     if identical:
         record["evaluation"] = "the reference's (bitwise equal parameters and buffers)"
     if reference.drift is not None:  # the shadow's own distance from the main run, next to the ghost signal

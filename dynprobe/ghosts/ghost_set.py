@@ -14,7 +14,6 @@ synchronizes with the device on a plain step: the per-step values are read in ba
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,26 +23,21 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.inputs import index_inputs, inputs_to
-from dynprobe._util.modules import layer_slices, preserved_rng
+from dynprobe._util.modules import is_compiled, layer_slices, preserved_rng
 from dynprobe._util.user_warnings import warn_user
+from dynprobe.capture.loss_state import module_memo
 from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
 from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 from dynprobe.store.sink import RunSink
 
-from .comparison import compare_ghost
-from .notices import control_drift_notice, precision_notice, realized_norm_notice
+from .attached import AttachedLayout, check_attachable
+from .comparison import active_slices, compare_ghost
+from .loss_replay import LossIsolation, LossReplay
+from .notices import control_drift_notice, precision_notice, realized_norm_notice, shadow_drift_notice
 from .perturbation import Perturbation
 from .readings import PendingReadings, StepReading, StepValues
-from .replica import (
-    NONDETERMINISTIC_CAUSE,
-    LossReplay,
-    Replica,
-    check_optimizer_for_ghosts,
-    deterministic_replay_possible,
-    is_compiled,
-    lifetime_reached,
-)
+from .replica import deterministic_replay_possible, lifetime_reached
 from .separation import SeparationLog
 from .sequential import SequentialTrainer
 from .trainer import Ghost, GhostTrainer, MainSnapshot, TrainerContext
@@ -79,6 +73,7 @@ class GhostSet:
         final_step: ``Probe(total_steps=)``: S and the barriers are always measured at that step.
         loss_from_output: output → loss for models that compute their own loss (``Probe(loss_from_output=)``).
         trainer_factory: builds the trainer (the DDP trainer under torch.distributed); default :func:`choose_trainer`.
+        compiled: the training loop calls a ``torch.compile`` wrapper of ``model`` (ghosts train ``model`` eagerly).
     """
 
     def __init__(
@@ -100,25 +95,14 @@ class GhostSet:
         final_step: int | None = None,
         loss_from_output: Callable[[Any], torch.Tensor] | None = None,
         trainer_factory: TrainerFactory | None = None,
+        compiled: bool = False,
     ) -> None:
         self.config, self.model, self.optimizer, self.writer = config, model, optimizer, writer
         self.cuda_devices, self.raise_errors = cuda_devices, raise_errors
         self.eval_set = eval_set
-        check_optimizer_for_ghosts(optimizer)
         no_copy_map = {id(obj): obj for obj in no_copy}
-        Replica.clone(model, optimizer, no_copy_map)  # fail at construction if the model/optimizer can't be cloned
-        self._compiled = is_compiled(model)
-        if self._compiled:
-            warn_user("dynprobe: the model is compiled (torch.compile). Ghosts replay your training step on eager "
-                      "deep copies: fused kernels round differently and compiled dropout draws its own random "
-                      "numbers, so the ε=0 control ghost will drift from your run and the chaos maps mix ε with that "
-                      "difference. For exact ghosts attach the probe to the uncompiled module and train it eagerly")
-
-        if not deterministic_replay_possible(device):
-            writer.event("nondeterministic_device", step=None, device=str(device), cause=NONDETERMINISTIC_CAUSE)
-            warn_user(f"dynprobe: ghosts on {device} without deterministic algorithms cannot replay your step "
-                      f"exactly, so the ε=0 control will drift and every ghost mixes ε with that drift: "
-                      f"{NONDETERMINISTIC_CAUSE}")
+        self._compiled = compiled or is_compiled(model)
+        check_attachable(model, optimizer, no_copy_map, device, writer, compiled=self._compiled)
 
         def evaluate_model(module: nn.Module) -> Any:
             return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
@@ -126,16 +110,21 @@ class GhostSet:
         def sample_inputs() -> Any:
             return inputs_to(index_inputs(eval_set.inputs, slice(0, min(8, eval_set.n))), device)
 
+        replay = LossReplay(loss_from_output=loss_from_output, shared=no_copy_map)
+        self._model_objects = {id(obj): obj for obj in [*module_memo(model, model).values(), optimizer]}
+        self._isolation = LossIsolation(replay, {*self._model_objects, *no_copy_map}, self._record_stateful_loss)
         self.context = TrainerContext(
             config=config, model=model, optimizer=optimizer, main_params=main_params, no_copy=no_copy_map,
-            replay=LossReplay(config.loss_fn, loss_from_output), device=device, storage_dtype=storage_dtype,
+            replay=replay, device=device, storage_dtype=storage_dtype,
             raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
             on_mode=self._record_mode, disagreement=eval_set.task.disagreement)
         self.ghosts: list[Ghost] = []
         self._by_index: dict[int, Ghost] = {}
         self.final_step = final_step  # Probe(total_steps=): S and B are always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
-        self._parameter_ids = tuple(id(p) for p in model.parameters())
+        self._active: list[slice] | None = None  # vec(θ) without inert tensors, once some are found
+        self._layout = AttachedLayout(model, optimizer)
+        self._layout_changed = False
         self._warned: set[str] = set()
         self._control_drifted = False
         self._precision_pending: list[Ghost] = []
@@ -146,6 +135,7 @@ class GhostSet:
         self._done_steps: set[int] = set()
         # resume: the spawns the interrupted process recorded at the resume step, by (index, control)
         self._recorded: dict[tuple[int, bool], dict[str, Any]] = {}
+        self.loss_fn = config.loss_fn
         self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
         self.separation = SeparationLog(writer)
         self._pending = PendingReadings()
@@ -167,19 +157,13 @@ class GhostSet:
 
     @loss_fn.setter
     def loss_fn(self, value: Callable[..., torch.Tensor] | None) -> None:
-        self.context.replay.loss_fn = value
+        """The loss the ghosts replay (each with its own copy): set before any call of it through the probe."""
+        self.context.replay.set_loss(value, self._model_objects)
+        self._isolation.observe()
 
     @property
     def loss_from_output(self) -> Callable[[Any], torch.Tensor] | None:
         return self.context.replay.loss_from_output
-
-    @loss_from_output.setter
-    def loss_from_output(self, value: Callable[[Any], torch.Tensor] | None) -> None:
-        self.context.replay.loss_from_output = value
-
-    @property
-    def grad_edit_detected(self) -> bool:
-        return self.context.grad_edit_detected
 
     # ------------------------------------------------------------------------------------------ spawning
 
@@ -216,6 +200,11 @@ class GhostSet:
         if step not in self.config.at or step in self._done_steps:
             return
         self._done_steps.add(step)
+        blocked = "the model's parameters changed after attach" if not self._layout_unchanged(step) else \
+            self._isolation.refused
+        if blocked is not None:
+            self.writer.event("ghost_spawn_skipped", step=step, reason=blocked)
+            return
         spawned: list[Ghost] = []
         if self.config.control and not self._spawned_control:
             self._spawned_control = True
@@ -278,14 +267,20 @@ class GhostSet:
                             "explicitly")
             self._stop_all(self.live, "failed", step, "no captured batch to replay")
             return
-        if tuple(id(p) for p in self.model.parameters()) != self._parameter_ids:
-            self.read()
-            self._model_changed(self.live, step)
+        if not self._layout_unchanged(step):
             return
         if self._precision_pending:
             self._check_precision(micro_batches[0].forward.autocast.regions)
+        refused = self._isolation.before_step()
+        if refused is not None:
+            self._stop_all(live, "failed", step, refused)
+            return
         with preserved_rng(self.cuda_devices):
             faults = self.trainer.train_step(live, micro_batches, step)
+        touched = self._isolation.after_step()
+        if touched is not None:
+            self._stop_all(live, "failed", step, touched)
+            return
         # Faults known now (exceptions) and lifetimes stop ghosts at this step; the device flags wait for a read.
         now = [(index, fault) for index, fault in faults if fault.when is None]
         failed = {index for index, _ in now}
@@ -335,7 +330,7 @@ class GhostSet:
         reference, drifted, step = reading.reference, reading.drifted, reading.step
         self._control_drifted = True
         causes, message = control_drift_notice(
-            reference, step, drifted, grad_edit_detected=self.grad_edit_detected, compiled=self._compiled,
+            reference, step, drifted, grad_edit_detected=self.context.grad_edit_detected, compiled=self._compiled,
             nondeterministic=not deterministic_replay_possible(self.context.device))
         self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
                           tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
@@ -352,17 +347,27 @@ class GhostSet:
                         "(e.g. clip_grad_norm_). Ghosts do not see that: declare it with Ghosts(clip_grad_norm=...) "
                         "or Ghosts(clip_grad_value=...)")
 
-    def _model_changed(self, live: list[Ghost], step: int) -> None:
-        before = set(self._parameter_ids)
-        now = dict((id(p), n) for n, p in self.model.named_parameters())
-        added = [name for key, name in now.items() if key not in before]
-        reason = (f"the model's parameters changed after the probe attached ({len(now)} parameter tensors now, "
-                  f"{len(before)} at attach{'; new: ' + ', '.join(repr(a) for a in added[:3]) if added else ''}): "
-                  "ghosts copy the model as it was and θ covers the parameters present at attach. Build the whole "
-                  "model (and its optimizer) before attaching the probe")
-        self.writer.event("model_changed", step=step, added=added[:20], parameters=len(now), attached=len(before))
-        self._warn_once("model-changed", f"dynprobe: {reason}; the ghosts stop")
-        self._stop_all(live, "failed", step, reason)
+    def set_inert(self, names: list[str]) -> None:
+        """Parameter tensors an adaptive optimizer moves on rounding noise (:mod:`dynprobe.recording.inert`): the
+        comparisons also report ``L2_active``, the separation over the other tensors."""
+        self._active = active_slices(self.model, names)
+
+    def _record_stateful_loss(self, changed: list[str], separate: bool) -> None:
+        self.writer.event("stateful_loss", step=None, changed=changed[:20], separate_copies=separate)
+
+    def _layout_unchanged(self, step: int) -> bool:
+        """False once the parameters differ from attach (:mod:`.attached`): the first time, the live ghosts stop
+        (event ``model_changed``), and no ghost spawns afterwards."""
+        if self._layout_changed:
+            return False
+        change = self._layout.change()
+        if change is None:
+            return True
+        self._layout_changed = True
+        self.writer.event("model_changed", step=step, **change.fields())
+        self._warn_once("model-changed", f"dynprobe: {change.reason}; the ghosts stop")
+        self._stop_all(self.live, "failed", step, change.reason)
+        return False
 
     def _check_precision(self, regions: tuple[tuple[str, torch.dtype], ...]) -> None:
         """Warn (once) when perturbations are below the resolution of the autocast compute dtype of the step."""
@@ -390,7 +395,7 @@ class GhostSet:
         ``kernel_every_snapshots``-th of its comparisons (its first included) and at ``final_step``."""
         self.read()
         self.separation.flush()
-        live = self.live
+        live = self.live if self._layout_unchanged(main.step) else []
         if not live:
             return {}
         every = self.config.kernel_every_snapshots
@@ -415,7 +420,8 @@ class GhostSet:
                     divergence_ratio=self.config.divergence_ratio, evaluate=self.context.evaluate,
                     disagreement=task.disagreement, preds_dtype=task.storage_dtype, layers=self._layers,
                     kernel_of=kernel_of if needs_kernel and due[ghost.index] else None,
-                    state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params)
+                    state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params,
+                    active=self._active)
             except Exception as error:  # noqa: BLE001
                 self._set_status(ghost, "failed", main.step, f"{type(error).__name__}: {error}")
                 if self.raise_errors:
@@ -433,15 +439,10 @@ class GhostSet:
         return arrays
 
     def _record_reference_drift(self, step: int, drift: dict[str, Any], records: list[tuple[Ghost, dict]]) -> None:
-        separations = [record["L2"] for ghost, record in records if not ghost.control]
-        smallest = min(separations, default=math.nan)
-        exceeds = bool(separations) and drift["L2"] > smallest
-        self.writer.event("shadow_drift", step=step, **drift, smallest_ghost_L2=smallest, exceeds_ghost_signal=exceeds)
-        if exceeds:
-            self._warn_once("shadow-drift", f"dynprobe: at step {step} the ε=0 shadow that vectorized ghosts are "
-                            f"compared with is L2 {drift['L2']:.3g} away from your run, more than the smallest ghost "
-                            f"separation ({smallest:.3g}): the chaos maps measure the vectorized kernels' rounding as "
-                            "much as ε. Use Ghosts(vectorize=False) (the default) for an exact reference")
+        fields, message = shadow_drift_notice(step, drift, [r["L2"] for g, r in records if not g.control])
+        self.writer.event("shadow_drift", step=step, **fields)
+        if message is not None:
+            self._warn_once("shadow-drift", message)
 
     def comparison_states(self) -> list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """``(ghost index, reference state, ghost state)`` for every live ghost, for barriers between a ghost and its

@@ -4,12 +4,15 @@ The ghost set decides *when* to warn (once per kind, at the user's line); these 
 """
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 from .perturbation import PerturbationReport
 from .replica import likely_drift_causes
 
-__all__ = ["VISIBLE_SHARE", "control_drift_notice", "precision_notice", "realized_norm_notice"]
+__all__ = ["VISIBLE_SHARE", "control_drift_notice", "precision_notice", "realized_norm_notice", "shadow_drift_notice"]
 
 # Below this share of coordinates that differ after rounding to the autocast compute dtype, a perturbation is
 # reported as below that dtype's resolution.
@@ -65,3 +68,18 @@ def control_drift_notice(reference: str, step: int, drifted: dict[str, float], *
     return causes, (f"dynprobe: the ε=0 control ghost drifted from the main run at step {step} ({len(names)} tensors, "
                     f"max |Δ| {diff:.3g}, e.g. {names[0]!r}): the ghosts do not reproduce your training step exactly, "
                     f"so chaos maps mix ε with that difference. Likely causes: {'; '.join(causes)}")
+
+
+def shadow_drift_notice(step: int, drift: dict[str, Any], separations: list[float]
+                        ) -> tuple[dict[str, Any], str | None]:
+    """The ``shadow_drift`` event's fields (the drift of a vectorized stack's ε = 0 shadow from the main run, next to
+    the smallest perturbed ghost's L2 ``separations``) and a warning when the drift exceeds that signal."""
+    smallest = min(separations, default=math.nan)
+    exceeds = bool(separations) and drift["L2"] > smallest
+    fields = {**drift, "smallest_ghost_L2": smallest, "exceeds_ghost_signal": exceeds}
+    if not exceeds:
+        return fields, None
+    return fields, (f"dynprobe: at step {step} the ε=0 shadow that vectorized ghosts are compared with is L2 "
+                    f"{drift['L2']:.3g} away from your run, more than the smallest ghost separation ({smallest:.3g}): "
+                    "the chaos maps measure the vectorized kernels' rounding as much as ε. Use "
+                    "Ghosts(vectorize=False) (the default) for an exact reference")

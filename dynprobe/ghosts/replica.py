@@ -21,24 +21,25 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from dynprobe._util.modules import max_abs_differences
+from dynprobe.capture.loss_state import module_memo
 from dynprobe.capture.step import MicroBatch, replay_micro_batch
 
+from .loss_replay import LossReplay
+
 __all__ = [
-    "LossReplay",
     "Replica",
     "NONDETERMINISTIC_CAUSE",
     "check_optimizer_for_ghosts",
     "deterministic_replay_possible",
     "differing",
     "group_by_scale",
-    "is_compiled",
     "lifetime_reached",
     "likely_drift_causes",
     "losses_finite",
@@ -54,31 +55,28 @@ __all__ = [
 
 
 @dataclass
-class LossReplay:
-    """How a captured micro-batch's loss is recomputed for a replica: the watched loss function, or a function
-    of the model output (models that compute their own loss). Set by the probe once it knows them."""
-
-    loss_fn: Any = None
-    loss_from_output: Any = None
-
-
-@dataclass
 class Replica:
-    """A deep copy of the model and its optimizer; ``params`` are its trainable parameters in ``vec(θ)`` order."""
+    """A deep copy of the model and its optimizer; ``params`` are its trainable parameters in ``vec(θ)`` order.
+    ``loss_fn`` is the replica's own copy of the watched loss (:mod:`dynprobe.ghosts.loss_replay`), ``memo`` maps the
+    main model's modules, parameters and buffers to the replica's (for a loss copied later)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     params: list[torch.Tensor]
     scaler: Any = None
+    loss_fn: Any = None
+    memo: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def clone(cls, model: nn.Module, optimizer: torch.optim.Optimizer, no_copy: Mapping[int, Any],
-              scaler: Any = None) -> Replica:
+              scaler: Any = None, loss: LossReplay | None = None) -> Replica:
         """Deep copies of ``model`` (parameters, buffers, submodule flags) and ``optimizer`` bound to the copy.
 
         ``no_copy`` maps ids of objects that must be shared, not copied (the probe and its hooks' owners), to
         themselves. ``Optimizer.__getstate__`` drops the optimizer's hooks, so the copy never fires the probe's
         hooks. ``scaler`` (a GradScaler) is deep-copied as well: each replica makes its own skip decisions.
+        ``loss``: the run's loss replay; the replica gets its own copy of the loss in its state now (references to
+        the model in the loss point to the replica's model in the copy).
         """
         memo = dict(no_copy)
         ghost_model = copy.deepcopy(model, memo)
@@ -91,7 +89,16 @@ class Replica:
             )
         ghost_optimizer = copy.deepcopy(optimizer, {**no_copy, **mapping})
         params = [p for p in ghost_model.parameters() if p.requires_grad]
-        return cls(ghost_model, ghost_optimizer, params, copy.deepcopy(scaler) if scaler is not None else None)
+        memo = module_memo(model, ghost_model)
+        return cls(ghost_model, ghost_optimizer, params, copy.deepcopy(scaler) if scaler is not None else None,
+                   loss.copy_now(memo) if loss is not None else None, memo)
+
+    def loss_for(self, replay: LossReplay) -> Any:
+        """The replica's copy of the loss; a replica spawned before the loss was known copies it as it was before
+        any call (the step-0 spawn precedes ``probe.watch``)."""
+        if self.loss_fn is None and replay.loss_fn is not None:
+            self.loss_fn = replay.copy_initial(self.memo)
+        return self.loss_fn
 
 
 def check_optimizer_for_ghosts(optimizer: torch.optim.Optimizer) -> None:
@@ -136,7 +143,8 @@ def replay_gradients(replica: Replica, micro_batches: Iterable[MicroBatch], repl
     RNG and autocast states); returns the detached losses. The caller restores the main RNG stream afterwards."""
     replica.optimizer.zero_grad(set_to_none=True)
     scale_loss = replica.scaler.scale if replica.scaler is not None else None
-    return [replay_micro_batch(replica.model, micro, loss_fn=replay.loss_fn, loss_from_output=replay.loss_from_output,
+    loss_fn = replica.loss_for(replay)
+    return [replay_micro_batch(replica.model, micro, loss_fn=loss_fn, loss_from_output=replay.loss_from_output,
                                scale_loss=scale_loss) for micro in micro_batches]
 
 
@@ -221,15 +229,6 @@ def separation(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
     differences = torch._foreach_sub([p.detach() for p in params], [r.detach() for r in reference])
     norms = torch._foreach_norm(differences, 2, dtype=torch.float64)
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or one of its submodules is compiled with ``torch.compile`` (an ``OptimizedModule``, or
-    ``module.compile()`` in place)."""
-    for module in model.modules():
-        if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-            return True
-    return False
 
 
 NONDETERMINISTIC_CAUSE = ("nondeterministic GPU kernels: cuDNN and cuBLAS choose algorithms by timing and some "

@@ -45,7 +45,8 @@ class SequentialTrainer:
 
     def spawn(self, ghost: Ghost, perturbation: Perturbation) -> PerturbationReport:
         context = self.context
-        ghost.replica = Replica.clone(context.model, context.optimizer, context.no_copy, context.config.scaler)
+        ghost.replica = Replica.clone(context.model, context.optimizer, context.no_copy, context.config.scaler,
+                                      context.replay)
         return perturb_(ghost.replica.params, perturbation)
 
     def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int

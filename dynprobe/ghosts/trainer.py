@@ -19,8 +19,9 @@ from torch import nn
 from dynprobe.capture.step import MicroBatch
 from dynprobe.config import Ghosts
 
+from .loss_replay import LossReplay
 from .perturbation import Perturbation, PerturbationReport
-from .replica import LossReplay, Replica
+from .replica import Replica
 
 __all__ = ["Fault", "Ghost", "GhostTrainer", "MainSnapshot", "Reference", "TrainerContext"]
 

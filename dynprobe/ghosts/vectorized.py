@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dynprobe._util.modules import max_abs_differences
+from dynprobe.capture.loss_state import copy_loss, module_memo
 from dynprobe.capture.step import MicroBatch
 from dynprobe.metrics import functions as metrics
 
@@ -71,6 +72,7 @@ class VectorizedTrainer:
         self.sequential = SequentialTrainer(context, reason=None)
         self._live: dict[int, Ghost] = {}  # the ghosts this trainer holds (rows or copies), by index
         self._pending_shadow: ReplicaState | None = None  # the main run at the spawn step, until a stack exists
+        self._shadow_loss: Any = None  # the stack's copy of the watched loss, taken with the shadow
         self._confirmed = False  # a stacked step has succeeded: no fallback to sequential after that
         # "auto" chose sequential for this many live ghosts or fewer: it measures again once that many have spawned.
         self.revisit_at: int | None = None
@@ -113,6 +115,7 @@ class VectorizedTrainer:
         if self.stack is None and self._pending_shadow is None:
             context = self.context
             self._pending_shadow = ReplicaState.copy_of(context.model, context.optimizer, context.no_copy)
+            self._shadow_loss = context.replay.copy_now(module_memo(context.model, context.model))
 
     def release(self, ghost: Ghost) -> None:
         self._live.pop(ghost.index, None)
@@ -120,7 +123,7 @@ class VectorizedTrainer:
         if self.stack is not None and ghost.index in self.stack:
             self.stack.remove(ghost.index)
         if not self._live:  # the last ghost stopped: free the stack and its shadow
-            self.stack, self._pending_shadow = None, None
+            self.stack, self._pending_shadow, self._shadow_loss = None, None, None
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -137,7 +140,7 @@ class VectorizedTrainer:
         try:
             if self.stack is None:
                 self.stack = self._new_stack(pending)
-            finite = self.stack.train_step(micro_batches, context.optimizer, loss_fn=context.replay.loss_fn,
+            finite = self.stack.train_step(micro_batches, context.optimizer, loss_fn=self._stack_loss(),
                                            loss_from_output=context.replay.loss_from_output)
         except Exception as error:  # noqa: BLE001 - a ghost fault never reaches the user's loop
             if not self._confirmed:  # the copies are untouched (the stack copied them): train them instead
@@ -169,10 +172,18 @@ class VectorizedTrainer:
                                                for g in pending])
         return stack
 
+    def _stack_loss(self) -> Any:
+        """The stack's copy of the watched loss (one call per micro-batch for all rows, as in the main run; the model
+        it may reference stays the main model's); a shadow taken before the loss was known copies it as it was before
+        any call."""
+        if self._shadow_loss is None:
+            self._shadow_loss = self.context.replay.copy_initial(module_memo(self.context.model, self.context.model))
+        return self._shadow_loss
+
     def _fail_all(self, reason: str, trace: str | None = None, error: BaseException | None = None
                   ) -> list[tuple[int, Fault]]:
         """Every ghost this trainer holds stops as ``failed`` (rows, or copies about to become rows)."""
-        self.stack, self._pending_shadow = None, None
+        self.stack, self._pending_shadow, self._shadow_loss = None, None, None
         return [(index, Fault("failed", reason, trace, error)) for index in self._live]
 
     # ------------------------------------------------------------------------------------------ choosing
@@ -223,6 +234,7 @@ class VectorizedTrainer:
         context, config = self.context, self.context.config
         trial_stack = self._new_stack(pending)
         trials = [Replica.clone(g.replica.model, g.replica.optimizer, context.no_copy) for g in pending]
+        trial_loss = copy_loss(self._stack_loss(), context.no_copy) if self._stack_loss() is not None else None
 
         def sequential() -> None:
             for trial in trials:
@@ -230,7 +242,7 @@ class VectorizedTrainer:
                               clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
 
         def vectorized() -> None:
-            trial_stack.train_step(micro_batches, context.optimizer, loss_fn=context.replay.loss_fn,
+            trial_stack.train_step(micro_batches, context.optimizer, loss_fn=trial_loss,
                                    loss_from_output=context.replay.loss_from_output)
 
         def timed(run: Callable[[], None]) -> float:
@@ -250,7 +262,7 @@ class VectorizedTrainer:
     def _set_mode(self, mode: str, step: int, reason: str, *, warn: bool = False, **fields: Any) -> None:
         self.mode = mode
         if mode == "sequential":
-            self.stack, self._pending_shadow = None, None
+            self.stack, self._pending_shadow, self._shadow_loss = None, None, None
         optimizer = None  # how the stack steps its rows (GhostStack's optimizer_mode="auto" rule)
         if mode == "vectorized":
             optimizer = "stacked" if is_elementwise(self.context.optimizer) else "per_replica"

@@ -19,7 +19,7 @@ from torch import nn
 
 from dynprobe._util.checks import check_model, check_optimizer
 from dynprobe._util.evaluation import EvalSet, default_output_fn
-from dynprobe._util.modules import device_of, rng_devices, trainable_parameters
+from dynprobe._util.modules import device_of, is_compiled, rng_devices, trainable_parameters, uncompiled
 from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
 from dynprobe.capture.step import StepCapture
 from dynprobe.distributed.kernel import sharded_kernel
@@ -29,6 +29,7 @@ from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
 from dynprobe.recording.barriers import BarrierScheduler
+from dynprobe.recording.inert import InertWatch
 from dynprobe.recording.kernel_probe import KernelMeasure, kernel_at_snapshot
 from dynprobe.recording.learning_rate import LearningRateLog
 from dynprobe.recording.progress import SnapshotProgress
@@ -70,7 +71,7 @@ class ProbeParts:
 
     dist: DistributedRun | None
     model: nn.Module  # the module measured (inside a DDP wrapper)
-    hooked_model: nn.Module  # what the training loop calls (the DDP wrapper itself)
+    hooked_model: nn.Module  # what the training loop calls (the DDP or torch.compile wrapper itself)
     named_params: list[tuple[str, torch.Tensor]]
     device: torch.device
     cuda_devices: list[int]
@@ -102,7 +103,8 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     shared, never copied, when the model is deep-copied into a ghost. A failure after the run sink was opened
     closes it again, leaving no hook behind and the run directory free for the next writer."""
     dist = DistributedRun.detect(model)  # torch.distributed (DDP): hooks on the wrapper, the rest on the module
-    inner = check_model(unwrap_model(model))
+    # The probe computes on the plain module: never through a torch.compile wrapper (which would recompile) or DDP.
+    inner = check_model(uncompiled(unwrap_model(uncompiled(model))))
     check_optimizer(optimizer, inner)
     named_params = trainable_parameters(inner)
     params = [p for _, p in named_params]
@@ -153,7 +155,8 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=barriers,
                                     transition=transition, progress=progress, model=inner, optimizer=optimizer,
-                                    sink=sink, on_snapshot=options.on_snapshot)
+                                    sink=sink, on_snapshot=options.on_snapshot,
+                                    inert=None if sharded else InertWatch(named_params, optimizer, sink))
         if sharded:  # every rank agrees on each snapshot's outcome before training goes on
             assert dist is not None
             sequence = AgreedSnapshots(sequence, dist, device)
@@ -203,6 +206,7 @@ def _ghosts(options: ProbeOptions, parts: ProbeParts, optimizer: torch.optim.Opt
         storage_dtype=parts.storage_dtype, cuda_devices=parts.cuda_devices, no_copy=[owner],
         raise_errors=options.errors == "raise", final_step=options.total_steps, loss_from_output=from_output,
         trainer_factory=parts.dist.ghost_trainer if parts.dist is not None else None,
+        compiled=is_compiled(parts.hooked_model),
     )
     capture = StepCapture(parts.cuda_devices,
                           scale_fn=config.scaler.get_scale if config.scaler is not None else None)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynprobe._util.modules import eager_compiled
 from dynprobe.analysis.estimate import TransitionEstimate
 from dynprobe.capture.hooks import GradEditDetector
 from dynprobe.capture.step import explicit_micro_batch
@@ -73,8 +74,9 @@ class Probe:
         self._clock = ProbeClock()  # busy: the hooks ignore everything until the probe is fully attached
         self._closed = False
         self._warned: set[str] = set()
-        parts = assemble(self.options, model, optimizer, eval_data=eval_data, out=out, clock=self._clock,
-                         owner=self)
+        with eager_compiled():
+            parts = assemble(self.options, model, optimizer, eval_data=eval_data, out=out, clock=self._clock,
+                             owner=self)
         self._parts = parts
         self.model, self.optimizer, self.eval_set = parts.model, optimizer, parts.eval_set
         self.writer: RunSink = parts.sink
@@ -243,6 +245,10 @@ class Probe:
         if self._closed:
             return
         self._parts.train_loss.note(self._clock.step + 1, loss)
+        if loss.dim() and "per-example-loss" not in self._warned:
+            self._warned.add("per-example-loss")
+            self.writer.event("per_example_loss", step=self._clock.step + 1, shape=list(loss.shape),
+                              train_loss="mean of the per-example losses")
         if self._capture is not None and not self._explicit:
             self._capture.on_loss(loss, args, kwargs)
 
@@ -261,7 +267,8 @@ class Probe:
         """Run probe work inside the user's loop: hooks muted, failures behind the fault barrier."""
         self._clock.busy = True
         try:
-            self._guard.run(action, step=self._clock.step)
+            with eager_compiled():  # compiled code the probe reaches runs eagerly and is never recompiled
+                self._guard.run(action, step=self._clock.step)
         finally:
             self._clock.busy = False
 
@@ -277,6 +284,10 @@ class Probe:
         self._handles.clear()
 
     def _close(self, *, status: str, reason: str | None = None, final_snapshot: bool = True) -> None:
+        with eager_compiled():  # the final barriers evaluate the model too
+            self._finish(status=status, reason=reason, final_snapshot=final_snapshot)
+
+    def _finish(self, *, status: str, reason: str | None, final_snapshot: bool) -> None:
         if self._closed:
             return
         if final_snapshot and self.options.snapshot_on_close and not self._snapshotted(self._clock.step):

@@ -1,5 +1,5 @@
-"""What happens at a snapshot, in order: measure the model, compare the live ghosts, commit, then tell the online
-detector, the user's ``on_snapshot`` and the barrier scheduler.
+"""What happens at a snapshot, in order: measure the model, check for inert parameter tensors (once), compare the live
+ghosts, commit, then tell the online detector, the user's ``on_snapshot`` and the barrier scheduler.
 
 The commit is a transaction (:meth:`dynprobe.recording.snapshot.SnapshotRecorder.commit`): an exception inside it
 leaves no row behind. Once it stands, the detector is told even if an exception (a Ctrl-C) followed the commit,
@@ -15,6 +15,7 @@ from torch import nn
 from dynprobe._util.signals import interrupts_deferred
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.barriers import BarrierScheduler
+from dynprobe.recording.inert import InertWatch
 from dynprobe.recording.kernel_probe import KernelMeasure
 from dynprobe.recording.learning_rate import LearningRateLog
 from dynprobe.recording.progress import SnapshotProgress
@@ -38,12 +39,13 @@ class SnapshotSequence:
     def __init__(self, *, recorder: SnapshotRecorder, kernel: KernelMeasure | None, train_loss: TrainLoss,
                  learning_rates: LearningRateLog, barriers: BarrierScheduler | None, transition: TransitionWatch,
                  progress: SnapshotProgress, model: nn.Module, optimizer: torch.optim.Optimizer, sink: RunSink,
-                 on_snapshot: Callable[[dict[str, Any]], None] | None) -> None:
+                 on_snapshot: Callable[[dict[str, Any]], None] | None, inert: InertWatch | None) -> None:
         self.recorder, self.kernel = recorder, kernel
         self.train_loss, self.barriers, self.transition, self.progress = train_loss, barriers, transition, progress
         self.learning_rates = learning_rates
         self.model, self.optimizer, self.sink = model, optimizer, sink
         self.on_snapshot = on_snapshot
+        self.inert = inert
 
     def take(self, step: int, *, ghosts: GhostSet | None) -> None:
         """The snapshot at ``step`` (optimizer steps taken)."""
@@ -52,7 +54,10 @@ class SnapshotSequence:
             data.extra_arrays.update(self.kernel.snapshot_arrays() if self.kernel is not None else {})
             main_state = {name: t.detach() for name, t in
                           list(self.model.named_parameters()) + list(self.model.named_buffers()) if t is not None}
+            inert = self.inert.check(step) if self.inert is not None else []
             if ghosts is not None:
+                if inert:
+                    ghosts.set_inert(inert)
                 self.progress.phase("ghosts", f"comparing {len(ghosts.live)} ghosts")
                 ghosts.compare(data, self.kernel.measure if self.kernel is not None else None, main_state)
             train_loss, calls = self.train_loss.pop_mean()

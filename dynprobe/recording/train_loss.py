@@ -48,8 +48,11 @@ class TrainLoss:
             self._stretch = [float(v) for v in losses[keep & (steps > lower)]]
 
     def note(self, step: int, loss: torch.Tensor) -> None:
-        """A watched loss call at (the coming) ``step``."""
-        self._pending.append((step, loss.detach()))
+        """A watched loss call at (the coming) ``step``. Per-example losses (``reduction="none"``, any shape) are
+        logged as their mean, in float64 — your ``.mean()``; a ``.sum()`` is that mean times the batch size — and the
+        probe records that it saw them (the ``per_example_loss`` event)."""
+        loss = loss.detach()
+        self._pending.append((step, loss.to(torch.float64).mean() if loss.dim() else loss))
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 

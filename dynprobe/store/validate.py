@@ -33,8 +33,9 @@ TORCH_DTYPES = frozenset({
 })
 # Interval matrices every snapshot appends a row to, before its commit line.
 ROW_METRICS = ("C", "D")
-# Per-ghost metrics of ghost_compare / ghost_barrier events that Run.chaos reads (numbers or null).
-CHAOS_FIELDS = ("C", "L2", "D", "S", "B", "B_linear", "eval_loss", "eval_accuracy")
+# Per-ghost metrics of ghost_compare / ghost_barrier events that Run.chaos reads (numbers or null). L2_active: L2
+# without the inert parameter tensors (dynprobe.recording.inert), where some were found.
+CHAOS_FIELDS = ("C", "L2", "L2_active", "D", "S", "B", "B_linear", "eval_loss", "eval_accuracy")
 
 
 # --------------------------------------------------------------------------------------------- value checks
