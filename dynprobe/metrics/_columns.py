@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ._blocked import BLOCK, Blocks, _pairwise, cosine_values, exact_chunks, half_square_sums, inaccurate
+from dynprobe._util.distances import channel_block_sums, cosine_from_sums, scales
+
+from ._blocked import BLOCK, Blocks, cosine_values, inaccurate
 from ._spans import ColumnPass
 
 __all__ = ["MEMORY_BATCH", "TARGET_BATCH", "ColumnSource", "complete_by_columns"]
@@ -142,25 +144,26 @@ def _read(source: ColumnSource, indices: Sequence[int], start: int, stop: int, e
 def _cancellation_free(blocks: Blocks, plan: ColumnPass, source: ColumnSource,
                        exact: dict[int, list[tuple[int, np.ndarray]]], values: dict[int, np.ndarray],
                        extra: dict[int, torch.Tensor]) -> None:
-    """Recompute the flagged entries as ``½‖x̂ − ŷ‖²`` (the chunks of :func:`exact_chunks`), span by span."""
-    chunks = {channel: exact_chunks(blocks, channel) for channel in range(blocks.channels)}
-    sums = {(j, channel): np.zeros((rows.size, len(chunks[channel]))) for j, flagged in exact.items()
-            for channel, rows in flagged}
-    members = sorted({int(i) for flagged in exact.values() for _, rows in flagged for i in rows})
+    """Recompute the flagged pairs (every channel of each) in the cancellation-free form of
+    :func:`~dynprobe._util.distances.channel_block_sums`, span by span: the spans start and end on block
+    boundaries, so their block sums, in column order, are those of the whole vectors (the rows computed at once
+    give the same numbers)."""
+    rows_of = {j: sorted({int(i) for _, rows in flagged for i in rows}) for j, flagged in exact.items()}
+    members = sorted(set().union(*map(set, rows_of.values())))
+    norms = {i: torch.as_tensor(np.asarray(source.summaries[i], np.float64), device=source.device)
+             for i in set(members) | set(rows_of)}
+    sums = {(i, j): [[] for _ in range(blocks.channels)] for j, rows in rows_of.items() for i in rows}
     for start, stop, _, _ in plan.spans:
         parts = _read(source, members, start, stop, extra, set())
-        for j, flagged in exact.items():
+        for j, rows in rows_of.items():
             target = _read(source, [j], start, stop, extra, set()).get(j)
             assert target is not None  # it was read in the first pass
-            for channel, rows in flagged:
-                inside = [c for c, (a, b) in enumerate(chunks[channel]) if start <= a and b <= stop]
-                if not inside:
-                    continue
-                stack = torch.stack([parts[int(i)] for i in rows])
-                sums[(j, channel)][:, inside] = half_square_sums(
-                    target, source.summaries[j][channel], stack, np.arange(rows.size),
-                    np.array([source.summaries[int(i)][channel] for i in rows]),
-                    [chunks[channel][c] for c in inside], offset=start)
-    for (j, channel), partial in sums.items():
-        for i, value in zip(dict(exact[j])[channel], 0.5 * _pairwise(partial)):
-            values[int(i)][channel, j] = value
+            for i in rows:
+                pair_scales = scales(norms[i], norms[j][None])
+                block_sums = channel_block_sums(parts[i], target[None], pair_scales, blocks.layers, blocks.per_layer,
+                                                start, stop, width=blocks.width)
+                for channel, part in enumerate(block_sums):
+                    sums[(i, j)][channel].append(part)
+    for (i, j), per_channel in sums.items():
+        pair = cosine_from_sums([torch.cat(parts, 1) for parts in per_channel], norms[i], norms[j][None])
+        values[i][:, j] = pair[:, 0].cpu().numpy()

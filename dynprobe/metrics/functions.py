@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._blocked import Blocks, cosine_rows, half_squared_distances, squared_norms
+from ._blocked import Blocks, cosine_rows, squared_norms
 
 __all__ = [
     "cosine_dissimilarity",
@@ -59,9 +59,7 @@ def _exact_pair(x: torch.Tensor, y: torch.Tensor, what: str, shapes: tuple) -> f
         raise ValueError(f"{what} needs {needs}; got {shapes[0]} and {shapes[1]}")
     y = y.to(x.device)
     blocks = Blocks(x.numel())
-    x_norm2, y_norm2 = squared_norms(x, blocks)[0], squared_norms(y, blocks)[0]
-    return float(half_squared_distances(x, x_norm2, y.reshape(1, -1), np.zeros(1, np.int64), np.array([y_norm2]),
-                                        0, x.numel())[0])
+    return float(cosine_rows(x, None, y.reshape(1, -1), squared_norms(y, blocks)[None], blocks)[0][0, 0])
 
 
 def cosine_dissimilarity(a, b) -> float:
