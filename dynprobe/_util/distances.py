@@ -52,6 +52,7 @@ __all__ = ["BLOCK", "channel_block_sums", "cosine_dissimilarity_rows", "cosine_f
 
 BLOCK = 256  # columns per block sum: the summation error bound (module docstring)
 _CPU_CHUNK_BYTES = 2**21  # float64 temporaries per chunk on the CPU: they stay in cache
+_CPU_CHUNK_COLUMNS = 2**15
 _DEVICE_CHUNK_BYTES = 2**28  # on an accelerator: few, large kernels
 
 
@@ -66,9 +67,11 @@ def pairwise_sum(a):
 
 
 def _chunk_columns(rows: int, width: int, device: torch.device) -> int:
-    """Columns per chunk: a multiple of ``width`` with ``rows × columns`` float64 temporaries within the budget."""
-    budget = _DEVICE_CHUNK_BYTES if device.type != "cpu" else _CPU_CHUNK_BYTES
-    return max(1, budget // (8 * max(1, rows) * width)) * width
+    """Columns per chunk: a multiple of ``width`` with ``rows × columns`` float64 temporaries within the budget (on
+    the CPU also at most ``_CPU_CHUNK_COLUMNS``: the vector's own chunk stays in cache too)."""
+    if device.type != "cpu":
+        return max(1, _DEVICE_CHUNK_BYTES // (8 * max(1, rows) * width)) * width
+    return max(1, min(_CPU_CHUNK_BYTES // (8 * max(1, rows)), _CPU_CHUNK_COLUMNS) // width) * width
 
 
 def _block_sums_of_squares(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -90,14 +93,15 @@ def _split(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def channel_block_sums(x: torch.Tensor, stack: torch.Tensor, scales: torch.Tensor,
                        layers: Sequence[tuple[int, int]], per_layer: bool, start: int, stop: int, *,
-                       width: int = BLOCK) -> list[torch.Tensor]:
+                       rows: torch.Tensor | None = None, width: int = BLOCK) -> list[torch.Tensor]:
     """The block sums of ``‖x − s_c·y_k‖²`` over the columns ``start:stop`` for each row ``y_k`` of ``stack`` and
     each channel ``c`` (the whole vector, then each layer when ``per_layer``): float64 (n, blocks) per channel, on
     the stack's device.
 
     ``x`` (columns,) and ``stack`` (n × columns, e.g. a view of a buffer: never copied whole) hold the columns
     ``start:stop``, which begin and end on block boundaries of ``layers`` (the slices tiling the vector; blocks of
-    ``width`` columns start at each layer's first column). ``scales`` (n, channels) is ``s = ‖x‖/‖y‖`` per channel.
+    ``width`` columns start at each layer's first column). ``rows`` (optional): the rows of ``stack`` to use (n of
+    them), gathered one column chunk at a time. ``scales`` (n, channels) is ``s = ‖x‖/‖y‖`` per channel.
     Each column chunk is converted to float64 once: within layer ``l``, ``t_l = (x − s₁y) − s₂y`` with the layer's
     split scale (exact products, module docstring), and the whole-vector channel from it as
     ``t₀ = t_l + (s_l − s₀)·y`` (errors ``u|(s_l − s₀)y_i| + u|t₀_i|``, at most a few u relative to ``‖t₀‖`` since
@@ -105,8 +109,9 @@ def channel_block_sums(x: torch.Tensor, stack: torch.Tensor, scales: torch.Tenso
     """
     scales = scales.to(device=stack.device, dtype=torch.float64)
     channels = 1 + len(layers) if per_layer else 1
+    n = stack.shape[0] if rows is None else rows.numel()
     sums: list[list[torch.Tensor]] = [[] for _ in range(channels)]
-    chunk = _chunk_columns(stack.shape[0], width, stack.device)
+    chunk = _chunk_columns(n, width, stack.device)
     for layer, (first, last) in enumerate(layers):
         low_column, high_column = max(first, start), min(last, stop)
         if low_column >= high_column:  # outside the columns, or an empty layer (its channel comes out NaN)
@@ -118,14 +123,15 @@ def channel_block_sums(x: torch.Tensor, stack: torch.Tensor, scales: torch.Tenso
         shift = (scales[:, own] - scales[:, 0])[:, None] if per_layer else None
         for a in range(low_column, max(high_column, low_column + 1), chunk):
             b = min(high_column, a + chunk)
-            y = stack[:, a - start : b - start].to(torch.float64)
+            y = stack[:, a - start : b - start]
+            y = (y if rows is None else y.index_select(0, rows)).to(torch.float64)
             t = torch.addcmul(x[a - start : b - start].to(torch.float64), y, high, value=-1)
             t.addcmul_(y, low, value=-1)
             sums[own].append(_block_sums_of_squares(t, width))
             if shift is not None:
                 sums[0].append(_block_sums_of_squares(t.addcmul_(y, shift), width))
-    return [torch.cat(parts, 1) if parts else torch.zeros((stack.shape[0], 0), dtype=torch.float64,
-                                                          device=stack.device) for parts in sums]
+    return [torch.cat(parts, 1) if parts else torch.zeros((n, 0), dtype=torch.float64, device=stack.device)
+            for parts in sums]
 
 
 def cosine_from_sums(sums: Sequence[torch.Tensor], x_norm2: torch.Tensor, stack_norm2: torch.Tensor) -> torch.Tensor:

@@ -145,25 +145,37 @@ def _cancellation_free(blocks: Blocks, plan: ColumnPass, source: ColumnSource,
                        exact: dict[int, list[tuple[int, np.ndarray]]], values: dict[int, np.ndarray],
                        extra: dict[int, torch.Tensor]) -> None:
     """Recompute the flagged pairs (every channel of each) in the cancellation-free form of
-    :func:`~dynprobe._util.distances.channel_block_sums`, span by span: the spans start and end on block
-    boundaries, so their block sums, in column order, are those of the whole vectors (the rows computed at once
-    give the same numbers)."""
+    :func:`~dynprobe._util.distances.channel_block_sums`, span by span, each target against its flagged rows of the
+    group at once (gathered chunk by chunk from the group's view of memory, or from one stack of its slices per
+    span). The spans start and end on block boundaries, so their block sums, in column order, are the whole
+    vectors'."""
     rows_of = {j: sorted({int(i) for _, rows in flagged for i in rows}) for j, flagged in exact.items()}
     members = sorted(set().union(*map(set, rows_of.values())))
+    where = {i: position for position, i in enumerate(members)}
+    resident, stack_in_memory = source.resident()
+    slots = [resident.index(i) if i in resident and i not in extra else -1 for i in members]
+    contiguous = -1 not in slots and slots == list(range(slots[0], slots[0] + len(slots)))
     norms = {i: torch.as_tensor(np.asarray(source.summaries[i], np.float64), device=source.device)
              for i in set(members) | set(rows_of)}
-    sums = {(i, j): [[] for _ in range(blocks.channels)] for j, rows in rows_of.items() for i in rows}
+    index = {j: torch.as_tensor([where[i] for i in rows], device=source.device) for j, rows in rows_of.items()}
+    sums: dict[int, list[list[torch.Tensor]]] = {j: [[] for _ in range(blocks.channels)] for j in rows_of}
     for start, stop, _, _ in plan.spans:
-        parts = _read(source, members, start, stop, extra, set())
+        if contiguous:
+            assert stack_in_memory is not None
+            group = stack_in_memory[slots[0] : slots[0] + len(members), start:stop]
+        else:
+            parts = _read(source, members, start, stop, extra, set())
+            group = torch.stack([parts[i] for i in members])
         for j, rows in rows_of.items():
             target = _read(source, [j], start, stop, extra, set()).get(j)
             assert target is not None  # it was read in the first pass
-            for i in rows:
-                pair_scales = scales(norms[i], norms[j][None])
-                block_sums = channel_block_sums(parts[i], target[None], pair_scales, blocks.layers, blocks.per_layer,
-                                                start, stop, width=blocks.width)
-                for channel, part in enumerate(block_sums):
-                    sums[(i, j)][channel].append(part)
-    for (i, j), per_channel in sums.items():
-        pair = cosine_from_sums([torch.cat(parts, 1) for parts in per_channel], norms[i], norms[j][None])
-        values[i][:, j] = pair[:, 0].cpu().numpy()
+            pair_scales = scales(norms[j], torch.stack([norms[i] for i in rows]))
+            block_sums = channel_block_sums(target, group, pair_scales, blocks.layers, blocks.per_layer, start, stop,
+                                            rows=index[j], width=blocks.width)
+            for channel, part in enumerate(block_sums):
+                sums[j][channel].append(part)
+    for j, per_channel in sums.items():
+        result = cosine_from_sums([torch.cat(parts, 1) for parts in per_channel], norms[j],
+                                  torch.stack([norms[i] for i in rows_of[j]])).cpu().numpy()
+        for position, i in enumerate(rows_of[j]):
+            values[i][:, j] = result[:, position]
