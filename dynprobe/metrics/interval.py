@@ -90,7 +90,7 @@ class CosineMetric:
         return cosine_rows(vector.reshape(-1), summary, stack, stack_summaries, self.blocks(vector.numel()))[0]
 
     def summary_and_rows(self, vector, stack, stack_summaries) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`summary` and :meth:`rows` in one pass over ``vector`` (its norms come with the dot products)."""
+        """:meth:`summary` and :meth:`rows` together (the norms of ``vector`` first, then its rows)."""
         values, norms = cosine_rows(vector.reshape(-1), None, stack, stack_summaries, self.blocks(vector.numel()))
         return norms, values
 
