@@ -35,8 +35,9 @@ C ≥ 2e-18 (two float32 vectors that differ at all are at least ~1e-22 apart on
 by one ulp). Inputs with more significant bits (float64 kernels for S) make ``s₁y_i`` inexact: ``‖e‖`` gains
 ``u‖x‖``, i.e. ``2u/√(2C)`` relative (≤ 1e-9 for C ≥ 2.5e-14), as the unit-vector form ``½‖x̂ − ŷ‖²`` had.
 
-**Determinism.** Every product is exact, so FMA contraction cannot change a bit; each block sum is one reduction
-of ``width`` numbers per output, and the tree is explicit: the values depend on the inputs, the column ranges and
+**Determinism.** The products with the split scale are exact, so FMA contraction cannot change their bits (the
+per-layer shift below is the one rounded product); each block sum is one reduction of ``width`` numbers per
+output, and the tree is explicit: the values depend on the inputs, the column ranges and
 ``width`` only (not on the column chunking, the thread count, or where the vectors sit in memory); on a GPU the
 block reductions are the device's own, deterministic run to run.
 """
