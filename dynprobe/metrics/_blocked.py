@@ -1,10 +1,18 @@
-"""Blocked float64 dot products of one vector against a stack: the kernel behind every C and S row.
+"""C rows on the history's device, and the blocked float64 dot products that complete deferred rows in groups.
 
-A row of C, eq. (1) of the two-phase paper, needs ``⟨x, y_j⟩``, ``‖x‖`` and ``‖y_j‖`` for each earlier snapshot
-``y_j``: one matrix-vector product over the stacked history, accumulated in float64 over vectors kept in their
-own dtype (float32 products are exact in float64: 24 + 24 significant bits < 53). The columns are cut into
-blocks of at most ``BLOCK`` entries that never straddle a layer, so the same pass also gives every layer's dot
-products and norms (per-layer C), and each block's partial sum is combined with the others in a balanced tree.
+**Rows computed at once** (:func:`cosine_rows`): every entry of a new vector ``x`` against the earlier ones in
+memory is the cancellation-free form ``‖x − (‖x‖/‖y‖)·y‖² / (2‖x‖²)`` of
+:func:`dynprobe._util.distances.cosine_dissimilarity_rows` — the one owner of the formula and of its error bound
+(relative error < 1e-12 for every C ≥ 1e-14, < 1e-9 down to C ≈ 2e-18; exactly 0 for identical vectors), torch
+on the stack's device, one pass over the columns, the history read in place.
+
+**Deferred rows, completed in groups** (:mod:`dynprobe.metrics._columns`): a group of new vectors against many
+earlier ones is one product that reads the history once per group, so there the dot-product form is used first.
+A row of C, eq. (1) of the two-phase paper, then needs ``⟨x, y_j⟩``, ``‖x‖`` and ``‖y_j‖`` for each earlier snapshot
+``y_j``, accumulated in float64 over vectors kept in their own dtype (float32 products are exact in float64:
+24 + 24 significant bits < 53). The columns are cut into blocks of at most ``BLOCK`` entries that never straddle a
+layer, so the same pass also gives every layer's dot products and norms (per-layer C), and each block's partial
+sum is combined with the others in a balanced tree.
 
 **Error of the dot-product form.** With the products exact, the only rounding is in the sums: a block of ``w``
 terms summed in any order, then partial sums combined pairwise over ``M`` blocks (and ``L`` layers), is a
@@ -16,17 +24,14 @@ division and ``1 − cos`` a few ``u`` more. Hence, relative to 1 (the scale of 
     |Ĉ − C| ≤ ε = 2γ_n + 6u            (≈ 6e-14 for w = 256: switch below C ≈ 6e-5)
 
 and the relative error of ``Ĉ = 1 − ŝ/(‖x‖‖y‖)`` is at most ``ε / C``: harmless for C of order 1, all lost for
-``C ≲ ε`` (identical vectors give ±ε instead of 0). The dot-product value is therefore kept only where
-``Ĉ ≥ (1/ρ + 1)·ε`` with ``ρ = 1e-9`` (which implies ``C ≥ ε/ρ``, so a relative error ≤ ρ); every other entry
-is recomputed in the cancellation-free form ``½‖x/‖x‖ − y/‖y‖‖²``, whose relative error is about
-``γ_n + 4u/√(2C)`` (≤ 1e-9 down to C ≈ 1e-22) and which is exactly 0 for identical vectors (equal inputs give
-bit-equal norms here, hence equal unit vectors). Per layer, the same rule holds with the layer's ``n``.
+``C ≲ ε``. The dot-product value is therefore kept only where ``Ĉ ≥ (1/ρ + 1)·ε`` with ``ρ = 1e-9`` (which
+implies ``C ≥ ε/ρ``, so a relative error ≤ ρ); every other entry is recomputed in the cancellation-free form
+above. Per layer, the same rule holds with the layer's ``n``.
 
-**Many rows at once.** :meth:`dynprobe.metrics._spans.ColumnPass.products` gives the same block sums for a
-whole group of new vectors against many earlier ones: ``_SUB_BLOCKS`` blocks at a time are converted to float64
-and multiplied as a batch of small matrices (BLAS), so the history is converted and read once per group instead
-of once per row. The bound above holds for any order of the ``w`` terms of a block, so it holds here too; the last
-bits differ from the one-row kernel's (measured: ≤ 4e-12 relative on C, entries of order 1e-4).
+**Many rows at once.** :meth:`dynprobe.metrics._spans.ColumnPass.products` gives the block sums for a whole group
+of new vectors against many earlier ones: ``_SUB_BLOCKS`` blocks at a time are converted to float64 and
+multiplied as a batch of small matrices, so the history is converted and read once per group instead of once per
+row. The bound above holds for any order of the ``w`` terms of a block, so it holds there too.
 
 Everything is deterministic: results depend on the values, the block structure and, for group products, the
 group's shape — never on where the vectors sit in memory or on thread scheduling; a resumed run completes its
@@ -42,12 +47,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "cosine_rows", "cosine_values", "dot_products",
-           "exact_chunks", "half_square_sums", "half_squared_distances", "inaccurate", "squared_norms"]
+from dynprobe._util.distances import BLOCK, cosine_dissimilarity_rows, pairwise_sum
+
+__all__ = ["BLOCK", "RELATIVE_ERROR", "Blocks", "channel_ranges", "cosine_rows", "cosine_values", "dot_products",
+           "inaccurate", "squared_norms"]
 
 U = 2.0**-53  # unit roundoff of float64
-BLOCK = 256  # dot-phase block width: bounds the summation error (above)
-EXACT_BLOCK = 2**15  # column chunk of the cancellation-free form (its error is relative, so wide chunks are fine)
 _SPAN = 2**17  # columns per task of the dot products (one per-thread float64 buffer)
 RELATIVE_ERROR = 1e-9  # target relative error of every stored C (and S) value
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -94,16 +99,6 @@ class Blocks:
 
 
 # --------------------------------------------------------------------------------------------- dot products
-
-
-def _pairwise(a):
-    """Sum the last axis in a balanced tree (each term takes part in at most ⌈log₂ m⌉ additions)."""
-    cat = np.concatenate if isinstance(a, np.ndarray) else torch.cat
-    while a.shape[-1] > 1:
-        m = a.shape[-1]
-        half = a[..., : m // 2] + a[..., m // 2 : 2 * (m // 2)]
-        a = half if m % 2 == 0 else cat([half, a[..., 2 * (m // 2) :]], -1)
-    return a[..., 0]
 
 
 _THREAD = threading.local()
@@ -166,12 +161,12 @@ def _chunk_sum_numpy(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start
     if rest or not columns:
         s = _as_numpy(stack[:, start + full * w : start + columns])
         parts.append(np.einsum("nb,b->n", s, tail, dtype=np.float64)[:, None])
-    sums = _pairwise(np.concatenate(parts, 1) if len(parts) > 1 else parts[0])
+    sums = pairwise_sum(np.concatenate(parts, 1) if len(parts) > 1 else parts[0])
     if not with_self:
         return sums
     own = ([np.einsum("mb,mb->m", head, head)] if full else []) + (
         [np.einsum("b,b->", tail, tail)[None]] if rest or not columns else [])
-    return np.concatenate([sums, _pairwise(np.concatenate(own))[None]])
+    return np.concatenate([sums, pairwise_sum(np.concatenate(own))[None]])
 
 
 def _chunk_sum_torch(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start: int, columns: int) -> torch.Tensor:
@@ -186,7 +181,7 @@ def _chunk_sum_torch(v: torch.Tensor, stack: torch.Tensor, blocks: Blocks, start
         a = start + full * w
         s = stack[:, a : a + rest].to(torch.float64)
         parts.append((s * v[a : a + rest].to(torch.float64)).sum(-1, keepdim=True))
-    return _pairwise(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+    return pairwise_sum(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -196,9 +191,9 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 def _combine(per_task, tasks: list[tuple[int, int, int]], blocks: Blocks, numpy_path: bool) -> np.ndarray:
     """Task sums (rows × tasks) → per channel (channels × rows): pairwise within each layer, then over layers."""
     layer_of = np.array([t[0] for t in tasks])
-    layers = [_pairwise(per_task[:, np.flatnonzero(layer_of == layer)]) for layer in range(len(blocks.layers))]
+    layers = [pairwise_sum(per_task[:, np.flatnonzero(layer_of == layer)]) for layer in range(len(blocks.layers))]
     stacked = np.stack(layers, 0) if numpy_path else torch.stack(layers, 0).cpu().numpy()
-    total = _pairwise(stacked.T)  # (rows,)
+    total = pairwise_sum(stacked.T)  # (rows,)
     return np.concatenate([total[None], stacked], 0) if blocks.per_layer else total[None]
 
 
@@ -236,76 +231,12 @@ def squared_norms(v: torch.Tensor, blocks: Blocks) -> np.ndarray:
     return dot_products(v, v[None], blocks)[0][:, 0]
 
 
-# --------------------------------------------------------------------------------------------- the exact form
+# --------------------------------------------------------------------------------------------- C rows
 
 
-def exact_chunks(blocks: Blocks, channel: int) -> list[tuple[int, int]]:
-    """The column chunks ``(start, stop)`` the cancellation-free form sums separately over a channel: at most
-    ``EXACT_BLOCK`` columns, never across a task of :func:`dot_products` (so each lies within one column span of
-    :class:`~dynprobe.metrics._spans.ColumnPass`, and a vector read back in slices gives the same sums)."""
-    start, stop = blocks.channel_range(channel)
-    chunks = []
-    for _, first, columns in _chunks(blocks, 1, None):
-        if start <= first and first + columns <= stop:
-            chunks += [(a, min(first + columns, a + EXACT_BLOCK)) for a in range(first, first + max(columns, 1),
-                                                                                 EXACT_BLOCK)]
-    return chunks
-
-
-def _reciprocal_norms(v_norm2: float, rows_norm2: np.ndarray) -> tuple[float, np.ndarray]:
-    with np.errstate(divide="ignore"):
-        return float(1 / np.sqrt(np.float64(v_norm2))), 1 / np.sqrt(np.asarray(rows_norm2, dtype=np.float64))
-
-
-def half_square_sums(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray, rows_norm2: np.ndarray,
-                     chunks: Sequence[tuple[int, int]], offset: int = 0) -> np.ndarray:
-    """``‖v/‖v‖ − s_r/‖s_r‖‖²`` over each chunk of columns, for the stack rows ``rows``: float64 (rows, chunks).
-
-    ``v`` and ``stack`` hold the columns from ``offset`` on (a slice of the vectors, or all of them); the norms
-    are over the whole channel."""
-    rows = np.asarray(rows, dtype=np.int64)
-    rv, rs = _reciprocal_norms(v_norm2, rows_norm2)
-    chunks = [(a - offset, b - offset) for a, b in chunks]
-    if stack.device.type == "cpu" and v.device.type == "cpu" and {stack.dtype, v.dtype} <= set(_NUMPY_DTYPES):
-        s_np, v_np = stack.numpy(), v.numpy()
-
-        def task(first: int) -> np.ndarray:  # 16 chunks, every row: (rows, chunks) partial sums
-            mine = chunks[first : first + 16]
-            out = np.empty((rows.size, len(mine)))
-            scaled, difference = _scratch()
-            with np.errstate(invalid="ignore"):
-                for c, (a, b) in enumerate(mine):
-                    x = np.multiply(v_np[a:b], rv, out=scaled[: b - a], dtype=np.float64)
-                    d = difference[: b - a]
-                    for k, r in enumerate(rows):
-                        np.multiply(s_np[r, a:b], rs[k], out=d, dtype=np.float64)
-                        np.subtract(d, x, out=d)
-                        out[k, c] = np.einsum("i,i->", d, d)
-            return out
-
-        parts = _map(task, list(range(0, len(chunks), 16)))
-        return np.concatenate(parts, 1) if parts else np.zeros((rows.size, 0))
-    index = torch.as_tensor(rows, device=stack.device)
-    scale = torch.as_tensor(rs, device=stack.device)[:, None]
-    parts = []
-    for a, b in chunks:
-        d = stack[:, a:b].index_select(0, index).to(torch.float64) * scale - v[a:b].to(torch.float64) * rv
-        parts.append((d * d).sum(-1))
-    return torch.stack(parts, 1).cpu().numpy() if parts else np.zeros((rows.size, 0))
-
-
-def half_squared_distances(v: torch.Tensor, v_norm2: float, stack: torch.Tensor, rows: np.ndarray,
-                           rows_norm2: np.ndarray, start: int, stop: int, *,
-                           chunks: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
-    """``½‖v/‖v‖ − s_r/‖s_r‖‖²`` over columns ``start:stop`` for the stack rows ``rows``; float64.
-
-    The cancellation-free form of ``1 − cos``: exactly 0 for identical vectors, relative error ~γ_n for tiny
-    values. ``v_norm2`` and ``rows_norm2`` are the squared norms over the same columns. The columns are summed in
-    ``chunks`` (default: ``EXACT_BLOCK`` columns from ``start``), then pairwise.
-    """
-    if chunks is None:
-        chunks = [(a, min(stop, a + EXACT_BLOCK)) for a in range(start, max(stop, start + 1), EXACT_BLOCK)]
-    return 0.5 * _pairwise(half_square_sums(v, v_norm2, stack, rows, rows_norm2, chunks))
+def channel_ranges(blocks: Blocks) -> list[tuple[int, int]]:
+    """The column range of each channel (the whole vector, then each layer)."""
+    return [blocks.channel_range(channel) for channel in range(blocks.channels)]
 
 
 def cosine_values(dots: np.ndarray, v_norms: np.ndarray, stack_norms: np.ndarray) -> np.ndarray:
@@ -328,17 +259,15 @@ def cosine_rows(v: torch.Tensor, v_norms: np.ndarray | None, stack: torch.Tensor
     """C (eq. 1) between ``v`` and each row of ``stack``, per channel: float64 (channels, n); and ``v``'s norms.
 
     ``v_norms`` (channels,) and ``stack_norms`` (n, channels) are :func:`squared_norms` of the vectors (``v_norms``
-    None: computed in the same pass over ``v``). Dot-product form where it is accurate to ``RELATIVE_ERROR``, the
-    cancellation-free form elsewhere (module docstring).
+    None: computed here). Every entry in the cancellation-free form of
+    :func:`dynprobe._util.distances.cosine_dissimilarity_rows`, on the stack's device and in one pass over its
+    columns (the stack is read in place: a view of the history buffer is never copied); only the (channels, n)
+    values come back to the host.
     """
-    dots, fused = dot_products(v, stack, blocks, with_norms=v_norms is None)
     if v_norms is None:
-        v_norms = fused if fused is not None else squared_norms(v, blocks)
-    values = cosine_values(dots, v_norms, stack_norms)
-    for channel, rows in enumerate(inaccurate(values, blocks)):
-        if rows.size:
-            start, stop = blocks.channel_range(channel)
-            values[channel, rows] = half_squared_distances(v, v_norms[channel], stack, rows,
-                                                           np.asarray(stack_norms)[rows, channel], start, stop,
-                                                           chunks=exact_chunks(blocks, channel))
-    return values, v_norms
+        v_norms = squared_norms(v, blocks)
+    device = stack.device
+    values = cosine_dissimilarity_rows(v.reshape(-1).to(device), torch.from_numpy(np.asarray(v_norms, np.float64)),
+                                       stack, torch.from_numpy(np.asarray(stack_norms, np.float64)),
+                                       blocks.layers, blocks.per_layer, width=blocks.width)
+    return values.cpu().numpy(), v_norms

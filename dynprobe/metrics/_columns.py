@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ._blocked import BLOCK, Blocks, _pairwise, cosine_values, exact_chunks, half_square_sums, inaccurate
+from dynprobe._util.distances import channel_block_sums, cosine_from_sums, scales
+
+from ._blocked import BLOCK, Blocks, cosine_values, inaccurate
 from ._spans import ColumnPass
 
 __all__ = ["MEMORY_BATCH", "TARGET_BATCH", "ColumnSource", "complete_by_columns"]
@@ -142,25 +144,38 @@ def _read(source: ColumnSource, indices: Sequence[int], start: int, stop: int, e
 def _cancellation_free(blocks: Blocks, plan: ColumnPass, source: ColumnSource,
                        exact: dict[int, list[tuple[int, np.ndarray]]], values: dict[int, np.ndarray],
                        extra: dict[int, torch.Tensor]) -> None:
-    """Recompute the flagged entries as ``½‖x̂ − ŷ‖²`` (the chunks of :func:`exact_chunks`), span by span."""
-    chunks = {channel: exact_chunks(blocks, channel) for channel in range(blocks.channels)}
-    sums = {(j, channel): np.zeros((rows.size, len(chunks[channel]))) for j, flagged in exact.items()
-            for channel, rows in flagged}
-    members = sorted({int(i) for flagged in exact.values() for _, rows in flagged for i in rows})
+    """Recompute the flagged pairs (every channel of each) in the cancellation-free form of
+    :func:`~dynprobe._util.distances.channel_block_sums`, span by span, each target against its flagged rows of the
+    group at once (gathered chunk by chunk from the group's view of memory, or from one stack of its slices per
+    span). The spans start and end on block boundaries, so their block sums, in column order, are the whole
+    vectors'."""
+    rows_of = {j: sorted({int(i) for _, rows in flagged for i in rows}) for j, flagged in exact.items()}
+    members = sorted(set().union(*map(set, rows_of.values())))
+    where = {i: position for position, i in enumerate(members)}
+    resident, stack_in_memory = source.resident()
+    slots = [resident.index(i) if i in resident and i not in extra else -1 for i in members]
+    contiguous = -1 not in slots and slots == list(range(slots[0], slots[0] + len(slots)))
+    norms = {i: torch.as_tensor(np.asarray(source.summaries[i], np.float64), device=source.device)
+             for i in set(members) | set(rows_of)}
+    index = {j: torch.as_tensor([where[i] for i in rows], device=source.device) for j, rows in rows_of.items()}
+    sums: dict[int, list[list[torch.Tensor]]] = {j: [[] for _ in range(blocks.channels)] for j in rows_of}
     for start, stop, _, _ in plan.spans:
-        parts = _read(source, members, start, stop, extra, set())
-        for j, flagged in exact.items():
+        if contiguous:
+            assert stack_in_memory is not None
+            group = stack_in_memory[slots[0] : slots[0] + len(members), start:stop]
+        else:
+            parts = _read(source, members, start, stop, extra, set())
+            group = torch.stack([parts[i] for i in members])
+        for j, rows in rows_of.items():
             target = _read(source, [j], start, stop, extra, set()).get(j)
             assert target is not None  # it was read in the first pass
-            for channel, rows in flagged:
-                inside = [c for c, (a, b) in enumerate(chunks[channel]) if start <= a and b <= stop]
-                if not inside:
-                    continue
-                stack = torch.stack([parts[int(i)] for i in rows])
-                sums[(j, channel)][:, inside] = half_square_sums(
-                    target, source.summaries[j][channel], stack, np.arange(rows.size),
-                    np.array([source.summaries[int(i)][channel] for i in rows]),
-                    [chunks[channel][c] for c in inside], offset=start)
-    for (j, channel), partial in sums.items():
-        for i, value in zip(dict(exact[j])[channel], 0.5 * _pairwise(partial)):
-            values[int(i)][channel, j] = value
+            pair_scales = scales(norms[j], torch.stack([norms[i] for i in rows]))
+            block_sums = channel_block_sums(target, group, pair_scales, blocks.layers, blocks.per_layer, start, stop,
+                                            rows=index[j], width=blocks.width)
+            for channel, part in enumerate(block_sums):
+                sums[j][channel].append(part)
+    for j, per_channel in sums.items():
+        result = cosine_from_sums([torch.cat(parts, 1) for parts in per_channel], norms[j],
+                                  torch.stack([norms[i] for i in rows_of[j]])).cpu().numpy()
+        for position, i in enumerate(rows_of[j]):
+            values[i][:, j] = result[:, position]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dynprobe._util.distances import pairwise_sum
+
 from ._blocked import (
     _NUMPY_DTYPES,
     _THREAD,
@@ -19,7 +21,6 @@ from ._blocked import (
     _chunks,
     _combine,
     _map,
-    _pairwise,
 )
 
 __all__ = ["ColumnPass"]
@@ -50,7 +51,7 @@ def _task_products(targets: np.ndarray, group: np.ndarray, blocks: Blocks, start
         a = start + full * w
         np.matmul(targets[:, a : a + rest].astype(np.float64), group[:, a : a + rest].astype(np.float64).T,
                   out=per_block[full])
-    return _pairwise(per_block.transpose(1, 2, 0))
+    return pairwise_sum(per_block.transpose(1, 2, 0))
 
 
 class ColumnPass:
@@ -100,7 +101,7 @@ class ColumnPass:
             if rest or not columns:
                 h = targets[:, a + full * w : a + columns].to(torch.float64)
                 parts.append((h @ group[:, a + full * w : a + columns].to(torch.float64).T)[None])
-            out.append(_pairwise(torch.cat(parts, 0).permute(1, 2, 0)))
+            out.append(pairwise_sum(torch.cat(parts, 0).permute(1, 2, 0)))
         return torch.stack(out, -1).cpu().numpy()
 
     def norm_sums(self, span: int, v_part: torch.Tensor) -> np.ndarray:

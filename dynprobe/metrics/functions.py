@@ -7,10 +7,10 @@ for sums over many coordinates.
 
 Conventions (the paper's §3):
 
-* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors. One pair is
-  computed as ``½‖θ_i/‖θ_i‖ − θ_j/‖θ_j‖‖²`` (equal, without cancellation); one vector against many from dot
-  products with the stack, switching to that form wherever ``1 − cos`` is small enough to lose digits, so that
-  every value keeps a relative error ≤ 1e-9 (the bound is derived in :mod:`dynprobe.metrics._blocked`).
+* C, eq. (1): ``C(θ_i, θ_j) = 1 − ⟨θ_i, θ_j⟩ / (‖θ_i‖₂ ‖θ_j‖₂)`` on flattened parameter vectors, computed as
+  the equal ``‖θ_i − s·θ_j‖² / (2‖θ_i‖²)`` with ``s = ‖θ_i‖/‖θ_j‖`` (that is ``½‖θ_i/‖θ_i‖ − θ_j/‖θ_j‖‖²``, no
+  cancellation), one pass over the columns on the vectors' device: every value keeps a relative error ≤ 1e-9
+  and identical vectors give exactly 0 (the bound is derived in :mod:`dynprobe._util.distances`).
 * S, eq. (4): ``S(H_i, H_j) = 1 − ⟨H_i, H_j⟩_F / (‖H_i‖_F ‖H_j‖_F)`` on eNTK matrices of any (equal) shape.
 * D, eq. (6): ``D = mean_x 1[argmax f(x; θ_i) ≠ argmax f(x; θ_j)]`` on stored predicted labels.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._blocked import Blocks, cosine_rows, half_squared_distances, squared_norms
+from ._blocked import Blocks, cosine_rows, squared_norms
 
 __all__ = [
     "cosine_dissimilarity",
@@ -59,19 +59,18 @@ def _exact_pair(x: torch.Tensor, y: torch.Tensor, what: str, shapes: tuple) -> f
         raise ValueError(f"{what} needs {needs}; got {shapes[0]} and {shapes[1]}")
     y = y.to(x.device)
     blocks = Blocks(x.numel())
-    x_norm2, y_norm2 = squared_norms(x, blocks)[0], squared_norms(y, blocks)[0]
-    return float(half_squared_distances(x, x_norm2, y.reshape(1, -1), np.zeros(1, np.int64), np.array([y_norm2]),
-                                        0, x.numel())[0])
+    return float(cosine_rows(x, None, y.reshape(1, -1), squared_norms(y, blocks)[None], blocks)[0][0, 0])
 
 
 def cosine_dissimilarity(a, b) -> float:
     """Parameter cosine dissimilarity, eq. (1) of the two-phase paper.
 
     ``C(a, b) = 1 − ⟨vec a, vec b⟩ / (‖vec a‖₂ ‖vec b‖₂)``, evaluated in float64 as the algebraically equal
-    ``½ ‖a/‖a‖ − b/‖b‖‖²``: unlike ``1 − cos`` it has no cancellation, so it is exactly 0 for identical vectors
-    (an ε = 0 control ghost) and keeps full relative precision for the tiny values between a ghost and the main
-    run late in training. Inputs of any shape are flattened and read block by block in their own dtype (no
-    float64 copy of either vector). Returns NaN when either vector is zero.
+    ``‖a − s·b‖² / (2‖a‖²)``, ``s = ‖a‖/‖b‖`` (:func:`dynprobe._util.distances.cosine_dissimilarity_rows`):
+    unlike ``1 − cos`` it has no cancellation, so it is exactly 0 for identical vectors (an ε = 0 control ghost)
+    and keeps full relative precision for the tiny values between a ghost and the main run late in training.
+    Inputs of any shape are flattened and read chunk by chunk in their own dtype (no float64 copy of either
+    vector). Returns NaN when either vector is zero.
     """
     x, y = _flat(a), _flat(b)
     return _exact_pair(x, y, "cosine_dissimilarity", (x.numel(), y.numel()))
@@ -80,9 +79,8 @@ def cosine_dissimilarity(a, b) -> float:
 def cosine_dissimilarity_to_many(x, ys) -> torch.Tensor:
     """Eq. (1) between one vector ``x`` (any shape, p elements) and each row of ``ys`` (k × p); float64 (k,).
 
-    One pass of float64 dot products over ``ys`` (kept in its own dtype, converted block by block), and the
-    cancellation-free form for the entries where the dot products cannot give 1e-9 relative precision (close
-    vectors); every value has a relative error ≤ 1e-9 and identical vectors give exactly 0.
+    One pass over ``ys`` (kept in its own dtype, converted chunk by chunk) in the cancellation-free form of
+    :func:`cosine_dissimilarity`: every value has a relative error ≤ 1e-9 and identical vectors give exactly 0.
     """
     v = _flat(x)
     rows = torch.as_tensor(ys).detach()

@@ -121,7 +121,7 @@ class CosineMetric:
 
     def summary_and_rows(self, vector: torch.Tensor, stack: torch.Tensor,
                          stack_summaries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`summary` and :meth:`rows` in one pass over ``vector`` (its norms come with the dot products)."""
+        """:meth:`summary` and :meth:`rows` together (the norms of ``vector`` first, then its rows)."""
         values, norms = cosine_rows(vector.reshape(-1), None, stack, stack_summaries, self.blocks(vector.numel()))
         return norms, values
 

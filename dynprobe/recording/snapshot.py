@@ -9,8 +9,8 @@ ghosts can be compared with it, then committed (:meth:`SnapshotRecorder.commit`,
 rows, and last the event line that makes it visible.
 
 C is recorded for the whole parameter vector and per layer (:func:`dynprobe._util.modules.layer_slices`): the
-same dot products split by the layers' slices, so the per-layer matrices ``C_l(t, t')`` cost no extra pass over
-the history; they are stored in full, one row file per layer (``L·T²/2`` float64 numbers, small next to the
+same pass over the history, split by the layers' slices, so the per-layer matrices ``C_l(t, t')`` cost no extra
+pass over it; they are stored in full, one row file per layer (``L·T²/2`` float64 numbers, small next to the
 snapshots themselves).
 """
 from __future__ import annotations

@@ -52,7 +52,7 @@ from torch import nn
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import flatten_parameters, trainable_parameters
 from dynprobe.metrics import interval as interval_module
-from dynprobe.metrics._blocked import Blocks, dot_products, half_squared_distances
+from dynprobe.metrics._blocked import Blocks, cosine_rows, dot_products, squared_norms
 from dynprobe.metrics._spans import ColumnPass
 from dynprobe.metrics.functions import cosine_dissimilarity_to_many
 from dynprobe.metrics.interval import MIN_GROUP, NEAR, CosineMetric, PairwiseMatrix
@@ -334,8 +334,8 @@ def part_projection(quick: bool) -> None:
     blocks = Blocks(p)
     read_pair = best(lambda: torch.mv(stack, flat)) / k
     dot_pair = best(lambda: dot_products(flat, stack, blocks)) / k
-    rows = np.arange(k)
-    exact_pair = best(lambda: half_squared_distances(flat, 1.0, stack, rows, np.ones(k), 0, p), 2) / k
+    stack_norms = np.stack([squared_norms(row, blocks) for row in stack])
+    exact_pair = best(lambda: cosine_rows(flat, squared_norms(flat, blocks), stack, stack_norms, blocks), 2) / k
     # a group product against 40 earlier snapshots (the history of a late snapshot holds hundreds)
     group = torch.stack([flat + 1e-3 * torch.randn(p) for _ in range(MIN_GROUP)])
     targets = torch.cat([stack] + [stack + 1e-3 * torch.randn(p) for _ in range(2)] + [stack[:4]])
