@@ -89,8 +89,9 @@ def kernel_settings(run: Run) -> str | None:
     if not kernel:
         return None
     chosen = kernel.get("chosen") or []
-    task = ((run.manifest.get("eval") or {}).get("task") or {}).get("name", "these")
-    mode = f"mode {kernel.get('mode')}" + (f" (the default for {task} outputs)" if "mode" in chosen else "")
+    task = ((run.manifest.get("eval") or {}).get("task") or {}).get("name")
+    default = f" (the default for {task} outputs)" if task else " (the task's default)"
+    mode = f"mode {kernel.get('mode')}" + (default if "mode" in chosen else "")
     every = kernel.get("every_snapshots", 1)
     text = (f"{mode}, n = {kernel.get('n')}, BN {kernel.get('bn')}, at every {every} snapshot(s), probe set from "
             f"the {kernel.get('probe_set', 'eval')} set")
