@@ -25,10 +25,10 @@ LAG_HORIZON = 10_000
 
 
 def default_lag_steps(schedule: Schedule, total_steps: int | None) -> int:
-    """The kernel-velocity lag Δ of ``KernelConfig(lag_steps=None)``: the spacing of the schedule at the run's end,
-    at most an eighth of the run, at least 2 steps.
+    """The kernel-velocity lag Δ of ``KernelConfig(lag_steps=None)``: the schedule's coarsest spacing, at most an
+    eighth of the run, at least 2 steps.
 
-    The spacing at the end (the gap between the last two scheduled steps up to ``total_steps``, or up to
+    The coarsest spacing (the largest gap between consecutive scheduled steps up to ``total_steps``, or up to
     ``LAG_HORIZON`` when the length is unknown) is the linear tail of a log-then-linear schedule: there every
     companion at t + Δ falls on a scheduled snapshot and costs nothing extra. At most ``total_steps // 8`` keeps
     the lag short against the run, so the velocity S(t, t + Δ) has pairs across its whole length. Never 1: a
@@ -36,7 +36,7 @@ def default_lag_steps(schedule: Schedule, total_steps: int | None) -> int:
     """
     horizon = total_steps if total_steps is not None else LAG_HORIZON
     steps = schedule.steps(horizon)
-    spacing = steps[-1] - steps[-2] if len(steps) >= 2 else horizon
+    spacing = max(later - earlier for earlier, later in zip(steps, steps[1:])) if len(steps) >= 2 else horizon
     if total_steps is not None:
         spacing = min(spacing, total_steps // 8)
     return max(spacing, 2)
