@@ -157,3 +157,13 @@ def test_an_all_zero_map_gets_a_unit_colour_scale_and_says_so():
     assert any(title.startswith("main vs ghost: D (all 0)") for title in titles)
     colorbar = next(ax for ax in captured[0].axes if ax.get_ylabel() == "D")
     assert colorbar.get_ylim() == (0.0, 1.0)
+
+
+def test_an_undetermined_transition_is_never_titled_as_agreement(tmp_path):
+    write_synthetic_run(tmp_path / "r", ghosts=())  # no ghosts: no chaos estimate, the trajectory ones still vote
+    run = dynprobe.load_run(tmp_path / "r")
+    headline = dynprobe.analysis.analyze(run).transition.headline
+    text = " ".join(shown(run).split())
+    html = build_report(run)
+    assert headline.startswith("Transition undetermined") and headline in text
+    assert "estimates agree" not in text and "estimates agree" not in html
