@@ -22,13 +22,18 @@ from dynprobe.probe import Probe
 from dynprobe.recipes.mnist1d import MLP, epoch_batches, load_mnist1d
 from dynprobe.schedule import Schedule, every, log_spaced
 
-__all__ = ["DEMO_SPAWNS", "DemoConfig", "demo_ghost_steps", "demo_schedule", "run_demo", "unused_run_dir"]
+__all__ = ["DEMO_DURATION", "DEMO_SPAWNS", "DemoConfig", "demo_ghost_steps",
+           "demo_schedule", "run_demo", "unused_run_dir"]
 
 
 # Spawn steps of the demo's ghosts, in order of use (``--ghosts N`` takes the first N below the run's end). They do
 # not depend on the run's length: the same run extended to more steps spawns the same ghosts.
 DEMO_SPAWNS = (0, 25, 50, 100, 200, 400, 600, 800, 1000)
 KERNEL_LAG = 100  # steps: the lag of the kernel velocity S(t, t + Δ)
+# What the demo costs, in the words `dynprobe demo --help` and the README both use: 54 s of CPU time (user + sys,
+# `/usr/bin/time -v dynprobe demo`, report included) on the 2-core development machine; one torch thread, so the
+# wall clock on an idle core is about that, and proportionally longer on a shared machine.
+DEMO_DURATION = "about a minute of CPU time"
 _REALIZED_NORM_WARNING = r"dynprobe: ghosts? [\d, ]+ \(spawned at step \d+\): .*rounding"
 
 
