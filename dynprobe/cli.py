@@ -24,7 +24,7 @@ from rich.text import Text
 
 from dynprobe._version import __version__
 from dynprobe.analysis.run_analysis import analyze
-from dynprobe.demo import DEMO_SPAWNS, DemoConfig, run_demo
+from dynprobe.demo import DEMO_DURATION, DEMO_SPAWNS, DemoConfig, run_demo
 from dynprobe.report.compare import build_comparison
 from dynprobe.report.html import build_report, check_writable, write_html
 from dynprobe.report.summary import comparison_table, display_names, render_summary, spread, summary_data
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
-    demo = commands.add_parser("demo", help="the chaos and cone effects on MNIST-1D in under a minute (CPU)",
+    demo = commands.add_parser("demo", help=f"the chaos and cone effects on MNIST-1D ({DEMO_DURATION})",
                                description="Train an MLP on MNIST-1D (generated offline) at a constant learning "
                                            "rate with a probe attached — ghosts in three directions per spawn "
                                            "step plus an ε=0 control, the eNTK on a probe subset, loss barriers — "

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import dynprobe
 from dynprobe.cli import build_parser, main
+from dynprobe.demo import DEMO_DURATION
 
 from .conftest import mlp_setup, train
 from .synthetic_runs import uniform_steps, write_synthetic_run
@@ -149,3 +151,14 @@ def test_ghost_mode_and_run_size_are_shown(tmp_path, capsys):
     assert main(["show", str(root)]) == 0
     out = capsys.readouterr().out
     assert "sequential: compared with the main model itself" in out and "size on disk" in out
+
+
+def test_help_readme_and_docs_state_the_same_demo_duration():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    demo_help = next(action.help for action in commands._choices_actions if action.dest == "demo")
+    root = Path(__file__).parents[1]
+    readme = " ".join((root / "README.md").read_text().split())
+    demo_page = " ".join((root / "docs" / "demo.md").read_text().split())
+    assert DEMO_DURATION in demo_help and f"`dynprobe demo` ({DEMO_DURATION})" in readme
+    assert f"`dynprobe demo` ({DEMO_DURATION}:" in demo_page

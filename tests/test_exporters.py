@@ -29,7 +29,7 @@ def _train(tmp_path, on_snapshot, steps: int = 12, kernel: bool = True) -> dynpr
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     probe = dynprobe.Probe(model, optimizer, eval_data=(x, y), out=tmp_path / "run", schedule=[0, 1, 3, 6, 9, 12],
-                           kernel=dynprobe.KernelConfig(n=8, every_snapshots=2) if kernel else None,
+                           kernel=dynprobe.KernelConfig(n=8, every_snapshots=2, lag_steps=0) if kernel else None,
                            ghosts=dynprobe.Ghosts(at=[0, 3], perturbation=dynprobe.Perturbation(1e-3, "l2"),
                                                   vectorize=False),
                            barriers=dynprobe.Barriers(ghosts=False),

@@ -560,7 +560,7 @@ def test_one_realized_norm_warning_for_many_ghosts_at_the_users_line(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
-                               schedule=schedule.every(2), ghosts=Ghosts(at=[0, 2, 4], perturbation=Perturbation(1e-7)))
+                               schedule=schedule.every(2), ghosts=Ghosts(at=[0, 2, 4], perturbation=Perturbation(1e-9)))
         train(model, optimizer, scheduler, data, 6, criterion=probe.watch(nn.CrossEntropyLoss()))
         probe.close()
     realized = [w for w in caught if "survived float rounding" in str(w.message)]

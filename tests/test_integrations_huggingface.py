@@ -75,7 +75,7 @@ def _control_and_perturbed(run):
 def test_train_with_ghosts_and_kernel_is_bitwise_unchanged_and_control_stays_exact(tmp_path):
     reference, _ = _train(tmp_path / "plain", steps=12)
     callback = DynprobeCallback(
-        eval_data=_eval_batch(), schedule=[0, 1, 4, 8, 12], kernel=dynprobe.KernelConfig(n=8),
+        eval_data=_eval_batch(), schedule=[0, 1, 4, 8, 12], kernel=dynprobe.KernelConfig(n=8, lag_steps=0),
         ghosts=dynprobe.Ghosts(at=[0, 4], perturbation=dynprobe.Perturbation(1e-4, "l2")),
         barriers=Barriers(alphas=3), errors="raise",
     )

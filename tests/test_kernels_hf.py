@@ -172,7 +172,7 @@ def test_probe_on_a_language_model_leaves_out_unscored_token_positions(tmp_path)
     labels = eval_inputs["input_ids"].masked_fill(eval_inputs["attention_mask"] == 0, -100)  # (N, T), pads ignored
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     probe = dynprobe.Probe(model, optimizer, eval_data=(eval_inputs, labels), out=tmp_path / "lm",
-                           schedule=schedule.at([0]), kernel=KernelConfig(n=4), errors="raise")
+                           schedule=schedule.at([0]), kernel=KernelConfig(n=4, mode="trace"), errors="raise")
     probe.close()
     run = dynprobe.load_run(tmp_path / "lm")
     chosen = torch.as_tensor(run.eval_indices[np.load(run.path / "kernel_probe_indices.npy")])

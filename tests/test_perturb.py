@@ -267,8 +267,10 @@ def test_1e_minus_7_l2_on_float32_resnet20_at_init_realizes_about_40_percent():
     assert 0.040 < report.changed_fraction < 0.055
     assert 0.2 < report.direction_cosine < 0.4
     assert 0.0 < report.share_on_zeros < 0.05
-    message = report.warning()
-    assert message is not None and "38." in message and "kind='ulp'" in message
+    assert report.warning() is None  # analyses read the ghost by its realized norm: 38 % is no reason to warn
+    sparse = perturb_(resnet20_at_init(), Perturbation(1e-8, "l2", seed=0))  # 13 % kept, on 0.7 % of coordinates
+    message = sparse.warning()
+    assert message is not None and "effectively unperturbed" in message and "kind='ulp'" in message
 
 
 def test_float64_weights_keep_a_1e_minus_7_perturbation_whole():

@@ -38,7 +38,7 @@ def test_probe_leaves_training_bitwise_identical(setup, device, tmp_path):
     setup = on_device(setup, device)
     reference, flags_ref, rng_ref = _run(setup, 40)
     probed, flags, rng = _run(setup, 40, probe_kwargs={"schedule": schedule.every(3) | schedule.at([1, 2]),
-                                                       "kernel": dynprobe.KernelConfig(n=16),
+                                                       "kernel": dynprobe.KernelConfig(n=16, lag_steps=0),
                                                        "barriers": dynprobe.Barriers(
                                                            previous_snapshots=1, alphas=3, time_budget=math.inf)},
                               tmp_path=tmp_path)

@@ -103,7 +103,8 @@ def test_report_of_a_short_real_run_with_kernels_and_ghosts(tmp_path):
     text = (tmp_path / "real" / "report.html").read_text()
     for data_png in images(text):
         assert png_size(data_png)[0] > 100
-    assert "mode trace, n = 8, BN eval" in text and "control ε=0" not in text  # labels live in the PNGs
+    assert "mode trace (the default for classification outputs), n = 8, BN eval" in text
+    assert "control ε=0" not in text  # labels live in the PNGs
     notes = re.findall(r'<div class="missing">(.*?)</div>', text)
     assert any("switching_experiment" in n for n in notes)  # Fig. 6, and per-layer views this probe did not record
     assert all("switching_experiment" in n or "per-layer" in n for n in notes), notes

@@ -173,6 +173,25 @@ class ConeSummary:
     lag_bound_ratio: float | None = None
     embedding: KernelEmbedding | None = None
 
+    @property
+    def lag_bound_reading(self) -> str | None:
+        """What ``lag_bound_ratio`` says, read against its two references: 1 (one shared bound, the cone) and
+        the ratio of the lags themselves (each curve its own bound, as for a random walk, where S grows ∝ dt). A
+        factor of two either way counts as "close"; None without a ratio."""
+        ratio = self.lag_bound_ratio
+        if ratio is None or not self.lag_bounds:
+            return None
+        lags = [dt for dt, bound in self.lag_bounds.items() if bound > 0]
+        walk = max(lags) / min(lags)
+        if ratio <= 2:
+            return "close to 1: the curves share one upper bound, the cone's signature"
+        if walk / 2 <= ratio <= 2 * walk:
+            return f"close to the lag ratio {walk:g}: each lag has its own bound, as for a random walk — no cone"
+        if ratio > 2 * walk:
+            return (f"far above both 1 and the lag ratio {walk:g}: the longer lags reach much farther than a "
+                    "random walk would — no shared bound")
+        return f"between 1 and the lag ratio {walk:g}: neither one shared bound nor a random walk"
+
 
 def cone_summary(steps: np.ndarray, S: np.ndarray, *, taus: Sequence[int] | None = None,
                  transition_step: int | None = None) -> ConeSummary:

@@ -81,6 +81,7 @@ class TransitionReport:
     summed |log ratio| to the others), ``settles_agree`` whether every informative one meets its bracket widened
     by ×``tolerance`` (a bound's half-line is compared with the unwidened bracket: a bound that excludes it is
     disagreement), None with fewer than two. ``lr_note``: the learning-rate change the transition coincides with.
+    ``control_note``: why the ghosts' readings are not exact (the ε = 0 control drifted), closing the headline.
     """
 
     estimates: tuple[TransitionEstimate, ...]
@@ -94,13 +95,19 @@ class TransitionReport:
     settles_summary: str = ""
     tolerance: float = 2.0
     lr_note: str | None = None
+    control_note: str | None = None
 
     def get(self, method: str) -> TransitionEstimate | None:
         return next((e for e in self.estimates if e.method == method), None)
 
     @property
     def headline(self) -> str:
-        """One sentence a practitioner can act on: the transition with its bracket, or why it is undetermined."""
+        """One sentence a practitioner can act on: the transition with its bracket, or why it is undetermined;
+        followed by the control's drift when it happened."""
+        control = f" Caution: {self.control_note}." if self.control_note else ""
+        return self._answer() + control
+
+    def _answer(self) -> str:
         lr = f" It {self.lr_note}." if self.lr_note else ""
         if self.step is not None:
             low, high = self.interval if self.interval else (None, None)
@@ -120,6 +127,7 @@ class TransitionReport:
                 "settles": self.settles, "settles_interval": list(self.settles_interval)
                 if self.settles_interval else None, "settles_agree": self.settles_agree,
                 "settles_summary": self.settles_summary, "tolerance": self.tolerance, "lr_note": self.lr_note,
+                "control_note": self.control_note,
                 "estimates": [e.to_dict() for e in self.estimates]}
 
 
@@ -132,7 +140,7 @@ def _log_gap(a: float, b: float) -> float:
 
 
 def combine_estimates(estimates: Sequence[TransitionEstimate], *, tolerance: float = 2.0,
-                      lr_note: str | None = None) -> TransitionReport:
+                      lr_note: str | None = None, control_note: str | None = None) -> TransitionReport:
     """The :class:`TransitionReport` of ``estimates``: the chaos estimate as the headline, the trajectory estimates
     on their own line."""
     if not tolerance >= 1:
@@ -147,7 +155,7 @@ def combine_estimates(estimates: Sequence[TransitionEstimate], *, tolerance: flo
         step, interval, quality = None, chaos.interval, chaos.quality
         summary = chaos.summary.removeprefix("undetermined: ")
     return TransitionReport(tuple(estimates), step, interval, quality, summary, *settling, tolerance=tolerance,
-                            lr_note=lr_note if step is not None else None)
+                            lr_note=lr_note if step is not None else None, control_note=control_note)
 
 
 def _settling(estimates: Sequence[TransitionEstimate], tolerance: float

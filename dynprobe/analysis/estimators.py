@@ -225,7 +225,8 @@ def transition_from_kernel_velocity(steps: np.ndarray, S: np.ndarray, *, lag: in
     dynamics.
 
     The lag Δ is the run's ``KernelConfig(lag_steps=)`` when it placed companion snapshots, else the most common
-    gap between kernel snapshots.
+    gap between kernel snapshots. Pairs that end in the first half of the kernel record give no estimate: their
+    "late level" would still be early (a 1-step gap of a log-spaced start gave a spurious vote at step 2).
     """
     kernel_steps, _ = kernel_subset(steps, S)
     if kernel_steps.size == 0:
@@ -238,6 +239,13 @@ def transition_from_kernel_velocity(steps: np.ndarray, S: np.ndarray, *, lag: in
         return unavailable("kernel_velocity", f"needs at least {min_pairs} pairs of kernel snapshots exactly Δ = "
                                               f"{lag} steps apart; the run has {t.size}: pass Probe(..., kernel="
                                               "dynprobe.KernelConfig(lag_steps=Δ)) to place companion snapshots")
+    middle = (int(kernel_steps[0]) + int(kernel_steps[-1])) / 2
+    if t[-1] + lag < middle:  # e.g. a 1-step lag read off a log-spaced start: pairs at its first steps only
+        return unavailable("kernel_velocity", f"S(t, t+{lag}) exists only up to step {int(t[-1])}, in the first half "
+                                              f"of the kernel record (steps {int(kernel_steps[0])}–"
+                                              f"{int(kernel_steps[-1])}): no late level to compare with. Pass "
+                                              "Probe(..., kernel=dynprobe.KernelConfig(lag_steps=Δ)) to place "
+                                              "companion snapshots Δ steps after every kernel snapshot")
     y = np.log(s)
     early = t <= t[0] + lag
     level = float(y[early].max())

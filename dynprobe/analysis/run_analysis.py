@@ -57,6 +57,7 @@ __all__ = [
     "analyze",
     "checked_matrix",
     "combine_estimates",
+    "control_drift_note",
     "estimate_transition",
     "ghost_outcomes",
     "ghost_verdicts",
@@ -170,6 +171,22 @@ def separation_curves(run: Run) -> list[SeparationCurve]:
     return curves
 
 
+def control_drift_note(run: Run) -> str | None:
+    """The sentence every summary of ``run`` carries when its ε = 0 control ghost drifted from the reference it
+    should equal bitwise (the first ``control_drift`` event); None when it never did."""
+    event = next((e for e in run.events if e.get("event") == "control_drift"), None)
+    if event is None:
+        return None
+    reference = "the ε = 0 shadow of its stack" if event.get("reference") == "shadow" else "the main run"
+    diff = event.get("max_abs_diff")
+    size = f" (max |Δ| {diff:.3g})" if isinstance(diff, (int, float)) else ""
+    causes = [str(c) for c in event.get("likely_causes") or []]
+    cause = f"; likely causes: {'; '.join(causes)}" if causes else ""
+    return (f"the ε = 0 control ghost drifted from {reference} at step {event.get('step')}{size}, so the ghosts do "
+            "not reproduce the training step exactly: every ghost's separation mixes ε with that drift, and a "
+            f"threshold set by the control's own value cannot tell a ghost from it{cause}")
+
+
 def _online_estimate(run: Run) -> TransitionEstimate | None:
     """The estimate the online detector recorded in the run's events (``{"event": "transition", ...}``), if any."""
     record = next((e for e in run.events if e.get("event") == "transition"), None)
@@ -217,7 +234,7 @@ def estimate_transition(run: Run, *, tolerance: float = 2.0, curves: Sequence[Se
     if online is not None:
         estimates.append(online)
     lr_note = lr_change_note(run.lr, chaos.interval) if chaos.step is not None else None
-    return combine_estimates(estimates, tolerance=tolerance, lr_note=lr_note)
+    return combine_estimates(estimates, tolerance=tolerance, lr_note=lr_note, control_note=control_drift_note(run))
 
 
 @dataclass(frozen=True)

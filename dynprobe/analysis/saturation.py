@@ -217,8 +217,9 @@ def transition_from_saturation(curves: Sequence[SeparationCurve], *, verdicts: M
     if last_any_high == len(spawns) - 1 and pending:
         return TransitionEstimate(
             "chaos", None, (spawns[-1].step, None), "undetermined",
-            f"undetermined: every spawn up to step {spawns[-1].step} ends up on the chaotic level so far, and the "
-            f"ghosts spawned at {_steps_text(pending)} have run fewer than {min_life} steps: run longer", evidence)
+            f"undetermined: {_on_level(spawns)} end up on the chaotic level so far, one spawned last (step "
+            f"{spawns[-1].step}) among them, and the ghosts spawned at {_steps_text(pending)} have run fewer than "
+            f"{min_life} steps: run longer", evidence)
     if all(s.any_high for s in spawns):
         return _without_contrast(spawns, verdicts, chaotic_level, evidence)
     if last_any_high == len(spawns) - 1:
@@ -281,15 +282,15 @@ def _without_contrast(spawns: list[_Spawn], verdicts: Mapping[int, str] | None,
     if said and all(v == "diverged" for v in said):
         return TransitionEstimate(
             "chaos", None, (last, None), "bound",
-            f"every ghost, the last spawned at step {last}, ends up on the same level (L2 ≈ {chaotic_level:.3g}) and "
-            "diverged from the main run (D or the linear-reference barrier above its measured scale): the chaotic "
-            "phase lasts beyond the last spawn — spawn later ghosts", evidence)
+            f"{_on_level(spawns)}, one spawned last (step {last}) among them, end up on the chaotic level (L2 ≈ "
+            f"{chaotic_level:.3g}) and every ghost diverged from the main run (D or the linear-reference barrier "
+            "above its measured scale): the chaotic phase lasts beyond the last spawn — spawn later ghosts", evidence)
     if said and all(v == "close" for v in said) and not growing:
         return TransitionEstimate(
             "chaos", None, (None, first), "bound",
-            f"every ghost, the first spawned at step {first}, saturates on one level (L2 ≈ {chaotic_level:.3g}) and "
-            "stays close to the main run: the chaotic phase ended before the first spawn — spawn earlier ghosts",
-            evidence)
+            f"{_on_level(spawns)}, one spawned first (step {first}) among them, saturate on one level (L2 ≈ "
+            f"{chaotic_level:.3g}) and every ghost stays close to the main run: the chaotic phase ended before the "
+            "first spawn — spawn earlier ghosts", evidence)
     if growing:
         worst = max(growing, key=lambda p: p.growth)
         return TransitionEstimate(
@@ -299,8 +300,8 @@ def _without_contrast(spawns: list[_Spawn], verdicts: Mapping[int, str] | None,
             f"(×{worst.growth:.3g} over the last {worst.window} steps): run longer or spawn later ghosts", evidence)
     return TransitionEstimate(
         "chaos", None, None, "undetermined",
-        f"undetermined: every ghost saturates on one level (L2 ≈ {chaotic_level:.3g}), so there is no drop to "
-        "locate, and their verdicts do not say whether that level is chaotic"
+        f"undetermined: every spawn has ghosts on one level (L2 ≈ {chaotic_level:.3g}; {_on_level(spawns)}), so "
+        "there is no drop to locate, and their verdicts do not say whether that level is chaotic"
         + ("" if verdicts else " (no D or barrier to compare with)"), evidence)
 
 
@@ -312,6 +313,13 @@ def _outcome_range(plateaus: Sequence[GhostPlateau], outcomes: Mapping[int, Mapp
         return ""
     low, high = min(values), max(values)
     return f"{high:.3g}" if low == high else f"{low:.3g}–{high:.3g}"
+
+
+def _on_level(spawns: Sequence[_Spawn]) -> str:
+    """How many ghosts are on the chaotic level, counted: ``"all 6 ghosts"`` or ``"2 of 6 ghosts"``."""
+    high = sum(sum(s.high) for s in spawns)
+    total = sum(len(s.high) for s in spawns)
+    return f"all {total} ghosts" if high == total else f"{high} of {total} ghosts"
 
 
 def _steps_text(steps: Sequence[int]) -> str:

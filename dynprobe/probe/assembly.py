@@ -112,6 +112,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     storage_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     output_fn = options.output_fn or default_output_fn
     eval_set = EvalSet.from_user(eval_data, max_examples=options.eval_max, seed=options.seed, task=options.task)
+    options = options.with_kernel_defaults(eval_set.task.name)  # the task's kernel mode, the lag from the schedule
     num_classes = check_model_output(inner, eval_set, output_fn, device, cuda_devices)
     sharded = dist is not None and dist.sharded  # FSDP2: refused options are reported by open_run on every rank
     kernel = None
@@ -149,7 +150,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             batch_size=options.eval_batch_size, final_step=options.total_steps, progress=progress,
         ) if options.barriers.active(options.ghosts is not None) and sink.writes else None
         transition = TransitionWatch(sink.event, options.on_transition,
-                                     lag_steps=options.kernel.lag_steps if options.kernel is not None else None)
+                                     lag_steps=options.kernel.lag_steps or None if options.kernel is not None else None)
         if sink.resumed:
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,

@@ -7,6 +7,7 @@ mistake fails at ``Probe(...)``, naming the argument and the fix.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
@@ -158,6 +159,17 @@ class ProbeOptions:
         if loss_from_output is not None and loss_from_output is not True and not callable(loss_from_output):
             raise TypeError("loss_from_output must be True (use output.loss) or a function output -> loss tensor")
         object.__setattr__(self, "snapshot_on_close", bool(self.snapshot_on_close))
+
+    def with_kernel_defaults(self, task: str) -> ProbeOptions:
+        """These options with the kernel's defaults filled in for the run: the ``task``'s mode and the lag chosen
+        from the schedule and ``total_steps`` (:meth:`dynprobe.KernelConfig.for_task`, ``with_default_lag``).
+        The schedule already holds the ghosts' spawn steps, so it is carried over as it is."""
+        if self.kernel is None:
+            return self
+        kernel = self.kernel.for_task(task).with_default_lag(self.schedule, self.total_steps)
+        resolved = copy.copy(self)
+        object.__setattr__(resolved, "kernel", kernel)
+        return resolved
 
     def to_config(self) -> dict[str, Any]:
         """The manifest's ``config``: what a reader needs to interpret the run (callbacks are not recorded)."""

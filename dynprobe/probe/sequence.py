@@ -76,7 +76,7 @@ class SnapshotSequence:
                 return
             if self.on_snapshot is not None:
                 self.sink.flush()  # callbacks (exporters) may read the run back
-                kernel_lag = self.kernel.config.lag_steps if self.kernel is not None else None
+                kernel_lag = self.kernel.config.lag_steps or None if self.kernel is not None else None
                 self.on_snapshot({**committed, "rows": self.recorder.last_rows, "out": self.sink.root,
                                   "transition": self.transition.estimate, "kernel_lag_steps": kernel_lag,
                                   "steps": [s["step"] for s in self.sink.snapshots]})

@@ -32,7 +32,7 @@ class KernelCadence:
 
     Args:
         every_snapshots: ``KernelConfig(every_snapshots=)``.
-        lag_steps: ``KernelConfig(lag_steps=)`` (None: no companions).
+        lag_steps: ``KernelConfig(lag_steps=)`` (None: no companions; resolve the default lag first).
     """
 
     def __init__(self, every_snapshots: int, lag_steps: int | None) -> None:
@@ -43,7 +43,7 @@ class KernelCadence:
 
     @classmethod
     def of(cls, config: KernelConfig) -> KernelCadence:
-        return cls(config.every_snapshots, config.lag_steps)
+        return cls(config.every_snapshots, config.lag_steps or None)  # 0: no companions
 
     def companion_due(self, step: int) -> bool:
         """Whether a companion kernel snapshot is due at ``step`` (the probe snapshots there whatever its

@@ -1,12 +1,14 @@
 """``estimate_cost``: the price of a probe configuration before attaching it — time and disk per snapshot and for
 the whole schedule, measured on the user's own model and eval data.
 
-It times what one snapshot does (one evaluation of the eval set, writing θ, the eNTK when configured) on the
-model as it is, then projects the schedule: snapshots up to ``total_steps``, the ghosts alive at each (each is
-evaluated, compared and, when due, gets a barrier under the :class:`dynprobe.Barriers` budget), and the bytes
-each snapshot writes. Nothing is written outside a temporary directory; the model, optimizer and RNG streams
-are left as they were. The projection assumes every evaluation costs what the measured one did; ghost training
-is not timed (it needs your training step): each live ghost repeats every step, which the estimate states as
+It times what one snapshot does (one evaluation of the eval set, writing θ, the eNTK when configured — and, for
+the per-output ``"trace"`` or ``"full"`` modes, the one-backward-pass ``"logit_sum"`` eNTK too, printed beside
+it) on the model as it is, showing a progress line while a slow measurement runs, then projects the schedule:
+snapshots up to ``total_steps``, the ghosts alive at each (each is evaluated, compared and, when due, gets a
+barrier under the :class:`dynprobe.Barriers` budget), and the bytes each snapshot writes. Nothing is written
+outside a temporary directory; the model, optimizer and RNG streams are left as they were. The projection
+assumes every evaluation costs what the measured one did; ghost training is not timed (it needs your training
+step): each live ghost repeats every step, which the estimate states as
 a multiple of your training time.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,13 @@ from dynprobe.config import Barriers, Ghosts, KernelConfig
 from .barriers import BarrierBudget
 from .cadence import PlannedSnapshot, planned_snapshots, snapshot_schedule
 from .kernel_probe import KernelMeasure
+from .progress import SnapshotProgress
 
-__all__ = ["CostEstimate", "estimate_cost"]
+__all__ = ["CHEAPER_MODE", "CostEstimate", "estimate_cost"]
+
+# Modes with one backward pass per output coordinate, and the one-pass mode whose cost is printed beside theirs.
+PER_OUTPUT_MODES = ("trace", "full")
+CHEAPER_MODE = "logit_sum"
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class CostEstimate:
     ghost_memory_bytes: int
     ghost_training_factor: float
     notes: list[str] = field(default_factory=list)
+    kernel_mode: str | None = None
+    kernels: int = 0
+    seconds_per_cheaper_kernel: float | None = None
+    cheaper_mode: str | None = None
 
     @property
     def seconds_total(self) -> float:
@@ -78,7 +89,12 @@ class CostEstimate:
         table.add_row("disk", _bytes(self.bytes_total / max(1, self.snapshots)), _bytes(self.bytes_total))
         table.add_row("one evaluation of the eval set", _seconds(self.seconds_per_evaluation), "")
         if self.seconds_per_kernel is not None:
-            table.add_row("one eNTK", _seconds(self.seconds_per_kernel), "")
+            table.add_row(f"one eNTK (mode {self.kernel_mode!r}; {self.kernels} in the schedule)",
+                          _seconds(self.seconds_per_kernel), _seconds(self.kernels * self.seconds_per_kernel))
+        if self.seconds_per_cheaper_kernel is not None:
+            table.add_row(f"  with KernelConfig(mode={self.cheaper_mode!r}) instead",
+                          _seconds(self.seconds_per_cheaper_kernel),
+                          _seconds(self.kernels * self.seconds_per_cheaper_kernel))
         if max(self.live_ghosts, default=0):
             table.add_row("ghosts alive", f"up to {max(self.live_ghosts)}", f"memory {_bytes(self.ghost_memory_bytes)}")
             table.add_row("training time (ghosts repeat each step)", "", f"×{self.ghost_training_factor:.2f}")
@@ -92,6 +108,39 @@ class CostEstimate:
         for note in self.notes:
             console.print(f"· {note}", markup=False, highlight=False)
         return console.export_text()
+
+
+def _measure(progress: SnapshotProgress, model: nn.Module, eval_set: EvalSet, kernel: KernelConfig | None,
+             output_fn: Callable[[Any], torch.Tensor], eval_batch_size: int, device: torch.device
+             ) -> tuple[float, Any, float, float | None, int, float | None]:
+    """Time one snapshot's parts: ``(seconds per evaluation, the evaluation, seconds to write θ, seconds per eNTK,
+    bytes of one eNTK, seconds per eNTK in :data:`CHEAPER_MODE` when the chosen mode costs one backward pass per
+    output coordinate)``; each part is a phase of ``progress``."""
+    timings = []  # the faster of two evaluations: the first also warms caches up, and a shared machine only slows
+    for attempt in range(2):
+        progress.phase("evaluating", f"the eval set ({eval_set.n} examples), {attempt + 1} of 2")
+        started = time.perf_counter()
+        evaluation = evaluate(model, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
+        timings.append(time.perf_counter() - started)
+    progress.phase("writing", "θ to a temporary file")
+    params = [p for _, p in trainable_parameters(model)]
+    storage_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    seconds_write = _time_parameter_write(params, storage_dtype)
+    seconds_kernel, kernel_bytes, seconds_cheaper = None, 0, None
+    if kernel is not None:
+        progress.phase("kernel", f"one eNTK on {kernel.n} examples, mode {kernel.mode!r}")
+        measure = KernelMeasure(kernel, model, eval_set, output_fn=output_fn, device=device)
+        started = time.perf_counter()
+        kernel_bytes = int(measure.measure().numel()) * 8
+        seconds_kernel = time.perf_counter() - started
+        if kernel.mode in PER_OUTPUT_MODES:
+            progress.phase("kernel", f"one eNTK on {kernel.n} examples, mode {CHEAPER_MODE!r} for comparison")
+            cheaper = KernelMeasure(replace(kernel, mode=CHEAPER_MODE), model, eval_set, output_fn=output_fn,
+                                    device=device)
+            started = time.perf_counter()
+            cheaper.measure()
+            seconds_cheaper = time.perf_counter() - started
+    return min(timings), evaluation, seconds_write, seconds_kernel, kernel_bytes, seconds_cheaper
 
 
 class _Discard:
@@ -123,7 +172,8 @@ def estimate_cost(
 
     Takes the arguments ``dynprobe.Probe`` would get (same meanings and defaults) plus ``total_steps``, the
     number of optimizer steps you plan. ``console``: where to print (default: stderr; ``False``: do not print).
-    Returns the :class:`CostEstimate`.
+    Returns the :class:`CostEstimate`. A measurement that runs longer than two seconds shows a progress line
+    (what is being timed, the elapsed time) on that console.
     """
     model = check_model(model)
     optimizer = check_optimizer(optimizer, model)
@@ -133,34 +183,27 @@ def estimate_cost(
     device = device_of(model)
     eval_set = EvalSet.from_user(eval_data, max_examples=eval_max, seed=seed, task=task)
 
-    timings = []  # the faster of two evaluations: the first also warms caches up, and a shared machine only slows
-    for _ in range(2):
-        started = time.perf_counter()
-        evaluation = evaluate(model, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
-        timings.append(time.perf_counter() - started)
-    seconds_eval = min(timings)
-
+    schedule = snapshot_schedule(schedule, ghosts)
+    if kernel is not None:  # the mode and lag the probe would choose (KernelConfig's defaults)
+        kernel = kernel.for_task(eval_set.task.name).with_default_lag(schedule, total_steps)
+    out = console if isinstance(console, Console) else Console(stderr=True)
+    progress = SnapshotProgress(enabled=console is not False, console=out)
+    with progress.snapshot(0, what="estimate_cost, timing one snapshot"):
+        measured = _measure(progress, model, eval_set, kernel, output_fn, eval_batch_size, device)
+    seconds_eval, evaluation, seconds_write, seconds_kernel, kernel_bytes, seconds_cheaper = measured
     params = [p for _, p in trainable_parameters(model)]
     storage = 8 if any(p.dtype == torch.float64 for p in params) else 4
     numel = sum(p.numel() for p in params)
-    seconds_write = _time_parameter_write(params, torch.float64 if storage == 8 else torch.float32)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     preds = evaluation.preds.numel()
     preds_bytes = preds * np.dtype(eval_set.task.storage_dtype(evaluation.num_classes)).itemsize
 
-    seconds_kernel, kernel_bytes = None, 0
-    if kernel is not None:
-        measure = KernelMeasure(kernel, model, eval_set, output_fn=output_fn, device=device)
-        started = time.perf_counter()
-        kernel_bytes = int(measure.measure().numel()) * 8
-        seconds_kernel = time.perf_counter() - started
-
-    plan = _Plan(planned_snapshots(snapshot_schedule(schedule, ghosts), total_steps, kernel), ghosts, total_steps)
+    plan = _Plan(planned_snapshots(schedule, total_steps, kernel), ghosts, total_steps)
     kernel_roles = {p.step: p.kernel_role for p in plan.snapshots}
     budget = BarrierBudget(barriers.time_budget)
     budget.seconds_per_alpha = seconds_eval
     barrier_seconds, counts = 0.0, {"ghost": 0, "trajectory": 0}
-    per_snapshot, per_bytes = [], []
+    per_snapshot, per_bytes, kernels = [], [], 0
     ghost_seen: dict[int, int] = {}  # snapshots of each ghost that considered a barrier
     compared: dict[int, int] = {}  # comparisons of each ghost so far (GhostSet counts them the same way)
     for index, step in enumerate(plan.steps):
@@ -171,6 +214,7 @@ def estimate_cost(
             every = ghosts.kernel_every_snapshots if ghosts is not None else 1
             ghost_kernels = sum(compared.get(ghost, 0) % every == 0 or step == total_steps for ghost, _ in live)
             seconds += seconds_kernel * (1 + ghost_kernels)
+            kernels += 1 + ghost_kernels
         for ghost, _ in live:
             compared[ghost] = compared.get(ghost, 0) + 1
         size = numel * storage + buffer_bytes + preds_bytes + (kernel_bytes if kernel_due else 0)
@@ -206,9 +250,10 @@ def estimate_cost(
         seconds_per_snapshot=per_snapshot, seconds_barriers=barrier_seconds, barriers=counts,
         bytes_per_snapshot=per_bytes, ghost_memory_bytes=plan.max_live() * _replica_bytes(model, optimizer),
         ghost_training_factor=plan.training_factor(), notes=notes,
+        kernel_mode=kernel.mode if kernel is not None else None, kernels=kernels,
+        seconds_per_cheaper_kernel=seconds_cheaper, cheaper_mode=CHEAPER_MODE if seconds_cheaper is not None else None,
     )
     if console is not False:
-        out = console if isinstance(console, Console) else Console(stderr=True)
         out.print(estimate.table())
         for note in notes:
             out.print(f"· {note}", markup=False, highlight=False)

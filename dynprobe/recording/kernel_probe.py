@@ -80,8 +80,8 @@ class KernelMeasure:
     def __init__(self, config: KernelConfig, model: nn.Module, eval_set: EvalSet, *,
                  output_fn: Callable[[Any], torch.Tensor], device: torch.device,
                  kernel_factory: Callable[[EngineFactory], Any] | None = None) -> None:
-        self.config = config
         task = eval_set.task
+        config = self.config = config.for_task(task.name)  # mode=None: the task's default mode
         if config.mode == "true_class" and not isinstance(task, ClassificationTask):
             raise ValueError("KernelConfig(mode='true_class') needs class labels (one per example); these targets are "
                              f"{task.name}. Use mode='trace' or 'logit_sum'")
@@ -196,7 +196,7 @@ class KernelMeasure:
         kind = "class-balanced" if isinstance(self._task, ClassificationTask) else "uniform"
         convention = {**self.engine.convention, "every_snapshots": config.every_snapshots, "seed": config.seed,
                       "probe_set": config.probe_set, "probe_set_draw": f"{kind} {drawn}"}
-        if config.lag_steps is not None:
+        if config.lag_steps:
             convention["lag_steps"] = config.lag_steps
             convention["companions"] = (f"each primary kernel snapshot at t has a kernel snapshot at t + "
                                         f"{config.lag_steps} (kernel_role 'companion' when added for that)")

@@ -36,15 +36,18 @@ class SnapshotProgress:
         self._timer: threading.Timer | None = None
         self._live: Live | None = None
         self._step = -1
+        self._what: str | None = None
         self._phase, self._detail = "", ""
         self._started = self._phase_started = 0.0
         self._durations: dict[str, float] = {}
         self.last_durations: dict[str, float] = {}  # per phase, of the latest snapshot
 
     @contextlib.contextmanager
-    def snapshot(self, step: int) -> Iterator[SnapshotProgress]:
-        """Time one snapshot; the line appears after ``delay`` seconds and disappears when the block ends."""
+    def snapshot(self, step: int, *, what: str | None = None) -> Iterator[SnapshotProgress]:
+        """Time one snapshot; the line appears after ``delay`` seconds and disappears when the block ends.
+        ``what``: the name of the work on the line (default: the step, and "snapshot at step …" when done)."""
         self._step, self._durations = step, {}
+        self._what = what
         self._started = self._phase_started = time.perf_counter()
         self._phase, self._detail = "measuring", ""
         if self.enabled:
@@ -76,7 +79,8 @@ class SnapshotProgress:
     def _line(self) -> Text:
         elapsed = time.perf_counter() - self._started
         detail = f": {self._detail}" if self._detail else ""
-        return Text(f"dynprobe · step {self._step} · {self._phase}{detail} · {elapsed:.0f} s", style="dim")
+        what = self._what or f"step {self._step}"
+        return Text(f"dynprobe · {what} · {self._phase}{detail} · {elapsed:.0f} s", style="dim")
 
     def _show(self) -> None:
         with self._lock:
@@ -97,5 +101,6 @@ class SnapshotProgress:
         total = time.perf_counter() - self._started
         if self.enabled and total > self.delay and not (self.console.is_terminal or self.console.is_jupyter):
             parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._durations.items() if seconds >= 0.05)
-            self.console.print(f"dynprobe: snapshot at step {self._step} took {total:.1f} s ({parts})",
+            what = self._what or f"snapshot at step {self._step}"
+            self.console.print(f"dynprobe: {what} took {total:.1f} s ({parts})",
                                markup=False, highlight=False, soft_wrap=True)

@@ -99,7 +99,9 @@ def _ghost_table(s: SectionContext) -> str:
             if not c or c.get("threshold") is None:
                 return "—"
             mark = "&gt;" if c["above"] else "≤"
-            return f"{fmt(c['value'], 3)} {mark} {fmt(c['threshold'], 3)}"
+            by_control = " (the drifted control's own value)" if str(c.get("source", "")).startswith(
+                "the ε = 0 control") else ""
+            return f"{fmt(c['value'], 3)} {mark} {fmt(c['threshold'], 3)}{by_control}"
 
         where = (f"{esc(verdict.verdict)} at step {verdict.final_step}" if verdict else
                  "control" if g.control else "—")

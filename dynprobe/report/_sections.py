@@ -10,7 +10,9 @@ import numpy as np
 
 from dynprobe.analysis.estimate import TransitionEstimate
 from dynprobe.analysis.learning_rate import lr_changes
+from dynprobe.analysis.run_analysis import control_drift_note
 from dynprobe.report import figures
+from dynprobe.report.summary import kernel_settings
 
 from . import _chaos, _cone, _layers
 from ._context import SectionContext
@@ -97,7 +99,8 @@ class RunSections(SectionContext):
                                  "plateau angle", "plateaued (growth ≤ 0.2)", "points after τ"], rows))
             if cone.lag_bounds:
                 bounds = ", ".join(f"dt = {dt}: {value:.3g}" for dt, value in cone.lag_bounds.items())
-                ratio = f"; largest / smallest = {cone.lag_bound_ratio:.2f}" if cone.lag_bound_ratio else ""
+                ratio = (f"; largest / smallest = {cone.lag_bound_ratio:.3g}, {cone.lag_bound_reading}"
+                         if cone.lag_bound_ratio else "")
                 start = f"t ≥ {self.transition}" if self.transition is not None else "all t"
                 parts.append(f"<p>Upper bound of S(t, t + dt) over {esc(start)}: {esc(bounds)}{esc(ratio)} "
                              "(≈ 1 when curves of different dt share one bound — the cone; ≈ the lag ratio for a "
@@ -191,7 +194,7 @@ class RunSections(SectionContext):
         run, manifest = self.run, self.run.manifest
         config, model = run.config, manifest.get("model", {})
         model = model if isinstance(model, dict) else {}
-        kernel, ghosts = config.get("kernel"), config.get("ghosts")
+        ghosts = config.get("ghosts")
         rows = [
             ["run directory", esc(run.path)], ["status", esc(run.status)],
             ["created / updated", f"{esc(manifest.get('created', '?'))} / {esc(manifest.get('updated', '?'))}"],
@@ -206,7 +209,7 @@ class RunSections(SectionContext):
                               f"{json_text((manifest.get('optimizer') or {}).get('defaults', {}))}")],
             ["eval set", esc(f"{(manifest.get('eval') or {}).get('n', '?')} examples")],
             ["schedule", f"<code>{esc(json_text(config.get('schedule')))}</code>"],
-            ["eNTK", esc(_kernel_text(kernel)) if isinstance(kernel, dict) else "not measured"],
+            ["eNTK", esc(kernel_settings(run) or "not measured")],
             ["loss barriers", esc(_barriers_text(config))],
         ]
         usage = getattr(run, "disk_usage", None)
@@ -218,7 +221,9 @@ class RunSections(SectionContext):
             rows.append(["ghosts", esc(f"spawn {json_text(ghosts.get('at'))}; ε kind {perturbation.get('kind')}, "
                                        f"nominal norm {perturbation.get('norm')}, seed {perturbation.get('seed')}; "
                                        f"control {ghosts.get('control')}")])
-            rows.append(["ghosts compared with", esc(run.conventions.get("ghosts", "the main model"))])
+            compared = str(run.conventions.get("ghosts", "the main model"))
+            drift = control_drift_note(run)
+            rows.append(["ghosts compared with", esc(f"{compared}. In this run, {drift}" if drift else compared)])
         else:
             rows.append(["ghosts", "none"])
         conventions = [[f"<code>{esc(k)}</code>", esc(v if isinstance(v, str) else json_text(v))]
@@ -240,16 +245,6 @@ class RunSections(SectionContext):
 
     def reference(self) -> str:
         return REFERENCE
-
-
-def _kernel_text(kernel: dict[str, Any]) -> str:
-    every = kernel.get("every_snapshots", kernel.get("every"))
-    text = f"mode {kernel.get('mode')}, n = {kernel.get('n')}, BN {kernel.get('bn')}, every {every} snapshot(s)"
-    if kernel.get("lag_steps"):
-        text += f", companion snapshots {kernel['lag_steps']} steps after each kernel snapshot"
-    if kernel.get("probe_set"):
-        text += f", probe set drawn from the {kernel['probe_set']} set (the paper's H is over training examples)"
-    return text
 
 
 def _barriers_text(config: dict[str, Any]) -> str:

@@ -26,8 +26,8 @@ from dynprobe.store.run import Run
 
 from .terminal import clean, safe_text
 
-__all__ = ["comparison_table", "display_names", "ghost_mode", "render_summary", "summary_data",
-           "summary_renderables"]
+__all__ = ["comparison_table", "display_names", "ghost_mode", "kernel_settings", "render_summary", "steps_text",
+           "summary_data", "summary_renderables"]
 
 
 def display_names(runs: Sequence[Run]) -> list[str]:
@@ -77,6 +77,36 @@ def ghost_mode(run: Run) -> str | None:
     return text
 
 
+def steps_text(count: int) -> str:
+    """``"1 step"``, ``"250 steps"``."""
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
+def kernel_settings(run: Run) -> str | None:
+    """How the run's eNTK was measured — mode, probe set, cadence — and the lag of its kernel velocity, saying
+    which values the probe chose by default; None for runs without a kernel configuration."""
+    kernel = (run.config.get("kernel") or {}) if isinstance(run.config, dict) else {}
+    if not kernel:
+        return None
+    chosen = kernel.get("chosen") or []
+    task = ((run.manifest.get("eval") or {}).get("task") or {}).get("name")
+    default = f" (the default for {task} outputs)" if task else " (the task's default)"
+    mode = f"mode {kernel.get('mode')}" + (default if "mode" in chosen else "")
+    every = kernel.get("every_snapshots", 1)
+    text = (f"{mode}, n = {kernel.get('n')}, BN {kernel.get('bn')}, at every {every} snapshot(s), probe set from "
+            f"the {kernel.get('probe_set', 'eval')} set")
+    lag = kernel.get("lag_steps")
+    if isinstance(lag, int) and lag > 0:
+        how = ("Δ chosen from the schedule and run length; set KernelConfig(lag_steps=Δ) to change it"
+               if "lag_steps" in chosen else "KernelConfig(lag_steps=)")
+        return text + f"; kernel velocity S(t, t+{lag}) on companion snapshots {steps_text(lag)} later ({how})"
+    gap = run.kernel_lag_steps
+    if gap is None:
+        return text
+    return text + (f"; kernel velocity at the most common gap between kernel snapshots, Δ = {steps_text(gap)} (no "
+                   "companion snapshots: set KernelConfig(lag_steps=Δ) for a velocity along the whole run)")
+
+
 def _overview(run: Run) -> Table:
     manifest = run.manifest
     model = manifest.get("model", {}) if isinstance(manifest.get("model"), dict) else {}
@@ -92,6 +122,9 @@ def _overview(run: Run) -> Table:
         ("eval set", f"{(manifest.get('eval') or {}).get('n', '?')} examples"),
         ("snapshots", f"{len(run)} (steps {run.steps[0]} … {run.steps[-1]})" if len(run) else "none committed yet"),
     ]
+    kernel = kernel_settings(run)
+    if kernel is not None:
+        rows.append(("eNTK", kernel))
     mode = ghost_mode(run)
     if mode is not None:
         rows.append(("ghosts", mode))
@@ -161,6 +194,9 @@ def _ghosts(result: RunAnalysis) -> Table | None:
                                f"(saturated at ≤ ×{rule.get('plateau_factor', 2):g}); class: high = on the chaotic "
                                f"level, low = ≥ ×{rule.get('level_ratio', 10):g} below it. Verdicts compare D and "
                                "B_linear with their thresholds (value / threshold)."), caption_justify="left")
+    if any(_by_control(c) for v in verdicts.values() for c in v.checks.values()):
+        table.caption.append(" (control): the threshold is the ε = 0 control's own value — the control drifted, and "
+                             "a ghost at that threshold is no farther from the main run than the control is.")
     for column in ("ghost", "t0", "L2 level", "growth", "class", "1 − cos", "verdict at t1", "D", "B_linear"):
         table.add_column(column, justify="left" if column in ("class", "verdict at t1") else "right")
     ghosts = sorted({r["ghost"] for r in rows} | set(verdicts), key=lambda g: (g is None, g))
@@ -171,7 +207,9 @@ def _ghosts(result: RunAnalysis) -> Table | None:
 
         def check(name: str) -> str:
             c = checks.get(name)
-            return "—" if not c else f"{_fmt(c['value'], 3)} / {_fmt(c['threshold'], 3)}"
+            if not c:
+                return "—"
+            return f"{_fmt(c['value'], 3)} / {_fmt(c['threshold'], 3)}" + (" (control)" if _by_control(c) else "")
 
         growth = row.get("growth")
         growth_text = "—" if growth is None else f"×{_fmt(growth, 3)}" + (" ✓" if row.get("saturated") else "")
@@ -181,6 +219,11 @@ def _ghosts(result: RunAnalysis) -> Table | None:
                       safe_text(row.get("class", "—")), _fmt(row.get("C"), 3), safe_text(where), check("D"),
                       check("B_linear"))
     return table
+
+
+def _by_control(check: dict[str, Any]) -> bool:
+    """Whether a verdict's threshold is the ε = 0 control's own value (nonzero only when the control drifted)."""
+    return str(check.get("source", "")).startswith("the ε = 0 control")
 
 
 def _cone(result: RunAnalysis) -> Table | Text:
@@ -195,7 +238,7 @@ def _cone(result: RunAnalysis) -> Table | Text:
                       {True: "yes", False: "no", None: "—"}[c.plateaued])
     if cone.lag_bound_ratio is not None:
         table.caption = Text(f"upper bounds of S(t, t+dt) for dt = {', '.join(map(str, cone.lag_bounds or {}))}: "
-                             f"ratio largest/smallest {cone.lag_bound_ratio:.2f} (≈ 1: one shared bound, the cone)")
+                             f"ratio largest/smallest {cone.lag_bound_ratio:.3g}, {cone.lag_bound_reading}")
         table.caption_justify = "left"
     return table
 

@@ -123,7 +123,9 @@ def norm_for(values: np.ndarray, log_color: bool | None) -> Normalize:
     if finite.size == 0:
         return Normalize(0, 1)
     low, high = float(finite.min()), float(finite.max())
-    return Normalize(low, high if high > low else low + 1e-12)
+    if high > low:
+        return Normalize(low, high)
+    return Normalize(low, low + max(abs(low), 1.0))  # a constant map (all 0): a unit scale, not one of width 1e-12
 
 
 def colormap(name: str):  # noqa: ANN201 - a matplotlib Colormap

@@ -96,7 +96,7 @@ def velocity_figure(t: np.ndarray, values: np.ndarray, *, lag: int, estimate: in
                     threshold: float | None = None, transition: int | None = None, log_steps: bool = False) -> bytes:
     """The kernel velocity at a fixed lag, S(θ_t, θ_t+Δ) against t (log y), with the estimate's threshold and
     step (labelled as the kernel-velocity estimate) and the run's transition marker."""
-    figure = new_figure(6.0, 3.2)
+    figure = new_figure(6.0, 3.2, left=0.9)
     ax = figure.add_subplot()
     t, values = np.asarray(t, dtype=np.float64), np.asarray(values, dtype=np.float64)
     axis = StepAxis(t, log_steps)
@@ -109,8 +109,8 @@ def velocity_figure(t: np.ndarray, values: np.ndarray, *, lag: int, estimate: in
     mark_transition(ax, axis, transition)
     ax.set_yscale("log")
     ax.set_xlabel("step t")
-    ax.set_ylabel(f"S(θ_t, θ_t+Δ), Δ = {lag} (log scale)")
-    ax.set_title(f"Kernel velocity at a fixed lag of {lag} steps (Fig. 5b)", fontsize=10)
+    ax.set_ylabel("S(θ_t, θ_t+Δ) (log scale)")
+    ax.set_title(f"Kernel velocity at a fixed lag Δ = {lag} step{'' if lag == 1 else 's'} (Fig. 5b)", fontsize=10)
     axis.format(ax.xaxis)
     ax.legend(fontsize=8)
     return png(figure)

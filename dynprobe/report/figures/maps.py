@@ -81,7 +81,9 @@ def chaos_maps_figure(steps: np.ndarray, maps: Mapping[str, np.ndarray], row_lab
         ax.set_ylim(y_edges[-1], y_edges[0])
         ax.set_xlabel("t1 (step of comparison)")
         ax.set_ylabel("ghost (spawn step t0)")
-        ax.set_title(f"main vs ghost: {name}{title_suffix}", fontsize=10)
+        finite = values[np.isfinite(values)]
+        constant = f" (all {finite[0]:g})" if finite.size and np.all(finite == finite[0]) else ""
+        ax.set_title(f"main vs ghost: {name}{constant}{title_suffix}", fontsize=10)
         axis.format(ax.xaxis)
         mark_transition(ax, axis, transition)
         handles = [h for h in ax.get_legend_handles_labels()[0]]
