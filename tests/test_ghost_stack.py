@@ -337,34 +337,39 @@ def test_the_stack_replays_what_shapes_the_step(variant, tmp_path):
 
 
 def test_the_stack_replays_the_recorded_autocast_state():
-    """bf16 autocast recorded at the main forward is re-entered inside vmap. (The vmapped bf16 kernels round
-    differently from the plain ones at bf16 precision, so under autocast the shadow drifts from the main run by
-    ~1e-2 within tens of steps, while ε = 0 rows of the stack stay bitwise equal.)"""
-    torch.manual_seed(0)
-    model, x, y = MLP(), torch.randn(16, 20), torch.randint(0, 5, (16,))
+    """bf16 autocast recorded at the main forward is re-entered inside vmap. Checked exactly with dyadic numbers:
+    the inputs are (1 + 2⁻¹⁰)·2ᵏ, exact in fp32 and fp16 but rounded to 2ᵏ in bf16, the weights are powers of two,
+    so the matmul and the mean error are exact in every precision and the stacked loss must equal, bit for bit,
+    a float64 computation from the inputs rounded to the recorded autocast dtype."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.5, 2.0, 1.0]]))
+    x = (1 + 2.0 ** -10) * 2.0 ** torch.randint(-1, 2, (16, 4), generator=generator).float()
+    y = torch.zeros(16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def mean_error(output, target):
+        return (output.squeeze(-1).float() - target).mean()
 
     def micro_batch(autocast):
         call = ForwardCall((x,), {}, RngState.capture(), autocast, ())
         return MicroBatch(call, LossCall((None, y), {}, call, (((("index", 0),), ()),), autocast))
 
-    def plain_loss(micro, dtype):
-        micro.forward.rng.restore()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
-            return float(nn.functional.cross_entropy(model(x), y))
+    def float64_loss(dtype):
+        rounded = x.to(dtype).double()
+        return float(((rounded @ model.weight.detach().double().T).squeeze(-1) - y.double()).mean())
 
     stack = GhostStack(model, optimizer)
     stack.extend(["a", "b"], [ReplicaState.copy_of(model, optimizer), ReplicaState.copy_of(model, optimizer)])
-    with torch.random.fork_rng(devices=[]):
-        fp32 = micro_batch(AutocastState())
-        bf16 = micro_batch(AutocastState((("cpu", torch.bfloat16),)))
-        stacked_fp32 = stack.forward_backward([fp32], loss_fn=nn.functional.cross_entropy, loss_from_output=None)
-        stacked_bf16 = stack.forward_backward([bf16], loss_fn=nn.functional.cross_entropy, loss_from_output=None)
-        plain_fp32, plain_bf16 = plain_loss(fp32, torch.float32), plain_loss(bf16, torch.bfloat16)
-    assert plain_fp32 != plain_bf16
-    assert float(stacked_fp32[0, 0]) == pytest.approx(plain_fp32, abs=1e-6)
-    assert float(stacked_bf16[0, 0]) != pytest.approx(plain_fp32, abs=1e-6)  # bf16 was applied
-    assert float(stacked_bf16[0, 0]) == pytest.approx(plain_bf16, abs=1e-2)
+    fp32 = micro_batch(AutocastState())
+    bf16 = micro_batch(AutocastState((("cpu", torch.bfloat16),)))
+    stacked_fp32 = stack.forward_backward([fp32], loss_fn=mean_error, loss_from_output=None)
+    stacked_bf16 = stack.forward_backward([bf16], loss_fn=mean_error, loss_from_output=None)
+    expected = {dtype: float64_loss(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    assert expected[torch.bfloat16] != expected[torch.float32] == expected[torch.float16]  # the witness separates
+    assert float(stacked_fp32[0, 0]) == expected[torch.float32]
+    assert float(stacked_bf16[0, 0]) == expected[torch.bfloat16]
     assert torch.equal(stacked_bf16[0, 0], stacked_bf16[0, 1])
 
 
