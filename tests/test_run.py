@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import socket
 import warnings
@@ -442,12 +443,50 @@ def pristine(tmp_path_factory):
     return root
 
 
-def test_the_pristine_run_reports_no_damage(pristine):
-    assert touch_everything(pristine) == []
+def test_the_pristine_run_reports_no_damage_and_reads_back_what_was_written(tmp_path):
+    """Every accessor of the undamaged run answers, and with the written values: arrays bit for bit, C (eq. 1) and
+    D (eq. 6) against naive float64 loops over the parameters and predictions read back, ghosts as spawned."""
+    truth = write_small_run(tmp_path / "run")
+    assert touch_everything(tmp_path / "run") == []
+    run = dynprobe.load_run(tmp_path / "run")
+    T = len(truth["steps"])
+    np.testing.assert_array_equal(run.steps, truth["steps"])
+    for k, step in enumerate(truth["steps"]):
+        np.testing.assert_array_equal(run.params(index=k), truth["theta"][k])
+        np.testing.assert_array_equal(run.params(step=int(step)), truth["theta"][k])
+        np.testing.assert_array_equal(run.buffers(index=k)["running_mean"], truth["theta"][k, :2])
+        np.testing.assert_array_equal(run.predictions(index=k), truth["preds"][k])
+        np.testing.assert_array_equal(run.kernel(index=k), truth["kernels"][k])
+    for i in range(T):
+        for j in range(T):
+            a, b = (run.params(index=i).astype(np.float64), run.params(index=j).astype(np.float64))
+            dot = sum(x * y for x, y in zip(a, b))
+            cosine = dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+            assert run.C[i, j] == pytest.approx(1 - cosine, rel=1e-9, abs=1e-12), (i, j)
+            differing = sum(int(x != y) for x, y in zip(run.predictions(index=i), run.predictions(index=j)))
+            assert run.D[i, j] == differing / EVAL_N, (i, j)
+    np.testing.assert_array_equal(run.eval_loss, [1.0 / (k + 1) for k in range(T)])
+    np.testing.assert_array_equal(run.train_loss, [np.nan] + [1.5 / k for k in range(1, T)])
+    assert [(g.index, g.control, g.spawn_step, g.status) for g in run.ghosts] == [
+        (0, True, 2, "finished"), (1, False, 2, "finished")]
+    for k in range(1, T):
+        np.testing.assert_array_equal(run.ghost_predictions(1, index=k), truth["preds"][k])
 
 
-def test_there_are_at_least_forty_damaged_cases():
+def test_every_damaged_case_damages_a_different_part_of_the_pristine_run(pristine, tmp_path):
+    """The damage catalogue is not padded: each case leaves a run directory different from every other case's."""
+    contents = {}
+    for case in sorted(DAMAGED):
+        root = tmp_path / case.replace(" ", "_").replace("/", "_")
+        shutil.copytree(pristine, root)
+        DAMAGED[case](root)
+        contents[case] = tuple(sorted((str(f.relative_to(root)), f.read_bytes()) for f in root.rglob("*")
+                                      if f.is_file()))
+    pristine_content = tuple(sorted((str(f.relative_to(pristine)), f.read_bytes()) for f in pristine.rglob("*")
+                                    if f.is_file()))
     assert len(DAMAGED) >= 40
+    assert pristine_content not in contents.values()
+    assert len(set(contents.values())) == len(DAMAGED)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED))
