@@ -204,7 +204,7 @@ def test_in_stack_control_stays_bitwise_equal_to_the_shadow_for_200_steps(name, 
     def after(step, probe):
         if step in (1, 100, 200):
             stack = probe._ghosts.trainer.stack
-            control = next(g.index for g in probe._ghosts.ghosts if g.control)
+            control = next(g.ghost_id for g in probe._ghosts.ghosts if g.control)
             checked[step] = stack.differences(control, SHADOW)  # parameters and buffers, every row tensor
 
     ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True,
@@ -233,13 +233,13 @@ def _gaps(vectorized, sequential):
     signal ‖θ'_sequential − θ_main‖ (float64), and the vectorized ghost's separation from its shadow relative to the
     sequential one's from the main run."""
     gaps, signals = [], []
-    for ghost in [g.index for g in sequential.ghosts if not g.control]:
+    for ghost in [g.ghost_id for g in sequential.ghosts if not g.control]:
         for index, step in enumerate(sequential.steps):
             if step <= sequential.ghosts[ghost].spawn_step:
                 continue
-            v = vectorized.ghost_params(ghost, index=index).astype(np.float64)
-            s = sequential.ghost_params(ghost, index=index).astype(np.float64)
-            signal = np.linalg.norm(s - sequential.params(index=index).astype(np.float64))
+            v = vectorized.ghost_params(ghost, snapshot_index=index).astype(np.float64)
+            s = sequential.ghost_params(ghost, snapshot_index=index).astype(np.float64)
+            signal = np.linalg.norm(s - sequential.params(snapshot_index=index).astype(np.float64))
             gaps.append(np.linalg.norm(v - s) / signal)
             signals.append(vectorized.chaos["L2"][ghost, index] / sequential.chaos["L2"][ghost, index])
     return np.array(gaps), np.array(signals)
@@ -442,8 +442,8 @@ def test_a_diverging_row_marks_only_that_ghost_and_never_raises(tmp_path):
     # the row leaves the stack at that read
     assert rows[4] == [SHADOW, 0, 1] and rows[5] == [SHADOW, 0] and rows[12] == [SHADOW, 0]
     assert run.separation(1)[0].tolist() == [3]  # its spawn pair only: steps 4 and 5 are not recorded
-    assert np.all(run.chaos["C"][0, run.index_of(5):] == 0)
-    assert np.isnan(run.chaos["C"][1, run.index_of(5):]).all()
+    assert np.all(run.chaos["C"][0, run.snapshot_index_of(5):] == 0)
+    assert np.isnan(run.chaos["C"][1, run.snapshot_index_of(5):]).all()
     assert not _events(run, "control_drift")
 
 
@@ -700,28 +700,28 @@ def _assert_ghost_records_match_float64_references(run, data):
     checked = 0
     for ghost in run.ghosts:
         for position, step in enumerate(run.steps):
-            if np.isnan(run.chaos["L2"][ghost.index, position]):
+            if np.isnan(run.chaos["L2"][ghost.ghost_id, position]):
                 continue
-            theta_ghost = run.ghost_params(ghost.index, index=position).astype(np.float64)
-            theta_main = run.params(index=position).astype(np.float64)
+            theta_ghost = run.ghost_params(ghost.ghost_id, snapshot_index=position).astype(np.float64)
+            theta_main = run.params(snapshot_index=position).astype(np.float64)
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(torch.from_numpy(theta_ghost).float(), model.parameters())
                 predictions = model(inputs).argmax(dim=-1).numpy()
-            np.testing.assert_array_equal(run.ghost_predictions(ghost.index, index=position), predictions)
+            np.testing.assert_array_equal(run.ghost_predictions(ghost.ghost_id, snapshot_index=position), predictions)
             distance = np.sqrt(np.sum((theta_ghost - theta_main) ** 2))
             cosine = theta_ghost @ theta_main / (np.linalg.norm(theta_ghost) * np.linalg.norm(theta_main))
-            record = records[(ghost.index, int(step))]
+            record = records[(ghost.ghost_id, int(step))]
             if record["reference"] == "main":
-                assert run.chaos["L2"][ghost.index, position] == pytest.approx(distance, rel=1e-9, abs=1e-15)
-                assert run.chaos["C"][ghost.index, position] == pytest.approx(1 - cosine, rel=1e-4, abs=1e-15)
-                disagreement = np.mean(predictions != run.predictions(index=position))
-                assert run.chaos["D"][ghost.index, position] == pytest.approx(disagreement, abs=1e-12)
+                assert run.chaos["L2"][ghost.ghost_id, position] == pytest.approx(distance, rel=1e-9, abs=1e-15)
+                assert run.chaos["C"][ghost.ghost_id, position] == pytest.approx(1 - cosine, rel=1e-4, abs=1e-15)
+                disagreement = np.mean(predictions != run.predictions(snapshot_index=position))
+                assert run.chaos["D"][ghost.ghost_id, position] == pytest.approx(disagreement, abs=1e-12)
             else:
                 drift = record["reference_L2"]
                 # The control is the shadow (L2 = 0, θ_main − θ_shadow is all there is); for a perturbed ghost the
                 # drift is small next to its signal, so the triangle inequality below says something.
-                assert run.chaos["L2"][ghost.index, position] == 0 if ghost.control else drift < 1e-2 * distance
-                assert abs(run.chaos["L2"][ghost.index, position] - distance) <= drift * (1 + 1e-9)
+                assert run.chaos["L2"][ghost.ghost_id, position] == 0 if ghost.control else drift < 1e-2 * distance
+                assert abs(run.chaos["L2"][ghost.ghost_id, position] - distance) <= drift * (1 + 1e-9)
             checked += 1
     return checked
 
@@ -740,7 +740,7 @@ def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
     vectorized, sequential = runs[True], runs[False]
 
     def described(run):
-        return [(g.index, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.changed, g.status,
+        return [(g.ghost_id, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.changed, g.status,
                  g.status_step) for g in run.ghosts]
 
     assert described(vectorized) == described(sequential)

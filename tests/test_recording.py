@@ -128,8 +128,8 @@ def test_recorder_through_the_background_writer_writes_the_same_run(tmp_path):
     np.testing.assert_array_equal(background.C_layers, sync.C_layers)
     np.testing.assert_array_equal(background.D, sync.D)
     for i in range(len(sync)):
-        np.testing.assert_array_equal(background.params(index=i), sync.params(index=i))
-        np.testing.assert_array_equal(background.predictions(index=i), sync.predictions(index=i))
+        np.testing.assert_array_equal(background.params(snapshot_index=i), sync.params(snapshot_index=i))
+        np.testing.assert_array_equal(background.predictions(snapshot_index=i), sync.predictions(snapshot_index=i))
 
 
 # ------------------------------------------------------------------------------------------------ background writer
@@ -161,7 +161,7 @@ class SlowSink:
         self._note("arrays", (step, name))
 
     def commit_snapshot(self, record):
-        self.snapshots.append({"index": len(self.snapshots), **record})
+        self.snapshots.append({"snapshot_index": len(self.snapshots), **record})
         self._note("commit", record["step"])
 
     def update_manifest(self, **fields):
@@ -303,7 +303,7 @@ def test_a_kill_during_a_background_write_leaves_every_earlier_snapshot(tmp_path
     c = run.C
     assert np.isfinite(np.diag(c)).all() and np.isfinite(np.diag(c, -1)).all() and np.isfinite(c[:, 0]).all()
     for i in range(len(run)):
-        run.params(index=i)
+        run.params(snapshot_index=i)
 
 
 def test_the_default_history_budget_is_measured_after_the_first_optimizer_step(tmp_path, monkeypatch):

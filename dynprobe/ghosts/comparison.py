@@ -48,7 +48,7 @@ def per_layer_l2(a: torch.Tensor, b: torch.Tensor, layers: list[tuple[str, slice
 
 
 def compare_ghost(
-    index: int,
+    ghost_id: int,
     module: nn.Module,
     params: list[torch.Tensor],
     reference: Reference,
@@ -64,7 +64,7 @@ def compare_ghost(
     state: Callable[[], Mapping[str, torch.Tensor]],
     save_params: bool,
 ) -> Comparison:
-    """Compare ghost ``index`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
+    """Compare ghost ``ghost_id`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
 
     ``kernel_of`` is given when S is due for this ghost at this snapshot (and the reference has a kernel); ``state``
     returns the ghost's parameters and buffers by name for it.
@@ -82,7 +82,7 @@ def compare_ghost(
     identical = reference.evaluation is not None and same_tensors(state(), reference.state)
     evaluation = reference.evaluation if identical else evaluate(module)
     record: dict[str, Any] = {
-        "ghost": index,
+        "ghost": ghost_id,
         "step": step,
         "reference": reference.name,
         "C": metrics.cosine_dissimilarity(reference.params, flat),
@@ -98,8 +98,8 @@ def compare_ghost(
         record["reference_L2"] = reference.drift["L2"]
     if kernel_of is not None and reference.kernel is not None:
         record["S"] = metrics.kernel_distance(reference.kernel, kernel_of(state()))
-    arrays = {ghost_array(index, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
+    arrays = {ghost_array(ghost_id, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
     if save_params:
-        arrays[ghost_array(index, PARAMS)] = flat.cpu().numpy()
+        arrays[ghost_array(ghost_id, PARAMS)] = flat.cpu().numpy()
     return Comparison(record, arrays)
 
