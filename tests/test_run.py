@@ -342,7 +342,6 @@ DAMAGED = {
     "snapshot without snapshot_index": _events_edit(
         lambda ev: [e.pop("snapshot_index") for e in ev if e["event"] == "snapshot"][:0]),
     "snapshot eval_loss a string": _snapshot_edit(1, eval_loss="low"),
-    "snapshot lr a string": _snapshot_edit(1, lr="0.1"),
     "snapshot kernel 'yes'": _snapshot_edit(1, kernel="yes"),
     "ghost id a string": _first("ghost_spawn", ghost="1"),
     "ghost control 'no'": _first("ghost_spawn", control="no"),
@@ -541,6 +540,7 @@ def test_run_lr_holds_the_rate_of_every_optimizer_step_and_param_group(tmp_path)
     run = dynprobe.load_run(tmp_path / "r")
     assert run.lr.shape == (20, 2)
     np.testing.assert_array_equal(run.lr, np.array(used))
+    assert not any("lr" in record for record in run.snapshots)  # one owner: the per-step logs, not the records
     changes = dynprobe.analysis.lr_changes(run.lr)
     assert [(c.step, c.group) for c in changes] == [(7, 0), (7, 1), (14, 0), (14, 1)]
     assert changes[0].text == "the lr drop ÷10 at step 7"

@@ -141,8 +141,8 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=barriers,
-                                    transition=transition, progress=progress, model=inner, optimizer=optimizer,
-                                    sink=sink, on_snapshot=options.on_snapshot)
+                                    transition=transition, progress=progress, model=inner, sink=sink,
+                                    on_snapshot=options.on_snapshot)
         parts = ProbeParts(dist=dist, model=inner, hooked_model=model, named_params=named_params, device=device,
                            cuda_devices=cuda_devices, storage_dtype=storage_dtype, output_fn=output_fn,
                            eval_set=eval_set, num_classes=num_classes, kernel=kernel, sink=sink,

@@ -152,8 +152,6 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
         "eval_loss": (_number_or_null, "a number or null"),
         "eval_accuracy": (_number_or_null, "a number or null"),
         "train_loss": (_number_or_null, "a number or null"),
-        "lr": (lambda v: v is None or (isinstance(v, list) and all(_number_or_null(x) for x in v)),
-               "a list of numbers or null"),
         "kernel": (lambda v: v is None or isinstance(v, bool), "true or false"),
     },
     "ghost_spawn": {
