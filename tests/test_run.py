@@ -26,6 +26,7 @@ from dynprobe.store.layout import (
     snapshot_file,
     switching_results_path,
 )
+from dynprobe.store.run import Run
 
 from .conftest import cnn_setup, train
 from .small_runs import EVAL_N, write_small_run
@@ -64,7 +65,7 @@ def test_state_dict_restores_the_model_exactly(cnn_run):
         assert torch.equal(a, b), name
 
 
-def test_index_of_unknown_step_names_the_nearest(cnn_run):
+def test_snapshot_index_of_an_unknown_step_names_the_nearest(cnn_run):
     *_, run = cnn_run
     with pytest.raises(KeyError, match=r"nearest recorded steps: \[4, 8\]"):
         run.snapshot_index_of(6)
@@ -544,3 +545,24 @@ def test_run_lr_holds_the_rate_of_every_optimizer_step_and_param_group(tmp_path)
     changes = dynprobe.analysis.lr_changes(run.lr)
     assert [(c.step, c.group) for c in changes] == [(7, 0), (7, 1), (14, 0), (14, 1)]
     assert changes[0].text == "the lr drop ÷10 at step 7"
+
+
+@pytest.mark.parametrize("steps", [(0, 2, 4, 6, 8), (0, 1, 5, 100, 101, 5000)])
+def test_snapshot_positions_by_step_and_by_index_agree_with_a_brute_force_search(tmp_path, steps):
+    write_small_run(tmp_path / "run", steps=steps, ghosts=False)
+    run = Run(tmp_path / "run")
+    assert isinstance(dynprobe.load_run(tmp_path / "run"), Run)
+    for step in range(-1, steps[-1] + 2):
+        positions = [k for k, s in enumerate(steps) if s == step]
+        if positions:
+            assert run.snapshot_index_of(step) == positions[0]
+            np.testing.assert_array_equal(run.params(step=step), run.params(snapshot_index=positions[0]))
+        else:
+            below = [s for s in steps if s < step][-1:]
+            above = [s for s in steps if s > step][:1]
+            with pytest.raises(KeyError, match=rf"step {step} was not recorded; nearest recorded steps: "
+                                               rf"\[{', '.join(map(str, below + above))}\]"):
+                run.snapshot_index_of(step)
+    for position in range(-len(steps), len(steps)):
+        np.testing.assert_array_equal(run.predictions(snapshot_index=position),
+                                      run.predictions(step=steps[position]))
