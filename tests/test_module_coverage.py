@@ -14,9 +14,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Modules no test imports by name yet, most important first. It only shrinks: a test for one of them removes its
+# Modules no test imports by name yet (47 of 138), most important first. It only shrinks: a test for one of them removes its
 # line here (the test below fails while a listed module is in fact covered, so the list cannot go stale).
-NOT_YET_IMPORTED_BY_A_TEST: set[str] = set()
+NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
+    # the probe's assembly and snapshot step (exercised end to end through dynprobe.Probe)
+    "dynprobe.probe.core", "dynprobe.probe.assembly", "dynprobe.probe.sequence", "dynprobe.probe.parts",
+    # the interval matrices' parameter history and blocked path metrics
+    "dynprobe.metrics.history", "dynprobe.metrics._path",
+    # ghost training (through Probe(ghosts=...) and test_ghost_stack)
+    "dynprobe.ghosts.trainer", "dynprobe.ghosts.sequential",
+    # the run directory's writer lock, resume planning and file safety
+    "dynprobe.store.lock", "dynprobe.store.resume", "dynprobe.store.safety",
+    # configuration dataclasses (through dynprobe.Ghosts / Perturbation / Barriers / KernelConfig)
+    "dynprobe.config.ghosts", "dynprobe.config.perturbation", "dynprobe.config.barriers", "dynprobe.config.kernel",
+    # analysis (through dynprobe.analysis)
+    "dynprobe.analysis.estimate", "dynprobe.analysis.estimators", "dynprobe.analysis.saturation",
+    "dynprobe.analysis.sensitivity", "dynprobe.analysis.verdicts",
+    # the eNTK engine's private parts (through dynprobe.kernels.engine)
+    "dynprobe.kernels._calling", "dynprobe.kernels._generic", "dynprobe.kernels._planning",
+    # distributed (through test_distributed's spawned processes)
+    "dynprobe.distributed.ghost_trainer", "dynprobe.distributed.runtime",
+    # experiments (through dynprobe.experiments)
+    "dynprobe.experiments.switching", "dynprobe.experiments.barriers", "dynprobe.experiments._switching_setup",
+    "dynprobe.experiments._eval_set", "dynprobe.experiments._stream",
+    # the report's private sections and figures (through dynprobe.report)
+    "dynprobe.report.compare", "dynprobe.report._chaos", "dynprobe.report._cone", "dynprobe.report._context",
+    "dynprobe.report._evidence", "dynprobe.report._html", "dynprobe.report._layers", "dynprobe.report._page",
+    "dynprobe.report._sections", "dynprobe.report._text", "dynprobe.report.figures._base",
+    "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone", "dynprobe.report.figures.curves",
+    "dynprobe.report.figures.maps",
+    # a recipe that downloads CIFAR-10, and the version string
+    "dynprobe.recipes.cifar10", "dynprobe._version",
+}
 
 
 def package_modules(root: Path) -> set[str]:
