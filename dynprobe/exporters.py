@@ -18,11 +18,11 @@ At every committed snapshot t_k it writes, at x = step t_k (tags under ``prefix`
 | ``transition_step`` | the online transition estimate, from the snapshot at which it fired on |
 
 Δ is the probe's ``KernelConfig(lag_steps=)`` or the most common gap between kernel snapshots; NNN is the ghost
-index. The numbers are read from what the probe already computed (the new rows of the interval matrices and the
-``ghost_compare``/``ghost_barrier`` events of this snapshot, read incrementally from ``events.jsonl``); an exporter
-computes nothing expensive. The dashboards are optional: ``tensorboard`` / ``wandb`` are imported when an
-exporter is built, with an error naming the package to install. An exporter that fails while training warns once
-and goes quiet; it never stops the probe or the training.
+id (``run.ghosts[i].ghost_id``). The numbers are read from what the probe already computed (the new rows of the
+interval matrices and the ``ghost_compare``/``ghost_barrier`` events of this snapshot, read incrementally from
+``events.jsonl``); an exporter computes nothing expensive. The dashboards are optional: ``tensorboard`` /
+``wandb`` are imported when an exporter is built, with an error naming the package to install. An exporter that
+fails while training warns once and goes quiet; it never stops the probe or the training.
 
 This module lives in the core package (not in ``dynprobe.integrations``) because plain-loop users want it too and
 it depends on no training framework.

@@ -75,8 +75,8 @@ def main() -> None:
     print(f"run: {callback.probe.out}  ({len(run.steps)} snapshots, final eval accuracy "
           f"{run.eval_accuracy[-1]:.3f}, C(final, init) = {run.C[-1, 0]:.3g})")
     for ghost in run.ghosts:
-        final = run.chaos["D"][ghost.index][~torch.isnan(torch.as_tensor(run.chaos["D"][ghost.index])).numpy()]
-        print(f"ghost {ghost.index} (t0={ghost.spawn_step}{', control' if ghost.control else ''}): final D = "
+        final = run.chaos["D"][ghost.ghost_id][~torch.isnan(torch.as_tensor(run.chaos["D"][ghost.ghost_id])).numpy()]
+        print(f"ghost {ghost.ghost_id} (t0={ghost.spawn_step}{', control' if ghost.control else ''}): final D = "
               f"{final[-1]:.3f}")
     print(f"report: dynprobe report {callback.probe.out}")
 

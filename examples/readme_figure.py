@@ -24,7 +24,7 @@ def draw(run: dynprobe.Run, out: Path) -> Path:
     for ghost in run.ghosts:
         if ghost.control or not ghost.realized_norm:
             continue
-        steps, l2 = run.separation(ghost.index)
+        steps, l2 = run.separation(ghost.ghost_id)
         keep = l2 > 0
         label = None if ghost.spawn_step in labelled else f"t0 = {ghost.spawn_step}"  # one entry per spawn step
         labelled.add(ghost.spawn_step)

@@ -112,7 +112,7 @@ CASES: dict[str, HostileCase] = {
     "fifo events.jsonl": HostileCase(lambda r: _fifo(r / EVENTS), blocks=True),
     "fifo B.jsonl": HostileCase(lambda r: _fifo(barriers_path(r)), lambda run: run.B, blocks=True),
     "fifo separation": HostileCase(lambda r: _fifo(separation_path(r, 1)), lambda run: run.separation(1), blocks=True),
-    "fifo params.npy": HostileCase(lambda r: _fifo(snapshot_file(r, 0, PARAMS)), lambda run: run.params(index=0),
+    "fifo params.npy": HostileCase(lambda r: _fifo(snapshot_file(r, 0, PARAMS)), lambda run: run.params(snapshot_index=0),
                                    blocks=True),
     "fifo C.rows": HostileCase(lambda r: _fifo(rows_path(r, "C")), blocks=True),
     "/dev/zero run.json": HostileCase(lambda r: _zero_link(r / MANIFEST)),
@@ -126,10 +126,10 @@ CASES: dict[str, HostileCase] = {
     "sparse train_loss.f8": HostileCase(lambda r: _sparse(train_loss_path(r)),
                                         lambda run: PairLog(train_loss_path(run.path)).read()),
     "2M-layer kernel_layers.npy": HostileCase(_many_layers, lambda run: run.S_layers),
-    "zip-bomb buffers.npz": HostileCase(_zip_bomb, lambda run: run.buffers(index=0)),
+    "zip-bomb buffers.npz": HostileCase(_zip_bomb, lambda run: run.buffers(snapshot_index=0)),
     "folder at D.rows": HostileCase(lambda r: _folder(rows_path(r, "D"))),
     "folder at params.npy": HostileCase(lambda r: _folder(snapshot_file(r, 0, PARAMS)),
-                                        lambda run: run.params(index=0)),
+                                        lambda run: run.params(snapshot_index=0)),
 }
 
 

@@ -71,7 +71,7 @@ def write_small_run(root: Path, *, steps: tuple[int, ...] = (0, 2, 4, 6, 8), gho
                              eval_loss=1.0, eval_accuracy=0.5)
                 writer.append_separation(g, np.array([step - 1, step]), np.array([1e-3 * g, 2e-3 * g]))
         writer.commit_snapshot({"step": step, "eval_loss": 1.0 / (k + 1), "eval_accuracy": 0.1 * k,
-                                "train_loss": None if k == 0 else 1.5 / k, "lr": [0.1], "kernel": True})
+                                "train_loss": None if k == 0 else 1.5 / k, "kernel": True})
     for k in range(1, T):
         append_jsonl(barriers_path(root), {"i": steps[k], "j": steps[k - 1], "value": 0.1 * k, "B_linear": 0.05 * k,
                                            "argmax_alpha": 0.5, "alphas": 5, "metric": "loss"})

@@ -215,7 +215,7 @@ def test_ghost_C_estimate_finds_where_the_main_vs_ghost_map_levels_off(tmp_path)
     run = dynprobe.load_run(truth.root)
     perturbed = [i for i, g in enumerate(run.ghosts) if not g.control]
     estimate = analysis.transition_from_ghost_C(run.steps, run.chaos["C"][perturbed],
-                                                row_ids=[run.ghosts[i].index for i in perturbed])
+                                                row_ids=[run.ghosts[i].ghost_id for i in perturbed])
     # Independently: each diverging ghost's row levels off (brute force) near the planted step.
     onsets = [brute_force_level_off(run.steps[np.isfinite(run.chaos["C"][i])],
                                     run.chaos["C"][i][np.isfinite(run.chaos["C"][i])])[0]
@@ -641,7 +641,7 @@ def test_analysis_of_a_real_run_matches_brute_force_on_its_arrays(real_run):
         assert (verdict.verdict == "diverged") == any(above)
     # The kernel velocity: S between kernel snapshots exactly 4 steps apart, read from the stored matrix.
     kernel_steps = run.kernel_steps
-    rows = {int(t): run.index_of(int(t)) for t in kernel_steps}
+    rows = {int(t): run.snapshot_index_of(int(t)) for t in kernel_steps}
     expected = [(t, run.S[rows[t], rows[t + 4]]) for t in rows if t + 4 in rows and run.S[rows[t], rows[t + 4]] > 0]
     velocity = report.get("kernel_velocity")
     assert velocity.evidence["lag"] == 4

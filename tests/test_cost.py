@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import time
 
-import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -12,6 +11,7 @@ from rich.console import Console
 import dynprobe
 from dynprobe import schedule
 from dynprobe.config import Barriers
+from dynprobe.recording import progress as progress_module
 from dynprobe.recording.cost import estimate_cost
 from dynprobe.recording.progress import SnapshotProgress
 
@@ -63,21 +63,60 @@ def test_estimate_validates_and_can_stay_silent():
     assert estimate.seconds_total >= sum(estimate.seconds_per_snapshot)
 
 
-def test_progress_line_only_for_slow_snapshots_and_a_summary_line_in_logs():
+class ManualClock:
+    """The progress module's clock in these tests: it moves only when the test says how long a phase took, so the
+    durations and the printed line are exact (the wall-clock version is ``tests/benchmarks/bench_progress.py``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_progress_line_only_for_slow_snapshots_and_a_summary_line_in_logs(monkeypatch):
+    clock = ManualClock()
+    monkeypatch.setattr(progress_module, "time", clock)
     log = io.StringIO()
-    progress = SnapshotProgress(delay=0.05, console=Console(file=log, force_terminal=False, width=200))
+    progress = SnapshotProgress(delay=1.0, console=Console(file=log, force_terminal=False, width=200))
     with progress.snapshot(7):
         progress.phase("evaluating")
-        time.sleep(0.02)
-    assert log.getvalue() == ""  # fast: nothing
+        clock.advance(0.5)
+    assert log.getvalue() == ""  # faster than the delay: nothing
+    assert progress.last_durations == {"measuring": 0.0, "evaluating": 0.5}
     with progress.snapshot(8):
+        clock.advance(0.25)
         progress.phase("evaluating")
-        time.sleep(0.03)
+        clock.advance(0.5)
         progress.phase("barriers", "main ↔ ghost 1 (11 α)")
-        time.sleep(0.1)
-    line = log.getvalue()
-    assert line.startswith("dynprobe: snapshot at step 8 took") and "barriers 0.1 s" in line
-    assert set(progress.last_durations) == {"measuring", "evaluating", "barriers"}
+        clock.advance(1.5)
+        progress.phase("evaluating")  # a phase entered twice adds up
+        clock.advance(0.0625)
+    assert progress.last_durations == {"measuring": 0.25, "evaluating": 0.5625, "barriers": 1.5}
+    assert log.getvalue() == ("dynprobe: snapshot at step 8 took 2.3 s (measuring 0.2 s, evaluating 0.6 s, "
+                              "barriers 1.5 s)\n")
+    printed = log.getvalue()
+    with progress.snapshot(9):
+        progress.phase("kernel")
+        clock.advance(1.0)  # exactly the delay: not slower than it
+    assert log.getvalue() == printed
+    with progress.snapshot(10):
+        progress.phase("kernel")
+        clock.advance(1.0)
+        progress.phase("ghosts")
+        clock.advance(0.03125)  # below 0.05 s: not listed
+    assert log.getvalue() == printed + "dynprobe: snapshot at step 10 took 1.0 s (kernel 1.0 s)\n"
+
+
+def _wait_for(condition, what: str, limit_s: float = 30.0) -> None:
+    """Wait until ``condition()`` (a guard against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit_s} s"
+        time.sleep(0.01)
 
 
 def test_progress_line_on_a_terminal_shows_the_phase_and_disappears():
@@ -85,14 +124,13 @@ def test_progress_line_on_a_terminal_shows_the_phase_and_disappears():
     progress = SnapshotProgress(delay=0.0, console=Console(file=screen, force_terminal=True, width=200))
     with progress.snapshot(3):
         progress.phase("barriers", "step 3 ↔ step 2 (11 α)")
-        time.sleep(0.3)
-    shown = screen.getvalue()
-    assert "dynprobe · step 3 · barriers: step 3 ↔ step 2 (11 α)" in shown
+        _wait_for(lambda: "dynprobe · step 3 · barriers: step 3 ↔ step 2 (11 α)" in screen.getvalue(),
+                  "the progress line")
     silent = SnapshotProgress(enabled=False, delay=0.0, console=Console(file=io.StringIO(), force_terminal=True))
     with silent.snapshot(1):
-        time.sleep(0.05)
+        pass
     assert silent.console.file.getvalue() == ""
-    assert np.isfinite(sum(silent.last_durations.values()))
+    assert set(silent.last_durations) == {"measuring"} and silent.last_durations["measuring"] >= 0
 
 
 def test_the_estimate_follows_the_probes_kernel_cadence_companions_included(tmp_path):

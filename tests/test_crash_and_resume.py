@@ -126,10 +126,10 @@ def test_sigkill_mid_snapshot_keeps_every_earlier_snapshot(tmp_path, where):
     assert np.isfinite(run.C).all() and np.isfinite(run.D).all()
     assert run.C.shape == (7, 7)
     for i in range(len(run)):
-        assert run.params(index=i).shape == run.params(index=0).shape
+        assert run.params(snapshot_index=i).shape == run.params(snapshot_index=0).shape
     # and the killed run can be continued from its last snapshot (the model restored to it, as from a checkpoint)
     model, optimizer, scheduler, data = mlp_setup()
-    model.load_state_dict(run.state_dict(index=-1), strict=False)
+    model.load_state_dict(run.state_dict(snapshot_index=-1), strict=False)
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=out, resume=True,
                            schedule=2, errors="raise")
     assert probe.global_step == 12
@@ -159,8 +159,8 @@ def test_kill_at_random_moments_always_leaves_a_loadable_run(tmp_path):
         run = dynprobe.load_run(out)  # killed mid-write or (rarely) just after it finished: loadable either way
         assert run.damage == [] and run.C.shape == (len(run), len(run)) and np.isfinite(run.C).all()
         for i in range(len(run)):
-            run.params(index=i)
-            run.predictions(index=i)
+            run.params(snapshot_index=i)
+            run.predictions(snapshot_index=i)
         loaded += 1
     assert loaded == 3  # every attempt counts: none is skipped
 
@@ -275,7 +275,7 @@ def test_resuming_a_run_with_ghosts_continues_their_numbering_and_ends_the_inter
     probe.close()
 
     run = dynprobe.load_run(tmp_path / "run")
-    assert [(g.index, g.spawn_step, g.control) for g in run.ghosts] == [
+    assert [(g.ghost_id, g.spawn_step, g.control) for g in run.ghosts] == [
         (0, 0, True), (1, 0, False), (2, 4, False), (3, 12, False)]  # one control, no index reused
     assert [(g.status, g.status_step) for g in run.ghosts] == [("interrupted", 8)] * 3 + [("finished", 16)]
     spawns = [e for e in run.events if e["event"] == "ghost_spawn"]

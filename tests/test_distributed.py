@@ -237,12 +237,12 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
     ddp_run, single = dynprobe.load_run(tmp_path / "run_rank0"), dynprobe.load_run(tmp_path / "single")
     assert ddp_run.status == "closed" and ddp_run.manifest["distributed"]["world_size"] == WORLD
     np.testing.assert_array_equal(ddp_run.steps, single.steps)
-    np.testing.assert_allclose(ddp_run.params(index=-1), single.params(index=-1), atol=1e-5)
+    np.testing.assert_allclose(ddp_run.params(snapshot_index=-1), single.params(snapshot_index=-1), atol=1e-5)
     np.testing.assert_allclose(ddp_run.C, single.C, atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(ddp_run.S, single.S, atol=1e-6, rtol=1e-4)
     assert np.abs(ddp_run.D - single.D).max() <= 1 / 64  # an argmax tie flip at most
     # The full kernel was assembled from the two ranks' parameter shares.
-    np.testing.assert_allclose(ddp_run.kernel(index=-1), single.kernel(index=-1), rtol=1e-4,
+    np.testing.assert_allclose(ddp_run.kernel(snapshot_index=-1), single.kernel(snapshot_index=-1), rtol=1e-4,
                                atol=1e-8)
     assert "distributed" in ddp_run.conventions["kernel"]
 
@@ -262,8 +262,8 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
         np.testing.assert_allclose(ddp_run.chaos[name][perturbed[0]], single.chaos[name][perturbed[0]], rtol=1e-3)
     # Separation curves: written by rank 0 only, a pair per step from the spawn; the control's exactly 0.
     for ghost in ddp_run.ghosts:
-        steps, l2 = ddp_run.separation(ghost.index)
-        single_steps, single_l2 = single.separation(ghost.index)
+        steps, l2 = ddp_run.separation(ghost.ghost_id)
+        single_steps, single_l2 = single.separation(ghost.ghost_id)
         np.testing.assert_array_equal(steps, np.arange(2, STEPS + 1))
         np.testing.assert_array_equal(steps, single_steps)
         if ghost.control:
@@ -319,7 +319,7 @@ def test_null_sink_keeps_records_in_memory_and_touches_no_file_of_the_run(tmp_pa
     rows.write_bytes(b"12345678")  # a recorder appending its rows: a private scratch file, never in the run
     sink.commit_snapshot({"step": 0, "kernel": True})
     sink.update_manifest(status="closed")
-    assert sink.snapshots == [{"index": 0, "step": 0, "kernel": True}]
+    assert sink.snapshots == [{"snapshot_index": 0, "step": 0, "kernel": True}]
     assert sink.manifest["status"] == "closed"
     assert not (tmp_path / "never").exists() and tmp_path not in rows.parents
     sink.close()
@@ -338,6 +338,6 @@ def test_batchnorm_buffers_follow_ddp_broadcast_for_ghosts_and_the_kernel(tmp_pa
     # rank 1's share of the control ghost's kernel uses the ghost's buffers, which must be rank 0's (as DDP's main)
     assert np.all(np.abs(run.chaos["S"][control][compared]) < 1e-12)
     assert not [e for e in run.events if e.get("event") in ("control_drift", "probe_error")]
-    np.testing.assert_allclose(run.kernel(index=-1), np.array(results[0]["kernel_direct"]), rtol=1e-5,
+    np.testing.assert_allclose(run.kernel(snapshot_index=-1), np.array(results[0]["kernel_direct"]), rtol=1e-5,
                                atol=1e-9)
     assert not (tmp_path / "bn_rank1").exists()

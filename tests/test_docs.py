@@ -193,7 +193,7 @@ def test_fsdp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypat
     run = dynprobe.load_run(tmp_path / "runs" / "fsdp")
     assert run.status == "closed" and run.steps[-1] == 20
     assert run.manifest["distributed"]["attached_to"] == "fully_shard"
-    assert run.params(index=-1).shape == (run.num_parameters,)
+    assert run.params(snapshot_index=-1).shape == (run.num_parameters,)
 
 
 def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):

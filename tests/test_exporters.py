@@ -64,9 +64,9 @@ def _expected(run: dynprobe.Run, k: int) -> dict[str, float]:
         expected["kernel_distance_init"] = run.S[k, kernel_rows[0]]
     for ghost in run.ghosts:
         for name in ("C", "L2", "D", "S"):
-            value = run.chaos[name][ghost.index, k]
+            value = run.chaos[name][ghost.ghost_id, k]
             if not math.isnan(value):
-                expected[f"ghost/{ghost.index:03d}/{name}"] = value
+                expected[f"ghost/{ghost.ghost_id:03d}/{name}"] = value
     if not math.isnan(run.train_loss[k]):
         expected["train_loss"] = run.train_loss[k]
     return expected
@@ -85,7 +85,7 @@ def test_exported_scalars_equal_the_run_arrays(tmp_path):
         kernel_points += "p/kernel_velocity" in scalars
     # Kernels at steps 0, 3 and 9 (every=2): the lag is 3 (the gaps 3 and 6 tie), so only step 3 has a partner.
     assert kernel_points == 1
-    control = next(g.index for g in run.ghosts if g.control)
+    control = next(g.ghost_id for g in run.ghosts if g.control)
     assert all(scalars[f"p/ghost/{control:03d}/C"] == 0 for _, scalars in recorder.points)
 
 

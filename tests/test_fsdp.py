@@ -258,9 +258,9 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
         "theta_storage"]
     # load_run: whole vectors (no process group here), equal to the gathered full parameters
     assert not dist.is_initialized()
-    np.testing.assert_array_equal(run.params(index=0), np.array(results[0]["initial_full"], dtype=np.float32))
-    np.testing.assert_array_equal(run.params(index=-1), np.array(results[0]["final_full"], dtype=np.float32))
-    state = run.state_dict(index=-1)
+    np.testing.assert_array_equal(run.params(snapshot_index=0), np.array(results[0]["initial_full"], dtype=np.float32))
+    np.testing.assert_array_equal(run.params(snapshot_index=-1), np.array(results[0]["final_full"], dtype=np.float32))
+    state = run.state_dict(snapshot_index=-1)
     assert tuple(state["2.weight"].shape) == (12, 16)
     for rank in range(WORLD):  # each shard file holds that rank's rows: never θ whole
         assert (tmp_path / "run/snapshots/step_00000008/params.dcp" /
@@ -270,14 +270,14 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
     shutil.copytree(tmp_path / "run", damaged)
     (damaged / "snapshots/step_00000008/params.dcp/shard-00001-model-00001-of-00001.safetensors").unlink()
     with pytest.raises(dynprobe.RunFormatError, match="cover 48 of its 96 entries"):
-        dynprobe.load_run(damaged).params(index=-1)  # never a vector with rank 0's rows missing
+        dynprobe.load_run(damaged).params(snapshot_index=-1)  # never a vector with rank 0's rows missing
 
     # C against a computation from the whole θ (whole vector and per layer): ≤ 1e-12 relative where C ≥ 1e-6; the
     # entries after the learning rate drop (C ~ 1e-13, cancellation-free form: both ranks took the second round)
     # within the stated 1e-9 — float64 itself is no closer there (numpy's own ½‖x̂ − ŷ‖² is 2e-11 off), so the
     # reference is in extended precision
     assert results[0]["exact_entries"] == results[1]["exact_entries"] > 0
-    vectors = np.stack([run.params(index=i) for i in range(len(run))]).astype(np.longdouble)
+    vectors = np.stack([run.params(snapshot_index=i) for i in range(len(run))]).astype(np.longdouble)
     offsets = [(s["offset"], s["offset"] + s["numel"]) for s in run.manifest["model"]["parameters"]]
     layers = [(offsets[2 * layer][0], offsets[2 * layer + 1][1]) for layer in range(3)]
     assert run.C_layers.shape == (3, 5, 5)
@@ -293,8 +293,8 @@ def test_fsdp_run_is_bitwise_unchanged_and_its_c_matches_float64_and_an_unsharde
     single_model = make_model()
     train(single_model, slice(None), tmp_path / "single")
     single = dynprobe.load_run(tmp_path / "single")
-    np.testing.assert_array_equal(single.params(index=0), run.params(index=0))
-    assert np.max(np.abs(single.params(index=-1) - run.params(index=-1))) <= 1e-6  # measured 4.5e-8
+    np.testing.assert_array_equal(single.params(snapshot_index=0), run.params(snapshot_index=0))
+    assert np.max(np.abs(single.params(snapshot_index=-1) - run.params(snapshot_index=-1))) <= 1e-6  # measured 4.5e-8
     assert relative_difference(run.C, single.C) <= 1e-5  # measured 1.3e-7
     for layer in range(3):
         assert relative_difference(run.C_layers[layer], single.C_layers[layer]) <= 1e-5  # measured 2.8e-7

@@ -204,7 +204,7 @@ def test_in_stack_control_stays_bitwise_equal_to_the_shadow_for_200_steps(name, 
     def after(step, probe):
         if step in (1, 100, 200):
             stack = probe._ghosts.trainer.stack
-            control = next(g.index for g in probe._ghosts.ghosts if g.control)
+            control = next(g.ghost_id for g in probe._ghosts.ghosts if g.control)
             checked[step] = stack.differences(control, SHADOW)  # parameters and buffers, every row tensor
 
     ghosts = Ghosts(at=[0, 60], perturbation=Perturbation(norm=1e-7), control=True,
@@ -233,13 +233,13 @@ def _gaps(vectorized, sequential):
     signal ‖θ'_sequential − θ_main‖ (float64), and the vectorized ghost's separation from its shadow relative to the
     sequential one's from the main run."""
     gaps, signals = [], []
-    for ghost in [g.index for g in sequential.ghosts if not g.control]:
+    for ghost in [g.ghost_id for g in sequential.ghosts if not g.control]:
         for index, step in enumerate(sequential.steps):
             if step <= sequential.ghosts[ghost].spawn_step:
                 continue
-            v = vectorized.ghost_params(ghost, index=index).astype(np.float64)
-            s = sequential.ghost_params(ghost, index=index).astype(np.float64)
-            signal = np.linalg.norm(s - sequential.params(index=index).astype(np.float64))
+            v = vectorized.ghost_params(ghost, snapshot_index=index).astype(np.float64)
+            s = sequential.ghost_params(ghost, snapshot_index=index).astype(np.float64)
+            signal = np.linalg.norm(s - sequential.params(snapshot_index=index).astype(np.float64))
             gaps.append(np.linalg.norm(v - s) / signal)
             signals.append(vectorized.chaos["L2"][ghost, index] / sequential.chaos["L2"][ghost, index])
     return np.array(gaps), np.array(signals)
@@ -337,34 +337,39 @@ def test_the_stack_replays_what_shapes_the_step(variant, tmp_path):
 
 
 def test_the_stack_replays_the_recorded_autocast_state():
-    """bf16 autocast recorded at the main forward is re-entered inside vmap. (The vmapped bf16 kernels round
-    differently from the plain ones at bf16 precision, so under autocast the shadow drifts from the main run by
-    ~1e-2 within tens of steps, while ε = 0 rows of the stack stay bitwise equal.)"""
-    torch.manual_seed(0)
-    model, x, y = MLP(), torch.randn(16, 20), torch.randint(0, 5, (16,))
+    """bf16 autocast recorded at the main forward is re-entered inside vmap. Checked exactly with dyadic numbers:
+    the inputs are (1 + 2⁻¹⁰)·2ᵏ, exact in fp32 and fp16 but rounded to 2ᵏ in bf16, the weights are powers of two,
+    so the matmul and the mean error are exact in every precision and the stacked loss must equal, bit for bit,
+    a float64 computation from the inputs rounded to the recorded autocast dtype."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.5, 2.0, 1.0]]))
+    x = (1 + 2.0 ** -10) * 2.0 ** torch.randint(-1, 2, (16, 4), generator=generator).float()
+    y = torch.zeros(16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def mean_error(output, target):
+        return (output.squeeze(-1).float() - target).mean()
 
     def micro_batch(autocast):
         call = ForwardCall((x,), {}, RngState.capture(), autocast, ())
         return MicroBatch(call, LossCall((None, y), {}, call, (((("index", 0),), ()),), autocast))
 
-    def plain_loss(micro, dtype):
-        micro.forward.rng.restore()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
-            return float(nn.functional.cross_entropy(model(x), y))
+    def float64_loss(dtype):
+        rounded = x.to(dtype).double()
+        return float(((rounded @ model.weight.detach().double().T).squeeze(-1) - y.double()).mean())
 
     stack = GhostStack(model, optimizer)
     stack.extend(["a", "b"], [ReplicaState.copy_of(model, optimizer), ReplicaState.copy_of(model, optimizer)])
-    with torch.random.fork_rng(devices=[]):
-        fp32 = micro_batch(AutocastState())
-        bf16 = micro_batch(AutocastState((("cpu", torch.bfloat16),)))
-        stacked_fp32 = stack.forward_backward([fp32], loss_fn=nn.functional.cross_entropy, loss_from_output=None)
-        stacked_bf16 = stack.forward_backward([bf16], loss_fn=nn.functional.cross_entropy, loss_from_output=None)
-        plain_fp32, plain_bf16 = plain_loss(fp32, torch.float32), plain_loss(bf16, torch.bfloat16)
-    assert plain_fp32 != plain_bf16
-    assert float(stacked_fp32[0, 0]) == pytest.approx(plain_fp32, abs=1e-6)
-    assert float(stacked_bf16[0, 0]) != pytest.approx(plain_fp32, abs=1e-6)  # bf16 was applied
-    assert float(stacked_bf16[0, 0]) == pytest.approx(plain_bf16, abs=1e-2)
+    fp32 = micro_batch(AutocastState())
+    bf16 = micro_batch(AutocastState((("cpu", torch.bfloat16),)))
+    stacked_fp32 = stack.forward_backward([fp32], loss_fn=mean_error, loss_from_output=None)
+    stacked_bf16 = stack.forward_backward([bf16], loss_fn=mean_error, loss_from_output=None)
+    expected = {dtype: float64_loss(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    assert expected[torch.bfloat16] != expected[torch.float32] == expected[torch.float16]  # the witness separates
+    assert float(stacked_fp32[0, 0]) == expected[torch.float32]
+    assert float(stacked_bf16[0, 0]) == expected[torch.bfloat16]
     assert torch.equal(stacked_bf16[0, 0], stacked_bf16[0, 1])
 
 
@@ -437,8 +442,8 @@ def test_a_diverging_row_marks_only_that_ghost_and_never_raises(tmp_path):
     # the row leaves the stack at that read
     assert rows[4] == [SHADOW, 0, 1] and rows[5] == [SHADOW, 0] and rows[12] == [SHADOW, 0]
     assert run.separation(1)[0].tolist() == [3]  # its spawn pair only: steps 4 and 5 are not recorded
-    assert np.all(run.chaos["C"][0, run.index_of(5):] == 0)
-    assert np.isnan(run.chaos["C"][1, run.index_of(5):]).all()
+    assert np.all(run.chaos["C"][0, run.snapshot_index_of(5):] == 0)
+    assert np.isnan(run.chaos["C"][1, run.snapshot_index_of(5):]).all()
     assert not _events(run, "control_drift")
 
 
@@ -542,46 +547,91 @@ def test_auto_falls_back_to_sequential_for_a_model_that_cannot_be_vmapped(tmp_pa
     assert np.all(run.chaos["L2"][0] == 0) and run.chaos["L2"][1, -1] > 0  # exact control vs the main run
 
 
-@pytest.mark.parametrize("measured", ["vectorized", "sequential"])
-def test_auto_chooses_by_measurement_and_records_the_choice(measured, tmp_path, monkeypatch):
-    fake = (1.0, 0.5) if measured == "vectorized" else (1.0, 0.95)  # 0.95: not clearly faster → sequential
+class WorkClock:
+    """The vectorized trainer's clock in these tests: it advances only by the work the model does, one second per
+    forward of one replica (its weights are ``nn.Parameter``s: a deep copy trained sequentially) and
+    ``stack_seconds`` per forward of the vmapped stack (``functional_call`` swaps in plain stacked tensors). So the
+    two trial steps of "auto" take a known time: ``ghosts`` seconds sequentially, ``stack_seconds`` as a stack."""
 
-    def timed(self, micro_batches, pending):
-        return fake
+    def __init__(self, stack_seconds: float) -> None:
+        self.now, self.stack_seconds = 0.0, stack_seconds
 
-    monkeypatch.setattr(vectorized_trainer.VectorizedTrainer, "_time_trial_steps", timed)
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __deepcopy__(self, memo):  # every copy of the model advances the one clock
+        return self
+
+
+class ClockedMLP(MLP):
+    def __init__(self, clock: WorkClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        one_replica = isinstance(self.net[0].weight, nn.Parameter)
+        self.clock.now += 1.0 if one_replica else self.clock.stack_seconds
+        return super().forward(x)
+
+
+def clocked_setup(clock: WorkClock, *, onecycle: bool):
+    """``mlp_setup`` / ``mlp_onecycle_setup`` with a :class:`ClockedMLP` (same initial weights: the clock draws
+    no random numbers)."""
+
+    def setup(seed: int = 0):
+        model, optimizer, scheduler, data = (mlp_onecycle_setup if onecycle else mlp_setup)(seed)
+        clocked = ClockedMLP(clock)
+        clocked.load_state_dict(model.state_dict())
+        optimizer = torch.optim.SGD(clocked.parameters(), **{k: v for k, v in optimizer.defaults.items()
+                                                               if k in ("lr", "momentum", "weight_decay")})
+        if scheduler is not None:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=205)
+        return clocked, optimizer, scheduler, data
+
+    return setup
+
+
+# (stack seconds, the mode): 2 ghosts (one perturbed, the control) take 2 s sequentially; the documented rule is
+# "vectorized only below 0.9× the sequential time", i.e. below 1.8 s (dyadic seconds: the clock sums them exactly).
+CLOCKED_CHOICES = [(1.0, "vectorized"), (1.75, "vectorized"), (1.875, "sequential"), (3.0, "sequential")]
+
+
+@pytest.mark.parametrize(("stack_seconds", "expected"), CLOCKED_CHOICES)
+def test_auto_chooses_by_measured_step_time_and_records_the_choice(stack_seconds, expected, tmp_path,
+                                                                     monkeypatch):
+    clock = WorkClock(stack_seconds)
+    monkeypatch.setattr(vectorized_trainer, "time", clock)  # the trainer's clock, not the trainer
     ghosts = Ghosts(at=[0, 5], perturbation=Perturbation(norm=1e-6), vectorize="auto")
-    _, _, run = _run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.every(4))
+    _, _, run = _run(clocked_setup(clock, onecycle=False), 12, tmp_path, ghosts=ghosts,
+                     schedule=schedule.every(4))
     (mode,) = _events(run, "ghost_mode")
-    assert mode["mode"] == measured and mode["requested"] == "auto" and mode["step"] == 1
-    assert mode["sequential_seconds"] == 1.0 and mode["vectorized_seconds"] == fake[1]
+    assert mode["mode"] == expected and mode["requested"] == "auto" and mode["step"] == 1
+    assert mode["ghosts"] == 2
+    assert mode["sequential_seconds"] == 2.0 and mode["vectorized_seconds"] == stack_seconds
     assert mode["reason"].startswith("measured")
-    assert run.manifest["ghost_mode"]["mode"] == measured
-    assert run.conventions["ghosts"] == GHOST_MODE_CONVENTIONS[measured]
-    assert bool(_events(run, "shadow_drift")) == (measured == "vectorized")
+    assert run.manifest["ghost_mode"]["mode"] == expected
+    assert run.conventions["ghosts"] == GHOST_MODE_CONVENTIONS[expected]
+    assert bool(_events(run, "shadow_drift")) == (expected == "vectorized")
     assert np.all(run.chaos["L2"][0] == 0) and np.all(run.chaos["L2"][1:, -1] > 0)
 
 
 def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkeypatch):
-    """Sequential for 2 ghosts, then at the spawn that makes 4 a new measurement chooses the stack: the clones
+    """A stack step costs 2.5 s whatever its rows: slower than 2 sequential ghosts (2 s), faster than 0.9 × 4 s.
+    So: sequential for 2 ghosts, then at the spawn that makes 4 a new measurement chooses the stack. The clones
     are absorbed exactly (afterwards they equal a purely sequential run's ghosts up to a tiny fraction of what ε
     did to them)."""
-    answers, asked = iter([(1.0, 0.95), (1.0, 0.5)]), []
-
-    def timed(self, micro_batches, pending):
-        asked.append(len(pending))
-        return next(answers)
-
-    monkeypatch.setattr(vectorized_trainer.VectorizedTrainer, "_time_trial_steps", timed)
+    clock = WorkClock(2.5)
+    monkeypatch.setattr(vectorized_trainer, "time", clock)
     ghosts = dict(at=[0, 3, 6], perturbation=Perturbation(norm=1e-4), save_params=True)
-    _, _, run = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize="auto"),
+    _, _, run = _run(clocked_setup(clock, onecycle=True), 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize="auto"),
                      schedule=schedule.every(3))
     monkeypatch.undo()
     _, _, sequential = _run(mlp_onecycle_setup, 12, tmp_path, ghosts=Ghosts(**ghosts, vectorize=False), name="s",
                             schedule=schedule.every(3))
-    assert asked == [2, 4]
-    assert [(m["mode"], m["step"]) for m in _events(run, "ghost_mode")] == [("sequential", 1), ("vectorized", 7)]
-    assert "measured again when 4 ghosts are live" in _events(run, "ghost_mode")[0]["reason"]
+    modes = _events(run, "ghost_mode")
+    assert [(m["mode"], m["step"], m["ghosts"]) for m in modes] == [("sequential", 1, 2), ("vectorized", 7, 4)]
+    assert [(m["sequential_seconds"], m["vectorized_seconds"]) for m in modes] == [(2.0, 2.5), (4.0, 2.5)]
+    assert "measured again when 4 ghosts are live" in modes[0]["reason"]
     assert run.manifest["ghost_mode"] == {"mode": "vectorized", "reference": "shadow", "step": 7}
     assert [d["step"] for d in _events(run, "shadow_drift")] == [9, 12]
     assert np.all(run.chaos["C"][0] == 0) and not _events(run, "control_drift")
@@ -590,13 +640,16 @@ def test_auto_measures_again_once_twice_as_many_ghosts_are_live(tmp_path, monkey
     np.testing.assert_allclose(signals, 1.0, rtol=1e-4)
 
 
-def test_auto_measures_for_real_and_its_record_is_consistent(tmp_path):
+def test_auto_measures_with_the_real_clock(tmp_path):
+    """The unpatched path: both trial steps are timed (positive seconds) and the choice is recorded in the event,
+    the manifest and the conventions alike. (Which mode wins depends on the machine: the rule itself is checked
+    with a work clock above.)"""
     ghosts = Ghosts(at=[0, 1], perturbation=Perturbation(norm=1e-6), vectorize="auto")
     _, _, run = _run(mlp_setup, 6, tmp_path, ghosts=ghosts, schedule=schedule.every(3))
     (mode,) = _events(run, "ghost_mode")
-    assert mode["sequential_seconds"] > 0 and mode["vectorized_seconds"] > 0
-    faster = mode["vectorized_seconds"] < vectorized_trainer.AUTO_MARGIN * mode["sequential_seconds"]
-    assert mode["mode"] == ("vectorized" if faster else "sequential")
+    assert mode["sequential_seconds"] > 0 and mode["vectorized_seconds"] > 0 and mode["ghosts"] == 2
+    assert run.manifest["ghost_mode"]["mode"] == mode["mode"]
+    assert run.conventions["ghosts"] == GHOST_MODE_CONVENTIONS[mode["mode"]]
 
 
 @pytest.mark.parametrize("case", ["single-ghost", "grad-scaler", "undeclared-grad-edits", "non-elementwise"])
@@ -635,8 +688,48 @@ def test_main_run_with_vectorized_ghosts_is_bitwise_identical_to_a_probe_free_ru
     assert len(run.ghosts) == 4 and _events(run, "ghost_mode")[0]["mode"] == "vectorized"
 
 
+def _assert_ghost_records_match_float64_references(run, data):
+    """Every ghost entry of the chaos maps and every stored ghost prediction against an independent computation
+    from the stored parameters: L2 and C (eq. 1) in float64 numpy against the main run's parameters — exact for a
+    sequential ghost, within the shadow's own recorded distance from the main run (``reference_L2``, the triangle
+    inequality) for a vectorized one — D as the numpy fraction of differing predictions, and the predictions as
+    the argmax of a fresh MLP loaded with the ghost's parameters, evaluated in eval mode on the eval examples."""
+    model = MLP().eval()
+    inputs = data.x_test[torch.from_numpy(run.eval_indices.astype(np.int64))]
+    records = {(e["ghost"], e["step"]): e for e in _events(run, "ghost_compare")}
+    checked = 0
+    for ghost in run.ghosts:
+        for position, step in enumerate(run.steps):
+            if np.isnan(run.chaos["L2"][ghost.ghost_id, position]):
+                continue
+            theta_ghost = run.ghost_params(ghost.ghost_id, snapshot_index=position).astype(np.float64)
+            theta_main = run.params(snapshot_index=position).astype(np.float64)
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(torch.from_numpy(theta_ghost).float(), model.parameters())
+                predictions = model(inputs).argmax(dim=-1).numpy()
+            np.testing.assert_array_equal(run.ghost_predictions(ghost.ghost_id, snapshot_index=position), predictions)
+            distance = np.sqrt(np.sum((theta_ghost - theta_main) ** 2))
+            cosine = theta_ghost @ theta_main / (np.linalg.norm(theta_ghost) * np.linalg.norm(theta_main))
+            record = records[(ghost.ghost_id, int(step))]
+            if record["reference"] == "main":
+                assert run.chaos["L2"][ghost.ghost_id, position] == pytest.approx(distance, rel=1e-9, abs=1e-15)
+                assert run.chaos["C"][ghost.ghost_id, position] == pytest.approx(1 - cosine, rel=1e-4, abs=1e-15)
+                disagreement = np.mean(predictions != run.predictions(snapshot_index=position))
+                assert run.chaos["D"][ghost.ghost_id, position] == pytest.approx(disagreement, abs=1e-12)
+            else:
+                drift = record["reference_L2"]
+                # The control is the shadow (L2 = 0, θ_main − θ_shadow is all there is); for a perturbed ghost the
+                # drift is small next to its signal, so the triangle inequality below says something.
+                assert run.chaos["L2"][ghost.ghost_id, position] == 0 if ghost.control else drift < 1e-2 * distance
+                assert abs(run.chaos["L2"][ghost.ghost_id, position] - distance) <= drift * (1 + 1e-9)
+            checked += 1
+    return checked
+
+
 def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
-    ghosts = dict(at=[0, 6], perturbation=Perturbation(norm=1e-4), lifetime_steps=8)
+    # ε = 0.3: large enough that the ghosts' predictions differ from the main run's (D > 0), so the check of the
+    # stored ghost predictions can tell them from the main run's.
+    ghosts = dict(at=[0, 6], perturbation=Perturbation(norm=0.3), lifetime_steps=8, save_params=True)
     sched = schedule.at([0, 3, 6, 9, 12, 16])
     runs = {}
     for vectorize in (True, False):
@@ -647,7 +740,7 @@ def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
     vectorized, sequential = runs[True], runs[False]
 
     def described(run):
-        return [(g.index, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.changed, g.status,
+        return [(g.ghost_id, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.changed, g.status,
                  g.status_step) for g in run.ghosts]
 
     assert described(vectorized) == described(sequential)
@@ -658,5 +751,9 @@ def test_run_ghosts_and_chaos_maps_look_the_same_in_both_modes(tmp_path):
         assert vectorized.chaos[name].shape == sequential.chaos[name].shape == (3, 6)
         np.testing.assert_array_equal(np.isnan(vectorized.chaos[name]), np.isnan(sequential.chaos[name]),
                                       err_msg=name)
-    np.testing.assert_allclose(vectorized.chaos["L2"], sequential.chaos["L2"], rtol=1e-2)
-    assert vectorized.ghost_predictions(2, index=4).shape == sequential.ghost_predictions(2, index=4).shape
+    data = mlp_setup(seed=1)[3]
+    assert _assert_ghost_records_match_float64_references(sequential, data) == 9
+    assert _assert_ghost_records_match_float64_references(vectorized, data) == 9
+    assert np.nanmax(sequential.chaos["D"]) > 0
+    # The two modes differ only by the vmapped kernels' last bits, amplified chaotically over a few steps.
+    np.testing.assert_allclose(vectorized.chaos["L2"], sequential.chaos["L2"], rtol=1e-3)

@@ -64,7 +64,7 @@ def test_control_ghost_stays_bitwise_identical_for_200_steps(name, device, tmp_p
     for metric in ("C", "L2", "D"):
         values = run.chaos[metric][row]
         assert np.all(values == 0.0), f"control ghost {metric} = {values}"
-    steps, l2 = run.separation(control[0].index)
+    steps, l2 = run.separation(control[0].ghost_id)
     np.testing.assert_array_equal(steps, np.arange(201))
     assert np.all(l2 == 0.0)
     assert not any(e["event"] == "control_drift" for e in run.events)
@@ -263,7 +263,7 @@ def test_a_diverging_ghost_is_marked_and_never_raises(tmp_path):
         probe.close()
     run = dynprobe.load_run(tmp_path / "run")
     assert run.ghosts[0].status == "diverged"
-    assert np.isnan(run.chaos["C"][0, run.index_of(10)])
+    assert np.isnan(run.chaos["C"][0, run.snapshot_index_of(10)])
 
 
 def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
@@ -281,7 +281,7 @@ def test_chaos_maps_have_one_row_per_ghost_and_nan_before_spawn(tmp_path):
     assert np.isfinite(s[2, [2, 4]]).all() and np.isnan(s[2, [0, 1, 3]]).all()
     spawn = [e for e in run.events if e["event"] == "ghost_spawn"][1]
     assert spawn["nominal_norm"] == pytest.approx(1e-4) and 0 < spawn["realized_norm"] <= 1.01e-4
-    assert run.ghost_predictions(1, index=4).shape == (96,)
+    assert run.ghost_predictions(1, snapshot_index=4).shape == (96,)
 
 
 def test_several_directions_per_spawn_are_distinct_ghosts_with_their_own_seeds(tmp_path):
@@ -291,7 +291,7 @@ def test_several_directions_per_spawn_are_distinct_ghosts_with_their_own_seeds(t
     spawns = [e for e in run.events if e["event"] == "ghost_spawn" and not e["control"]]
     assert [e["seed"] for e in spawns] == [10, 11, 12, 13, 14, 15]
     # Independently: the three directions of one spawn are different perturbations of the same θ.
-    final = [run.separation(g.index)[1][-1] for g in run.ghosts[1:4]]
+    final = [run.separation(g.ghost_id)[1][-1] for g in run.ghosts[1:4]]
     assert len(set(final)) == 3 and all(v > 0 for v in final)
     assert run.manifest["config"]["ghosts"]["directions"] == 3
     with pytest.raises(ValueError, match="directions"):
@@ -313,13 +313,14 @@ def test_ghost_metrics_match_an_independent_computation(tmp_path):
     numpy on the stored parameter vectors and predictions."""
     ghosts = Ghosts(at=[2], control=False, perturbation=Perturbation(norm=1e-2), save_params=True)
     model, _, run, _ = _ghost_run(cnn_setup, 10, tmp_path, ghosts=ghosts, schedule=schedule.at([2, 10]))
-    last = run.index_of(10)
-    main, ghost = run.params(index=last).astype(np.float64), run.ghost_params(0, index=last).astype(np.float64)
+    last = run.snapshot_index_of(10)
+    main = run.params(snapshot_index=last).astype(np.float64)
+    ghost = run.ghost_params(0, snapshot_index=last).astype(np.float64)
     assert run.chaos["C"][0, last] == pytest.approx(1 - main @ ghost / np.linalg.norm(main) / np.linalg.norm(ghost),
                                                     rel=1e-9)
     assert run.chaos["L2"][0, last] == pytest.approx(np.linalg.norm(main - ghost), rel=1e-9)
     assert run.chaos["D"][0, last] == pytest.approx(
-        np.mean(run.predictions(index=last) != run.ghost_predictions(0, index=last)))
+        np.mean(run.predictions(snapshot_index=last) != run.ghost_predictions(0, snapshot_index=last)))
     squares: dict[str, float] = {}
     offset = 0
     for name, p in model.named_parameters():
@@ -629,15 +630,15 @@ def test_resuming_with_ghosts_equals_the_uninterrupted_run_for_every_ghost_not_i
     run = dynprobe.load_run(tmp_path / "run")
 
     def identity(g):
-        return g.index, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.realized_norm, g.changed
+        return g.ghost_id, g.spawn_step, g.control, g.kind, g.seed, g.nominal_norm, g.realized_norm, g.changed
 
     assert [identity(g) for g in run.ghosts] == [identity(g) for g in whole.ghosts]
     assert [(g.status, g.status_step) for g in run.ghosts] == [("interrupted", 8)] * 3 + [("finished", 16)] * 2
     assert len([e for e in run.events if e["event"] == "ghost_spawn"]) == 5  # every spawn recorded exactly once
     np.testing.assert_array_equal(run.steps, whole.steps)
     for row, ghost in enumerate(run.ghosts):
-        steps, l2 = run.separation(ghost.index)
-        whole_steps, whole_l2 = whole.separation(ghost.index)
+        steps, l2 = run.separation(ghost.ghost_id)
+        whole_steps, whole_l2 = whole.separation(ghost.ghost_id)
         if ghost.status == "interrupted":
             kept = whole_steps <= 8
             np.testing.assert_array_equal(steps, whole_steps[kept])
@@ -649,7 +650,7 @@ def test_resuming_with_ghosts_equals_the_uninterrupted_run_for_every_ghost_not_i
             expected = whole.chaos[metric][row].copy()
             if ghost.status == "interrupted":
                 expected[whole.steps > 8] = np.nan
-            np.testing.assert_array_equal(run.chaos[metric][row], expected, err_msg=f"ghost {ghost.index} {metric}")
+            np.testing.assert_array_equal(run.chaos[metric][row], expected, err_msg=f"ghost {ghost.ghost_id} {metric}")
     for ghost in (3, 4):
         np.testing.assert_array_equal(run.ghost_params(ghost, step=16), whole.ghost_params(ghost, step=16))
 

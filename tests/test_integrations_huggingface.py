@@ -67,8 +67,8 @@ def _assert_bitwise(a, b):
 
 
 def _control_and_perturbed(run):
-    control = next(g.index for g in run.ghosts if g.control)
-    perturbed = [g.index for g in run.ghosts if not g.control]
+    control = next(g.ghost_id for g in run.ghosts if g.control)
+    perturbed = [g.ghost_id for g in run.ghosts if not g.control]
     return control, perturbed
 
 

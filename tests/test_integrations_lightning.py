@@ -106,13 +106,13 @@ def test_fit_with_ghosts_and_kernel_is_bitwise_unchanged_and_control_stays_exact
     control = [g for g in run.ghosts if g.control]
     perturbed = [g for g in run.ghosts if not g.control]
     assert len(control) == 1 and len(perturbed) == 2
-    c = control[0].index
+    c = control[0].ghost_id
     for name in ("C", "L2", "D"):
         values = run.chaos[name][c][np.isfinite(run.chaos[name][c])]
         assert values.size == len(run.steps) and np.all(values == 0), name
-    late = perturbed[-1].index
+    late = perturbed[-1].ghost_id
     assert np.isnan(run.chaos["C"][late][run.steps < 8]).all()
-    assert np.all(run.chaos["C"][perturbed[0].index][1:] > 0)
+    assert np.all(run.chaos["C"][perturbed[0].ghost_id][1:] > 0)
     # The main module logged every training step; ghosts' self.log calls were no-ops on their copies.
     assert module.logged_in_training == STEPS
     assert "train_loss" in trainer.callback_metrics
@@ -122,7 +122,7 @@ def test_run_parameters_match_the_lightning_module(tmp_path):
     callback = DynprobeCallback(schedule=[0, STEPS])
     module, _, state, _ = _fit(tmp_path, callback)
     run = dynprobe.load_run(callback.probe.out)
-    final = run.state_dict(index=-1)
+    final = run.state_dict(snapshot_index=-1)
     for name, tensor in module.named_parameters():
         assert torch.equal(final[f"module.{name}"], tensor.detach())
 
@@ -142,8 +142,8 @@ def test_accumulation_and_clipping_keep_training_unchanged_and_control_exact(tmp
     config = run.config["ghosts"]
     assert config["clip_grad_norm"] == (clip if clip and algorithm == "norm" else None)
     assert config["clip_grad_value"] == (clip if clip and algorithm == "value" else None)
-    c = next(g.index for g in run.ghosts if g.control)
-    p = next(g.index for g in run.ghosts if not g.control)
+    c = next(g.ghost_id for g in run.ghosts if g.control)
+    p = next(g.ghost_id for g in run.ghosts if not g.control)
     assert np.all(run.chaos["C"][c] == 0) and np.all(run.chaos["L2"][c] == 0)
     assert run.chaos["C"][p][-1] > 0
 

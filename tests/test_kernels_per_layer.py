@@ -113,6 +113,7 @@ def test_probe_stores_per_layer_kernels_and_S_layers(tmp_path):
     for k in range(3):
         for i in range(4):
             for j in range(4):
-                expected = metrics.kernel_distance(run.kernel_layers(index=i)[k], run.kernel_layers(index=j)[k])
+                expected = metrics.kernel_distance(run.kernel_layers(snapshot_index=i)[k],
+                                                   run.kernel_layers(snapshot_index=j)[k])
                 assert S_layers[k, i, j] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert np.all(np.isfinite(S_layers)) and not np.allclose(S_layers[0], S_layers[2])

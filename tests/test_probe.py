@@ -125,7 +125,7 @@ def test_eval_data_is_subsampled_with_a_seed(tmp_path):
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "a", eval_max=40)
     probe.close()
     run = dynprobe.load_run(tmp_path / "a")
-    assert run.predictions(index=0).shape == (40,) and len(set(run.eval_indices.tolist())) == 40
+    assert run.predictions(snapshot_index=0).shape == (40,) and len(set(run.eval_indices.tolist())) == 40
     other = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "b", eval_max=40)
     other.close()
     np.testing.assert_array_equal(run.eval_indices, dynprobe.load_run(tmp_path / "b").eval_indices)
@@ -140,7 +140,7 @@ def test_eval_data_from_a_shuffling_dataloader_leaves_rng_alone(tmp_path):
     assert torch.equal(rng, torch.get_rng_state())
     probe.close()
     run = dynprobe.load_run(tmp_path / "r")
-    assert run.predictions(index=0).shape == (50,)
+    assert run.predictions(snapshot_index=0).shape == (50,)
 
 
 def test_dict_inputs_and_output_fn(tmp_path):
@@ -185,7 +185,7 @@ def test_explicit_step_api_counts_steps_and_leaves_training_identical(tmp_path):
     run = dynprobe.load_run(tmp_path / "r")
     np.testing.assert_array_equal(run.steps, [0, 4, 8, 12])
     expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
-    np.testing.assert_array_equal(run.params(index=3), expected)
+    np.testing.assert_array_equal(run.params(snapshot_index=3), expected)
 
 
 def test_explicit_step_after_hook_steps_is_an_error(tmp_path):
@@ -514,7 +514,7 @@ def test_resume_refuses_a_model_that_is_not_at_the_resume_snapshot(tmp_path):
     with pytest.raises(ValueError, match="match no snapshot"):
         dynprobe.Probe(noise, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r", resume=True)
     restored, optimizer, _, _ = mlp_setup()
-    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(index=2), strict=False)
+    restored.load_state_dict(dynprobe.load_run(tmp_path / "r").state_dict(snapshot_index=2), strict=False)
     dynprobe.Probe(restored, optimizer, eval_data=(data.x_test, data.y_test), out=tmp_path / "r",
                    resume=True).close()
 
@@ -534,5 +534,5 @@ def test_parameters_added_after_attach_are_reported_once(tmp_path):
         train(model, optimizer, scheduler, data, 6, criterion=probe.watch(nn.CrossEntropyLoss()))
         probe.close()
     assert sum("were added" in str(w.message) for w in caught) == 1
-    assert dynprobe.load_run(tmp_path / "r").params(index=0).shape[0] == sum(
+    assert dynprobe.load_run(tmp_path / "r").params(snapshot_index=0).shape[0] == sum(
         p.numel() for name, p in model.named_parameters() if name != "late")

@@ -69,14 +69,15 @@ def test_stored_kernels_match_a_naive_float64_loop_on_the_restored_snapshot(kern
     x = data.x_test[torch.as_tensor(run.eval_indices[probe_indices])]
     for index in (0, 3):
         model = SmoothNet()
-        model.load_state_dict(run.state_dict(index=index))
+        model.load_state_dict(run.state_dict(snapshot_index=index))
         expected = naive_trace_ntk(model, x).numpy()
-        np.testing.assert_allclose(run.kernel(index=index), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_allclose(run.kernel(snapshot_index=index), expected, rtol=1e-5,
+                                   atol=1e-6 * np.abs(expected).max())
 
 
 def test_S_rows_equal_kernel_distances_of_the_stored_kernels(kernel_run):
     _, run = kernel_run
-    K = np.stack([run.kernel(index=i).ravel() for i in range(len(run))])
+    K = np.stack([run.kernel(snapshot_index=i).ravel() for i in range(len(run))])
     unit = K / np.linalg.norm(K, axis=1, keepdims=True)
     expected = 1 - unit @ unit.T
     np.fill_diagonal(expected, 0)
@@ -128,7 +129,7 @@ def test_every_k_snapshots_and_nan_rows_in_between(tmp_path):
     run = dynprobe.load_run(tmp_path / "r")
     assert list(run.kernel_steps) == [0, 2, 4]
     assert np.isnan(run.S[1]).all() and np.isfinite(run.S[np.ix_([0, 2, 4], [0, 2, 4])]).all()
-    assert run.kernel(index=1) is None
+    assert run.kernel(snapshot_index=1) is None
 
 
 def test_probe_set_larger_than_the_eval_set_is_rejected(tmp_path):

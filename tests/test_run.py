@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import socket
 import warnings
@@ -25,6 +26,7 @@ from dynprobe.store.layout import (
     snapshot_file,
     switching_results_path,
 )
+from dynprobe.store.run import Run
 
 from .conftest import cnn_setup, train
 from .small_runs import EVAL_N, write_small_run
@@ -51,7 +53,7 @@ def test_run_arrays_have_the_documented_shapes(cnn_run):
     assert run.C.shape == run.D.shape == (T, T)
     assert run.eval_loss.shape == run.eval_accuracy.shape == run.train_loss.shape == (T,)
     assert run.lr.shape == (8, 1) and np.all(run.lr == 3e-3)  # every optimizer step, one column per param group
-    assert run.predictions(index=0).shape == (data.x_test.shape[0],)
+    assert run.predictions(snapshot_index=0).shape == (data.x_test.shape[0],)
     assert np.allclose(np.diag(run.C), 0) and np.allclose(run.C, run.C.T)
 
 
@@ -63,10 +65,10 @@ def test_state_dict_restores_the_model_exactly(cnn_run):
         assert torch.equal(a, b), name
 
 
-def test_index_of_unknown_step_names_the_nearest(cnn_run):
+def test_snapshot_index_of_an_unknown_step_names_the_nearest(cnn_run):
     *_, run = cnn_run
     with pytest.raises(KeyError, match=r"nearest recorded steps: \[4, 8\]"):
-        run.index_of(6)
+        run.snapshot_index_of(6)
 
 
 def test_materialized_matrices_equal_the_row_files(cnn_run):
@@ -98,11 +100,11 @@ def test_accessors_by_step_and_by_index_read_the_stored_arrays(small):
     np.testing.assert_array_equal(run.steps, truth["steps"])
     for i, step in enumerate(truth["steps"]):
         np.testing.assert_array_equal(run.params(step=int(step)), truth["theta"][i])
-        np.testing.assert_array_equal(run.params(index=i), truth["theta"][i])
+        np.testing.assert_array_equal(run.params(snapshot_index=i), truth["theta"][i])
         np.testing.assert_array_equal(run.predictions(step=int(step)), truth["preds"][i])
         np.testing.assert_array_equal(run.kernel(step=int(step)), truth["kernels"][i])
-        np.testing.assert_array_equal(run.buffers(index=i)["running_mean"], truth["theta"][i, :2])
-    np.testing.assert_array_equal(run.params(index=-1), truth["theta"][-1])
+        np.testing.assert_array_equal(run.buffers(snapshot_index=i)["running_mean"], truth["theta"][i, :2])
+    np.testing.assert_array_equal(run.params(snapshot_index=-1), truth["theta"][-1])
     state = run.state_dict(step=4)
     assert state["layer.weight"].shape == (2, 3) and state["layer.weight"].dtype == torch.float32
     np.testing.assert_array_equal(state["layer.weight"].numpy().reshape(-1), truth["theta"][2, :6])
@@ -111,8 +113,8 @@ def test_accessors_by_step_and_by_index_read_the_stored_arrays(small):
 
 def test_accessors_take_the_snapshot_by_keyword_only(small):
     truth, run = small
-    np.testing.assert_array_equal(run.params(index=2), truth["theta"][2])
-    np.testing.assert_array_equal(run.ghost_predictions(0, index=1), truth["preds"][1])
+    np.testing.assert_array_equal(run.params(snapshot_index=2), truth["theta"][2])
+    np.testing.assert_array_equal(run.ghost_predictions(0, snapshot_index=1), truth["preds"][1])
     with pytest.raises(TypeError):
         run.params(2)
     with pytest.raises(TypeError):
@@ -120,13 +122,13 @@ def test_accessors_take_the_snapshot_by_keyword_only(small):
 
 
 @pytest.mark.parametrize(("call", "error", "match"), [
-    (lambda run: run.params(), TypeError, "exactly one of step= .* or index="),
-    (lambda run: run.params(step=2, index=1), TypeError, "exactly one of"),
+    (lambda run: run.params(), TypeError, "exactly one of step= .* or snapshot_index="),
+    (lambda run: run.params(step=2, snapshot_index=1), TypeError, "exactly one of"),
     (lambda run: run.params(step=3), KeyError, r"step 3 was not recorded; nearest recorded steps: \[2, 4\]"),
-    (lambda run: run.params(index=5), IndexError, "out of range: the run has 5 snapshots"),
-    (lambda run: run.params(index=1.0), TypeError, "index must be an integer"),
+    (lambda run: run.params(snapshot_index=5), IndexError, "out of range: the run has 5 snapshots"),
+    (lambda run: run.params(snapshot_index=1.0), TypeError, "snapshot_index must be an integer"),
     (lambda run: run.params(step="2"), TypeError, "step must be an integer"),
-    (lambda run: run.ghost_predictions("0", step=2), TypeError, "ghost must be a ghost index"),
+    (lambda run: run.ghost_predictions("0", step=2), TypeError, "ghost must be a ghost id"),
 ])
 def test_accessor_arguments_are_checked(small, call, error, match):
     _, run = small
@@ -162,7 +164,7 @@ def test_kernel_velocity_pairs_snapshots_exactly_the_lag_apart(small):
 
 def test_ghosts_chaos_and_separation(small):
     _, run = small
-    assert [(g.index, g.spawn_step, g.control, g.status) for g in run.ghosts] == [
+    assert [(g.ghost_id, g.spawn_step, g.control, g.status) for g in run.ghosts] == [
         (0, 2, True, "finished"), (1, 2, False, "finished")]
     np.testing.assert_array_equal(run.chaos["C"][1], [np.nan, 1e-3, 2e-3, 3e-3, 4e-3])
     assert np.isnan(run.chaos["B_linear"]).all()
@@ -285,14 +287,15 @@ def _append_line(relative, line):
 
 
 def _many_snapshot_lines(root):
-    lines = [json.dumps({"event": "snapshot", "index": i, "step": i, "eval_loss": 1.0}) for i in range(100_000)]
+    lines = [json.dumps({"event": "snapshot", "snapshot_index": i, "step": i, "eval_loss": 1.0})
+             for i in range(100_000)]
     (root / EVENTS).write_text("\n".join(lines) + "\n")  # ~5 MB claiming 100k snapshots; the rows hold 5
 
 
 def _interleaved_second_writer(events):
     first = [e for e in events if e["event"] == "snapshot"]
     position = events.index(first[3])
-    intruder = {"event": "snapshot", "index": 0, "step": 0, "eval_loss": 2.0}  # another writer's first commit
+    intruder = {"event": "snapshot", "snapshot_index": 0, "step": 0, "eval_loss": 2.0}  # another writer's first commit
     return events[:position] + [intruder] + events[position:]
 
 
@@ -336,12 +339,12 @@ DAMAGED = {
     "snapshot step negative": _snapshot_edit(2, step=-4),
     "snapshot step 10^30": _snapshot_edit(4, step=10**30),
     "snapshot steps decrease": _snapshot_edit(3, step=1),
-    "snapshot index repeated": _snapshot_edit(2, index=1),
-    "snapshot without index": _events_edit(lambda ev: [e.pop("index") for e in ev if e["event"] == "snapshot"][:0]),
+    "snapshot index repeated": _snapshot_edit(2, snapshot_index=1),
+    "snapshot without snapshot_index": _events_edit(
+        lambda ev: [e.pop("snapshot_index") for e in ev if e["event"] == "snapshot"][:0]),
     "snapshot eval_loss a string": _snapshot_edit(1, eval_loss="low"),
-    "snapshot lr a string": _snapshot_edit(1, lr="0.1"),
     "snapshot kernel 'yes'": _snapshot_edit(1, kernel="yes"),
-    "ghost index a string": _first("ghost_spawn", ghost="1"),
+    "ghost id a string": _first("ghost_spawn", ghost="1"),
     "ghost control 'no'": _first("ghost_spawn", control="no"),
     "ghost seed a float": _first("ghost_spawn", seed=0.5),
     "ghost spawn without a kind": _events_edit(lambda ev: next(e for e in ev if e["event"] == "ghost_spawn")
@@ -414,18 +417,19 @@ def touch_everything(path):
             lambda: run.has_kernels, lambda: run.config, lambda: run.conventions, lambda: run.num_parameters,
         ]
         for i in range(len(run)):
-            checks += [lambda i=i: run.params(index=i), lambda i=i: np.asarray(run.params(index=i, mmap=False)),
-                       lambda i=i: run.buffers(index=i), lambda i=i: run.predictions(index=i),
-                       lambda i=i: run.state_dict(index=i), lambda i=i: run.kernel(index=i)]
+            checks += [lambda i=i: run.params(snapshot_index=i),
+                       lambda i=i: np.asarray(run.params(snapshot_index=i, mmap=False)),
+                       lambda i=i: run.buffers(snapshot_index=i), lambda i=i: run.predictions(snapshot_index=i),
+                       lambda i=i: run.state_dict(snapshot_index=i), lambda i=i: run.kernel(snapshot_index=i)]
         ghosts = []
         try:
-            ghosts = [g.index for g in run.ghosts]
+            ghosts = [g.ghost_id for g in run.ghosts]
         except RunFormatError:
             pass
         for g in ghosts:
             checks.append(lambda g=g: run.separation(g))
             for i in range(1, len(run)):
-                checks.append(lambda g=g, i=i: run.ghost_predictions(g, index=i))
+                checks.append(lambda g=g, i=i: run.ghost_predictions(g, snapshot_index=i))
         for check in checks:
             try:
                 check()
@@ -442,12 +446,51 @@ def pristine(tmp_path_factory):
     return root
 
 
-def test_the_pristine_run_reports_no_damage(pristine):
-    assert touch_everything(pristine) == []
+def test_the_pristine_run_reports_no_damage_and_reads_back_what_was_written(tmp_path):
+    """Every accessor of the undamaged run answers, and with the written values: arrays bit for bit, C (eq. 1) and
+    D (eq. 6) against naive float64 loops over the parameters and predictions read back, ghosts as spawned."""
+    truth = write_small_run(tmp_path / "run")
+    assert touch_everything(tmp_path / "run") == []
+    run = dynprobe.load_run(tmp_path / "run")
+    T = len(truth["steps"])
+    np.testing.assert_array_equal(run.steps, truth["steps"])
+    for k, step in enumerate(truth["steps"]):
+        np.testing.assert_array_equal(run.params(snapshot_index=k), truth["theta"][k])
+        np.testing.assert_array_equal(run.params(step=int(step)), truth["theta"][k])
+        np.testing.assert_array_equal(run.buffers(snapshot_index=k)["running_mean"], truth["theta"][k, :2])
+        np.testing.assert_array_equal(run.predictions(snapshot_index=k), truth["preds"][k])
+        np.testing.assert_array_equal(run.kernel(snapshot_index=k), truth["kernels"][k])
+    for i in range(T):
+        for j in range(T):
+            a, b = (run.params(snapshot_index=i).astype(np.float64), run.params(snapshot_index=j).astype(np.float64))
+            dot = sum(x * y for x, y in zip(a, b))
+            cosine = dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+            assert run.C[i, j] == pytest.approx(1 - cosine, rel=1e-9, abs=1e-12), (i, j)
+            differing = sum(int(x != y) for x, y in zip(run.predictions(snapshot_index=i),
+                                                        run.predictions(snapshot_index=j)))
+            assert run.D[i, j] == differing / EVAL_N, (i, j)
+    np.testing.assert_array_equal(run.eval_loss, [1.0 / (k + 1) for k in range(T)])
+    np.testing.assert_array_equal(run.train_loss, [np.nan] + [1.5 / k for k in range(1, T)])
+    assert [(g.ghost_id, g.control, g.spawn_step, g.status) for g in run.ghosts] == [
+        (0, True, 2, "finished"), (1, False, 2, "finished")]
+    for k in range(1, T):
+        np.testing.assert_array_equal(run.ghost_predictions(1, snapshot_index=k), truth["preds"][k])
 
 
-def test_there_are_at_least_forty_damaged_cases():
+def test_every_damaged_case_damages_a_different_part_of_the_pristine_run(pristine, tmp_path):
+    """The damage catalogue is not padded: each case leaves a run directory different from every other case's."""
+    contents = {}
+    for case in sorted(DAMAGED):
+        root = tmp_path / case.replace(" ", "_").replace("/", "_")
+        shutil.copytree(pristine, root)
+        DAMAGED[case](root)
+        contents[case] = tuple(sorted((str(f.relative_to(root)), f.read_bytes()) for f in root.rglob("*")
+                                      if f.is_file()))
+    pristine_content = tuple(sorted((str(f.relative_to(pristine)), f.read_bytes()) for f in pristine.rglob("*")
+                                    if f.is_file()))
     assert len(DAMAGED) >= 40
+    assert pristine_content not in contents.values()
+    assert len(set(contents.values())) == len(DAMAGED)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED))
@@ -463,7 +506,7 @@ def test_a_damaged_event_log_keeps_its_committed_prefix(pristine, tmp_path):
     root = tmp_path / "run"
     shutil.copytree(pristine, root)
     _events_edit(_interleaved_second_writer)(root)
-    with pytest.warns(RunFormatWarning, match=r"snapshot\) has index 0 where the next snapshot's index is 3"):
+    with pytest.warns(RunFormatWarning, match=r"snapshot\) has snapshot_index 0 where the next snapshot's index is 3"):
         run = dynprobe.load_run(root)
     assert list(run.steps) == [0, 2, 4] and run.C.shape == (3, 3) and run.damage
     np.testing.assert_array_equal(run.params(step=4), dynprobe.load_run(pristine).params(step=4))
@@ -498,6 +541,28 @@ def test_run_lr_holds_the_rate_of_every_optimizer_step_and_param_group(tmp_path)
     run = dynprobe.load_run(tmp_path / "r")
     assert run.lr.shape == (20, 2)
     np.testing.assert_array_equal(run.lr, np.array(used))
+    assert not any("lr" in record for record in run.snapshots)  # one owner: the per-step logs, not the records
     changes = dynprobe.analysis.lr_changes(run.lr)
     assert [(c.step, c.group) for c in changes] == [(7, 0), (7, 1), (14, 0), (14, 1)]
     assert changes[0].text == "the lr drop ÷10 at step 7"
+
+
+@pytest.mark.parametrize("steps", [(0, 2, 4, 6, 8), (0, 1, 5, 100, 101, 5000)])
+def test_snapshot_positions_by_step_and_by_index_agree_with_a_brute_force_search(tmp_path, steps):
+    write_small_run(tmp_path / "run", steps=steps, ghosts=False)
+    run = Run(tmp_path / "run")
+    assert isinstance(dynprobe.load_run(tmp_path / "run"), Run)
+    for step in range(-1, steps[-1] + 2):
+        positions = [k for k, s in enumerate(steps) if s == step]
+        if positions:
+            assert run.snapshot_index_of(step) == positions[0]
+            np.testing.assert_array_equal(run.params(step=step), run.params(snapshot_index=positions[0]))
+        else:
+            below = [s for s in steps if s < step][-1:]
+            above = [s for s in steps if s > step][:1]
+            with pytest.raises(KeyError, match=rf"step {step} was not recorded; nearest recorded steps: "
+                                               rf"\[{', '.join(map(str, below + above))}\]"):
+                run.snapshot_index_of(step)
+    for position in range(-len(steps), len(steps)):
+        np.testing.assert_array_equal(run.predictions(snapshot_index=position),
+                                      run.predictions(step=steps[position]))

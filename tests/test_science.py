@@ -148,5 +148,5 @@ def test_the_control_is_exactly_zero_everywhere(runs):
             row = run.chaos[name][control[0]]
             values = row[np.isfinite(row)]
             assert values.size and np.all(values == 0.0), (name, values)
-        steps, l2 = run.separation(run.ghosts[control[0]].index)
+        steps, l2 = run.separation(run.ghosts[control[0]].ghost_id)
         assert steps.size > HORIZON // 2 and np.all(l2 == 0.0)

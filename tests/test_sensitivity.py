@@ -230,7 +230,7 @@ def test_chaos_estimate_reads_the_recorded_separation_curves(tmp_path):
     truth = write_synthetic_run(tmp_path / "run", transition=300, late_rate=0.02)
     run = dynprobe.load_run(truth.root)
     curves = analysis.separation_curves(run)
-    assert [c.ghost for c in curves] == [g.index for g in run.ghosts]
+    assert [c.ghost for c in curves] == [g.ghost_id for g in run.ghosts]
     for c in curves:
         steps, l2 = truth.separation[c.ghost]
         np.testing.assert_array_equal(c.steps, steps)

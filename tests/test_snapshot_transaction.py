@@ -77,16 +77,16 @@ def _train(tmp_path, arm, *, kernel: bool = True, error: type[BaseException] = K
 
 
 def _check_rows(run) -> None:
-    params = np.stack([np.asarray(run.params(index=i), dtype=np.float64) for i in range(len(run))])
+    params = np.stack([np.asarray(run.params(snapshot_index=i), dtype=np.float64) for i in range(len(run))])
     np.testing.assert_allclose(run.C, _cosine_dissimilarity(params), rtol=1e-8, atol=1e-15)
-    preds = np.stack([run.predictions(index=i) for i in range(len(run))])
+    preds = np.stack([run.predictions(snapshot_index=i) for i in range(len(run))])
     np.testing.assert_array_equal(run.D, (preds[:, None] != preds[None]).mean(-1))
     for layer, (name, part) in enumerate(_layer_slices(run)):
         np.testing.assert_allclose(run.C_layers[layer], _cosine_dissimilarity(params[:, part]), rtol=1e-8,
                                    atol=1e-15, err_msg=name)
     if run.has_kernels:
-        with_kernel = [i for i in range(len(run)) if run.kernel(index=i) is not None]
-        kernels = np.stack([run.kernel(index=i).reshape(-1) for i in with_kernel])
+        with_kernel = [i for i in range(len(run)) if run.kernel(snapshot_index=i) is not None]
+        kernels = np.stack([run.kernel(snapshot_index=i).reshape(-1) for i in with_kernel])
         np.testing.assert_allclose(run.S[np.ix_(with_kernel, with_kernel)], _cosine_dissimilarity(kernels),
                                    rtol=1e-8, atol=1e-15)
 

@@ -73,7 +73,7 @@ def test_gpt2_run_records_token_loss_d_and_ghost_barriers_that_match_independent
     run = dynprobe.load_run(tmp_path / "lm")
     assert run.manifest["eval"]["task"] == {"name": "tokens", "ignore_index": -100, "shift": True}
     template = tiny_gpt2(0)
-    states = [run.state_dict(index=k) for k in range(len(run))]
+    states = [run.state_dict(snapshot_index=k) for k in range(len(run))]
     top1 = []
     for k, state in enumerate(states):
         replica = loaded(template, state)
@@ -83,18 +83,18 @@ def test_gpt2_run_records_token_loss_d_and_ghost_barriers_that_match_independent
         assert run.eval_loss[k] == pytest.approx(expected, rel=1e-5)
         _, preds, accuracy = numpy_token_reference(logits, eval_labels, shift=True)
         assert run.eval_accuracy[k] == pytest.approx(accuracy, abs=1e-12)
-        np.testing.assert_array_equal(run.predictions(index=k), preds)
+        np.testing.assert_array_equal(run.predictions(snapshot_index=k), preds)
         top1.append(preds)
     for i in range(len(run)):
         for j in range(i + 1):
             assert run.D[i, j] == pytest.approx(float((top1[i] != top1[j]).mean()), abs=1e-12)
     assert run.D[2, 0] > 0
     # Ghosts: the control's D and B are exactly 0; the perturbed ghost's D from its own stored parameters.
-    control, ghost = run.ghosts[0].index, run.ghosts[-1].index  # the ε = 0 control and the ghost spawned at 3
+    control, ghost = run.ghosts[0].ghost_id, run.ghosts[-1].ghost_id  # the ε = 0 control and the ghost spawned at 3
     assert run.ghosts[0].control and run.ghosts[-1].spawn_step == 3
     last = len(run) - 1
     assert run.chaos["D"][control, last] == 0 and run.chaos["B"][control, last] == 0
-    ghost_state = unflatten(template, run.ghost_params(ghost, index=last))
+    ghost_state = unflatten(template, run.ghost_params(ghost, snapshot_index=last))
     with torch.no_grad():
         ghost_logits = loaded(template, {**states[last], **ghost_state})(**eval_inputs).logits
     _, ghost_preds, _ = numpy_token_reference(ghost_logits, eval_labels, shift=True)
@@ -138,7 +138,7 @@ def test_regression_run_records_mse_output_distance_and_both_barriers(tmp_path):
     outputs = []
     for k in range(len(run)):
         with torch.no_grad():
-            out = loaded(template, run.state_dict(index=k))(x_eval).double().numpy()[:, 0]
+            out = loaded(template, run.state_dict(snapshot_index=k))(x_eval).double().numpy()[:, 0]
         outputs.append(out)
         assert run.eval_loss[k] == pytest.approx(np.mean((out - y_eval.double().numpy()) ** 2), rel=1e-5)
         assert np.isnan(run.eval_accuracy[k])
@@ -150,7 +150,7 @@ def test_regression_run_records_mse_output_distance_and_both_barriers(tmp_path):
     # Trajectory barriers B(t_k, t_{k-1}), both references, against a brute-force α loop of MSEs.
     alphas = np.linspace(0, 1, 7)
     for k in range(1, len(run)):
-        a, b = run.state_dict(index=k), run.state_dict(index=k - 1)
+        a, b = run.state_dict(snapshot_index=k), run.state_dict(snapshot_index=k - 1)
         losses = []
         for alpha in alphas:
             with torch.no_grad():
@@ -165,9 +165,9 @@ def test_regression_run_records_mse_output_distance_and_both_barriers(tmp_path):
         assert run.B_linear[k, k - 1] >= 0
         assert abs(run.B[k, k - 1] - run.B_linear[k, k - 1]) <= half_gap * (1 + 1e-6) + 1e-12
     # The ghost's D: the mean squared distance between its outputs and the main run's.
-    ghost = run.ghosts[-1].index
+    ghost = run.ghosts[-1].ghost_id
     last = len(run) - 1
-    ghost_state = unflatten(template, run.ghost_params(ghost, index=last))
+    ghost_state = unflatten(template, run.ghost_params(ghost, snapshot_index=last))
     with torch.no_grad():
         ghost_out = loaded(template, ghost_state)(x_eval).double().numpy()[:, 0]
     assert run.chaos["D"][ghost, last] == pytest.approx(np.mean((ghost_out - outputs[last]) ** 2), rel=1e-5)

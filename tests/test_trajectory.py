@@ -53,7 +53,7 @@ def test_online_barriers_cover_consecutive_pairs_and_match_brute_force(run_with_
     model, data, run = run_with_barriers
     B = run.B
     assert np.isfinite(np.diag(B, -1)).all() and np.isnan(B[3, 0]) and np.all(np.diag(B) == 0)
-    a, b = run.state_dict(index=2), run.state_dict(index=1)
+    a, b = run.state_dict(snapshot_index=2), run.state_dict(snapshot_index=1)
     expected = brute_force_barrier(model, a, b, data.x_test, data.y_test, alphas=11)
     assert B[2, 1] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     linear = brute_force_barrier(model, a, b, data.x_test, data.y_test, alphas=11, linear=True)
@@ -68,7 +68,7 @@ def test_fill_barriers_completes_the_matrix(run_with_barriers):
     filled = dynprobe.load_run(run.path)
     B = filled.B
     assert np.isfinite(B).all() and np.allclose(B, B.T)
-    a, b = run.state_dict(index=3), run.state_dict(index=0)
+    a, b = run.state_dict(snapshot_index=3), run.state_dict(snapshot_index=0)
     expected = brute_force_barrier(model, a, b, data.x_test, data.y_test, alphas=11)
     assert B[3, 0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     linear = brute_force_barrier(model, a, b, data.x_test, data.y_test, alphas=11, linear=True)

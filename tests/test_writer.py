@@ -306,7 +306,7 @@ def _kill_after_uncommitted_snapshot(root):
             TriangularRows(writer.rows_path(name)).append(np.zeros(6), 5)
     PairLog(train_loss_path(root)).append(np.array([7, 8, 9, 10]), np.array([1.0, 2.0, 3.0, 4.0]))
     with open(root / EVENTS, "a") as handle:
-        handle.write('{"event": "snapshot", "index": 5, "st')  # torn commit line
+        handle.write('{"event": "snapshot", "snapshot_index": 5, "st')  # torn commit line
 
 
 def test_resume_keeps_exactly_what_the_last_committed_snapshot_vouches_for(tmp_path):
@@ -400,7 +400,7 @@ def test_resume_of_a_damaged_log_continues_from_its_valid_prefix_and_keeps_the_o
     original = (root / EVENTS).read_bytes()
     lines = original.decode().splitlines()
     position = [i for i, line in enumerate(lines) if '"snapshot"' in line][3]
-    lines.insert(position, json.dumps({"event": "snapshot", "index": 0, "step": 0}))  # a second writer's line
+    lines.insert(position, json.dumps({"event": "snapshot", "snapshot_index": 0, "step": 0}))  # a second writer's line
     (root / EVENTS).write_text("\n".join(lines) + "\n")
     writer = RunWriter(root, manifest(), resume=True)
     assert [s["step"] for s in writer.snapshots] == [0, 2, 4]

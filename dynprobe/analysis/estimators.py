@@ -157,7 +157,7 @@ def transition_from_ghost_C(steps: np.ndarray, chaos_C: np.ndarray, *, rate_frac
     as the perturbation experiment): the t1 at which it levels off for most spawns, with the rule and weighting of
     :func:`transition_from_trajectory_C` (ghosts that stay close hardly rise, so they carry no weight).
     ``chaos_C``: (G, T) over ``steps``, NaN before a spawn; pass perturbed ghosts only. ``row_ids`` (default
-    0..G−1) label the rows in the evidence (``run.ghosts[i].index``)."""
+    0..G−1) label the rows in the evidence (``run.ghosts[i].ghost_id``)."""
     steps = np.asarray(steps, dtype=np.int64)
     chaos_C = np.asarray(chaos_C, dtype=np.float64).reshape(-1, steps.size)
     if chaos_C.shape[0] == 0:

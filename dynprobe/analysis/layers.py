@@ -62,7 +62,7 @@ def _separation_shares(run: Run, layers: list[str]) -> tuple[list[int], np.ndarr
                 last[int(event["ghost"])] = [float(v) for v in values]
     spawns, shares = [], []
     for ghost in run.ghosts:
-        values = last.get(ghost.index)
+        values = last.get(ghost.ghost_id)
         if ghost.control or values is None:
             continue
         squares = np.square(np.asarray(values, dtype=np.float64))

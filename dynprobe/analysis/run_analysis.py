@@ -145,7 +145,7 @@ def ghost_outcomes(run: Run) -> list[GhostOutcome]:
             else None, C=at(C, row, j), L2=at(L2, row, j), realized_norm=ghost.realized_norm, stopped_diverged=stopped,
             B_linear=at(B_linear, row, jb), C_scale=float(run.C[j, j - 1]) if j >= 1 else None, B_scale=b_scale,
             control_D=at(D, control_row, j), control_C=at(C, control_row, j),
-            control_B_linear=at(B_linear, control_row, jb), ghost=ghost.index, regression=regression))
+            control_B_linear=at(B_linear, control_row, jb), ghost=ghost.ghost_id, regression=regression))
     return outcomes
 
 
@@ -165,8 +165,8 @@ def separation_curves(run: Run) -> list[SeparationCurve]:
         return []
     curves = []
     for ghost in run.ghosts:
-        steps, l2 = reader(ghost.index)
-        curves.append(SeparationCurve(ghost.index, ghost.spawn_step, float(ghost.realized_norm), steps, l2,
+        steps, l2 = reader(ghost.ghost_id)
+        curves.append(SeparationCurve(ghost.ghost_id, ghost.spawn_step, float(ghost.realized_norm), steps, l2,
                                       control=ghost.control, status=ghost.status))
     return curves
 
@@ -226,7 +226,7 @@ def estimate_transition(run: Run, *, tolerance: float = 2.0, curves: Sequence[Se
     perturbed = [i for i, g in enumerate(run.ghosts) if not g.control and g.status != "failed"]
     if perturbed:
         estimates.append(transition_from_ghost_C(steps, run.chaos["C"][perturbed],
-                                                 row_ids=[run.ghosts[i].index for i in perturbed]))
+                                                 row_ids=[run.ghosts[i].ghost_id for i in perturbed]))
     else:
         estimates.append(unavailable("ghost_C", "no perturbed ghosts in this run: pass "
                                                 "Probe(..., ghosts=dynprobe.Ghosts(at=[...]))"))

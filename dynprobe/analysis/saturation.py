@@ -154,9 +154,9 @@ def transition_from_saturation(curves: Sequence[SeparationCurve], *, verdicts: M
 
     Args:
         curves: every ghost's separation curve (the ε = 0 control and failed ghosts are left out here).
-        verdicts: ghost index → ``"diverged"``/``"close"``/``"borderline"`` at its last comparison
+        verdicts: ghost id → ``"diverged"``/``"close"``/``"borderline"`` at its last comparison
             (:func:`dynprobe.analysis.ghost_verdicts`), used only when no spawn is low (no contrast to read).
-        outcomes: ghost index → end-of-run values shown as evidence (``C`` = 1 − cos, ``D``, ``B_linear``).
+        outcomes: ghost id → end-of-run values shown as evidence (``C`` = 1 − cos, ``D``, ``B_linear``).
         level_ratio: K, the factor in L2 below the chaotic level that makes a ghost low.
         plateau_factor: saturated = L2 grew at most ``plateau_factor``-fold over the last ``plateau_fraction``
             of the ghost's life.

@@ -68,10 +68,11 @@ class DistributedGhostTrainer(SequentialTrainer):
                 mine = errors[k]
                 reason = (mine.split("\n", 1)[0] if mine else "an exception on another rank") + \
                     f" (on {exceptions[k]} of {world} ranks)"
-                faults[ghost.index] = Fault("failed", reason, mine.split("\n", 1)[1] if mine else None,
+                faults[ghost.ghost_id] = Fault("failed", reason, mine.split("\n", 1)[1] if mine else None,
                                             local if mine else None)
             elif nonfinite_counts[k]:
-                faults[ghost.index] = Fault("diverged", f"non-finite loss (on {nonfinite_counts[k]} of {world} ranks)")
+                faults[ghost.ghost_id] = Fault("diverged",
+                                               f"non-finite loss (on {nonfinite_counts[k]} of {world} ranks)")
             else:
                 step_optimizer(ghost.replica, clip_grad_norm=config.clip_grad_norm,
                                clip_grad_value=config.clip_grad_value)

@@ -63,7 +63,7 @@ class NullSink:
         pass
 
     def commit_snapshot(self, record: dict[str, Any]) -> None:
-        self.snapshots.append(json_safe({"index": len(self.snapshots), **record}))
+        self.snapshots.append(json_safe({"snapshot_index": len(self.snapshots), **record}))
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(json_safe(fields))

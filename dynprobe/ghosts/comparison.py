@@ -60,7 +60,7 @@ def active_slices(model: nn.Module, inert: list[str]) -> list[slice]:
 
 
 def compare_ghost(
-    index: int,
+    ghost_id: int,
     module: nn.Module,
     params: list[torch.Tensor],
     reference: Reference,
@@ -77,7 +77,7 @@ def compare_ghost(
     save_params: bool,
     active: list[slice] | None = None,
 ) -> Comparison:
-    """Compare ghost ``index`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
+    """Compare ghost ``ghost_id`` (``module`` holding its parameters ``params``) with ``reference`` at ``step``.
 
     ``kernel_of`` is given when S is due for this ghost at this snapshot (and the reference has a kernel); ``state``
     returns the ghost's parameters and buffers by name for it. ``active``: the slices of vec θ without the inert
@@ -96,7 +96,7 @@ def compare_ghost(
     identical = reference.evaluation is not None and same_tensors(state(), reference.state)
     evaluation = reference.evaluation if identical else evaluate(module)
     record: dict[str, Any] = {
-        "ghost": index,
+        "ghost": ghost_id,
         "step": step,
         "reference": reference.name,
         "C": metrics.cosine_dissimilarity(reference.params, flat),
@@ -115,8 +115,8 @@ def compare_ghost(
         record["reference_L2"] = reference.drift["L2"]
     if kernel_of is not None and reference.kernel is not None:
         record["S"] = metrics.kernel_distance(reference.kernel, kernel_of(state()))
-    arrays = {ghost_array(index, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
+    arrays = {ghost_array(ghost_id, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
     if save_params:
-        arrays[ghost_array(index, PARAMS)] = flat.cpu().numpy()
+        arrays[ghost_array(ghost_id, PARAMS)] = flat.cpu().numpy()
     return Comparison(record, arrays)
 

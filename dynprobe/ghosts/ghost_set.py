@@ -119,7 +119,7 @@ class GhostSet:
             raise_errors=raise_errors, evaluate=evaluate_model, sample_inputs=sample_inputs, output_fn=output_fn,
             on_mode=self._record_mode, disagreement=eval_set.task.disagreement)
         self.ghosts: list[Ghost] = []
-        self._by_index: dict[int, Ghost] = {}
+        self._by_id: dict[int, Ghost] = {}
         self.final_step = final_step  # Probe(total_steps=): S and B are always measured there
         self._layers = layer_slices([(n, p) for n, p in model.named_parameters() if p.requires_grad])
         self._active: list[slice] | None = None  # vec(θ) without inert tensors, once some are found
@@ -129,11 +129,11 @@ class GhostSet:
         self._control_drifted = False
         self._precision_pending: list[Ghost] = []
         # Identity bookkeeping (a resumed run continues after the earlier ghosts; see resume).
-        self._next_index = 0
+        self._next_id = 0
         self._perturbed = 0
         self._spawned_control = False
         self._done_steps: set[int] = set()
-        # resume: the spawns the interrupted process recorded at the resume step, by (index, control)
+        # resume: the spawns the interrupted process recorded at the resume step, by (ghost id, control)
         self._recorded: dict[tuple[int, bool], dict[str, Any]] = {}
         self.loss_fn = config.loss_fn
         self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
@@ -173,21 +173,21 @@ class GhostSet:
         Ghosts keep their identities: numbering, the control and perturbation seeds go on after the earlier ghosts.
         Ghosts spawned before ``step`` and alive then end as ``interrupted`` at ``step`` (a ghost's state is not
         saved), their separation curves ending there too. Spawns due at ``step`` or later happen exactly once: one
-        the interrupted process already recorded at ``step`` is re-created (same index, seed and realized norm: θ_t
+        the interrupted process already recorded at ``step`` is re-created (same ghost id, seed and realized norm: θ_t
         and ε are known) without a second record, and is then continued as in an uninterrupted run.
         """
         spawned = [e for e in events if e.get("event") == "ghost_spawn" and int(e["spawn_step"]) <= step]
         ended = {e["ghost"] for e in events if e.get("event") == "ghost_status" and int(e["step"]) <= step}
         earlier = [e for e in spawned if int(e["spawn_step"]) < step]
-        self._next_index = len(earlier)
+        self._next_id = len(earlier)
         self._perturbed = sum(1 for e in earlier if not e["control"])
         self._spawned_control = any(e["control"] for e in earlier)
         self._done_steps = {int(e["spawn_step"]) for e in earlier}
         self._recorded = {(int(e["ghost"]), bool(e["control"])): {**e, "ended": e["ghost"] in ended}
                           for e in spawned if int(e["spawn_step"]) == step}
         interrupted = [e["ghost"] for e in earlier if e["ghost"] not in ended]
-        for index in interrupted:
-            self.writer.event("ghost_status", ghost=index, step=step, status="interrupted",
+        for ghost_id in interrupted:
+            self.writer.event("ghost_status", ghost=ghost_id, step=step, status="interrupted",
                               reason=f"the run was resumed at step {step}; a ghost's state is not saved")
         if interrupted:
             warn_user(f"dynprobe: resuming at step {step}: ghosts {interrupted} alive at the interruption cannot be "
@@ -221,26 +221,26 @@ class GhostSet:
 
     def _spawn(self, step: int, perturbation: Perturbation, *, control: bool) -> list[Ghost]:
         self.read()  # a stack may take the new ghost: faults of its rows (or its shadow) decided first
-        index = self._next_index
-        self._next_index += 1
-        recorded = self._recorded.pop((index, control), None)
+        ghost_id = self._next_id
+        self._next_id += 1
+        recorded = self._recorded.pop((ghost_id, control), None)
         if recorded is not None and recorded["ended"]:  # it stopped at its spawn snapshot: nothing to continue
             return []
-        ghost = Ghost(index, step, control, report=None)  # type: ignore[arg-type]
+        ghost = Ghost(ghost_id, step, control, report=None)  # type: ignore[arg-type]
         ghost.report = self.trainer.spawn(ghost, perturbation)
         if recorded is not None and not ghost.report.matches(recorded):
             self.trainer.release(ghost)
-            self.writer.event("ghost_status", ghost=index, step=step, status="interrupted",
+            self.writer.event("ghost_status", ghost=ghost_id, step=step, status="interrupted",
                               reason="the run was resumed at its spawn step, but re-creating it gave another "
                                      f"perturbation (realized norm {ghost.report.realized_norm:.6g} instead of "
                                      f"{recorded['realized_norm']:.6g}): the model is not at its state of step {step}")
             return []
         self.ghosts.append(ghost)
-        self._by_index[index] = ghost
+        self._by_id[ghost_id] = ghost
         if recorded is None:  # a re-created ghost's spawn record and first separation pair exist already
             report = ghost.report
             self.writer.event(
-                "ghost_spawn", ghost=index, step=step, spawn_step=step, control=control, kind=perturbation.kind,
+                "ghost_spawn", ghost=ghost_id, step=step, spawn_step=step, control=control, kind=perturbation.kind,
                 seed=perturbation.seed, nominal_norm=report.nominal_norm, realized_norm=report.realized_norm,
                 changed=report.changed, total=report.total, direction_cosine=report.direction_cosine,
                 share_on_zeros=report.share_on_zeros, changed_at=report.changed_at)
@@ -282,20 +282,20 @@ class GhostSet:
             self._stop_all(live, "failed", step, touched)
             return
         # Faults known now (exceptions) and lifetimes stop ghosts at this step; the device flags wait for a read.
-        now = [(index, fault) for index, fault in faults if fault.when is None]
-        failed = {index for index, _ in now}
-        trained = [g for g in live if g.index not in failed]
+        now = [(ghost_id, fault) for ghost_id, fault in faults if fault.when is None]
+        failed = {ghost_id for ghost_id, _ in now}
+        trained = [g for g in live if g.ghost_id not in failed]
         finishing = [g for g in trained if lifetime_reached(g.spawn_step, step, self.config.lifetime_steps)]
         values = StepValues(step, [(i, f) for i, f in faults if f.when is not None], self.trainer.separations(trained))
         control = next((g for g in trained if g.control and g not in finishing), None)
         if control is not None and not self._control_drifted:
-            values.control, values.drift = control.index, self.trainer.control_drift(control)
+            values.control, values.drift = control.ghost_id, self.trainer.control_drift(control)
         self._pending.add(values)
         if now or finishing or self._pending.due:
             self.read()
         raised = None
-        for index, fault in now:
-            ghost = self._by_index[index]
+        for ghost_id, fault in now:
+            ghost = self._by_id[ghost_id]
             if ghost.alive:  # not stopped by a fault of an earlier step (a diverged ghost's extra steps never raise)
                 self._set_status(ghost, fault.status, step, fault.reason,
                                  **({"traceback": fault.traceback} if fault.traceback else {}))
@@ -312,19 +312,19 @@ class GhostSet:
         if not len(self._pending):
             return
         for reading in self._pending.read():
-            for index, fault in reading.faults:
-                ghost = self._by_index[index]
+            for ghost_id, fault in reading.faults:
+                ghost = self._by_id[ghost_id]
                 if ghost.alive:
                     self._set_status(ghost, fault.status, reading.step, fault.reason)
-            for index, value in reading.separations.items():
-                if self._by_index[index].alive:
-                    self.separation.note(index, reading.step, value)
+            for ghost_id, value in reading.separations.items():
+                if self._by_id[ghost_id].alive:
+                    self.separation.note(ghost_id, reading.step, value)
             self._check_control(reading)
 
     def _check_control(self, reading: StepReading) -> None:
         if reading.control is None or not reading.drifted or self._control_drifted:
             return
-        control = self._by_index[reading.control]
+        control = self._by_id[reading.control]
         if not control.alive:
             return
         reference, drifted, step = reading.reference, reading.drifted, reading.step
@@ -332,7 +332,7 @@ class GhostSet:
         causes, message = control_drift_notice(
             reference, step, drifted, grad_edit_detected=self.context.grad_edit_detected, compiled=self._compiled,
             nondeterministic=not deterministic_replay_possible(self.context.device))
-        self.writer.event("control_drift", step=step, ghost=control.index, reference=reference,
+        self.writer.event("control_drift", step=step, ghost=control.ghost_id, reference=reference,
                           tensors=list(drifted)[:10], max_abs_diff=max(drifted.values()), likely_causes=causes)
         self._warn_once("control-drift", message)
 
@@ -373,11 +373,11 @@ class GhostSet:
         """Warn (once) when perturbations are below the resolution of the autocast compute dtype of the step."""
         pending, self._precision_pending = self._precision_pending, []
         low = [dtype for _, dtype in regions if dtype in (torch.bfloat16, torch.float16)]
-        notice = precision_notice({g.index: g.report for g in pending}, low[0]) if low else None
+        notice = precision_notice({g.ghost_id: g.report for g in pending}, low[0]) if low else None
         if notice is not None:
             hidden, message = notice
             self.writer.event("perturbation_below_precision", ghosts=hidden, dtype=str(low[0]).removeprefix("torch."),
-                              step=next(g.spawn_step for g in pending if g.index == hidden[0]))
+                              step=next(g.spawn_step for g in pending if g.ghost_id == hidden[0]))
             self._warn_once("precision", message)
 
     # ------------------------------------------------------------------------------------------ snapshots
@@ -399,7 +399,7 @@ class GhostSet:
         if not live:
             return {}
         every = self.config.kernel_every_snapshots
-        due = {g.index: g.comparisons % every == 0 or main.step == self.final_step for g in live}
+        due = {g.ghost_id: g.comparisons % every == 0 or main.step == self.final_step for g in live}
         needs_kernel = kernel_of is not None and main.kernel is not None and any(due.values())
         try:
             reference = self.trainer.reference(main, kernel_of=kernel_of if needs_kernel else None)
@@ -416,10 +416,10 @@ class GhostSet:
             try:
                 module, params = self.trainer.module_of(ghost)
                 result = compare_ghost(
-                    ghost.index, module, params, reference, step=main.step, storage_dtype=self.context.storage_dtype,
+                    ghost.ghost_id, module, params, reference, step=main.step, storage_dtype=self.context.storage_dtype,
                     divergence_ratio=self.config.divergence_ratio, evaluate=self.context.evaluate,
                     disagreement=task.disagreement, preds_dtype=task.storage_dtype, layers=self._layers,
-                    kernel_of=kernel_of if needs_kernel and due[ghost.index] else None,
+                    kernel_of=kernel_of if needs_kernel and due[ghost.ghost_id] else None,
                     state=lambda ghost=ghost: self.trainer.state_of(ghost), save_params=self.config.save_params,
                     active=self._active)
             except Exception as error:  # noqa: BLE001
@@ -445,14 +445,14 @@ class GhostSet:
             self._warn_once("shadow-drift", message)
 
     def comparison_states(self) -> list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """``(ghost index, reference state, ghost state)`` for every live ghost, for barriers between a ghost and its
+        """``(ghost id, reference state, ghost state)`` for every live ghost, for barriers between a ghost and its
         reference (parameters and buffers by name). Call it after the snapshot's :meth:`compare_with`: the states
         are the ghosts' and reference's now, valid until the next training step."""
         live = self.live
         if not live:
             return []
         reference = self.trainer.reference_state()
-        return [(g.index, reference, self.trainer.state_of(g)) for g in live]
+        return [(g.ghost_id, reference, self.trainer.state_of(g)) for g in live]
 
     # ------------------------------------------------------------------------------------------ status
 
@@ -470,9 +470,10 @@ class GhostSet:
 
     def _set_status(self, ghost: Ghost, status: str, step: int, reason: str, **extra: Any) -> None:
         ghost.status = status
-        self.writer.event("ghost_status", ghost=ghost.index, step=step, status=status, reason=reason, **extra)
+        self.writer.event("ghost_status", ghost=ghost.ghost_id, step=step, status=status, reason=reason, **extra)
         if status in ("diverged", "failed"):
-            self._warn_once(f"status-{status}", f"dynprobe: ghost {ghost.index} (spawned at step {ghost.spawn_step}) "
+            self._warn_once(f"status-{status}", f"dynprobe: ghost {ghost.ghost_id} (spawned at step "
+                            f"{ghost.spawn_step}) "
                             f"{status} at step {step}: {reason}. It is recorded in the run (as are any later ghost "
                             "faults, without another warning); your training is unaffected")
         self.trainer.release(ghost)
@@ -488,7 +489,7 @@ class GhostSet:
             self._warn_once("ghost-mode", f"dynprobe: ghosts fall back to the sequential path: {reason}")
 
     def _warn_realized_norms(self, spawned: list[Ghost], step: int) -> None:
-        message = realized_norm_notice({g.index: g.report for g in spawned}, step)
+        message = realized_norm_notice({g.ghost_id: g.report for g in spawned}, step)
         if message is not None:
             self._warn_once("realized-norm", message)
 

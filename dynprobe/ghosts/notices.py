@@ -22,16 +22,16 @@ _FLOAT32_ULPS = {torch.bfloat16: 2**16, torch.float16: 2**13}
 
 
 def precision_notice(reports: dict[int, PerturbationReport], dtype: torch.dtype) -> tuple[list[int], str] | None:
-    """The ghosts (by index) whose perturbation is below the resolution of the autocast compute ``dtype`` — fewer
+    """The ghosts (by ghost id) whose perturbation is below the resolution of the autocast compute ``dtype`` — fewer
     than :data:`VISIBLE_SHARE` of their coordinates round to a different value of it — and the message that says
     which magnitude survives; None when every perturbation is visible."""
     name = str(dtype).removeprefix("torch.")
-    hidden = {index: report for index, report in reports.items()
+    hidden = {ghost_id: report for ghost_id, report in reports.items()
               if report.changed_at.get(name, report.total) < VISIBLE_SHARE * report.total}
     if not hidden:
         return None
-    shares = ", ".join(f"ghost {index}: {report.changed_at.get(name, 0)} of {report.total}"
-                       for index, report in hidden.items())
+    shares = ", ".join(f"ghost {ghost_id}: {report.changed_at.get(name, 0)} of {report.total}"
+                       for ghost_id, report in hidden.items())
     message = (f"dynprobe: the ghosts' perturbation is below the resolution of {name}, the autocast compute dtype of "
                f"your training step: only {shares} coordinates round to a different {name} value, so the forward "
                "pass sees (almost) the unperturbed weights and the ghosts measure rounding rather than the chaos "
@@ -43,11 +43,11 @@ def precision_notice(reports: dict[int, PerturbationReport], dtype: torch.dtype)
 
 def realized_norm_notice(reports: dict[int, PerturbationReport], step: int) -> str | None:
     """One message for the ghosts spawned at ``step`` whose perturbation lost part of its norm to rounding."""
-    messages = {index: report.warning() for index, report in reports.items()}
-    messages = {index: message for index, message in messages.items() if message}
+    messages = {ghost_id: report.warning() for ghost_id, report in reports.items()}
+    messages = {ghost_id: message for ghost_id, message in messages.items() if message}
     if not messages:
         return None
-    ghosts = ", ".join(str(index) for index in messages)
+    ghosts = ", ".join(str(ghost_id) for ghost_id in messages)
     return (f"dynprobe: ghost{'s' if len(messages) > 1 else ''} {ghosts} (spawned at step {step}): "
             f"{next(iter(messages.values()))}. Every ghost's realized norm is in its ghost_spawn record; later spawns "
             "are not warned about again")

@@ -90,8 +90,8 @@ class PendingReadings:
         numbers = iter(read_together(tensors))
         readings = []
         for values in pending:
-            faults = [(index, fault) for index, fault in values.faults if next(numbers)[0] != 0]
-            separations = {index: float(next(numbers)[0]) for index in values.separations}
+            faults = [(ghost_id, fault) for ghost_id, fault in values.faults if next(numbers)[0] != 0]
+            separations = {ghost_id: float(next(numbers)[0]) for ghost_id in values.separations}
             reference, drifted = None, {}
             if values.drift is not None:
                 reference, names, _ = values.drift

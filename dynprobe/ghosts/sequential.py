@@ -60,10 +60,10 @@ class SequentialTrainer:
                 losses = train_replica(ghost.replica, groups, context.optimizer, context.main_params, context.replay,
                                        clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
             except Exception as error:  # noqa: BLE001 - a ghost fault never reaches the user's loop
-                faults.append((ghost.index, Fault("failed", f"{type(error).__name__}: {error}",
+                faults.append((ghost.ghost_id, Fault("failed", f"{type(error).__name__}: {error}",
                                                   traceback.format_exc(), error)))
                 continue
-            faults.append((ghost.index, Fault("diverged", "non-finite loss", when=~losses_finite(losses))))
+            faults.append((ghost.ghost_id, Fault("diverged", "non-finite loss", when=~losses_finite(losses))))
         return faults
 
     def release(self, ghost: Ghost) -> None:
@@ -71,7 +71,7 @@ class SequentialTrainer:
 
     def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
         main = self.context.main_params
-        return {g.index: separation(g.replica.params, main) for g in ghosts if g.replica is not None}
+        return {g.ghost_id: separation(g.replica.params, main) for g in ghosts if g.replica is not None}
 
     def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
         assert control.replica is not None

@@ -31,7 +31,7 @@ class Ghost:
     """One ghost: its identity and status. ``replica`` holds its model and optimizer while a trainer keeps it as a
     deep copy (None for a row of a vectorized stack, and once it stopped)."""
 
-    index: int
+    ghost_id: int
     spawn_step: int
     control: bool
     report: PerturbationReport
@@ -122,7 +122,7 @@ class GhostTrainer(Protocol):
     def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
                    ) -> list[tuple[int, Fault]]:
         """One main optimizer step of every ghost in ``ghosts``, without a host synchronisation; the faults
-        ``(ghost index, fault)`` that may stop them, in precedence order (a ghost stops at its first fault that
+        ``(ghost id, fault)`` that may stop them, in precedence order (a ghost stops at its first fault that
         happened: an exception now, or a device flag read later)."""
 
     def release(self, ghost: Ghost) -> None:

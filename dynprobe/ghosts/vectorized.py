@@ -70,7 +70,7 @@ class VectorizedTrainer:
         self.mode: str | None = None  # None until decided; then "vectorized" or "sequential"
         self.stack: GhostStack | None = None
         self.sequential = SequentialTrainer(context, reason=None)
-        self._live: dict[int, Ghost] = {}  # the ghosts this trainer holds (rows or copies), by index
+        self._live: dict[int, Ghost] = {}  # the ghosts this trainer holds (rows or copies), by ghost id
         self._pending_shadow: ReplicaState | None = None  # the main run at the spawn step, until a stack exists
         self._shadow_loss: Any = None  # the stack's copy of the watched loss, taken with the shadow
         self._confirmed = False  # a stacked step has succeeded: no fallback to sequential after that
@@ -94,11 +94,11 @@ class VectorizedTrainer:
     # ------------------------------------------------------------------------------------------ spawning
 
     def spawn(self, ghost: Ghost, perturbation: Perturbation) -> PerturbationReport:
-        self._live[ghost.index] = ghost
+        self._live[ghost.ghost_id] = ghost
         if self.stack is not None:  # a new row: the shadow's parameters, buffers and optimizer state now, plus ε
             replica = self.stack.export(SHADOW)
             report = perturb_(replica.params, perturbation)
-            self.stack.add(ghost.index, replica)
+            self.stack.add(ghost.ghost_id, replica)
             return report
         report = self.sequential.spawn(ghost, perturbation)
         self._note_copy_spawn()
@@ -118,10 +118,10 @@ class VectorizedTrainer:
             self._shadow_loss = context.replay.copy_now(module_memo(context.model, context.model))
 
     def release(self, ghost: Ghost) -> None:
-        self._live.pop(ghost.index, None)
+        self._live.pop(ghost.ghost_id, None)
         ghost.replica = None
-        if self.stack is not None and ghost.index in self.stack:
-            self.stack.remove(ghost.index)
+        if self.stack is not None and ghost.ghost_id in self.stack:
+            self.stack.remove(ghost.ghost_id)
         if not self._live:  # the last ghost stopped: free the stack and its shadow
             self.stack, self._pending_shadow, self._shadow_loss = None, None, None
 
@@ -154,11 +154,12 @@ class VectorizedTrainer:
             ghost.replica = None
         # Device flags, read later by the ghost set: a non-finite shadow fails every row, before the rows' own flags.
         nonfinite = ~finite
-        rows = [g for g in ghosts if g.index in self.stack]
+        rows = [g for g in ghosts if g.ghost_id in self.stack]
         shadow = Fault("failed", "the ε=0 shadow of the main run (the reference of vectorized ghosts) had a "
                        "non-finite loss", when=nonfinite[self.stack.row(SHADOW)])
-        return [(g.index, shadow) for g in rows] + [
-            (g.index, Fault("diverged", "non-finite loss", when=nonfinite[self.stack.row(g.index)])) for g in rows]
+        return [(g.ghost_id, shadow) for g in rows] + [
+            (g.ghost_id, Fault("diverged", "non-finite loss", when=nonfinite[self.stack.row(g.ghost_id)]))
+            for g in rows]
 
     def _new_stack(self, pending: list[Ghost]) -> GhostStack:
         """A stack of the pending shadow and the copies ``pending`` (it copies them: they stay untouched)."""
@@ -167,7 +168,7 @@ class VectorizedTrainer:
             raise RuntimeError("internal: ghosts spawned without a shadow of the main run")
         stack = GhostStack(context.model, context.optimizer, clip_grad_norm=context.config.clip_grad_norm,
                            clip_grad_value=context.config.clip_grad_value, no_copy=list(context.no_copy.values()))
-        stack.extend([SHADOW] + [g.index for g in pending],
+        stack.extend([SHADOW] + [g.ghost_id for g in pending],
                      [self._pending_shadow] + [ReplicaState.of(g.replica.model, g.replica.optimizer)
                                                for g in pending])
         return stack
@@ -184,7 +185,7 @@ class VectorizedTrainer:
                   ) -> list[tuple[int, Fault]]:
         """Every ghost this trainer holds stops as ``failed`` (rows, or copies about to become rows)."""
         self.stack, self._pending_shadow, self._shadow_loss = None, None, None
-        return [(index, Fault("failed", reason, trace, error)) for index in self._live]
+        return [(ghost_id, Fault("failed", reason, trace, error)) for ghost_id in self._live]
 
     # ------------------------------------------------------------------------------------------ choosing
 
@@ -273,12 +274,12 @@ class VectorizedTrainer:
     def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
         result = self.sequential.separations([g for g in ghosts if g.replica is not None])
         if self.stack is not None:
-            result.update(self.stack.separations(SHADOW, [g.index for g in ghosts if g.index in self.stack]))
+            result.update(self.stack.separations(SHADOW, [g.ghost_id for g in ghosts if g.ghost_id in self.stack]))
         return result
 
     def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
-        if self.stack is not None and control.index in self.stack:
-            return "shadow", *self.stack.row_differences(control.index, SHADOW)
+        if self.stack is not None and control.ghost_id in self.stack:
+            return "shadow", *self.stack.row_differences(control.ghost_id, SHADOW)
         return self.sequential.control_drift(control)
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
@@ -304,14 +305,14 @@ class VectorizedTrainer:
         if ghost.replica is not None:
             return self.sequential.module_of(ghost)
         assert self.stack is not None
-        module = self.stack.materialize(ghost.index)  # the stack's scratch template, valid until the next call
+        module = self.stack.materialize(ghost.ghost_id)  # the stack's scratch template, valid until the next call
         return module, [p for p in module.parameters() if p.requires_grad]
 
     def state_of(self, ghost: Ghost) -> dict[str, torch.Tensor]:
         if ghost.replica is not None:
             return self.sequential.state_of(ghost)
         assert self.stack is not None
-        return self.stack.row_state(ghost.index)
+        return self.stack.row_state(ghost.ghost_id)
 
     def reference_state(self) -> dict[str, torch.Tensor]:
         if self.stack is None:

@@ -155,7 +155,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=barriers,
-                                    transition=transition, progress=progress, model=inner, optimizer=optimizer,
+                                    transition=transition, progress=progress, model=inner,
                                     sink=sink, on_snapshot=options.on_snapshot,
                                     inert=None if sharded else InertWatch(named_params, optimizer, sink))
         if sharded:  # every rank agrees on each snapshot's outcome before training goes on

@@ -73,10 +73,11 @@ class ProbeOptions:
             recorded in the run's events either way. The callback runs after the optimizer step, outside the
             probe's fault guard: its exceptions are yours.
         on_snapshot: called after each committed snapshot (step 0 included) with a dict: the snapshot's record
-            (``step``, ``eval_loss``, ``eval_accuracy``, ``train_loss``, ``lr``, ``C_prev``, ``D_prev``, ``S_prev``,
-            ...), ``rows`` (the new row M[k, 0..k] of each interval matrix, numpy), ``steps`` (every snapshot's
-            step), ``transition`` (the online estimate or None), ``kernel_lag_steps`` and ``out``. For scalar
-            exporters (:mod:`dynprobe.exporters`); it runs inside the probe's fault guard.
+            (``step``, ``eval_loss``, ``eval_accuracy``, ``train_loss``, ``C_prev``, ``D_prev``, ``S_prev``, ...;
+            the learning rates are ``run.lr``, read from ``out``), ``rows`` (the new row M[k, 0..k] of each interval
+            matrix, numpy), ``steps`` (every snapshot's step), ``transition`` (the online estimate or None),
+            ``kernel_lag_steps`` and ``out``. For scalar exporters (:mod:`dynprobe.exporters`); it runs inside the
+            probe's fault guard.
         errors: ``"warn"``: an internal error during training — including the run directory's disk filling up or
             turning read-only — is recorded in the run where possible, reported once, and the probe detaches
             itself so the user's training goes on; ``"raise"``: re-raise it.

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from dynprobe._util.signals import interrupts_deferred
@@ -38,12 +37,12 @@ class SnapshotSequence:
 
     def __init__(self, *, recorder: SnapshotRecorder, kernel: KernelMeasure | None, train_loss: TrainLoss,
                  learning_rates: LearningRateLog, barriers: BarrierScheduler | None, transition: TransitionWatch,
-                 progress: SnapshotProgress, model: nn.Module, optimizer: torch.optim.Optimizer, sink: RunSink,
+                 progress: SnapshotProgress, model: nn.Module, sink: RunSink,
                  on_snapshot: Callable[[dict[str, Any]], None] | None, inert: InertWatch | None) -> None:
         self.recorder, self.kernel = recorder, kernel
         self.train_loss, self.barriers, self.transition, self.progress = train_loss, barriers, transition, progress
         self.learning_rates = learning_rates
-        self.model, self.optimizer, self.sink = model, optimizer, sink
+        self.model, self.sink = model, sink
         self.on_snapshot = on_snapshot
         self.inert = inert
 
@@ -63,7 +62,6 @@ class SnapshotSequence:
             train_loss, calls = self.train_loss.pop_mean()
             self.learning_rates.flush()
             record = {"train_loss": train_loss, "train_loss_calls": calls,
-                      "lr": [group.get("lr") for group in self.optimizer.param_groups],
                       **(self.kernel.snapshot_record() if self.kernel is not None else {})}
             count = len(self.sink.snapshots)
             try:

@@ -106,7 +106,7 @@ class BackgroundWriter:
         """Queue the commit line of a snapshot (after its files); waits while ``in_flight`` commits are queued."""
         self._raise_error()
         record = dict(record)
-        self.snapshots.append(json_safe({"index": len(self.snapshots), **record}))
+        self.snapshots.append(json_safe({"snapshot_index": len(self.snapshots), **record}))
         self._submit(self.sink.commit_snapshot, (record,), commit=True)
         with self._condition:
             while self._commits > self.in_flight and self._error is None:

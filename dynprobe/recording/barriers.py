@@ -43,7 +43,7 @@ from .progress import SnapshotProgress
 
 __all__ = ["BarrierBudget", "BarrierScheduler", "GhostStates"]
 
-#: ``(ghost index, reference state, ghost state)`` for every live ghost at a snapshot.
+#: ``(ghost id, reference state, ghost state)`` for every live ghost at a snapshot.
 GhostStates = Sequence[tuple[int, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]]
 
 

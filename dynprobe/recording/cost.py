@@ -206,7 +206,7 @@ def estimate_cost(
     per_snapshot, per_bytes, kernels = [], [], 0
     ghost_seen: dict[int, int] = {}  # snapshots of each ghost that considered a barrier
     compared: dict[int, int] = {}  # comparisons of each ghost so far (GhostSet counts them the same way)
-    for index, step in enumerate(plan.steps):
+    for snapshot_index, step in enumerate(plan.steps):
         live = plan.live(step)
         kernel_due = kernel_roles[step] is not None
         seconds = seconds_eval * (1 + len(live)) + seconds_write
@@ -231,8 +231,8 @@ def estimate_cost(
                 ghost_seen[ghost] = seen + 1
                 if final or seen % barriers.every_snapshots == 0:
                     jobs.append(("ghost", final, 0 if control else barriers.alphas))
-        if barriers.previous_snapshots and index % barriers.every_snapshots == 0:
-            jobs += [("trajectory", False, barriers.alphas)] * min(index, barriers.previous_snapshots)
+        if barriers.previous_snapshots and snapshot_index % barriers.every_snapshots == 0:
+            jobs += [("trajectory", False, barriers.alphas)] * min(snapshot_index, barriers.previous_snapshots)
         for kind, forced, evaluations in jobs:
             if forced or budget.fits(evaluations, reserve if barriers.ghosts else 0):
                 cost = evaluations * seconds_eval
@@ -270,7 +270,7 @@ class _Plan:
         self.steps = [p.step for p in snapshots]
         self.total_steps = total_steps
         self.lifetime = ghosts.lifetime_steps if ghosts is not None else None
-        self.ghosts: list[tuple[int, int, bool]] = []  # (index, spawn step, control)
+        self.ghosts: list[tuple[int, int, bool]] = []  # (ghost_id, spawn step, control)
         if spawns and ghosts is not None and ghosts.control:
             self.ghosts.append((0, spawns[0], True))
         for spawn in spawns:
@@ -278,7 +278,7 @@ class _Plan:
                 self.ghosts.append((len(self.ghosts), spawn, False))
 
     def live(self, step: int) -> list[tuple[int, bool]]:
-        return [(index, control) for index, spawn, control in self.ghosts
+        return [(ghost_id, control) for ghost_id, spawn, control in self.ghosts
                 if spawn <= step and (self.lifetime is None or step - spawn <= self.lifetime)]
 
     def max_live(self) -> int:

@@ -282,9 +282,9 @@ class SnapshotRecorder:
         if flush is not None:
             flush()
 
-    def _load(self, index: int, name: str, columns: tuple[int, int] | None = None) -> np.ndarray | None:
-        """A stored vector of snapshot ``index`` (entries ``columns[0]:columns[1]`` of it only, when given)."""
-        step = self.writer.snapshots[index]["step"]
+    def _load(self, snapshot_index: int, name: str, columns: tuple[int, int] | None = None) -> np.ndarray | None:
+        """A stored vector of snapshot ``snapshot_index`` (entries ``columns[0]:columns[1]`` of it only, when given)."""
+        step = self.writer.snapshots[snapshot_index]["step"]
         path = snapshot_file(self.writer.root, step, {"C": PARAMS, "D": PREDS, "S": KERNEL}[name])
         if not path.exists():
             return None

@@ -92,7 +92,7 @@ def _ghost_table(s: SectionContext) -> str:
     for row, g in enumerate(run.ghosts):
         compared = np.flatnonzero(np.isfinite(chaos["D"][row]))
         last = int(compared[-1]) if compared.size else None
-        sens, verdict = sensitivity.get(g.index, {}), verdicts.get(g.index)
+        sens, verdict = sensitivity.get(g.ghost_id, {}), verdicts.get(g.ghost_id)
 
         def check(name: str) -> str:
             c = verdict.checks.get(name) if verdict else None
@@ -105,7 +105,7 @@ def _ghost_table(s: SectionContext) -> str:
 
         where = (f"{esc(verdict.verdict)} at step {verdict.final_step}" if verdict else
                  "control" if g.control else "—")
-        rows.append([fmt(g.index), fmt(g.spawn_step), "yes" if g.control else "", esc(g.kind), fmt(g.realized_norm),
+        rows.append([fmt(g.ghost_id), fmt(g.spawn_step), "yes" if g.control else "", esc(g.kind), fmt(g.realized_norm),
                      esc(g.status) + (f" ({esc(g.reason)})" if g.reason else ""), _number(sens.get("level_L2")),
                      _number(sens.get("growth")), esc(sens.get("class", "—")), where, check("D"), check("B_linear"),
                      fmt(chaos["C"][row, last] if last is not None else None, 3),
@@ -129,7 +129,7 @@ def _number(value: object) -> str:
 def _maps(s: SectionContext, mode: str) -> str:
     run = s.run
     chaos = run.chaos
-    labels = [f"{'control ε=0' if g.control else 't0=' + str(g.spawn_step)} (#{g.index})" for g in run.ghosts]
+    labels = [f"{'control ε=0' if g.control else 't0=' + str(g.spawn_step)} (#{g.ghost_id})" for g in run.ghosts]
     maps = {name: chaos[name] for name in ("D", "B_linear", "C", "L2", "S", "B")
             if name in chaos and np.isfinite(chaos[name]).any()}
     if not maps or not len(run):

@@ -19,7 +19,7 @@ def level_offs(s: SectionContext, estimate: TransitionEstimate, title: str, ylab
     ids, starts, peaks = evidence.get("row_ids", []), evidence.get("row_starts", []), evidence.get("row_peaks", [])
     if not starts:
         return ""
-    ghost_rows = {g.index: r for r, g in enumerate(s.run.ghosts)}
+    ghost_rows = {g.ghost_id: r for r, g in enumerate(s.run.ghosts)}
     rows = []
     for k in np.unique(np.linspace(0, len(starts) - 1, min(len(starts), 8)).round().astype(int)):
         t0, row_id = starts[k], ids[k]

@@ -16,9 +16,10 @@ CHAOS_METRICS = CHAOS_FIELDS
 
 @dataclass(frozen=True)
 class GhostInfo:
-    """One ghost replica of a run (row ``index`` of every ``run.chaos`` map)."""
+    """One ghost replica of a run: ``ghost_id`` is its number in the run (the ``ghost`` of its events and files);
+    its row in every ``run.chaos`` map is its position in ``run.ghosts``."""
 
-    index: int
+    ghost_id: int
     spawn_step: int
     control: bool
     kind: str
@@ -34,13 +35,13 @@ class GhostInfo:
 
 def ghost_infos(events: list[dict[str, Any]], last_step: int) -> list[GhostInfo]:
     """Every ghost spawned at or before ``last_step`` (the last committed snapshot), with its latest status up to
-    it, in index order."""
+    it, in ghost-id order."""
     infos: dict[int, dict[str, Any]] = {}
     for event in events:
         kind = event["event"]
         if kind == "ghost_spawn" and event["step"] <= last_step:
             infos[event["ghost"]] = {
-                "index": event["ghost"], "spawn_step": event["spawn_step"], "control": event["control"],
+                "ghost_id": event["ghost"], "spawn_step": event["spawn_step"], "control": event["control"],
                 "kind": event["kind"], "seed": event["seed"], "nominal_norm": event["nominal_norm"],
                 "realized_norm": event["realized_norm"], "changed": event["changed"], "total": event["total"],
                 "status": "alive",
@@ -54,7 +55,7 @@ def ghost_infos(events: list[dict[str, Any]], last_step: int) -> list[GhostInfo]
 def chaos_maps(events: list[dict[str, Any]], ghosts: list[GhostInfo], steps: np.ndarray) -> dict[str, np.ndarray]:
     """``{metric: (G, T) array}`` from the ``ghost_compare`` and ``ghost_barrier`` events (NaN where absent)."""
     column = {int(step): i for i, step in enumerate(steps)}
-    row = {g.index: r for r, g in enumerate(ghosts)}
+    row = {g.ghost_id: r for r, g in enumerate(ghosts)}
     maps = {name: np.full((len(ghosts), len(steps)), np.nan) for name in CHAOS_METRICS}
     for event in events:
         if event["event"] not in ("ghost_compare", "ghost_barrier"):

@@ -215,7 +215,7 @@ def matrix_files(root: Path) -> dict[str, Path]:
 
 
 def separation_files(root: Path) -> dict[int, Path]:
-    """Every ghost's separation log, by ghost index."""
+    """Every ghost's separation log, by ghost id."""
     found = {}
     for path in sorted((Path(root) / GHOSTS).glob(f"ghost_*.{SEPARATION}")):
         number = path.name[len("ghost_"): -len(f".{SEPARATION}")]

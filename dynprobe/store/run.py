@@ -2,7 +2,7 @@
 
 >>> run = dynprobe.load_run("runs/resnet20")
 >>> run.steps, run.C, run.D, run.eval_accuracy       # (T,), (T, T), (T, T), (T,)
->>> run.params(step=500), run.predictions(index=-1)  # one snapshot, by step or by position
+>>> run.params(step=500), run.predictions(snapshot_index=-1)  # one snapshot, by step or by position
 
 Only committed snapshots are visible: a run killed mid-snapshot loads with every snapshot before it. A damaged
 event log is read up to its first damaged record, with a :class:`RunFormatWarning`; every other damaged file
@@ -190,8 +190,9 @@ class Run(RecordsView):
                 out[int(steps[0]):int(steps[-1]) + 1, group] = np.repeat(values, lengths)
         return out
 
-    def index_of(self, step: int) -> int:
-        """Snapshot index of ``step``; KeyError naming the nearest recorded steps if it was not recorded."""
+    def snapshot_index_of(self, step: int) -> int:
+        """Snapshot index (position in ``run.steps``) of ``step``; KeyError naming the nearest recorded steps if it
+        was not recorded."""
         if not is_int(step):
             raise TypeError(f"step must be an integer optimizer step; got {type(step).__name__} {step!r}")
         matches = np.flatnonzero(self.steps == step)
@@ -201,22 +202,23 @@ class Run(RecordsView):
             raise KeyError(f"step {step} was not recorded; nearest recorded steps: {nearest}")
         return int(matches[0])
 
-    def _index(self, what: str, step: int | None, index: int | None) -> int:
-        """The snapshot position an accessor call names: ``step=`` (an optimizer step) or ``index=`` (a position
-        in ``run.steps``, negative counting from the end)."""
-        if (step is None) == (index is None):
-            raise TypeError(f"run.{what}() takes exactly one of step= (an optimizer step) or index= (a snapshot "
-                            "position)")
+    def _snapshot_position(self, what: str, step: int | None, snapshot_index: int | None) -> int:
+        """The snapshot position an accessor call names: ``step=`` (an optimizer step) or ``snapshot_index=`` (a
+        position in ``run.steps``, negative counting from the end)."""
+        if (step is None) == (snapshot_index is None):
+            raise TypeError(f"run.{what}() takes exactly one of step= (an optimizer step) or snapshot_index= (a "
+                            "snapshot position)")
         if step is not None:
-            return self.index_of(step)
-        if not is_int(index):
-            raise TypeError(f"index must be an integer snapshot position; got {type(index).__name__} {index!r}")
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"snapshot index {index} is out of range: the run has {len(self)} snapshots")
-        return int(index) % len(self)
+            return self.snapshot_index_of(step)
+        if not is_int(snapshot_index):
+            raise TypeError(f"snapshot_index must be an integer snapshot position; got "
+                            f"{type(snapshot_index).__name__} {snapshot_index!r}")
+        if not -len(self) <= snapshot_index < len(self):
+            raise IndexError(f"snapshot index {snapshot_index} is out of range: the run has {len(self)} snapshots")
+        return int(snapshot_index) % len(self)
 
-    def _file(self, index: int, name: str) -> Path:
-        return snapshot_file(self.path, self.snapshots[index]["step"], name)
+    def _file(self, snapshot_index: int, name: str) -> Path:
+        return snapshot_file(self.path, self.snapshots[snapshot_index]["step"], name)
 
     def _param_shape(self) -> tuple[int, ...] | None:
         return None if self.num_parameters is None else (self.num_parameters,)
@@ -228,33 +230,34 @@ class Run(RecordsView):
             return (size,)
         return None if self.eval_n is None else (self.eval_n, ...)
 
-    def params(self, *, step: int | None = None, index: int | None = None, mmap: bool = True) -> np.ndarray:
-        """Flat ``vec(θ)`` of one snapshot (``step=`` or ``index=``; memory-mapped by default)."""
-        i = self._index("params", step, index)
+    def params(self, *, step: int | None = None, snapshot_index: int | None = None, mmap: bool = True
+               ) -> np.ndarray:
+        """Flat ``vec(θ)`` of one snapshot (``step=`` or ``snapshot_index=``; memory-mapped by default)."""
+        i = self._snapshot_position("params", step, snapshot_index)
         if has_sharded_params(self.path, self.snapshots[i]["step"]):  # FSDP2: the ranks' shards, gathered here
             return load_sharded_params(self.path, self.manifest, int(self.snapshots[i]["step"]))
         return load_npy(self._file(i, PARAMS), mmap=mmap, shape=self._param_shape())
 
-    def buffers(self, *, step: int | None = None, index: int | None = None) -> dict[str, np.ndarray]:
+    def buffers(self, *, step: int | None = None, snapshot_index: int | None = None) -> dict[str, np.ndarray]:
         """The model's buffers of one snapshot by name (BatchNorm statistics, ...)."""
-        i = self._index("buffers", step, index)
+        i = self._snapshot_position("buffers", step, snapshot_index)
         specs = (self.manifest.get("model") or {}).get("buffers", [])
         return load_npz(self._file(i, BUFFERS), shapes={spec["name"]: tuple(spec["shape"]) for spec in specs})
 
-    def predictions(self, *, step: int | None = None, index: int | None = None) -> np.ndarray:
+    def predictions(self, *, step: int | None = None, snapshot_index: int | None = None) -> np.ndarray:
         """Predicted labels (argmax) on the eval set at one snapshot."""
-        i = self._index("predictions", step, index)
+        i = self._snapshot_position("predictions", step, snapshot_index)
         return load_npy(self._file(i, PREDS), shape=self._label_shape())
 
-    def state_dict(self, *, step: int | None = None, index: int | None = None) -> dict[str, Any]:
+    def state_dict(self, *, step: int | None = None, snapshot_index: int | None = None) -> dict[str, Any]:
         """Parameters (unflattened, by name) and buffers of one snapshot as torch tensors, ready for
         ``model.load_state_dict(..., strict=False)`` (only trainable parameters are stored)."""
-        i = self._index("state_dict", step, index)
+        i = self._snapshot_position("state_dict", step, snapshot_index)
         if not isinstance(self.manifest.get("model"), dict):
             raise RunFormatError(f"{self.path}: the manifest has no model layout; cannot rebuild a state dict")
         step = int(self.snapshots[i]["step"])
         if has_sharded_params(self.path, step):  # FSDP2: full tensors from the ranks' shards, then the buffers
-            buffers = {name: torch.from_numpy(np.array(array)) for name, array in self.buffers(index=i).items()}
+            buffers = {name: torch.from_numpy(np.array(array)) for name, array in self.buffers(snapshot_index=i).items()}
             return {**load_sharded_tensors(self.path, self.manifest, step), **buffers}
         return load_snapshot_state(self.path, self.manifest, step)
 
@@ -309,17 +312,17 @@ class Run(RecordsView):
         """Steps of the snapshots that have a kernel (int64)."""
         return np.array([s["step"] for s in self.snapshots if s.get("kernel")], dtype=np.int64)
 
-    def kernel(self, *, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+    def kernel(self, *, step: int | None = None, snapshot_index: int | None = None) -> np.ndarray | None:
         """H(θ_t) on the probe set at one snapshot (float64), or None if not measured there."""
-        i = self._index("kernel", step, index)
+        i = self._snapshot_position("kernel", step, snapshot_index)
         if not self.snapshots[i].get("kernel"):
             return None
         return load_npy(self._file(i, KERNEL))
 
-    def kernel_layers(self, *, step: int | None = None, index: int | None = None) -> np.ndarray | None:
+    def kernel_layers(self, *, step: int | None = None, snapshot_index: int | None = None) -> np.ndarray | None:
         """Each layer's eNTK H_l at one snapshot (``KernelConfig(per_layer=True)``): float64 (L, n, n), layers in
         ``run.layers`` order, summing to ``run.kernel(...)``; None where the snapshot has no per-layer kernel."""
-        i = self._index("kernel_layers", step, index)
+        i = self._snapshot_position("kernel_layers", step, snapshot_index)
         path = self._file(i, KERNEL_LAYERS)
         if not self.snapshots[i].get("kernel") or not path.exists():
             return None
@@ -347,7 +350,7 @@ class Run(RecordsView):
     def kernel_distance_to(self, tau: int) -> tuple[np.ndarray, np.ndarray]:
         """The cone curve S(θ_t, θ_τ) of the two-phase paper's Fig. 5a: ``(steps t, values)`` over the snapshots
         with a kernel. ``tau`` is a recorded step that has a kernel."""
-        j = self.index_of(tau)
+        j = self.snapshot_index_of(tau)
         if not self.snapshots[j].get("kernel"):
             raise KeyError(f"step {tau} has no kernel; steps with kernels: {self.kernel_steps.tolist()[:10]}...")
         have = np.array([bool(s.get("kernel")) for s in self.snapshots], dtype=bool)
@@ -392,29 +395,29 @@ class Run(RecordsView):
         stopped, or where the metric was not computed."""
         return chaos_maps(self.events, self.ghosts, self.steps)
 
-    def _ghost_index(self, ghost: int) -> int:
+    def _ghost_id(self, ghost: int) -> int:
         if not is_int(ghost):
-            raise TypeError(f"ghost must be a ghost index (an integer, see run.ghosts); got {ghost!r}")
+            raise TypeError(f"ghost must be a ghost id (an integer, see run.ghosts); got {ghost!r}")
         return int(ghost)
 
-    def ghost_predictions(self, ghost: int, *, step: int | None = None, index: int | None = None
+    def ghost_predictions(self, ghost: int, *, step: int | None = None, snapshot_index: int | None = None
                           ) -> np.ndarray:
-        """Eval predictions of ghost ``ghost`` at one snapshot (``step=`` or ``index=``)."""
-        i = self._index("ghost_predictions", step, index)
-        return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PREDS)), shape=self._label_shape())
+        """Eval predictions of ghost ``ghost`` at one snapshot (``step=`` or ``snapshot_index=``)."""
+        i = self._snapshot_position("ghost_predictions", step, snapshot_index)
+        return load_npy(self._file(i, ghost_array(self._ghost_id(ghost), PREDS)), shape=self._label_shape())
 
-    def ghost_params(self, ghost: int, *, step: int | None = None, index: int | None = None
+    def ghost_params(self, ghost: int, *, step: int | None = None, snapshot_index: int | None = None
                      ) -> np.ndarray:
         """Flat parameters of ghost ``ghost`` at one snapshot (runs with ``Ghosts(save_params=True)``)."""
-        i = self._index("ghost_params", step, index)
-        return load_npy(self._file(i, ghost_array(self._ghost_index(ghost), PARAMS)), mmap=True,
+        i = self._snapshot_position("ghost_params", step, snapshot_index)
+        return load_npy(self._file(i, ghost_array(self._ghost_id(ghost), PARAMS)), mmap=True,
                         shape=self._param_shape())
 
     def separation(self, ghost: int) -> tuple[np.ndarray, np.ndarray]:
         """The ghost's separation curve ``(steps int64, l2 float64)``: l2(t) = ‖θ'_t − θ_ref,t‖₂ after every
         step the ghost took (and at its spawn), up to the last committed snapshot. Empty for runs that did not
         record it."""
-        ghost = self._ghost_index(ghost)
+        ghost = self._ghost_id(ghost)
         return PairLog(separation_path(self.path, ghost)).read(until=int(self.steps[-1]) if len(self) else -1)
 
     def summary(self) -> dict[str, Any]:

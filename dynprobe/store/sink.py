@@ -28,7 +28,7 @@ class RunSink(Protocol):
     Attributes:
         root: the run directory.
         manifest: the run's manifest (a dict; :meth:`update_manifest` changes it).
-        snapshots: the committed snapshot records, in order (``{"index", "step", "kernel", ...}``).
+        snapshots: the committed snapshot records, in order (``{"snapshot_index", "step", "kernel", ...}``).
         resumed: whether the run continues an earlier one (``resume=True`` on an existing run).
         writes: whether the sink stores anything (False for the null sink of DDP ranks other than 0: what only
             the writing rank does — the online detector, callbacks, barriers, the training-loss log — is decided

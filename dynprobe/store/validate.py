@@ -149,17 +149,15 @@ _COMMON = {"step": (lambda v: v is None or _is_count(v), "a non-negative integer
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
     "snapshot": {
         "step": _STEP,
-        "index": (_is_count, "the snapshot's position in the log"),
+        "snapshot_index": (_is_count, "the snapshot's position in the log"),
         "eval_loss": (_number_or_null, "a number or null"),
         "eval_accuracy": (_number_or_null, "a number or null"),
         "train_loss": (_number_or_null, "a number or null"),
-        "lr": (lambda v: v is None or (isinstance(v, list) and all(_number_or_null(x) for x in v)),
-               "a list of numbers or null"),
         "kernel": (lambda v: v is None or isinstance(v, bool), "true or false"),
     },
     "ghost_spawn": {
         "step": _STEP,
-        "ghost": (_is_count, "a ghost index (a non-negative integer)"),
+        "ghost": (_is_count, "a ghost id (a non-negative integer)"),
         "spawn_step": (_is_count, "a non-negative integer step"),
         "control": (lambda v: isinstance(v, bool), "true or false"),
         "kind": (lambda v: isinstance(v, str), "a string"),
@@ -171,18 +169,18 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
     },
     "ghost_status": {
         "step": _STEP,
-        "ghost": (_is_count, "a ghost index (a non-negative integer)"),
+        "ghost": (_is_count, "a ghost id (a non-negative integer)"),
         "status": (lambda v: isinstance(v, str), "a string"),
         "reason": (_str_or_null, "a string or null"),
     },
-    "ghost_compare": {"step": _STEP, "ghost": (_is_count, "a ghost index (a non-negative integer)"),
+    "ghost_compare": {"step": _STEP, "ghost": (_is_count, "a ghost id (a non-negative integer)"),
                       **{name: (_number_or_null, "a number or null") for name in CHAOS_FIELDS}},
-    "ghost_barrier": {"step": _STEP, "ghost": (_is_count, "a ghost index (a non-negative integer)"),
+    "ghost_barrier": {"step": _STEP, "ghost": (_is_count, "a ghost id (a non-negative integer)"),
                       **{name: (_number_or_null, "a number or null") for name in ("B", "B_linear", "argmax_alpha")}},
 }
 # Fields that must be present (the others may be absent: older runs, optional values).
 _REQUIRED = {
-    "snapshot": ("index", "step"),
+    "snapshot": ("snapshot_index", "step"),
     "ghost_spawn": ("ghost", "step", "spawn_step", "control", "kind", "seed", "nominal_norm", "realized_norm",
                     "changed", "total"),
     "ghost_status": ("ghost", "step", "status"),
@@ -203,8 +201,9 @@ def _event_problem(event: Mapping[str, Any], snapshots: int, last_step: int, gho
             value = repr(event[field])
             return f"({kind}) has '{field}' = {value[:60]}; it must be {description}"
     if kind == "snapshot":
-        if event["index"] != snapshots:
-            return f"(snapshot) has index {event['index']} where the next snapshot's index is {snapshots}"
+        if event["snapshot_index"] != snapshots:
+            return (f"(snapshot) has snapshot_index {event['snapshot_index']} where the next snapshot's index is "
+                    f"{snapshots}")
         if event["step"] <= last_step:
             return f"(snapshot) has step {event['step']}, not after the previous snapshot's step {last_step}"
     if kind == "ghost_spawn" and event["ghost"] in ghosts:

@@ -350,7 +350,7 @@ class RunWriter:
         """The commit point of a snapshot: everything it refers to is already on disk (fsynced first when
         ``durable``), then its event line is appended."""
         self._check_open()
-        record = {"index": len(self.snapshots), **record}
+        record = {"snapshot_index": len(self.snapshots), **record}
         if self.durable:
             self._sync_before_commit(int(record["step"]))
         append_jsonl(self.root / EVENTS, {"event": "snapshot", "time": now(), **json_safe(record)},

@@ -49,7 +49,7 @@ def main() -> None:
         run = dynprobe.load_run(truth.root)
         rng = np.random.default_rng(0)
         for ghost in run.ghosts:  # per-step curves over the whole run, replacing the synthetic ones
-            path = separation_path(run.path, ghost.index)
+            path = separation_path(run.path, ghost.ghost_id)
             path.unlink()
             steps = np.arange(ghost.spawn_step, args.steps + 1, dtype=np.float64)
             PairLog(path).append(steps, np.exp(rng.normal(-5, 1, steps.size)))

@@ -181,7 +181,7 @@ def check_control(setup: Setup, steps: int) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = benchmark
     run = probed["run"]
     control = next(g for g in run.ghosts if g.control)
-    _, l2 = run.separation(control.index)
+    _, l2 = run.separation(control.ghost_id)
     main_equal = all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(),
                                                         probed["model"].state_dict().values()))
     return {"steps": steps, "control_separation_all_zero": bool((l2 == 0).all()), "separation_pairs": int(l2.size),

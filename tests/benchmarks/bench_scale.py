@@ -288,7 +288,7 @@ def part_spilled(quick: bool) -> None:
         writer.close()
         elapsed = time.perf_counter() - started
         run = load_run(out / "run")
-        flats = torch.stack([torch.from_numpy(np.array(run.params(index=i))) for i in range(len(run))])
+        flats = torch.stack([torch.from_numpy(np.array(run.params(snapshot_index=i))) for i in range(len(run))])
         reference = np.stack([cosine_dissimilarity_to_many(f, flats).numpy() for f in flats])
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.abs(run.C - reference) / np.abs(reference)
