@@ -257,7 +257,8 @@ class Run(RecordsView):
             raise RunFormatError(f"{self.path}: the manifest has no model layout; cannot rebuild a state dict")
         step = int(self.snapshots[i]["step"])
         if has_sharded_params(self.path, step):  # FSDP2: full tensors from the ranks' shards, then the buffers
-            buffers = {name: torch.from_numpy(np.array(array)) for name, array in self.buffers(snapshot_index=i).items()}
+            buffers = {name: torch.from_numpy(np.array(array))
+                       for name, array in self.buffers(snapshot_index=i).items()}
             return {**load_sharded_tensors(self.path, self.manifest, step), **buffers}
         return load_snapshot_state(self.path, self.manifest, step)
 
