@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynprobe.metrics.history import VectorHistory
+from dynprobe.store.history import VectorHistory
 
 DIM = 7
 
