@@ -26,3 +26,4 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_prints_one_json_summary():
     assert summary["control"]["main_run_bitwise_equal_to_probe_free_run"]
     assert summary["entk"]["relative_error_vs_float64_tutorial"] < 1e-6
     assert all(summary["step_time"][name]["ratio_to_bare"] > 0 for name in ("recording", "kernel"))
+    assert summary["rows"]["snapshots"] == 6 and summary["rows"]["cost_over_floor"] > 0

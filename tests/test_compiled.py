@@ -53,7 +53,7 @@ def test_the_probe_never_recompiles_the_users_compiled_model(tmp_path):
     assert run.status == "closed" and list(run.steps) == list(range(9))
     assert [g.status for g in run.ghosts] == ["finished"] * 3  # the hooks on the wrapper captured every step
     control = next(g for g in run.ghosts if g.control)
-    assert np.all(run.separation(control.index)[1] == 0)  # eager replay of an eager-equivalent compiled step
+    assert np.all(run.separation(control.ghost_id)[1] == 0)  # eager replay of an eager-equivalent compiled step
 
 
 def test_a_module_compiled_in_place_keeps_its_training_graph_and_its_run(tmp_path):

@@ -47,7 +47,7 @@ def test_which_barriers_a_probe_computes_and_the_recorded_budget():
     (dict(bn="train"), ValueError, "train-mode BatchNorm mixes the samples"),
     (dict(max_memory=0), ValueError, "max_memory"),
     (dict(per_layer=1), TypeError, "per_layer=\\) must be True or False"),
-    (dict(lag_steps=0), ValueError, "lag_steps"),
+    (dict(lag_steps=-1), ValueError, "lag_steps"),
     (dict(probe_set="test"), ValueError, "probe_set=\\) must be 'eval' or 'train'"),
     (dict(probe_set="train"), ValueError, "needs train_data"),
     (dict(train_data=(torch.zeros(4, 2), torch.zeros(4))), ValueError, "only used with probe_set='train'"),

@@ -74,7 +74,7 @@ def test_a_stateful_loss_module_is_called_only_by_the_users_loop(tmp_path, vecto
     [event] = [e for e in run.events if e["event"] == "stateful_loss"]
     assert "calls" in event["changed"] and "_buffers.running" in event["changed"] and event["separate_copies"]
     control = next(g for g in run.ghosts if g.control)
-    assert control.status == "finished" and np.all(run.separation(control.index)[1] == 0)  # its own copy, in step
+    assert control.status == "finished" and np.all(run.separation(control.ghost_id)[1] == 0)  # its own copy, in step
 
 
 def test_a_loss_whose_state_lives_in_a_closure_refuses_the_ghosts_before_their_first_call(tmp_path):
@@ -116,7 +116,7 @@ def test_per_example_losses_are_followed_and_logged_as_their_mean(tmp_path):
     run = dynprobe.load_run(tmp_path / "run")
     assert run.status == "closed" and all(g.status == "finished" for g in run.ghosts)
     control = next(g for g in run.ghosts if g.control)
-    assert np.all(run.separation(control.index)[1] == 0)
+    assert np.all(run.separation(control.ghost_id)[1] == 0)
     np.testing.assert_allclose(run.train_loss[1:], [np.mean(means[:3]), np.mean(means[3:])], rtol=1e-12)
     [event] = [e for e in run.events if e["event"] == "per_example_loss"]
     assert event["shape"] == [16] and event["step"] == 1

@@ -3,6 +3,7 @@ still allocate, shed to the run directory instead of failing, and undone by a ro
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -126,7 +127,11 @@ def test_a_probed_run_completes_inside_an_address_space_limit(tmp_path, history_
                "--limit-mib", "400"]
     if history_memory is not None:
         command += ["--history-memory", str(history_memory)]
-    child = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # One thread and two malloc arenas: RLIMIT_AS counts address space, and each extra thread reserves 64 MiB arenas
+    # and BLAS buffers it never touches (measured: with 2 threads OpenBLAS failed to allocate its own buffers under
+    # this limit); the probe's own memory is what this test limits.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    child = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["snapshots"] == 41 and report["status"] == "closed"

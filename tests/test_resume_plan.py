@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dynprobe.store.layout import EVENTS
+from dynprobe.store.layout import EVENTS, MANIFEST
 from dynprobe.store.resume import check_same_run, plan_resume
 
 from .small_runs import manifest, write_small_run
@@ -17,6 +17,10 @@ STEPS = (0, 2, 4, 6, 8)
 
 def events_of(root):
     return [json.loads(line) for line in (root / EVENTS).read_text().splitlines() if line.strip()]
+
+
+def manifest_of(root):
+    return json.loads((root / MANIFEST).read_text())
 
 
 def survives_by_the_docstring(event, resume_step, kept_snapshot_steps) -> bool:
@@ -39,7 +43,7 @@ def test_the_kept_records_follow_the_documented_rule(tmp_path, resume_step):
     events = [e for e in events_of(root) if not (e["event"] == "snapshot" and e["step"] == 8)]
     events.append({"event": "attach", "step": 8})
     assert any(e["event"] != "snapshot" and e.get("step") == 8 and e["event"] != "attach" for e in events)
-    plan = plan_resume(root, events, None, resume_step)
+    plan = plan_resume(root, manifest_of(root), events, None, resume_step)
     committed = STEPS[:-1]
     step = committed[-1] if resume_step is None else resume_step
     kept = [s for s in committed if s <= step]
@@ -53,11 +57,11 @@ def test_the_kept_records_follow_the_documented_rule(tmp_path, resume_step):
 def test_a_resume_beyond_a_closed_run_is_refused_and_beyond_an_interrupted_one_warned(tmp_path):
     write_small_run(tmp_path / "closed", steps=STEPS, close=True)
     with pytest.raises(ValueError, match="beyond the end of .* closed at step 8"):
-        plan_resume(tmp_path / "closed", events_of(tmp_path / "closed"), None, 9)
-    assert plan_resume(tmp_path / "closed", events_of(tmp_path / "closed"), None, 8).step == 8  # its last step
+        plan_resume(tmp_path / "closed", manifest_of(tmp_path / "closed"), events_of(tmp_path / "closed"), None, 9)
+    assert plan_resume(tmp_path / "closed", manifest_of(tmp_path / "closed"), events_of(tmp_path / "closed"), None, 8).step == 8  # its last step
     write_small_run(tmp_path / "open", steps=STEPS, close=False)
     with pytest.warns(UserWarning, match="resume_step=12 is after the last step"):
-        plan = plan_resume(tmp_path / "open", events_of(tmp_path / "open"), None, 12)
+        plan = plan_resume(tmp_path / "open", manifest_of(tmp_path / "open"), events_of(tmp_path / "open"), None, 12)
     assert plan.step == 12 and [s["step"] for s in plan.snapshots] == list(STEPS)
 
 

@@ -127,7 +127,11 @@ def _map(function, tasks: list) -> list:
         if workers not in _POOL:
             _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dynprobe-dots")
         pool = _POOL[workers]
-    return list(pool.map(function, tasks))
+    try:
+        futures = [pool.submit(function, t) for t in tasks]
+    except RuntimeError:  # interpreter exit: the pools are shut down before atexit (a probe closed by its atexit hook)
+        return [function(t) for t in tasks]
+    return [future.result() for future in futures]
 
 
 def _chunks(blocks: Blocks, rows: int, chunk_bytes: int | None) -> list[tuple[int, int, int]]:

@@ -22,6 +22,9 @@ Measures, on ResNet-20 with CIFAR-shaped synthetic data (3×32×32, 10 classes) 
 - ``entk``: ``dynprobe.empirical_ntk`` (trace, n = 128) against the PyTorch tutorial's recipe
   (``vmap(jacrev(functional_call))``, Jacobian contraction) in float64 on the same device: relative error and
   both times.
+- ``rows``: the C rows per snapshot of an MLP of ~11 M parameters (``tests/benchmarks/bench_rows.py``: 40 snapshots
+  every 5 steps at lr 0.01, where most entries need the cancellation-free form) against the floor (eval +
+  parameter copy + save + one GEMV read of the history), with the history on the device.
 - ``tests``: the device-parametrized tests on CUDA (``pytest -k cuda``), unless ``--skip-tests``.
 - ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated`` over the whole check.
 
@@ -52,8 +55,10 @@ sys.path.insert(0, str(ROOT))
 import dynprobe  # noqa: E402
 from dynprobe.ghosts.readings import READ_EVERY  # noqa: E402
 from dynprobe.recipes.models import resnet20  # noqa: E402
+from tests.benchmarks.bench_rows import run as rows_per_snapshot  # noqa: E402
 from tests.host_syncs import HostSyncCounter  # noqa: E402
 
+ROWS_WIDTHS = [3072, 2560, 1152, 10]  # 11.0 M parameters
 CUDA_TESTS = ["tests/test_host_syncs.py", "tests/test_ghost_readings.py", "tests/test_probe.py",
               "tests/test_ghosts.py", "tests/test_kernels.py", "tests/test_metrics.py",
               "tests/test_crash_and_resume.py"]
@@ -263,6 +268,7 @@ def main() -> None:
     summary["step_time"] = measure_step_time(setup, steps, repeats, max(steps // 3, 1), kernel_n)
     summary["control"] = check_control(setup, 10 if dry else 100)
     summary["entk"] = check_entk(setup, kernel_n)
+    summary["rows"] = rows_per_snapshot(device, 6 if dry else 40, [64, 32, 10] if dry else ROWS_WIDTHS, verbose=False)
     if device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if not args.skip_tests and device.type == "cuda":

@@ -79,13 +79,17 @@ class RowClock:
         PairwiseMatrix.update = self._update
 
 
-def run(device: torch.device, snapshots: int) -> None:
+def run(device: torch.device, snapshots: int, widths: list[int] | None = None, *, verbose: bool = True
+        ) -> dict[str, float]:
+    """Record ``snapshots`` snapshots of an MLP of ``widths`` (default :data:`WIDTHS`) and return the per-snapshot
+    costs (seconds) against the floor; prints the table when ``verbose``."""
     torch.manual_seed(0)
-    model = mlp(WIDTHS).to(device)
+    model = mlp(widths or WIDTHS).to(device)
     p = sum(q.numel() for q in model.parameters())
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(6096, WIDTHS[0], generator=generator)
-    y = (x @ torch.randn(WIDTHS[0], 10, generator=generator)).argmax(1)
+    widths = widths or WIDTHS
+    x = torch.randn(6096, widths[0], generator=generator)
+    y = (x @ torch.randn(widths[0], widths[-1], generator=generator)).argmax(1)
     x_train, y_train = x[:4096].to(device), y[:4096].to(device)
     out = Path(tempfile.mkdtemp(prefix="bench_rows_"))
     try:
@@ -141,6 +145,15 @@ def run(device: torch.device, snapshots: int) -> None:
         cost = np.add(measure_s, commit_s)
         save = np.subtract(commit_s, rows_s)
         floor = np.add(np.add(measure_s, save), gemv_s)
+        result = {"parameters": p, "snapshots": snapshots, "rows_s_mean": float(np.mean(rows_s)),
+                  "gemv_s_mean": float(np.mean(gemv_s)), "cost_s_mean": float(np.mean(cost)),
+                  "floor_s_mean": float(np.mean(floor)), "cost_over_floor": float(cost.sum() / floor.sum()),
+                  "cost_over_floor_with_close": float((cost.sum() + close_s) / floor.sum()),
+                  "rows_over_gemv": float(np.sum(rows_s) / np.sum(gemv_s)), "close_s": close_s,
+                  "share_below_6e-5": float(np.mean(lower < 6e-5))}
+        writer.close()
+        if not verbose:
+            return result
         print(f"device {device}, torch threads {torch.get_num_threads()}, OMP_NUM_THREADS "
               f"{os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}")
         print(f"P = {p / 1e6:.2f} M, {snapshots} snapshots every 5 steps, lr 0.01; C entries < 6e-5: "
@@ -155,7 +168,7 @@ def run(device: torch.device, snapshots: int) -> None:
         print(f"rows in all: {np.sum(rows_s):.2f} s (+ {close_s:.2f} s completing the pending entries at close); "
               f"the slowest snapshot: {cost.max():.3f} s (cost / floor with the close: "
               f"{(cost.sum() + close_s) / floor.sum():.2f})")
-        writer.close()
+        return result
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
