@@ -58,7 +58,8 @@ def test_a_resume_beyond_a_closed_run_is_refused_and_beyond_an_interrupted_one_w
     write_small_run(tmp_path / "closed", steps=STEPS, close=True)
     with pytest.raises(ValueError, match="beyond the end of .* closed at step 8"):
         plan_resume(tmp_path / "closed", manifest_of(tmp_path / "closed"), events_of(tmp_path / "closed"), None, 9)
-    assert plan_resume(tmp_path / "closed", manifest_of(tmp_path / "closed"), events_of(tmp_path / "closed"), None, 8).step == 8  # its last step
+    closed = tmp_path / "closed"
+    assert plan_resume(closed, manifest_of(closed), events_of(closed), None, 8).step == 8  # its last step
     write_small_run(tmp_path / "open", steps=STEPS, close=False)
     with pytest.warns(UserWarning, match="resume_step=12 is after the last step"):
         plan = plan_resume(tmp_path / "open", manifest_of(tmp_path / "open"), events_of(tmp_path / "open"), None, 12)
