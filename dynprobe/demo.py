@@ -43,7 +43,7 @@ class DemoConfig:
     SGD with momentum 0.9 at a constant lr 0.1, batch 128, 3,200 training examples, the data order of
     :func:`dynprobe.recipes.mnist1d.epoch_batches`), whose transition independent lock-step ground truth locates
     under the constant learning rate; the demo's own verdict is checked at its horizon and at twice it, with thinned
-    curves, on seeds 0–2 (``tests/test_science.py``).
+    curves, on seeds 0–2 (``tests/science/test_demo.py``).
     """
 
     out: Path = Path("runs/demo")

@@ -1,7 +1,7 @@
 """Hostile or damaged run directories, one per way a reader could hang or exhaust memory (issue 25, item 7).
 
 Each case damages a copy of a small, valid run (:func:`tests.small_runs.write_small_run`) in one place and names
-the reader call that reaches the damaged file. Shared by ``tests/test_store_reading.py`` (every case raises
+the reader call that reaches the damaged file. Shared by ``tests/store/test_reading.py`` (every case raises
 :class:`dynprobe.RunFormatError` in bounded time) and ``tests/benchmarks/bench_hostile.py`` (time and peak memory
 of ``dynprobe show`` on each). Not collected by pytest (no ``test_`` prefix).
 """

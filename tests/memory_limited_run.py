@@ -1,5 +1,5 @@
 """A probed training run inside an address-space limit (``RLIMIT_AS``): run as a child process by
-``tests/test_history.py``, or by hand::
+``tests/store/test_history_memory.py``, or by hand::
 
     python tests/memory_limited_run.py OUT --limit-mib 320 [--history-memory BYTES]
 

@@ -255,3 +255,29 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "dynprobe").rglob("__init__.py")}
     assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+
+
+PROJECT_WIDE_TESTS = {"test_architecture", "test_docs", "test_module_coverage", "test_bench_gpu"}
+NOT_A_SUBPACKAGE = {"science", "benchmarks"}  # the ground truth and the benchmarks
+
+
+def misplaced_tests(root: Path) -> list[str]:
+    """Test files that do not mirror the package: ``tests/<subpackage>/test_<module>[_<aspect>].py`` (top-level
+    modules: ``tests/test_<module>...``), with the documented exceptions."""
+    tests, package = root / "tests", root / "dynprobe"
+    wrong = []
+    for path in sorted(tests.rglob("test_*.py")):
+        relative = path.relative_to(tests)
+        if relative.parts[0] in NOT_A_SUBPACKAGE or (len(relative.parts) == 1 and path.stem in PROJECT_WIDE_TESTS):
+            continue
+        parts = relative.parts[:-1]
+        folder = root / "integrations" if parts[:1] == ("integrations",) else package.joinpath(*parts)
+        modules = {m.stem.lstrip("_") for m in folder.glob("*.py") if m.stem != "__init__"}
+        name = path.stem.removeprefix("test_")
+        if not any(name == m or name.startswith(m + "_") for m in modules):
+            wrong.append(str(relative))
+    return wrong
+
+
+def test_tests_mirror_the_package():
+    assert misplaced_tests(ROOT) == [], "move or rename: tests/<subpackage>/test_<module>[_<aspect>].py"

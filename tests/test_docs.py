@@ -199,9 +199,9 @@ def test_fsdp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypat
 def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):
     lightning = pytest.importorskip("lightning")
     transformers = pytest.importorskip("transformers")
-    from tests.test_integrations_huggingface import _eval_batch, _examples, _model
-    from tests.test_integrations_lightning import TinyClassifier
-    from tests.test_integrations_lightning import _data as lightning_data
+    from tests.integrations.test_huggingface import _eval_batch, _examples, _model
+    from tests.integrations.test_lightning import TinyClassifier
+    from tests.integrations.test_lightning import _data as lightning_data
 
     class DataModule(lightning.LightningDataModule):
         def train_dataloader(self):

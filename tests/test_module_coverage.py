@@ -32,7 +32,8 @@ NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     "dynprobe.report._sections", "dynprobe.report._text",
     "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone", "dynprobe.report.figures.curves",
     "dynprobe.report.figures.maps",
-    # tested through their callers (tests/test_history.py, test_ghost_loss.py, test_store_resume.py, test_fsdp.py)
+    # tested through their callers (store/test_history_memory.py, ghosts/test_loss_replay.py,
+    # store/test_resume_set_aside.py, distributed/test_sharded.py)
     "dynprobe._util.memory", "dynprobe.ghosts.loss_replay", "dynprobe.store.rebuild", "dynprobe.store.set_aside",
     "dynprobe.store.sharded",
     # a recipe that downloads CIFAR-10, and the version string

@@ -44,7 +44,7 @@ class TransitionDetector:
             is measured: on the demo (seeds 0 and 1) a factor of 5 fired at steps 75 and 133, inside the early
             fast kernel motion and far before every offline estimate (400–500); 20 fired at 500 and 300; 30 at
             500 and 500. The held-out seed 2 gave 500 with 30 (300 with 20), and the answer did not move when the
-            kernel snapshots were thinned ×2 or a spawn snapshot was dropped (``tests/test_science.py``). A run
+            kernel snapshots were thinned ×2 or a spawn snapshot was dropped (``tests/science/test_demo.py``). A run
             whose kernel velocity never drops 30× gets no online estimate (the offline estimate needs 3×).
         patience: for this many consecutive lag pairs.
         c_drop_factor: the median c over that stretch must be at most ``1/c_drop_factor`` of c's peak.

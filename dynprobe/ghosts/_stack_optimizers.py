@@ -4,7 +4,7 @@ Two ways to step R replicas that live in one stacked tensor per parameter:
 
 * :class:`StackedOptimizer` — one optimizer of the user's class over the stacked tensors. Exact (bitwise equal
   to R separate optimizers) only when every update is elementwise, so that stacking cannot mix replicas: SGD,
-  Adam(W), RMSprop, Adagrad, Adamax, NAdam, RAdam (``tests/test_ghost_stack.py`` checks each against per-replica
+  Adam(W), RMSprop, Adagrad, Adamax, NAdam, RAdam (``tests/ghosts/test_stack.py`` checks each against per-replica
   optimizers). Their per-parameter state is either elementwise (momentum, moments: stacked along dim 0 like the
   parameter) or a step counter shared by all replicas (``step``, NAdam's ``mu_product``): replicas of one stack
   always descend from the same optimizer history, so those counters agree (checked when a replica is added).

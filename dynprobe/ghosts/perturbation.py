@@ -3,7 +3,7 @@
 The paper perturbs by "‖ε‖₀ = 10⁻⁷", most likely a typo for ‖ε‖₂ = 10⁻⁷. In float32 that is far below the spacing
 of the weights: on a ResNet-20 at Kaiming init (median |θ| 0.045, median ulp 3.7e-9) a Gaussian ε of L2 norm 1e-7
 has a per-coordinate rms of 1.9e-10, so ~95% of the coordinates round back to their old value and the realized
-perturbation δ = fl(θ + ε) − θ keeps only ~38% of the norm (``tests/test_perturb.py`` checks it).
+perturbation δ = fl(θ + ε) − θ keeps only ~38% of the norm (``tests/ghosts/test_perturbation.py`` checks it).
 What survives is a sparse set of ±1-ulp flips, mostly on near-zero weights; weights that are exactly zero (BN
 shifts and biases at init) absorb their share of ε exactly. A ghost must therefore be described by δ, not by ε:
 :func:`perturb_` returns a :class:`PerturbationReport` with both.

@@ -11,7 +11,7 @@ zero gradients where the main has them and the stack has none, per-replica clipp
 (:mod:`dynprobe.ghosts._stack_optimizers`: one stacked optimizer for elementwise optimizers, else per-replica
 optimizers over leaf aliases of the rows), with the main optimizer's current per-group hyper-parameters.
 
-Bitwise facts (CPU, measured; ``tests/test_ghost_stack.py``): rows of one stack are computed by identical
+Bitwise facts (CPU, measured; ``tests/ghosts/test_stack.py``): rows of one stack are computed by identical
 kernels, so two ε = 0 rows stay bitwise equal forever. The vmapped kernels, however, are not the plain ones:
 BatchNorm/LayerNorm gradients and some small matmuls reduce in a different order, so a row drifts from the
 un-vmapped main model in the last bits and then chaotically. That is why a vectorized ghost is compared with

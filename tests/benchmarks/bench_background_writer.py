@@ -11,9 +11,9 @@ buffers archive, an event and the commit line. Two configurations in the same ru
 Reported: the time the calling thread spent submitting (before ``close()``) in each, and the ratio background /
 baseline. A submission waits only while more than ``in_flight`` commits are queued, so the calling thread is
 spared the last ``in_flight`` snapshots' writes: the ratio is about ``(snapshots − in_flight) / snapshots`` plus
-the handover cost, and drops toward 0 with a larger ``--in-flight``; the timing view of
-``tests/test_recording.py::test_background_writes_keep_the_order_and_leave_the_calling_thread``, which checks the
-same property without a clock. The machine is shared: ``uptime`` is printed first.
+the handover cost, and drops toward 0 with a larger ``--in-flight``; the timing view of ``tests/recording/
+test_snapshot.py::test_background_writes_keep_the_order_and_leave_the_calling_thread``, which checks the same
+property without a clock. The machine is shared: ``uptime`` is printed first.
 """
 from __future__ import annotations
 

@@ -59,9 +59,9 @@ from tests.benchmarks.bench_rows import run as rows_per_snapshot  # noqa: E402
 from tests.host_syncs import HostSyncCounter  # noqa: E402
 
 ROWS_WIDTHS = [3072, 2560, 1152, 10]  # 11.0 M parameters
-CUDA_TESTS = ["tests/test_host_syncs.py", "tests/test_ghost_readings.py", "tests/test_probe.py",
-              "tests/test_ghosts.py", "tests/test_kernels.py", "tests/test_metrics.py",
-              "tests/test_crash_and_resume.py"]
+CUDA_TESTS = ["tests/probe/test_core_host_syncs.py", "tests/ghosts/test_readings.py", "tests/probe/test_core.py",
+              "tests/ghosts/test_ghost_set.py", "tests/kernels/test_engine.py", "tests/metrics/test_functions.py",
+              "tests/probe/test_core_resume.py"]
 
 
 class TinyCNN(nn.Module):

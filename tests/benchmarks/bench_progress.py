@@ -12,7 +12,7 @@ Two measurements in the same run:
   printed as the time per snapshot of each and the difference.
 
 The deterministic checks of the same behaviour (which snapshots print, the line's text, phase sums) are in
-``tests/test_cost.py`` with a manual clock. The machine is shared: ``uptime`` is printed first.
+``tests/recording/test_cost.py`` with a manual clock. The machine is shared: ``uptime`` is printed first.
 """
 from __future__ import annotations
 
