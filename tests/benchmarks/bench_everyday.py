@@ -451,6 +451,11 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+def _gid(ghost: Any) -> int:
+    """A ghost record's id (``ghost_id``; ``index`` in older trees this bench also runs on)."""
+    return ghost.ghost_id if hasattr(ghost, "ghost_id") else ghost.index
+
+
 def read_run(out: Path) -> dict[str, Any]:
     run = dynprobe.load_run(str(out))
     events = run.events
@@ -468,15 +473,15 @@ def read_run(out: Path) -> dict[str, Any]:
                                          "perturbation_below_precision",
                                          "model_changed", "ghost_spawn_skipped", "stateful_loss", "ghost_mode")
                                if k in kinds}
-    reading["ghosts"] = [{"id": g.ghost_id, "spawn": g.spawn_step, "control": g.control, "realized": g.realized_norm,
+    reading["ghosts"] = [{"id": _gid(g), "spawn": g.spawn_step, "control": g.control, "realized": g.realized_norm,
                           "changed": getattr(g, "changed", None), "total": getattr(g, "total", None),
                           "status": g.status, "reason": getattr(g, "reason", None)} for g in run.ghosts]
     steps = np.asarray(run.steps)
     control = [g for g in run.ghosts if g.control]
     if control:
         g = control[0]
-        _, sep = run.separation(g.ghost_id)
-        maps = {name: _finite(np.asarray(run.chaos[name][g.ghost_id])) for name in ("C", "L2", "D")}
+        _, sep = run.separation(_gid(g))
+        maps = {name: _finite(np.asarray(run.chaos[name][_gid(g)])) for name in ("C", "L2", "D")}
         reading["control"] = {"separation_steps": len(sep), "separation_max": float(np.max(sep)) if len(sep) else None,
                               "maps_max": {k: (float(np.max(np.abs(v))) if len(v) else None) for k, v in maps.items()},
                               "exact": bool(len(sep) and np.all(sep == 0)
@@ -485,12 +490,12 @@ def read_run(out: Path) -> dict[str, Any]:
     if perturbed:
         g = perturbed[0]
         eps = g.realized_norm
-        l2 = np.asarray(run.chaos["L2"][g.ghost_id], dtype=float)
+        l2 = np.asarray(run.chaos["L2"][_gid(g)], dtype=float)
         try:  # L2_active is newer than some trees this bench runs on
-            active = np.asarray(run.chaos["L2_active"][g.ghost_id], dtype=float)
+            active = np.asarray(run.chaos["L2_active"][_gid(g)], dtype=float)
         except (KeyError, TypeError):
             active = np.full_like(l2, np.nan)
-        sep_steps, sep = run.separation(g.ghost_id)
+        sep_steps, sep = run.separation(_gid(g))
 
         def at(values: np.ndarray, step: int) -> float:
             hit = np.nonzero(steps == step)[0]
@@ -498,7 +503,7 @@ def read_run(out: Path) -> dict[str, Any]:
 
         last = int(steps[np.isfinite(l2)][-1]) if np.isfinite(l2).any() else -1
         reading["chaos"] = {
-            "ghost": g.ghost_id, "eps": eps, "changed": getattr(g, "changed", None), "total": getattr(g, "total", None),
+            "ghost": _gid(g), "eps": eps, "changed": getattr(g, "changed", None), "total": getattr(g, "total", None),
             "status": g.status,
             "delta1": at(l2, 1) / eps if eps else float("nan"),
             "delta1_active": at(active, 1) / eps if eps else float("nan"),
