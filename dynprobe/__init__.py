@@ -20,7 +20,7 @@ from .experiments.barriers import fill_barriers
 from .kernels import empirical_ntk
 from .metrics import loss_barrier
 from .probe import Probe
-from .recording.cost import estimate_cost
+from .probe.cost import estimate_cost
 from .store import Run, RunFormatError, RunInUseError, load_run, load_runs
 
 __all__ = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -21,6 +22,8 @@ __all__ = [
     "layer_name",
     "layer_slices",
     "max_abs_differences",
+    "parse_part_name",
+    "part_name",
     "preserved_rng",
     "rng_devices",
     "same_tensors",
@@ -49,6 +52,21 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def flatten_parameters(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``vec(θ)``: the parameters concatenated in order, as one detached vector of ``dtype`` on their device."""
     return torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+
+
+def part_name(name: str, start: int, stop: int) -> str:
+    """The name of elements ``start:stop`` of the flattened parameter tensor ``name``: ``name[start:stop]`` (the one
+    owner of this notation; :func:`parse_part_name` reads it back)."""
+    return f"{name}[{start}:{stop}]"
+
+
+def parse_part_name(text: str) -> tuple[str, slice | None]:
+    """``(tensor name, slice of its flattened elements)`` of a :func:`part_name`; ``(text, None)`` for a whole
+    tensor's name."""
+    match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", text)
+    if match is None:
+        return text, None
+    return match.group(1), slice(int(match.group(2)), int(match.group(3)))
 
 
 def layer_name(parameter_name: str) -> str:

@@ -1,8 +1,9 @@
 """One ghost compared with its reference at a snapshot: the chaos maps' entries (the two-phase paper's §4).
 
 For a ghost with flat parameters θ' and its reference θ (the main run, or the ε = 0 shadow of a vectorized stack):
-C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, L2_active = the same without the inert tensors
-(:mod:`dynprobe.recording.inert`, once found), per layer L2 over each layer's slice of vec θ (a layer is the module
+C = 1 − cos(θ, θ') (eq. 1), L2 = ‖θ − θ'‖₂, L2_active = the same without the inert tensors and tensor parts
+(:mod:`dynprobe.recording.inert`, once found; until then, and in a run without any, L2_active = L2: without inert
+tensors the active separation is the separation), per layer L2 over each layer's slice of vec θ (a layer is the module
 owning a parameter tensor, in first-appearance order: ``run.layers``), D = the task's disagreement of eval
 predictions (eq. 6), the ghost's eval loss and accuracy, and — at the snapshots where the kernel is due — S = the
 kernel distance (eq. 4) between H(θ) and H(θ'). A ghost whose parameters and buffers equal the reference's bit for
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynprobe._util.modules import flatten_parameters, same_tensors
+from dynprobe._util.modules import flatten_parameters, parse_part_name, same_tensors
 from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PARAMS, PREDS, ghost_array
 
@@ -49,13 +50,27 @@ def per_layer_l2(a: torch.Tensor, b: torch.Tensor, layers: list[tuple[str, slice
 
 
 def active_slices(model: nn.Module, inert: list[str]) -> list[slice]:
-    """The slices of vec θ (the trainable parameters in order) of every tensor not named in ``inert``."""
+    """The slices of vec θ (the trainable parameters in order) without the inert tensors and parts named in
+    ``inert`` (a tensor's name, or ``name[start:stop]`` for elements of it: :func:`dynprobe._util.modules.part_name`);
+    an inert name that is no trainable parameter is a ``ValueError``."""
+    excluded: dict[str, list[slice]] = {}
+    for text in inert:
+        name, part = parse_part_name(text)
+        excluded.setdefault(name, []).append(part if part is not None else slice(0, None))
     slices, offset = [], 0
     for name, p in model.named_parameters():
         if p.requires_grad:
-            if name not in inert:
-                slices.append(slice(offset, offset + p.numel()))
+            start = offset
+            for part in sorted(excluded.pop(name, []), key=lambda part: part.start):
+                stop = offset + min(part.stop if part.stop is not None else p.numel(), p.numel())
+                if offset + part.start > start:
+                    slices.append(slice(start, offset + part.start))
+                start = max(start, stop)
+            if offset + p.numel() > start:
+                slices.append(slice(start, offset + p.numel()))
             offset += p.numel()
+    if excluded:
+        raise ValueError(f"inert parameter names {sorted(excluded)} are not trainable parameters of the model")
     return slices
 
 
@@ -81,7 +96,8 @@ def compare_ghost(
 
     ``kernel_of`` is given when S is due for this ghost at this snapshot (and the reference has a kernel); ``state``
     returns the ghost's parameters and buffers by name for it. ``active``: the slices of vec θ without the inert
-    tensors (:func:`active_slices`), when some were found: the record also has ``L2_active``, the L2 over them.
+    tensors and parts (:func:`active_slices`), when some were found: ``L2_active`` is the L2 over them; without
+    (None) it equals ``L2``.
     """
     flat = flatten_parameters(params, storage_dtype)
     finite, reference_norm, ghost_norm = torch.stack([  # one host read
@@ -106,9 +122,12 @@ def compare_ghost(
         "eval_loss": evaluation.loss,
         "eval_accuracy": evaluation.accuracy,
     }
-    if active is not None:
-        reference_active = torch.cat([reference.params[part] for part in active])
-        record["L2_active"] = metrics.l2_distance(reference_active, torch.cat([flat[part] for part in active]))
+    if active is None:
+        record["L2_active"] = record["L2"]
+    else:
+        kept = active or [slice(0, 0)]  # every tensor inert: nothing left, the active separation is 0
+        reference_active = torch.cat([reference.params[part] for part in kept])
+        record["L2_active"] = metrics.l2_distance(reference_active, torch.cat([flat[part] for part in kept]))
     if identical:
         record["evaluation"] = "the reference's (bitwise equal parameters and buffers)"
     if reference.drift is not None:  # the shadow's own distance from the main run, next to the ghost signal

@@ -157,7 +157,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                                     learning_rates=learning_rates, barriers=barriers,
                                     transition=transition, progress=progress, model=inner,
                                     sink=sink, on_snapshot=options.on_snapshot,
-                                    inert=None if sharded else InertWatch(named_params, optimizer, sink))
+                                    inert=None if sharded else InertWatch(inner, named_params, optimizer, sink))
         if sharded:  # every rank agrees on each snapshot's outcome before training goes on
             assert dist is not None
             sequence = AgreedSnapshots(sequence, dist, device)

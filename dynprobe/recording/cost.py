@@ -1,5 +1,7 @@
-"""``estimate_cost``: the price of a probe configuration before attaching it — time and disk per snapshot and for
-the whole schedule, measured on the user's own model and eval data.
+"""The price of a probe configuration before attaching it — time and disk per snapshot and for the whole schedule,
+measured on the user's own model and eval data: :func:`measure_cost`, the options that change the cost. The public
+:func:`dynprobe.estimate_cost` (:mod:`dynprobe.probe.cost`) takes every ``Probe`` option, validates them as
+``Probe`` does and passes these on.
 
 It times what one snapshot does (one evaluation of the eval set, writing θ, the eNTK when configured — and, for
 the per-output ``"trace"`` or ``"full"`` modes, the one-backward-pass ``"logit_sum"`` eNTK too, printed beside
@@ -38,7 +40,7 @@ from .cadence import PlannedSnapshot, planned_snapshots, snapshot_schedule
 from .kernel_probe import KernelMeasure
 from .progress import SnapshotProgress
 
-__all__ = ["CHEAPER_MODE", "CostEstimate", "estimate_cost"]
+__all__ = ["CHEAPER_MODE", "CostEstimate", "measure_cost"]
 
 # Modes with one backward pass per output coordinate, and the one-pass mode whose cost is printed beside theirs.
 PER_OUTPUT_MODES = ("trace", "full")
@@ -48,7 +50,7 @@ CHEAPER_MODE = "logit_sum"
 @dataclass(frozen=True)
 class CostEstimate:
     """Measured unit costs and the projected cost of a schedule (seconds, bytes). ``str(estimate)`` is the table
-    :func:`estimate_cost` prints."""
+    :func:`measure_cost` prints."""
 
     seconds_per_evaluation: float
     seconds_params_write: float
@@ -151,7 +153,7 @@ class _Discard:
         return None
 
 
-def estimate_cost(
+def measure_cost(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     eval_data: Any,
@@ -166,14 +168,15 @@ def estimate_cost(
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     task: Any = None,
     seed: int = 0,
+    progress: bool = True,
     console: Console | None | bool = None,
 ) -> CostEstimate:
     """Time one snapshot of ``model`` and print the projected time and disk per snapshot and for the schedule.
 
-    Takes the arguments ``dynprobe.Probe`` would get (same meanings and defaults) plus ``total_steps``, the
-    number of optimizer steps you plan. ``console``: where to print (default: stderr; ``False``: do not print).
-    Returns the :class:`CostEstimate`. A measurement that runs longer than two seconds shows a progress line
-    (what is being timed, the elapsed time) on that console.
+    The arguments are the ``dynprobe.Probe`` options that change the cost (same meanings and defaults) plus
+    ``total_steps``, the number of optimizer steps you plan. ``console``: where to print (default: stderr;
+    ``False``: do not print). Returns the :class:`CostEstimate`. A measurement that runs longer than two seconds
+    shows a progress line (what is being timed, the elapsed time) on that console, unless ``progress`` is False.
     """
     model = check_model(model)
     optimizer = check_optimizer(optimizer, model)
@@ -187,9 +190,9 @@ def estimate_cost(
     if kernel is not None:  # the mode and lag the probe would choose (KernelConfig's defaults)
         kernel = kernel.for_task(eval_set.task.name).with_default_lag(schedule, total_steps)
     out = console if isinstance(console, Console) else Console(stderr=True)
-    progress = SnapshotProgress(enabled=console is not False, console=out)
-    with progress.snapshot(0, what="estimate_cost, timing one snapshot"):
-        measured = _measure(progress, model, eval_set, kernel, output_fn, eval_batch_size, device)
+    progress_line = SnapshotProgress(enabled=console is not False and progress, console=out)
+    with progress_line.snapshot(0, what="estimate_cost, timing one snapshot"):
+        measured = _measure(progress_line, model, eval_set, kernel, output_fn, eval_batch_size, device)
     seconds_eval, evaluation, seconds_write, seconds_kernel, kernel_bytes, seconds_cheaper = measured
     params = [p for _, p in trainable_parameters(model)]
     storage = 8 if any(p.dtype == torch.float64 for p in params) else 4

@@ -28,7 +28,7 @@ emitted that the bare run did not), bitwise (final parameters and buffers ``torc
 the same global RNG state after), control exact (the ε = 0 ghost's separation curve and its C/L2/D all exactly 0,
 or the ``control_drift`` event and its causes), the chaos reading of the first perturbed ghost spawned at step 0:
 δ = L2 / realized ‖ε‖ at the step-1 snapshot and at the last one, with every tensor (``chaos["L2"]``) and without
-the inert ones (``chaos["L2_active"]``, NaN in the run when none were found: then equal to L2), the
+the inert ones (``chaos["L2_active"]``: equal to L2 when none were found; NaN in runs of older trees), the
 ``inert_parameters`` event's tensors, and the cost: ``estimate_cost`` (on a separate build of the same model)
 → predicted ratio = ``ghost_training_factor`` + ``seconds_total`` / bare wall time, against the measured ratio
 probed wall time (attach → close) / bare wall time (the training loop), both measured in this process. The machine

@@ -95,7 +95,7 @@ def test_estimate_cost_prints_the_logit_sum_cost_beside_trace_and_a_progress_lin
     monkeypatch.setattr(cost, "SnapshotProgress", functools.partial(SnapshotProgress, delay=0.0))
     model, optimizer, _, data = mlp_setup()
     out = io.StringIO()
-    estimate = cost.estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=100,
+    estimate = dynprobe.estimate_cost(model, optimizer, (data.x_test, data.y_test), total_steps=100,
                                   schedule=schedule.at([0, 50, 100]), kernel=KernelConfig(n=8),
                                   console=Console(file=out, width=140))
     assert estimate.kernel_mode == "trace" and estimate.cheaper_mode == "logit_sum"
@@ -112,7 +112,7 @@ def test_estimate_cost_of_a_token_model_needs_no_cheaper_row():
     model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     tokens = torch.randint(0, 11, (16, 5))
-    estimate = cost.estimate_cost(model, optimizer, (tokens, tokens), total_steps=10, kernel=KernelConfig(n=4),
+    estimate = dynprobe.estimate_cost(model, optimizer, (tokens, tokens), total_steps=10, kernel=KernelConfig(n=4),
                                   console=False)
     assert estimate.kernel_mode == "logit_sum" and estimate.seconds_per_cheaper_kernel is None
     assert "instead" not in str(estimate)

@@ -9,10 +9,9 @@ import torch
 from rich.console import Console
 
 import dynprobe
-from dynprobe import schedule
+from dynprobe import estimate_cost, schedule
 from dynprobe.config import Barriers
 from dynprobe.recording import progress as progress_module
-from dynprobe.recording.cost import estimate_cost
 from dynprobe.recording.progress import SnapshotProgress
 
 from ..conftest import mlp_setup, train
