@@ -61,7 +61,8 @@ from tests.host_syncs import HostSyncCounter  # noqa: E402
 ROWS_WIDTHS = [3072, 2560, 1152, 10]  # 11.0 M parameters
 CUDA_TESTS = ["tests/probe/test_core_host_syncs.py", "tests/ghosts/test_readings.py", "tests/probe/test_core.py",
               "tests/ghosts/test_ghost_set.py", "tests/kernels/test_engine.py", "tests/metrics/test_functions.py",
-              "tests/probe/test_core_resume.py"]
+              "tests/probe/test_core_resume.py", "tests/metrics/test_barrier.py", "tests/metrics/test_interval.py",
+              "tests/_util/test_distances.py"]
 
 
 class TinyCNN(nn.Module):

@@ -568,3 +568,15 @@ def test_regression_barrier_uses_mse_and_refuses_the_error_metric():
                                                                      expected[0]), abs=1e-6)
     with pytest.raises(ValueError, match="metric='error' needs a task with an accuracy"):
         loss_barrier(model, state_a, state_b, (x, y), metric="error")
+
+
+def test_the_barrier_on_each_device_matches_the_brute_force_loop(device):
+    """B (eq. 5) with the model and data on ``device`` (CUDA under the fixture's deterministic settings) against the
+    brute-force α loop on the CPU."""
+    model, state_a, state_b = mlp_endpoints()
+    x, y = classification_data(300, (8,), 3)
+    expected = brute_force_curve(model, state_a, state_b, x, y, np.linspace(0, 1, 11), metric="loss")
+    on_device = copy.deepcopy(model).to(device)
+    result = loss_barrier(on_device, state_a, state_b, (x.to(device), y.to(device)), alphas=11, batch_size=128)
+    np.testing.assert_allclose(result.curve, expected, rtol=1e-5, atol=1e-7)
+    assert result.value == pytest.approx(brute_force_barrier(expected, expected[-1], expected[0]), abs=1e-5)

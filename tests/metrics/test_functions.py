@@ -184,3 +184,11 @@ def test_norms_depend_on_the_values_only_so_identical_vectors_give_exact_zeros()
                               blocks)
     np.testing.assert_array_equal(fused, reference)  # the norms computed with the dot products: the same numbers
     assert np.all(rows[:, 0] == 0.0)
+
+
+def test_disagreement_to_many_on_each_device_matches_numpy(device):
+    """D (eq. 6) between one prediction vector and a stack, computed where the predictions live."""
+    rng = np.random.default_rng(5)
+    a, many = rng.integers(0, 10, 700), rng.integers(0, 10, (4, 700))
+    got = metrics.disagreement_to_many(torch.from_numpy(a).to(device), torch.from_numpy(many).to(device))
+    np.testing.assert_array_equal(torch.as_tensor(got).cpu().numpy(), (many != a).mean(axis=1))
