@@ -2,14 +2,19 @@
 
 For every training-mode forward of the main model, a forward pre-hook records the inputs (by reference), the
 RNG state *before* the forward (so dropout masks replay identically) and the autocast state. The watched loss
-records its arguments — with the main model's output located by identity, so a ghost's output can take its
-place (``criterion(out.logits, y)`` works) — and a tensor hook on the loss records dL_total/dloss, which
+records its arguments — with the main model's output located by identity or as a view of it, so a ghost's output
+can take its place (``criterion(out.logits, y)`` and ``criterion(logits.reshape(-1, V), y.reshape(-1))`` work;
+:mod:`dynprobe.capture.views`) — and a tensor hook on the loss records dL_total/dloss, which
 reproduces ``loss / k`` gradient accumulation, loss weights and ``GradScaler.scale``. A *micro-batch* is one
 (forward, loss) pair; a step is the list of micro-batches since the previous optimizer step.
 
 Replaying a step on a ghost (:func:`replay_micro_batch`) sets the recorded RNG state, re-enters the recorded
 autocast state, runs the ghost's forward on the same inputs, rebuilds the loss arguments with the ghost's
 output, and calls ``backward`` with the recorded gradient. The caller restores the main RNG stream afterwards.
+
+A watched-loss call the ghosts cannot replay is noted with its reason (:class:`UnmatchedLoss`): no argument is
+the output, a part of it or a view of it; or an argument is computed from the output without being a view
+(``logits.float()``), which the ghosts must not replay with the main run's tensor.
 """
 from __future__ import annotations
 
@@ -22,15 +27,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .views import OutputView, derived_from, locate_view, storage_key
+
 __all__ = [
     "explicit_micro_batch",
     "AutocastState",
+    "CapturedStep",
     "ForwardCall",
     "LossCall",
     "MicroBatch",
     "OutputPath",
     "RngState",
     "StepCapture",
+    "Substitution",
+    "UnmatchedLoss",
     "micro_batch_loss",
     "replay_micro_batch",
 ]
@@ -149,10 +159,26 @@ class ForwardCall:
     input_versions: tuple[tuple[torch.Tensor, int], ...]
     output: Any = None
     output_ids: dict[int, OutputPath] = field(default_factory=dict)
+    output_memory: dict[int, list[tuple[OutputPath, torch.Tensor]]] = field(default_factory=dict)  # by storage
+    output_nodes: tuple[Any, ...] = ()  # the output tensors' grad_fn, held so that their ids stay theirs
 
     def inputs_unchanged(self) -> bool:
         """False when an input tensor was modified in place after the forward (a reused buffer)."""
         return all(t._version == v for t, v in self.input_versions)
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """A loss argument (at ``arg_path``) that is the output tensor at ``out_path``, or ``view`` of it."""
+
+    arg_path: OutputPath
+    out_path: OutputPath
+    view: OutputView | None = None
+
+    def of(self, output: Any) -> Any:
+        """This argument rebuilt from another output (a ghost's)."""
+        value = follow(output, self.out_path)
+        return value if self.view is None else self.view.of(value)
 
 
 @dataclass
@@ -162,9 +188,7 @@ class LossCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     forward: ForwardCall
-    # For each loss argument that is (part of) the forward's output: where it sits in the loss arguments and
-    # where it sits in the output.
-    substitutions: tuple[tuple[OutputPath, OutputPath], ...]
+    substitutions: tuple[Substitution, ...]  # the loss arguments that are (part of, or a view of) the output
     autocast: AutocastState
     grad: torch.Tensor | None = None  # dL_total/dloss, recorded by a tensor hook during backward
     scale: float | None = None  # the main GradScaler's scale when the loss was computed (if one is declared)
@@ -176,6 +200,32 @@ class MicroBatch:
     loss: LossCall | None  # None when the loss comes from the output itself (loss_from_output)
     grad: torch.Tensor | None = None
     scale: float | None = None
+
+
+_FIXES = ("Pass the model's output itself, or a view of it (reshape, view, flatten, transpose, slicing), to the "
+          "watched loss and compute the rest inside the loss function; for a model that computes its own loss pass "
+          "Probe(loss_from_output=...); or call probe.step(x, y) at the top of each iteration with "
+          "Ghosts(loss_fn=...) applied to (output, targets)")
+
+
+@dataclass
+class UnmatchedLoss:
+    """A watched-loss call the ghosts cannot replay. ``from_output``: an argument comes from the model's output
+    (computed from it, or a view that cannot be replayed), so replaying the step without it would train the ghosts
+    on another loss; they must stop. ``backpropagated``: the user's backward reached this loss."""
+
+    reason: str
+    from_output: bool
+    backpropagated: bool = False
+
+
+@dataclass
+class CapturedStep:
+    """What :meth:`StepCapture.take` hands the ghosts: the replayable micro-batches, and the watched-loss calls of
+    this step that were backpropagated but cannot be replayed."""
+
+    micro_batches: list[MicroBatch]
+    unmatched: list[UnmatchedLoss] = field(default_factory=list)
 
 
 def _arg_paths(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[OutputPath, Any]]:
@@ -216,7 +266,7 @@ class StepCapture:
         self.scale_fn = scale_fn
         self.forwards: list[ForwardCall] = []
         self.micro_batches: list[MicroBatch] = []
-        self.unmatched_losses = 0
+        self.unmatched: list[UnmatchedLoss] = []
 
     def on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         versions = tuple((t, t._version) for t in _tensors_in((args, kwargs)))
@@ -229,20 +279,35 @@ class StepCapture:
             call.output = output
             call.output_ids = {id(t): path for path, t in tensor_paths(output)}
             call.output_ids[id(output)] = ()  # the whole output object passed to the loss
+            for path, tensor in tensor_paths(output):
+                key = storage_key(tensor)
+                if key is not None:
+                    call.output_memory.setdefault(key, []).append((path, tensor))
+            call.output_nodes = tuple(t.grad_fn for _, t in tensor_paths(output) if t.grad_fn is not None)
 
     def on_loss(self, loss: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """A watched-loss call: find the forward whose output it consumes; hook the loss's gradient."""
+        """A watched-loss call: find the forward whose output it consumes; hook the loss's gradient. A call that
+        cannot be replayed is noted (:class:`UnmatchedLoss`), and counts once its backward runs."""
+        arguments = list(_arg_paths(args, kwargs))
         for call in reversed(self.forwards):
-            substitutions = tuple(
-                (arg_path, call.output_ids[id(value)])
-                for arg_path, value in _arg_paths(args, kwargs)
-                if id(value) in call.output_ids
-            )
+            substitutions, problem = _substitutions(call, arguments)
+            if problem is not None:
+                self._note_unmatched(UnmatchedLoss(f"{problem}. {_FIXES}", from_output=True), loss)
+                return
             if substitutions:
                 record = LossCall(args, dict(kwargs), call, substitutions, AutocastState.capture())
                 self._add(MicroBatch(call, record), loss)
                 return
-        self.unmatched_losses += 1
+        self._note_unmatched(UnmatchedLoss(
+            "none of the watched loss's arguments is the model's output, a part of it or a view of it", False), loss)
+
+    def _note_unmatched(self, unmatched: UnmatchedLoss, loss: torch.Tensor) -> None:
+        def record(grad: torch.Tensor, unmatched: UnmatchedLoss = unmatched) -> None:
+            unmatched.backpropagated = True
+
+        if loss.requires_grad:
+            loss.register_hook(record)
+        self.unmatched.append(unmatched)
 
     def on_output_loss(self, loss: torch.Tensor) -> None:
         """``loss_from_output`` mode: the loss is part of the last forward's output."""
@@ -259,11 +324,47 @@ class StepCapture:
             loss.register_hook(record)
         self.micro_batches.append(micro)
 
-    def take(self) -> list[MicroBatch]:
-        """The micro-batches whose backward ran since the previous step; resets the capture."""
-        taken = [m for m in self.micro_batches if m.grad is not None]
-        self.forwards, self.micro_batches, self.unmatched_losses = [], [], 0
+    def take(self) -> CapturedStep:
+        """The micro-batches and unmatched loss calls whose backward ran since the previous step; resets the
+        capture."""
+        taken = CapturedStep([m for m in self.micro_batches if m.grad is not None],
+                             [u for u in self.unmatched if u.backpropagated])
+        self.forwards, self.micro_batches, self.unmatched = [], [], []
         return taken
+
+
+def _substitutions(call: ForwardCall, arguments: list[tuple[OutputPath, Any]]
+                   ) -> tuple[tuple[Substitution, ...], str | None]:
+    """The loss arguments that are ``call``'s output, a part of it or a view of one (:func:`locate_view`); or why
+    the call cannot be replayed: an argument is a view that cannot be replayed, or is computed from the output."""
+    substitutions = []
+    for arg_path, value in arguments:
+        if id(value) in call.output_ids:
+            substitutions.append(Substitution(arg_path, call.output_ids[id(value)]))
+            continue
+        if not isinstance(value, torch.Tensor):
+            continue
+        located = [(path, locate_view(value, out)) for path, out in call.output_memory.get(storage_key(value), [])]
+        views = [(path, view) for path, view in located if isinstance(view, OutputView)]
+        if views:
+            substitutions.append(Substitution(arg_path, *views[0]))
+            continue
+        refused = next((reason for _, reason in located if isinstance(reason, str)), None)
+        if refused is not None:
+            return (), refused
+        operation = derived_from(value, call.output_nodes)
+        if operation is not None:
+            return (), (f"the watched loss's argument {_describe(arg_path)} is computed from the model's output "
+                        f"({operation}), not the output or a view of it, so a ghost cannot compute it from its own "
+                        "output")
+    return tuple(substitutions), None
+
+
+def _describe(path: OutputPath) -> str:
+    """``0`` for the first positional argument, ``target=`` for a keyword, ``0[1]`` inside a container."""
+    (kind, key), rest = path[0], path[1:]
+    head = f"{key}=" if kind == "kw" else str(key)
+    return head + "".join(f"[{k!r}]" if isinstance(k, str) else f"[{k}]" for _, k in rest)
 
 
 def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -285,8 +386,8 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
 def ghost_loss_arguments(loss: LossCall, ghost_output: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The loss arguments with every piece of the main output replaced by the ghost's counterpart."""
     args, kwargs = loss.args, loss.kwargs
-    for arg_path, out_path in loss.substitutions:
-        value = follow(ghost_output, out_path)
+    for substitution in loss.substitutions:
+        value, arg_path = substitution.of(ghost_output), substitution.arg_path
         if arg_path[0][0] == "kw":
             kwargs = _replace(kwargs, arg_path, value)
         else:
@@ -354,5 +455,5 @@ def explicit_micro_batch(inputs: Any, targets: Any, cuda_devices: list[int], *, 
     call = ForwardCall(args, kwargs, RngState.capture(cuda_devices), AutocastState.capture(), ())
     if not with_loss:
         return MicroBatch(call, None)
-    loss = LossCall((None, targets), {}, call, (((("index", 0),), ()),), AutocastState.capture())
+    loss = LossCall((None, targets), {}, call, (Substitution((("index", 0),), ()),), AutocastState.capture())
     return MicroBatch(call, loss)

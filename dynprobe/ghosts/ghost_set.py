@@ -14,7 +14,7 @@ synchronizes with the device on a plain step: the per-step values are read in ba
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from dynprobe._util.inputs import index_inputs, inputs_to
 from dynprobe._util.modules import is_compiled, layer_slices, preserved_rng
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.capture.loss_state import module_memo
-from dynprobe.capture.step import MicroBatch
+from dynprobe.capture.step import MicroBatch, UnmatchedLoss
 from dynprobe.config import Ghosts
 from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 from dynprobe.store.sink import RunSink
@@ -34,7 +34,7 @@ from dynprobe.store.sink import RunSink
 from .attached import AttachedLayout, check_attachable
 from .comparison import active_slices, compare_ghost
 from .loss_replay import LossIsolation, LossReplay
-from .notices import control_drift_notice, precision_notice, realized_norm_notice, shadow_drift_notice
+from .notices import control_drift_notice, precision_notice, realized_norm_notice, replay_notice, shadow_drift_notice
 from .perturbation import Perturbation
 from .readings import PendingReadings, StepReading, StepValues
 from .replica import deterministic_replay_possible, lifetime_reached
@@ -251,21 +251,20 @@ class GhostSet:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[MicroBatch], step: int) -> None:
+    def train_step(self, micro_batches: list[MicroBatch], step: int, unmatched: Sequence[UnmatchedLoss] = ()) -> None:
         """Advance every live ghost by one main optimizer step on the captured micro-batches.
 
-        ``step`` is the main run's step *after* its update (the ghosts reach it here).
+        ``step``: the main run's step *after* its update; ``unmatched``: its watched-loss calls not replayable.
         """
         live = self.live
         if not live:
             return
-        if not micro_batches:
+        notice = replay_notice(bool(micro_batches), unmatched)
+        if notice is not None:
+            kind, message, reason = notice
             self.read()
-            self._warn_once("no-capture", "dynprobe: the optimizer stepped but the ghosts saw no (forward, loss, "
-                            "backward) to replay. Wrap the loss with criterion = probe.watch(criterion), pass "
-                            "loss_from_output= for models that compute their own loss, or call probe.step(x, y) "
-                            "explicitly")
-            self._stop_all(self.live, "failed", step, "no captured batch to replay")
+            self._warn_once(kind, message)
+            self._stop_all(self.live, "failed", step, reason)
             return
         if not self._layout_unchanged(step):
             return

@@ -5,14 +5,18 @@ The ghost set decides *when* to warn (once per kind, at the user's line); these 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from dynprobe.capture.step import UnmatchedLoss
+
 from .perturbation import PerturbationReport
 from .replica import likely_drift_causes
 
-__all__ = ["VISIBLE_SHARE", "control_drift_notice", "precision_notice", "realized_norm_notice", "shadow_drift_notice"]
+__all__ = ["VISIBLE_SHARE", "control_drift_notice", "precision_notice", "realized_norm_notice", "replay_notice",
+           "shadow_drift_notice"]
 
 # Below this share of coordinates that differ after rounding to the autocast compute dtype, a perturbation is
 # reported as below that dtype's resolution.
@@ -83,3 +87,30 @@ def shadow_drift_notice(step: int, drift: dict[str, Any], separations: list[floa
                     f"{drift['L2']:.3g} away from your run, more than the smallest ghost separation ({smallest:.3g}): "
                     "the chaos maps measure the vectorized kernels' rounding as much as ε. Use "
                     "Ghosts(vectorize=False) (the default) for an exact reference")
+
+
+def replay_notice(captured: bool, unmatched: Sequence[UnmatchedLoss]) -> tuple[str, str, str] | None:
+    """Why the ghosts cannot replay an optimizer step, as (warning kind, warning, status reason); None when they can.
+
+    A backpropagated watched-loss call with an argument computed from the model's output stops them with its own
+    reason (replaying without it would train them on another loss). With nothing ``captured``: the watched loss was
+    backpropagated but none of its arguments was the output, a part of it or a view of it (``unmatched`` holds
+    those calls), or no watched loss was backpropagated at all.
+    """
+    blocking = next((u for u in unmatched if u.from_output), None)
+    if blocking is not None:
+        return ("loss-from-output", f"dynprobe: the ghosts cannot replay the watched loss: {blocking.reason}",
+                blocking.reason)
+    if captured:
+        return None
+    if unmatched:
+        message = (f"dynprobe: the optimizer stepped, and the watched loss was backpropagated {len(unmatched)} "
+                   "time(s), but none of its arguments was the model's output, a part of it or a view of it, so the "
+                   "ghosts cannot put their own output in its place. Pass the model's output (or a view: reshape, "
+                   "view, slicing) to the watched loss, pass Probe(loss_from_output=...) for a model that computes "
+                   "its own loss, or call probe.step(x, y) explicitly with Ghosts(loss_fn=...)")
+    else:
+        message = ("dynprobe: the optimizer stepped but the ghosts saw no (forward, loss, backward) to replay. Wrap "
+                   "the loss with criterion = probe.watch(criterion), pass loss_from_output= for models that compute "
+                   "their own loss, or call probe.step(x, y) explicitly")
+    return "no-capture", message, "no captured batch to replay"

@@ -217,7 +217,8 @@ class Probe:
 
     def _after_step_work(self) -> None:
         if self._ghosts is not None and self._capture is not None:
-            self._ghosts.train_step(self._capture.take(), self._clock.step)
+            captured = self._capture.take()
+            self._ghosts.train_step(captured.micro_batches, self._clock.step, unmatched=captured.unmatched)
         self._advance_to_current_step()
 
     def _advance_to_current_step(self) -> None:

@@ -8,8 +8,9 @@ Scripts (models of ~50k–300k parameters, generated data, ``--steps`` optimizer
 1. ``vit``: ViT (patch-embedding conv, nn.MultiheadAttention, LayerNorm, dropout), AdamW + linear-warmup/cosine
    LambdaLR + ``clip_grad_norm_`` (declared: ``Ghosts(clip_grad_norm=1.0)``);
 2. ``gpt``: GPT-style LM, tied embeddings, labels padded with -100 (token task), the loss called as
-   ``criterion(logits.reshape(-1, V), y.reshape(-1))``; ``gpt_2nd``: the second try, ``criterion(model(x), y)``
-   with a loss module that flattens inside;
+   ``criterion(logits.reshape(-1, V), y.reshape(-1))`` (a view of the output, replayed on the ghosts' outputs);
+   ``gpt_2nd``: ``criterion(model(x), y)`` with a loss module that flattens inside (the second try the probe needed
+   while it matched the output by identity only; it must now give the same numbers as ``gpt``);
 3. ``unet``: U-Net regressor (conv + BatchNorm, default biases), per-pixel MSE, Adam;
 4. ``bert``: transformers ``BertForSequenceClassification`` from a config, padded attention masks, plain loop,
    the model's own loss (``loss_from_output=True``);
@@ -135,8 +136,9 @@ def setup_gpt() -> Setup:
 
 
 class TokenCrossEntropy(nn.Module):
-    """The second try for ``gpt``: the watched loss takes the model's output itself and flattens inside (the
-    probe finds the model's output among the loss arguments by identity: ``logits.reshape(...)`` is not it)."""
+    """The second try for ``gpt``: the watched loss takes the model's output itself and flattens inside (needed while
+    the probe found the model's output among the loss arguments by identity only, so ``logits.reshape(...)``
+    matched nothing; views are matched now)."""
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)

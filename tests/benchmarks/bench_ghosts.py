@@ -161,7 +161,7 @@ def separation_cost(workload: str, repeats: int = 200) -> tuple[float, float]:
     loss = trainer.criterion(trainer.model(trainer.x[index]), trainer.y[index])
     trainer.optimizer.zero_grad()
     loss.backward()
-    micro_batches = trainer.probe._capture.take()  # noqa: SLF001
+    micro_batches = trainer.probe._capture.take().micro_batches  # noqa: SLF001
     step_times, separation_times = [], []
     for _ in range(repeats):
         started = time.perf_counter()

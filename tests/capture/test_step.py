@@ -62,7 +62,7 @@ def test_replay_reuses_the_dropout_masks_of_the_main_forward():
     harness = Harness(MLP(dropout=0.5))
     x, y = _batch()
     harness.criterion(harness.model(x), y).backward()
-    (micro,) = harness.capture.take()
+    (micro,) = harness.capture.take().micro_batches
     after = torch.get_rng_state()
     _assert_same(harness.replay([micro]), _grads(harness.model))
     assert torch.equal(torch.get_rng_state(), after)
@@ -98,7 +98,7 @@ def test_a_bf16_autocast_step_replays_bitwise():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = harness.criterion(harness.model(x), y)
     loss.backward()
-    micro_batches = harness.capture.take()
+    micro_batches = harness.capture.take().micro_batches
     assert micro_batches[0].forward.autocast.regions == (("cpu", torch.bfloat16),)
     _assert_same(harness.replay(micro_batches), _grads(harness.model))
 
@@ -113,11 +113,11 @@ def test_gradient_accumulation_replays_the_recorded_loss_scaling():
     for k in range(3):
         x, y = _batch(10 + k)
         (harness.criterion(harness.model(x), y) / 3).backward()
-    micro_batches = harness.capture.take()
+    micro_batches = harness.capture.take().micro_batches
     assert len(micro_batches) == 3
     assert all(torch.equal(m.grad, torch.tensor(1 / 3)) for m in micro_batches)
     _assert_same(harness.replay(micro_batches), _grads(harness.model))
-    assert harness.capture.take() == []  # take() starts the next step
+    assert harness.capture.take().micro_batches == []  # take() starts the next step
 
 
 def test_only_training_forwards_with_a_backward_are_captured():
@@ -133,15 +133,18 @@ def test_only_training_forwards_with_a_backward_are_captured():
     harness.busy = True
     harness.criterion(harness.model(x), y).backward()  # the probe's own calls
     harness.busy = False
-    assert harness.capture.take() == []
+    assert harness.capture.take().micro_batches == []
 
 
-def test_a_loss_on_a_tensor_from_no_captured_forward_is_counted_unmatched():
+def test_a_backpropagated_loss_on_a_tensor_from_no_captured_forward_is_counted_unmatched():
     harness = Harness(MLP())
     x, y = _batch()
     harness.model(x)
-    harness.criterion(torch.randn(16, 5, requires_grad=True), y)
-    assert harness.capture.unmatched_losses == 1
+    harness.criterion(torch.randn(16, 5, requires_grad=True), y)  # no backward: not counted
+    harness.criterion(torch.randn(16, 5, requires_grad=True), y).backward()
+    captured = harness.capture.take()
+    assert captured.micro_batches == [] and len(captured.unmatched) == 1
+    assert not captured.unmatched[0].from_output
 
 
 def test_an_input_edited_in_place_after_the_forward_is_detected():
@@ -200,7 +203,7 @@ def test_the_loss_finds_the_replicas_output_wherever_the_main_output_was_passed(
     harness = Harness(Wrapped(kind), _loss_for(path))
     x, y = _batch(4)
     call(harness.criterion, harness.model(x), y).backward()
-    (micro,) = harness.capture.take()
+    (micro,) = harness.capture.take().micro_batches
     assert micro.loss is not None and micro.loss.substitutions
     _assert_same(harness.replay([micro]), _grads(harness.model))
 
@@ -222,7 +225,7 @@ def test_output_loss_path_replays_the_loss_the_model_returns():
     CaptureHooks(model, capture, lambda: False, loss_from_output=lambda out: out["loss"])
     x, y = _batch(5)
     model(x, labels=y)["loss"].backward()
-    (micro,) = capture.take()
+    (micro,) = capture.take().micro_batches
     assert micro.loss is None
     replay_micro_batch(replica, micro, loss_fn=None, loss_from_output=lambda out: out["loss"])
     _assert_same(_grads(replica), _grads(model))
@@ -275,4 +278,4 @@ def test_hooks_ignore_other_modules_and_can_be_removed():
     assert harness.capture.forwards == []
     harness.hooks.remove()
     harness.criterion(harness.model(x), y).backward()
-    assert harness.capture.forwards == [] and harness.capture.take() == []
+    assert harness.capture.forwards == [] and harness.capture.take().micro_batches == []

@@ -13,8 +13,9 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
+from dynprobe.capture.step import UnmatchedLoss
 from dynprobe.ghosts import attached, ghost_set
-from dynprobe.ghosts.notices import control_drift_notice
+from dynprobe.ghosts.notices import control_drift_notice, replay_notice
 from dynprobe.ghosts.perturbation import perturb_
 from dynprobe.ghosts.replica import NONDETERMINISTIC_CAUSE, deterministic_replay_possible
 
@@ -434,6 +435,17 @@ def test_unwatched_loss_marks_ghosts_failed_with_a_clear_warning(tmp_path):
         train(model, optimizer, scheduler, data, 3)
     probe.close()
     assert all(g.status == "failed" for g in dynprobe.load_run(tmp_path / "r").ghosts)
+
+
+def test_the_no_capture_warning_says_whether_the_watched_loss_was_called_and_an_argument_from_the_output_stops():
+    unrelated = UnmatchedLoss("none of the watched loss's arguments is the model's output", from_output=False)
+    kind, message, reason = replay_notice(False, [unrelated, unrelated])
+    assert kind == "no-capture" and "backpropagated 2 time(s)" in message and "probe.watch" not in message
+    assert "probe.watch(criterion)" in replay_notice(False, [])[1]  # no watched loss at all: wrap it
+    assert replay_notice(True, [unrelated]) is None  # other calls were replayed
+    computed = UnmatchedLoss("argument 0 is computed from the model's output (MulBackward0)", from_output=True)
+    assert replay_notice(True, [unrelated, computed]) == (
+        "loss-from-output", f"dynprobe: the ghosts cannot replay the watched loss: {computed.reason}", computed.reason)
 
 
 def test_the_default_is_the_exact_sequential_path():

@@ -14,7 +14,7 @@ from torch import nn
 
 import dynprobe
 from dynprobe import Ghosts, Perturbation, schedule
-from dynprobe.capture.step import AutocastState, ForwardCall, LossCall, MicroBatch, RngState
+from dynprobe.capture.step import AutocastState, ForwardCall, LossCall, MicroBatch, RngState, Substitution
 from dynprobe.ghosts import vectorized as vectorized_trainer
 from dynprobe.ghosts._stack_optimizers import AliasOptimizers, StackedOptimizer, is_elementwise
 from dynprobe.ghosts.stack import GhostStack, ReplicaState
@@ -354,7 +354,7 @@ def test_the_stack_replays_the_recorded_autocast_state():
 
     def micro_batch(autocast):
         call = ForwardCall((x,), {}, RngState.capture(), autocast, ())
-        return MicroBatch(call, LossCall((None, y), {}, call, (((("index", 0),), ()),), autocast))
+        return MicroBatch(call, LossCall((None, y), {}, call, (Substitution((("index", 0),), ()),), autocast))
 
     def float64_loss(dtype):
         rounded = x.to(dtype).double()
