@@ -26,8 +26,6 @@ NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     "dynprobe.report._sections", "dynprobe.report._text",
     "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone", "dynprobe.report.figures.curves",
     "dynprobe.report.figures.maps",
-    # tested through their callers (ghosts/test_loss_replay.py, distributed/test_sharded.py)
-    "dynprobe.ghosts.loss_replay", "dynprobe.store.sharded",
     # a recipe that downloads CIFAR-10
     "dynprobe.recipes.cifar10",
 }
