@@ -22,8 +22,7 @@ NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     # the report's private sections and figures (through dynprobe.report)
     "dynprobe.report.compare", "dynprobe.report._chaos", "dynprobe.report._cone", "dynprobe.report._context",
     "dynprobe.report._evidence", "dynprobe.report._layers", "dynprobe.report._sections",
-    "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone", "dynprobe.report.figures.curves",
-    "dynprobe.report.figures.maps",
+    "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone",
     # a recipe that downloads CIFAR-10
     "dynprobe.recipes.cifar10",
 }
