@@ -1,14 +1,12 @@
-"""Report figures read back from the matplotlib objects before rendering (dynprobe.report.figures.curves and
-.maps): the plotted points are the given values at the given steps, all-NaN series are left out, the log axis and
-colour scale switch on as documented, the transition is marked at its step, and the map's cells hold the matrix."""
+"""Curve figures read back from the matplotlib objects before rendering (dynprobe.report.figures.curves): the plotted
+points are the given values at the given steps, all-NaN series are left out, the log axis switches on as
+documented, and the transition is marked at its step."""
 from __future__ import annotations
 
 import numpy as np
-from matplotlib.colors import LogNorm
 
 from dynprobe.report.figures._base import TRANSITION_STYLE, capture_figures
 from dynprobe.report.figures.curves import curves_figure, overlay_figure
-from dynprobe.report.figures.maps import heatmap_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -56,22 +54,3 @@ def test_overlays_keep_each_runs_own_steps():
     assert set(lines) == {"a", "b"}
     np.testing.assert_array_equal(lines["b"].get_xdata(), [0, 7])
     np.testing.assert_array_equal(lines["b"].get_ydata(), [4.0, 5.0])
-
-
-def test_a_heatmap_shows_the_matrix_in_its_cells_on_a_log_scale_when_it_spans_decades():
-    steps = np.array([0, 10, 30])
-    matrix = np.array([[0.0, 1e-6, 1e-2], [1e-6, 0.0, 1e-4], [1e-2, 1e-4, 0.0]])
-    with capture_figures() as figures:
-        heatmap_figure(steps, matrix, title="C", label="C", transition=10)
-    ax = figures[0].axes[0]
-    mesh = ax.collections[0]
-    cells = np.ma.filled(mesh.get_array(), np.nan).reshape(3, 3)
-    off_diagonal = ~np.eye(3, dtype=bool)
-    np.testing.assert_allclose(cells[off_diagonal], matrix[off_diagonal])
-    assert np.isnan(cells[~off_diagonal]).all()  # zeros cannot be coloured on a log scale: left out
-    assert isinstance(mesh.norm, LogNorm)
-    assert transition_lines(ax) == [("vertical", 10.0), ("horizontal", 10.0)]
-    flat = np.array([[0.0, 0.2, 0.3], [0.2, 0.0, 0.25], [0.3, 0.25, 0.0]])
-    with capture_figures() as figures:
-        heatmap_figure(steps, flat, title="D", label="D")
-    assert not isinstance(figures[0].axes[0].collections[0].norm, LogNorm)
