@@ -20,8 +20,7 @@ NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     # experiments (through dynprobe.experiments)
     "dynprobe.experiments.switching", "dynprobe.experiments._switching_setup",
     # the report's private sections and figures (through dynprobe.report)
-    "dynprobe.report.compare", "dynprobe.report._chaos", "dynprobe.report._cone", "dynprobe.report._context",
-    "dynprobe.report._evidence", "dynprobe.report._layers", "dynprobe.report._sections",
+    "dynprobe.report.compare",
     "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone",
     # a recipe that downloads CIFAR-10
     "dynprobe.recipes.cifar10",
