@@ -21,7 +21,6 @@ NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     "dynprobe.experiments.switching", "dynprobe.experiments._switching_setup",
     # the report's private sections and figures (through dynprobe.report)
     "dynprobe.report.compare",
-    "dynprobe.report.figures.chaos", "dynprobe.report.figures.cone",
     # a recipe that downloads CIFAR-10
     "dynprobe.recipes.cifar10",
 }
