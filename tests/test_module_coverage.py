@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_YET_IMPORTED_BY_A_TEST: set[str] = {
     # experiments (through dynprobe.experiments)
     "dynprobe.experiments.switching", "dynprobe.experiments._switching_setup",
-    # the report's private sections and figures (through dynprobe.report)
-    "dynprobe.report.compare",
     # a recipe that downloads CIFAR-10
     "dynprobe.recipes.cifar10",
 }
