@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from dynprobe._util.distances import pairwise_sum
+
 __all__ = ["RELATIVE_ERROR", "WIDTH", "ShardedCosineRows", "ShardedRowError", "cosine_from_sums", "dot_error_bound",
            "exact_partial_sums", "exact_threshold", "partial_sums", "split_by_channel", "square_difference_sum"]
 
@@ -59,11 +61,7 @@ def _pairwise(values: torch.Tensor) -> torch.Tensor:
     """Sum the last axis in a balanced tree (each term in at most ⌈log₂ m⌉ additions); zeros for an empty axis."""
     if values.shape[-1] == 0:
         return values.new_zeros(values.shape[:-1])
-    while values.shape[-1] > 1:
-        m = values.shape[-1]
-        half = values[..., : m // 2] + values[..., m // 2 : 2 * (m // 2)]
-        values = half if m % 2 == 0 else torch.cat([half, values[..., 2 * (m // 2) :]], -1)
-    return values[..., 0]
+    return pairwise_sum(values)
 
 
 def _block_dots(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
