@@ -1,4 +1,4 @@
-"""``dynprobe.distributed.runtime`` outside a multi-rank run (the multi-rank paths run in test_distributed's spawned
+"""``dynprobe.distributed.runtime`` outside a multi-rank run (the multi-rank paths run in test_runtime_ddp.py's spawned
 processes): no process group or a single rank is a plain run with a real writer; what DDP does not support is
 reported; a module is unwrapped only from a DistributedDataParallel."""
 from __future__ import annotations

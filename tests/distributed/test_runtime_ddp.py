@@ -6,12 +6,6 @@ back as JSON files written by the test workers themselves (never by the probe on
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import socket
-import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -19,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
 from dynprobe.distributed.kernel import partition_modules
 from dynprobe.distributed.sink import NullSink
 from dynprobe.store.sink import RunSink
+
+from .. import spawned
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -83,41 +78,8 @@ def train(model: nn.Module, probe_model: nn.Module, out: Path, shard: slice, los
 # ---------------------------------------------------------------------------------------------- spawning
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, port: int, scenario: str, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    result: dict = {}
-    try:
-        SCENARIOS[scenario](rank, Path(folder), result)
-    except Exception:  # noqa: BLE001 - reported to the parent through the result file
-        result["crash"] = traceback.format_exc()
-    finally:
-        (Path(folder) / f"result_{scenario}_{rank}.json").write_text(json.dumps(result))
-        gc.collect()  # release DDP wrappers (they hold the process group) while the peer is still connected
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
-    context = mp.start_processes(_entry, args=(_free_port(), scenario, str(folder)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed scenario {scenario!r} did not finish within {DEADLINE_S:.0f} s (a deadlock?)")
-    results = [json.loads((folder / f"result_{scenario}_{rank}.json").read_text()) for rank in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
-    return results
+    return spawned.run_spawned(__name__, scenario, folder, world=WORLD, deadline_s=DEADLINE_S)
 
 
 def _ddp(model: nn.Module) -> nn.Module:

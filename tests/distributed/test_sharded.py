@@ -7,14 +7,8 @@ Results come back as JSON files written by the test workers.
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
 import shutil
-import socket
 import threading
-import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -22,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import dynprobe
@@ -37,6 +30,8 @@ from dynprobe.distributed.sharded_rows import (
     split_by_channel,
 )
 from dynprobe.distributed.sharded_snapshot import local_layer_bounds
+
+from .. import spawned
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
@@ -112,46 +107,13 @@ def full_vector(model: nn.Module) -> list[float]:
 # ---------------------------------------------------------------------------------------------- spawning
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(rank: int) -> slice:
     per_rank = GLOBAL_BATCH // WORLD
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-def _entry(rank: int, port: int, scenario: str, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    result: dict = {}
-    try:
-        SCENARIOS[scenario](rank, Path(folder), result)
-    except Exception:  # noqa: BLE001 - reported to the parent through the result file
-        result["crash"] = traceback.format_exc()
-    finally:
-        (Path(folder) / f"result_{scenario}_{rank}.json").write_text(json.dumps(result))
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
-    context = mp.start_processes(_entry, args=(_free_port(), scenario, str(folder)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"FSDP scenario {scenario!r} did not finish within {DEADLINE_S:.0f} s (a deadlock?)")
-    results = [json.loads((folder / f"result_{scenario}_{rank}.json").read_text()) for rank in range(WORLD)]
-    for rank, result in enumerate(results):
-        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
-    return results
+    return spawned.run_spawned(__name__, scenario, folder, world=WORLD, deadline_s=DEADLINE_S)
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
