@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynprobe.report.figures._base import TRANSITION_STYLE, capture_figures
+from dynprobe.report.figures._base import capture_figures
 from dynprobe.report.figures.curves import curves_figure, overlay_figure
 
+from .drawn import transition_lines
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def transition_lines(ax) -> list[tuple[str, float]]:  # noqa: ANN001
-    """("vertical", x) / ("horizontal", y) of each line drawn in the transition's style."""
-    marked = []
-    for line in ax.get_lines():
-        if line.get_color() == TRANSITION_STYLE["color"] and line.get_linestyle() == TRANSITION_STYLE["linestyle"]:
-            x, y = line.get_xdata(), line.get_ydata()
-            marked.append(("vertical", float(x[0])) if x[0] == x[1] else ("horizontal", float(y[0])))
-    return marked
 
 
 def test_curves_plot_the_values_at_their_steps_and_mark_the_transition():

@@ -6,18 +6,10 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from dynprobe.report.figures._base import TRANSITION_STYLE, capture_figures
+from dynprobe.report.figures._base import capture_figures
 from dynprobe.report.figures.maps import heatmap_figure
 
-
-def transition_lines(ax) -> list[tuple[str, float]]:  # noqa: ANN001
-    """("vertical", x) / ("horizontal", y) of each line drawn in the transition's style."""
-    marked = []
-    for line in ax.get_lines():
-        if line.get_color() == TRANSITION_STYLE["color"] and line.get_linestyle() == TRANSITION_STYLE["linestyle"]:
-            x, y = line.get_xdata(), line.get_ydata()
-            marked.append(("vertical", float(x[0])) if x[0] == x[1] else ("horizontal", float(y[0])))
-    return marked
+from .drawn import transition_lines
 
 
 def test_a_heatmap_shows_the_matrix_in_its_cells_on_a_log_scale_when_it_spans_decades():
