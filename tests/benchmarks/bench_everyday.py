@@ -349,6 +349,18 @@ def _lightning_parts():
     return pl, Classifier
 
 
+def _callback_result(model: nn.Module, wall: float, caught: list, note: str, callbacks: list, out: Path | None,
+                     root: Path) -> dict[str, Any]:
+    """A framework run's result (state, RNG, wall time, warnings); its probe's run kept at ``out``, ``root`` removed."""
+    result = {"state": _state(model), "rng": torch.get_rng_state().clone(), "wall": wall,
+              "warnings": _warning_texts(caught), "notes": [note]}
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(callbacks[0].probe.out, out)
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def run_lightning(out: Path | None) -> dict[str, Any]:
     pl, Classifier = _lightning_parts()
     torch.manual_seed(0)
@@ -372,13 +384,8 @@ def run_lightning(out: Path | None) -> dict[str, Any]:
                              num_sanity_val_steps=0, callbacks=callbacks)
         trainer.fit(module, train, val)
         wall = time.perf_counter() - start
-    result = {"state": _state(module), "rng": torch.get_rng_state().clone(), "wall": wall,
-              "warnings": _warning_texts(caught), "notes": ["accumulate_grad_batches=2, gradient_clip_val=0.5"]}
-    if out is not None:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(callbacks[0].probe.out, out)
-    shutil.rmtree(root, ignore_errors=True)
-    return result
+    return _callback_result(module, wall, caught, "accumulate_grad_batches=2, gradient_clip_val=0.5", callbacks,
+                            out, root)
 
 
 def estimate_lightning() -> Any:
@@ -431,13 +438,8 @@ def run_hf(out: Path | None) -> dict[str, Any]:
         trainer = transformers.Trainer(model=model, args=args, train_dataset=train, callbacks=callbacks)
         trainer.train()
         wall = time.perf_counter() - start
-    result = {"state": _state(model), "rng": torch.get_rng_state().clone(), "wall": wall,
-              "warnings": _warning_texts(caught), "notes": ["gradient_accumulation_steps=2, max_grad_norm=1.0"]}
-    if out is not None:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(callbacks[0].probe.out, out)
-    shutil.rmtree(root, ignore_errors=True)
-    return result
+    return _callback_result(model, wall, caught, "gradient_accumulation_steps=2, max_grad_norm=1.0", callbacks,
+                            out, root)
 
 
 def estimate_hf() -> Any:
