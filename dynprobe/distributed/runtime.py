@@ -33,6 +33,7 @@ from dynprobe.store.writer import RunWriter, json_safe
 from .ghost_trainer import DistributedGhostTrainer
 from .kernel import ShardedKernel, partition_modules
 from .sharded import is_sharded
+from .sharded_ghosts import ShardedGhostTrainer
 from .sink import NullSink
 
 __all__ = ["DistributedRun", "NullSink", "ShardedKernel", "check_supported", "is_ddp", "open_run_writer",
@@ -182,8 +183,11 @@ class DistributedRun:
         """SUM ``tensor`` over the ranks, in place."""
         _dist().all_reduce(tensor)
 
-    def ghost_trainer(self, context: TrainerContext) -> DistributedGhostTrainer:
-        """The ghosts' trainer of this run (``GhostSet(trainer_factory=run.ghost_trainer)``)."""
+    def ghost_trainer(self, context: TrainerContext) -> DistributedGhostTrainer | ShardedGhostTrainer:
+        """The ghosts' trainer of this run (``GhostSet(trainer_factory=run.ghost_trainer)``): replicas whose
+        gradients are averaged over the ranks under DDP, sharded replicas under FSDP2."""
+        if self.sharded:
+            return ShardedGhostTrainer(self, context)
         return DistributedGhostTrainer(self, context)
 
 

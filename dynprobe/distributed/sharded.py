@@ -33,12 +33,16 @@ from dynprobe.store.layout import MANIFEST
 from dynprobe.store.sharded import sharded_checkpoints_problem
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # a PyTorch without torch.distributed or without public DTensors: no FSDP2 either
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+    DTensor = Shard = distribute_tensor = None  # type: ignore[assignment,misc]
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:
+    FSDPModule = None  # type: ignore[assignment,misc]
 
-__all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece",
-           "shared_run_root", "unsupported_under_fsdp"]
+__all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece", "local_tensor",
+           "reshard", "shared_run_root", "unsupported_under_fsdp", "whole_to_local"]
 
 UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
 
@@ -60,9 +64,37 @@ def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return torch.cat(pieces)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP module's all-gathered parameters, as the user's backward leaves them.
+
+    FSDP2 keeps the root module's own parameters all-gathered after a forward (they are needed again by the
+    backward), and registers the unsharded tensors on the module meanwhile. After a forward of the probe's own
+    (an evaluation, a ghost in the main model) nothing follows: without this the module would keep plain, unsharded
+    parameters — values that the next all-gather would not refresh."""
+    if FSDPModule is None:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def local_numel(p: torch.Tensor) -> int:
     """Entries of this rank's shard of ``p`` (all of ``p`` for a plain tensor)."""
-    return (p.to_local() if _is_dtensor(p) else p).numel()
+    return local_tensor(p).numel()
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``p`` (``p`` itself for a plain tensor): writing into it under ``no_grad`` changes
+    ``p`` as an optimizer step does."""
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def whole_to_local(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole``, a tensor of ``p``'s full shape, sharded as ``p`` is (``whole`` itself for a
+    plain ``p``). No communication: DTensor's own split (``distribute_tensor(..., src_data_rank=None)``)."""
+    if not _is_dtensor(p):
+        return whole
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
@@ -73,9 +105,9 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_
                            ) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
-    if ghosts is not None:
-        problems.append(f"ghosts= {UNSUPPORTED} (replicas would need their own sharded copies); build the Probe "
-                        "without ghosts=")
+    if ghosts is not None and ghosts.save_params:
+        problems.append(f"Ghosts(save_params=True) {UNSUPPORTED} (each rank would write its ghost shards); leave "
+                        "save_params=False")
     if kernel is not None:
         problems.append(f"kernel= {UNSUPPORTED} (the eNTK needs per-shard Jacobians); build the Probe without "
                         "kernel=")

@@ -46,7 +46,7 @@ from dynprobe.store.rows import TriangularRows
 from dynprobe.store.sharded import save_sharded_params
 from dynprobe.store.sink import RunSink
 
-from .sharded import Collectives, local_numel, local_piece
+from .sharded import Collectives, local_numel, local_piece, reshard
 from .sharded_rows import ShardedCosineRows
 
 __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
@@ -130,6 +130,7 @@ class ShardedSnapshotRecorder:
         try:  # a failure after the forward's own collectives (e.g. in output_fn) is flagged in the row's all-reduce
             evaluation = evaluate(self.model, self.eval_set, output_fn=self.output_fn,
                                   batch_size=self.eval_batch_size, device=self.device)
+            reshard(self.model)  # the root's parameters stay all-gathered after a forward (sharded.reshard)
             piece = local_piece(self.params, self.piece_dtype)
             buffers = {name: np.array(buffer.detach().cpu().float().numpy() if buffer.dtype == torch.bfloat16
                                       else buffer.detach().cpu().numpy())
@@ -156,6 +157,8 @@ class ShardedSnapshotRecorder:
         preds = data.evaluation.preds
         storage = self.eval_set.task.storage_dtype(data.evaluation.num_classes)
         self.writer.save_array(step, PREDS, preds.cpu().numpy().astype(storage))
+        for name, array in data.extra_arrays.items():  # the ghosts' predictions
+            self.writer.save_array(step, name, array)
         for channel, rows_file in enumerate(self.c_rows):
             rows_file.append(row[channel], row.shape[1] - 1)
         rows = {"C": row[0], "D": self.disagreement.update(preds)}

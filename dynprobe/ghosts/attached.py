@@ -18,7 +18,6 @@ from dynprobe.store.sink import RunSink
 
 from .replica import (
     NONDETERMINISTIC_CAUSE,
-    Replica,
     check_optimizer_for_ghosts,
     deterministic_replay_possible,
 )
@@ -26,13 +25,12 @@ from .replica import (
 __all__ = ["AttachedLayout", "LayoutChange", "check_attachable"]
 
 
-def check_attachable(model: nn.Module, optimizer: torch.optim.Optimizer, no_copy: dict[int, Any],
+def check_attachable(model: nn.Module, optimizer: torch.optim.Optimizer,
                      device: torch.device, writer: RunSink, *, compiled: bool) -> None:
-    """Refuse what ghosts cannot follow (a closure optimizer, a model or optimizer that cannot be copied); warn
-    about what makes the ε = 0 control drift (your training ``compiled``; CUDA without deterministic algorithms, also
-    recorded as the ``nondeterministic_device`` event)."""
+    """Refuse what ghosts cannot follow (a closure optimizer; a model or optimizer that cannot be copied is refused
+    by the trainer, which knows how it copies them); warn about what makes the ε = 0 control drift (your training
+    ``compiled``; CUDA without deterministic algorithms, also recorded as the ``nondeterministic_device`` event)."""
     check_optimizer_for_ghosts(optimizer)
-    Replica.clone(model, optimizer, no_copy)  # fails here if the model or optimizer cannot be copied
     if compiled:
         warn_user("dynprobe: the model is compiled (torch.compile). Ghosts replay your training step on eager "
                   "deep copies: fused kernels round differently and compiled dropout draws its own random "

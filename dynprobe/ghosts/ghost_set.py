@@ -32,7 +32,7 @@ from dynprobe.store.manifest import GHOST_MODE_CONVENTIONS
 from dynprobe.store.sink import RunSink
 
 from .attached import AttachedLayout, check_attachable
-from .comparison import active_slices, compare_ghost
+from .comparison import active_slices
 from .loss_replay import LossIsolation, LossReplay
 from .notices import control_drift_notice, precision_notice, realized_norm_notice, replay_notice, shadow_drift_notice
 from .perturbation import Perturbation
@@ -102,7 +102,7 @@ class GhostSet:
         self.eval_set = eval_set
         no_copy_map = {id(obj): obj for obj in no_copy}
         self._compiled = compiled or is_compiled(model)
-        check_attachable(model, optimizer, no_copy_map, device, writer, compiled=self._compiled)
+        check_attachable(model, optimizer, device, writer, compiled=self._compiled)
 
         def evaluate_model(module: nn.Module) -> Any:
             return evaluate(module, eval_set, output_fn=output_fn, batch_size=eval_batch_size, device=device)
@@ -414,7 +414,7 @@ class GhostSet:
         for ghost in live:
             try:
                 module, params = self.trainer.module_of(ghost)
-                result = compare_ghost(
+                result = self.trainer.comparer(
                     ghost.ghost_id, module, params, reference, step=main.step, storage_dtype=self.context.storage_dtype,
                     divergence_ratio=self.config.divergence_ratio, evaluate=self.context.evaluate,
                     disagreement=task.disagreement, preds_dtype=task.storage_dtype, layers=self._layers,

@@ -10,11 +10,16 @@ shifts and biases at init) absorb their share of ε exactly. A ghost must theref
 
 Randomness comes from a private ``torch.Generator`` on CPU seeded with ``Perturbation.seed`` (the same seed gives
 the same ε on any device); the global RNG streams are never touched.
+
+**Sharded tensors (FSDP2).** With ``shards=`` (:class:`Shards`) each tensor is this rank's shard of a larger one:
+every rank draws ε for the *whole* tensor, one tensor at a time (the same stream, so the same ε as one process
+perturbing the unsharded model), keeps its own part, and the report's sums are added over the ranks — rank r's
+shards of a ghost are then bit for bit rank r's part of the ghost one process would have made.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +28,7 @@ import torch
 
 from dynprobe.config import KINDS, Perturbation
 
-__all__ = ["KINDS", "Perturbation", "PerturbationReport", "add_ulps", "perturb_"]
+__all__ = ["KINDS", "Perturbation", "PerturbationReport", "Shards", "add_ulps", "perturb_"]
 
 # Lower-precision compute dtypes an autocast forward may use (see PerturbationReport.changed_at).
 _LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,37 +126,73 @@ class PerturbationReport:
         return asdict(self)
 
 
-def perturb_(tensors: Iterable[torch.Tensor], perturbation: Perturbation) -> PerturbationReport:
+@dataclass(frozen=True)
+class Shards:
+    """The perturbed tensors are this rank's shards of larger tensors (FSDP2 ``fully_shard``).
+
+    ``shapes``: each whole tensor's shape; ``local``: ``(tensor index, a whole-shape tensor) → this rank's part`` (a
+    view or copy with the shard's shape); ``all_reduce``: SUM over the ranks, in place, of a CPU float64 tensor."""
+
+    shapes: Sequence[torch.Size]
+    local: Callable[[int, torch.Tensor], torch.Tensor]
+    all_reduce: Callable[[torch.Tensor], None]
+
+
+def perturb_(tensors: Iterable[torch.Tensor], perturbation: Perturbation, *,
+             shards: Shards | None = None) -> PerturbationReport:
     """Add ε to ``tensors`` in place (under ``no_grad``) and report the realized perturbation.
 
     ``tensors``: distinct floating-point tensors (any devices, dtypes and shapes), e.g. a ghost's trainable
     parameters. ε is drawn over their concatenation (the tensors in the given order, each in row-major order
     whatever its memory layout) from a CPU generator seeded with ``perturbation.seed``. Gaussian kinds draw ε
     in float64, form θ + ε in float64 and round it to the tensor's dtype. Peak extra memory is a few float64
-    copies of the largest tensor.
+    copies of the largest tensor. ``shards``: the tensors are this rank's shards (:class:`Shards`, module
+    docstring); every rank must call this with the same ``perturbation``.
     """
     if not isinstance(perturbation, Perturbation):
         raise TypeError(f"perturbation must be a dynprobe.Perturbation; got {type(perturbation).__name__}")
-    tensors = _check_tensors(tensors)
-    total = sum(t.numel() for t in tensors)
+    tensors = _check_tensors(tensors, allow_empty=shards is not None)
+    layout = _Layout(tensors, shards)
     tally = _Tally()
     if perturbation.norm > 0:  # norm == 0: no add at all, so even -0.0 keeps its sign bit
         generator = torch.Generator(device="cpu").manual_seed(perturbation.seed)
         with torch.no_grad():
             if perturbation.kind == "ulp":
-                _add_ulps(tensors, int(perturbation.norm), generator, tally)
+                _add_ulps(layout, int(perturbation.norm), generator, tally)
             elif perturbation.kind == "single_coord":
-                _add_to_one_coordinate(tensors, perturbation.norm, total, generator, tally)
+                _add_to_one_coordinate(layout, perturbation.norm, generator, tally)
             else:
-                for tensor, eps in zip(tensors, _gaussian_eps(tensors, perturbation, generator)):
+                for tensor, eps in zip(tensors, _gaussian_eps(layout, perturbation, generator)):
                     before = tensor.detach().to(torch.float64, copy=True)
                     eps = eps.to(tensor.device)
                     tensor.copy_(before + eps)
                     tally.add(tensor, before, eps)
-    return tally.report(perturbation, total)
+    return tally.report(perturbation, layout.total, shards.all_reduce if shards is not None else None)
 
 
-def _check_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+class _Layout:
+    """The perturbed tensors and the whole tensors ε is drawn for: the same ones on one process; under
+    :class:`Shards`, the whole tensors' shapes and each rank's part of a whole-shape draw."""
+
+    def __init__(self, tensors: list[torch.Tensor], shards: Shards | None) -> None:
+        self.tensors, self.shards = tensors, shards
+        self.shapes = [t.shape for t in tensors] if shards is None else [torch.Size(s) for s in shards.shapes]
+        self.total = sum(math.prod(shape) for shape in self.shapes)
+
+    def local(self, index: int, whole: torch.Tensor) -> torch.Tensor:
+        """This process's part of a whole-shape draw for tensor ``index``."""
+        return whole if self.shards is None else self.shards.local(index, whole)
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the ranks (itself on one process)."""
+        if self.shards is None:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        self.shards.all_reduce(total)
+        return float(total[0])
+
+
+def _check_tensors(tensors: Iterable[torch.Tensor], *, allow_empty: bool = False) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     try:
@@ -170,19 +211,18 @@ def _check_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
                 f"tensors[{index}] appears twice (tied weights?): it would be perturbed twice; pass it once"
             )
         seen.add(key)
-    if not any(t.numel() for t in tensors):
+    if not any(t.numel() for t in tensors) and not (allow_empty and tensors):  # a rank may hold no coordinates
         raise ValueError("tensors hold no coordinates to perturb (an empty list, or only empty tensors)")
     return tensors
 
 
-def _gaussian_eps(
-    tensors: list[torch.Tensor], perturbation: Perturbation, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Per-tensor float64 CPU ε for the Gaussian kinds (``l2``, ``per_coord``, ``relative``)."""
+def _gaussian_eps(layout: _Layout, perturbation: Perturbation, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Per-tensor float64 CPU ε for the Gaussian kinds (``l2``, ``per_coord``, ``relative``): whole-tensor draws
+    (the normalization over all of them), each tensor's part of its draw."""
 
     def draws() -> Iterator[torch.Tensor]:
-        for tensor in tensors:
-            yield torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+        for shape in layout.shapes:
+            yield torch.randn(shape, generator=generator, dtype=torch.float64)
 
     if perturbation.kind == "per_coord":
         scale = perturbation.norm
@@ -194,15 +234,16 @@ def _gaussian_eps(
         generator.set_state(start)
         target = perturbation.norm
         if perturbation.kind == "relative":
-            target *= math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+            target *= math.sqrt(layout.sum(sum(float(t.detach().double().square().sum()) for t in layout.tensors)))
         scale = target / z_norm
-    for z in draws():
-        yield z.mul_(scale)
+    for index, z in enumerate(draws()):
+        yield layout.local(index, z).mul(scale)
 
 
-def _add_ulps(tensors: list[torch.Tensor], steps: int, generator: torch.Generator, tally: _Tally) -> None:
-    for tensor in tensors:
-        upward = torch.randint(0, 2, tensor.shape, generator=generator, dtype=torch.bool).to(tensor.device)
+def _add_ulps(layout: _Layout, steps: int, generator: torch.Generator, tally: _Tally) -> None:
+    for index, tensor in enumerate(layout.tensors):
+        whole = torch.randint(0, 2, layout.shapes[index], generator=generator, dtype=torch.bool)
+        upward = layout.local(index, whole).to(tensor.device)
         moved = add_ulps(tensor.detach(), steps, upward)
         before = tensor.detach().to(torch.float64, copy=True)
         intended = moved.to(torch.float64) - before
@@ -241,21 +282,22 @@ def add_ulps(values: torch.Tensor, steps: int, upward: torch.Tensor) -> torch.Te
     return torch.where(torch.isnan(values), values, result).reshape(values.shape)
 
 
-def _add_to_one_coordinate(
-    tensors: list[torch.Tensor], amount: float, total: int, generator: torch.Generator, tally: _Tally
-) -> None:
-    index = int(torch.randint(total, (1,), generator=generator))
-    for tensor in tensors:
-        if index >= tensor.numel():
-            index -= tensor.numel()
+def _add_to_one_coordinate(layout: _Layout, amount: float, generator: torch.Generator, tally: _Tally) -> None:
+    index = int(torch.randint(layout.total, (1,), generator=generator))
+    for position, (tensor, shape) in enumerate(zip(layout.tensors, layout.shapes)):
+        size = math.prod(shape)
+        if index >= size:
+            index -= size
             continue
+        whole = torch.zeros(shape, dtype=torch.float64)  # row-major, any layout
+        whole.view(-1)[index] = amount
+        eps = layout.local(position, whole).to(tensor.device)
         before = tensor.detach().to(torch.float64, copy=True)
-        eps = torch.zeros(before.shape, dtype=torch.float64, device=before.device)  # row-major, any layout
-        eps.view(-1)[index] = amount
-        # Write only the chosen coordinate (row-major position `index`, whatever the layout): adding 0.0
-        # everywhere else would still turn any -0.0 into +0.0.
-        coordinate = tuple(int(i) for i in np.unravel_index(index, tuple(tensor.shape)))
-        tensor[coordinate] = before[coordinate] + amount
+        # Write only the chosen coordinate (row-major position `index`, whatever the layout; under shards, only on
+        # the rank holding it): adding 0.0 everywhere else would still turn any -0.0 into +0.0.
+        for coordinate in np.argwhere(eps.cpu().numpy() != 0):
+            where = tuple(int(i) for i in coordinate)
+            tensor[where] = before[where] + amount
         tally.add(tensor, before, eps)
         return
 
@@ -281,7 +323,16 @@ class _Tally:
             if torch.finfo(after.dtype).bits > torch.finfo(dtype).bits:  # before holds the old values exactly
                 self.changed_at[name] += int((after.to(dtype) != before.to(dtype)).sum())
 
-    def report(self, perturbation: Perturbation, total: int) -> PerturbationReport:
+    def report(self, perturbation: Perturbation, total: int,
+               all_reduce: Callable[[torch.Tensor], None] | None = None) -> PerturbationReport:
+        """The report from the sums (added over the ranks first with ``all_reduce``: shards)."""
+        if all_reduce is not None:
+            counts = [self.changed, *self.changed_at.values()]
+            together = torch.cat([self.sums, torch.tensor(counts, dtype=torch.float64)])
+            all_reduce(together)
+            self.sums = together[:4]
+            self.changed, *at = (int(v) for v in together[4:].tolist())
+            self.changed_at = dict(zip(self.changed_at, at))
         nominal_sq, realized_sq, dot, on_zeros = self.sums.tolist()
         nominal, realized = math.sqrt(nominal_sq), math.sqrt(realized_sq)
         survived = realized > 0

@@ -14,6 +14,7 @@ from torch import nn
 
 from dynprobe.capture.step import MicroBatch
 
+from .comparison import compare_ghost
 from .perturbation import Perturbation, PerturbationReport, perturb_
 from .replica import (
     Replica,
@@ -37,9 +38,11 @@ class SequentialTrainer:
     """
 
     mode = "sequential"
+    comparer = staticmethod(compare_ghost)
 
     def __init__(self, context: TrainerContext, *, reason: str | None = "requested: Ghosts(vectorize=False)") -> None:
         self.context = context
+        Replica.clone(context.model, context.optimizer, context.no_copy)  # fails at attach if they cannot be copied
         if reason is not None:
             context.on_mode("sequential", 0, reason, requested=context.config.vectorize)
 

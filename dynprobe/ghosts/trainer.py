@@ -110,7 +110,12 @@ class TrainerContext:
 
 
 class GhostTrainer(Protocol):
-    """Holds the replicas of the live ghosts and advances them; never writes to the run (the set does)."""
+    """Holds the replicas of the live ghosts and advances them; never writes to the run (the set does).
+
+    ``comparer`` compares one ghost with its reference at a snapshot, with the arguments of
+    :func:`dynprobe.ghosts.comparison.compare_ghost` (that function, or the sharded form under FSDP2)."""
+
+    comparer: Callable[..., Any]
 
     @property
     def mode(self) -> str | None:

@@ -45,6 +45,7 @@ from dynprobe.capture.step import MicroBatch
 from dynprobe.metrics import functions as metrics
 
 from ._stack_optimizers import is_elementwise
+from .comparison import compare_ghost
 from .perturbation import Perturbation, PerturbationReport, perturb_
 from .replica import Replica, differing, named_tensors, train_replica
 from .sequential import SequentialTrainer
@@ -63,6 +64,8 @@ AUTO_MARGIN = 0.9
 class VectorizedTrainer:
     """Ghosts as rows of a vmap stack with an ε = 0 shadow (see the module docstring); deep copies while the mode
     is undecided or sequential, through the :class:`SequentialTrainer` it holds."""
+
+    comparer = staticmethod(compare_ghost)
 
     def __init__(self, context: TrainerContext) -> None:
         self.context = context

@@ -137,7 +137,8 @@ def scenario_train(rank: int, folder: Path, result: dict) -> None:
 def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
     model = sharded_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2])), "kernel": dict(kernel=dynprobe.KernelConfig(n=8)),
+    refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2], save_params=True)),
+               "kernel": dict(kernel=dynprobe.KernelConfig(n=8)),
                "barriers": dict(barriers=dynprobe.Barriers(previous_snapshots=1)),
                "history_memory": dict(history_memory=2**20)}
     for name, options in refused.items():
@@ -269,7 +270,7 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
     results = run_spawned("robustness", tmp_path)
     for rank in range(WORLD):
         result = results[rank]
-        assert "ghosts= is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
+        assert "Ghosts(save_params=True) is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
         assert "kernel= is not supported under FSDP (fully_shard) yet" in result["kernel_error"]
         assert "barriers= is not supported under FSDP (fully_shard) yet" in result["barriers_error"]
         assert "history_memory= is not supported under FSDP (fully_shard) yet" in result["history_memory_error"]

@@ -678,7 +678,7 @@ def test_a_ghost_equal_to_the_main_run_reuses_its_evaluation_and_a_perturbed_one
         kwargs["evaluate"] = lambda m: evaluated.append(index) or evaluate(m)
         return original(index, module, params, reference, **kwargs)
 
-    monkeypatch.setattr("dynprobe.ghosts.ghost_set.compare_ghost", counting)
+    monkeypatch.setattr("dynprobe.ghosts.sequential.SequentialTrainer.comparer", staticmethod(counting))
     ghosts = Ghosts(at=[0], perturbation=Perturbation(norm=1e-3))
     _, _, run, _ = _ghost_run(mlp_setup, 12, tmp_path, ghosts=ghosts, schedule=schedule.at([0, 6, 12]))
     compares = [e for e in run.events if e["event"] == "ghost_compare"]
