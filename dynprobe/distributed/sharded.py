@@ -14,6 +14,8 @@ uses); what differs from DDP:
   the same eval batches (the FSDP forward is collective), computes its partial sums of the C row
   (:mod:`dynprobe.distributed.sharded_rows`) and writes its own shards with ``torch.distributed.checkpoint``;
   rank 0 writes the rest and the commit line.
+* **barriers** — :class:`~dynprobe.distributed.sharded_barriers.ShardedBarriers`: trajectory barriers on every
+  rank, after the snapshot's agreement, each rank interpolating its own shards in place, the budget agreed.
 * **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
   ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
   the probe detach on every rank at the same step — never one rank back in training while another waits in a
@@ -21,7 +23,8 @@ uses); what differs from DDP:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,8 +104,7 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_memory: int | None = None
-                           ) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, history_memory: int | None = None) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None and ghosts.save_params:
@@ -111,9 +113,6 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_
     if kernel is not None:
         problems.append(f"kernel= {UNSUPPORTED} (the eNTK needs per-shard Jacobians); build the Probe without "
                         "kernel=")
-    if barriers:
-        problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
-                        "barriers= at its default")
     if history_memory is not None:
         problems.append(f"history_memory= {UNSUPPORTED} (every rank keeps its shards of all snapshots in memory "
                         "for the C rows: T·P/R numbers); leave history_memory= at its default")
@@ -178,12 +177,16 @@ class AgreedSnapshots:
         sequence: the snapshot sequence (``take(step, ghosts=...)``).
         run: the collectives (``all_reduce``, ``world_size``).
         device: where the flag lives (the parameters' device: CPU for gloo, CUDA for NCCL).
+        after: called on every rank once every rank committed the snapshot, with the step and how long this rank's
+            snapshot took (:meth:`~dynprobe.distributed.sharded_barriers.ShardedBarriers.after_agreed_snapshot`).
     """
 
-    def __init__(self, sequence: SnapshotTaker, run: Collectives, device: torch.device) -> None:
-        self.sequence, self.run, self.device = sequence, run, device
+    def __init__(self, sequence: SnapshotTaker, run: Collectives, device: torch.device,
+                 after: Callable[[int, float], None] | None = None) -> None:
+        self.sequence, self.run, self.device, self.after = sequence, run, device, after
 
     def take(self, step: int, *, ghosts: Any) -> None:
+        started = time.perf_counter()
         error: Exception | None = None
         try:
             self.sequence.take(step, ghosts=ghosts)
@@ -197,3 +200,5 @@ class AgreedSnapshots:
         if failed:
             raise ShardedRunFailure(f"the snapshot at step {step} failed on {failed} of {self.run.world_size} ranks "
                                     "(see that rank's warning); the probe detaches on every rank")
+        if self.after is not None:  # collective work that needs the snapshot committed on every rank (barriers)
+            self.after(step, time.perf_counter() - started)

@@ -2,14 +2,16 @@
 
 ``Path.between`` aligns two endpoints (state dicts or modules) with the model's own tensors; ``Path.at(α)`` is
 ``torch.lerp(θ_b, θ_a, α)`` on every floating-point parameter and buffer; :func:`path_sums` evaluates the task's
-loss (or 0/1 error) at each α through ``torch.func.functional_call`` — the user's module is never loaded.
+loss (or 0/1 error) at each α through ``torch.func.functional_call`` — the user's module is never loaded. A path
+whose ``at(α)`` returns None has loaded θ(α) into the model itself, which is then called as it is (FSDP2, where
+no process holds θ whole: :func:`dynprobe.metrics.barrier.loss_barrier_in_place`).
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from dynprobe._util.batchnorm import reestimate_batchnorm, running_stat_layers
 from dynprobe._util.inputs import Inputs, OutputFn, forward
 from dynprobe._util.tasks import Task
 
-__all__ = ["Path", "StateLike", "norm_layer_keys", "path_sums"]
+__all__ = ["Path", "PathLike", "StateLike", "norm_layer_keys", "path_sums"]
 
 StateLike = Union[Mapping[str, torch.Tensor], nn.Module]
 
@@ -66,6 +68,13 @@ class Path:
         for name in self.interpolated:
             state[name] = torch.lerp(self.b[name], self.a[name], alpha)
         return state
+
+
+class PathLike(Protocol):
+    """What :func:`path_sums` needs of a path: the state at α for ``functional_call`` (a :class:`Path`), or None
+    once the path has loaded θ(α) into the model itself."""
+
+    def at(self, alpha: float) -> dict[str, torch.Tensor] | None: ...
 
 
 def _model_entries(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -132,7 +141,7 @@ def norm_layer_keys(model: nn.Module, canonical_name: dict[str, str]) -> dict[st
     return keys
 
 
-def path_sums(model: nn.Module, path: Path, alphas: list[float], batches: list[tuple[Inputs, torch.Tensor]], *,
+def path_sums(model: nn.Module, path: PathLike, alphas: list[float], batches: list[tuple[Inputs, torch.Tensor]], *,
               task: Task, metric: str, output_fn: OutputFn, norm_keys: dict[str, str] | None = None,
               reset_batches: list[Inputs] | None = None) -> tuple[torch.Tensor, int]:
     """Σ over the data's units of the loss (or 0/1 error) at every α, float64 (A,) on the model's device; and the
@@ -142,8 +151,9 @@ def path_sums(model: nn.Module, path: Path, alphas: list[float], batches: list[t
     count_total: torch.Tensor | None = None
     labels_checked = False
     for alpha in alphas:
-        state = path.at(alpha)
+        state = path.at(alpha)  # None: θ(α) is in the model itself, called as it is
         if reset_batches:
+            assert state is not None, "BatchNorm re-estimation needs the state of a functional path"
             statistics = reestimate_batchnorm(model, reset_batches,
                                               forward=lambda inputs, state=state: forward(model, inputs, state))
             keys = norm_keys or {}

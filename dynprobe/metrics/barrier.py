@@ -58,7 +58,7 @@ from dynprobe._util.tasks import Task, as_task, infer_task
 
 from ._path import Path, StateLike, norm_layer_keys, path_sums
 
-__all__ = ["METRICS", "REFERENCES", "BarrierResult", "loss_barrier"]
+__all__ = ["METRICS", "REFERENCES", "BarrierResult", "loss_barrier", "loss_barrier_in_place"]
 
 METRICS = ("loss", "error")
 REFERENCES = ("mean", "linear")
@@ -231,11 +231,75 @@ def loss_barrier(
         if flat:
             values = np.full(evaluated.shape, values[0])
 
-    by_alpha = dict(zip(evaluated.tolist(), values.tolist()))
-    curve = np.array([by_alpha[a] for a in alpha_grid.tolist()], dtype=np.float64)
     num_examples = sum(int(targets.shape[0]) for _, targets in batches)
     conventions = _conventions(metric, task, grid_description, reset_batches if reset_bn is not None else None,
                                num_examples, reference)
+    return _result(alpha_grid, evaluated, values, reference=reference, metric=metric, num_examples=num_examples,
+                   conventions=conventions)
+
+
+def loss_barrier_in_place(
+    model: nn.Module,
+    load: Callable[[float], None],
+    data: Any,
+    *,
+    alphas: int | Sequence[float] = 30,
+    reference: str = "mean",
+    task: Any = None,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    batch_size: int = 1024,
+    interpolated: str,
+) -> BarrierResult:
+    """:func:`loss_barrier` (loss metric, both references) along a path the caller loads into ``model`` itself.
+
+    ``load(α)`` makes ``model`` hold ``θ(α) = torch.lerp(θ_b, θ_a, α)`` (θ_a at α = 1, θ_b at α = 0); the model is
+    then called as it is, on every batch of ``data``, in eval mode under ``no_grad`` with autocast off and the
+    RNG streams preserved. The loss at each α and both barriers are computed exactly as :func:`loss_barrier`
+    computes them (the same loss sums, :meth:`BarrierResult.from_curve`); every α is
+    evaluated, also when the endpoints are equal (``lerp(θ, θ, α) = θ`` then gives B = 0 exactly anyway).
+
+    For models whose θ cannot be handed to ``functional_call`` whole — under FSDP2 each process writes its own
+    shards (:mod:`dynprobe.distributed.sharded_path`). Putting the model's own values back is the caller's: after
+    the call the model holds θ(1) (α is evaluated in increasing order). ``interpolated`` says what ``load``
+    interpolates and how (stored in the result's conventions, with the mode: "in place").
+    """
+    alpha_grid, grid_description = _alpha_grid(alphas, None)
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES!r}; got {reference!r}")
+    check_int("batch_size", batch_size)
+    task = as_task(task)
+    output_fn = output_fn or default_output_fn
+    device = device_of(model)
+    with preserved_rng(rng_devices(model)):
+        batches, task = _checked_batches(data, batch_size, device, task)
+        evaluated = np.unique(np.concatenate([alpha_grid, [0.0, 1.0]]))
+        with torch.no_grad(), eval_mode(model), no_autocast(device):
+            sums, units = path_sums(model, _LoadedPath(load), evaluated.tolist(), batches, task=task,
+                                    metric="loss", output_fn=output_fn)
+        values = sums.cpu().numpy() / units
+    num_examples = sum(int(targets.shape[0]) for _, targets in batches)
+    conventions = {**_conventions("loss", task, grid_description, None, num_examples, reference),
+                   "interpolated": interpolated,
+                   "mode": "eval mode, no_grad, autocast off, the model called with theta(alpha) loaded in place"}
+    return _result(alpha_grid, evaluated, values, reference=reference, metric="loss", num_examples=num_examples,
+                   conventions=conventions)
+
+
+@dataclass(frozen=True)
+class _LoadedPath:
+    """A path whose points the caller loads into the model (``path_sums`` then calls the model as it is)."""
+
+    load: Callable[[float], None]
+
+    def at(self, alpha: float) -> None:
+        self.load(alpha)
+
+
+def _result(alpha_grid: np.ndarray, evaluated: np.ndarray, values: np.ndarray, *, reference: str, metric: str,
+            num_examples: int, conventions: dict[str, Any]) -> BarrierResult:
+    """Both barriers from the metric at the ``evaluated`` α (the grid and both endpoints)."""
+    by_alpha = dict(zip(evaluated.tolist(), values.tolist()))
+    curve = np.array([by_alpha[a] for a in alpha_grid.tolist()], dtype=np.float64)
     return BarrierResult.from_curve(alpha_grid, curve, by_alpha[1.0], by_alpha[0.0], reference=reference,
                                     metric=metric, num_examples=num_examples, conventions=conventions)
 

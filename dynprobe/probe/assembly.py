@@ -1,7 +1,8 @@
 """How a probe is assembled: :func:`assemble` builds every part from the validated options, in data-flow order.
 
 eval set → kernel probe set → run sink (a :class:`~dynprobe.store.writer.RunWriter`, or a null sink on DDP ranks
-other than 0: the one place where ranks differ) → training-loss log → snapshot recorder → barrier scheduler →
+other than 0: the one place where ranks differ) → training-loss log → snapshot recorder → barrier scheduler (rank 0
+only under DDP; every rank under FSDP2, after each snapshot's agreement) →
 transition watch → snapshot sequence → ghosts and the hooks that feed them. Each part is given what it uses —
 plain values, other parts, and the probe's :class:`ProbeClock` — never the half-built probe. Nothing here runs
 during training.
@@ -25,6 +26,7 @@ from dynprobe.capture.step import StepCapture
 from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
 from dynprobe.distributed.sharded import AgreedSnapshots, reshard, shared_run_root
+from dynprobe.distributed.sharded_barriers import ShardedBarriers
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
@@ -147,22 +149,30 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                 kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None
                 else None)
         progress = SnapshotProgress(enabled=options.progress)
-        barriers = BarrierScheduler(
-            options.barriers, sink=sink, model=inner, eval_set=eval_set, output_fn=output_fn,
-            batch_size=options.eval_batch_size, final_step=options.total_steps, progress=progress,
-        ) if options.barriers.active(options.ghosts is not None) and sink.writes and not sharded else None
+        barriers: BarrierScheduler | None = None
+        if sharded and options.barriers.active(options.ghosts is not None):  # FSDP2: every rank computes them
+            assert dist is not None and isinstance(recorder, ShardedSnapshotRecorder)
+            barriers = ShardedBarriers(
+                options.barriers, run=dist, sink=sink, model=inner, params=params, pieces=recorder.cosine,
+                eval_set=eval_set, output_fn=output_fn, batch_size=options.eval_batch_size, device=device,
+                progress=progress)
+        elif options.barriers.active(options.ghosts is not None) and sink.writes:
+            barriers = BarrierScheduler(
+                options.barriers, sink=sink, model=inner, eval_set=eval_set, output_fn=output_fn,
+                batch_size=options.eval_batch_size, final_step=options.total_steps, progress=progress)
         transition = TransitionWatch(sink.event, options.on_transition,
                                      lag_steps=options.kernel.lag_steps or None if options.kernel is not None else None)
         if sink.resumed:
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
-                                    learning_rates=learning_rates, barriers=barriers,
+                                    learning_rates=learning_rates, barriers=None if sharded else barriers,
                                     transition=transition, progress=progress, model=inner,
                                     sink=sink, on_snapshot=options.on_snapshot,
                                     inert=None if sharded else InertWatch(inner, named_params, optimizer, sink))
-        if sharded:  # every rank agrees on each snapshot's outcome before training goes on
+        if sharded:  # every rank agrees on each snapshot's outcome before training goes on (and the barriers)
             assert dist is not None
-            sequence = AgreedSnapshots(sequence, dist, device)
+            sequence = AgreedSnapshots(sequence, dist, device, after=barriers.after_agreed_snapshot
+                                       if isinstance(barriers, ShardedBarriers) else None)
         parts = ProbeParts(dist=dist, model=inner, hooked_model=model, named_params=named_params, device=device,
                            cuda_devices=cuda_devices, storage_dtype=storage_dtype, output_fn=output_fn,
                            eval_set=eval_set, num_classes=num_classes, kernel=kernel, sink=sink,
