@@ -69,16 +69,12 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_memory: int | None = None
-                           ) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any, barriers: bool, history_memory: int | None = None) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None:
         problems.append(f"ghosts= {UNSUPPORTED} (replicas would need their own sharded copies); build the Probe "
                         "without ghosts=")
-    if kernel is not None:
-        problems.append(f"kernel= {UNSUPPORTED} (the eNTK needs per-shard Jacobians); build the Probe without "
-                        "kernel=")
     if barriers:
         problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
                         "barriers= at its default")
