@@ -14,6 +14,9 @@ uses); what differs from DDP:
   the same eval batches (the FSDP forward is collective), computes its partial sums of the C row
   (:mod:`dynprobe.distributed.sharded_rows`) and writes its own shards with ``torch.distributed.checkpoint``;
   rank 0 writes the rest and the commit line.
+* **eNTK** — :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`: θ gathered whole on every rank for the
+  measurement, FSDP's forward hooks bypassed, each rank differentiating a share of the modules, the partial
+  kernels summed with one all-reduce (as under DDP).
 * **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
   ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
   the probe detach on every rank at the same step — never one rank back in training while another waits in a
@@ -69,12 +72,16 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, barriers: bool, history_memory: int | None = None) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, barriers: bool, history_memory: int | None = None
+                           ) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None:
         problems.append(f"ghosts= {UNSUPPORTED} (replicas would need their own sharded copies); build the Probe "
                         "without ghosts=")
+    if kernel is not None and kernel.per_layer:
+        problems.append(f"KernelConfig(per_layer=True) {UNSUPPORTED} (each rank differentiates a share of the layers "
+                        "and only their sum is assembled); use per_layer=False")
     if barriers:
         problems.append(f"barriers= {UNSUPPORTED} (interpolating θ needs a sharded functional call); leave "
                         "barriers= at its default")

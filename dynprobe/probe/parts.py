@@ -79,7 +79,8 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
     )
     problems = check_supported(options.ghosts)
     if dist is not None and dist.sharded:  # FSDP2: what this slice does not run yet, the same error on every rank
-        problems += unsupported_under_fsdp(ghosts=options.ghosts, barriers=options.barriers.active(False),
+        problems += unsupported_under_fsdp(ghosts=options.ghosts, kernel=options.kernel,
+                                           barriers=options.barriers.active(False),
                                            history_memory=options.history_memory)
         problems += layout_problems(named_params, dist.world_size)
     return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,

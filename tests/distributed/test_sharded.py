@@ -138,6 +138,7 @@ def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
     model = sharded_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2])),
+               "kernel_per_layer": dict(kernel=dynprobe.KernelConfig(n=8, per_layer=True)),
                "barriers": dict(barriers=dynprobe.Barriers(previous_snapshots=1)),
                "history_memory": dict(history_memory=2**20)}
     for name, options in refused.items():
@@ -271,6 +272,7 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
         result = results[rank]
         assert "ghosts= is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
         assert "barriers= is not supported under FSDP (fully_shard) yet" in result["barriers_error"]
+        assert "KernelConfig(per_layer=True) is not supported under FSDP" in result["kernel_per_layer_error"]
         assert "history_memory= is not supported under FSDP (fully_shard) yet" in result["history_memory_error"]
         assert result["after"] == WORLD
         for fault in ("partial_sums", "commit"):
@@ -391,7 +393,7 @@ def test_local_layer_bounds_follow_each_rank_s_shards() -> None:
 def test_a_plain_parameter_next_to_shards_is_named_at_attach() -> None:
     problems = layout_problems([("head.weight", torch.zeros(3, 2))], WORLD)
     assert len(problems) == 1 and "'head.weight' is not sharded" in problems[0]
-    assert unsupported_under_fsdp(ghosts=None, barriers=False) == []
+    assert unsupported_under_fsdp(ghosts=None, kernel=None, barriers=False) == []
 
 
 class _FakeRun:
