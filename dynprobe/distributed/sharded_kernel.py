@@ -31,6 +31,10 @@ freed when it ends), next to the rank's shards, plus the engine's own ``max_memo
 the kernel holds; the per-sample Jacobians of a rank cover only its share. A model whose θ does not fit on one
 device cannot have its eNTK measured this way (that would need layer-wise gathering in lock-step).
 
+Faults: building the engines and every kernel end with an all-reduce that carries a failure flag (the engine's
+errors are caught), so every rank raises alike. A failure inside the gathers themselves on one rank (out of
+memory while gathering θ) cannot be caught this way: the other ranks wait in the next all-gather.
+
 Buffers: FSDP does not synchronize them (each rank's BatchNorm statistics come from its own batches); the kernel
 is computed with rank 0's floating-point buffers on every rank — the buffers the run stores — fetched with one
 all-reduce per dtype.
@@ -152,9 +156,9 @@ class GatheredKernel:
 
     A :class:`~dynprobe.distributed.kernel.ShardedKernel` (each rank a share of whole modules, one all-reduce of
     the partial kernels) whose construction and every call run inside :func:`whole_parameters` (``named_params``:
-    the DTensor parameters as the probe attached to them). Construction
-    (the engines' planning forwards) ends with one all-reduce of a failure flag, so a rank whose engine cannot be
-    built makes every rank raise alike. Collective: every rank must construct and call it together.
+    the DTensor parameters as the probe attached to them). Construction (the engines' planning forwards) ends with
+    one all-reduce of a failure flag, so a rank whose engine cannot be built makes every rank raise alike.
+    Collective: every rank must construct and call it together.
     """
 
     def __init__(self, run: Any, model: nn.Module, make_engine: EngineFactory,

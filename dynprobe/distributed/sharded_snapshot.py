@@ -1,4 +1,4 @@
-"""Snapshots of a sharded θ (FSDP2) without gathering it: :class:`ShardedSnapshotRecorder`.
+"""Snapshots of a sharded θ (FSDP2) without gathering it (except for the eNTK): :class:`ShardedSnapshotRecorder`.
 
 The same two halves as :class:`dynprobe.recording.snapshot.SnapshotRecorder` (``measure`` then ``commit``), with
 every collective in ``measure``, in the same order on every rank:
