@@ -44,11 +44,15 @@ class ShardedKernel:
     (``wrt=``); H = Σ_r H_r (eq. 3 is a sum over parameters), assembled by :meth:`DistributedRun.
     sum_partial_kernels`. Each engine plans for the full ``max_memory``: the per-rank budget equals a single
     process's. A rank with no share (fewer modules than ranks) contributes zeros. ``run`` is the
-    :class:`~dynprobe.distributed.runtime.DistributedRun` of this process.
+    :class:`~dynprobe.distributed.runtime.DistributedRun` of this process. ``rank0_buffers``: compute with rank
+    0's floating-point buffers on every rank (default: when DDP broadcasts them; under FSDP, where each rank keeps
+    its own, they are the buffers the run stores).
     """
 
-    def __init__(self, run: Any, model: nn.Module, make_engine: EngineFactory) -> None:
+    def __init__(self, run: Any, model: nn.Module, make_engine: EngineFactory, *,
+                 rank0_buffers: bool | None = None) -> None:
         self.run, self.model = run, model
+        self.rank0_buffers = run.syncs_buffers if rank0_buffers is None else rank0_buffers
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
         self.shares = partition_modules(trainable, run.world_size)
         share = self.shares[run.rank]
@@ -66,7 +70,7 @@ class ShardedKernel:
                                "partial kernels summed with one all_reduce (float64)"}
 
     def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.run.syncs_buffers:
+        if self.rank0_buffers:
             # Rank 0's buffers, as DDP broadcasts them before the next forward: another rank's main model (and a
             # ghost on the step it was cloned) still holds its own running statistics.
             names = [name for name, b in self.model.named_buffers() if b is not None and b.is_floating_point()]

@@ -16,6 +16,9 @@ uses); what differs from DDP:
   rank 0 writes the rest and the commit line.
 * **barriers** — :class:`~dynprobe.distributed.sharded_barriers.ShardedBarriers`: trajectory barriers on every
   rank, after the snapshot's agreement, each rank interpolating its own shards in place, the budget agreed.
+* **eNTK** — :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`: θ gathered whole on every rank for the
+  measurement, FSDP's forward hooks bypassed, each rank differentiating a share of the modules, the partial
+  kernels summed with one all-reduce (as under DDP).
 * **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
   ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
   the probe detach on every rank at the same step — never one rank back in training while another waits in a
@@ -110,9 +113,9 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, history_memory: int | No
     if ghosts is not None and ghosts.save_params:
         problems.append(f"Ghosts(save_params=True) {UNSUPPORTED} (each rank would write its ghost shards); leave "
                         "save_params=False")
-    if kernel is not None:
-        problems.append(f"kernel= {UNSUPPORTED} (the eNTK needs per-shard Jacobians); build the Probe without "
-                        "kernel=")
+    if kernel is not None and kernel.per_layer:
+        problems.append(f"KernelConfig(per_layer=True) {UNSUPPORTED} (each rank differentiates a share of the layers "
+                        "and only their sum is assembled); use per_layer=False")
     if history_memory is not None:
         problems.append(f"history_memory= {UNSUPPORTED} (every rank keeps its shards of all snapshots in memory "
                         "for the C rows: T·P/R numbers); leave history_memory= at its default")

@@ -1,4 +1,4 @@
-"""Snapshots of a sharded θ (FSDP2) without gathering it: :class:`ShardedSnapshotRecorder`.
+"""Snapshots of a sharded θ (FSDP2) without gathering it (except for the eNTK): :class:`ShardedSnapshotRecorder`.
 
 The same two halves as :class:`dynprobe.recording.snapshot.SnapshotRecorder` (``measure`` then ``commit``), with
 every collective in ``measure``, in the same order on every rank:
@@ -8,16 +8,20 @@ every collective in ``measure``, in the same order on every rank:
 2. the C row (whole θ and per layer) from this rank's partial sums: one all-reduce, two when some entries need
    the cancellation-free form (:class:`~dynprobe.distributed.sharded_rows.ShardedCosineRows`); both carry a
    failure flag, so a rank that fails before them still takes part and every rank raises alike;
-3. θ's shards: every rank writes its own with ``torch.distributed.checkpoint.save`` in DCP's safetensors format
+3. H(θ_t) when the kernel cadence asks for one (``kernel_fn``: a
+   :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`, collective: θ gathered, each rank a share of the
+   parameters, one all-reduce of the partial kernels that carries a failure flag), identical on every rank;
+4. θ's shards: every rank writes its own with ``torch.distributed.checkpoint.save`` in DCP's safetensors format
    (``HuggingFaceStorageWriter(save_distributed=True)``: one file per rank, each shard's offsets in the file's JSON
    header, no pickled metadata) into ``snapshots/step_…/params.dcp/``. ``save`` is collective and returns on rank
    0 only after every rank reported its files written (DCP gathers the write results to rank 0 and raises on
    every rank if any rank failed).
 
-``commit`` is local: rank 0 writes the buffers, predictions, the rows of C and D and, last, the snapshot's commit
-line — so a snapshot is visible only once every rank's shard file exists, as for an unsharded run's
-``params.npy``. The other ranks' sinks write nothing. D (eq. 6) is computed from the predictions, identical on
-every rank, as in an unsharded run.
+``commit`` is local: rank 0 writes the buffers, predictions, the kernel, the rows of C, D and S and, last, the
+snapshot's commit line — so a snapshot is visible only once every rank's shard file exists, as for an unsharded
+run's ``params.npy``. The other ranks' sinks write nothing. D (eq. 6) is computed from the predictions, identical on
+every rank, as in an unsharded run; so is S (eq. 4) from the kernels, identical on every rank (earlier kernels
+beyond ``KERNEL_MEMORY`` are read back from rank 0's ``kernel.npy`` files, which every rank sees).
 
 Memory: every rank keeps its pieces of all earlier snapshots for the rows (``T·P/R`` numbers); spilling them to the
 run directory is not done yet under FSDP.
@@ -35,12 +39,12 @@ from torch import nn
 
 from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import layer_slices
-from dynprobe.metrics.interval import FunctionMetric, PairwiseMatrix
+from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix
 from dynprobe.recording.matrices import RecordedMatrix
 from dynprobe.recording.snapshot import MAX_LAYERS, SnapshotData, history_dtype
 from dynprobe.store.files import load_npy
 from dynprobe.store.history import VectorHistory
-from dynprobe.store.layout import BUFFERS, PREDS, SHARDED_PARAMS, layer_metric, snapshot_file
+from dynprobe.store.layout import BUFFERS, KERNEL, PREDS, SHARDED_PARAMS, layer_metric, snapshot_file
 from dynprobe.store.matrix_rows import MatrixRows
 from dynprobe.store.rows import TriangularRows
 from dynprobe.store.sharded import save_sharded_params
@@ -52,6 +56,7 @@ from .sharded_rows import ShardedCosineRows
 __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
 
 PREDICTIONS_MEMORY = 64 * 2**20  # bytes of earlier predictions kept for D's rows
+KERNEL_MEMORY = 64 * 2**20  # bytes of earlier kernels kept for S's rows
 CONVENTIONS = {
     "theta_storage": "FSDP2: each rank's shards, torch.distributed.checkpoint safetensors files (one per rank) in "
                      f"each snapshot's {SHARDED_PARAMS} folder; load_run reads whole vectors in named_parameters() "
@@ -89,12 +94,15 @@ class ShardedSnapshotRecorder:
         root: rank 0's run directory (:func:`~dynprobe.distributed.sharded.shared_run_root`): every rank
             writes its shards there.
         per_layer: also record C per layer (models with at most ``MAX_LAYERS`` layers).
+        kernel_fn: ``(step) -> H`` or None when the eNTK is not measured at that snapshot (collective: called on
+            every rank alike); None: no kernels, no S.
     """
 
     def __init__(self, run: Collectives, writer: RunSink, model: nn.Module,
                  named_params: list[tuple[str, torch.Tensor]], eval_set: EvalSet, *, root: Path,
                  device: torch.device, storage_dtype: torch.dtype, output_fn: Callable[[Any], torch.Tensor],
-                 eval_batch_size: int, per_layer: bool = True) -> None:
+                 eval_batch_size: int, per_layer: bool = True,
+                 kernel_fn: Callable[[int], torch.Tensor | None] | None = None) -> None:
         self.run, self.writer, self.model, self.eval_set = run, writer, model, eval_set
         self.named_params = named_params
         self.params = [p for _, p in named_params]
@@ -115,6 +123,11 @@ class ShardedSnapshotRecorder:
         self.disagreement = RecordedMatrix(
             PairwiseMatrix("D", FunctionMetric(eval_set.task.disagreement_to_many), history),
             MatrixRows([writer.rows_path("D")]))
+        self.kernel_fn = kernel_fn
+        self.kernels = None if kernel_fn is None else RecordedMatrix(
+            PairwiseMatrix("S", CosineMetric(), VectorHistory(device, dtype=torch.float64, memory_budget=KERNEL_MEMORY,
+                                                               load=self._load_kernel)),
+            MatrixRows([writer.rows_path("S")]))
         self.last_rows: dict[str, np.ndarray] = {}
         self.last_filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._row: np.ndarray | None = None  # the C row measured by the latest measure(), committed next
@@ -141,8 +154,9 @@ class ShardedSnapshotRecorder:
             piece = torch.zeros(self.local_size, dtype=self.piece_dtype, device=self.device)
         self._row = self.cosine.row(piece, error)  # raises on every rank if any failed
         assert evaluation is not None
+        kernel = self.kernel_fn(step) if self.kernel_fn is not None else None  # raises on every rank alike
         self._save_shards(step)
-        return SnapshotData(step, piece, buffers, evaluation, None, started=started)
+        return SnapshotData(step, piece, buffers, evaluation, kernel, started=started)
 
     def _save_shards(self, step: int) -> None:
         save_sharded_params(self.root, step, {name: p.detach() for name, p in self.named_params})
@@ -157,6 +171,8 @@ class ShardedSnapshotRecorder:
         preds = data.evaluation.preds
         storage = self.eval_set.task.storage_dtype(data.evaluation.num_classes)
         self.writer.save_array(step, PREDS, preds.cpu().numpy().astype(storage))
+        if data.kernel is not None:
+            self.writer.save_array(step, KERNEL, data.kernel.cpu().numpy())
         for name, array in data.extra_arrays.items():  # the ghosts' predictions
             self.writer.save_array(step, name, array)
         for channel, rows_file in enumerate(self.c_rows):
@@ -164,26 +180,42 @@ class ShardedSnapshotRecorder:
         rows = {"C": row[0], "D": self.disagreement.update(preds)}
         if self.layers:
             rows["C_layers"] = row[1:]
-        self.last_rows, self.last_filled, self._row = rows, {"C": []}, None
+        filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {"C": []}
+        if self.kernels is not None:
+            rows["S"] = self.kernels.update(None if data.kernel is None else data.kernel.reshape(-1))
+            filled["S"] = self.kernels.take_filled()
+        self.last_rows, self.last_filled, self._row = rows, filled, None
         full = {"step": step, "eval_loss": data.evaluation.loss, "eval_accuracy": data.evaluation.accuracy,
-                "kernel": False, **record, "C_prev": _previous(rows["C"]), "D_prev": _previous(rows["D"]),
-                "duration_s": time.perf_counter() - data.started}
+                "kernel": data.kernel is not None, **record, "C_prev": _previous(rows["C"]),
+                "D_prev": _previous(rows["D"]), "duration_s": time.perf_counter() - data.started}
+        if "S" in rows:
+            full["S_prev"] = _previous(rows["S"])
         self.writer.commit_snapshot(full)
         return full
 
     def materialize(self) -> None:
-        """Write ``metrics/C.npy`` and ``metrics/D.npy`` in full (the per-layer C stays in its row files)."""
+        """Write ``metrics/C.npy``, ``metrics/D.npy`` (and ``metrics/S.npy``) in full (the per-layer C stays in its
+        row files)."""
         self.disagreement.complete()
         self.writer.save_matrix("C", self.c_rows[0].read(self.cosine.count))
         self.writer.save_matrix("D", self.disagreement.compute())
+        if self.kernels is not None:
+            self.kernels.complete()
+            self.writer.save_matrix("S", self.kernels.compute())
 
     def release(self) -> None:
         """Free the earlier pieces and predictions held for the rows."""
         self.cosine.release()
         self.disagreement.history.release()
+        if self.kernels is not None:
+            self.kernels.history.release()
 
     def _load_predictions(self, index: int) -> np.ndarray | None:
         path = snapshot_file(self.root, self.writer.snapshots[index]["step"], PREDS)
+        return load_npy(path).reshape(-1) if path.exists() else None
+
+    def _load_kernel(self, index: int) -> np.ndarray | None:
+        path = snapshot_file(self.root, self.writer.snapshots[index]["step"], KERNEL)
         return load_npy(path).reshape(-1) if path.exists() else None
 
 

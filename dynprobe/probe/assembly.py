@@ -27,6 +27,7 @@ from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
 from dynprobe.distributed.sharded import AgreedSnapshots, reshard, shared_run_root
 from dynprobe.distributed.sharded_barriers import ShardedBarriers
+from dynprobe.distributed.sharded_kernel import fsdp_kernel
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
@@ -41,6 +42,7 @@ from dynprobe.store.files import read_jsonl
 from dynprobe.store.layout import EVAL_INDICES, EVENTS, KERNEL_PROBE_INDICES, train_loss_path
 from dynprobe.store.run import load_run
 from dynprobe.store.sink import RunSink
+from dynprobe.store.writer import json_safe
 
 from .guard import attempt
 from .options import ProbeOptions
@@ -120,7 +122,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     if sharded:
         reshard(inner)  # the check's forward left the root's parameters all-gathered
     kernel = None
-    if options.kernel is not None and not sharded:
+    if options.kernel is not None and not sharded:  # under FSDP built once the ranks agree (collective: below)
         kernel = KernelMeasure(options.kernel, inner, eval_set, output_fn=output_fn, device=device,
                                kernel_factory=sharded_kernel(dist, inner))
     sink: RunSink = open_run(dist, out, options, model=inner, named_params=named_params, optimizer=optimizer,
@@ -128,6 +130,9 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                              kernel_convention=kernel.convention() if kernel is not None else None)
     handles: list[Any] = []
     try:
+        if sharded and options.kernel is not None:
+            assert dist is not None
+            kernel = _sharded_kernel(options, dist, inner, named_params, eval_set, output_fn, device, sink)
         if sink.writes and not sharded and background_writes(params, storage_dtype):
             sink = BackgroundWriter(sink)  # large θ: snapshot files written off the training thread
         clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner)
@@ -141,7 +146,9 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             assert dist is not None
             recorder = ShardedSnapshotRecorder(
                 dist, sink, inner, named_params, eval_set, root=shared_run_root(dist, sink.root), device=device,
-                storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size)
+                storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size,
+                kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None
+                else None)
         else:
             recorder = SnapshotRecorder(
                 sink, inner, params, eval_set, device=device, storage_dtype=storage_dtype, output_fn=output_fn,
@@ -186,6 +193,20 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             attempt(handle.remove, [])
         attempt(sink.close, [])
         raise
+
+
+def _sharded_kernel(options: ProbeOptions, dist: DistributedRun, model: nn.Module,
+                    named_params: list[tuple[str, torch.Tensor]], eval_set: EvalSet,
+                    output_fn: Callable[[Any], torch.Tensor], device: torch.device, sink: RunSink) -> KernelMeasure:
+    """The eNTK of an FSDP2 model (:mod:`dynprobe.distributed.sharded_kernel`: θ gathered for each measurement).
+    Built after the attach check, since building it is collective (every rank must have ``kernel=``); its
+    convention joins the manifest then."""
+    assert options.kernel is not None
+    kernel = KernelMeasure(options.kernel, model, eval_set, output_fn=output_fn, device=device,
+                           kernel_factory=fsdp_kernel(dist, model, named_params))
+    conventions = sink.manifest.get("conventions") or {}
+    sink.update_manifest(conventions={**conventions, **options.conventions(json_safe(kernel.convention()))})
+    return kernel
 
 
 def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, eval_set: EvalSet,

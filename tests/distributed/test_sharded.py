@@ -138,7 +138,7 @@ def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
     model = sharded_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2], save_params=True)),
-               "kernel": dict(kernel=dynprobe.KernelConfig(n=8)),
+               "kernel_per_layer": dict(kernel=dynprobe.KernelConfig(n=8, per_layer=True)),
                "history_memory": dict(history_memory=2**20)}
     for name, options in refused.items():
         try:
@@ -270,7 +270,7 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
     for rank in range(WORLD):
         result = results[rank]
         assert "Ghosts(save_params=True) is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
-        assert "kernel= is not supported under FSDP (fully_shard) yet" in result["kernel_error"]
+        assert "KernelConfig(per_layer=True) is not supported under FSDP" in result["kernel_per_layer_error"]
         assert "history_memory= is not supported under FSDP (fully_shard) yet" in result["history_memory_error"]
         assert result["after"] == WORLD
         for fault in ("partial_sums", "commit"):
