@@ -25,6 +25,7 @@ from dynprobe.distributed.sharded_slot import MainModelSlot
 from dynprobe.ghosts.perturbation import Perturbation, Shards, perturb_
 
 from .. import spawned
+from ..host_syncs import HostSyncCounter
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
@@ -77,11 +78,14 @@ def whole(tensors: list[torch.Tensor]) -> list[float]:
     return torch.cat([t.full_tensor().detach().reshape(-1).double() for t in tensors]).tolist()
 
 
-def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, ghosts=None) -> nn.Module:
-    """The user's loop (AdamW, dropout in train mode); with ``out`` the two probe lines are added."""
+def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, ghosts=None, sgd: bool = False,
+          count: dict | None = None) -> nn.Module:
+    """The user's loop (AdamW, dropout in train mode); with ``out`` the two probe lines are added. ``count``: the
+    host synchronisations of iteration 2 (a plain step: no snapshot, no spawn) go into ``count["syncs"]``."""
     torch.manual_seed(100 + rank)  # dropout masks differ per rank, as in real data-parallel training
     model = sharded_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if sgd else \
+        torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
     criterion, probe = nn.CrossEntropyLoss(), None
     if out is not None:
         probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
@@ -92,10 +96,13 @@ def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, gho
             on_attach(probe)
     for step in range(STEPS):
         x, y = global_batch(step)
-        loss = criterion(model(x[shard_of(rank)]), y[shard_of(rank)])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with HostSyncCounter() as counter:
+            loss = criterion(model(x[shard_of(rank)]), y[shard_of(rank)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if count is not None and step == 2:
+            count["syncs"], count["where"] = counter.total, dict(counter.where)
     if probe is not None:
         if before_close is not None:
             before_close(probe)
@@ -152,7 +159,16 @@ def scenario_fault(rank: int, folder: Path, result: dict) -> None:
     result["probed"] = local_shards(model)
 
 
-SCENARIOS = {"ghosts": scenario_ghosts, "fault": scenario_fault}
+def scenario_syncs(rank: int, folder: Path, result: dict) -> None:
+    """Host synchronisations of a plain step (SGD: AdamW's step counters are host reads of its own), without and
+    with the probe and its ghosts."""
+    bare, probed = {}, {}
+    train(rank, None, sgd=True, count=bare)
+    train(rank, folder / "syncs", sgd=True, count=probed)
+    result["bare"], result["probed"], result["where"] = bare["syncs"], probed["syncs"], probed["where"]
+
+
+SCENARIOS = {"ghosts": scenario_ghosts, "fault": scenario_fault, "syncs": scenario_syncs}
 
 
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
@@ -246,6 +262,13 @@ def test_a_ghost_fault_on_one_rank_stops_that_ghost_on_every_rank(tmp_path: Path
     assert "(on 1 of 2 ranks)" in statuses[1]["reason"]
     others = [e for e in run.events if e.get("event") == "ghost_compare" and e["step"] == STEPS]
     assert {e["ghost"] for e in others} == {0, 2}  # the control and the ghost spawned at step 2 went on
+
+
+def test_a_plain_step_with_fsdp_ghosts_waits_for_the_device_once(tmp_path: Path) -> None:
+    """The ghosts' agreement (exception counts of the step's one all-reduce) is the only host read the probe adds to
+    a plain step; the separations and non-finite flags stay on the device until a batched read."""
+    for result in run_spawned("syncs", tmp_path):
+        assert result["probed"] - result["bare"] == 1, result["where"]
 
 
 # ---------------------------------------------------------------------------------------------- one process
