@@ -15,8 +15,10 @@ rank raises alike. Every rank receives the same sums, so every rank takes the sa
 forward, runs on every rank or on none. The ghost is evaluated in the main model
 (:class:`~dynprobe.distributed.sharded_slot.MainModelSlot`).
 
-Not measured for ghosts under FSDP yet: S (the kernel of a ghost), ``L2_active`` over active tensors (the inert
-check is off under FSDP: ``L2_active`` = ``L2``), and ``Ghosts(save_params=True)`` (refused at attach).
+S (eq. 4), where the kernel is due: the ghost's parameters are gathered whole (one all-gather per tensor, the
+same on every rank) and handed to the run's eNTK (:mod:`.sharded_kernel`, which holds the whole θ for each
+measurement anyway). Not measured for ghosts under FSDP yet: ``L2_active`` over active tensors (the inert check is
+off under FSDP: ``L2_active`` = ``L2``), and ``Ghosts(save_params=True)`` (refused at attach).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from dynprobe.ghosts.comparison import Comparison
 from dynprobe.ghosts.trainer import Reference
+from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PREDS, ghost_array
 
 from .sharded import Collectives, local_numel, local_piece, local_tensor
@@ -37,7 +40,7 @@ from .sharded_rows import square_difference_sum
 from .sharded_slot import MainModelSlot
 from .sharded_snapshot import local_layer_bounds
 
-__all__ = ["compare_sharded_ghost", "local_separation_squares", "local_sums"]
+__all__ = ["compare_sharded_ghost", "local_separation_squares", "local_sums", "whole_state"]
 
 
 class ShardedCompareError(RuntimeError):
@@ -134,8 +137,16 @@ def compare_sharded_ghost(
     record["L2_active"] = record["L2"]
     if identical:
         record["evaluation"] = "the reference's (bitwise equal parameters and buffers)"
+    if kernel_of is not None and reference.kernel is not None:  # the eNTK takes whole values: gather (collective)
+        record["S"] = metrics.kernel_distance(reference.kernel, kernel_of(whole_state(state())))
     arrays = {ghost_array(ghost_id, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
     return Comparison(record, arrays)
+
+
+def whole_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every DTensor gathered whole (``full_tensor()``: one all-gather each, in the state's order,
+    the same on every rank); plain tensors as they are."""
+    return {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}
 
 
 def _same_locally(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:

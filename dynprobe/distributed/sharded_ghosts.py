@@ -217,7 +217,7 @@ class ShardedGhostTrainer:
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
                   ) -> Reference:
-        return Reference("main", main.params, main.preds, None, main.state, evaluation=main.evaluation)
+        return Reference("main", main.params, main.preds, main.kernel, main.state, evaluation=main.evaluation)
 
     def module_of(self, ghost: Ghost) -> tuple[nn.Module, list[torch.Tensor]]:
         assert ghost.replica is not None

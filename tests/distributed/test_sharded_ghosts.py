@@ -23,6 +23,7 @@ from dynprobe.distributed import sharded_ghosts
 from dynprobe.distributed.sharded_compare import local_separation_squares, local_sums
 from dynprobe.distributed.sharded_slot import MainModelSlot
 from dynprobe.ghosts.perturbation import Perturbation, Shards, perturb_
+from dynprobe.kernels.engine import empirical_ntk
 
 from .. import spawned
 from ..host_syncs import HostSyncCounter
@@ -79,7 +80,7 @@ def whole(tensors: list[torch.Tensor]) -> list[float]:
 
 
 def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, ghosts=None, sgd: bool = False,
-          count: dict | None = None) -> nn.Module:
+          count: dict | None = None, **options: object) -> nn.Module:
     """The user's loop (AdamW, dropout in train mode); with ``out`` the two probe lines are added. ``count``: the
     host synchronisations of iteration 2 (a plain step: no snapshot, no spawn) go into ``count["syncs"]``."""
     torch.manual_seed(100 + rank)  # dropout masks differ per rank, as in real data-parallel training
@@ -90,7 +91,7 @@ def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, gho
     if out is not None:
         probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
                                ghosts=ghosts or dynprobe.Ghosts(at=[0, 2], perturbation=Perturbation(
-                                   norm=NORM, kind="l2", seed=SEED)))
+                                   norm=NORM, kind="l2", seed=SEED)), **options)
         criterion = probe.watch(criterion)
         if on_attach is not None:
             on_attach(probe)
@@ -168,7 +169,18 @@ def scenario_syncs(rank: int, folder: Path, result: dict) -> None:
     result["bare"], result["probed"], result["where"] = bare["syncs"], probed["syncs"], probed["where"]
 
 
-SCENARIOS = {"ghosts": scenario_ghosts, "fault": scenario_fault, "syncs": scenario_syncs}
+def scenario_kernel(rank: int, folder: Path, result: dict) -> None:
+    """Ghosts with the eNTK: S of each ghost at the last snapshot; the ghosts' θ and rank 0's buffers gathered."""
+    def at_end(probe: dynprobe.Probe) -> None:
+        result["final_ghosts"] = {g.ghost_id: whole(g.replica.params) for g in probe._ghosts.live}
+        result["final_ghost_buffers"] = {g.ghost_id: {n: b.tolist() for n, b in g.replica.buffers.items()}
+                                         for g in probe._ghosts.live}
+
+    train(rank, folder / "kernel", before_close=at_end, sgd=True, ghosts=dynprobe.Ghosts(at=[0], perturbation=(
+        Perturbation(norm=0.5, kind="l2", seed=SEED))), kernel=dynprobe.KernelConfig(n=12))  # S well above 0
+
+
+SCENARIOS = {"ghosts": scenario_ghosts, "kernel": scenario_kernel, "fault": scenario_fault, "syncs": scenario_syncs}
 
 
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
@@ -262,6 +274,26 @@ def test_a_ghost_fault_on_one_rank_stops_that_ghost_on_every_rank(tmp_path: Path
     assert "(on 1 of 2 ranks)" in statuses[1]["reason"]
     others = [e for e in run.events if e.get("event") == "ghost_compare" and e["step"] == STEPS]
     assert {e["ghost"] for e in others} == {0, 2}  # the control and the ghost spawned at step 2 went on
+
+
+def test_the_s_of_fsdp_ghosts_equals_the_kernel_of_an_unsharded_copy(tmp_path: Path) -> None:
+    results = run_spawned("kernel", tmp_path)
+    run = dynprobe.load_run(tmp_path / "kernel")
+    assert not [e for e in run.events if e.get("event") in ("probe_error", "control_drift")]
+    records = {e["ghost"]: e for e in run.events if e.get("event") == "ghost_compare" and e["step"] == STEPS}
+    assert records[0]["S"] <= 1e-15  # the control: the main run's kernel
+    x_eval = eval_data()[0][torch.as_tensor(run.eval_indices)]
+    inputs = x_eval[torch.as_tensor(np.load(tmp_path / "kernel/kernel_probe_indices.npy"))]
+    main_kernel = run.kernel(step=STEPS)
+    copy = make_model()  # the ghost: its gathered θ, rank 0's ghost buffers (the kernel uses rank 0's)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.tensor(results[0]["final_ghosts"]["1"], dtype=torch.float32),
+                                            copy.parameters())
+        for name, buffer in copy.named_buffers():
+            buffer.copy_(torch.tensor(results[0]["final_ghost_buffers"]["1"][name], dtype=buffer.dtype))
+    ghost_kernel = empirical_ntk(copy, inputs).numpy().astype(np.float64)
+    expected = 1.0 - np.sum(main_kernel * ghost_kernel) / (np.linalg.norm(main_kernel) * np.linalg.norm(ghost_kernel))
+    assert expected > 1e-4 and records[1]["S"] == pytest.approx(expected, rel=1e-6), (records[1]["S"], expected)
 
 
 def test_a_plain_step_with_fsdp_ghosts_waits_for_the_device_once(tmp_path: Path) -> None:
