@@ -14,6 +14,9 @@ uses); what differs from DDP:
   the same eval batches (the FSDP forward is collective), computes its partial sums of the C row
   (:mod:`dynprobe.distributed.sharded_rows`) and writes its own shards with ``torch.distributed.checkpoint``;
   rank 0 writes the rest and the commit line.
+* **resume** — ``resume=True`` with the recorded world size (another is refused at attach, on every rank):
+  each rank checks and reloads its own shards of the kept snapshots
+  (:mod:`dynprobe.distributed.sharded_resume`); the null sinks get rank 0's resume plan.
 * **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
   ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
   the probe detach on every rank at the same step — never one rank back in training while another waits in a

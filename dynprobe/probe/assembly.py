@@ -25,6 +25,7 @@ from dynprobe.capture.step import StepCapture
 from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
 from dynprobe.distributed.sharded import AgreedSnapshots, shared_run_root
+from dynprobe.distributed.sharded_resume import check_resumed_shards
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
@@ -126,7 +127,10 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     try:
         if sink.writes and not sharded and background_writes(params, storage_dtype):
             sink = BackgroundWriter(sink)  # large θ: snapshot files written off the training thread
-        clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner)
+        root = shared_run_root(dist, sink.root) if sharded else sink.root  # FSDP: every rank writes its shards there
+        check = (functools.partial(_check_shards, dist, root, named_params, device) if sharded
+                 else functools.partial(check_resumed_parameters, params=params))
+        clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner, check)
         resumed_at = clock.step if sink.resumed else None
         last = int(sink.snapshots[-1]["step"]) if sink.resumed and sink.snapshots else None
         train_loss = TrainLoss(train_loss_path(sink.root) if sink.writes else None, resumed_at=resumed_at,
@@ -136,7 +140,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         if sharded:  # FSDP2: each rank its shards; C from all-reduced partial sums (distributed/sharded_snapshot.py)
             assert dist is not None
             recorder = ShardedSnapshotRecorder(
-                dist, sink, inner, named_params, eval_set, root=shared_run_root(dist, sink.root), device=device,
+                dist, sink, inner, named_params, eval_set, root=root, device=device,
                 storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size)
         else:
             recorder = SnapshotRecorder(
@@ -151,7 +155,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         ) if options.barriers.active(options.ghosts is not None) and sink.writes else None
         transition = TransitionWatch(sink.event, options.on_transition,
                                      lag_steps=options.kernel.lag_steps or None if options.kernel is not None else None)
-        if sink.resumed:
+        if sink.resumed and sink.writes:  # the detector runs where the rows are written
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=barriers,
@@ -177,12 +181,13 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, eval_set: EvalSet,
-           params: list[torch.Tensor], storage_dtype: torch.dtype, model: nn.Module) -> int:
+           params: list[torch.Tensor], storage_dtype: torch.dtype, model: nn.Module,
+           check: Callable[..., None]) -> int:
     """The step the run starts from: 0 for a new run (whose run-level arrays are stored now), else the resume step
-    (the model must hold the parameters recorded there; the kernel cadence continues)."""
+    (``check(sink, step=)``: the model must hold the parameters recorded there; the kernel cadence continues)."""
     if sink.resumed:
         step = sink.resume_from_step(options.resume_step)
-        check_resumed_parameters(sink, params, step)
+        check(sink, step=step)
         if kernel is not None:  # the kernel cadence (every_snapshots, lag companions) continues
             kernel.resume(sink.snapshots)
         return step
@@ -192,6 +197,13 @@ def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, e
     warn_if_the_disk_is_too_small(sink, options, params, storage_dtype, model, eval_set.n,
                                   options.kernel.n if options.kernel is not None else None)
     return 0
+
+
+def _check_shards(dist: DistributedRun | None, root: Any, named_params: list[tuple[str, torch.Tensor]],
+                  device: torch.device, sink: RunSink, *, step: int) -> None:
+    """FSDP: each rank checks its own shards against the snapshot at ``step`` (distributed/sharded_resume.py)."""
+    assert dist is not None
+    check_resumed_shards(dist, root, sink.manifest, named_params, sink.snapshots, step, device)
 
 
 def _ghosts(options: ProbeOptions, parts: ProbeParts, optimizer: torch.optim.Optimizer, clock: ProbeClock,
