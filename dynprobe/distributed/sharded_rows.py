@@ -283,6 +283,13 @@ class ShardedCosineRows:
             return torch.zeros((0, self.ranges[0][1]))
         return self._buffer[: self.count]
 
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of the history buffer as allocated (rows for ``max(4, 2·count)`` pieces once it grew: at most
+        twice the pieces kept, plus four) — this rank's ``T·P/R`` numbers, the probe's one per-rank cost that grows
+        with the run."""
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+
     def _keep(self, x: torch.Tensor) -> None:
         if self._buffer is None or self.count == self._buffer.shape[0]:
             grown = torch.empty((max(4, 2 * self.count), x.numel()), dtype=x.dtype, device=x.device)
