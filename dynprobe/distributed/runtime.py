@@ -136,16 +136,26 @@ class DistributedRun:
         if self.is_writer:
             try:
                 writer = RunWriter(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
-                outcome[0] = {"error": None, "root": str(writer.root)}
+                outcome[0] = {"error": None, "root": str(writer.root),
+                              # a resumed run (FSDP): every rank continues from rank 0's plan
+                              "resume_step": writer.resume_step if writer.resumed else None,
+                              "snapshots": writer.snapshots if writer.resumed else None}
             except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks learned of it
-                outcome[0] = {"error": f"{type(error).__name__}: {error}", "exception": error}
+                outcome[0] = {"error": f"{type(error).__name__}: {error}", "exception": error,
+                              "refused": isinstance(error, ValueError)}
         payload = [None if outcome[0] is None else {k: v for k, v in outcome[0].items() if k != "exception"}]
         _dist().broadcast_object_list(payload, src=0)
-        if payload[0]["error"] is not None:
+        done = payload[0]
+        if done["error"] is not None:
             if self.is_writer:
                 raise outcome[0]["exception"]
-            raise RuntimeError(f"dynprobe: rank 0 could not open the run directory: {payload[0]['error']}")
-        return writer if writer is not None else NullSink(out, manifest)
+            message = f"dynprobe: rank 0 could not open the run directory: {done['error']}"
+            raise ValueError(message) if done.get("refused") else RuntimeError(message)  # a refusal reads alike
+        if writer is not None:
+            return writer
+        if done["resume_step"] is not None:
+            return NullSink(done["root"], manifest, resume_step=done["resume_step"], snapshots=done["snapshots"])
+        return NullSink(out, manifest)
 
     # ------------------------------------------------------------------------------------------ collectives
 
@@ -202,8 +212,9 @@ def open_run_writer(run: DistributedRun | None, out: str | os.PathLike, manifest
     if run is None:
         return RunWriter(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
     problems = list(problems or [])
-    if resume:
-        problems.append("resume=True is not supported under torch.distributed yet; start a new out= directory")
+    if resume and not run.sharded:  # FSDP resumes (distributed/sharded_resume.py); DDP does not yet
+        problems.append("resume=True is not supported under torch.distributed data parallelism "
+                        "(DistributedDataParallel) yet, only under FSDP (fully_shard); start a new out= directory")
     run.check_agreement(manifest, params, problems)
     return run.open_writer(out, manifest, resume=resume, resume_step=resume_step, durable=durable)
 

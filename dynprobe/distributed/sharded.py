@@ -19,6 +19,9 @@ uses); what differs from DDP:
 * **eNTK** — :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`: θ gathered whole on every rank for the
   measurement, FSDP's forward hooks bypassed, each rank differentiating a share of the modules, the partial
   kernels summed with one all-reduce (as under DDP).
+* **resume** — ``resume=True`` with the recorded world size (another is refused at attach, on every rank):
+  each rank checks and reloads its own shards of the kept snapshots
+  (:mod:`dynprobe.distributed.sharded_resume`); the null sinks get rank 0's resume plan.
 * **faults** — :class:`AgreedSnapshots`: every collective of a snapshot carries a failure flag, and the snapshot
   ends with one more all-reduce of a flag, so a probe failure on any rank (a disk error while rank 0 commits) makes
   the probe detach on every rank at the same step — never one rank back in training while another waits in a

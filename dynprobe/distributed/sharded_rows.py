@@ -33,7 +33,7 @@ pieces and their global norms) that calls them with the run's all-reduce.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -244,12 +244,51 @@ class ShardedCosineRows:
         self.norms.append(x_norm2)
         return values
 
+    def restore(self, pieces: Iterable[torch.Tensor]) -> None:
+        """A resumed run: keep the pieces of the kept snapshots (in order) and their global squared norms, as the
+        uninterrupted run holds them after those snapshots; no dot product is formed (their rows are in the run).
+
+        The k-th norm is summed by an all-reduce of the *same length* as that snapshot's round (1) payload
+        (``layers·(k + 1) + 1``, zeros but this rank's ``‖x_r‖²`` per layer and a failure flag): a collective's
+        summation order may depend on the buffer's length (ring all-reduces cut it into per-rank chunks), and with
+        the same local sums (:func:`partial_sums`, the same function on the same piece) and the same order, every
+        norm — and so every later row — is bit-identical to the uninterrupted run's. One small all-reduce per kept
+        snapshot, at attach. ``pieces`` may be a generator (each rank loads one snapshot's shards at a time); an
+        exception from it on one rank is flagged in the next all-reduce and raised on every rank."""
+        layers = len(self.bounds)
+        iterator = iter(pieces)
+        while True:
+            error, x = None, None
+            try:
+                x = next(iterator)
+            except StopIteration:
+                return
+            payload = torch.zeros((layers, self.count + 1), dtype=torch.float64)
+            try:
+                payload[:, -1] = partial_sums(x, x[None][:0], self.bounds)[:, -1].cpu()
+            except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
+                error = f"{type(failure).__name__}: {failure}"
+            flat = torch.cat([payload.reshape(-1), torch.tensor([0.0 if error is None else 1.0],
+                                                                 dtype=torch.float64)]).to(x.device)
+            self.all_reduce(flat)
+            _raise_if_failed(flat[-1], error, "restoring the kept snapshots' norms")
+            sums = split_by_channel(flat[:-1].reshape(layers, self.count + 1), self.per_layer).cpu().numpy()
+            self._keep(x)
+            self.norms.append(sums[:, -1])
+
     @property
     def history(self) -> torch.Tensor:
         """The earlier pieces, stacked (count × local size; a view of the buffer)."""
         if self._buffer is None:
             return torch.zeros((0, self.ranges[0][1]))
         return self._buffer[: self.count]
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of the history buffer as allocated (rows for ``max(4, 2·count)`` pieces once it grew: at most
+        twice the pieces kept, plus four) — this rank's ``T·P/R`` numbers, the probe's one per-rank cost that grows
+        with the run."""
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
 
     def _keep(self, x: torch.Tensor) -> None:
         if self._buffer is None or self.count == self._buffer.shape[0]:

@@ -25,6 +25,10 @@ beyond ``KERNEL_MEMORY`` are read back from rank 0's ``kernel.npy`` files, which
 
 Memory: every rank keeps its pieces of all earlier snapshots for the rows (``T·P/R`` numbers); spilling them to the
 run directory is not done yet under FSDP.
+
+Resume (``resume=True``, the recorded world size): the recorder rebuilds its online state from the kept snapshots
+(:meth:`ShardedSnapshotRecorder._resume`, :mod:`dynprobe.distributed.sharded_resume`), so that the rows after the
+resume equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from dynprobe.store.sharded import save_sharded_params
 from dynprobe.store.sink import RunSink
 
 from .sharded import Collectives, local_numel, local_piece, reshard
+from .sharded_resume import own_pieces
 from .sharded_rows import ShardedCosineRows
 
 __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
@@ -120,19 +125,43 @@ class ShardedSnapshotRecorder:
             TriangularRows(writer.rows_path(layer_metric("C", layer))) for layer in range(len(self.layers))]
         history = VectorHistory(device, dtype=eval_set.task.history_dtype, memory_budget=PREDICTIONS_MEMORY,
                                 load=self._load_predictions)
-        self.disagreement = RecordedMatrix(
-            PairwiseMatrix("D", FunctionMetric(eval_set.task.disagreement_to_many), history),
-            MatrixRows([writer.rows_path("D")]))
+        d_rows, d_metric = MatrixRows([writer.rows_path("D")]), FunctionMetric(eval_set.task.disagreement_to_many)
+        d_matrix = PairwiseMatrix("D", d_metric, history)
+        if writer.resumed:  # rebuild the online state from the kept snapshots (collective; sharded_resume.py)
+            d_matrix = self._resume(d_rows, d_metric, history)
+        self.disagreement = RecordedMatrix(d_matrix, d_rows)
         self.kernel_fn = kernel_fn
-        self.kernels = None if kernel_fn is None else RecordedMatrix(
-            PairwiseMatrix("S", CosineMetric(), VectorHistory(device, dtype=torch.float64, memory_budget=KERNEL_MEMORY,
-                                                               load=self._load_kernel)),
-            MatrixRows([writer.rows_path("S")]))
+        self.kernels = None
+        if kernel_fn is not None:
+            s_rows = MatrixRows([writer.rows_path("S")])
+            s_history = VectorHistory(device, dtype=torch.float64, memory_budget=KERNEL_MEMORY, load=self._load_kernel)
+            s_matrix = PairwiseMatrix("S", CosineMetric(), s_history)
+            if writer.resumed:  # the kept kernels, as an unsharded resume reattaches them
+                has = [bool(s.get("kernel")) for s in writer.snapshots]
+                s_matrix = PairwiseMatrix.reattach("S", CosineMetric(), s_history, s_rows.read(len(has)), has)
+            self.kernels = RecordedMatrix(s_matrix, s_rows)
         self.last_rows: dict[str, np.ndarray] = {}
         self.last_filled: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._row: np.ndarray | None = None  # the C row measured by the latest measure(), committed next
         if writer.writes:  # say how θ was stored and C computed (rank 0 writes the manifest)
             writer.update_manifest(conventions={**(writer.manifest.get("conventions") or {}), **CONVENTIONS})
+
+    def _resume(self, d_rows: MatrixRows, d_metric: FunctionMetric, history: VectorHistory) -> PairwiseMatrix:
+        """A resumed run: the state an uninterrupted run holds after the kept snapshots. C: each rank reloads its
+        own pieces of every kept snapshot (DCP into its DTensor templates) and their global norms
+        (:meth:`ShardedCosineRows.restore`: bit-identical norms). D: the kept predictions, from the shared run
+        directory, as in an unsharded resume. The row files: rank 0's are cut to the kept snapshots by the
+        writer's resume (at its first write); a null sink's scratch files get as many placeholder rows (zeros,
+        never read), so that the next row's index matches on every rank."""
+        snapshots = self.writer.snapshots
+        count = len(snapshots)
+        self.cosine.restore(own_pieces(self.run, self.root, self.writer.manifest, [int(s["step"]) for s in snapshots],
+                                       self.named_params, self.piece_dtype, self.device))
+        if not self.writer.writes:  # rank 0's files are cut by the writer's resume, at its first write
+            for rows_file in [*self.c_rows, *d_rows.files]:
+                for index in range(rows_file.complete_rows(), count):
+                    rows_file.append(np.zeros(index + 1), index)
+        return PairwiseMatrix.reattach("D", d_metric, history, d_rows.read(count), [True] * count)
 
     # ------------------------------------------------------------------------------------------------ measure
 

@@ -4,7 +4,9 @@ Every rank runs the same recording code (so that the collectives inside it — e
 stay in lock-step); only rank 0's sink writes the run directory. The null sink keeps the snapshot records in memory,
 because the schedule and the eNTK cadence are decided from them identically on every rank, and the manifest, which
 the recorders read back. Interval-matrix rows, which the recorders append to files they get from
-:meth:`NullSink.rows_path`, go to a private scratch folder that is removed when the sink closes.
+:meth:`NullSink.rows_path`, go to a private scratch folder that is removed when the sink closes. Under FSDP a
+resumed run's null sinks get rank 0's plan (the resume step and the kept snapshot records), broadcast when rank 0
+opens the run, so that every rank continues from the same step.
 """
 from __future__ import annotations
 
@@ -29,19 +31,25 @@ class NullSink:
     Args:
         root: the run directory rank 0 writes (for messages; never written here).
         manifest: the manifest rank 0 writes (kept in memory).
+        resume_step: a resumed run (FSDP): the step rank 0 continues from (None: a new run).
+        snapshots: a resumed run: the snapshot records rank 0 kept.
     """
 
-    resumed = False
     writes = False  # what a recorder may skip here: nothing it computes is stored
 
-    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any], *, resume_step: int | None = None,
+                 snapshots: list[dict[str, Any]] | None = None) -> None:
         self.root = Path(root)
         self.manifest = dict(manifest)
-        self.snapshots: list[dict[str, Any]] = []
+        self.resumed = resume_step is not None
+        self.resume_step = resume_step
+        self.snapshots: list[dict[str, Any]] = list(snapshots or [])
         self._scratch: Path | None = None
         self._cleanup: weakref.finalize | None = None
 
     def resume_from_step(self, resume_step: int | None = None) -> int:
+        if self.resume_step is not None:
+            return self.resume_step
         return 0 if resume_step is None else int(resume_step)
 
     def event(self, event: str, /, **fields: Any) -> None:

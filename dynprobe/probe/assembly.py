@@ -28,6 +28,7 @@ from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, w
 from dynprobe.distributed.sharded import AgreedSnapshots, reshard, shared_run_root
 from dynprobe.distributed.sharded_barriers import ShardedBarriers
 from dynprobe.distributed.sharded_kernel import fsdp_kernel
+from dynprobe.distributed.sharded_resume import check_resumed_shards
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
@@ -135,7 +136,10 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
             kernel = _sharded_kernel(options, dist, inner, named_params, eval_set, output_fn, device, sink)
         if sink.writes and not sharded and background_writes(params, storage_dtype):
             sink = BackgroundWriter(sink)  # large θ: snapshot files written off the training thread
-        clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner)
+        root = shared_run_root(dist, sink.root) if sharded else sink.root  # FSDP: every rank writes its shards there
+        check = (functools.partial(_check_shards, dist, root, named_params, device) if sharded
+                 else functools.partial(check_resumed_parameters, params=params))
+        clock.step = _start(sink, options, kernel, eval_set, params, storage_dtype, inner, check)
         resumed_at = clock.step if sink.resumed else None
         last = int(sink.snapshots[-1]["step"]) if sink.resumed and sink.snapshots else None
         train_loss = TrainLoss(train_loss_path(sink.root) if sink.writes else None, resumed_at=resumed_at,
@@ -145,7 +149,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
         if sharded:  # FSDP2: each rank its shards; C from all-reduced partial sums (distributed/sharded_snapshot.py)
             assert dist is not None
             recorder = ShardedSnapshotRecorder(
-                dist, sink, inner, named_params, eval_set, root=shared_run_root(dist, sink.root), device=device,
+                dist, sink, inner, named_params, eval_set, root=root, device=device,
                 storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size,
                 kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None
                 else None)
@@ -169,7 +173,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                 batch_size=options.eval_batch_size, final_step=options.total_steps, progress=progress)
         transition = TransitionWatch(sink.event, options.on_transition,
                                      lag_steps=options.kernel.lag_steps or None if options.kernel is not None else None)
-        if sink.resumed:
+        if sink.resumed and sink.writes:  # the detector runs where the rows are written
             transition.replay(load_run(sink.root))
         sequence = SnapshotSequence(recorder=recorder, kernel=kernel, train_loss=train_loss,
                                     learning_rates=learning_rates, barriers=None if sharded else barriers,
@@ -210,12 +214,13 @@ def _sharded_kernel(options: ProbeOptions, dist: DistributedRun, model: nn.Modul
 
 
 def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, eval_set: EvalSet,
-           params: list[torch.Tensor], storage_dtype: torch.dtype, model: nn.Module) -> int:
+           params: list[torch.Tensor], storage_dtype: torch.dtype, model: nn.Module,
+           check: Callable[..., None]) -> int:
     """The step the run starts from: 0 for a new run (whose run-level arrays are stored now), else the resume step
-    (the model must hold the parameters recorded there; the kernel cadence continues)."""
+    (``check(sink, step=)``: the model must hold the parameters recorded there; the kernel cadence continues)."""
     if sink.resumed:
         step = sink.resume_from_step(options.resume_step)
-        check_resumed_parameters(sink, params, step)
+        check(sink, step=step)
         if kernel is not None:  # the kernel cadence (every_snapshots, lag companions) continues
             kernel.resume(sink.snapshots)
         return step
@@ -225,6 +230,13 @@ def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, e
     warn_if_the_disk_is_too_small(sink, options, params, storage_dtype, model, eval_set.n,
                                   options.kernel.n if options.kernel is not None else None)
     return 0
+
+
+def _check_shards(dist: DistributedRun | None, root: Any, named_params: list[tuple[str, torch.Tensor]],
+                  device: torch.device, sink: RunSink, *, step: int) -> None:
+    """FSDP: each rank checks its own shards against the snapshot at ``step`` (distributed/sharded_resume.py)."""
+    assert dist is not None
+    check_resumed_shards(dist, root, sink.manifest, named_params, sink.snapshots, step, device)
 
 
 def _ghosts(options: ProbeOptions, parts: ProbeParts, optimizer: torch.optim.Optimizer, clock: ProbeClock,

@@ -11,7 +11,8 @@ file is missing or short rebuilds it instead of cutting the snapshots it lacks r
 
 Rebuilt values equal the online ones up to float64 rounding of the summation order (not bit for bit). A metric whose
 arrays are not all stored (a snapshot lacking ``preds.npy``) cannot be rebuilt: :func:`rebuild_rows` says so, and
-the resume keeps only the snapshots that have rows.
+the resume keeps only the snapshots that have rows. Nor are an FSDP run's C rows rebuilt (that would gather every
+snapshot's whole θ on one process): its resume keeps the snapshots they have rows for.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from dynprobe._util.distances import pairwise_cosine_dissimilarity
 from dynprobe._util.modules import layer_slices
 
 from .files import RunFormatError, load_npy
-from .layout import KERNEL, PARAMS, PREDS, snapshot_file
+from .layout import KERNEL, PARAMS, PREDS, SHARDED_PARAMS, snapshot_file
+from .sharded import has_sharded_params
 
 __all__ = ["lower_triangle_bytes", "rebuild_rows"]
 
@@ -72,6 +74,10 @@ def rebuild_rows(root: Path, manifest: Mapping[str, Any], metric: str, snapshots
     layer = _layer(metric)
     if metric != "C" and layer is None:
         raise RunFormatError(f"{root}: metric rows {metric!r} are not a function of the stored snapshots")
+    sharded = [step for step in steps if has_sharded_params(root, step)]
+    if sharded:  # rebuilding would gather every snapshot's whole θ on one process, which FSDP exists to avoid
+        raise RunFormatError(f"{root}: the rows of {metric} are not rebuilt from an FSDP run's shards (snapshot at "
+                             f"step {sharded[0]}: {SHARDED_PARAMS}/)")
     numel = sum(int(spec["numel"]) for spec in specs)
     part = slice(None)
     if layer is not None:

@@ -71,6 +71,7 @@ from .reading import regular_size
 from .rebuild import lower_triangle_bytes, rebuild_rows
 from .rows import PAIR_BYTES, PairLog, TriangularRows
 from .set_aside import SetAside
+from .sharded import has_sharded_params
 from .validate import ROW_METRICS, valid_event_prefix
 
 __all__ = ["LIFECYCLE_EVENTS", "ResumePlan", "apply_resume", "check_same_run", "plan_resume"]
@@ -92,7 +93,8 @@ class ResumePlan:
 
 
 def check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
-    """Refuse to continue a run with another model layout, model class, optimizer class or eval set."""
+    """Refuse to continue a run with another model layout, sharding (FSDP world size), model class, optimizer class or
+    eval set."""
     def layout(manifest: dict[str, Any]) -> list[tuple[Any, ...]]:
         return [(p.get("name"), list(p.get("shape", [])), p.get("dtype"))
                 for p in (manifest.get("model") or {}).get("parameters", [])]
@@ -105,6 +107,7 @@ def check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> None
             f"cannot resume {root}: the model's trainable parameters (name, shape, dtype) differ from the run's "
             f"({differ}). Resume with the same architecture, or choose another out="
         )
+    _check_same_sharding(old, new, root)  # before the class: fully_shard renames it (FSDPSequential)
     for part, what in (("model", "model"), ("optimizer", "optimizer")):
         was, is_ = (old.get(part) or {}).get("class"), (new.get(part) or {}).get("class")
         if was is not None and is_ is not None and was != is_:
@@ -117,6 +120,38 @@ def check_same_run(old: dict[str, Any], new: dict[str, Any], root: Path) -> None
             f"cannot resume {root}: eval_data differs from the run's (D compares predictions example by example, "
             "so every snapshot must see the same eval set). Pass the same eval_data and seed"
         )
+
+
+def _sharded_over(manifest: dict[str, Any]) -> int | None:
+    """The world size an FSDP run (``fully_shard``) was sharded over, or None for an unsharded run."""
+    distributed = manifest.get("distributed") or {}
+    if distributed.get("attached_to") != "fully_shard":
+        return None
+    return int(distributed.get("world_size", 0))
+
+
+def _describe_sharding(manifest: dict[str, Any], ranks: int | None) -> str:
+    if ranks is not None:
+        return f"under FSDP (fully_shard) on {ranks} rank{'s' if ranks != 1 else ''}"
+    distributed = manifest.get("distributed") or {}
+    if distributed:
+        return f"under {distributed.get('attached_to')} on {distributed.get('world_size')} ranks, unsharded"
+    return "in one process, unsharded"
+
+
+def _check_same_sharding(old: dict[str, Any], new: dict[str, Any], root: Path) -> None:
+    """An FSDP run continues only under FSDP with the world size it was recorded with: its snapshots store θ as
+    that many ranks' shard files (``params.dcp/``), each rank reloads its own shards of the kept snapshots, and the
+    C rows sum the ranks' partial sums in the same order as the uninterrupted run (the same values)."""
+    before, now = _sharded_over(old), _sharded_over(new)
+    if before == now:
+        return
+    wanted = (f"resume it under fully_shard on {before} rank{'s' if before != 1 else ''} (the recorded world size)"
+              if before is not None else "continue it without fully_shard, as it was recorded")
+    raise ValueError(
+        f"cannot resume {root} (resume=True): the run was recorded {_describe_sharding(old, before)}, and this "
+        f"probe runs {_describe_sharding(new, now)}. A run continues with the sharding it was recorded with (θ's "
+        f"shard files and the sums of C follow it): {wanted}, or start a new run in another out= directory")
 
 
 def _closed_at(events: list[dict[str, Any]]) -> int | None:
@@ -168,6 +203,8 @@ def _check_stored_arrays(root: Path, snapshots: list[dict[str, Any]], step: int)
     for position, record in enumerate(snapshots):
         for name in (PARAMS, PREDS):
             path = snapshot_file(root, record["step"], name)
+            if name == PARAMS and has_sharded_params(root, record["step"]):
+                continue  # FSDP: θ as the ranks' shards (each rank reloads and checks its own at attach)
             if regular_size(path) == 0:
                 earlier = snapshots[position - 1]["step"] if position else None
                 hint = (f"pass resume_step={earlier} with the checkpoint of that step (the later snapshots are then "

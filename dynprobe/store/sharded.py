@@ -33,7 +33,7 @@ except ImportError:  # a PyTorch without torch.distributed, or older than DCP's 
     dcp = HuggingFaceStorageReader = HuggingFaceStorageWriter = None  # type: ignore[assignment]
 
 __all__ = ["has_sharded_params", "load_sharded_params", "load_sharded_tensors", "save_sharded_params",
-           "sharded_checkpoints_problem"]
+           "sharded_checkpoints_problem", "sharded_params_shapes"]
 
 
 def sharded_checkpoints_problem() -> str | None:
@@ -64,10 +64,13 @@ def has_sharded_params(root: Path, step: int) -> bool:
     return sharded_params_dir(root, step).is_dir()
 
 
-def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
-    """The full parameter tensors of the snapshot at ``step``, by name, in their recorded dtypes (CPU).
+def sharded_params_shapes(root: Path, manifest: Mapping[str, Any], step: int
+                          ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The manifest's parameters (name → shape, dtype) after checking that the shards of the snapshot at ``step``
+    cover every one of them whole (reads the files' headers only).
 
-    Raises :class:`RunFormatError` when the shards do not cover the manifest's parameters with their shapes."""
+    Raises :class:`RunFormatError` when they do not: DCP would load the chunks present and leave the rest of a
+    tensor as it was, so a missing rank's file must be caught here."""
     folder = sharded_params_dir(root, step)
     problem = sharded_checkpoints_problem()
     if problem is not None:
@@ -78,7 +81,7 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
     except Exception as error:  # noqa: BLE001 - any unreadable header is a damaged run
         raise RunFormatError(f"{folder}: the parameter shards cannot be read ({type(error).__name__}: {error})") \
             from error
-    state: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for spec in specs:
         entry = saved.get(spec["name"])
         shape = tuple(int(n) for n in spec["shape"])
@@ -90,7 +93,17 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
         if covered != math.prod(shape):  # DCP would load the chunks present and leave the rest as it was
             raise RunFormatError(f"{folder}: the shards of parameter {spec['name']!r} cover {covered} of its "
                                  f"{math.prod(shape)} entries (a rank's shard file is missing or damaged)")
-        state[spec["name"]] = torch.empty(shape, dtype=getattr(torch, spec["dtype"]))
+        shapes[spec["name"]] = (shape, getattr(torch, spec["dtype"]))
+    return shapes
+
+
+def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
+    """The full parameter tensors of the snapshot at ``step``, by name, in their recorded dtypes (CPU).
+
+    Raises :class:`RunFormatError` when the shards do not cover the manifest's parameters with their shapes."""
+    folder = sharded_params_dir(root, step)
+    state = {name: torch.empty(shape, dtype=dtype)
+             for name, (shape, dtype) in sharded_params_shapes(root, manifest, step).items()}
     try:
         with warnings.catch_warnings():  # DCP says it assumes a single process: that is the point here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")

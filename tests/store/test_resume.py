@@ -81,3 +81,21 @@ def test_another_model_optimizer_or_eval_set_cannot_continue_the_run(tmp_path):
     other_eval["eval"]["fingerprint"] = "something else"
     with pytest.raises(ValueError, match="eval_data differs"):
         check_same_run(old, other_eval, tmp_path)
+
+
+def test_an_fsdp_run_continues_only_with_its_recorded_world_size(tmp_path):
+    def sharded(world_size, attached_to="fully_shard"):
+        return {**manifest(), "distributed": {"world_size": world_size, "attached_to": attached_to}}
+
+    check_same_run(sharded(4), sharded(4), tmp_path)  # the same sharding
+    check_same_run(manifest(), sharded(2, "DistributedDataParallel"), tmp_path)  # unsharded both: not this check
+    with pytest.raises(ValueError, match=r"\(resume=True\): the run was recorded under FSDP \(fully_shard\) on 4 "
+                                         r"ranks, and this probe runs under FSDP \(fully_shard\) on 2 ranks.*resume "
+                                         r"it under fully_shard on 4 ranks \(the recorded world size\)"):
+        check_same_run(sharded(4), sharded(2), tmp_path)
+    with pytest.raises(ValueError, match="recorded under FSDP .* on 2 ranks, and this probe runs in one process, "
+                                         "unsharded"):
+        check_same_run(sharded(2), manifest(), tmp_path)
+    with pytest.raises(ValueError, match="recorded under DistributedDataParallel on 2 ranks, unsharded, and this "
+                                         r"probe runs under FSDP \(fully_shard\) on 2 ranks.*without fully_shard"):
+        check_same_run(sharded(2, "DistributedDataParallel"), sharded(2), tmp_path)
