@@ -138,6 +138,8 @@ class ShardedSnapshotRecorder:
             s_matrix = PairwiseMatrix("S", CosineMetric(), s_history)
             if writer.resumed:  # the kept kernels, as an unsharded resume reattaches them
                 has = [bool(s.get("kernel")) for s in writer.snapshots]
+                if not writer.writes:  # a null sink's scratch rows: placeholders (never read), as in _resume
+                    _pad_rows(s_rows.files, sum(has))
                 s_matrix = PairwiseMatrix.reattach("S", CosineMetric(), s_history, s_rows.read(len(has)), has)
             self.kernels = RecordedMatrix(s_matrix, s_rows)
         self.last_rows: dict[str, np.ndarray] = {}
@@ -158,9 +160,7 @@ class ShardedSnapshotRecorder:
         self.cosine.restore(own_pieces(self.run, self.root, self.writer.manifest, [int(s["step"]) for s in snapshots],
                                        self.named_params, self.piece_dtype, self.device))
         if not self.writer.writes:  # rank 0's files are cut by the writer's resume, at its first write
-            for rows_file in [*self.c_rows, *d_rows.files]:
-                for index in range(rows_file.complete_rows(), count):
-                    rows_file.append(np.zeros(index + 1), index)
+            _pad_rows([*self.c_rows, *d_rows.files], count)
         return PairwiseMatrix.reattach("D", d_metric, history, d_rows.read(count), [True] * count)
 
     # ------------------------------------------------------------------------------------------------ measure
@@ -246,6 +246,14 @@ class ShardedSnapshotRecorder:
     def _load_kernel(self, index: int) -> np.ndarray | None:
         path = snapshot_file(self.root, self.writer.snapshots[index]["step"], KERNEL)
         return load_npy(path).reshape(-1) if path.exists() else None
+
+
+def _pad_rows(files: list[TriangularRows], count: int) -> None:
+    """Placeholder rows (zeros) up to ``count`` in a null sink's scratch row files, so that the next row's index
+    matches rank 0's."""
+    for rows_file in files:
+        for index in range(rows_file.complete_rows(), count):
+            rows_file.append(np.zeros(index + 1), index)
 
 
 def _previous(row: np.ndarray) -> float | None:

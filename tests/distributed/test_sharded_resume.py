@@ -182,7 +182,37 @@ def scenario_resume_two_ranks(rank: int, folder: Path, result: dict) -> None:
     result["after"] = float(flag)
 
 
-SCENARIOS = {"resume": scenario_resume, "write_one_rank": scenario_write_one_rank,
+def scenario_resume_with_kernel_and_ghosts(rank: int, folder: Path, result: dict) -> None:
+    """The resume of scenario_resume with the eNTK and ghosts: a ghost spawned at 0 (alive at the interruption)
+    and one spawned at the resume step (re-created there: the same θ and ε)."""
+    shard = _shard(rank, 2)
+    options = dict(kernel=dynprobe.KernelConfig(n=8), ghosts=dynprobe.Ghosts(at=[0, CHECKPOINT]))
+    for name in ("reference", "run"):
+        model = sharded_model()
+        optimizer = optimizer_of(model)
+        probe = probe_of(model, optimizer, folder / name, **options)
+        saved: dict = {}
+
+        def save(step: int) -> None:
+            if step == CHECKPOINT:
+                saved.update(checkpoint_of(model, optimizer))
+
+        if name == "reference":
+            train_steps(model, optimizer, probe.watch(nn.CrossEntropyLoss()), shard, range(STEPS))
+            probe.close()
+            result["reference_local"] = local_shards(model)
+            continue
+        train_steps(model, optimizer, probe.watch(nn.CrossEntropyLoss()), shard, range(CRASH), after_step=save)
+        simulate_crash(probe)
+        restore(model, optimizer, saved)
+        probe = probe_of(model, optimizer, folder / name, resume=True, resume_step=CHECKPOINT, **options)
+        train_steps(model, optimizer, probe.watch(nn.CrossEntropyLoss()), shard, range(CHECKPOINT, STEPS))
+        probe.close()
+        result["resumed_local"] = local_shards(model)
+
+
+SCENARIOS = {"resume": scenario_resume, "resume_everything": scenario_resume_with_kernel_and_ghosts,
+             "write_one_rank": scenario_write_one_rank,
              "resume_two_ranks": scenario_resume_two_ranks}
 
 
@@ -260,3 +290,27 @@ def test_the_shard_check_needs_the_snapshot_at_the_resume_step_only() -> None:
 
     check_resumed_shards(NoCollectives(), Path("/nonexistent"), {}, [], [{"step": 0}, {"step": 2}], 3,
                          torch.device("cpu"))
+
+
+def test_a_resumed_fsdp_run_with_the_entk_and_ghosts_stores_what_an_uninterrupted_run_stores(tmp_path: Path) -> None:
+    results = run_spawned("resume_everything", tmp_path)
+    for rank, result in enumerate(results):
+        assert result["resumed_local"] == result["reference_local"], rank
+    reference, run = dynprobe.load_run(tmp_path / "reference"), dynprobe.load_run(tmp_path / "run")
+    assert run.status == "closed" and not [e for e in run.events if e.get("event") == "probe_error"]
+    np.testing.assert_array_equal(run.kernel_steps, reference.kernel_steps)
+    np.testing.assert_array_equal(run.S, reference.S)  # the kept kernels reattached: bit for bit
+    np.testing.assert_array_equal(run.C, reference.C)
+    statuses = {e["ghost"]: e["status"] for e in run.events if e.get("event") == "ghost_status"}
+    spawned_at = {e["ghost"]: e["spawn_step"] for e in run.events if e.get("event") == "ghost_spawn"}
+    interrupted = [g for g, status in statuses.items() if status == "interrupted"]
+    assert interrupted and all(spawned_at[g] == 0 for g in interrupted)  # alive at the interruption
+
+    def compares(r, ghost_step):
+        return [(e["ghost"], e["step"], e["L2"], e["C"], e["D"], e.get("S")) for e in r.events
+                if e.get("event") == "ghost_compare" and spawned_at.get(e["ghost"]) == ghost_step
+                and e["step"] > CHECKPOINT]
+
+    later = compares(run, CHECKPOINT)
+    assert later and later == compares(reference, CHECKPOINT)  # re-created at the resume step: bit for bit
+    assert all(c[-1] is not None for c in later if c[1] == STEPS)  # S measured at the last step
