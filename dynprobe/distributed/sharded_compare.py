@@ -4,15 +4,16 @@ The same record as :func:`dynprobe.ghosts.comparison.compare_ghost` (C of eq. 1,
 the ghost's eval loss and accuracy), for a ghost whose parameters are shards (:mod:`.sharded_ghosts`). With
 ``x_r`` and ``g_r`` rank r's pieces of the main θ and the ghost's θ' (local shards in parameter order)::
 
-    ‖θ‖² = Σ_r ‖x_r‖²,   ‖θ − θ'‖²_layer = Σ_r ‖x_r − g_r‖²_layer,   C = ½ Σ_r ‖x_r/‖θ‖ − g_r/‖θ'‖‖²
+    ‖θ‖² = Σ_r ‖x_r‖²,   ‖θ − θ'‖²_layer = Σ_r ‖x_r − g_r‖²_layer,   C = Σ_r ‖x_r − s·g_r‖² / (2‖θ‖²)
 
-(the cancellation-free form of eq. 1: every term ≥ 0, so C keeps its relative accuracy however small it is, and is
-exactly 0 for a ghost equal to the main run). Two SUM all-reduces of float64 vectors: (1) the norms, the squared
-differences per layer, the non-finite count and a "differs from the main run here" flag; (2) C's sum, which needs
-the global norms of (1). Each carries a failure flag, so a rank that failed before them still takes part and every
-rank raises alike. Every rank receives the same sums, so every rank takes the same decisions after them — stop
-(non-finite, diverged), evaluate or reuse the main run's evaluation — and the evaluation, a collective FSDP
-forward, runs on every rank or on none. The ghost is evaluated in the main model
+with ``s = ‖θ‖/‖θ'‖`` (the cancellation-free form of eq. 1 of :mod:`dynprobe._util.distances`, through
+:func:`~dynprobe.distributed.sharded_rows.local_row_sums` as the C rows: C keeps its relative accuracy however
+small it is, and is exactly 0 for a ghost equal to the main run). Two SUM all-reduces of float64 vectors: (1) the
+norms, the squared differences per layer, the non-finite count and a "differs from the main run here" flag; (2) C's
+sum, which needs the global norms of (1). Each carries a failure flag, so a rank that failed before them still takes
+part and every rank raises alike. Every rank receives the same sums, so every rank takes the same decisions after
+them — stop (non-finite, diverged), evaluate or reuse the main run's evaluation — and the evaluation, a collective
+FSDP forward, runs on every rank or on none. The ghost is evaluated in the main model
 (:class:`~dynprobe.distributed.sharded_slot.MainModelSlot`).
 
 S (eq. 4), where the kernel is due: the ghost's parameters are gathered whole (one all-gather per tensor, the
@@ -36,7 +37,7 @@ from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PREDS, ghost_array
 
 from .sharded import Collectives, local_numel, local_piece, local_tensor
-from .sharded_rows import square_difference_sum
+from .sharded_rows import cosine_from_partial_sums, local_row_sums, square_difference_sum
 from .sharded_slot import MainModelSlot
 from .sharded_snapshot import local_layer_bounds
 
@@ -113,14 +114,12 @@ def compare_sharded_ghost(
         return Comparison(stop=f"‖θ'‖ = {ghost_norm:.3g} exceeds {divergence_ratio:g}·‖θ‖ = {reference_norm:.3g}")
     error, second = None, torch.zeros(1, dtype=torch.float64)
     try:
-        scale_x = 1 / reference_norm if reference_norm > 0 else 0.0
-        scale_g = 1 / ghost_norm if ghost_norm > 0 else 0.0
-        second[0] = square_difference_sum(x, scale_x, g, scale_g)
+        norms = torch.tensor([x_norm2], dtype=torch.float64), torch.tensor([[g_norm2]], dtype=torch.float64)
+        second = local_row_sums(x, g[None], *norms, [(0, x.numel())], per_layer=False).reshape(1).cpu()
     except Exception as failure:  # noqa: BLE001
         error = f"{type(failure).__name__}: {failure}"
-    cosine = 0.5 * float(_all_reduce(run, second, error, device)[0])
-    if reference_norm == 0 or ghost_norm == 0:
-        cosine = math.nan  # eq. (1) is undefined for a zero vector
+    cosine = float(cosine_from_partial_sums(_all_reduce(run, second, error, device)[None], [x_norm2],
+                                            [[g_norm2]])[0, 0])
     identical = reference.evaluation is not None and not differs
     if identical:
         evaluation = reference.evaluation

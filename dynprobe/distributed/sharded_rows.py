@@ -1,30 +1,28 @@
 """C rows (eq. 1 of the two-phase paper) of a sharded θ, from all-reduced float64 partial sums.
 
 Under FSDP2 rank r holds a piece ``x_r`` of ``vec(θ_t)`` (its local shards, concatenated in parameter order) and the
-same pieces ``y_{j,r}`` of the earlier snapshots. Everything C needs is a sum over coordinates, hence a sum over
-ranks of local sums::
+same pieces ``y_{k,r}`` of the earlier snapshots. C is computed with the one cancellation-free form of
+:mod:`dynprobe._util.distances` (the owner of the formula and of its error bound), whose terms are sums over
+coordinates, hence sums over ranks of local sums::
 
-    ⟨x, y_j⟩ = Σ_r ⟨x_r, y_{j,r}⟩,     ‖x‖² = Σ_r ‖x_r‖²,
-    C(x, y_j) = 1 − ⟨x, y_j⟩ / (‖x‖ ‖y_j‖)                                   (dot-product form)
-    C(x, y_j) = ½ Σ_r ‖x_r/‖x‖ − y_{j,r}/‖y_j‖‖²                              (cancellation-free form)
+    C(x, y_k) = ‖x − s_k·y_k‖² / (2‖x‖²),   s_k = ‖x‖ / ‖y_k‖,
+    ‖x‖² = Σ_r ‖x_r‖²,   ‖x − s_k·y_k‖² = Σ_r ‖x_r − s_k·y_{k,r}‖²
 
-**At most two all-reduces per snapshot.** (1) One SUM all-reduce of the float64 vector ``[⟨x_r, y_{j,r}⟩ per layer
-and j, ‖x_r‖² per layer, failure flag]`` gives every dot product and the new squared norms (the earlier norms are
-kept from their own snapshots). (2) Only if some entry is too small for the dot-product form (below): one more SUM
-all-reduce of the partial sums ``‖x_r/‖x‖ − y_{j,r}/‖y_j‖‖²`` of exactly those entries (+ a failure flag); it needs
-the global norms from (1), which is why the form costs a second round and never a third. Every rank receives
-bit-identical sums (an all-reduce returns one result to all), so every rank takes the same decision and issues
-the same second collective.
+per channel (the whole vector, then each layer). **Two SUM all-reduces per snapshot**, each with a failure flag so
+that a rank that failed still takes part and every rank raises alike: (1) ``‖x_r‖²`` per layer — the new global
+norms (the earlier ones are kept from their own snapshots), which give every scale ``s_k``; (2) for every channel
+and earlier snapshot, this rank's ``‖x_r − s_k·y_{k,r}‖²``
+(:func:`~dynprobe._util.distances.channel_block_sums` over the rank's piece, its block sums added in a balanced
+tree) — the whole row in one pass over the rank's history. Every rank receives the same sums (an all-reduce returns
+one result to all), so the rows are bit-identical on every rank.
 
-**Error bound and switch.** Products of float32 (or float64) values are formed in float64; each layer's local
-piece is cut into blocks of ``WIDTH`` coordinates, each block summed (any order), the block sums combined in a
-balanced tree, the ranks' sums added by the all-reduce (any order, ``R − 1`` additions) and the layers combined in a
-balanced tree. The summation tree then has height ``n ≤ WIDTH + ⌈log₂ M⌉ + R + ⌈log₂ L⌉ + 3`` (M blocks per layer,
-L layers), so as in :mod:`dynprobe.metrics._blocked` (Higham §3.1) ``|Ĉ − C| ≤ ε = 2γ_n + 6u``, ``γ_n = nu/(1−nu)``,
-``u = 2⁻⁵³``; the dot-product value is kept where ``Ĉ ≥ (1/ρ + 1)ε`` (relative error ≤ ρ = 1e-9) and recomputed
-in the cancellation-free form elsewhere (its terms are ≥ 0: chunks of ``EXACT_CHUNK`` squares summed pairwise, then
-over the ranks, relative error ≈ γ_n + 4u/√(2C); exactly 0 for identical snapshots, whose norms and unit vectors
-are then bit-identical).
+**Error.** As in :mod:`dynprobe._util.distances`, the coordinates of ``x − s·y`` are formed without cancellation
+(the split scale makes the products exact), and every sum is of positive terms: blocks of ``BLOCK`` squares, the
+block sums of a rank in a balanced tree, the ranks' sums by the all-reduce (``R − 1`` additions, any order), the
+layers' norms in a balanced tree. The summation height grows by ``R − 1`` over one process's
+(``n ≤ BLOCK + ⌈log₂ M⌉ + R``), so the bound of :mod:`dynprobe._util.distances` holds with that ``n``: below 1e-12
+relative for every C ≥ 1e-14, whatever how close two snapshots are, and exactly 0 for identical snapshots (bit-equal
+norms: s = 1).
 
 The functions here are pure (tensors in, tensors out) and run on one process too: a test splits a vector into
 pieces and adds the partial sums itself. :class:`ShardedCosineRows` is the online state (the history of local
@@ -32,22 +30,17 @@ pieces and their global norms) that calls them with the run's all-reduce.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from dynprobe._util.distances import pairwise_sum
+from dynprobe._util.distances import channel_block_sums, pairwise_sum, scales, squared_norm_sums
 
-__all__ = ["RELATIVE_ERROR", "WIDTH", "ShardedCosineRows", "ShardedRowError", "cosine_from_sums", "dot_error_bound",
-           "exact_partial_sums", "exact_threshold", "partial_sums", "split_by_channel", "square_difference_sum"]
+__all__ = ["ShardedCosineRows", "ShardedRowError", "cosine_from_partial_sums", "local_norms", "local_row_sums",
+           "split_by_channel", "square_difference_sum"]
 
-U = 2.0**-53  # unit roundoff of float64
-WIDTH = 256  # coordinates per block of the dot products (bounds the summation error)
-SPAN_NUMBERS = 2**21  # float64 temporaries per conversion: rows × span ≤ this (16 MiB)
-EXACT_CHUNK = 2**15  # coordinates per partial sum of the cancellation-free form
-RELATIVE_ERROR = 1e-9  # target relative error of every stored C value
+EXACT_CHUNK = 2**15  # coordinates per partial sum of square_difference_sum
 _NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64}
 
 AllReduce = Callable[[torch.Tensor], None]  # SUM over the ranks, in place
@@ -58,47 +51,54 @@ class ShardedRowError(RuntimeError):
 
 
 def _pairwise(values: torch.Tensor) -> torch.Tensor:
-    """Sum the last axis in a balanced tree (each term in at most ⌈log₂ m⌉ additions); zeros for an empty axis."""
+    """Sum the last axis in a balanced tree; zeros for an empty axis."""
     if values.shape[-1] == 0:
         return values.new_zeros(values.shape[:-1])
     return pairwise_sum(values)
 
 
-def _block_dots(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-    """Per stack row, the ``WIDTH``-block sums of ``x_i s_i`` in float64: (rows, blocks). On the CPU numpy's
-    ``einsum`` casts the stack to float64 in small internal buffers (no float64 copy of the history); elsewhere
-    (and for bfloat16) the columns are converted a span of at most ``SPAN_NUMBERS`` numbers at a time."""
-    rows, size = stack.shape[0], x.numel()
-    full, rest = divmod(size, WIDTH)
-    if x.device.type == "cpu" and stack.device.type == "cpu" and {x.dtype, stack.dtype} <= _NUMPY_DTYPES:
-        v, s = x.numpy().astype(np.float64), stack.numpy()
-        parts = []
-        if full:
-            parts.append(np.einsum("nmw,mw->nm", s[:, : full * WIDTH].reshape(rows, full, WIDTH),
-                                   v[: full * WIDTH].reshape(full, WIDTH), dtype=np.float64))
-        if rest:
-            parts.append(np.einsum("nw,w->n", s[:, full * WIDTH :], v[full * WIDTH :], dtype=np.float64)[:, None])
-        return torch.from_numpy(np.concatenate(parts, 1) if parts else np.zeros((rows, 0)))
-    return _block_sums(x, stack)
+def local_norms(x: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Round (1)'s local part: ``‖x_r‖²`` over each layer's local columns ``bounds[l]``, float64 (layers,) on
+    ``x``'s device (:func:`~dynprobe._util.distances.squared_norm_sums`: block sums, a balanced tree; the same
+    function for every snapshot, so identical pieces give bit-identical norms)."""
+    if not bounds:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    return torch.stack([squared_norm_sums(x, a, b) if b > a else torch.zeros((), dtype=torch.float64, device=x.device)
+                        for a, b in bounds])
 
 
-def _block_sums(x: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-    """:func:`_block_dots` in torch: the columns converted to float64 a span at a time (at most ``SPAN_NUMBERS``
-    numbers), each block's products summed by one batched product."""
+def split_by_channel(per_layer: torch.Tensor, per_layer_channels: bool) -> torch.Tensor:
+    """Layer sums (layers, ...) → channel sums (channels, ...): channel 0 the whole vector (a balanced sum over
+    layers), then each layer when ``per_layer_channels``."""
+    total = _pairwise(per_layer.movedim(0, -1))[None]
+    return torch.cat([total, per_layer]) if per_layer_channels else total
+
+
+def local_row_sums(x: torch.Tensor, stack: torch.Tensor, x_norm2: torch.Tensor, stack_norm2: torch.Tensor,
+                   bounds: Sequence[tuple[int, int]], per_layer: bool) -> torch.Tensor:
+    """Round (2)'s local part: ``‖x_r − s_{k,c}·y_{k,r}‖²`` over this rank's columns of channel ``c``, for every
+    row ``k`` of ``stack``: float64 (channels, rows) on the stack's device.
+
+    ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels) are the *global* squared norms (the scales
+    ``s = ‖x‖/‖y‖`` are global); ``bounds`` the local column range of each layer (they tile the piece)."""
     rows, size = stack.shape[0], x.numel()
-    span = max(1, SPAN_NUMBERS // max(1, rows) // WIDTH) * WIDTH
-    parts = []
-    for start in range(0, size, span):
-        stop = min(size, start + span)
-        v = x[start:stop].to(torch.float64)
-        s = stack[:, start:stop].to(torch.float64)
-        full, rest = divmod(stop - start, WIDTH)
-        if full:
-            parts.append(torch.einsum("nmw,mw->nm", s[:, : full * WIDTH].reshape(rows, full, WIDTH),
-                                      v[: full * WIDTH].reshape(full, WIDTH)))
-        if rest:
-            parts.append((s[:, full * WIDTH :] * v[full * WIDTH :]).sum(-1, keepdim=True))
-    return torch.cat(parts, 1) if parts else x.new_zeros((rows, 0), dtype=torch.float64)
+    channels = 1 + len(bounds) if per_layer else 1
+    if rows == 0:
+        return torch.zeros((channels, 0), dtype=torch.float64, device=stack.device)
+    layers = [(a, b) for a, b in bounds] or [(0, size)]
+    sums = channel_block_sums(x, stack, scales(x_norm2.to(stack.device), stack_norm2.to(stack.device)), layers,
+                              per_layer, 0, size)
+    return torch.stack([_pairwise(block_sums) for block_sums in sums])
+
+
+def cosine_from_partial_sums(sums: np.ndarray, x_norm2: np.ndarray, stack_norm2: np.ndarray) -> np.ndarray:
+    """``C = Σ_r ‖x_r − s·y_r‖² / (2‖x‖²)`` per channel and row from the all-reduced sums (channels, rows);
+    NaN where a norm is zero or not finite (eq. 1 is undefined there)."""
+    x_norm2 = np.asarray(x_norm2, dtype=np.float64)[:, None]
+    stack_norm2 = np.asarray(stack_norm2, dtype=np.float64).reshape(-1, x_norm2.shape[0]).T
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        valid = (x_norm2 > 0) & (stack_norm2 > 0) & np.isfinite(x_norm2 * stack_norm2)
+        return np.where(valid, sums / (2 * x_norm2), np.nan)
 
 
 def square_difference_sum(x: torch.Tensor, scale_x: float, y: torch.Tensor, scale_y: float) -> float:
@@ -128,159 +128,86 @@ def square_difference_sum(x: torch.Tensor, scale_x: float, y: torch.Tensor, scal
     return float(_pairwise(torch.tensor(sums, dtype=torch.float64)))
 
 
-def partial_sums(x: torch.Tensor, stack: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """This rank's part of round (1): per layer ``l`` (local columns ``bounds[l]``), ``⟨x_r, y_{k,r}⟩`` for each
-    row ``k`` of ``stack`` and, last, ``‖x_r‖²``: float64 (layers, rows + 1), each a balanced sum of block sums.
-
-    ``x`` is the local piece (1-D), ``stack`` the earlier pieces (rows × size, any floating dtype), on one device.
-    """
-    out = torch.zeros((len(bounds), stack.shape[0] + 1), dtype=torch.float64, device=x.device)
-    for layer, (a, b) in enumerate(bounds):
-        if stack.shape[0]:
-            out[layer, :-1] = _pairwise(_block_dots(x[a:b], stack[:, a:b])).to(x.device)
-        # the norm by the same function for every snapshot: identical pieces give bit-identical norms
-        out[layer, -1] = _pairwise(_block_dots(x[a:b], x[None, a:b]))[0]
-    return out
-
-
-def split_by_channel(per_layer: torch.Tensor, per_layer_channels: bool) -> torch.Tensor:
-    """Layer sums (layers, ...) → channel sums (channels, ...): channel 0 the whole vector (a balanced sum over
-    layers), then each layer when ``per_layer_channels``."""
-    total = _pairwise(per_layer.movedim(0, -1))[None]
-    return torch.cat([total, per_layer]) if per_layer_channels else total
-
-
-def cosine_from_sums(dots: np.ndarray, x_norm2: np.ndarray, stack_norm2: np.ndarray) -> np.ndarray:
-    """Dot-product form of eq. (1): ``1 − ⟨x, y_k⟩/(‖x‖‖y_k‖)`` per channel, float64 (channels, rows), from the
-    global sums ``dots`` (channels, rows), ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 1 - dots / np.sqrt(np.asarray(x_norm2)[:, None] * np.asarray(stack_norm2).T)
-
-
-def dot_error_bound(layer_sizes: Sequence[int], world_size: int) -> float:
-    """ε, the bound on ``|Ĉ − C|`` of the dot-product form over the ranks (module docstring), for layers of these
-    global sizes: ``2γ_n + 6u`` with ``n = WIDTH + ⌈log₂ M⌉ + R + ⌈log₂ L⌉ + 3``."""
-    blocks = max([math.ceil(max(1, size) / WIDTH) + 1 for size in layer_sizes] or [1])
-    n = WIDTH + math.ceil(math.log2(blocks)) + int(world_size) + math.ceil(math.log2(max(2, len(layer_sizes)))) + 3
-    return 2 * n * U / (1 - n * U) + 6 * U
-
-
-def exact_threshold(layer_sizes: Sequence[int], world_size: int) -> float:
-    """Dot-product values below this are recomputed in the cancellation-free form (relative error ≤ 1e-9)."""
-    return dot_error_bound(layer_sizes, world_size) * (1 / RELATIVE_ERROR + 1)
-
-
-def exact_partial_sums(x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor, stack_norm2: np.ndarray,
-                       entries: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """This rank's part of round (2): for each ``(channel c, row k)`` in ``entries``, ``‖x_r/‖x‖_c −
-    y_{k,r}/‖y_k‖_c‖²`` over the local columns ``ranges[c]`` of the channel: float64 (len(entries),).
-
-    ``x_norm2`` (channels,) and ``stack_norm2`` (rows, channels) are the *global* squared norms from round (1).
-    """
-    out = torch.zeros(len(entries), dtype=torch.float64)
-    for position, (channel, row) in enumerate(entries):
-        a, b = ranges[channel]
-        out[position] = square_difference_sum(x[a:b], 1 / math.sqrt(float(x_norm2[channel])), stack[row, a:b],
-                                              1 / math.sqrt(float(stack_norm2[row, channel])))
-    return out.to(x.device)
-
-
 class ShardedCosineRows:
     """The online C rows (whole θ and per layer) of a sharded θ: each rank keeps its own pieces of every
-    snapshot and their global squared norms; :meth:`row` costs one or two all-reduces (module docstring).
+    snapshot and their global squared norms; :meth:`row` costs two all-reduces (module docstring).
 
     Args:
         bounds: this rank's local column range of each layer, in layer order (they tile the local piece).
-        layer_sizes: each layer's global size (for the error bound).
         world_size: the ranks the sums run over.
         all_reduce: SUM over the ranks, in place (identity on one process).
         per_layer: also the per-layer channels (channels = 1 + layers; else 1).
     """
 
-    def __init__(self, bounds: Sequence[tuple[int, int]], layer_sizes: Sequence[int], world_size: int,
-                 all_reduce: AllReduce, *, per_layer: bool = True) -> None:
+    def __init__(self, bounds: Sequence[tuple[int, int]], world_size: int, all_reduce: AllReduce, *,
+                 per_layer: bool = True) -> None:
         self.bounds = [(int(a), int(b)) for a, b in bounds]
-        self.per_layer = per_layer
+        self.world_size, self.per_layer = world_size, per_layer
         self.channels = 1 + len(self.bounds) if per_layer else 1
-        self.threshold = exact_threshold(layer_sizes, world_size)
         self.all_reduce = all_reduce
-        size = self.bounds[-1][1] if self.bounds else 0
-        self.ranges = [(0, size)] + (self.bounds if per_layer else [])
+        self.size = self.bounds[-1][1] if self.bounds else 0
         self._buffer: torch.Tensor | None = None  # local pieces in rows 0..count-1, their own dtype (grows ×2)
         self.count = 0
         self.norms: list[np.ndarray] = []  # global squared norms per channel
-        self.exact_entries = 0  # entries computed in the cancellation-free form so far (for the convention)
 
     def row(self, x: torch.Tensor, error: str | None = None) -> np.ndarray:
         """Append snapshot ``x`` (this rank's piece) and return its row ``C[t, 0..t]`` per channel, float64
         (channels, t + 1). ``error``: this rank already failed; it still takes part in the collectives (with a
         failure flag), and every rank raises :class:`ShardedRowError`."""
+        x_norm2, error = self._global_norms(x, error, "the C row's norms")
         count = self.count
-        layers = len(self.bounds)
-        payload = torch.zeros(layers * (count + 1) + 1, dtype=torch.float64, device=x.device)
-        stack = self.history
-        if error is None:
-            try:
-                payload[:-1] = partial_sums(x, stack, self.bounds).reshape(-1)
-            except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
-                error = f"{type(failure).__name__}: {failure}"
-        payload[-1] = 0.0 if error is None else 1.0
-        self.all_reduce(payload)
-        _raise_if_failed(payload[-1], error, "the C row's partial sums")
-        sums = split_by_channel(payload[:-1].reshape(layers, count + 1), self.per_layer).cpu().numpy()
-        x_norm2 = sums[:, -1]
         values = np.zeros((self.channels, count + 1))
         if count:
             earlier = np.stack(self.norms)
-            values[:, :count] = cosine_from_sums(sums[:, :count], x_norm2, earlier)
-            with np.errstate(invalid="ignore"):
-                entries = [(int(c), int(k)) for c, k in zip(*np.nonzero(values[:, :count] < self.threshold))]
-            if entries:
-                values_exact = self._exact(x, x_norm2, stack, earlier, entries)
-                for (channel, row), value in zip(entries, values_exact):
-                    values[channel, row] = value
-                self.exact_entries += len(entries)
+            payload = torch.zeros(self.channels * count + 1, dtype=torch.float64, device=x.device)
+            if error is None:
+                try:
+                    payload[:-1] = local_row_sums(x, self.history, torch.from_numpy(x_norm2),
+                                                  torch.from_numpy(earlier), self.bounds,
+                                                  self.per_layer).reshape(-1).to(x.device)
+                except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
+                    error = f"{type(failure).__name__}: {failure}"
+            payload[-1] = 0.0 if error is None else 1.0
+            self.all_reduce(payload)
+            _raise_if_failed(payload[-1], error, "the C row's partial sums")
+            sums = payload[:-1].reshape(self.channels, count).cpu().numpy()
+            values[:, :count] = cosine_from_partial_sums(sums, x_norm2, earlier)
         self._keep(x)
         self.norms.append(x_norm2)
         return values
 
-    def restore(self, pieces: Iterable[torch.Tensor]) -> None:
-        """A resumed run: keep the pieces of the kept snapshots (in order) and their global squared norms, as the
-        uninterrupted run holds them after those snapshots; no dot product is formed (their rows are in the run).
-
-        The k-th norm is summed by an all-reduce of the *same length* as that snapshot's round (1) payload
-        (``layers·(k + 1) + 1``, zeros but this rank's ``‖x_r‖²`` per layer and a failure flag): a collective's
-        summation order may depend on the buffer's length (ring all-reduces cut it into per-rank chunks), and with
-        the same local sums (:func:`partial_sums`, the same function on the same piece) and the same order, every
-        norm — and so every later row — is bit-identical to the uninterrupted run's. One small all-reduce per kept
-        snapshot, at attach. ``pieces`` may be a generator (each rank loads one snapshot's shards at a time); an
-        exception from it on one rank is flagged in the next all-reduce and raised on every rank."""
-        layers = len(self.bounds)
-        iterator = iter(pieces)
-        while True:
-            error, x = None, None
+    def _global_norms(self, x: torch.Tensor, error: str | None, what: str) -> tuple[np.ndarray, str | None]:
+        """Round (1): ``‖x‖²`` per channel, summed over the ranks (raises on every rank if any failed)."""
+        payload = torch.zeros(len(self.bounds) + 1, dtype=torch.float64, device=x.device)
+        if error is None:
             try:
-                x = next(iterator)
-            except StopIteration:
-                return
-            payload = torch.zeros((layers, self.count + 1), dtype=torch.float64)
-            try:
-                payload[:, -1] = partial_sums(x, x[None][:0], self.bounds)[:, -1].cpu()
+                payload[:-1] = local_norms(x, self.bounds).to(x.device)
             except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
                 error = f"{type(failure).__name__}: {failure}"
-            flat = torch.cat([payload.reshape(-1), torch.tensor([0.0 if error is None else 1.0],
-                                                                 dtype=torch.float64)]).to(x.device)
-            self.all_reduce(flat)
-            _raise_if_failed(flat[-1], error, "restoring the kept snapshots' norms")
-            sums = split_by_channel(flat[:-1].reshape(layers, self.count + 1), self.per_layer).cpu().numpy()
+        payload[-1] = 0.0 if error is None else 1.0
+        self.all_reduce(payload)
+        _raise_if_failed(payload[-1], error, what)
+        return split_by_channel(payload[:-1], self.per_layer).cpu().numpy(), error
+
+    def restore(self, pieces: Iterable[torch.Tensor]) -> None:
+        """A resumed run: keep the pieces of the kept snapshots (in order) and their global squared norms, as the
+        uninterrupted run holds them after those snapshots; no row is formed (their rows are in the run).
+
+        Each norm is round (1) of its snapshot again — the same local sums of the same piece, all-reduced in a
+        payload of the same length (a collective's summation order may depend on the buffer's length) — so every
+        norm, and every later row, is bit-identical to the uninterrupted run's. One small all-reduce per kept
+        snapshot, at attach. ``pieces`` may be a generator (each rank loads one snapshot's shards at a time: the
+        loader agrees on its own failures, :func:`dynprobe.distributed.sharded_resume.own_pieces`)."""
+        for x in pieces:
+            norms, _ = self._global_norms(x, None, "restoring the kept snapshots' norms")
             self._keep(x)
-            self.norms.append(sums[:, -1])
+            self.norms.append(norms)
 
     @property
     def history(self) -> torch.Tensor:
         """The earlier pieces, stacked (count × local size; a view of the buffer)."""
         if self._buffer is None:
-            return torch.zeros((0, self.ranges[0][1]))
+            return torch.zeros((0, self.size))
         return self._buffer[: self.count]
 
     @property
@@ -298,20 +225,6 @@ class ShardedCosineRows:
             self._buffer = grown
         self._buffer[self.count] = x.detach()
         self.count += 1
-
-    def _exact(self, x: torch.Tensor, x_norm2: np.ndarray, stack: torch.Tensor, earlier: np.ndarray,
-               entries: list[tuple[int, int]]) -> np.ndarray:
-        """Round (2): the cancellation-free form of ``entries``, summed over the ranks."""
-        payload = torch.zeros(len(entries) + 1, dtype=torch.float64, device=x.device)
-        error = None
-        try:
-            payload[:-1] = exact_partial_sums(x, x_norm2, stack, earlier, entries, self.ranges)
-        except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
-            error = f"{type(failure).__name__}: {failure}"
-        payload[-1] = 0.0 if error is None else 1.0
-        self.all_reduce(payload)
-        _raise_if_failed(payload[-1], error, "the C row's cancellation-free sums")
-        return 0.5 * payload[:-1].cpu().numpy()
 
     def release(self) -> None:
         """Free the history (at close)."""

@@ -5,9 +5,9 @@ every collective in ``measure``, in the same order on every rank:
 
 1. the eval set is evaluated on every rank (the FSDP forward all-gathers each layer: every rank evaluates the same
    eval batches and gets the same predictions);
-2. the C row (whole θ and per layer) from this rank's partial sums: one all-reduce, two when some entries need
-   the cancellation-free form (:class:`~dynprobe.distributed.sharded_rows.ShardedCosineRows`); both carry a
-   failure flag, so a rank that fails before them still takes part and every rank raises alike;
+2. the C row (whole θ and per layer) from this rank's partial sums: two all-reduces, the new norms then the row's
+   sums (:class:`~dynprobe.distributed.sharded_rows.ShardedCosineRows`); both carry a failure flag, so a rank
+   that fails before them still takes part and every rank raises alike;
 3. H(θ_t) when the kernel cadence asks for one (``kernel_fn``: a
    :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`, collective: θ gathered, each rank a share of the
    parameters, one all-reduce of the partial kernels that carries a failure flag), identical on every rank;
@@ -66,9 +66,9 @@ CONVENTIONS = {
     "theta_storage": "FSDP2: each rank's shards, torch.distributed.checkpoint safetensors files (one per rank) in "
                      f"each snapshot's {SHARDED_PARAMS} folder; load_run reads whole vectors in named_parameters() "
                      "order",
-    "C_sharded": "eq. (1) from float64 partial sums of each rank's shards (blocks of 256 products, pairwise sums), "
-                 "summed with one all-reduce per snapshot; a second all-reduce recomputes the entries below the "
-                 "dot-product form's accuracy as ½‖x̂ − ŷ‖² with the global norms; relative error ≤ 1e-9",
+    "C_sharded": "eq. (1) as ‖x − s·y‖²/(2‖x‖²), s = ‖x‖/‖y‖ (the cancellation-free form of one process), from "
+                 "float64 partial sums of each rank's shards: one all-reduce of the new norms, one of the row's "
+                 "sums; relative error below 1e-12 for C ≥ 1e-14",
 }
 
 
@@ -119,8 +119,7 @@ class ShardedSnapshotRecorder:
         self.layers: list[str] = [name for name, _ in layers] if per_layer and len(layers) <= MAX_LAYERS else []
         self.local_size = sum(local_numel(p) for p in self.params)
         bounds = local_layer_bounds(global_numels, [local_numel(p) for p in self.params], layers)
-        self.cosine = ShardedCosineRows(bounds, [s.stop - s.start for _, s in layers], run.world_size,
-                                        run.all_reduce, per_layer=bool(self.layers))
+        self.cosine = ShardedCosineRows(bounds, run.world_size, run.all_reduce, per_layer=bool(self.layers))
         self.c_rows = [TriangularRows(writer.rows_path("C"))] + [
             TriangularRows(writer.rows_path(layer_metric("C", layer))) for layer in range(len(self.layers))]
         history = VectorHistory(device, dtype=eval_set.task.history_dtype, memory_budget=PREDICTIONS_MEMORY,

@@ -129,8 +129,7 @@ def measure(model: nn.Module, out: Path, steps: int, rank: int, world: int, prob
             "dcp_save_s": statistics.median(saves[2:]) if saves else float("nan"),
             "kernel_s": statistics.median(kernels[2:]) if kernels else float("nan"),
             "history_held_bytes": held, "history_used_bytes": used, "predictions_bytes": predictions,
-            "snapshots": snapshots, "peak_rss_bytes": peak_rss_bytes(),
-            "exact_entries": getattr(getattr(recorder, "cosine", None), "exact_entries", 0)}
+            "snapshots": snapshots, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def worker(rank: int, world: int | None, port: int, width: int, steps: int, folder: str, probed: bool,
@@ -192,8 +191,7 @@ def main() -> None:
         used = max(x["history_used_bytes"] for x in ranks)
         print(f"  {name:22s} step {r['bare_step_s'] * 1e3:7.1f} ms   snapshot {r['snapshot_s'] * 1e3:7.1f} ms "
               f"(×{r['snapshot_s'] / r['bare_step_s']:.1f} a step, ×{r['snapshot_s'] / plain['snapshot_s']:.2f} the "
-              f"unsharded snapshot)   C row {r['row_s'] * 1e3:6.2f} ms ({r['exact_entries']} entries in the second "
-              f"round)   DCP save {r['dcp_save_s'] * 1e3:6.1f} ms"
+              f"unsharded snapshot)   C row {r['row_s'] * 1e3:6.2f} ms   DCP save {r['dcp_save_s'] * 1e3:6.1f} ms"
               + (f"   eNTK {r['kernel_s'] * 1e3:7.1f} ms" if args.kernel else ""))
         print(f"  {'':22s} held: C history {used / mib:6.2f} MiB for {r['snapshots']} snapshots "
               f"(×{used / plain['history_used_bytes']:.3f} unsharded; allocated "

@@ -2,7 +2,7 @@
 
 The experiment of tests/distributed/test_sharded.py (the tiny MLP, every Linear and the root ``fully_shard``-ed,
 halves of the same global batches, the learning rate dropped for the last snapshots so that their C takes the
-cancellation-free second round). A reference run trains 8 steps uninterrupted; another saves a checkpoint (each
+cancellation-free form). A reference run trains 8 steps uninterrupted; another saves a checkpoint (each
 rank's local shards and momentum buffers) at step 4, trains on to step 7 and "crashes" (no close: its hooks and
 its lock die), then restores the checkpoint and resumes the run from step 4. Every stored array must equal the
 reference's. Results come back as JSON files written by the spawned ranks.
@@ -254,7 +254,7 @@ def test_a_resumed_fsdp_run_stores_what_an_uninterrupted_run_stores(tmp_path: Pa
     for measured, expected in zip([run.C, *run.C_layers], [reference.C, *reference.C_layers]):
         assert np.all(np.abs(measured[off] - expected[off]) <= 1e-12 * np.abs(expected[off]))
         np.testing.assert_array_equal(measured, expected)  # in fact bit for bit: the same sums in the same order
-    assert reference.C[4, 3] < 1e-9  # the rows after the resume include entries of the second round
+    assert reference.C[4, 3] < 1e-9  # the rows after the resume include entries far below the dot-product form's reach
     np.testing.assert_array_equal(run.D, reference.D)
     np.testing.assert_array_equal(run.eval_loss, reference.eval_loss)
     np.testing.assert_array_equal(run.train_loss, reference.train_loss)
