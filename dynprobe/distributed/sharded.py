@@ -37,8 +37,8 @@ try:
 except ImportError:  # a PyTorch without torch.distributed or without public DTensors: no FSDP2 either
     DTensor = Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece",
-           "shared_run_root", "unsupported_under_fsdp"]
+__all__ = ["AgreedSnapshots", "ShardedRunFailure", "fsdp1_problem", "is_sharded", "layout_problems",
+           "local_piece", "shared_run_root", "unsupported_under_fsdp"]
 
 UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
 
@@ -50,6 +50,31 @@ class ShardedRunFailure(RuntimeError):
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model's parameters are sharded DTensors (FSDP2 ``fully_shard``)."""
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fsdp1_problem(model: nn.Module) -> str | None:
+    """Why the probe refuses a model trained by FSDP1 (``FullyShardedDataParallel``), or None.
+
+    FSDP1 flattens each wrapped module's parameters into one 1-D ``FlatParameter`` and keeps only this rank's
+    slice of it (with ``use_orig_params=True`` the original names are views of that slice, often empty on a rank):
+    neither the names, the shapes nor the rank's piece of ``vec(θ)`` say which entries of θ a rank holds, so
+    neither the DDP probe (which assumes replicated parameters) nor the FSDP2 probe (which reads each DTensor's
+    placement) can measure it. FSDP1 marks every parameter it flattened (``_fsdp_flattened``), the flat ones and
+    the views alike; the wrapper class is the second sign. The model structure is the same on every rank, so every
+    rank refuses alike, before any probe collective.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a PyTorch without torch.distributed: no FSDP1 either
+        return None
+    flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    if not flattened and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return None
+    return ("the model is wrapped in FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel: flat parameters, "
+            "each rank a slice with no layout the probe can read). dynprobe supports FSDP2: shard with "
+            "torch.distributed.fsdp.fully_shard instead (Lightning: strategy=ModelParallelStrategy() with "
+            "fully_shard in configure_model, not FSDPStrategy; Accelerate: "
+            "FullyShardedDataParallelPlugin(fsdp_version=2); Hugging Face Trainer: fsdp_config={'version': 2})")
 
 
 def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
