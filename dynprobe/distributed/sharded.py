@@ -38,7 +38,7 @@ except ImportError:  # a PyTorch without torch.distributed or without public DTe
     DTensor = Shard = None  # type: ignore[assignment,misc]
 
 __all__ = ["AgreedSnapshots", "ShardedRunFailure", "fsdp1_problem", "is_sharded", "layout_problems",
-           "local_piece", "shared_run_root", "unsupported_under_fsdp"]
+           "local_piece", "reshard", "shared_run_root", "unsupported_under_fsdp"]
 
 UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
 
@@ -75,6 +75,24 @@ def fsdp1_problem(model: nn.Module) -> str | None:
             "torch.distributed.fsdp.fully_shard instead (Lightning: strategy=ModelParallelStrategy() with "
             "fully_shard in configure_model, not FSDPStrategy; Accelerate: "
             "FullyShardedDataParallelPlugin(fsdp_version=2); Hugging Face Trainer: fsdp_config={'version': 2})")
+
+
+def reshard(model: nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again after the probe's own forwards.
+
+    FSDP2 leaves the root module's parameters unsharded after a forward (it expects the backward next, which
+    reshards). The probe's evaluations have no backward: without this, after a snapshot the user's model would hold
+    its root's full parameters — plain tensors in place of its DTensors, in memory, in ``state_dict()`` — until its
+    next forward. ``FSDPModule.reshard`` is local (no collective): it frees the unsharded parameters and registers
+    the sharded ones, whose values the evaluation did not change; the next forward all-gathers them again.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a PyTorch without FSDP2: nothing is sharded
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -46,7 +46,7 @@ from dynprobe.store.rows import TriangularRows
 from dynprobe.store.sharded import save_sharded_params
 from dynprobe.store.sink import RunSink
 
-from .sharded import Collectives, local_numel, local_piece
+from .sharded import Collectives, local_numel, local_piece, reshard
 from .sharded_rows import ShardedCosineRows
 
 __all__ = ["ShardedSnapshotRecorder", "local_layer_bounds"]
@@ -130,6 +130,7 @@ class ShardedSnapshotRecorder:
         try:  # a failure after the forward's own collectives (e.g. in output_fn) is flagged in the row's all-reduce
             evaluation = evaluate(self.model, self.eval_set, output_fn=self.output_fn,
                                   batch_size=self.eval_batch_size, device=self.device)
+            reshard(self.model)  # the model's parameters are DTensors again, as before the snapshot
             piece = local_piece(self.params, self.piece_dtype)
             buffers = {name: np.array(buffer.detach().cpu().float().numpy() if buffer.dtype == torch.bfloat16
                                       else buffer.detach().cpu().numpy())

@@ -24,7 +24,7 @@ from dynprobe.capture.hooks import CaptureHooks, GradEditDetector
 from dynprobe.capture.step import StepCapture
 from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
-from dynprobe.distributed.sharded import AgreedSnapshots, shared_run_root
+from dynprobe.distributed.sharded import AgreedSnapshots, reshard, shared_run_root
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
 from dynprobe.ghosts.ghost_set import GhostSet
 from dynprobe.recording.background import BackgroundWriter
@@ -115,6 +115,8 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
     options = options.with_kernel_defaults(eval_set.task.name)  # the task's kernel mode, the lag from the schedule
     num_classes = check_model_output(inner, eval_set, output_fn, device, cuda_devices)
     sharded = dist is not None and dist.sharded  # FSDP2: refused options are reported by open_run on every rank
+    if sharded:
+        reshard(inner)  # the output check's forward left the root's parameters unsharded (see reshard)
     kernel = None
     if options.kernel is not None and not sharded:
         kernel = KernelMeasure(options.kernel, inner, eval_set, output_fn=output_fn, device=device,
