@@ -172,7 +172,7 @@ def scenario_docs_snippet(rank: int, folder: Path, result: dict) -> None:
     eval_batch = _eval_batch()
     namespace = {"dynprobe": dynprobe, "model": _model(), "train": _examples(64, seed=0),
                  "inputs": {"input_ids": eval_batch["input_ids"]}, "labels": eval_batch["labels"]}
-    code = _snippet('fsdp_config={"version": 2}')
+    code = _snippet('fsdp_config={"version": 2,')
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exec(compile(code, "docs/distributed.md Hugging Face snippet", "exec"), namespace)
