@@ -38,7 +38,9 @@ CLAIMS = {
     "switching_experiment(": "test_switching_snippet_runs_as_written",
     'out="runs/ddp"': "test_ddp_snippet_runs_as_written_in_a_one_process_group",
     'out="runs/fsdp"': "test_fsdp_snippet_runs_as_written_in_a_one_process_group",
-    "integrations.lightning import": "test_integrations_snippet_runs_as_written",
+    "PLDynprobeCallback for": "test_integrations_snippet_runs_as_written",
+    "ModelParallelStrategy(": "test_fsdp_lightning_and_hugging_face_snippets_run_as_written_on_two_ranks",
+    'fsdp_config={"version": 2,': "test_fsdp_lightning_and_hugging_face_snippets_run_as_written_on_two_ranks",
 }
 
 TRAINING_LOOP = """
@@ -196,6 +198,27 @@ def test_fsdp_snippet_runs_as_written_in_a_one_process_group(tmp_path, monkeypat
     assert run.params(snapshot_index=-1).shape == (run.num_parameters,)
 
 
+def test_fsdp_lightning_and_hugging_face_snippets_run_as_written_on_two_ranks(tmp_path):
+    """Each snippet runs in a scenario of its integration's FSDP tests (2 gloo CPU processes; see there)."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    from tests import spawned
+
+    (tmp_path / "lightning").mkdir()
+    (tmp_path / "hf").mkdir()
+    spawned.run_spawned("tests.integrations.test_lightning_fsdp", "docs_snippet", tmp_path / "lightning", world=2,
+                        deadline_s=300)
+    run = dynprobe.load_run(tmp_path / "lightning" / "runs" / "fsdp-lightning")
+    assert run.status == "closed" and run.steps[-1] == 20
+    assert run.manifest["distributed"]["attached_to"] == "fully_shard"
+    results = spawned.run_spawned("tests.integrations.test_huggingface_fsdp", "docs_snippet", tmp_path / "hf",
+                                  world=2, deadline_s=300)
+    assert all(result["sharded"] for result in results)
+    run = dynprobe.load_run(tmp_path / "hf" / "runs" / "fsdp-hf" / "dynprobe")
+    assert run.status == "closed" and run.steps[-1] == 6
+    assert run.manifest["distributed"]["attached_to"] == "fully_shard"
+
+
 def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):
     lightning = pytest.importorskip("lightning")
     transformers = pytest.importorskip("transformers")
@@ -224,7 +247,7 @@ def test_integrations_snippet_runs_as_written(tmp_path, monkeypatch):
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        namespace = _run(_snippet("integrations.lightning import"), namespace, "integrations")
+        namespace = _run(_snippet("PLDynprobeCallback for"), namespace, "integrations")
     lightning_run = dynprobe.load_run(Path(namespace["trainer"].log_dir) / "dynprobe")
     assert lightning_run.status == "closed" and [g.spawn_step for g in lightning_run.ghosts] == [0, 0, 100]
     hf_run = dynprobe.load_run(tmp_path / "hf" / "dynprobe")

@@ -32,7 +32,7 @@ from dynprobe.store.writer import RunWriter, json_safe
 
 from .ghost_trainer import DistributedGhostTrainer
 from .kernel import ShardedKernel, partition_modules
-from .sharded import is_sharded
+from .sharded import fsdp1_problem, is_sharded
 from .sharded_ghosts import ShardedGhostTrainer
 from .sink import NullSink
 
@@ -67,10 +67,14 @@ class DistributedRun:
     @classmethod
     def detect(cls, model: nn.Module) -> DistributedRun | None:
         """A run when a default process group with more than one rank is initialized, or when the parameters are
-        FSDP2-sharded DTensors (on any number of ranks); None otherwise."""
+        FSDP2-sharded DTensors (on any number of ranks); None otherwise. An FSDP1 model is refused here (the same
+        error on every rank, before any collective: :func:`~dynprobe.distributed.sharded.fsdp1_problem`)."""
         dist = _dist()
         if not (dist.is_available() and dist.is_initialized()):
             return None
+        refused = fsdp1_problem(model)
+        if refused is not None:
+            raise ValueError(f"dynprobe: {refused}")
         sharded = is_sharded(model)
         if dist.get_world_size() < 2 and not sharded:
             return None

@@ -50,8 +50,8 @@ try:
 except ImportError:
     FSDPModule = None  # type: ignore[assignment,misc]
 
-__all__ = ["AgreedSnapshots", "ShardedRunFailure", "is_sharded", "layout_problems", "local_piece", "local_tensor",
-           "reshard", "shared_run_root", "unsupported_under_fsdp", "whole_to_local"]
+__all__ = ["AgreedSnapshots", "ShardedRunFailure", "fsdp1_problem", "is_sharded", "layout_problems",
+           "local_piece", "local_tensor", "reshard", "shared_run_root", "unsupported_under_fsdp", "whole_to_local"]
 
 UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
 
@@ -65,6 +65,31 @@ def is_sharded(model: nn.Module) -> bool:
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def fsdp1_problem(model: nn.Module) -> str | None:
+    """Why the probe refuses a model trained by FSDP1 (``FullyShardedDataParallel``), or None.
+
+    FSDP1 flattens each wrapped module's parameters into one 1-D ``FlatParameter`` and keeps only this rank's
+    slice of it (with ``use_orig_params=True`` the original names are views of that slice, often empty on a rank):
+    neither the names, the shapes nor the rank's piece of ``vec(θ)`` say which entries of θ a rank holds, so
+    neither the DDP probe (which assumes replicated parameters) nor the FSDP2 probe (which reads each DTensor's
+    placement) can measure it. FSDP1 marks every parameter it flattened (``_fsdp_flattened``), the flat ones and
+    the views alike; the wrapper class is the second sign. The model structure is the same on every rank, so every
+    rank refuses alike, before any probe collective.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a PyTorch without torch.distributed: no FSDP1 either
+        return None
+    flattened = any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    if not flattened and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return None
+    return ("the model is wrapped in FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel: flat parameters, "
+            "each rank a slice with no layout the probe can read). dynprobe supports FSDP2: shard with "
+            "torch.distributed.fsdp.fully_shard instead (Lightning: strategy=ModelParallelStrategy() with "
+            "fully_shard in configure_model, not FSDPStrategy; Accelerate: "
+            "FullyShardedDataParallelPlugin(fsdp_version=2); Hugging Face Trainer: fsdp_config={'version': 2})")
+
+
 def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """This rank's piece of ``vec(θ)``: each parameter's local shard, flattened and concatenated in order."""
     pieces = [(p.to_local() if _is_dtensor(p) else p).detach().reshape(-1).to(dtype) for p in params]
@@ -74,12 +99,14 @@ def local_piece(params: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
 
 
 def reshard(model: nn.Module) -> None:
-    """Free every FSDP module's all-gathered parameters, as the user's backward leaves them.
+    """Register every FSDP2 module's sharded parameters again after the probe's own forwards.
 
-    FSDP2 keeps the root module's own parameters all-gathered after a forward (they are needed again by the
-    backward), and registers the unsharded tensors on the module meanwhile. After a forward of the probe's own
-    (an evaluation, a ghost in the main model) nothing follows: without this the module would keep plain, unsharded
-    parameters — values that the next all-gather would not refresh."""
+    FSDP2 leaves the root module's parameters unsharded after a forward (it expects the backward next, which
+    reshards). The probe's forwards (an evaluation, a ghost or an interpolated θ in the model) have no backward:
+    without this the user's model would hold its root's full parameters — plain tensors in place of its DTensors,
+    in memory, in ``state_dict()`` — until its next forward, and after a ghost's forward they would hold the
+    ghost's values, which the next all-gather would not refresh. ``FSDPModule.reshard`` is local (no collective):
+    it frees the unsharded parameters and registers the sharded ones."""
     if FSDPModule is None:
         return
     for module in model.modules():
