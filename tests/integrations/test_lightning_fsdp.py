@@ -104,6 +104,16 @@ def scenario_model_parallel(rank: int, folder: Path, result: dict) -> None:
     result["writer"] = type(callback.probe.writer).__name__
 
 
+def scenario_model_parallel_ghosts(rank: int, folder: Path, result: dict) -> None:
+    """Ghosts through the callback under ModelParallelStrategy: sharded replicas replaying ``training_step``."""
+    lightning_environment(rank)
+    bare, _ = _fit(folder / "bare", None)
+    callback = DynprobeCallback(out=folder / "ghosts", schedule=SCHEDULE, errors="raise", progress=False,
+                                ghosts=dynprobe.Ghosts(at=[0, 4]))
+    module, _ = _fit(folder / "probed", callback)
+    result["bitwise"] = _local_shards(module) == _local_shards(bare)
+
+
 class _FitState:
     """What ``on_fit_start`` reads of a Trainer (Lightning's FSDPStrategy cannot start a fit on the CPU)."""
 
@@ -162,7 +172,7 @@ def scenario_docs_snippet(rank: int, folder: Path, result: dict) -> None:
 
 
 SCENARIOS = {"model_parallel": scenario_model_parallel, "fsdp1_strategy": scenario_fsdp1_strategy,
-             "docs_snippet": scenario_docs_snippet}
+             "docs_snippet": scenario_docs_snippet, "model_parallel_ghosts": scenario_model_parallel_ghosts}
 
 
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
@@ -206,6 +216,20 @@ def test_model_parallel_fit_is_bitwise_unchanged_and_its_run_matches_the_module(
     assert run.eval_accuracy[-1] == pytest.approx(np.mean(final_predictions == y.numpy()[chosen]), abs=1e-12)
     assert run.D[-1, 0] == pytest.approx(np.mean(final_predictions != initial_predictions), abs=1e-12)
     assert run.D[-1, 0] > 0
+
+
+def test_ghosts_through_the_callback_under_model_parallel_strategy(tmp_path: Path) -> None:
+    results = run_spawned("model_parallel_ghosts", tmp_path)
+    assert all(result["bitwise"] for result in results), "the ghosts changed a rank's shards"
+    run = dynprobe.load_run(tmp_path / "ghosts")
+    assert run.status == "closed" and not [e for e in run.events if e.get("event") in ("probe_error",
+                                                                                     "control_drift")]
+    compares = [e for e in run.events if e.get("event") == "ghost_compare"]
+    control = [e for e in compares if e["ghost"] == 0]
+    perturbed = [e for e in compares if e["ghost"] != 0]
+    assert [e["step"] for e in control] == SCHEDULE and all(e["L2"] == 0 and e["C"] == 0 for e in control)
+    assert {e["ghost"] for e in perturbed} == {1, 2} and all(e["L2"] > 0 for e in perturbed if e["step"] > 4)
+    assert not [e for e in run.events if e.get("event") == "ghost_status" and e["status"] != "finished"]
 
 
 def test_lightning_fsdp_strategy_is_fsdp1_and_refused_on_every_rank(tmp_path: Path) -> None:
