@@ -179,8 +179,18 @@ def scenario_docs_snippet(rank: int, folder: Path, result: dict) -> None:
     result["sharded"] = all(isinstance(p, torch.distributed.tensor.DTensor) for p in namespace["model"].parameters())
 
 
+def scenario_trainer_ghosts(rank: int, folder: Path, result: dict) -> None:
+    """Ghosts through the callback with the Trainer's FSDP2 (a BERT: attention masks, dropout, AdamW)."""
+    fsdp_on_the_cpu(rank)
+    bare = _train(folder / "bare", None)
+    callback = DynprobeCallback(eval_data=_eval_batch(), out=folder / "ghosts", schedule=SCHEDULE, errors="raise",
+                                progress=False, ghosts=dynprobe.Ghosts(at=[0]))
+    model = _train(folder / "probed", callback)
+    result["bitwise"] = _local_shards(model) == _local_shards(bare)
+
+
 SCENARIOS = {"trainer": scenario_trainer, "accelerate_loop": scenario_accelerate_loop, "fsdp1": scenario_fsdp1,
-             "docs_snippet": scenario_docs_snippet}
+             "docs_snippet": scenario_docs_snippet, "trainer_ghosts": scenario_trainer_ghosts}
 
 
 def run_spawned(scenario: str, folder: Path) -> list[dict]:
@@ -212,6 +222,18 @@ def test_trainer_with_fsdp2_is_bitwise_unchanged_and_its_run_matches_the_model(t
     labels = _eval_batch()["labels"].numpy()[np.asarray(run.eval_indices)]
     predictions = np.asarray(results[0]["final_predictions"])[np.asarray(run.eval_indices)]
     assert run.eval_accuracy[-1] == pytest.approx(np.mean(predictions == labels), abs=1e-12)
+
+
+def test_ghosts_through_the_trainer_callback_under_fsdp2(tmp_path: Path) -> None:
+    results = run_spawned("trainer_ghosts", tmp_path)
+    assert all(result["bitwise"] for result in results), "the ghosts changed a rank's shards"
+    run = dynprobe.load_run(tmp_path / "ghosts")
+    assert run.status == "closed" and not [e for e in run.events if e.get("event") in ("probe_error",
+                                                                                     "control_drift")]
+    compares = [e for e in run.events if e.get("event") == "ghost_compare"]
+    assert [e["step"] for e in compares if e["ghost"] == 0] == SCHEDULE
+    assert all(e["L2"] == 0 and e["D"] == 0 for e in compares if e["ghost"] == 0)  # the control: bit for bit
+    assert all(e["L2"] > 0 for e in compares if e["ghost"] == 1 and e["step"] > 0)
 
 
 def test_a_plain_accelerate_loop_with_fsdp2_is_bitwise_unchanged(tmp_path: Path) -> None:
