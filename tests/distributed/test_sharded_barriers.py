@@ -25,13 +25,13 @@ from dynprobe.distributed.sharded_barriers import agreed_seconds
 from dynprobe.recording.barriers import BarrierBudget
 
 from .. import spawned
+from .fsdp_setup import GLOBAL_BATCH, eval_data, global_batch, shard_per_linear
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
                                 reason="torch.distributed FSDP2 is not available")
 
 WORLD = 2
-GLOBAL_BATCH = 8
 STEPS = 8
 DEADLINE_S = 150.0
 ALPHAS = 11
@@ -49,23 +49,11 @@ def make_model() -> nn.Module:
 
 
 def sharded_model() -> nn.Module:
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)  # the BatchNorm's weight and bias are the root's
-    return model
+    return shard_per_linear(make_model())  # the BatchNorm's weight and bias are the root's
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,),
-                                                                            generator=generator)
 
 
-def eval_data() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return torch.randn(64, 6, generator=generator), torch.arange(64) % 3
 
 
 def train(model: nn.Module, shard: slice, out: Path | None, probe_hook=None, **options: object):

@@ -27,13 +27,14 @@ from dynprobe.kernels.engine import empirical_ntk
 
 from .. import spawned
 from ..host_syncs import HostSyncCounter
+from . import fsdp_setup
+from .fsdp_setup import part_of, shard_per_linear
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
                                 reason="torch.distributed FSDP2 is not available")
 
 WORLD = 2
-GLOBAL_BATCH = 8
 STEPS = 6
 SEED = 11  # Ghosts(perturbation=...) seed of the first perturbed ghost
 NORM = 1e-3
@@ -46,28 +47,25 @@ def make_model() -> nn.Module:
 
 
 def sharded_model() -> nn.Module:
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)
-    return model
+    return shard_per_linear(make_model())
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(2000 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,),
-                                                                            generator=generator)
+    return fsdp_setup.global_batch(step, seed=2000)
 
 
 def eval_data() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return torch.randn(48, 6, generator=generator), torch.arange(48) % 3
+    return fsdp_setup.eval_data(48)
 
 
 def shard_of(rank: int) -> slice:
-    per_rank = GLOBAL_BATCH // WORLD
-    return slice(rank * per_rank, (rank + 1) * per_rank)
+    return part_of(rank, WORLD)
+
+
+
+
+
+
 
 
 def local_shards(model: nn.Module) -> list[list[float]]:

@@ -23,12 +23,14 @@ from dynprobe.kernels import engine as kernel_engine
 from dynprobe.kernels.engine import empirical_ntk
 
 from .. import spawned
+from .fsdp_setup import GLOBAL_BATCH, global_batch, shard_per_linear
+from .fsdp_setup import eval_data as _eval_data
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
                                 reason="torch.distributed FSDP2 is not available")
 
-WORLD, GLOBAL_BATCH, STEPS, DEADLINE_S = 2, 8, 6, 150.0
+WORLD, STEPS, DEADLINE_S = 2, 6, 150.0
 PROBE_N = 12
 
 
@@ -39,23 +41,15 @@ def make_model() -> nn.Module:
 
 
 def sharded_model() -> nn.Module:
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)  # the BatchNorm's weight and bias: sharded by the root
-    return model
+    return shard_per_linear(make_model())  # the BatchNorm's weight and bias: sharded by the root
 
 
-def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,),
-                                                                            generator=generator)
+
+
 
 
 def eval_data() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    return torch.randn(48, 6, generator=generator), torch.arange(48) % 3
+    return _eval_data(48)
 
 
 def train(model: nn.Module, rank: int, out: Path | None, inject=None, **options: object):
