@@ -28,7 +28,7 @@ from dynprobe.ghosts.replica import (
 from dynprobe.ghosts.sequential import SequentialTrainer
 from dynprobe.ghosts.trainer import Fault, Ghost, TrainerContext
 
-__all__ = ["SEQUENTIAL_REASON", "DistributedGhostTrainer"]
+__all__ = ["SEQUENTIAL_REASON", "DistributedGhostTrainer", "agreed_failure"]
 
 SEQUENTIAL_REASON = ("torch.distributed (DDP): sequential ghosts, whose local gradients are averaged across ranks "
                      "with one collective per step")
@@ -65,11 +65,7 @@ class DistributedGhostTrainer(SequentialTrainer):
         world = self.run.world_size
         for k, ghost in enumerate(ghosts):
             if exceptions[k]:
-                mine = errors[k]
-                reason = (mine.split("\n", 1)[0] if mine else "an exception on another rank") + \
-                    f" (on {exceptions[k]} of {world} ranks)"
-                faults[ghost.ghost_id] = Fault("failed", reason, mine.split("\n", 1)[1] if mine else None,
-                                            local if mine else None)
+                faults[ghost.ghost_id] = agreed_failure(errors[k], exceptions[k], world, local)
             elif nonfinite_counts[k]:
                 faults[ghost.ghost_id] = Fault("diverged",
                                                f"non-finite loss (on {nonfinite_counts[k]} of {world} ranks)")
@@ -143,6 +139,15 @@ class DistributedGhostTrainer(SequentialTrainer):
                 reduced_flags = flat[offset:].clone()
         counts = [int(round(float(v))) for v in reduced_flags.tolist()]
         return counts[:len(ghosts)], counts[len(ghosts):]
+
+
+def agreed_failure(mine: str | None, ranks: int, world: int, error: BaseException | None) -> Fault:
+    """The fault of a ghost that raised on ``ranks`` of the ``world`` ranks (an all-reduced count): ``mine`` is
+    this rank's ``"summary\ntraceback"`` (None when it raised elsewhere only), ``error`` this rank's exception
+    (re-raised under ``errors="raise"``)."""
+    summary, _, trace = (mine or "").partition("\n")
+    reason = (summary if mine else "an exception on another rank") + f" (on {ranks} of {world} ranks)"
+    return Fault("failed", reason, trace if mine else None, error if mine else None)
 
 
 def _by_dtype(items: list[Any], key: Callable[[Any], torch.dtype]) -> dict[torch.dtype, list[Any]]:

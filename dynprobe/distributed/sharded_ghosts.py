@@ -52,6 +52,7 @@ from dynprobe.ghosts.replica import (
 )
 from dynprobe.ghosts.trainer import Fault, Ghost, MainSnapshot, Reference, TrainerContext
 
+from .ghost_trainer import agreed_failure
 from .sharded import Collectives, local_tensor, whole_to_local
 from .sharded_compare import compare_sharded_ghost, local_separation_squares
 from .sharded_slot import MainModelSlot
@@ -156,11 +157,7 @@ class ShardedGhostTrainer:
         world = self.run.world_size
         for k, ghost in enumerate(ghosts):
             if exceptions[k]:
-                mine = errors[k]
-                reason = (mine.split("\n", 1)[0] if mine else "an exception on another rank") + \
-                    f" (on {exceptions[k]} of {world} ranks)"
-                faults.append((ghost.ghost_id, Fault("failed", reason, mine.split("\n", 1)[1] if mine else None,
-                                                     local if mine else None)))
+                faults.append((ghost.ghost_id, agreed_failure(errors[k], exceptions[k], world, local)))
             else:
                 faults.append((ghost.ghost_id, Fault("diverged", "non-finite loss", when=self._nonfinite[k] > 0)))
         return faults
