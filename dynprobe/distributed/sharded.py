@@ -30,7 +30,7 @@ uses); what differs from DDP:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,7 +51,8 @@ except ImportError:
     FSDPModule = None  # type: ignore[assignment,misc]
 
 __all__ = ["AgreedSnapshots", "ShardedRunFailure", "fsdp1_problem", "is_sharded", "layout_problems",
-           "local_piece", "local_tensor", "reshard", "shared_run_root", "unsupported_under_fsdp", "whole_to_local"]
+           "local_piece", "local_tensor", "reshard", "same_local_tensors", "shared_run_root", "unsupported_under_fsdp",
+           "whole_to_local"]
 
 UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
 
@@ -112,6 +113,14 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def same_local_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two states (tensors by name) hold the same names and, on this rank, bit-identical shards and buffers
+    (DTensors compared by their local shards: no collective; agree on the answer over the ranks)."""
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(local_tensor(a[n]), local_tensor(b[n])) for n in a if a[n] is not b[n])
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -210,12 +219,13 @@ class AgreedSnapshots:
         sequence: the snapshot sequence (``take(step, ghosts=...)``).
         run: the collectives (``all_reduce``, ``world_size``).
         device: where the flag lives (the parameters' device: CPU for gloo, CUDA for NCCL).
-        after: called on every rank once every rank committed the snapshot, with the step and how long this rank's
-            snapshot took (:meth:`~dynprobe.distributed.sharded_barriers.ShardedBarriers.after_agreed_snapshot`).
+        after: called on every rank once every rank committed the snapshot, with the step, how long this rank's
+            snapshot took and the ghosts
+            (:meth:`~dynprobe.distributed.sharded_barriers.ShardedBarriers.after_agreed_snapshot`).
     """
 
     def __init__(self, sequence: SnapshotTaker, run: Collectives, device: torch.device,
-                 after: Callable[[int, float], None] | None = None) -> None:
+                 after: Callable[[int, float, Any], None] | None = None) -> None:
         self.sequence, self.run, self.device, self.after = sequence, run, device, after
 
     def take(self, step: int, *, ghosts: Any) -> None:
@@ -234,4 +244,4 @@ class AgreedSnapshots:
             raise ShardedRunFailure(f"the snapshot at step {step} failed on {failed} of {self.run.world_size} ranks "
                                     "(see that rank's warning); the probe detaches on every rank")
         if self.after is not None:  # collective work that needs the snapshot committed on every rank (barriers)
-            self.after(step, time.perf_counter() - started)
+            self.after(step, time.perf_counter() - started, ghosts)

@@ -23,7 +23,12 @@ due after each snapshot, the time budget, the ``barrier_budget`` event), with th
   the barrier's forwards, and the probe detaches on every rank at the same snapshot. A failure inside the model's
   own FSDP forward on one rank only cannot be caught this way (as for the snapshot's evaluation).
 
-Ghost barriers are not computed under FSDP (the run's conventions say so): ghost states are never passed on.
+**Ghost barriers** (between each live ghost and the main run) go the same way: a ghost's shards are its own
+DTensors (:mod:`~dynprobe.distributed.sharded_ghosts`), so each rank writes its piece of ``lerp(θ', θ, α)`` — the
+ghost at α = 0, the main run at α = 1, as ``loss_barrier(main, ghost)`` orders them on one process — and the
+ghost's floating buffers, into the model. Whether a ghost equals the main run bit for bit (B = 0 without
+evaluating) is agreed over the ranks (one all-reduce per ghost), and its time is agreed like a trajectory
+barrier's.
 A pair whose older snapshot is not in this process's memory (recorded before a resume) is not due: it is left to
 :func:`dynprobe.fill_barriers`, like every pair the budget skipped.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,15 +51,15 @@ from dynprobe.recording.progress import SnapshotProgress
 from dynprobe.store.records import append_barrier
 from dynprobe.store.sink import RunSink
 
-from .sharded import Collectives, ShardedRunFailure
+from .sharded import Collectives, ShardedRunFailure, local_piece, same_local_tensors
 from .sharded_path import ShardedLine, floating_buffers
 
 __all__ = ["CONVENTION", "ShardedBarriers", "agreed_seconds"]
 
-CONVENTION = ("FSDP2: trajectory barriers computed online on every rank (each writes its piece of theta(alpha) = "
-              "lerp(theta_b, theta_a, alpha) into its shards, the FSDP forward gathers it, the shards and buffers "
-              "are put back bit for bit); the time budget books the maximum over the ranks of each measured time, "
-              "so every rank takes the same decisions; ghost barriers are not computed under FSDP yet")
+CONVENTION = ("FSDP2: trajectory and ghost barriers computed online on every rank (each writes its piece of "
+              "theta(alpha) = lerp(theta_b, theta_a, alpha) into its shards, the FSDP forward gathers it, the shards "
+              "and buffers are put back bit for bit); the time budget books the maximum over the ranks of each "
+              "measured time, so every rank takes the same decisions")
 
 
 class PieceHistory(Protocol):
@@ -88,7 +93,7 @@ class ShardedBarriers(BarrierScheduler):
     """The barrier scheduler of an FSDP2 run, on every rank (module docstring).
 
     Args:
-        config: what to measure and the budget (ghost barriers are not computed).
+        config: what to measure and the budget.
         run: this process's collectives (``rank``, ``world_size``, ``all_reduce``).
         sink: the run sink (rank 0's writer; a null sink elsewhere).
         model: the ``fully_shard``-ed model.
@@ -114,9 +119,9 @@ class ShardedBarriers(BarrierScheduler):
             sink.update_manifest(conventions={**(sink.manifest.get("conventions") or {}), "barriers_sharded":
                                               CONVENTION})
 
-    def after_agreed_snapshot(self, step: int, snapshot_seconds: float) -> None:
+    def after_agreed_snapshot(self, step: int, snapshot_seconds: float, ghosts: Any = None) -> None:
         """The barriers due at the snapshot at ``step``, once every rank committed it (every rank calls this, with
-        how long its own snapshot took)."""
+        how long its own snapshot took, and the probe's ghost set or None)."""
         error: BaseException | None = None
         try:  # the newest snapshot: its row in the pieces and its buffers (the model holds it now)
             self._rows[step] = self.pieces.count - 1
@@ -130,11 +135,56 @@ class ShardedBarriers(BarrierScheduler):
         steps = [int(s["step"]) for s in self.sink.snapshots if int(s["step"]) in self._rows]
         with (self.progress.snapshot(step, what=f"barriers at step {step}") if self.progress is not None
               else contextlib.nullcontext()):
-            self.after_snapshot(step, {}, [], snapshot_steps=steps, snapshot_seconds=seconds)
+            states = ghosts.comparison_states() if ghosts is not None else []
+            self.after_snapshot(step, {}, states, snapshot_steps=steps, snapshot_seconds=seconds)
 
-    def close(self, step: int, ghosts: Any) -> None:
-        """The ``barrier_budget`` event (no ghost barriers under FSDP)."""
-        super().close(step, None)
+    def _identical(self, reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:
+        """Bit for bit equal on every rank (this rank's shards and buffers compared, the answer agreed)."""
+        differs = torch.tensor([0.0 if same_local_tensors(reference, state) else 1.0], dtype=torch.float64,
+                               device=self.device)
+        self.run.all_reduce(differs)
+        return not differs.item()
+
+    def _ghost_job(self, step: int, ghost: int, reference: Mapping[str, torch.Tensor],
+                   state: Mapping[str, torch.Tensor], identical: bool) -> Callable[[], None]:
+        def run() -> None:
+            what = f"the barrier between the main run and ghost {ghost} at step {step}"
+            started = self.clock()
+            fields: dict[str, Any] = {"B": 0.0, "B_linear": 0.0, "argmax_alpha": None, "argmax_alpha_linear": None}
+            error = None
+            if not identical:  # the ε = 0 control: lerp(θ, θ, α) = θ, so B = 0 exactly without evaluating
+                line = None
+                try:
+                    names = self._parameter_names()
+                    line = ShardedLine(self.model, self.params, local_piece([state[n] for n in names], torch.float64),
+                                       {name: state[name] for name in floating_buffers(self.model)})
+                except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
+                    error = failure
+                agreed_seconds(self.run, 0.0, error, what, self.device)  # every rank ready: no rank forwards alone
+                assert line is not None
+                try:
+                    result = self._evaluate(line, f"main ↔ ghost {ghost}")
+                    fields = {"B": result.mean, "B_linear": result.linear, "argmax_alpha": result.argmax_alpha_mean,
+                              "argmax_alpha_linear": result.argmax_alpha_linear}
+                except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
+                    error = failure
+            try:
+                if error is None:
+                    self.sink.event("ghost_barrier", ghost=ghost, step=step, alphas=self.config.alphas, **fields)
+            except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
+                error = failure
+            seconds = agreed_seconds(self.run, self.clock() - started, error, what, self.device)
+            self._last_ghost_barrier[ghost] = step
+            self.tally.computed["ghost"] += 1
+            if identical:
+                self.tally.exact_zero += 1
+            self.budget.spend(seconds, 0 if identical else self.config.alphas)
+        return run
+
+    def _parameter_names(self) -> list[str]:
+        """The names of ``params`` in the model (the keys of a ghost's state)."""
+        by_id = {id(p): name for name, p in self.model.named_parameters()}
+        return [by_id[id(p)] for p in self.params]
 
     # ------------------------------------------------------------------------------------------ the job
 

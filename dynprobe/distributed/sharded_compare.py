@@ -36,7 +36,7 @@ from dynprobe.ghosts.trainer import Reference
 from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PREDS, ghost_array
 
-from .sharded import Collectives, local_numel, local_piece, local_tensor
+from .sharded import Collectives, local_numel, local_piece, local_tensor, same_local_tensors
 from .sharded_rows import cosine_from_partial_sums, local_row_sums, square_difference_sum
 from .sharded_slot import MainModelSlot
 from .sharded_snapshot import local_layer_bounds
@@ -101,7 +101,7 @@ def compare_sharded_ghost(
     try:
         g = local_piece(params, x.dtype).to(device)
         first = local_sums(x, g, bounds)
-        first = torch.cat([first, torch.tensor([float(not _same_locally(state(), reference.state))])])
+        first = torch.cat([first, torch.tensor([float(not same_local_tensors(state(), reference.state))])])
     except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
         error = f"{type(failure).__name__}: {failure}"
         first = torch.zeros(len(bounds) + 4, dtype=torch.float64)
@@ -146,13 +146,6 @@ def whole_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with every DTensor gathered whole (``full_tensor()``: one all-gather each, in the state's order,
     the same on every rank); plain tensors as they are."""
     return {name: t.full_tensor() if hasattr(t, "full_tensor") else t for name, t in state.items()}
-
-
-def _same_locally(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    """Whether this rank's shards and the buffers of ``a`` and ``b`` are equal bit for bit."""
-    if a.keys() != b.keys():
-        return False
-    return all(torch.equal(local_tensor(a[n]), local_tensor(b[n])) for n in a if a[n] is not b[n])
 
 
 def _all_reduce(run: Collectives, values: torch.Tensor, error: str | None, device: torch.device) -> np.ndarray:

@@ -142,7 +142,7 @@ class BarrierScheduler:
         if self.config.ghosts:
             ordered = sorted(ghost_states, key=lambda g: self._last_ghost_barrier.get(g[0], -1))
             for ghost, reference, state in ordered:
-                identical = same_tensors(reference, state)
+                identical = self._identical(reference, state)
                 reserve += 0 if identical or final or self.final_step is None else self.config.alphas
                 seen = self._ghost_snapshots.get(ghost, 0)
                 self._ghost_snapshots[ghost] = seen + 1
@@ -178,10 +178,14 @@ class BarrierScheduler:
             for ghost, reference, state in ghost_states:
                 if self._last_ghost_barrier.get(ghost) != step:
                     self.tally.due["ghost"] += 1
-                    self._ghost_job(step, ghost, reference, state, same_tensors(reference, state))()
+                    self._ghost_job(step, ghost, reference, state, self._identical(reference, state))()
         self.sink.event("barrier_budget", step=step, **self.tally.to_event(self.budget))
 
     # ------------------------------------------------------------------------------------------ the jobs
+
+    def _identical(self, reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a ghost equals its reference bit for bit (B = 0 exactly, nothing evaluated)."""
+        return same_tensors(reference, state)
 
     def _barrier(self, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], what: str
                  ) -> BarrierResult:

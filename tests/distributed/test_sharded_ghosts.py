@@ -24,6 +24,7 @@ from dynprobe.distributed.sharded_compare import local_separation_squares, local
 from dynprobe.distributed.sharded_slot import MainModelSlot
 from dynprobe.ghosts.perturbation import Perturbation, Shards, perturb_
 from dynprobe.kernels.engine import empirical_ntk
+from dynprobe.metrics.barrier import loss_barrier
 
 from .. import spawned
 from ..host_syncs import HostSyncCounter
@@ -109,6 +110,16 @@ def train(rank: int, out: Path | None, *, on_attach=None, before_close=None, gho
     return model
 
 
+def unsharded_state(theta: np.ndarray, buffers: dict) -> dict[str, torch.Tensor]:
+    """Parameters (a gathered vec θ) and buffers by name, for the unsharded model of :func:`make_model`."""
+    model = make_model()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.tensor(theta, dtype=torch.float32), model.parameters())
+        for name, buffer in model.named_buffers():
+            buffer.copy_(torch.tensor(buffers[name], dtype=buffer.dtype))
+    return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 # ---------------------------------------------------------------------------------------------- scenarios
 
 
@@ -127,6 +138,7 @@ def scenario_ghosts(rank: int, folder: Path, result: dict) -> None:
         result["final_ghost_buffers"] = {g.ghost_id: {n: b.tolist() for n, b in g.replica.buffers.items()}
                                          for g in ghosts}
         result["final_main"] = whole(list(probe.model.parameters()))
+        result["final_main_buffers"] = {n: b.tolist() for n, b in probe.model.named_buffers()}
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -222,6 +234,8 @@ def test_fsdp_ghosts_leave_training_unchanged_and_match_float64_and_an_unsharded
     # the comparisons at the last snapshot against float64 numpy from the gathered whole tensors
     main = np.array(first["final_main"])
     records = {e["ghost"]: e for e in run.events if e.get("event") == "ghost_compare" and e["step"] == STEPS}
+    barriers = {e["ghost"]: e for e in run.events if e.get("event") == "ghost_barrier" and e["step"] == STEPS}
+    assert barriers[control]["B"] == 0.0 and barriers[control]["argmax_alpha"] is None  # not evaluated: exactly 0
     assert set(records) == {int(k) for k in first["final_ghosts"]}
     offsets = [(s["offset"], s["offset"] + s["numel"]) for s in run.manifest["model"]["parameters"]]
     for ghost_id, gathered in first["final_ghosts"].items():
@@ -259,6 +273,14 @@ def test_fsdp_ghosts_leave_training_unchanged_and_match_float64_and_an_unsharded
         np.testing.assert_array_equal(run.ghost_predictions(int(ghost_id), step=STEPS), preds)
         main_preds = run.predictions(step=STEPS)
         assert record["D"] == pytest.approx(np.mean(preds != main_preds), abs=1e-15)
+        # B (eq. 5) between the main run and the ghost, forced at the last step: the single-process loss_barrier on
+        # unsharded copies holding the gathered θ and rank 0's buffers (the barrier's evaluation is rank 0's too)
+        main_state = unsharded_state(main, first["final_main_buffers"])
+        ghost_state = unsharded_state(ghost, first["final_ghost_buffers"][ghost_id])
+        expected = loss_barrier(make_model(), main_state, ghost_state, eval_data(), alphas=barriers[int(ghost_id)]
+                                ["alphas"])
+        assert barriers[int(ghost_id)]["B"] == pytest.approx(expected.mean, rel=1e-12)  # measured: bit for bit
+        assert barriers[int(ghost_id)]["argmax_alpha"] == expected.argmax_alpha_mean
 
 
 def test_a_ghost_fault_on_one_rank_stops_that_ghost_on_every_rank(tmp_path: Path) -> None:
