@@ -146,7 +146,7 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, history_memory: int | None = None) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any, kernel: Any) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None and ghosts.save_params:
@@ -155,9 +155,6 @@ def unsupported_under_fsdp(*, ghosts: Any, kernel: Any, history_memory: int | No
     if kernel is not None and kernel.per_layer:
         problems.append(f"KernelConfig(per_layer=True) {UNSUPPORTED} (each rank differentiates a share of the layers "
                         "and only their sum is assembled); use per_layer=False")
-    if history_memory is not None:
-        problems.append(f"history_memory= {UNSUPPORTED} (every rank keeps its shards of all snapshots in memory "
-                        "for the C rows: T·P/R numbers); leave history_memory= at its default")
     checkpoints = sharded_checkpoints_problem()
     if checkpoints is not None:
         problems.append(checkpoints)

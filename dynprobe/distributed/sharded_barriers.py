@@ -63,12 +63,11 @@ CONVENTION = ("FSDP2: trajectory and ghost barriers computed online on every ran
 
 
 class PieceHistory(Protocol):
-    """The recorder's history of this rank's pieces of θ (one row per snapshot, in order)."""
+    """The recorder's history of this rank's pieces of θ (by snapshot index)."""
 
     count: int
 
-    @property
-    def history(self) -> torch.Tensor: ...
+    def piece(self, index: int) -> torch.Tensor: ...
 
 
 def agreed_seconds(run: Collectives, seconds: float, error: BaseException | None, what: str,
@@ -194,7 +193,7 @@ class ShardedBarriers(BarrierScheduler):
             started = self.clock()
             line, error = None, None
             try:
-                line = ShardedLine(self.model, self.params, self.pieces.history[self._rows[older]],
+                line = ShardedLine(self.model, self.params, self.pieces.piece(self._rows[older]),
                                    self._buffers[older])
             except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
                 error = failure

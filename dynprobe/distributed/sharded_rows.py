@@ -24,6 +24,13 @@ layers' norms in a balanced tree. The summation height grows by ``R − 1`` over
 relative for every C ≥ 1e-14, whatever how close two snapshots are, and exactly 0 for identical snapshots (bit-equal
 norms: s = 1).
 
+**Memory.** Each rank keeps its pieces of the earlier snapshots on the model's device, at most ``capacity`` of
+them: the newest (and the first, the run's anchor). Older ones are read back from the rank's own shard files when
+a row needs them (``load``, collective: :func:`~dynprobe.distributed.sharded_resume.own_pieces`), one at a time;
+``capacity`` is the same on every rank (agreed at the second snapshot), so every rank loads the same snapshots in
+the same order. A row's values do not depend on where a piece was kept: each entry's partial sum is formed from
+that piece alone, in the same blocks.
+
 The functions here are pure (tensors in, tensors out) and run on one process too: a test splits a vector into
 pieces and adds the partial sums itself. :class:`ShardedCosineRows` is the online state (the history of local
 pieces and their global norms) that calls them with the run's all-reduce.
@@ -129,24 +136,34 @@ def square_difference_sum(x: torch.Tensor, scale_x: float, y: torch.Tensor, scal
 
 
 class ShardedCosineRows:
-    """The online C rows (whole θ and per layer) of a sharded θ: each rank keeps its own pieces of every
-    snapshot and their global squared norms; :meth:`row` costs two all-reduces (module docstring).
+    """The online C rows (whole θ and per layer) of a sharded θ: each rank keeps its own pieces of the snapshots
+    (at most ``capacity`` of them in memory) and their global squared norms; :meth:`row` costs two all-reduces
+    (module docstring).
 
     Args:
         bounds: this rank's local column range of each layer, in layer order (they tile the local piece).
         world_size: the ranks the sums run over.
         all_reduce: SUM over the ranks, in place (identity on one process).
+        rank: this process's rank (its slot when the ranks agree on ``capacity``).
         per_layer: also the per-layer channels (channels = 1 + layers; else 1).
+        memory: bytes of pieces kept in memory on this rank (None: all of them); or a function returning them,
+            called at the second snapshot (the probe's default measures the headroom after the first step). The
+            pieces kept are the same number on every rank: the smallest over the ranks (one all-reduce).
+        load: ``indices → pieces`` (an iterable, in order) reading this rank's pieces of those snapshots back
+            (collective: every rank calls it with the same indices); needed when ``memory`` can be exceeded.
     """
 
-    def __init__(self, bounds: Sequence[tuple[int, int]], world_size: int, all_reduce: AllReduce, *,
-                 per_layer: bool = True) -> None:
+    def __init__(self, bounds: Sequence[tuple[int, int]], world_size: int, all_reduce: AllReduce, *, rank: int = 0,
+                 per_layer: bool = True, memory: int | Callable[[], int] | None = None,
+                 load: Callable[[list[int]], Iterable[torch.Tensor]] | None = None) -> None:
         self.bounds = [(int(a), int(b)) for a, b in bounds]
-        self.world_size, self.per_layer = world_size, per_layer
+        self.world_size, self.rank, self.per_layer = world_size, rank, per_layer
         self.channels = 1 + len(self.bounds) if per_layer else 1
         self.all_reduce = all_reduce
         self.size = self.bounds[-1][1] if self.bounds else 0
-        self._buffer: torch.Tensor | None = None  # local pieces in rows 0..count-1, their own dtype (grows ×2)
+        self.memory, self.load = memory, load
+        self.capacity: int | None = None  # pieces kept in memory (None: not decided yet, or unbounded)
+        self._pieces: dict[int, torch.Tensor] = {}  # snapshot index → this rank's piece, the ones kept
         self.count = 0
         self.norms: list[np.ndarray] = []  # global squared norms per channel
 
@@ -159,22 +176,41 @@ class ShardedCosineRows:
         values = np.zeros((self.channels, count + 1))
         if count:
             earlier = np.stack(self.norms)
-            payload = torch.zeros(self.channels * count + 1, dtype=torch.float64, device=x.device)
-            if error is None:
+            sums = torch.zeros((self.channels, count), dtype=torch.float64)
+            kept = sorted(self._pieces)
+            if error is None and kept:
                 try:
-                    payload[:-1] = local_row_sums(x, self.history, torch.from_numpy(x_norm2),
-                                                  torch.from_numpy(earlier), self.bounds,
-                                                  self.per_layer).reshape(-1).to(x.device)
+                    sums[:, kept] = self._sums(x, torch.stack([self._pieces[i] for i in kept]), x_norm2,
+                                               earlier[kept])
                 except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
                     error = f"{type(failure).__name__}: {failure}"
-            payload[-1] = 0.0 if error is None else 1.0
+            far = [i for i in range(count) if i not in self._pieces]
+            if far:  # read back one at a time (collective: every rank loads the same ones), even after a failure
+                for index, piece in zip(far, self._load(far)):
+                    if error is None:
+                        try:
+                            sums[:, [index]] = self._sums(x, piece[None], x_norm2, earlier[[index]])
+                        except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
+                            error = f"{type(failure).__name__}: {failure}"
+            payload = torch.cat([sums.reshape(-1), torch.tensor([0.0 if error is None else 1.0],
+                                                                 dtype=torch.float64)]).to(x.device)
             self.all_reduce(payload)
             _raise_if_failed(payload[-1], error, "the C row's partial sums")
-            sums = payload[:-1].reshape(self.channels, count).cpu().numpy()
-            values[:, :count] = cosine_from_partial_sums(sums, x_norm2, earlier)
+            values[:, :count] = cosine_from_partial_sums(payload[:-1].reshape(self.channels, count).cpu().numpy(),
+                                                         x_norm2, earlier)
         self._keep(x)
         self.norms.append(x_norm2)
         return values
+
+    def _sums(self, x: torch.Tensor, stack: torch.Tensor, x_norm2: np.ndarray, stack_norm2: np.ndarray
+              ) -> torch.Tensor:
+        return local_row_sums(x, stack, torch.from_numpy(x_norm2), torch.from_numpy(stack_norm2), self.bounds,
+                              self.per_layer).cpu()
+
+    def _load(self, indices: list[int]) -> Iterable[torch.Tensor]:
+        if self.load is None:
+            raise RuntimeError("pieces of earlier snapshots are not in memory and no loader was given")
+        return self.load(indices)
 
     def _global_norms(self, x: torch.Tensor, error: str | None, what: str) -> tuple[np.ndarray, str | None]:
         """Round (1): ``‖x‖²`` per channel, summed over the ranks (raises on every rank if any failed)."""
@@ -203,32 +239,46 @@ class ShardedCosineRows:
             self._keep(x)
             self.norms.append(norms)
 
+    def piece(self, index: int) -> torch.Tensor:
+        """This rank's piece of snapshot ``index``: kept, or read back (collective when read back: every rank must
+        ask for the same one)."""
+        kept = self._pieces.get(index)
+        return kept if kept is not None else next(iter(self._load([index])))
+
     @property
     def history(self) -> torch.Tensor:
-        """The earlier pieces, stacked (count × local size; a view of the buffer)."""
-        if self._buffer is None:
-            return torch.zeros((0, self.size))
-        return self._buffer[: self.count]
+        """The pieces kept in memory, stacked in snapshot order (a copy; count × local size while none was
+        dropped)."""
+        kept = [self._pieces[i] for i in sorted(self._pieces)]
+        return torch.stack(kept) if kept else torch.zeros((0, self.size))
 
     @property
     def bytes_held(self) -> int:
-        """Bytes of the history buffer as allocated (rows for ``max(4, 2·count)`` pieces once it grew: at most
-        twice the pieces kept, plus four) — this rank's ``T·P/R`` numbers, the probe's one per-rank cost that grows
-        with the run."""
-        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+        """Bytes of the pieces kept in memory — this rank's ``T·P/R`` numbers at most, the probe's one per-rank
+        cost that grows with the run (bounded by ``memory``)."""
+        return sum(t.numel() * t.element_size() for t in self._pieces.values())
 
     def _keep(self, x: torch.Tensor) -> None:
-        if self._buffer is None or self.count == self._buffer.shape[0]:
-            grown = torch.empty((max(4, 2 * self.count), x.numel()), dtype=x.dtype, device=x.device)
-            if self._buffer is not None:
-                grown[: self.count] = self._buffer[: self.count]
-            self._buffer = grown
-        self._buffer[self.count] = x.detach()
+        if self.capacity is None and self.count == 1 and self.memory is not None:
+            self.capacity = self._agreed_capacity(x)
+        self._pieces[self.count] = x.detach().clone()
         self.count += 1
+        if self.capacity is not None:  # the first (the anchor of C's first column) and the newest
+            while len(self._pieces) > max(2, self.capacity):
+                del self._pieces[sorted(self._pieces)[1]]
+
+    def _agreed_capacity(self, x: torch.Tensor) -> int:
+        """Pieces kept: ``memory`` // the piece's bytes, the smallest over the ranks (one all-reduce)."""
+        budget = self.memory() if callable(self.memory) else self.memory
+        mine = int(budget) // max(1, x.numel() * x.element_size())
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=x.device)
+        slots[self.rank] = float(mine)
+        self.all_reduce(slots)
+        return int(slots.min().item())
 
     def release(self) -> None:
-        """Free the history (at close)."""
-        self._buffer, self.count = None, 0
+        """Free the pieces (at close)."""
+        self._pieces, self.count = {}, 0
 
 
 def _raise_if_failed(flag: torch.Tensor, error: str | None, what: str) -> None:

@@ -23,8 +23,9 @@ run's ``params.npy``. The other ranks' sinks write nothing. D (eq. 6) is compute
 every rank, as in an unsharded run; so is S (eq. 4) from the kernels, identical on every rank (earlier kernels
 beyond ``KERNEL_MEMORY`` are read back from rank 0's ``kernel.npy`` files, which every rank sees).
 
-Memory: every rank keeps its pieces of all earlier snapshots for the rows (``T·P/R`` numbers); spilling them to the
-run directory is not done yet under FSDP.
+Memory: every rank keeps its pieces of earlier snapshots for the rows (``T·P/R`` numbers) within
+``history_memory`` (by default a quarter of what the process may still use on the device); the others are read
+back from its own shard files when a row needs them.
 
 Resume (``resume=True``, the recorded world size): the recorder rebuilds its online state from the kept snapshots
 (:meth:`ShardedSnapshotRecorder._resume`, :mod:`dynprobe.distributed.sharded_resume`), so that the rows after the
@@ -32,8 +33,9 @@ resume equal those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from dynprobe._util.evaluation import EvalSet, evaluate
 from dynprobe._util.modules import layer_slices
 from dynprobe.metrics.interval import CosineMetric, FunctionMetric, PairwiseMatrix
 from dynprobe.recording.matrices import RecordedMatrix
-from dynprobe.recording.snapshot import MAX_LAYERS, SnapshotData, history_dtype
+from dynprobe.recording.snapshot import MAX_LAYERS, SnapshotData, default_history_memory, history_dtype
 from dynprobe.store.files import load_npy
 from dynprobe.store.history import VectorHistory
 from dynprobe.store.layout import BUFFERS, KERNEL, PREDS, SHARDED_PARAMS, layer_metric, snapshot_file
@@ -101,13 +103,18 @@ class ShardedSnapshotRecorder:
         per_layer: also record C per layer (models with at most ``MAX_LAYERS`` layers).
         kernel_fn: ``(step) -> H`` or None when the eNTK is not measured at that snapshot (collective: called on
             every rank alike); None: no kernels, no S.
+        history_memory: bytes of this rank's pieces of earlier snapshots kept on ``device`` for the C rows (None:
+            :func:`~dynprobe.recording.snapshot.default_history_memory`, measured at the second snapshot); the
+            others are read back from the rank's shard files (:class:`~dynprobe.distributed.sharded_rows.
+            ShardedCosineRows`).
     """
 
     def __init__(self, run: Collectives, writer: RunSink, model: nn.Module,
                  named_params: list[tuple[str, torch.Tensor]], eval_set: EvalSet, *, root: Path,
                  device: torch.device, storage_dtype: torch.dtype, output_fn: Callable[[Any], torch.Tensor],
                  eval_batch_size: int, per_layer: bool = True,
-                 kernel_fn: Callable[[int], torch.Tensor | None] | None = None) -> None:
+                 kernel_fn: Callable[[int], torch.Tensor | None] | None = None,
+                 history_memory: int | None = None) -> None:
         self.run, self.writer, self.model, self.eval_set = run, writer, model, eval_set
         self.named_params = named_params
         self.params = [p for _, p in named_params]
@@ -119,7 +126,11 @@ class ShardedSnapshotRecorder:
         self.layers: list[str] = [name for name, _ in layers] if per_layer and len(layers) <= MAX_LAYERS else []
         self.local_size = sum(local_numel(p) for p in self.params)
         bounds = local_layer_bounds(global_numels, [local_numel(p) for p in self.params], layers)
-        self.cosine = ShardedCosineRows(bounds, run.world_size, run.all_reduce, per_layer=bool(self.layers))
+        self.cosine = ShardedCosineRows(
+            bounds, run.world_size, run.all_reduce, rank=run.rank, per_layer=bool(self.layers),
+            memory=history_memory if history_memory is not None else functools.partial(default_history_memory,
+                                                                                       device),
+            load=self._load_pieces)
         self.c_rows = [TriangularRows(writer.rows_path("C"))] + [
             TriangularRows(writer.rows_path(layer_metric("C", layer))) for layer in range(len(self.layers))]
         history = VectorHistory(device, dtype=eval_set.task.history_dtype, memory_budget=PREDICTIONS_MEMORY,
@@ -237,6 +248,12 @@ class ShardedSnapshotRecorder:
         self.disagreement.history.release()
         if self.kernels is not None:
             self.kernels.history.release()
+
+    def _load_pieces(self, indices: list[int]) -> Iterator[torch.Tensor]:
+        """This rank's pieces of the snapshots at ``indices``, read back from its shard files (collective)."""
+        steps = [int(self.writer.snapshots[index]["step"]) for index in indices]
+        return own_pieces(self.run, self.root, self.writer.manifest, steps, self.named_params, self.piece_dtype,
+                          self.device)
 
     def _load_predictions(self, index: int) -> np.ndarray | None:
         path = snapshot_file(self.root, self.writer.snapshots[index]["step"], PREDS)

@@ -152,7 +152,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                 dist, sink, inner, named_params, eval_set, root=root, device=device,
                 storage_dtype=storage_dtype, output_fn=output_fn, eval_batch_size=options.eval_batch_size,
                 kernel_fn=functools.partial(kernel_at_snapshot, kernel, options.schedule) if kernel is not None
-                else None)
+                else None, history_memory=options.history_memory)
         else:
             recorder = SnapshotRecorder(
                 sink, inner, params, eval_set, device=device, storage_dtype=storage_dtype, output_fn=output_fn,
