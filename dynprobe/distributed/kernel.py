@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynprobe._util.modules import layer_name
+
 __all__ = ["ShardedKernel", "partition_modules", "sharded_kernel"]
 
 # An eNTK engine builder: ``make_engine(wrt)`` differentiates only the parameters named in ``wrt`` (None: all);
@@ -55,6 +57,7 @@ class ShardedKernel:
         self.rank0_buffers = run.syncs_buffers if rank0_buffers is None else rank0_buffers
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()]
         self.shares = partition_modules(trainable, run.world_size)
+        self.layers = list(dict.fromkeys(layer_name(name) for name, _ in trainable))  # the model's layer order
         share = self.shares[run.rank]
         self._engine = make_engine(share) if share else None
         self._reference = self._engine if self._engine is not None else make_engine(None)  # shapes only
@@ -70,13 +73,7 @@ class ShardedKernel:
                                "partial kernels summed with one all_reduce (float64)"}
 
     def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.rank0_buffers:
-            # Rank 0's buffers, as DDP broadcasts them before the next forward: another rank's main model (and a
-            # ghost on the step it was cloned) still holds its own running statistics.
-            names = [name for name, b in self.model.named_buffers() if b is not None and b.is_floating_point()]
-            state = dict(self.model.named_buffers()) if params is None else params
-            buffers = [(name, state[name]) for name in names if name in state]
-            params = {**(params or {}), **self.run.rank0_values(buffers)}
+        params = self._with_buffers(params)
         partial, error = None, None
         try:
             if self._engine is not None:
@@ -84,6 +81,37 @@ class ShardedKernel:
         except Exception as failure:  # noqa: BLE001 - every rank must reach the all_reduce
             error = f"{type(failure).__name__}: {failure}"
         return self.run.sum_partial_kernels(partial, self.size, self._reference.device, error)
+
+    def per_layer(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each layer's kernel H_l by layer name, in the model's layer order (``KernelConfig(per_layer=True)``).
+
+        A layer (the module owning a parameter tensor) lies within one rank's share, so each rank computes the H_l
+        of its layers and one all-reduce of the (layers, size, size) stack, zeros elsewhere, gives every H_l on
+        every rank: exactly each layer's kernel, as one process computes it."""
+        params = self._with_buffers(params)
+        position = {layer: i for i, layer in enumerate(self.layers)}
+        partial, error = None, None
+        try:
+            if self._engine is not None:
+                partial = torch.zeros((len(self.layers), self.size, self.size), dtype=torch.float64,
+                                      device=self._reference.device)
+                for layer, kernel in self._engine.per_layer(params).items():
+                    partial[position[layer]] = kernel
+        except Exception as failure:  # noqa: BLE001 - every rank must reach the all_reduce
+            error = f"{type(failure).__name__}: {failure}"
+        stacked = self.run.sum_partial_kernels(partial, self.size, self._reference.device, error,
+                                               layers=len(self.layers))
+        return dict(zip(self.layers, stacked))
+
+    def _with_buffers(self, params: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor] | None:
+        if not self.rank0_buffers:
+            return params
+        # Rank 0's buffers, as DDP broadcasts them before the next forward: another rank's main model (and a ghost
+        # on the step it was cloned) still holds its own running statistics.
+        names = [name for name, b in self.model.named_buffers() if b is not None and b.is_floating_point()]
+        state = dict(self.model.named_buffers()) if params is None else params
+        buffers = [(name, state[name]) for name in names if name in state]
+        return {**(params or {}), **self.run.rank0_values(buffers)}
 
 
 def sharded_kernel(run: Any, model: nn.Module) -> Callable[[EngineFactory], ShardedKernel] | None:

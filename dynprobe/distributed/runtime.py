@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -164,9 +165,11 @@ class DistributedRun:
     # ------------------------------------------------------------------------------------------ collectives
 
     def sum_partial_kernels(self, partial: torch.Tensor | None, size: int, device: torch.device,
-                            error: str | None) -> torch.Tensor:
-        """Σ over ranks of the partial kernels (float64), in one all_reduce that also carries failure flags."""
-        flat = torch.zeros(size * size + 1, dtype=torch.float64, device=device)
+                            error: str | None, *, layers: int | None = None) -> torch.Tensor:
+        """Σ over ranks of the partial kernels (float64; ``layers`` of them stacked, (layers, size, size), when
+        given), in one all_reduce that also carries failure flags."""
+        shape = (size, size) if layers is None else (layers, size, size)
+        flat = torch.zeros(int(np.prod(shape)) + 1, dtype=torch.float64, device=device)
         if partial is not None and error is None:
             flat[:-1].copy_(partial.reshape(-1))
         if error is not None:
@@ -176,7 +179,7 @@ class DistributedRun:
         if failed:
             mine = f" (here: {error})" if error else ""
             raise RuntimeError(f"the eNTK failed on {failed} of {self.world_size} ranks{mine}")
-        return flat[:-1].reshape(size, size)
+        return flat[:-1].reshape(shape)
 
     def rank0_values(self, buffers: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Rank 0's values of these tensors (e.g. the float buffers DDP broadcasts before the next forward): one

@@ -146,15 +146,12 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any, kernel: Any) -> list[str]:
+def unsupported_under_fsdp(*, ghosts: Any) -> list[str]:
     """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
     problems = []
     if ghosts is not None and ghosts.save_params:
         problems.append(f"Ghosts(save_params=True) {UNSUPPORTED} (each rank would write its ghost shards); leave "
                         "save_params=False")
-    if kernel is not None and kernel.per_layer:
-        problems.append(f"KernelConfig(per_layer=True) {UNSUPPORTED} (each rank differentiates a share of the layers "
-                        "and only their sum is assembled); use per_layer=False")
     checkpoints = sharded_checkpoints_problem()
     if checkpoints is not None:
         problems.append(checkpoints)

@@ -189,6 +189,12 @@ class GatheredKernel:
         with whole_parameters(self.model, self.sharded):
             return self._kernel(params)
 
+    def per_layer(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each layer's kernel H_l (:meth:`ShardedKernel.per_layer <dynprobe.distributed.kernel.ShardedKernel.
+        per_layer>`), θ gathered for the measurement."""
+        with whole_parameters(self.model, self.sharded):
+            return self._kernel.per_layer(params)
+
 
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)

@@ -113,8 +113,8 @@ class KernelMeasure:
 
         self.engine = make_engine() if kernel_factory is None else kernel_factory(make_engine)
         if config.per_layer and not callable(getattr(self.engine, "per_layer", None)):
-            raise ValueError("KernelConfig(per_layer=True) is not available with this kernel (under "
-                             "torch.distributed the kernel is sharded over ranks); use per_layer=False")
+            raise ValueError("KernelConfig(per_layer=True) is not available with this kernel engine (it has no "
+                             "per_layer()); use per_layer=False")
         self._masked, self._task = mask is not None, task
         self.cadence = KernelCadence.of(config)
         self._record: dict[str, Any] = {}

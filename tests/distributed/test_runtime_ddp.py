@@ -50,6 +50,9 @@ def eval_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(64, 6, generator=generator), torch.arange(64) % 3
 
 
+PER_LAYER_KERNEL = dynprobe.KernelConfig(n=12, per_layer=True)
+
+
 def probe_options(**overrides: object) -> dict:
     options = dict(
         eval_data=eval_data(), schedule=2, total_steps=STEPS,
@@ -98,7 +101,7 @@ def scenario_train(rank: int, folder: Path, result: dict) -> None:
     model = make_model()
     ddp = _ddp(model)
     out = folder / f"run_rank{rank}"  # rank 1 gets its own path: it must stay absent
-    probe = train(ddp, ddp, out, _shard(rank))
+    probe = train(ddp, ddp, out, _shard(rank), kernel=PER_LAYER_KERNEL)
     result["writer"] = type(probe.writer).__name__
     result["steps"] = [s["step"] for s in probe.writer.snapshots]
     result["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
@@ -195,7 +198,7 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
     assert not (tmp_path / "run_rank1").exists(), "rank 1 must not write anything"
 
     reference_model = make_model()
-    train(reference_model, reference_model, tmp_path / "single", slice(None))
+    train(reference_model, reference_model, tmp_path / "single", slice(None), kernel=PER_LAYER_KERNEL)
     ddp_run, single = dynprobe.load_run(tmp_path / "run_rank0"), dynprobe.load_run(tmp_path / "single")
     assert ddp_run.status == "closed" and ddp_run.manifest["distributed"]["world_size"] == WORLD
     np.testing.assert_array_equal(ddp_run.steps, single.steps)
@@ -207,6 +210,11 @@ def test_ddp_run_matches_a_single_process_run_over_the_same_global_batches(tmp_p
     np.testing.assert_allclose(ddp_run.kernel(snapshot_index=-1), single.kernel(snapshot_index=-1), rtol=1e-4,
                                atol=1e-8)
     assert "distributed" in ddp_run.conventions["kernel"]
+    # ... and each layer's kernel (KernelConfig(per_layer=True)): every layer within one rank's share
+    layers = ddp_run.kernel_layers(snapshot_index=-1)
+    assert layers.shape[0] == 3
+    np.testing.assert_allclose(layers, single.kernel_layers(snapshot_index=-1), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(layers.sum(0), ddp_run.kernel(snapshot_index=-1), rtol=1e-12)
 
     # Ghosts: sequential, the ε=0 control stays exactly on the main run; the perturbed ghost matches the
     # single-process ghost (its gradients were averaged over the global batch).

@@ -123,8 +123,7 @@ def scenario_train(rank: int, folder: Path, result: dict) -> None:
 def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
     model = sharded_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2], save_params=True)),
-               "kernel_per_layer": dict(kernel=dynprobe.KernelConfig(n=8, per_layer=True))}
+    refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2], save_params=True))}
     for name, options in refused.items():
         try:
             dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=folder / f"refused_{name}", **options)
@@ -254,7 +253,6 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
     for rank in range(WORLD):
         result = results[rank]
         assert "Ghosts(save_params=True) is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
-        assert "KernelConfig(per_layer=True) is not supported under FSDP" in result["kernel_per_layer_error"]
         assert result["after"] == WORLD
         for fault in ("partial_sums", "commit"):
             assert result[f"{fault}_attached"] is False, (rank, fault)
@@ -374,7 +372,7 @@ def test_local_layer_bounds_follow_each_rank_s_shards() -> None:
 def test_a_plain_parameter_next_to_shards_is_named_at_attach() -> None:
     problems = layout_problems([("head.weight", torch.zeros(3, 2))], WORLD)
     assert len(problems) == 1 and "'head.weight' is not sharded" in problems[0]
-    assert unsupported_under_fsdp(ghosts=None, kernel=None) == []
+    assert unsupported_under_fsdp(ghosts=None) == []
 
 
 class _FakeRun:

@@ -57,8 +57,9 @@ def train(model: nn.Module, rank: int, out: Path | None, inject=None, **options:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     probe, criterion = None, nn.CrossEntropyLoss()
     if out is not None:
+        options = {"kernel": dynprobe.KernelConfig(n=PROBE_N), **options}
         probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
-                               kernel=dynprobe.KernelConfig(n=PROBE_N), **options)
+                               **options)
         criterion = probe.watch(criterion)
         if inject is not None:
             inject(probe)
@@ -174,7 +175,11 @@ def scenario_faults(rank: int, folder: Path, result: dict) -> None:
     result["fault_bitwise"] = state_of(model, params) == state_of(bare, bare_params)
 
 
-SCENARIOS = {"kernel": scenario_kernel, "faults": scenario_faults}
+def scenario_per_layer(rank: int, folder: Path, result: dict) -> None:
+    train(sharded_model(), rank, folder / "layers", kernel=dynprobe.KernelConfig(n=PROBE_N, per_layer=True))
+
+
+SCENARIOS = {"kernel": scenario_kernel, "faults": scenario_faults, "per_layer": scenario_per_layer}
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -271,3 +276,22 @@ def test_whole_parameters_leaves_a_plain_module_alone() -> None:
     with whole_parameters(model):
         assert [id(p) for p in model.parameters()] == [i for i, _ in before]
     assert all(torch.equal(p, value) for p, (_, value) in zip(model.parameters(), before))
+
+
+def test_fsdp_per_layer_kernels_equal_each_layer_s_kernel_of_an_unsharded_copy(tmp_path: Path) -> None:
+    """KernelConfig(per_layer=True): each rank's layers' H_l, all-reduced as a stack: every H_l equals the
+    single-process engine's per-layer kernel of the unsharded model holding the θ load_run reads back."""
+    run_spawned("per_layer", tmp_path)
+    run = dynprobe.load_run(tmp_path / "layers")
+    assert run.status == "closed" and not [e for e in run.events if e.get("event") == "probe_error"]
+    x_eval = eval_data()[0][torch.as_tensor(run.eval_indices)]
+    inputs = x_eval[torch.as_tensor(np.load(tmp_path / "layers/kernel_probe_indices.npy"))]
+    for step in run.kernel_steps:
+        model = make_model()
+        model.load_state_dict(run.state_dict(step=int(step)), strict=False)
+        expected = kernel_engine.NTKEngine(model, inputs).per_layer()
+        stored = run.kernel_layers(step=int(step))
+        assert stored.shape == (len(expected), PROBE_N, PROBE_N)  # 3 Linear layers and the BatchNorm
+        for layer, (name, kernel) in enumerate(expected.items()):
+            assert relative(stored[layer], kernel.numpy()) <= 1e-12, (step, name)
+        np.testing.assert_allclose(stored.sum(0), run.kernel(step=int(step)), rtol=1e-12)
