@@ -18,8 +18,9 @@ FSDP forward, runs on every rank or on none. The ghost is evaluated in the main 
 
 S (eq. 4), where the kernel is due: the ghost's parameters are gathered whole (one all-gather per tensor, the
 same on every rank) and handed to the run's eNTK (:mod:`.sharded_kernel`, which holds the whole θ for each
-measurement anyway). Not measured for ghosts under FSDP yet: ``L2_active`` over active tensors (the inert check is
-off under FSDP: ``L2_active`` = ``L2``), and ``Ghosts(save_params=True)`` (refused at attach).
+measurement anyway). ``L2_active`` (the separation without the inert tensors and parts, once the inert check found some:
+:mod:`.sharded_inert`) is a third partial sum of round (1). Not for ghosts under FSDP yet:
+``Ghosts(save_params=True)`` (refused at attach).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PREDS, ghost_array
 
 from .sharded import Collectives, local_numel, local_piece, local_tensor, same_local_tensors
+from .sharded_inert import local_ranges
 from .sharded_rows import cosine_from_partial_sums, local_row_sums, square_difference_sum
 from .sharded_slot import MainModelSlot
 from .sharded_snapshot import local_layer_bounds
@@ -97,16 +99,19 @@ def compare_sharded_ghost(
     x = reference.params
     bounds = local_layer_bounds([p.numel() for p in params], [local_numel(p) for p in params], layers)
     device = x.device
-    error, first = None, torch.zeros(len(bounds) + 4)
+    error, first = None, torch.zeros(len(bounds) + 5)
     try:
         g = local_piece(params, x.dtype).to(device)
-        first = local_sums(x, g, bounds)
-        first = torch.cat([first, torch.tensor([float(not same_local_tensors(state(), reference.state))])])
+        active_squares = 0.0 if active is None else sum(  # L2_active: the active slices' columns here
+            square_difference_sum(g[a:b], 1.0, x[a:b], 1.0) for a, b in local_ranges(params, active))
+        first = torch.cat([local_sums(x, g, bounds), torch.tensor(
+            [float(not same_local_tensors(state(), reference.state)), active_squares], dtype=torch.float64)])
     except Exception as failure:  # noqa: BLE001 - every rank must reach the all-reduce
         error = f"{type(failure).__name__}: {failure}"
-        first = torch.zeros(len(bounds) + 4, dtype=torch.float64)
+        first = torch.zeros(len(bounds) + 5, dtype=torch.float64)
     totals = _all_reduce(run, first, error, device)
-    x_norm2, g_norm2, layer_squares, nonfinite, differs = totals[0], totals[1], totals[2:-2], totals[-2], totals[-1]
+    x_norm2, g_norm2, layer_squares = totals[0], totals[1], totals[2:-3]
+    nonfinite, differs, active_squares = totals[-3], totals[-2], totals[-1]
     if nonfinite:
         return Comparison(stop="non-finite parameters")
     ghost_norm, reference_norm = math.sqrt(g_norm2), math.sqrt(x_norm2)
@@ -133,7 +138,7 @@ def compare_sharded_ghost(
         "D": disagreement(reference.preds, evaluation.preds), "eval_loss": evaluation.loss,
         "eval_accuracy": evaluation.accuracy,
     }
-    record["L2_active"] = record["L2"]
+    record["L2_active"] = record["L2"] if active is None else math.sqrt(float(active_squares))
     if identical:
         record["evaluation"] = "the reference's (bitwise equal parameters and buffers)"
     if kernel_of is not None and reference.kernel is not None:  # the eNTK takes whole values: gather (collective)

@@ -27,6 +27,7 @@ from dynprobe.distributed.kernel import sharded_kernel
 from dynprobe.distributed.runtime import DistributedRun, is_ddp, unwrap_model, warn_comm_hook
 from dynprobe.distributed.sharded import AgreedSnapshots, reshard, shared_run_root
 from dynprobe.distributed.sharded_barriers import ShardedBarriers
+from dynprobe.distributed.sharded_inert import rows_sharded, sharded_mean_squares
 from dynprobe.distributed.sharded_kernel import fsdp_kernel
 from dynprobe.distributed.sharded_resume import check_resumed_shards
 from dynprobe.distributed.sharded_snapshot import ShardedSnapshotRecorder
@@ -179,7 +180,7 @@ def assemble(options: ProbeOptions, model: nn.Module, optimizer: torch.optim.Opt
                                     learning_rates=learning_rates, barriers=None if sharded else barriers,
                                     transition=transition, progress=progress, model=inner,
                                     sink=sink, on_snapshot=options.on_snapshot,
-                                    inert=None if sharded else InertWatch(inner, named_params, optimizer, sink))
+                                    inert=_inert_watch(inner, named_params, optimizer, sink, dist))
         if sharded:  # every rank agrees on each snapshot's outcome before training goes on (and the barriers)
             assert dist is not None
             sequence = AgreedSnapshots(sequence, dist, device, after=barriers.after_agreed_snapshot
@@ -211,6 +212,18 @@ def _sharded_kernel(options: ProbeOptions, dist: DistributedRun, model: nn.Modul
     conventions = sink.manifest.get("conventions") or {}
     sink.update_manifest(conventions={**conventions, **options.conventions(json_safe(kernel.convention()))})
     return kernel
+
+
+def _inert_watch(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                 sink: RunSink, dist: DistributedRun | None) -> InertWatch | None:
+    """The inert-tensor check (:mod:`dynprobe.recording.inert`); under FSDP2 from the ranks' shards, all-reduced
+    (:mod:`dynprobe.distributed.sharded_inert`: dim-0 shards only, FSDP2's default; none otherwise)."""
+    if dist is None or not dist.sharded:
+        return InertWatch(model, named_params, optimizer, sink)
+    params = [p for _, p in named_params]
+    if not rows_sharded(params):
+        return None
+    return InertWatch(model, named_params, optimizer, sink, squares_of=sharded_mean_squares(dist, device_of(model)))
 
 
 def _start(sink: RunSink, options: ProbeOptions, kernel: KernelMeasure | None, eval_set: EvalSet,

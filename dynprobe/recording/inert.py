@@ -30,6 +30,7 @@ named whole.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from dynprobe._util.modules import parse_part_name, part_name
 from dynprobe._util.user_warnings import warn_user
 from dynprobe.store.sink import RunSink
 
-__all__ = ["INERT_RATIO", "SECOND_MOMENTS", "InertWatch", "fused_parts", "inert_parameters"]
+__all__ = ["INERT_RATIO", "SECOND_MOMENTS", "InertWatch", "MeanSquares", "fused_parts", "inert_parameters",
+           "mean_squares"]
 
 # Gradient rms of a tensor relative to the whole gradient's rms below which it is inert: an exactly-zero gradient
 # computed in float32 lands at ~1e-7 (measured 2e-7 to 8e-7 for conv biases before BatchNorm), while a live tensor's
@@ -68,23 +70,35 @@ def fused_parts(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
     return parts
 
 
+# The gradient's mean square over each piece — ``(name, tensor, part or None)``: a whole tensor, or the part
+# ``(start, stop)`` of its flattened entries — as a float64 CPU vector. One process: :func:`mean_squares`; FSDP2
+# (each rank a shard of every gradient): dynprobe.distributed.sharded_inert.
+MeanSquares = Callable[[list[tuple[str, torch.Tensor, "tuple[int, int] | None"]]], torch.Tensor]
+
+
+def mean_squares(pieces: list[tuple[str, torch.Tensor, tuple[int, int] | None]]) -> torch.Tensor:
+    """The gradient's mean square over each piece (one host read for all of them)."""
+    device = pieces[0][1].device
+    flat = {id(p): p.grad.detach().reshape(-1).double() for _, p, _ in pieces}
+    return torch.stack([(flat[id(p)] if part is None else flat[id(p)][part[0]:part[1]]).square().mean().to(device)
+                        for _, p, part in pieces]).cpu()
+
+
 def inert_parameters(named_params: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                     parts: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, float] | None:
+                     parts: dict[str, list[tuple[int, int]]] | None = None, *,
+                     squares_of: MeanSquares = mean_squares) -> dict[str, float] | None:
     """``{name: gradient rms / whole gradient rms}`` of the inert tensors (module docstring), in parameter order
     (empty for an optimizer without second moments); None when there is no gradient to judge. ``parts``
     (:func:`fused_parts`): tensors whose parts are also judged one by one; an inert part of a tensor that is not
-    inert as a whole is named ``name[start:stop]``. One host read."""
+    inert as a whole is named ``name[start:stop]``. ``squares_of``: the gradient's mean square over each piece
+    (:func:`mean_squares`, one host read)."""
     with_grad = [(name, p) for name, p in named_params if p.grad is not None]
     if not with_grad:
         return None
     parts = parts or {}
-    device = with_grad[0][1].device
-    flat_grads = [p.grad.detach().reshape(-1).double() for _, p in with_grad]
     pieces = [(name, p, None) for name, p in with_grad]  # (name, tensor, part or None); whole tensors first
     pieces += [(name, p, part) for name, p in with_grad for part in parts.get(name, [])]
-    grad_of = {name: g for (name, _), g in zip(with_grad, flat_grads)}
-    squares = torch.stack([(grad_of[name] if part is None else grad_of[name][part[0]:part[1]]).square().mean()
-                           .to(device) for name, _, part in pieces]).cpu()
+    squares = squares_of(pieces)
     sizes = torch.tensor([float(p.numel()) for _, p in with_grad], dtype=torch.float64)
     whole = float((squares[:len(with_grad)] * sizes).sum() / sizes.sum()) ** 0.5
     if not whole > 0:
@@ -112,12 +126,15 @@ class InertWatch:
         named_params: the probe's trainable parameters, in ``vec(θ)`` order.
         optimizer: the main optimizer.
         sink: the run's sink (``inert_parameters`` event and manifest field).
+        squares_of: the gradient's mean square over each piece (default :func:`mean_squares`; under FSDP2 every
+            rank calls the check at the same snapshots and the sums are all-reduced).
     """
 
     def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]],
-                 optimizer: torch.optim.Optimizer, sink: RunSink) -> None:
+                 optimizer: torch.optim.Optimizer, sink: RunSink, *, squares_of: MeanSquares = mean_squares) -> None:
         self.named_params, self.optimizer, self.sink = named_params, optimizer, sink
         self.parts = fused_parts(model, named_params)
+        self.squares_of = squares_of
         self.done = False
 
     def check(self, step: int) -> list[str]:
@@ -125,7 +142,7 @@ class InertWatch:
         parts' names (``name`` or ``name[start:stop]``) found at this check (empty at every other)."""
         if self.done or step < 1:
             return []
-        found = inert_parameters(self.named_params, self.optimizer, self.parts)
+        found = inert_parameters(self.named_params, self.optimizer, self.parts, squares_of=self.squares_of)
         if found is None:
             return []
         self.done = True
