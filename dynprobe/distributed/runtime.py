@@ -22,6 +22,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,11 +201,13 @@ class DistributedRun:
         """SUM ``tensor`` over the ranks, in place."""
         _dist().all_reduce(tensor)
 
-    def ghost_trainer(self, context: TrainerContext) -> DistributedGhostTrainer | ShardedGhostTrainer:
+    def ghost_trainer(self, context: TrainerContext, *, root: Path | None = None
+                      ) -> DistributedGhostTrainer | ShardedGhostTrainer:
         """The ghosts' trainer of this run (``GhostSet(trainer_factory=run.ghost_trainer)``): replicas whose
-        gradients are averaged over the ranks under DDP, sharded replicas under FSDP2."""
+        gradients are averaged over the ranks under DDP, sharded replicas under FSDP2 (``root``: the shared run
+        directory, where ``Ghosts(save_params=True)`` writes each rank's ghost shards)."""
         if self.sharded:
-            return ShardedGhostTrainer(self, context)
+            return ShardedGhostTrainer(self, context, root=root)
         return DistributedGhostTrainer(self, context)
 
 

@@ -54,9 +54,6 @@ __all__ = ["AgreedSnapshots", "ShardedRunFailure", "fsdp1_problem", "is_sharded"
            "local_piece", "local_tensor", "reshard", "same_local_tensors", "shared_run_root", "unsupported_under_fsdp",
            "whole_to_local"]
 
-UNSUPPORTED = "is not supported under FSDP (fully_shard) yet"
-
-
 class ShardedRunFailure(RuntimeError):
     """Probe work failed on some rank of an FSDP run: raised on every rank alike."""
 
@@ -146,12 +143,9 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(p, DTensor)
 
 
-def unsupported_under_fsdp(*, ghosts: Any) -> list[str]:
-    """The options this slice cannot run on a sharded model, each naming its argument (reported on every rank)."""
+def unsupported_under_fsdp() -> list[str]:
+    """What this environment cannot run on a sharded model (reported on every rank)."""
     problems = []
-    if ghosts is not None and ghosts.save_params:
-        problems.append(f"Ghosts(save_params=True) {UNSUPPORTED} (each rank would write its ghost shards); leave "
-                        "save_params=False")
     checkpoints = sharded_checkpoints_problem()
     if checkpoints is not None:
         problems.append(checkpoints)

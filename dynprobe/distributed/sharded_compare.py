@@ -19,13 +19,15 @@ FSDP forward, runs on every rank or on none. The ghost is evaluated in the main 
 S (eq. 4), where the kernel is due: the ghost's parameters are gathered whole (one all-gather per tensor, the
 same on every rank) and handed to the run's eNTK (:mod:`.sharded_kernel`, which holds the whole θ for each
 measurement anyway). ``L2_active`` (the separation without the inert tensors and parts, once the inert check found some:
-:mod:`.sharded_inert`) is a third partial sum of round (1). Not for ghosts under FSDP yet:
-``Ghosts(save_params=True)`` (refused at attach).
+:mod:`.sharded_inert`) is a third partial sum of round (1). ``Ghosts(save_params=True)``: each rank writes its
+shards of the ghost with ``torch.distributed.checkpoint`` next to the snapshot's θ (``ghost_001.params.dcp/``);
+``run.ghost_params`` reads them back whole.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ from dynprobe.ghosts.comparison import Comparison
 from dynprobe.ghosts.trainer import Reference
 from dynprobe.metrics import functions as metrics
 from dynprobe.store.layout import PREDS, ghost_array
+from dynprobe.store.sharded import save_sharded_params
 
 from .sharded import Collectives, local_numel, local_piece, local_tensor, same_local_tensors
 from .sharded_inert import local_ranges
@@ -92,6 +95,7 @@ def compare_sharded_ghost(
     active: list[slice] | None = None,
     run: Collectives,
     slot: MainModelSlot,
+    root: Path | None = None,
 ) -> Comparison:
     """:func:`dynprobe.ghosts.comparison.compare_ghost` for a sharded ghost (module docstring): the same
     arguments (``module`` is the main model, ``params`` the ghost's DTensors, ``reference.params`` this rank's
@@ -143,6 +147,11 @@ def compare_sharded_ghost(
         record["evaluation"] = "the reference's (bitwise equal parameters and buffers)"
     if kernel_of is not None and reference.kernel is not None:  # the eNTK takes whole values: gather (collective)
         record["S"] = metrics.kernel_distance(reference.kernel, kernel_of(whole_state(state())))
+    if save_params:  # each rank its shards of the ghost, as the main run's θ (collective: DCP's save)
+        assert root is not None, "Ghosts(save_params=True) under FSDP needs the run directory"
+        mine = {id(p) for p in params}
+        save_sharded_params(root, step, {name: t.detach() for name, t in state().items() if id(t) in mine},
+                            ghost=ghost_id)
     arrays = {ghost_array(ghost_id, PREDS): evaluation.preds.cpu().numpy().astype(preds_dtype(evaluation.num_classes))}
     return Comparison(record, arrays)
 

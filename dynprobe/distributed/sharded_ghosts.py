@@ -33,6 +33,7 @@ import functools
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,11 +79,12 @@ class ShardedReplica(Replica):
 
 class ShardedGhostTrainer:
     """The :class:`~dynprobe.ghosts.trainer.GhostTrainer` of an FSDP2 run (module docstring); ``run`` is the
-    :class:`~dynprobe.distributed.runtime.DistributedRun` of this process."""
+    :class:`~dynprobe.distributed.runtime.DistributedRun` of this process, ``root`` the shared run directory
+    (``Ghosts(save_params=True)`` writes each rank's ghost shards into its snapshots)."""
 
     mode = "sequential"
 
-    def __init__(self, run: Collectives, context: TrainerContext) -> None:
+    def __init__(self, run: Collectives, context: TrainerContext, *, root: Path | None = None) -> None:
         self.run, self.context = run, context
         check_optimizer_for_ghosts(context.optimizer)
         self.slot = MainModelSlot(context.model, context.main_params)
@@ -91,7 +93,7 @@ class ShardedGhostTrainer:
         self._separations: dict[int, torch.Tensor] = {}  # this step's, all-reduced (read by the ghost set)
         self._nonfinite = torch.zeros(0, dtype=torch.float64)
         self._drift: torch.Tensor | None = None
-        self.comparer = functools.partial(compare_sharded_ghost, run=run, slot=self.slot)
+        self.comparer = functools.partial(compare_sharded_ghost, run=run, slot=self.slot, root=root)
         self._trial_copy()
         context.on_mode("sequential", 0, SHARDED_REASON, requested=context.config.vectorize)
 

@@ -264,7 +264,9 @@ def _ghosts(options: ProbeOptions, parts: ProbeParts, optimizer: torch.optim.Opt
         output_fn=parts.output_fn, eval_batch_size=options.eval_batch_size, device=parts.device,
         storage_dtype=parts.storage_dtype, cuda_devices=parts.cuda_devices, no_copy=[owner],
         raise_errors=options.errors == "raise", final_step=options.total_steps, loss_from_output=from_output,
-        trainer_factory=parts.dist.ghost_trainer if parts.dist is not None else None,
+        trainer_factory=functools.partial(parts.dist.ghost_trainer, root=parts.recorder.root
+                                          if isinstance(parts.recorder, ShardedSnapshotRecorder) else None)
+        if parts.dist is not None else None,
         compiled=is_compiled(parts.hooked_model),
     )
     capture = StepCapture(parts.cuda_devices,

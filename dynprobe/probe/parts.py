@@ -79,7 +79,7 @@ def open_run(dist: DistributedRun | None, out: str | os.PathLike, options: Probe
     )
     problems = check_supported(options.ghosts)
     if dist is not None and dist.sharded:  # FSDP2: what this slice does not run yet, the same error on every rank
-        problems += unsupported_under_fsdp(ghosts=options.ghosts)
+        problems += unsupported_under_fsdp()
         problems += layout_problems(named_params, dist.world_size)
     return open_run_writer(dist, out, manifest, params=[p for _, p in named_params], resume=options.resume,
                            resume_step=options.resume_step, problems=problems, durable=options.durable)

@@ -125,9 +125,10 @@ def snapshot_file(root: Path, step: int, name: str) -> Path:
     return snapshot_dir(root, step) / f"{name}{suffix}"
 
 
-def sharded_params_dir(root: Path, step: int) -> Path:
-    """``snapshots/step_00000100/params.dcp``: θ of an FSDP2 run's snapshot, as the ranks' shards."""
-    return snapshot_dir(root, step) / SHARDED_PARAMS
+def sharded_params_dir(root: Path, step: int, ghost: int | None = None) -> Path:
+    """``snapshots/step_00000100/params.dcp``: θ of an FSDP2 run's snapshot, as the ranks' shards; with ``ghost``,
+    that ghost's θ (``ghost_001.params.dcp``, ``Ghosts(save_params=True)``)."""
+    return snapshot_dir(root, step) / (SHARDED_PARAMS if ghost is None else f"{ghost_array(ghost, PARAMS)}.dcp")
 
 
 def snapshot_archive(root: Path, step: int, name: str) -> Path:

@@ -411,8 +411,10 @@ class Run(RecordsView):
                      ) -> np.ndarray:
         """Flat parameters of ghost ``ghost`` at one snapshot (runs with ``Ghosts(save_params=True)``)."""
         i = self._snapshot_position("ghost_params", step, snapshot_index)
-        return load_npy(self._file(i, ghost_array(self._ghost_id(ghost), PARAMS)), mmap=True,
-                        shape=self._param_shape())
+        ghost_id, at = self._ghost_id(ghost), int(self.snapshots[i]["step"])
+        if has_sharded_params(self.path, at, ghost_id):  # FSDP2: the ranks' shards of the ghost, gathered here
+            return load_sharded_params(self.path, self.manifest, at, ghost_id)
+        return load_npy(self._file(i, ghost_array(ghost_id, PARAMS)), mmap=True, shape=self._param_shape())
 
     def separation(self, ghost: int) -> tuple[np.ndarray, np.ndarray]:
         """The ghost's separation curve ``(steps int64, l2 float64)``: l2(t) = ‖θ'_t − θ_ref,t‖₂ after every

@@ -47,31 +47,33 @@ def sharded_checkpoints_problem() -> str | None:
     return None
 
 
-def save_sharded_params(root: Path, step: int, state: Mapping[str, torch.Tensor]) -> None:
-    """Write this rank's shards of the DTensors ``state`` (by parameter name) for the snapshot at ``step``.
+def save_sharded_params(root: Path, step: int, state: Mapping[str, torch.Tensor], ghost: int | None = None) -> None:
+    """Write this rank's shards of the DTensors ``state`` (by parameter name) for the snapshot at ``step`` (the
+    main run's θ, or ghost ``ghost``'s).
 
     Collective: every rank calls it with its own shards; DCP gathers every rank's write results to rank 0 before
     returning there, and raises on every rank if any rank failed to write."""
     problem = sharded_checkpoints_problem()
     if problem is not None:
         raise RuntimeError(problem)
-    writer = HuggingFaceStorageWriter(str(sharded_params_dir(root, step)), save_distributed=True)
+    writer = HuggingFaceStorageWriter(str(sharded_params_dir(root, step, ghost)), save_distributed=True)
     dcp.save(dict(state), storage_writer=writer)
 
 
-def has_sharded_params(root: Path, step: int) -> bool:
-    """Whether the snapshot at ``step`` stores θ as FSDP2 shards (``params.dcp/``) rather than ``params.npy``."""
-    return sharded_params_dir(root, step).is_dir()
+def has_sharded_params(root: Path, step: int, ghost: int | None = None) -> bool:
+    """Whether the snapshot at ``step`` stores θ (or ghost ``ghost``'s θ) as FSDP2 shards (``params.dcp/``) rather
+    than ``params.npy``."""
+    return sharded_params_dir(root, step, ghost).is_dir()
 
 
-def sharded_params_shapes(root: Path, manifest: Mapping[str, Any], step: int
+def sharded_params_shapes(root: Path, manifest: Mapping[str, Any], step: int, ghost: int | None = None
                           ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The manifest's parameters (name → shape, dtype) after checking that the shards of the snapshot at ``step``
     cover every one of them whole (reads the files' headers only).
 
     Raises :class:`RunFormatError` when they do not: DCP would load the chunks present and leave the rest of a
     tensor as it was, so a missing rank's file must be caught here."""
-    folder = sharded_params_dir(root, step)
+    folder = sharded_params_dir(root, step, ghost)
     problem = sharded_checkpoints_problem()
     if problem is not None:
         raise RunFormatError(f"{folder}: {problem}")
@@ -97,13 +99,15 @@ def sharded_params_shapes(root: Path, manifest: Mapping[str, Any], step: int
     return shapes
 
 
-def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> dict[str, torch.Tensor]:
-    """The full parameter tensors of the snapshot at ``step``, by name, in their recorded dtypes (CPU).
+def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int, ghost: int | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """The full parameter tensors of the snapshot at ``step`` (or of ghost ``ghost`` there), by name, in their
+    recorded dtypes (CPU).
 
     Raises :class:`RunFormatError` when the shards do not cover the manifest's parameters with their shapes."""
-    folder = sharded_params_dir(root, step)
+    folder = sharded_params_dir(root, step, ghost)
     state = {name: torch.empty(shape, dtype=dtype)
-             for name, (shape, dtype) in sharded_params_shapes(root, manifest, step).items()}
+             for name, (shape, dtype) in sharded_params_shapes(root, manifest, step, ghost).items()}
     try:
         with warnings.catch_warnings():  # DCP says it assumes a single process: that is the point here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
@@ -114,11 +118,11 @@ def load_sharded_tensors(root: Path, manifest: Mapping[str, Any], step: int) -> 
     return state
 
 
-def load_sharded_params(root: Path, manifest: Mapping[str, Any], step: int) -> np.ndarray:
+def load_sharded_params(root: Path, manifest: Mapping[str, Any], step: int, ghost: int | None = None) -> np.ndarray:
     """``vec(θ)`` of the snapshot at ``step``: the full tensors flattened in manifest order, in the run's storage
     dtype (float32, or float64 for float64 models) — what an unsharded run's ``params.npy`` holds."""
     dtype = getattr(torch, (manifest.get("model") or {}).get("storage_dtype", "float32"), torch.float32)
-    tensors = load_sharded_tensors(root, manifest, step)
+    tensors = load_sharded_tensors(root, manifest, step, ghost)
     if not tensors:
         return np.zeros(0, dtype=np.float32)
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors.values()])

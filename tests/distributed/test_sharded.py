@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 import dynprobe
 from dynprobe.distributed import sharded_rows
@@ -121,14 +122,15 @@ def scenario_train(rank: int, folder: Path, result: dict) -> None:
 
 
 def scenario_robustness(rank: int, folder: Path, result: dict) -> None:
-    model = sharded_model()
+    # HSDP (a 2-D mesh: replicate × shard) is refused at attach, on every rank alike
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    fsdp.fully_shard(model, mesh=mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
-    refused = {"ghosts": dict(ghosts=dynprobe.Ghosts(at=[2], save_params=True))}
-    for name, options in refused.items():
-        try:
-            dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=folder / f"refused_{name}", **options)
-        except ValueError as error:
-            result[f"{name}_error"] = str(error)
+    try:
+        dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=folder / "refused_hsdp")
+    except ValueError as error:
+        result["hsdp_error"] = str(error)
     flag = torch.ones(1)
     dist.all_reduce(flag)  # the process group is still usable: no collective was left half-done
     result["after"] = float(flag)
@@ -252,7 +254,7 @@ def test_fsdp_refuses_unsupported_options_on_every_rank_and_survives_a_fault_on_
     results = run_spawned("robustness", tmp_path)
     for rank in range(WORLD):
         result = results[rank]
-        assert "Ghosts(save_params=True) is not supported under FSDP (fully_shard) yet" in result["ghosts_error"]
+        assert "only a 1-D mesh over all 2 ranks" in result["hsdp_error"] and "not HSDP" in result["hsdp_error"]
         assert result["after"] == WORLD
         for fault in ("partial_sums", "commit"):
             assert result[f"{fault}_attached"] is False, (rank, fault)
@@ -372,7 +374,7 @@ def test_local_layer_bounds_follow_each_rank_s_shards() -> None:
 def test_a_plain_parameter_next_to_shards_is_named_at_attach() -> None:
     problems = layout_problems([("head.weight", torch.zeros(3, 2))], WORLD)
     assert len(problems) == 1 and "'head.weight' is not sharded" in problems[0]
-    assert unsupported_under_fsdp(ghosts=None) == []
+    assert unsupported_under_fsdp() == []
 
 
 class _FakeRun:

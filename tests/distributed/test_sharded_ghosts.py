@@ -142,7 +142,8 @@ def scenario_ghosts(rank: int, folder: Path, result: dict) -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = train(rank, folder / "run", on_attach=at_attach, before_close=at_end)
+        model = train(rank, folder / "run", on_attach=at_attach, before_close=at_end, ghosts=dynprobe.Ghosts(
+            at=[0, 2], perturbation=Perturbation(norm=NORM, kind="l2", seed=SEED), save_params=True))
     result["probed"] = local_shards(model)
     result["warnings"] = [str(w.message) for w in caught if "dynprobe" in str(w.message)]
 
@@ -253,6 +254,8 @@ def test_fsdp_ghosts_leave_training_unchanged_and_match_float64_and_an_unsharded
             steps, l2 = run.separation(control)
             assert len(steps) == STEPS + 1 and not l2.any()
             continue
+        # Ghosts(save_params=True): each rank's shards of the ghost, read back whole (no process group here)
+        np.testing.assert_array_equal(run.ghost_params(int(ghost_id), step=STEPS), ghost.astype(np.float32))
         l2 = np.linalg.norm(ghost - main)
         cosine = 0.5 * np.sum((ghost / np.linalg.norm(ghost) - main / np.linalg.norm(main)) ** 2)
         assert record["L2"] == pytest.approx(l2, rel=1e-12) and l2 > 0
