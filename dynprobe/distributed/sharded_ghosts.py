@@ -16,19 +16,20 @@ the main run's step (bitwise, on the CPU): the same kernels on the same values i
 (:class:`dynprobe.ghosts.perturbation.Shards`): rank r's shards of a ghost equal rank r's part of the ghost one
 process would have made from the same θ and seed; the report's sums are all-reduced.
 
-**One collective per step** for all ghosts together, after their steps: a float64 SUM all-reduce of each ghost's
-exception flag, non-finite-loss flag and local ``‖θ'_r − θ_r‖²``, and the control's local max |Δ| per tensor. The
-exception counts are read on the host (one synchronisation per step, as under DDP): every rank must stop a ghost
-that failed on any rank before the next step, or the ranks would disagree on which ghosts run collectives. The
-non-finite flags and separations stay on the device and are read in batches like every ghost value
-(:mod:`dynprobe.ghosts.readings`). The control's drift is the sum over ranks of each rank's max |Δ| per tensor:
-0 exactly when the control equals the main run bit for bit on every rank.
+**No collective of the probe's own and no host read on a training step.** Each ghost's flags (an exception here,
+a non-finite loss), its separation (this rank's ``‖θ'_r − θ_r‖²``) and the control's max |Δ| per tensor stay on
+the device, per rank, until the ghost set reads its pending values in a batch (at a snapshot, a spawn, a status
+change, close, and every ``READ_EVERY`` steps: the same points on every rank): then one all-reduce sums them
+(:meth:`ShardedGhostTrainer.prepare_readings`), so every rank stops a ghost at the first step it failed on any rank,
+and until then every rank trains it, keeping the ranks' collectives in step. A failure inside a ghost's forward on
+one rank only (where the others wait in FSDP's all-gather) cannot be caught this way, as for the main run's.
 
 Comparisons at snapshots: :mod:`dynprobe.distributed.sharded_compare`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import traceback
 from collections.abc import Callable, Mapping
@@ -42,6 +43,7 @@ from dynprobe._util.modules import max_abs_differences
 from dynprobe.capture.loss_state import module_memo
 from dynprobe.capture.step import MicroBatch
 from dynprobe.ghosts.perturbation import Perturbation, PerturbationReport, Shards, perturb_
+from dynprobe.ghosts.readings import StepValues
 from dynprobe.ghosts.replica import (
     Replica,
     check_optimizer_for_ghosts,
@@ -53,7 +55,6 @@ from dynprobe.ghosts.replica import (
 )
 from dynprobe.ghosts.trainer import Fault, Ghost, MainSnapshot, Reference, TrainerContext
 
-from .ghost_trainer import agreed_failure
 from .sharded import Collectives, local_tensor, whole_to_local
 from .sharded_compare import compare_sharded_ghost, local_separation_squares
 from .sharded_slot import MainModelSlot
@@ -90,9 +91,6 @@ class ShardedGhostTrainer:
         self.slot = MainModelSlot(context.model, context.main_params)
         self._names = [name for name, p in context.model.named_parameters() if p.requires_grad]
         self._drift_names = self._names + [name for name, _ in self.slot.buffers]
-        self._separations: dict[int, torch.Tensor] = {}  # this step's, all-reduced (read by the ghost set)
-        self._nonfinite = torch.zeros(0, dtype=torch.float64)
-        self._drift: torch.Tensor | None = None
         self.comparer = functools.partial(compare_sharded_ghost, run=run, slot=self.slot, root=root)
         self._trial_copy()
         context.on_mode("sequential", 0, SHARDED_REASON, requested=context.config.vectorize)
@@ -135,59 +133,64 @@ class ShardedGhostTrainer:
 
     def train_step(self, ghosts: list[Ghost], micro_batches: list[MicroBatch], step: int
                    ) -> list[tuple[int, Fault]]:
+        """Each ghost's step through the main model, no collective of the probe's own and no host read: a ghost
+        that raised (here) or whose loss is not finite is flagged on the device (this rank's flags, summed over
+        the ranks at the next read: :meth:`prepare_readings`); it goes on training until then on every rank, so
+        the ranks' collectives stay in step. ``errors="raise"`` re-raises here, on the rank that failed."""
         context, config = self.context, self.context.config
-        errors: list[str | None] = []
-        nonfinite: list[torch.Tensor | None] = []
-        local: BaseException | None = None
+        device = context.device
+        faults: list[tuple[int, Fault]] = []
         for ghost in ghosts:
             replica = ghost.replica
             assert isinstance(replica, ShardedReplica)
+            failed, reason, trace, losses = False, "an exception on another rank", None, []
             try:
                 sync_hyperparameters(context.optimizer, replica.optimizer)
                 with self.slot.holding(replica.params, replica.buffers, train=True):
                     losses = replay_gradients(replica, micro_batches, context.replay)
                 match_grad_presence(context.main_params, replica.params)
                 step_optimizer(replica, clip_grad_norm=config.clip_grad_norm, clip_grad_value=config.clip_grad_value)
-                errors.append(None)
-                nonfinite.append(~losses_finite(losses))
-            except Exception as error:  # noqa: BLE001 - agreed on below, never left to one rank
-                errors.append(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
-                nonfinite.append(None)
-                local = local or error
-        exceptions = self._agree(ghosts, errors, nonfinite)
-        faults: list[tuple[int, Fault]] = []
-        world = self.run.world_size
-        for k, ghost in enumerate(ghosts):
-            if exceptions[k]:
-                faults.append((ghost.ghost_id, agreed_failure(errors[k], exceptions[k], world, local)))
-            else:
-                faults.append((ghost.ghost_id, Fault("diverged", "non-finite loss", when=self._nonfinite[k] > 0)))
+            except Exception as error:  # noqa: BLE001 - recorded at the next read, on every rank
+                if context.raise_errors:
+                    raise
+                failed, reason, trace = True, f"{type(error).__name__}: {error}", traceback.format_exc()
+            flag = torch.full((), float(failed), dtype=torch.float64, device=device)
+            faults.append((ghost.ghost_id, Fault("failed", reason, trace, when=flag)))
+            nonfinite = (~losses_finite(losses)).to(device, torch.float64) if losses else torch.zeros(
+                (), dtype=torch.float64, device=device)
+            faults.append((ghost.ghost_id, Fault("diverged", "non-finite loss", when=nonfinite)))
         return faults
 
-    def _agree(self, ghosts: list[Ghost], errors: list[str | None], nonfinite: list[torch.Tensor | None]
-               ) -> list[int]:
-        """The step's one collective (module docstring); returns the exception counts per ghost (read on the host)
-        and keeps the separations, non-finite counts and the control's drift on the device."""
+    def prepare_readings(self, pending: list[StepValues]) -> None:
+        """Sum every rank's pending values in one all-reduce, just before the ghost set reads them (every rank
+        reads at the same points, with the same values pending): fault flags (a ghost stops on every rank at the
+        first step it failed on any), separations (this rank's ``‖θ'_r − θ_r‖²`` → ``‖θ' − θ‖``) and the control's
+        max |Δ| per tensor (a sum over the ranks of each rank's: 0 exactly when bitwise equal everywhere)."""
+        tensors: list[torch.Tensor] = []
+        for values in pending:
+            tensors += [fault.when.reshape(-1) for _, fault in values.faults if fault.when is not None]
+            tensors += [value.reshape(-1) for value in values.separations.values()]
+            if values.drift is not None:
+                tensors.append(values.drift[2].reshape(-1))
+        if not tensors:
+            return
         device = self.context.device
-        count = len(ghosts)
-        control = next((k for k, g in enumerate(ghosts) if g.control), None)  # the same layout on every rank
-        parts = [torch.tensor([float(e is not None) for e in errors], dtype=torch.float64, device=device),
-                 torch.stack([torch.zeros((), dtype=torch.float64, device=device) if f is None
-                              else f.to(device, torch.float64) for f in nonfinite]),
-                 torch.stack([local_separation_squares(g.replica.params, self.context.main_params).to(device)
-                              if errors[k] is None else torch.zeros((), dtype=torch.float64, device=device)
-                              for k, g in enumerate(ghosts)])]
-        if control is not None:
-            drift = torch.zeros(len(self._drift_names), dtype=torch.float64, device=device)
-            if errors[control] is None:  # a failed control stops anyway: zeros keep the layout
-                drift = self._local_drift(ghosts[control]).to(device)
-            parts.append(drift)
-        payload = torch.cat(parts)
-        self.run.all_reduce(payload)
-        self._nonfinite = payload[count: 2 * count]
-        self._separations = {g.ghost_id: payload[2 * count + k].sqrt() for k, g in enumerate(ghosts)}
-        self._drift = payload[3 * count:] if control is not None else None
-        return [int(round(v)) for v in payload[:count].tolist()]  # the step's one host read
+        flat = torch.cat([t.to(device, torch.float64) for t in tensors])
+        self.run.all_reduce(flat)
+        offset = 0
+
+        def take(size: int = 1) -> torch.Tensor:
+            nonlocal offset
+            offset += size
+            return flat[offset - size:offset]
+
+        for values in pending:
+            values.faults = [(ghost_id, dataclasses.replace(fault, when=take()[0] > 0) if fault.when is not None
+                              else fault) for ghost_id, fault in values.faults]
+            values.separations = {ghost_id: take()[0].sqrt() for ghost_id in values.separations}
+            if values.drift is not None:
+                reference, names, drift = values.drift
+                values.drift = (reference, names, take(drift.numel()))
 
     def _local_drift(self, control: Ghost) -> torch.Tensor:
         replica = control.replica
@@ -199,20 +202,14 @@ class ShardedGhostTrainer:
     # ------------------------------------------------------------------------------------------ readings
 
     def separations(self, ghosts: list[Ghost]) -> dict[int, torch.Tensor]:
-        """This step's all-reduced separations; for ghosts not trained this step (a spawn), one collective now."""
-        missing = [g for g in ghosts if g.ghost_id not in self._separations and g.replica is not None]
-        if missing:
-            squares = torch.stack([local_separation_squares(g.replica.params, self.context.main_params)
-                                   for g in missing]).to(self.context.device)
-            self.run.all_reduce(squares)
-            self._separations.update({g.ghost_id: squares[k].sqrt() for k, g in enumerate(missing)})
-        values = {g.ghost_id: self._separations[g.ghost_id] for g in ghosts if g.ghost_id in self._separations}
-        self._separations = {}
-        return values
+        """This rank's ``‖θ'_r − θ_r‖²`` of each ghost (device values, summed over the ranks and square-rooted
+        at the next read: :meth:`prepare_readings`)."""
+        return {g.ghost_id: local_separation_squares(g.replica.params, self.context.main_params)
+                for g in ghosts if g.replica is not None}
 
     def control_drift(self, control: Ghost) -> tuple[str, list[str], torch.Tensor] | None:
-        drift, self._drift = self._drift, None
-        return None if drift is None else ("main", self._drift_names, drift)
+        """This rank's max |Δ| per tensor between the control and the main run (summed at the next read)."""
+        return "main", self._drift_names, self._local_drift(control)
 
     def reference(self, main: MainSnapshot, *, kernel_of: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None
                   ) -> Reference:

@@ -138,7 +138,7 @@ class GhostSet:
         self.loss_fn = config.loss_fn
         self.trainer: GhostTrainer = (trainer_factory or choose_trainer)(self.context)
         self.separation = SeparationLog(writer)
-        self._pending = PendingReadings()
+        self._pending = PendingReadings(prepare=getattr(self.trainer, "prepare_readings", None))
 
     # ------------------------------------------------------------------------------------------ properties
 

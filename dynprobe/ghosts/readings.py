@@ -18,7 +18,7 @@ snapshot's.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -62,9 +62,12 @@ class StepReading:
 
 
 class PendingReadings:
-    """The :class:`StepValues` not read yet, in step order."""
+    """The :class:`StepValues` not read yet, in step order. ``prepare``: called with them just before they are
+    read (the FSDP2 trainer sums every rank's values there, in one all-reduce: its values are per-rank until then).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, prepare: Callable[[list[StepValues]], None] | None = None) -> None:
+        self.prepare = prepare
         self._values: list[StepValues] = []
 
     def __len__(self) -> int:
@@ -81,6 +84,8 @@ class PendingReadings:
     def read(self) -> Iterator[StepReading]:
         """Every pending step read on the host (one transfer for all of them), oldest first; empties the queue."""
         pending, self._values = self._values, []
+        if self.prepare is not None:
+            self.prepare(pending)
         tensors: list[torch.Tensor] = []
         for values in pending:
             tensors += [fault.when for _, fault in values.faults]

@@ -113,7 +113,9 @@ class GhostTrainer(Protocol):
     """Holds the replicas of the live ghosts and advances them; never writes to the run (the set does).
 
     ``comparer`` compares one ghost with its reference at a snapshot, with the arguments of
-    :func:`dynprobe.ghosts.comparison.compare_ghost` (that function, or the sharded form under FSDP2)."""
+    :func:`dynprobe.ghosts.comparison.compare_ghost` (that function, or the sharded form under FSDP2). A trainer
+    whose per-step values are per-rank until read (FSDP2) also has ``prepare_readings(pending)``, which the ghost
+    set's :class:`~dynprobe.ghosts.readings.PendingReadings` calls before each read."""
 
     comparer: Callable[..., Any]
 

@@ -304,7 +304,7 @@ def test_a_ghost_fault_on_one_rank_stops_that_ghost_on_every_rank(tmp_path: Path
     assert run.status == "closed" and not [e for e in run.events if e.get("event") == "probe_error"]
     statuses = {e["ghost"]: e for e in run.events if e.get("event") == "ghost_status"}
     assert statuses[1]["status"] == "failed" and statuses[1]["step"] == 3
-    assert "(on 1 of 2 ranks)" in statuses[1]["reason"]
+    assert statuses[1]["reason"] == "an exception on another rank"  # rank 0 writes the run: it did not raise
     others = [e for e in run.events if e.get("event") == "ghost_compare" and e["step"] == STEPS]
     assert {e["ghost"] for e in others} == {0, 2}  # the control and the ghost spawned at step 2 went on
 
@@ -329,11 +329,11 @@ def test_the_s_of_fsdp_ghosts_equals_the_kernel_of_an_unsharded_copy(tmp_path: P
     assert expected > 1e-4 and records[1]["S"] == pytest.approx(expected, rel=1e-6), (records[1]["S"], expected)
 
 
-def test_a_plain_step_with_fsdp_ghosts_waits_for_the_device_once(tmp_path: Path) -> None:
-    """The ghosts' agreement (exception counts of the step's one all-reduce) is the only host read the probe adds to
-    a plain step; the separations and non-finite flags stay on the device until a batched read."""
+def test_a_plain_step_with_fsdp_ghosts_never_waits_for_the_device(tmp_path: Path) -> None:
+    """The ghosts' flags and separations stay per rank on the device until a batched read, where one all-reduce sums
+    them: a plain step adds no host read (and no collective of the probe's own)."""
     for result in run_spawned("syncs", tmp_path):
-        assert result["probed"] - result["bare"] == 1, result["where"]
+        assert result["probed"] == result["bare"], result["where"]
 
 
 # ---------------------------------------------------------------------------------------------- one process
