@@ -5,17 +5,22 @@ rank holds the whole. The probe attaches with the same two lines on every rank (
 uses); what differs from DDP:
 
 * **attach** — :func:`is_sharded` (parameters are DTensors) selects the sharded parts in
-  :func:`dynprobe.probe.assembly.assemble`; :func:`unsupported_under_fsdp` and :func:`layout_problems` name what
-  this slice cannot do yet, reported through the DDP attach check (:meth:`DistributedRun.check_agreement`) so
-  every rank fails with the same error and none waits in a collective; the parameter-value fingerprint is not
-  compared (the shards differ by design). :func:`shared_run_root` gives every rank rank 0's run directory and
-  checks that every rank sees it (each writes its own shards there).
+  :func:`dynprobe.probe.assembly.assemble`; :func:`unsupported_under_fsdp` (the environment) and
+  :func:`layout_problems` (HSDP, tensor parallelism, plain parameters) name what cannot run, reported through the
+  DDP attach check (:meth:`DistributedRun.check_agreement`) so every rank fails with the same error and none waits
+  in a collective; the parameter-value fingerprint is not compared (the shards differ by design).
+  :func:`shared_run_root` gives every rank rank 0's run directory and checks that every rank sees it (each writes
+  its own shards there).
 * **snapshots** — :class:`~dynprobe.distributed.sharded_snapshot.ShardedSnapshotRecorder`: every rank evaluates
-  the same eval batches (the FSDP forward is collective), computes its partial sums of the C row
-  (:mod:`dynprobe.distributed.sharded_rows`) and writes its own shards with ``torch.distributed.checkpoint``;
-  rank 0 writes the rest and the commit line.
-* **barriers** — :class:`~dynprobe.distributed.sharded_barriers.ShardedBarriers`: trajectory barriers on every
-  rank, after the snapshot's agreement, each rank interpolating its own shards in place, the budget agreed.
+  the same eval batches (the FSDP forward is collective; :func:`reshard` afterwards), computes its partial sums of
+  the C row (:mod:`dynprobe.distributed.sharded_rows`, its history within ``history_memory``) and writes its own
+  shards with ``torch.distributed.checkpoint``; rank 0 writes the rest and the commit line.
+* **ghosts** — :class:`~dynprobe.distributed.sharded_ghosts.ShardedGhostTrainer`: sharded replicas trained
+  through the main model (:class:`~dynprobe.distributed.sharded_slot.MainModelSlot`), compared from all-reduced
+  partial sums (:mod:`dynprobe.distributed.sharded_compare`); the inert check from gradient shards
+  (:mod:`dynprobe.distributed.sharded_inert`).
+* **barriers** — :class:`~dynprobe.distributed.sharded_barriers.ShardedBarriers`: trajectory and ghost barriers on
+  every rank, after the snapshot's agreement, each rank interpolating its own shards in place, the budget agreed.
 * **eNTK** — :class:`~dynprobe.distributed.sharded_kernel.GatheredKernel`: θ gathered whole on every rank for the
   measurement, FSDP's forward hooks bypassed, each rank differentiating a share of the modules, the partial
   kernels summed with one all-reduce (as under DDP).
