@@ -152,21 +152,12 @@ class ShardedBarriers(BarrierScheduler):
             fields: dict[str, Any] = {"B": 0.0, "B_linear": 0.0, "argmax_alpha": None, "argmax_alpha_linear": None}
             error = None
             if not identical:  # the ε = 0 control: lerp(θ, θ, α) = θ, so B = 0 exactly without evaluating
-                line = None
-                try:
-                    names = self._parameter_names()
-                    line = ShardedLine(self.model, self.params, local_piece([state[n] for n in names], torch.float64),
-                                       {name: state[name] for name in floating_buffers(self.model)})
-                except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
-                    error = failure
-                agreed_seconds(self.run, 0.0, error, what, self.device)  # every rank ready: no rank forwards alone
-                assert line is not None
-                try:
-                    result = self._evaluate(line, f"main ↔ ghost {ghost}")
+                result, error = self._measure(what, f"main ↔ ghost {ghost}", lambda: ShardedLine(
+                    self.model, self.params, local_piece([state[n] for n in self._parameter_names()], torch.float64),
+                    {name: state[name] for name in floating_buffers(self.model)}))
+                if result is not None:
                     fields = {"B": result.mean, "B_linear": result.linear, "argmax_alpha": result.argmax_alpha_mean,
                               "argmax_alpha_linear": result.argmax_alpha_linear}
-                except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
-                    error = failure
             try:
                 if error is None:
                     self.sink.event("ghost_barrier", ghost=ghost, step=step, alphas=self.config.alphas, **fields)
@@ -191,17 +182,10 @@ class ShardedBarriers(BarrierScheduler):
         def run() -> None:
             what = f"the barrier between steps {step} and {older}"
             started = self.clock()
-            line, error = None, None
+            result, error = self._measure(what, f"step {step} ↔ step {older}", lambda: ShardedLine(
+                self.model, self.params, self.pieces.piece(self._rows[older]), self._buffers[older]))
             try:
-                line = ShardedLine(self.model, self.params, self.pieces.piece(self._rows[older]),
-                                   self._buffers[older])
-            except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
-                error = failure
-            agreed_seconds(self.run, 0.0, error, what, self.device)  # every rank ready: no rank forwards alone
-            assert line is not None
-            try:
-                result = self._evaluate(line, f"step {step} ↔ step {older}")
-                if self.sink.writes:
+                if result is not None and self.sink.writes:
                     append_barrier(Path(self.sink.root), step, older, result)
             except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
                 error = failure
@@ -210,6 +194,23 @@ class ShardedBarriers(BarrierScheduler):
             self.tally.computed["trajectory"] += 1
             self.budget.spend(seconds, self.config.alphas)
         return run
+
+    def _measure(self, what: str, label: str, make_line: Callable[[], ShardedLine]
+                 ) -> tuple[BarrierResult | None, BaseException | None]:
+        """One barrier's collective part: the line built (then one agreement, so that no rank enters the forwards
+        alone), then evaluated; returns the result or this rank's error (agreed on by the caller's last
+        all-reduce)."""
+        line, error = None, None
+        try:
+            line = make_line()
+        except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
+            error = failure
+        agreed_seconds(self.run, 0.0, error, what, self.device)  # raises on every rank if any failed
+        assert line is not None
+        try:
+            return self._evaluate(line, label), None
+        except Exception as failure:  # noqa: BLE001 - every rank must reach the agreement
+            return None, failure
 
     def _evaluate(self, line: ShardedLine, what: str) -> BarrierResult:
         """B between the model's θ (α = 1) and the line's older snapshot (α = 0); the model is put back after."""
