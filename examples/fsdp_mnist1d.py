@@ -2,7 +2,9 @@
 
 Each rank shards the demo's MLP (every Linear, then the whole model: its parameters become DTensors, each rank
 holding a slice of every weight), trains on its half of each global batch, and builds the probe with the same
-arguments; rank 0 writes the run directory, every rank writes its own parameter shards into it. The run reads back
+arguments — ghosts included: sharded replicas perturbed by ε at step 0 and a quarter of the way, trained in
+lock-step through the same FSDP modules; rank 0 writes the run directory, every rank writes its own parameter
+shards into it. The run reads back
 on one process like any other (``dynprobe.load_run``: whole θ vectors, C, D, eval accuracy).
 
 Run (CPU, gloo; on GPUs the same command, the backend becomes NCCL)::
@@ -54,7 +56,8 @@ def main() -> None:
     criterion = nn.CrossEntropyLoss()
 
     probe = dynprobe.Probe(model, optimizer, eval_data=(data.x_test, data.y_test), out=args.out,   # every rank
-                           total_steps=args.steps, progress=rank == 0)
+                           total_steps=args.steps, progress=rank == 0,
+                           ghosts=dynprobe.Ghosts(at=[0, args.steps // 4]))  # sharded replicas, perturbed by ε
     criterion = probe.watch(criterion)
 
     per_rank = args.batch_size // world
@@ -74,6 +77,9 @@ def main() -> None:
         run = dynprobe.load_run(args.out)
         print(f"run: {args.out}  ({len(run.steps)} snapshots, {run.num_parameters} parameters over {world} ranks; "
               f"final eval accuracy {run.eval_accuracy[-1]:.3f}, C(final, init) = {run.C[-1, 0]:.3g})")
+        for ghost, l2 in zip(run.ghosts, run.chaos["L2"][:, -1]):  # the chaos effect: where ε took each ghost
+            print(f"ghost {ghost.ghost_id} (spawned at step {ghost.spawn_step}{', ε = 0' if ghost.control else ''}): "
+                  f"L2 to the main run at the end {l2:.3g}")
     dist.destroy_process_group()
 
 

@@ -52,6 +52,13 @@ def test_the_documented_torchrun_line_writes_a_run_that_reads_back_whole(tmp_pat
     assert run.status == "closed" and run.steps[0] == 0 and run.steps[-1] == steps
     assert run.manifest["distributed"]["world_size"] == 2
     assert run.manifest["distributed"]["attached_to"] == "fully_shard"
+    # ghosts: the ε = 0 control is the main run at every snapshot; the perturbed ghosts were compared too
+    assert not [e for e in run.events if e.get("event") in ("probe_error", "control_drift")]
+    control = [i for i, g in enumerate(run.ghosts) if g.control]
+    assert len(run.ghosts) == 3 and len(control) == 1
+    assert np.all(run.chaos["L2"][control[0]] == 0)
+    assert np.all(run.chaos["L2"][[i for i in range(3) if i not in control], -1] > 0)
+    assert "L2 to the main run at the end" in result.stdout
     # The final θ in an unsharded MLP: its accuracy on the run's eval examples is the run's.
     from dynprobe.recipes.mnist1d import MLP, load_mnist1d
 
