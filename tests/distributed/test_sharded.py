@@ -32,7 +32,8 @@ from dynprobe.distributed.sharded_rows import (
 from dynprobe.distributed.sharded_snapshot import local_layer_bounds
 
 from .. import spawned
-from .fsdp_setup import GLOBAL_BATCH, eval_data, global_batch, shard_per_linear
+from . import fsdp_setup
+from .fsdp_setup import GLOBAL_BATCH, eval_data, shard_per_linear
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
@@ -61,27 +62,9 @@ def sharded_model() -> nn.Module:
 
 
 def train(model: nn.Module, shard: slice, out: Path | None, probe_hook=None, **options: object):
-    """The user's loop; with ``out`` the two probe lines are added. Returns the probe (or None)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    probe, criterion = None, nn.CrossEntropyLoss()
-    if out is not None:
-        probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
-                               **options)
-        criterion = probe.watch(criterion)
-        if probe_hook is not None:
-            probe_hook(probe)
-    for step in range(STEPS):
-        if step == SLOW_FROM:  # the last snapshots almost equal: their C needs the cancellation-free form
-            for group in optimizer.param_groups:
-                group["lr"] = SLOW_LR
-        x, y = global_batch(step)
-        loss = criterion(model(x[shard]), y[shard])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    if probe is not None:
-        probe.close()
-    return probe
+    """The user's loop (:func:`fsdp_setup.train`); from step 6 the steps are tiny: C(6, 8) ~ 1e-13."""
+    return fsdp_setup.train(model, shard, out, steps=STEPS, eval_set=eval_data(), probe_hook=probe_hook,
+                            lr_drop=(SLOW_FROM, SLOW_LR), **options)
 
 
 def local_shards(model: nn.Module) -> list[list[float]]:

@@ -25,7 +25,8 @@ from dynprobe.distributed.sharded_barriers import agreed_seconds
 from dynprobe.recording.barriers import BarrierBudget
 
 from .. import spawned
-from .fsdp_setup import GLOBAL_BATCH, eval_data, global_batch, shard_per_linear
+from . import fsdp_setup
+from .fsdp_setup import GLOBAL_BATCH, eval_data, shard_per_linear
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
@@ -57,24 +58,8 @@ def sharded_model() -> nn.Module:
 
 
 def train(model: nn.Module, shard: slice, out: Path | None, probe_hook=None, **options: object):
-    """The user's loop; with ``out`` the two probe lines are added. Returns the probe (or None)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    probe, criterion = None, nn.CrossEntropyLoss()
-    if out is not None:
-        probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
-                               **options)
-        criterion = probe.watch(criterion)
-        if probe_hook is not None:
-            probe_hook(probe)
-    for step in range(STEPS):
-        x, y = global_batch(step)
-        loss = criterion(model(x[shard]), y[shard])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    if probe is not None:
-        probe.close()
-    return probe
+    """The user's loop (:func:`fsdp_setup.train`)."""
+    return fsdp_setup.train(model, shard, out, steps=STEPS, eval_set=eval_data(), probe_hook=probe_hook, **options)
 
 
 def local_state(model: nn.Module) -> list[list[float]]:

@@ -23,8 +23,9 @@ from dynprobe.kernels import engine as kernel_engine
 from dynprobe.kernels.engine import empirical_ntk
 
 from .. import spawned
-from .fsdp_setup import GLOBAL_BATCH, global_batch, shard_per_linear
+from . import fsdp_setup
 from .fsdp_setup import eval_data as _eval_data
+from .fsdp_setup import part_of, shard_per_linear
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
@@ -53,26 +54,10 @@ def eval_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(model: nn.Module, rank: int, out: Path | None, inject=None, **options: object):
-    """The user's loop (rank's half of each global batch); with ``out`` the two probe lines are added."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    probe, criterion = None, nn.CrossEntropyLoss()
-    if out is not None:
-        options = {"kernel": dynprobe.KernelConfig(n=PROBE_N), **options}
-        probe = dynprobe.Probe(model, optimizer, eval_data=eval_data(), out=out, schedule=2, total_steps=STEPS,
-                               **options)
-        criterion = probe.watch(criterion)
-        if inject is not None:
-            inject(probe)
-    shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
-    for step in range(STEPS):
-        x, y = global_batch(step)
-        loss = criterion(model(x[shard]), y[shard])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    if probe is not None:
-        probe.close()
-    return probe
+    """The user's loop (:func:`fsdp_setup.train`, rank's half of each global batch), with ``kernel=`` by default."""
+    options = {"kernel": dynprobe.KernelConfig(n=PROBE_N), **options}
+    return fsdp_setup.train(model, part_of(rank, WORLD), out, steps=STEPS, eval_set=eval_data(), probe_hook=inject,
+                            **options)
 
 
 def state_of(model: nn.Module, params: list[torch.Tensor]) -> list[list[float]]:

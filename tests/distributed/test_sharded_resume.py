@@ -22,16 +22,8 @@ import dynprobe
 from dynprobe.distributed.sharded_resume import ShardedResumeError, check_resumed_shards
 
 from .. import spawned
-from .test_sharded import (
-    GLOBAL_BATCH,
-    SLOW_FROM,
-    SLOW_LR,
-    eval_data,
-    global_batch,
-    local_shards,
-    make_model,
-    sharded_model,
-)
+from .fsdp_setup import GLOBAL_BATCH, eval_data, global_batch
+from .test_sharded import SLOW_FROM, SLOW_LR, local_shards, make_model, sharded_model
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not hasattr(fsdp, "fully_shard"),
